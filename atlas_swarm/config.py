@@ -1,0 +1,283 @@
+"""Frozen, validated configs: the run spec every peer of a run shares, and one peer's own settings.
+
+A ``RunSpec`` is what makes two peers "the same run": its canonical JSON is hashed into the run id, so peers that
+disagree on any hyperparameter can never meet in the same averaging group by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from atlas_swarm.errors import ConfigError, SpecError, SpecMismatch
+
+TASKS = ("causal-lm", "sequence-classification")
+OPTIMIZERS = ("adamw", "sgd")
+COMPRESSIONS = ("none", "float16", "scaled-float16", "uniform8bit")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+_RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}-[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base: str  # a hub name ("org/model") or a local folder; each peer may point to its own copy (--base-model)
+    task: str
+    labels: tuple[str, ...] = ()  # sequence-classification only: the label set, in index order
+    max_length: int = 128
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class AveragingSpec:
+    target_batch_size: int = 256  # samples the whole swarm accumulates per epoch (one optimizer step)
+    matchmaking_time: float = 3.0  # seconds peers spend forming a group before each all-reduce
+    averaging_timeout: float = 30.0  # give up on a round after this long and proceed with local gradients
+    average_state_every: int = 4  # also average parameters + optimizer state every N epochs (repairs drift)
+    compression: str = "none"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    model: ModelSpec
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    seed: int = 0  # seeds adapter initialisation, so every peer starts from identical parameters
+
+    def __post_init__(self):
+        _check(_NAME_RE.match(self.name), "name", self.name, "lowercase letters, digits and '-', at most 40 chars")
+        m, lo, o, a = self.model, self.lora, self.optimizer, self.averaging
+        _check(m.base.strip(), "model.base", m.base, "a hub model name or a local folder")
+        _check(m.task in TASKS, "model.task", m.task, f"one of {', '.join(TASKS)}")
+        if m.task == "sequence-classification":
+            _check(len(m.labels) >= 2, "model.labels", list(m.labels), "at least 2 labels for classification")
+            _check(len(set(m.labels)) == len(m.labels), "model.labels", list(m.labels), "labels must be unique")
+        else:
+            _check(not m.labels, "model.labels", list(m.labels), "leave empty for causal-lm")
+        _check(8 <= m.max_length <= 8192, "model.max_length", m.max_length, "an integer in [8, 8192]")
+        _check(1 <= lo.r <= 1024, "lora.r", lo.r, "an integer in [1, 1024]")
+        _check(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number")
+        _check(0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "a number in [0, 1)")
+        _check(len(lo.target_modules) > 0, "lora.target_modules", [], "module names such as [\"q_proj\", \"v_proj\"]")
+        _check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
+        _check(0.0 < o.lr < 1.0, "optimizer.lr", o.lr, "a learning rate in (0, 1)")
+        _check(o.weight_decay >= 0.0, "optimizer.weight_decay", o.weight_decay, "a non-negative number")
+        _check(a.target_batch_size >= 1, "averaging.target_batch_size", a.target_batch_size, "a positive integer")
+        _check(0.2 <= a.matchmaking_time <= 600, "averaging.matchmaking_time", a.matchmaking_time, "seconds in [0.2, 600]")
+        _check(
+            a.averaging_timeout > a.matchmaking_time,
+            "averaging.averaging_timeout",
+            a.averaging_timeout,
+            f"more seconds than averaging.matchmaking_time ({a.matchmaking_time})",
+        )
+        _check(a.average_state_every >= 1, "averaging.average_state_every", a.average_state_every, "an integer >= 1")
+        _check(a.compression in COMPRESSIONS, "averaging.compression", a.compression, f"one of {', '.join(COMPRESSIONS)}")
+
+    @property
+    def run_id(self) -> str:
+        """``<name>-<16 hex of sha256(canonical spec)>``: equal ids imply equal specs."""
+        return f"{self.name}-{hashlib.sha256(self.canonical_bytes()).hexdigest()[:16]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        if not isinstance(data, dict):
+            raise SpecError(f"A run spec must be a table of fields, got {type(data).__name__}.")
+        data = dict(data)
+        sections = {"model": ModelSpec, "lora": LoraSpec, "optimizer": OptimizerSpec, "averaging": AveragingSpec}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value, key)
+            elif key in ("name", "seed"):
+                kwargs[key] = value
+            else:
+                raise SpecError(f"Unknown run spec field '{key}'. Known: name, seed, {', '.join(sections)}.")
+        for required in ("name", "model"):
+            if required not in kwargs:
+                raise SpecError(f"The run spec has no '{required}' field; add it (see atlas_swarm/specs/*.toml).")
+        _check(isinstance(kwargs["name"], str), "name", kwargs["name"], "a string")
+        _check(isinstance(kwargs.get("seed", 0), int), "seed", kwargs.get("seed"), "an integer")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"Run spec file {str(path)!r} does not exist. Pass --run-spec PATH to a .toml file.")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SpecError(f"Run spec {str(path)!r} is not valid TOML: {e}.") from None
+        try:
+            return cls.from_dict(data)
+        except SpecError as e:
+            raise SpecError(f"Run spec {str(path)!r}: {e}") from None
+
+    @classmethod
+    def from_canonical_bytes(cls, raw: bytes) -> "RunSpec":
+        try:
+            return cls.from_dict(json.loads(raw))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SpecError(f"A published run spec is not valid JSON: {e}") from None
+
+
+def diff_specs(ours: RunSpec, theirs: RunSpec) -> list[str]:
+    """Dotted names of the fields that differ, e.g. ``["lora.r", "optimizer.lr"]``."""
+    a, b = _flatten(ours.to_dict()), _flatten(theirs.to_dict())
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def check_same_spec(ours: RunSpec, theirs: RunSpec) -> None:
+    """Raise SpecMismatch naming every differing field (with both values) unless the specs are equal."""
+    fields = diff_specs(ours, theirs)
+    if fields:
+        a, b = _flatten(ours.to_dict()), _flatten(theirs.to_dict())
+        lines = "; ".join(f"{f}: yours={a.get(f)!r}, swarm's={b.get(f)!r}" for f in fields)
+        raise SpecMismatch(
+            f"Your run spec differs from the one run {theirs.run_id} publishes in {', '.join(fields)} ({lines}). "
+            f"Drop --run-spec to use the swarm's spec, or start a new run with yours (its id is {ours.run_id}).",
+            fields,
+        )
+
+
+def validate_run_id(run_id: str) -> str:
+    if not _RUN_ID_RE.match(run_id):
+        raise ConfigError(
+            f"--run {run_id!r} is not a run id. Run ids look like 'my-run-0123456789abcdef' (name, '-', 16 hex digits); "
+            f"the first peer prints it."
+        )
+    return run_id
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One peer's own settings (not shared with the swarm). Built by peer.parse_args; validated here."""
+
+    run_spec: Optional[str] = None  # path to a TOML run spec (first peer, or a check against the swarm's)
+    run_id: Optional[str] = None
+    initial_peers: tuple[str, ...] = ()
+    data: Optional[str] = None
+    batch_size: Optional[int] = None  # samples per optimizer.step(); None = auto
+    device: str = "auto"
+    identity: Optional[str] = None  # default: <out>/identity.key
+    out: str = "atlas-runs"
+    base_model: Optional[str] = None  # local folder that overrides the spec's model.base for this peer
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    client_mode: bool = False
+    max_epochs: Optional[int] = None  # stop once the swarm reaches this epoch
+    max_steps: Optional[int] = None  # stop after this many local optimizer steps
+    save_every: int = 1  # write the adapter folder every N epochs
+    log_format: str = "rich"
+    threads: Optional[int] = None  # torch intra-op threads; None = torch's default
+    join_timeout: float = 30.0  # seconds to wait for --initial-peers / the run spec
+    seed: int = 0  # shuffles this peer's data order
+
+    def __post_init__(self):
+        if self.run_spec is None and self.run_id is None:
+            raise ConfigError("Give --run-spec FILE to start a run, or --run RUN_ID with --initial-peers to join one.")
+        if self.run_id is not None:
+            validate_run_id(self.run_id)
+        if self.run_id is not None and not self.initial_peers:
+            raise ConfigError(
+                f"--run {self.run_id} needs --initial-peers MULTIADDR to find the swarm (the first peer prints it)."
+            )
+        if self.batch_size is not None and not 1 <= self.batch_size <= 65536:
+            raise ConfigError(f"--batch-size {self.batch_size} is out of range; use an integer in [1, 65536] or 'auto'.")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device {self.device!r} is unknown; use one of {', '.join(DEVICES)}.")
+        if self.log_format not in ("rich", "json", "plain"):
+            raise ConfigError(f"--log-format {self.log_format!r} is unknown; use rich, json or plain.")
+        if self.save_every < 1:
+            raise ConfigError(f"--save-every {self.save_every} must be >= 1.")
+        for name in ("max_epochs", "max_steps", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1.")
+        if self.join_timeout <= 0:
+            raise ConfigError(f"--join-timeout {self.join_timeout} must be positive.")
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.identity) if self.identity else Path(self.out) / "identity.key"
+
+
+def _check(ok: Any, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise SpecError(f"run spec field '{name}' = {value!r} is invalid: expected {expected}.")
+
+
+def _build(cls: type, value: Any, section: str):
+    if not isinstance(value, dict):
+        raise SpecError(f"run spec field '{section}' must be a table ([{section}]), got {value!r}.")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, v in value.items():
+        if key not in known:
+            raise SpecError(f"Unknown run spec field '{section}.{key}'. Known: {', '.join(known)}.")
+        default = known[key].default
+        if isinstance(v, list):
+            if not all(isinstance(x, str) for x in v):
+                raise SpecError(f"run spec field '{section}.{key}' must be a list of strings, got {v!r}.")
+            v = tuple(v)
+        elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        expected_type = type(default) if default is not dataclasses.MISSING else str
+        if default is dataclasses.MISSING and known[key].type in ("str",):
+            expected_type = str
+        if not isinstance(v, expected_type) or isinstance(v, bool) != isinstance(default, bool):
+            raise SpecError(
+                f"run spec field '{section}.{key}' = {v!r} has the wrong type: expected {expected_type.__name__}."
+            )
+        kwargs[key] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"run spec section [{section}] is incomplete: {e}.") from None
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

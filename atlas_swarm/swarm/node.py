@@ -1,0 +1,168 @@
+"""Joining the swarm: a hivemind DHT node with our identity, signed + schema-checked run records, and the optimizer.
+
+Everything hivemind-specific about the DHT lives here; callers get plain methods and atlas errors.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import hivemind
+from hivemind.dht.schema import SchemaValidator
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+
+from atlas_swarm.config import RunSpec
+from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
+from atlas_swarm.identity import Identity
+from atlas_swarm.swarm.records import SPEC_TTL, STATUS_TTL, PeerStatus, RunRecords
+
+POLL_EVERY = 0.5
+
+
+class Swarm:
+    """This peer's DHT node. ``Swarm.join(...)`` starts it; ``shutdown()`` stops it and its p2pd."""
+
+    def __init__(self, dht: hivemind.DHT, identity: Identity, signer: RSASignatureValidator):
+        self.dht, self.identity, self.signer = dht, identity, signer
+        self._validated_runs: set[str] = set()
+
+    @classmethod
+    def join(
+        cls,
+        identity: Identity,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+        announce_maddrs: Sequence[str] = (),
+        client_mode: bool = False,
+        startup_timeout: float = 30.0,
+    ) -> "Swarm":
+        """Start a DHT node with ``identity``; with no initial peers it starts a new swarm."""
+        for flag, addrs in (("--initial-peers", initial_peers), ("--host-maddrs", host_maddrs),
+                            ("--announce-maddrs", announce_maddrs)):  # fmt: skip
+            for addr in addrs:
+                _check_maddr(flag, addr)
+        if any("/p2p/" not in a for a in initial_peers):
+            bad = next(a for a in initial_peers if "/p2p/" not in a)
+            raise ConfigError(f"--initial-peers {bad!r} has no /p2p/<PeerID> part; copy the full address the peer printed.")
+        signer = RSASignatureValidator(identity.private_key)
+        try:
+            dht = hivemind.DHT(
+                initial_peers=list(initial_peers),
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) or None,
+                identity_path=str(identity.path),
+                client_mode=client_mode,
+                record_validators=[signer],
+                startup_timeout=startup_timeout,
+                start=True,
+            )
+        except P2PDaemonError as e:
+            text = str(e)
+            if "bootstrap" in text:
+                raise PeersUnreachable(
+                    f"None of --initial-peers answered ({', '.join(initial_peers)}). Check that the address is current "
+                    f"(a peer prints new ones when it restarts without --identity), that its port is open, and that "
+                    f"you can reach its host."
+                ) from None
+            if "already taken" in text:
+                raise ConfigError(
+                    f"Identity {str(identity.path)!r} is already used by a running peer. Each running peer needs its "
+                    f"own --identity (or --out)."
+                ) from None
+            raise SwarmError(f"The p2p daemon failed to start: {text}") from None
+        return cls(dht, identity, signer)
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id.to_base58()
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def _ensure_validators(self, run_id: str) -> None:
+        if run_id not in self._validated_runs:
+            self.dht.add_validators([SchemaValidator(RunRecords, prefix=run_id)])
+            self._validated_runs.add(run_id)
+
+    # -- the run spec -------------------------------------------------------------------------------------------
+    def publish_spec(self, spec: RunSpec, wait: bool = True) -> None:
+        self._ensure_validators(spec.run_id)
+        future = self.dht.store(
+            f"{spec.run_id}_spec",
+            subkey=self.signer.local_public_key,
+            value=spec.canonical_bytes(),
+            expiration_time=get_dht_time() + SPEC_TTL,
+            return_future=True,
+        )
+        if wait and not future.result(timeout=30):
+            raise SwarmError("Could not store the run spec in the DHT (no peer accepted it).")
+
+    def fetch_spec(self, run_id: str, timeout: float) -> RunSpec:
+        """Find the spec of ``run_id`` in the DHT. Only bytes whose hash equals the id are accepted."""
+        self._ensure_validators(run_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.dht.get(f"{run_id}_spec", latest=True)
+            if found is not None and isinstance(found.value, dict):
+                for entry in found.value.values():
+                    raw = entry.value
+                    if isinstance(raw, bytes) and _spec_id(raw) == run_id:
+                        return RunSpec.from_canonical_bytes(raw)
+            if time.monotonic() >= deadline:
+                raise RunNotFound(
+                    f"No peer in this swarm publishes run {run_id!r} (waited {timeout:.0f} s). Check the run id; if "
+                    f"the run's peers all left, restart it with --run-spec FILE."
+                )
+            time.sleep(POLL_EVERY)
+
+    # -- peer status --------------------------------------------------------------------------------------------
+    def publish_status(self, run_id: str, status: PeerStatus) -> None:
+        """Non-blocking: the DHT process stores it in the background."""
+        self._ensure_validators(run_id)
+        self.dht.store(
+            f"{run_id}_peers",
+            subkey=self.signer.local_public_key,
+            value=status.dict(),
+            expiration_time=get_dht_time() + STATUS_TTL,
+            return_future=True,
+        )
+
+    def peer_statuses(self, run_id: str) -> dict[str, PeerStatus]:
+        """Live peers of ``run_id`` by PeerID (records already signature- and schema-checked by the DHT)."""
+        self._ensure_validators(run_id)
+        found = self.dht.get(f"{run_id}_peers", latest=True)
+        out = {}
+        if found is not None and isinstance(found.value, dict):
+            for entry in found.value.values():
+                try:
+                    status = PeerStatus.parse_obj(entry.value)
+                except Exception:
+                    continue
+                out[status.peer_id] = status
+        return out
+
+    def shutdown(self) -> None:
+        if self.dht.is_alive():
+            self.dht.shutdown()
+
+
+def _spec_id(raw: bytes) -> Optional[str]:
+    try:
+        spec = RunSpec.from_canonical_bytes(raw)
+    except SpecError:
+        return None
+    return spec.run_id if spec.canonical_bytes() == raw else None
+
+
+def _check_maddr(flag: str, addr: str) -> None:
+    try:
+        Multiaddr(addr)
+    except Exception:
+        raise ConfigError(
+            f"{flag} {addr!r} is not a multiaddr. Expected something like /ip4/203.0.113.5/tcp/31337/p2p/12D3Koo..."
+        ) from None
+

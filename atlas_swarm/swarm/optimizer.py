@@ -1,0 +1,97 @@
+"""hivemind.Optimizer over the adapter parameters, recording what each epoch contributed.
+
+hivemind averages gradients with weight = samples accumulated, so a peer stepping with batch 16 counts 4x a peer
+with batch 4. After every epoch transition an ``EpochDone`` says how many samples this peer put in and with whom it
+averaged: the seam where contribution proofs (and checkpoints) hook in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import hivemind
+import torch
+from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression, Uniform8BitQuantization
+
+from atlas_swarm.config import RunSpec
+from atlas_swarm.swarm.node import Swarm
+
+COMPRESSION = {
+    "none": NoCompression,
+    "float16": Float16Compression,
+    "scaled-float16": ScaledFloat16Compression,
+    "uniform8bit": Uniform8BitQuantization,
+}
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    epoch: int  # the epoch the swarm moved to
+    samples: int  # samples this peer accumulated into the step that ended the previous epoch
+    group: tuple[str, ...]  # PeerIDs that averaged gradients together (empty: proceeded with local gradients)
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that queues an EpochDone per transition (drained by the training loop)."""
+
+    def __init__(self, **kwargs):
+        self.completed: list[EpochDone] = []
+        self._group: tuple[str, ...] = ()
+        super().__init__(**kwargs)
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
+        self._group = ()
+        super()._update_global_epoch(grad_scaler)
+        self.completed.append(EpochDone(self.local_epoch, samples, self._group))
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if maybe_step_control is not None and maybe_step_control.done() and not maybe_step_control.cancelled():
+            try:
+                self._group = tuple(sorted(p.to_base58() for p in maybe_step_control.result(0)))
+            except BaseException:
+                self._group = ()
+
+    def swarm_progress(self) -> dict:
+        p = self.tracker.global_progress
+        return {
+            "epoch": p.epoch,
+            "samples": p.samples_accumulated,
+            "target": p.target_batch_size,
+            "peers": p.num_peers,
+        }
+
+
+def make_optimizer(
+    swarm: Swarm, spec: RunSpec, params: Sequence[torch.nn.Parameter], batch_size: int, verbose: bool = False
+) -> SwarmOptimizer:
+    a, o = spec.averaging, spec.optimizer
+    if o.name == "adamw":
+        factory = partial(torch.optim.AdamW, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        factory = partial(torch.optim.SGD, lr=o.lr, weight_decay=o.weight_decay)
+    compression = COMPRESSION[a.compression]()
+    # request_timeout must stay below the matchmaking time, or groups fall apart before they form
+    request_timeout = max(0.1, min(3.0, a.matchmaking_time / 2))
+    return SwarmOptimizer(
+        dht=swarm.dht,
+        run_id=spec.run_id,
+        target_batch_size=a.target_batch_size,
+        batch_size_per_step=batch_size,
+        optimizer=factory,
+        params=list(params),
+        matchmaking_time=a.matchmaking_time,
+        averaging_timeout=a.averaging_timeout,
+        load_state_timeout=max(30.0, a.averaging_timeout),
+        average_state_every=a.average_state_every,
+        grad_compression=compression,
+        state_averaging_compression=compression,
+        averager_opts={"request_timeout": request_timeout},
+        tracker_opts={"private_key": swarm.identity.private_key},
+        shutdown_timeout=3.0,
+        verbose=verbose,
+    )
+

@@ -1,0 +1,35 @@
+"""Schemas of the run's DHT records. Each subkey is its writer's public key, so only that peer can write it.
+
+    <run_id>_spec    {owner: canonical run spec JSON}   any peer holding the spec republishes it (self-certifying:
+                                                        a reader keeps only bytes whose hash matches the run id)
+    <run_id>_peers   {owner: PeerStatus}                each peer's live status, refreshed while it trains
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from hivemind.dht.schema import BytesWithPublicKey
+from pydantic.v1 import BaseModel, StrictBool, StrictBytes, StrictFloat, StrictStr, conint
+
+SPEC_TTL = 3600.0  # seconds a published spec lives without a refresh
+STATUS_TTL = 60.0  # seconds a peer's status lives without a refresh
+STATUS_EVERY = 5.0  # seconds between status refreshes
+
+
+class PeerStatus(BaseModel):
+    peer_id: StrictStr  # base58 PeerID of the writer
+    device: StrictStr  # "cpu", "cuda", "mps"
+    precision: StrictStr
+    client_mode: StrictBool
+    adapter_shapes: StrictStr  # model.hashing.shapes_hash of the peer's adapter
+    epoch: conint(ge=0, strict=True)
+    samples_total: conint(ge=0, strict=True)  # samples this peer has trained on in this run (all sessions)
+    samples_per_second: StrictFloat
+    loss: Optional[StrictFloat]
+    time: StrictFloat
+
+
+class RunRecords(BaseModel):
+    spec: Dict[BytesWithPublicKey, StrictBytes]
+    peers: Dict[BytesWithPublicKey, Optional[PeerStatus]]
