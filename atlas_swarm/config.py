@@ -199,7 +199,8 @@ class PeerConfig:
     save_every: int = 1  # write the adapter folder every N epochs
     log_format: str = "rich"
     threads: Optional[int] = None  # torch intra-op threads; None = torch's default
-    join_timeout: float = 30.0  # seconds to wait for --initial-peers / the run spec
+    join_timeout: float = 30.0  # seconds to wait for --initial-peers / the run spec / --wait-for-peers
+    wait_for_peers: int = 1  # do not train until this many peers (this one included) are in the run
     seed: int = 0  # shuffles this peer's data order
 
     def __post_init__(self):
@@ -223,6 +224,8 @@ class PeerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be >= 1.")
+        if self.wait_for_peers < 1:
+            raise ConfigError(f"--wait-for-peers {self.wait_for_peers} must be >= 1.")
         if self.join_timeout <= 0:
             raise ConfigError(f"--join-timeout {self.join_timeout} must be positive.")
 

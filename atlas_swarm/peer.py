@@ -143,8 +143,20 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             epoch=opt.local_epoch,
         )  # fmt: skip
 
+        def publish_status(loss: Optional[float], sps: float) -> None:
+            swarm.publish_status(spec.run_id, PeerStatus(
+                peer_id=swarm.peer_id, device=device, precision=str(precision), client_mode=cfg.client_mode,
+                adapter_shapes=shapes, epoch=opt.local_epoch, samples_total=state["samples_total"],
+                samples_per_second=sps, loss=loss, time=time.time()))  # fmt: skip
+
+        publish_status(None, 0.0)
+        if cfg.wait_for_peers > 1:
+            # our status records appear at once (hivemind's tracker lists a peer only after its first samples)
+            _wait_for_peers(lambda: len(swarm.peer_statuses(spec.run_id)), cfg.wait_for_peers, cfg.join_timeout,
+                            stop, reporter)  # fmt: skip
+
         # 4. The training loop: accumulate a local batch, hand it to hivemind, which averages at epoch boundaries.
-        last_status = last_spec = 0.0
+        last_status = last_spec = time.monotonic()
         scaler = _grad_scaler(precision)
         while not stop.requested:
             loss = accumulate_gradients(model, batches.next, batch_size, micro, device, precision,
@@ -168,10 +180,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                               peers=progress["peers"], loss=round(loss, 5), samples_per_second=round(sps, 2),
                               local_samples=state["samples_total"])  # fmt: skip
             if now - last_status >= STATUS_EVERY:
-                swarm.publish_status(spec.run_id, PeerStatus(
-                    peer_id=swarm.peer_id, device=device, precision=str(precision), client_mode=cfg.client_mode,
-                    adapter_shapes=shapes, epoch=opt.local_epoch, samples_total=state["samples_total"],
-                    samples_per_second=sps, loss=float(loss), time=time.time()))  # fmt: skip
+                publish_status(float(loss), sps)
                 last_status = now
             if now - last_spec >= SPEC_REFRESH_EVERY:
                 swarm.publish_spec(spec, wait=False)
@@ -205,6 +214,21 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
     reporter.event("stopped", f"Stopped at epoch {result.epoch}; adapter saved to {result.adapter_dir}",
                    **result.__dict__)  # fmt: skip
     return result
+
+
+def _wait_for_peers(count: Callable[[], int], wanted: int, timeout: float, stop, reporter: Reporter) -> None:
+    reporter.event("waiting", f"Waiting for {wanted} peers in the run (up to {timeout:.0f} s)...", wanted=wanted)
+    deadline = time.monotonic() + timeout
+    while not stop.requested:
+        seen = count()
+        if seen >= wanted:
+            reporter.event("peers_ready", f"{seen} peers in the run; training", peers=seen)
+            return
+        if time.monotonic() > deadline:
+            reporter.event("peers_timeout", f"Only {seen}/{wanted} peers after {timeout:.0f} s; training anyway",
+                           peers=seen)  # fmt: skip
+            return
+        time.sleep(0.5)
 
 
 def _finish_epoch(done: EpochDone, spec, swarm, model, out, opt, state, cfg, reporter, hooks) -> None:
@@ -322,6 +346,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=1, help="write the adapter every N epochs (and at exit)")
     p.add_argument("--log-format", default="rich", help="rich (live bar), plain (lines) or json (one object per event)")
     p.add_argument("--threads", type=int, help="torch CPU threads [default: torch's]")
+    p.add_argument("--wait-for-peers", type=int, default=1, help="start training once N peers are in the run")
     p.add_argument("--join-timeout", type=float, default=30.0, help="seconds to wait for peers and the run spec")
     p.add_argument("--seed", type=int, default=0, help="seed of this peer's data order")
     p.add_argument("--verbose", action="store_true", help="show hivemind's own log lines")
@@ -341,7 +366,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
         device=a.device, identity=a.identity, out=a.out, base_model=a.base_model, host_maddrs=tuple(a.host_maddrs),
         announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, max_epochs=a.max_epochs,
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
-        join_timeout=a.join_timeout, seed=a.seed,
+        join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
     )  # fmt: skip
 
 
@@ -356,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except AtlasError as e:
         reporter.close()
-        reporter.event("error", f"error: {e}", message=str(e), kind=type(e).__name__)
+        reporter.event("error", f"error: {e}", error=str(e), kind=type(e).__name__)
         return 2
     except KeyboardInterrupt:
         return 130

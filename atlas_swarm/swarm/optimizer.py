@@ -87,10 +87,13 @@ def make_optimizer(
         averaging_timeout=a.averaging_timeout,
         load_state_timeout=max(30.0, a.averaging_timeout),
         average_state_every=a.average_state_every,
+        delay_state_averaging=False,  # average parameters in step(): after such an epoch all peers hold the same adapter
         grad_compression=compression,
         state_averaging_compression=compression,
         averager_opts={"request_timeout": request_timeout},
-        tracker_opts={"private_key": swarm.identity.private_key},
+        # our identity signs the tracker's records too (a DHT keeps one RSASignatureValidator); a lone peer looks for
+        # others every second instead of hivemind's 3 s, so newcomers are averaged with from their first epoch
+        tracker_opts={"private_key": swarm.identity.private_key, "default_refresh_period": 1.0},
         shutdown_timeout=3.0,
         verbose=verbose,
     )
