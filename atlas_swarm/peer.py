@@ -119,6 +119,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             state.update(epoch=meta["epoch"], samples_total=meta["samples_total"])
             reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {meta['epoch']}", epoch=meta["epoch"])
         opt = make_optimizer(swarm, spec, [p for _, p in named], batch_size)
+        stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
         opt_state_path = out / "optimizer.pt"
         if adapter_dir.exists() and opt_state_path.exists():
             opt.load_state_dict(_load_optimizer_state(opt_state_path))
@@ -291,10 +292,14 @@ class GracefulStop:
     @classmethod
     def install(cls) -> "GracefulStop":
         self = cls()
+        self.arm()
+        return self
+
+    def arm(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+                previous = signal.signal(sig, self._handle)
+                self._previous.setdefault(sig, previous)
 
     def _handle(self, signum, frame):
         if self.requested:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+import psutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,3 +64,103 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
     finally:
         for p in peers:
             p.kill_group()
+
+
+def test_late_joiner_reaches_the_swarms_epoch_and_parameters(tmp_path, tiny_model, text_data):
+    # Prepare: two peers train until epoch 6; the third starts once they are past epoch 2
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=240)
+    peers = []
+    try:
+        peers, started = start_swarm(tmp_path, spec, text_data, [4, 4],
+                                     extra=["--max-epochs", "6", "--wait-for-peers", "2", "--join-timeout", "90"])
+        peers[0].wait_event("epoch", 120, lambda e: e["epoch"] >= 2)
+        # Execute
+        late = PeerProcess(tmp_path, "late", ["--initial-peers", first_maddr(started), "--run", started["run_id"],
+                                              "--data", str(text_data), "--batch-size", "4", "--max-epochs", "6"])
+        peers.append(late)
+        synced = late.wait_event("synced", 120)
+        codes = [p.wait_exit(240) for p in peers]
+        # Assert
+        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
+        assert synced["epoch"] >= 2
+        assert late.wait_event("stopped", 1)["epoch"] >= 6
+        assert max_abs_diff(adapter(peers[0]), adapter(late)) <= 1e-5
+        assert max_abs_diff(adapter(peers[0]), adapter(peers[1])) <= 1e-5
+    finally:
+        for p in peers:
+            p.kill_group()
+
+
+def test_sigkill_of_one_peer_does_not_stop_the_others(tmp_path, tiny_model, text_data):
+    # Prepare
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=240)
+    peers = []
+    try:
+        peers, _ = start_swarm(tmp_path, spec, text_data, [4, 4, 4, 4],
+                               extra=["--wait-for-peers", "4", "--join-timeout", "120"])
+        victim, survivors = peers[3], peers[:3]
+        victim.wait_event("epoch", 150, lambda e: e["epoch"] >= 2 and len(e["group"]) >= 2)
+        # Execute
+        victim.kill_group()
+        killed_at = max(e["epoch"] for e in victim.events("epoch"))
+        for p in survivors:
+            p.wait_event("epoch", 120, lambda e: e["epoch"] >= killed_at + 2)
+        for p in survivors:
+            p.signal(signal.SIGTERM)
+        codes = [p.wait_exit(15) for p in survivors]
+        # Assert
+        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in survivors)
+        for p in survivors:
+            losses = [e["loss"] for e in p.events("progress")]
+            assert all(loss == loss and loss < 1e4 for loss in losses), "NaN or blown-up loss"  # NaN != NaN
+            assert all(torch.isfinite(t).all() for t in adapter(p).values())
+    finally:
+        for p in peers:
+            p.kill_group()
+
+
+def test_ctrl_c_saves_the_adapter_exits_0_and_leaves_no_processes(tmp_path, tiny_spec, text_data):
+    # Prepare
+    peer = PeerProcess(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data), "--batch-size", "4"])
+    try:
+        peer.wait_event("progress", 90, lambda e: e["local_samples"] >= 40)
+        children = peer.descendants()
+        assert children, "a peer runs its DHT and p2pd as child processes"
+        # Execute
+        peer.signal(signal.SIGINT)
+        code = peer.wait_exit(10)
+        # Assert
+        assert code == 0, peer.tail()
+        assert (peer.out / "adapter" / "adapter_model.safetensors").exists()
+        assert peer.wait_event("stopping", 1)["reason"] == "SIGINT"
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        peer.kill_group()
+
+
+def test_saved_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_path, tiny_spec, text_data):
+    # Prepare
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from atlas_swarm.config import RunSpec
+    from atlas_swarm.model.lora import load_adapter_weights, load_model
+
+    peer = PeerProcess(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data), "--max-steps", "12"])
+    try:
+        assert peer.wait_exit(120) == 0, peer.tail()
+    finally:
+        peer.kill_group()
+    ours, tokenizer = load_model(RunSpec.from_toml(tiny_spec))
+    load_adapter_weights(ours, peer.out / "adapter")
+    # Execute
+    base_path = RunSpec.from_toml(tiny_spec).model.base
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(peer.out / "adapter"))
+    plain = AutoModelForCausalLM.from_pretrained(base_path)
+    ids = tokenizer(["what is a computer"], return_tensors="pt")
+    # Assert
+    ours.eval(), stock.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(**ids).logits, stock(**ids).logits, atol=1e-6)
+        assert not torch.allclose(stock(**ids).logits, plain(**ids).logits, atol=1e-4), "the adapter changed nothing"
