@@ -1,0 +1,146 @@
+"""The demo swarm: 4 peers (separate processes, batch 4/4/8/16, disjoint non-IID shards) fine-tune all-MiniLM-L6-v2
+for topic classification on chatterbot-corpus, offline. Ends with a table of contributions and held-out accuracy.
+
+    python scripts/demo.py [--epochs N] [--out demo-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+
+from atlas_swarm.config import RunSpec
+from atlas_swarm.model.lora import load_adapter_weights, load_model
+from atlas_swarm.train.builtin import chatterbot_topics, shard_non_iid
+from atlas_swarm.train.data import Batches, load_examples
+from atlas_swarm.train.steps import evaluate
+
+SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
+BATCH_SIZES = (4, 4, 8, 16)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=6, help="swarm epochs to train")
+    ap.add_argument("--out", default="demo-out", help="working folder (wiped at start)")
+    args = ap.parse_args()
+    console = Console()
+    out = Path(args.out).resolve()
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    train = chatterbot_topics("train")
+    shards = []
+    for i in range(len(BATCH_SIZES)):
+        path = out / f"shard{i}.jsonl"
+        rows = shard_non_iid(train, len(BATCH_SIZES), i)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shards.append(path)
+    console.print(f"[bold]atlas-swarm demo[/] — {len(BATCH_SIZES)} peers, non-IID shards of {len(train)} dialogs, "
+                  f"{args.epochs} epochs")  # fmt: skip
+
+    procs = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    common = ["--log-format", "json", "--threads", "1", "--max-epochs", str(args.epochs),
+              "--wait-for-peers", str(len(BATCH_SIZES)), "--join-timeout", "120", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+    try:
+        def launch(i: int, extra: list[str]) -> subprocess.Popen:
+            log = (out / f"peer{i}.jsonl").open("w")
+            cmd = [sys.executable, "-m", "atlas_swarm.peer", "--out", str(out / f"peer{i}"), "--data", str(shards[i]),
+                   "--batch-size", str(BATCH_SIZES[i]), "--seed", str(i), *common, *extra]  # fmt: skip
+            return subprocess.Popen(cmd, stdout=log, stderr=(out / f"peer{i}.err").open("w"), env=env,
+                                    start_new_session=True)  # fmt: skip
+
+        procs.append(launch(0, ["--run-spec", str(SPEC)]))
+        started = wait_for(out / "peer0.jsonl", "started", procs[0], timeout=180)
+        maddr = next(a for a in started["maddrs"] if "/127.0.0.1/" in a)
+        console.print(f"peer0 started run {started['run_id']}; joining 3 more peers via {maddr}")
+        for i in range(1, len(BATCH_SIZES)):
+            procs.append(launch(i, ["--initial-peers", maddr, "--run", started["run_id"]]))
+        t0 = time.monotonic()
+        with console.status("training...") as status:
+            while any(p.poll() is None for p in procs):
+                epochs = [last_epoch(out / f"peer{i}.jsonl") for i in range(len(procs))]
+                status.update(f"training... epochs per peer {epochs} / {args.epochs} ({time.monotonic() - t0:.0f} s)")
+                if time.monotonic() - t0 > 600:
+                    raise SystemExit("demo: peers did not finish in 10 minutes; see demo-out/peer*.err")
+                time.sleep(1)
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            for i, c in enumerate(codes):
+                if c:
+                    console.print(f"[red]peer{i} exited {c}[/]:\n" + (out / f"peer{i}.err").read_text()[-2000:])
+            return 1
+        report(console, out, started["run_id"], time.monotonic() - t0)
+        return 0
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def report(console: Console, out: Path, run_id: str, seconds: float) -> None:
+    spec = RunSpec.from_toml(SPEC)
+    model, tokenizer = load_model(spec)
+    heldout = Batches(load_examples("builtin:chatterbot-topics-heldout", spec), tokenizer, spec)
+    before = evaluate(model, heldout, "cpu", spec.model.task)
+    load_adapter_weights(model, out / "peer0" / "adapter")
+    after = evaluate(model, heldout, "cpu", spec.model.task)
+    adapters = [load_file(str(out / f"peer{i}" / "adapter" / "adapter_model.safetensors")) for i in range(len(BATCH_SIZES))]
+    diff = max((a[k] - adapters[0][k]).abs().max().item() for a in adapters[1:] for k in a)
+
+    table = Table(title=f"run {run_id} — {seconds:.0f} s of training")
+    for col in ("peer", "batch", "samples contributed", "epochs averaged", "first loss", "final loss"):
+        table.add_column(col, justify="right")
+    for i, bs in enumerate(BATCH_SIZES):
+        events = [json.loads(line) for line in (out / f"peer{i}.jsonl").read_text().splitlines() if line.startswith("{")]
+        stopped = next(e for e in events if e["event"] == "stopped")
+        losses = [e["loss"] for e in events if e["event"] == "progress"]
+        averaged = sum(1 for e in events if e["event"] == "epoch" and len(e["group"]) > 1)
+        table.add_row(f"peer{i}", str(bs), str(stopped["samples_total"]), str(averaged),
+                      f"{losses[0]:.3f}", f"{stopped['last_loss']:.3f}")  # fmt: skip
+    console.print(table)
+    console.print(f"held-out accuracy: base model {before['accuracy']:.1%} (loss {before['loss']:.3f}) → "
+                  f"averaged adapter {after['accuracy']:.1%} (loss {after['loss']:.3f}) on {len(heldout)} dialogs")
+    same = "yes" if diff <= 1e-5 else "NO"
+    console.print(f"all peers hold the same adapter: {same} (max abs difference {diff:.2e})")
+    (out / "summary.json").write_text(json.dumps({"run_id": run_id, "seconds": seconds, "accuracy_before":
+        before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff}, indent=2))  # fmt: skip
+
+
+def wait_for(log: Path, kind: str, proc: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and json.loads(line)["event"] == kind:
+                return json.loads(line)
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: the first peer exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        time.sleep(0.3)
+    raise SystemExit(f"demo: no '{kind}' from the first peer within {timeout} s")
+
+
+def last_epoch(log: Path) -> int:
+    epochs = [json.loads(line).get("epoch", 0) for line in log.read_text().splitlines()
+              if line.startswith("{") and '"event": "epoch"' in line]  # fmt: skip
+    return max(epochs, default=0)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    sys.exit(main())

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command 1: the demo swarm (4 peers, real all-MiniLM-L6-v2, offline). Installs what it needs first.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/venv.sh" demo
+cd "$root"
+exec "$root/.venv/bin/python" scripts/demo.py "$@"

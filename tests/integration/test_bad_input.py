@@ -1,0 +1,115 @@
+"""Every user mistake gets a one-paragraph error and exit code 2, never a traceback. The "other peer" in these tests is
+a real DHT node in this process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from atlas_swarm.config import RunSpec
+from atlas_swarm.identity import Identity
+from atlas_swarm.peer import main
+from atlas_swarm.swarm import PeerStatus, Swarm
+from tests.conftest import write_spec
+
+pytestmark = pytest.mark.integration
+
+
+def run_peer(capsys, *args) -> tuple[int, dict]:
+    code = main(["--log-format", "json", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args])
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    errors = [e for e in events if e["event"] == "error"]
+    return code, (errors[0] if errors else {})
+
+
+@pytest.fixture
+def other_peer(tmp_path, tiny_spec):
+    """A live swarm of one peer that publishes ``tiny_spec``."""
+    swarm = Swarm.join(Identity.load_or_create(tmp_path / "other.key"), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        spec = RunSpec.from_toml(tiny_spec)
+        swarm.publish_spec(spec)
+        yield swarm, spec
+    finally:
+        swarm.shutdown()
+
+
+def test_unreachable_initial_peers(capsys, tmp_path, text_data):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG"
+    code, err = run_peer(capsys, "--initial-peers", dead, "--run", "tiny-test-0123456789abcdef",
+                         "--data", str(text_data), "--out", str(tmp_path / "p"))  # fmt: skip
+    assert code == 2
+    assert err["kind"] == "PeersUnreachable" and "None of --initial-peers answered" in err["error"]
+
+
+def test_malformed_multiaddr(capsys, tmp_path, text_data):
+    code, err = run_peer(capsys, "--initial-peers", "/ip4/not-an-ip/tcp/1", "--run", "tiny-test-0123456789abcdef",
+                         "--data", str(text_data), "--out", str(tmp_path / "p"))  # fmt: skip
+    assert code == 2 and "is not a multiaddr" in err["error"]
+
+
+def test_unknown_run_id(capsys, tmp_path, text_data, other_peer):
+    swarm, _ = other_peer
+    code, err = run_peer(capsys, "--initial-peers", swarm.visible_maddrs()[0], "--run", "nope-0123456789abcdef",
+                         "--data", str(text_data), "--out", str(tmp_path / "p"), "--join-timeout", "3")  # fmt: skip
+    assert code == 2 and err["kind"] == "RunNotFound" and "nope-0123456789abcdef" in err["error"]
+
+
+def test_spec_mismatch_names_the_field(capsys, tmp_path, tiny_model, text_data, other_peer):
+    swarm, spec = other_peer
+    mine = write_spec(tmp_path / "mine.toml", str(tiny_model))
+    mine.write_text(mine.read_text().replace("lr = 0.01", "lr = 0.02"))
+    code, err = run_peer(capsys, "--initial-peers", swarm.visible_maddrs()[0], "--run", spec.run_id,
+                         "--run-spec", str(mine), "--data", str(text_data), "--out", str(tmp_path / "p"))  # fmt: skip
+    assert code == 2 and err["kind"] == "SpecMismatch"
+    assert "optimizer.lr" in err["error"] and "0.02" in err["error"] and "0.01" in err["error"]
+
+
+def test_incompatible_adapter_shape(capsys, tmp_path, text_data, other_peer):
+    swarm, spec = other_peer
+    swarm.publish_status(spec.run_id, PeerStatus(
+        peer_id=swarm.peer_id, device="cpu", precision="fp32", client_mode=False, adapter_shapes="0000000000000000",
+        epoch=0, samples_total=0, samples_per_second=0.0, loss=None, time=0.0))  # fmt: skip
+    code, err = run_peer(capsys, "--initial-peers", swarm.visible_maddrs()[0], "--run", spec.run_id,
+                         "--data", str(text_data), "--out", str(tmp_path / "p"))  # fmt: skip
+    assert code == 2 and err["kind"] == "ModelError" and "adapter's tensor shapes" in err["error"]
+
+
+def test_missing_model_path(capsys, tmp_path, text_data):
+    spec = write_spec(tmp_path / "spec.toml", "/nonexistent/model")
+    code, err = run_peer(capsys, "--run-spec", str(spec), "--data", str(text_data), "--out", str(tmp_path / "p"))
+    assert code == 2 and err["kind"] == "ModelError" and "/nonexistent/model" in err["error"]
+
+
+def test_data_with_wrong_columns(capsys, tmp_path, tiny_spec):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"body": "hello"}\n')
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(data), "--out", str(tmp_path / "p"))
+    assert code == 2 and err["kind"] == "DataError" and "'text'" in err["error"] and "d.jsonl:1" in err["error"]
+
+
+def test_malformed_spec(capsys, tmp_path, text_data):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('name = "x"\n[model]\nbase = "m"\ntask = "translation"\n[lora]\ntarget_modules = ["q"]\n')
+    code, err = run_peer(capsys, "--run-spec", str(spec), "--data", str(text_data), "--out", str(tmp_path / "p"))
+    assert code == 2 and "model.task" in err["error"] and "causal-lm" in err["error"]
+
+
+def test_corrupted_checkpoint(capsys, tmp_path, tiny_spec, text_data):
+    out = tmp_path / "p"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(out))
+    assert code == 2 and err["kind"] == "CheckpointError" and "corrupted" in err["error"]
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == b"\x00garbage"  # nothing lost
+
+
+def test_cli_prints_a_message_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "atlas_swarm.peer", "--run", "bad id"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "is not a run id" in proc.stdout
