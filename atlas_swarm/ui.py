@@ -28,7 +28,7 @@ class Reporter:
         else:
             self.console = None
 
-    def event(self, kind: str, message: str = "", **fields: Any) -> None:
+    def event(self, kind: str, message: str = "", /, **fields: Any) -> None:
         if self.fmt == "json":
             self.stream.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}, default=str) + "\n")
             self.stream.flush()
