@@ -62,7 +62,6 @@ class RunResult:
 
 
 def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochReport], None]] = ()) -> RunResult:
-    stop = GracefulStop.install()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -73,11 +72,13 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         raise DataError("No --data given: pass a .jsonl/.csv/.txt file or a saved dataset folder (it never leaves you).")
     examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # fail on bad data before joining
 
-    swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
-                       startup_timeout=cfg.join_timeout)  # fmt: skip
-    opt = model = None
+    stop = GracefulStop.install()
+    swarm = opt = model = None
     state = {"epoch": 0, "samples_total": 0, "steps": 0, "loss": None}
     try:
+        swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
+                           startup_timeout=cfg.join_timeout)  # fmt: skip
+
         # 1. The run spec: ours (first peer) or the swarm's, and they must agree field by field.
         if cfg.run_id is not None and (local_spec is None or local_spec.run_id != cfg.run_id):
             spec = swarm.fetch_spec(cfg.run_id, timeout=cfg.join_timeout)
@@ -208,7 +209,8 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         finally:
             if opt is not None:
                 opt.shutdown()
-            swarm.shutdown()
+            if swarm is not None:
+                swarm.shutdown()
             stop.uninstall()
     result = RunResult(spec.run_id, swarm.peer_id, state["epoch"], state["samples_total"], state["steps"],
                        state["loss"], str(saved) if saved else None)  # fmt: skip
@@ -244,14 +246,15 @@ def _finish_epoch(done: EpochDone, spec, swarm, model, out, opt, state, cfg, rep
         hook(report)
     if done.epoch % cfg.save_every == 0:
         state["epoch"] = done.epoch
-        path = _save(model, opt, out, spec, swarm.peer_id, state)
+        path = _save(model, opt, out, spec, swarm.peer_id, state, report.adapter_hash)
         reporter.event("saved", "", path=str(path), epoch=done.epoch)
 
 
-def _save(model, opt, out: Path, spec: RunSpec, peer_id: str, state: dict) -> Path:
-    tensors = adapter_state(model)
+def _save(model, opt, out: Path, spec: RunSpec, peer_id: str, state: dict, adapter_hash: Optional[str] = None) -> Path:
+    if adapter_hash is None:
+        adapter_hash = tensors_hash(adapter_state(model))
     meta = {"run_id": spec.run_id, "epoch": state["epoch"], "samples_total": state["samples_total"],
-            "adapter_hash": tensors_hash(tensors), "peer_id": peer_id, "base_model": spec.model.base}  # fmt: skip
+            "adapter_hash": adapter_hash, "peer_id": peer_id, "base_model": spec.model.base}  # fmt: skip
     path = save_adapter(model, out / "adapter", meta)
     tmp = out / "optimizer.pt.tmp"
     torch.save(opt.state_dict(), tmp)
@@ -288,6 +291,7 @@ class GracefulStop:
         self.requested = False
         self.signal_name = ""
         self._previous = {}
+        self._timers: list[threading.Timer] = []
 
     @classmethod
     def install(cls) -> "GracefulStop":
@@ -306,12 +310,19 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        threading.Timer(STOP_GRACE, _interrupt_main).start()
-        threading.Timer(STOP_HARD, _kill_children_and_exit).start()
+        self._timers = [threading.Timer(STOP_GRACE, _interrupt_main), threading.Timer(STOP_HARD, _kill_children_and_exit)]
+        for timer in self._timers:
+            timer.daemon = True
+            timer.start()
 
     def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        """Restore the previous handlers and cancel the watchdogs: a caller in the same process (a notebook, a test)
+        must not get a KeyboardInterrupt or an exit seconds after a clean stop."""
+        for timer in self._timers:
+            timer.cancel()
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
 
 def _interrupt_main() -> None:
