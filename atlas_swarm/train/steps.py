@@ -36,10 +36,18 @@ class Precision:
     device_type: str
 
     @classmethod
-    def for_device(cls, device: str) -> "Precision":
-        if device.startswith("cuda"):
-            return cls(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, "cuda")
-        return cls(None, device)
+    def for_device(cls, device: str, requested: str = "auto") -> "Precision":
+        """``requested``: auto (bf16 if the GPU has it, else fp16; fp32 off-GPU), fp32, bf16 or fp16 (GPU only)."""
+        on_gpu = device.startswith("cuda")
+        if requested == "fp32" or (requested == "auto" and not on_gpu):
+            return cls(None, device)
+        if not on_gpu:
+            raise ConfigError(f"--precision {requested} needs --device cuda; on {device} use fp32 or auto.")
+        if requested == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16: this GPU has no bfloat16 support; use fp16 or auto.")
+        if requested == "auto":
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return cls(torch.bfloat16 if requested == "bf16" else torch.float16, "cuda")
 
     @property
     def needs_loss_scaling(self) -> bool:
@@ -52,6 +60,33 @@ class Precision:
 
     def __str__(self):
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16, one local batch at a time: hivemind averages the *unscaled* .grad, so each batch
+    is unscaled before it is handed over, and a batch whose gradients overflowed is dropped (the scale then halves)."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 1000):
+        self.value = init_scale
+        self.growth_interval = growth_interval
+        self._good_steps = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.value
+
+    def unscale_(self, params) -> bool:
+        """Divide .grad by the scale in place; False (and halve the scale) if any gradient is inf/NaN."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not all(torch.isfinite(g).all() for g in grads):
+            self.value /= 2.0
+            self._good_steps = 0
+            return False
+        for g in grads:
+            g.div_(self.value)
+        self._good_steps += 1
+        if self._good_steps % self.growth_interval == 0:
+            self.value *= 2.0
+        return True
 
 
 def accumulate_gradients(

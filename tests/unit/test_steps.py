@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from atlas_swarm.errors import ConfigError
+from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients
+
+
+def test_loss_scaler_unscales_and_drops_overflowing_batches():
+    p = torch.nn.Parameter(torch.ones(3))
+    scaler = LossScaler(init_scale=8.0, growth_interval=2)
+    scaler.scale((p * 2).sum()).backward()
+    assert scaler.unscale_([p]) and torch.equal(p.grad, torch.full((3,), 2.0))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not scaler.unscale_([p]) and scaler.value == 4.0
+    p.grad = torch.ones(3)
+    assert scaler.unscale_([p]) and scaler.unscale_([p]) and scaler.value == 8.0  # grows after 2 good steps
+
+
+def test_precision_choices_off_gpu():
+    assert str(Precision.for_device("cpu")) == "fp32" and str(Precision.for_device("cpu", "fp32")) == "fp32"
+    with pytest.raises(ConfigError, match="needs --device cuda"):
+        Precision.for_device("cpu", "fp16")
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(8, 4)
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def forward(x):
+        return Out(model(x).pow(2).mean())
+
+    batches = iter([data[:2], data[2:4], data[4:6], data[6:8]])
+
+    def wrapped(**batch):
+        return forward(batch["x"])
+
+    accumulate_gradients(wrapped, lambda n: {"x": next(batches)}, 8, 2, "cpu", Precision.for_device("cpu"))
+    accumulated = model.weight.grad.clone()
+    model.zero_grad()
+    forward(data).loss.backward()
+    assert torch.allclose(accumulated, model.weight.grad, atol=1e-6)
