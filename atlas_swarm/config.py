@@ -188,6 +188,7 @@ class PeerConfig:
     data: Optional[str] = None
     batch_size: Optional[int] = None  # samples per optimizer.step(); None = auto
     device: str = "auto"
+    precision: str = "auto"  # auto, fp32, bf16, fp16
     identity: Optional[str] = None  # default: <out>/identity.key
     out: str = "atlas-runs"
     base_model: Optional[str] = None  # local folder that overrides the spec's model.base for this peer
@@ -216,6 +217,8 @@ class PeerConfig:
             raise ConfigError(f"--batch-size {self.batch_size} is out of range; use an integer in [1, 65536] or 'auto'.")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device!r} is unknown; use one of {', '.join(DEVICES)}.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision {self.precision!r} is unknown; use auto, fp32, bf16 or fp16.")
         if self.log_format not in ("rich", "json", "plain"):
             raise ConfigError(f"--log-format {self.log_format!r} is unknown; use rich, json or plain.")
         if self.save_every < 1:

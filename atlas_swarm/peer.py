@@ -27,9 +27,10 @@ from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
 from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
+from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY
 from atlas_swarm.train.data import Batches, load_examples
-from atlas_swarm.train.steps import Precision, accumulate_gradients, find_micro_batch, pick_device
+from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
 from atlas_swarm.ui import Reporter
 
 SPEC_REFRESH_EVERY = 300.0
@@ -73,7 +74,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
     examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # fail on bad data before joining
 
     stop = GracefulStop.install()
-    swarm = opt = model = None
+    swarm = opt = model = publish_status = None
     state = {"epoch": 0, "samples_total": 0, "steps": 0, "loss": None}
     try:
         swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
@@ -103,7 +104,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                     f"({spec.model.base}); check --base-model."
                 )
         batches = Batches(examples, tokenizer, spec, seed=cfg.seed)
-        precision = Precision.for_device(device)
+        precision = Precision.for_device(device, cfg.precision)
         micro = find_micro_batch(model, batches.next, device, precision)
         batch_size = cfg.batch_size or micro
         micro = min(micro, batch_size)
@@ -145,11 +146,12 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             epoch=opt.local_epoch,
         )  # fmt: skip
 
-        def publish_status(loss: Optional[float], sps: float) -> None:
+        def publish_status(loss: Optional[float], sps: float, leaving: bool = False, final: Optional[str] = None):
             swarm.publish_status(spec.run_id, PeerStatus(
                 peer_id=swarm.peer_id, device=device, precision=str(precision), client_mode=cfg.client_mode,
                 adapter_shapes=shapes, epoch=opt.local_epoch, samples_total=state["samples_total"],
-                samples_per_second=sps, loss=loss, time=time.time()))  # fmt: skip
+                samples_per_second=sps, loss=loss, time=time.time(), leaving=leaving, final_hash=final),
+                wait=leaving or final is not None)  # fmt: skip
 
         publish_status(None, 0.0)
         if cfg.wait_for_peers > 1:
@@ -159,13 +161,14 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
         # 4. The training loop: accumulate a local batch, hand it to hivemind, which averages at epoch boundaries.
         last_status = last_spec = time.monotonic()
-        scaler = _grad_scaler(precision)
+        scaler = LossScaler() if precision.needs_loss_scaling else None
         while not stop.requested:
             loss = accumulate_gradients(model, batches.next, batch_size, micro, device, precision,
                                         scale=scaler.scale if scaler else (lambda x: x))  # fmt: skip
-            opt.step(batch_size=batch_size, grad_scaler=scaler)
-            if scaler is not None:
-                scaler.update()
+            if scaler is not None and not scaler.unscale_(p for _, p in named):
+                opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
+                continue
+            opt.step(batch_size=batch_size)
             opt.zero_grad(set_to_none=True)
             state["steps"] += 1
             state["samples_total"] += batch_size
@@ -189,6 +192,14 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 last_spec = now
             if cfg.max_epochs is not None and opt.local_epoch >= cfg.max_epochs:
                 reporter.event("stopping", f"Reached epoch {opt.local_epoch} (--max-epochs)", reason="max_epochs")
+                # peers stopping at this epoch agree on one adapter (a peer that missed the last round downloads it)
+                agreement = agree_on_final_adapter(
+                    swarm, opt, spec.run_id, opt.local_epoch, lambda: tensors_hash(adapter_state(model)),
+                    lambda h: publish_status(float(loss), sps, final=h), cfg.join_timeout, lambda: stop.requested)
+                reporter.event(
+                    "final", f"Final adapter {agreement.adapter_hash[:12]}: "
+                    + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
+                    + (" (downloaded)" if agreement.downloaded else ""), **agreement.__dict__)  # fmt: skip
                 break
             if cfg.max_steps is not None and state["steps"] >= cfg.max_steps:
                 reporter.event("stopping", f"Did {state['steps']} steps (--max-steps)", reason="max_steps")
@@ -207,6 +218,11 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 state["epoch"] = opt.local_epoch
                 saved = _save(model, opt, out, spec, swarm.peer_id, state)
         finally:
+            if publish_status is not None:
+                try:
+                    publish_status(state["loss"], 0.0, leaving=True)  # finishing peers stop waiting for us
+                except Exception:
+                    pass  # best effort: the record expires on its own
             if opt is not None:
                 opt.shutdown()
             if swarm is not None:
@@ -241,6 +257,7 @@ def _finish_epoch(done: EpochDone, spec, swarm, model, out, opt, state, cfg, rep
     reporter.event(
         "epoch", f"Epoch {done.epoch}: contributed {done.samples} samples, {with_whom}",
         epoch=done.epoch, samples=done.samples, group=list(done.group), adapter_hash=report.adapter_hash,
+        averaging_s=round(done.seconds, 3),
     )  # fmt: skip
     for hook in hooks:
         hook(report)
@@ -267,14 +284,6 @@ def _load_optimizer_state(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{str(path)!r} is corrupted ({e}); delete it to restart the optimizer state.") from None
-
-
-def _grad_scaler(precision: Precision):
-    if not precision.needs_loss_scaling:
-        return None
-    from hivemind import GradScaler
-
-    return GradScaler()
 
 
 def _drain(queue: list) -> list:
@@ -351,6 +360,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", help="local data: .jsonl/.csv/.txt, a datasets.save_to_disk folder, or builtin:NAME")
     p.add_argument("--batch-size", default="auto", help="samples per step, or 'auto' (largest micro-batch that fits)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--precision", default="auto", help="auto (bf16 if the GPU has it, else fp16; fp32 on CPU), fp32, "
+                   "bf16 or fp16")  # fmt: skip
     p.add_argument("--identity", help="libp2p key file (created if missing) [default: OUT/identity.key]")
     p.add_argument("--out", default="atlas-runs/peer", help="folder for the identity, checkpoints and adapter")
     p.add_argument("--base-model", help="local folder holding the spec's base model (offline copies)")
@@ -379,7 +390,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
             raise ConfigError(f"--batch-size {a.batch_size!r} is not an integer or 'auto'.") from None
     return PeerConfig(
         run_spec=a.run_spec, run_id=a.run_id, initial_peers=tuple(a.initial_peers), data=a.data, batch_size=batch_size,
-        device=a.device, identity=a.identity, out=a.out, base_model=a.base_model, host_maddrs=tuple(a.host_maddrs),
+        device=a.device, precision=a.precision, identity=a.identity, out=a.out, base_model=a.base_model, host_maddrs=tuple(a.host_maddrs),
         announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, max_epochs=a.max_epochs,
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -89,3 +90,13 @@ class PeerProcess:
 
 def first_maddr(started: dict) -> str:
     return next(a for a in started["maddrs"] if "/127.0.0.1/" in a)
+
+
+@contextmanager
+def killed_at_exit(peers: list[PeerProcess]):
+    """Whatever happens in the block, SIGKILL every peer in ``peers`` (the list may grow inside the block)."""
+    try:
+        yield peers
+    finally:
+        for p in peers:
+            p.kill_group()

@@ -120,16 +120,18 @@ class Swarm:
             time.sleep(POLL_EVERY)
 
     # -- peer status --------------------------------------------------------------------------------------------
-    def publish_status(self, run_id: str, status: PeerStatus) -> None:
-        """Non-blocking: the DHT process stores it in the background."""
+    def publish_status(self, run_id: str, status: PeerStatus, wait: bool = False) -> None:
+        """Non-blocking unless ``wait``: the DHT process stores it in the background."""
         self._ensure_validators(run_id)
-        self.dht.store(
+        future = self.dht.store(
             f"{run_id}_peers",
             subkey=self.signer.local_public_key,
             value=status.dict(),
             expiration_time=get_dht_time() + STATUS_TTL,
             return_future=True,
         )
+        if wait:
+            future.result(timeout=5)
 
     def peer_statuses(self, run_id: str) -> dict[str, PeerStatus]:
         """Live peers of ``run_id`` by PeerID (records already signature- and schema-checked by the DHT)."""

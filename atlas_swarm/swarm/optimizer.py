@@ -7,6 +7,7 @@ averaged: the seam where contribution proofs (and checkpoints) hook in.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
@@ -31,6 +32,7 @@ class EpochDone:
     epoch: int  # the epoch the swarm moved to
     samples: int  # samples this peer accumulated into the step that ended the previous epoch
     group: tuple[str, ...]  # PeerIDs that averaged gradients together (empty: proceeded with local gradients)
+    seconds: float  # wall time of the transition: all-reduce, optimizer step, state averaging when due
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -44,8 +46,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _update_global_epoch(self, grad_scaler) -> None:
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
         self._group = ()
+        t0 = time.perf_counter()
         super()._update_global_epoch(grad_scaler)
-        self.completed.append(EpochDone(self.local_epoch, samples, self._group))
+        self.completed.append(EpochDone(self.local_epoch, samples, self._group, time.perf_counter() - t0))
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
@@ -87,6 +90,8 @@ def make_optimizer(
         averaging_timeout=a.averaging_timeout,
         load_state_timeout=max(30.0, a.averaging_timeout),
         average_state_every=a.average_state_every,
+        # with the parameters, average Adam's moments too: otherwise peers step differently between syncs
+        average_opt_statistics=("exp_avg", "exp_avg_sq") if o.name == "adamw" else (),
         delay_state_averaging=False,  # average parameters in step(): after such an epoch all peers hold the same adapter
         grad_compression=compression,
         state_averaging_compression=compression,

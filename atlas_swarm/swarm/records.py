@@ -28,6 +28,8 @@ class PeerStatus(BaseModel):
     samples_per_second: StrictFloat
     loss: Optional[StrictFloat]
     time: StrictFloat
+    leaving: StrictBool = False  # set in the last record a peer writes before it exits
+    final_hash: Optional[StrictStr] = None  # the adapter a peer stopping at --max-epochs leaves with (see consensus)
 
 
 class RunRecords(BaseModel):

@@ -1,0 +1,69 @@
+"""Leaving a run together: peers that stop at the same epoch agree on one final adapter before they exit.
+
+hivemind does not promise that every peer is in the last averaging round: a slow peer can miss it and step on its own
+gradients. So every finishing peer publishes the hash of its final adapter; the *canonical* adapter is the hash most
+of them hold (ties: the smallest hash, so every peer picks the same one). Holders advertise a higher state-sharing
+priority; the others download that state from them and check the hash. Bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from atlas_swarm.swarm.node import Swarm
+
+POLL_EVERY = 0.5
+
+
+def canonical_hash(hashes: Iterable[str]) -> Optional[str]:
+    """The hash held by the most peers; among equally common ones the smallest. None if there are none."""
+    counts = Counter(hashes)
+    if not counts:
+        return None
+    return min(counts, key=lambda h: (-counts[h], h))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    adapter_hash: str  # this peer's final adapter hash
+    agreed: bool  # every finishing peer of this epoch holds it
+    peers: int  # finishing peers seen (this one included)
+    downloaded: bool  # this peer replaced its adapter with the canonical one
+
+
+def agree_on_final_adapter(
+    swarm: Swarm,
+    opt,
+    run_id: str,
+    epoch: int,
+    current_hash: Callable[[], str],
+    publish: Callable[[str], None],
+    timeout: float,
+    should_stop: Callable[[], bool],
+) -> Agreement:
+    """Wait until every live peer of ``run_id`` has reached ``epoch`` and all who stop there hold one adapter."""
+    ours, downloaded = current_hash(), False
+    publish(ours)
+    deadline = time.monotonic() + timeout
+    while True:
+        others = [s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving]
+        still_training = any(s.epoch < epoch for s in others)
+        finals = [s.final_hash for s in others if s.epoch == epoch and s.final_hash]
+        target = canonical_hash(finals + [ours])
+        if ours == target:
+            if not opt.client_mode:  # client-mode peers cannot serve state (hivemind refuses a priority)
+                opt.state_averager.state_sharing_priority = epoch + 1  # downloaders pick the canonical holders
+            if not still_training and all(h == target for h in finals):
+                return Agreement(ours, True, len(finals) + 1, downloaded)
+        else:
+            if not opt.client_mode:
+                opt.state_averager.state_sharing_priority = 0
+            opt.state_averager.load_state_from_peers(timeout=max(1.0, min(15.0, deadline - time.monotonic())))
+            ours, downloaded = current_hash(), True
+            publish(ours)
+        if should_stop() or time.monotonic() > deadline:
+            return Agreement(ours, False, len(finals) + 1, downloaded)
+        time.sleep(POLL_EVERY)

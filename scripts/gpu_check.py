@@ -1,0 +1,131 @@
+"""Checks of the CUDA paths that CI (CPU only) cannot run; prints one JSON summary. Needs a CUDA GPU.
+
+1. --batch-size auto probes micro-batches on the GPU; under an artificially small memory cap it backs off on OOM.
+2. A peer trains with --precision bf16 and with --precision fp16 (dynamic loss scaling); losses stay finite.
+3. Two peers on the GPU average together and end with the same adapter.
+
+    python scripts/gpu_check.py [--workdir /tmp/gpu-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peer(workdir: Path, name: str, args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "atlas_swarm.peer", "--log-format", "json", "--device", "cuda",
+           "--out", str(workdir / name), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=(workdir / f"{name}.jsonl").open("w"), stderr=(workdir / f"{name}.err").open("w"))
+
+
+def events(workdir: Path, name: str) -> list[dict]:
+    return [json.loads(x) for x in (workdir / f"{name}.jsonl").read_text().splitlines() if x.startswith("{")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/gpu-check")
+    ap.add_argument("--skip-swarm", action="store_true", help="only checks 1 and 2")
+    args = ap.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    from atlas_swarm.config import RunSpec
+    from atlas_swarm.model.lora import load_model
+    from atlas_swarm.model.tiny import build_tiny_model
+    from atlas_swarm.train.builtin import chatterbot_topics
+    from atlas_swarm.train.data import Batches, load_examples
+    from atlas_swarm.train.steps import Precision, find_micro_batch
+
+    summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    model_dir = build_tiny_model(workdir / "tiny", [r["text"] for r in chatterbot_topics("train")])
+    data = workdir / "data.txt"
+    data.write_text("\n".join(r["text"] for r in chatterbot_topics("train")[:800]))
+    spec_path = workdir / "spec.toml"
+    spec_path.write_text(f'''name = "gpu-check"
+[model]
+base = "{model_dir}"
+task = "causal-lm"
+max_length = 48
+[lora]
+target_modules = ["q_proj", "v_proj"]
+[averaging]
+target_batch_size = 8192
+matchmaking_time = 2.0
+averaging_timeout = 15.0
+average_state_every = 2
+''')
+
+    # 1. micro-batch probe, then the same probe under a memory cap that a batch of 64 cannot fit
+    spec = RunSpec.from_toml(spec_path)
+    model, tok = load_model(spec, device="cuda")
+    batches = Batches(load_examples(str(data), spec), tok, spec)
+    precision = Precision.for_device("cuda")
+    summary["micro_batch_uncapped"] = find_micro_batch(model, batches.next, "cuda", precision)
+    free = torch.cuda.mem_get_info()[0]
+    in_use = torch.cuda.memory_allocated()
+    torch.cuda.set_per_process_memory_fraction((in_use + 24 * 2**20) / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        summary["micro_batch_capped_24MiB"] = find_micro_batch(model, batches.next, "cuda", precision)
+    except Exception as e:  # a ConfigError is an acceptable, clear outcome too
+        summary["micro_batch_capped_24MiB"] = f"{type(e).__name__}: {e}"
+    summary["free_gpu_memory_gib"] = round(free / 2**30, 1)
+    del model
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+
+    # 2. one peer per precision
+    for prec in ("bf16", "fp16"):
+        p = peer(workdir, prec, ["--run-spec", str(spec_path), "--data", str(data), "--batch-size", "auto",
+                                 "--precision", prec, "--max-steps", "400"])  # fmt: skip
+        code = p.wait(300)
+        ev = events(workdir, prec)
+        started = next((e for e in ev if e["event"] == "started"), {})
+        losses = [e["loss"] for e in ev if e["event"] == "progress"]
+        summary[prec] = {"exit": code, "precision": started.get("precision"), "micro_batch": started.get("micro_batch"),
+                         "epochs": sum(e["event"] == "epoch" for e in ev), "first_loss": losses[:1],
+                         "last_loss": [next(e for e in ev if e["event"] == "stopped")["last_loss"]] if not code else [],
+                         "finite": all(x == x and abs(x) < 1e4 for x in losses),
+                         "stderr_tail": (workdir / f"{prec}.err").read_text()[-600:] if code else ""}  # fmt: skip
+
+    if args.skip_swarm:
+        print(json.dumps(summary, indent=2))
+        return 0
+    # 3. two GPU peers average together
+    a = peer(workdir, "swarm0", ["--run-spec", str(spec_path), "--data", str(data), "--batch-size", "32",
+                                 "--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"])  # fmt: skip
+    import time
+
+    deadline = time.time() + 120
+    started = None
+    while started is None and time.time() < deadline and a.poll() is None:
+        started = next((e for e in events(workdir, "swarm0") if e["event"] == "started"), None)
+        time.sleep(0.3)
+    b = peer(workdir, "swarm1", ["--initial-peers", next(x for x in started["maddrs"] if "/127.0.0.1/" in x),
+                                 "--run", started["run_id"], "--data", str(data), "--batch-size", "64", "--seed", "1",
+                                 "--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"])  # fmt: skip
+    codes = [a.wait(400), b.wait(400)]
+    from safetensors.torch import load_file
+
+    ad = [load_file(str(workdir / n / "adapter" / "adapter_model.safetensors")) for n in ("swarm0", "swarm1")]
+    summary["two_gpu_peers"] = {
+        "exit": codes,
+        "max_abs_diff": max((ad[0][k] - ad[1][k]).abs().max().item() for k in ad[0]),
+        "groups": [len(e["group"]) for e in events(workdir, "swarm0") if e["event"] == "epoch"],
+        "averaging_s": [e["averaging_s"] for e in events(workdir, "swarm0") if e["event"] == "epoch"],
+    }
+    print(json.dumps(summary, indent=2))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_check.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Final agreement on real hivemind DHTs and averagers (in this process): peers that stop at the same epoch with
+different adapters leave with the canonical one; the odd peer downloads it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from atlas_swarm.config import RunSpec
+from atlas_swarm.identity import Identity
+from atlas_swarm.model.hashing import tensors_hash
+from atlas_swarm.swarm import PeerStatus, Swarm, make_optimizer
+from atlas_swarm.swarm.consensus import agree_on_final_adapter
+
+pytestmark = pytest.mark.integration
+SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "causal-lm"},
+                          "lora": {"target_modules": ["q"]},
+                          "averaging": {"matchmaking_time": 1.0, "averaging_timeout": 5.0}})  # fmt: skip
+EPOCH = 3
+
+
+def test_odd_peer_downloads_the_majority_adapter(tmp_path):
+    # Prepare: three peers at the same epoch; two hold one adapter, the third another
+    swarms, opts, params = [], [], []
+    try:
+        for i in range(3):
+            peers = swarms[0].visible_maddrs() if swarms else []
+            swarms.append(Swarm.join(Identity.load_or_create(tmp_path / f"id{i}"), peers, ["/ip4/127.0.0.1/tcp/0"]))
+            params.append(torch.nn.Parameter(torch.full((4, 4), 1.0 if i < 2 else 2.0)))
+            opts.append(make_optimizer(swarms[i], SPEC, [params[i]], batch_size=4))
+            opts[i].state_averager.local_epoch = EPOCH
+        results = [None] * 3
+
+        def finish(i: int) -> None:
+            def publish(h: str) -> None:
+                swarms[i].publish_status(SPEC.run_id, PeerStatus(
+                    peer_id=swarms[i].peer_id, device="cpu", precision="fp32", client_mode=False,
+                    adapter_shapes="x", epoch=EPOCH, samples_total=0, samples_per_second=0.0, loss=None,
+                    time=time.time(), final_hash=h), wait=True)  # fmt: skip
+
+            results[i] = agree_on_final_adapter(swarms[i], opts[i], SPEC.run_id, EPOCH,
+                                                lambda: tensors_hash({"p": params[i]}), publish, 60.0, lambda: False)
+
+        # Execute
+        threads = [threading.Thread(target=finish, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        # Assert
+        assert all(r is not None and r.agreed for r in results), results
+        assert [r.downloaded for r in results] == [False, False, True]
+        assert len({r.adapter_hash for r in results}) == 1
+        assert torch.equal(params[2].detach(), torch.ones(4, 4))
+    finally:
+        for opt in opts:
+            opt.shutdown()
+        for swarm in swarms:
+            swarm.shutdown()
