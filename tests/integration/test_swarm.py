@@ -20,6 +20,19 @@ def adapter(peer: PeerProcess) -> dict[str, torch.Tensor]:
     return load_file(str(peer.out / "adapter" / "adapter_model.safetensors"))
 
 
+def eval_loss(spec_path, data, adapter_dir) -> float:
+    from atlas_swarm.config import RunSpec
+    from atlas_swarm.model.lora import load_adapter_weights, load_model
+    from atlas_swarm.train.data import Batches, load_examples
+    from atlas_swarm.train.steps import evaluate
+
+    spec = RunSpec.from_toml(spec_path)
+    model, tokenizer = load_model(spec)
+    if adapter_dir is not None:
+        load_adapter_weights(model, adapter_dir)
+    return evaluate(model, Batches(load_examples(str(data), spec)[:200], tokenizer, spec), "cpu", spec.model.task)["loss"]
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -57,10 +70,11 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
             assert any(len(e["group"]) >= 2 for e in epochs), "this peer never averaged with anyone"
             stopped = p.wait_event("stopped", 1)
             assert stopped["epoch"] >= 4 and stopped["samples_total"] % bs == 0
-            losses = [e["loss"] for e in p.events("progress")]
-            assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
             # what a peer is credited with per epoch never exceeds what it trained on
             assert 0 < sum(e["samples"] for e in epochs) <= stopped["samples_total"]
+        # the loss fell: the shared adapter vs the initial one, on the same 200 texts (minibatch losses are too noisy)
+        before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")
+        assert after < before, f"loss did not fall: {before} -> {after}"
 
 
 def test_late_joiner_reaches_the_swarms_epoch_and_parameters(tmp_path, tiny_model, text_data):
