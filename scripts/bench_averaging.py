@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def events(path: Path) -> list[dict]:
 
 
 def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
+    workdir.mkdir(parents=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     common = ["--data", "builtin:chatterbot-topics", "--batch-size", "8", "--threads", "1", "--log-format", "json",
               "--max-epochs", str(epochs), "--wait-for-peers", str(n), "--join-timeout", "180",
@@ -56,7 +58,8 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
         # window: from peer0's first epoch transition to its last
         first = wait(lambda: next((e for e in events(log0) if e["event"] == "epoch"), None), 300)
         lo0 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
-        last = wait(lambda: next((e for e in events(log0) if e["event"] == "epoch" and e["epoch"] >= epochs), None), 600)
+        # a peer can also reach the last epoch by downloading state (no epoch event then): stop at "stopping"
+        last = wait(lambda: next((e for e in events(log0) if e["event"] == "stopping"), None), 600)
         lo1 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
         for p in procs:
             p.wait(60)
@@ -66,7 +69,7 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    window = [e for e in events(log0) if e["event"] == "epoch" and first["epoch"] < e["epoch"] <= last["epoch"]]
+    window = [e for e in events(log0) if e["event"] == "epoch" and first["time"] < e["time"] <= last["time"]]
     wall = last["time"] - first["time"]
     rounds = [e["averaging_s"] for e in window]
     return {

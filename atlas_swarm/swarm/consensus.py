@@ -50,7 +50,8 @@ def agree_on_final_adapter(
     deadline = time.monotonic() + timeout
     while True:
         others = [s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving]
-        still_training = any(s.epoch < epoch for s in others)
+        # a peer at our epoch without a final hash is about to publish one (or trains on: then we time out)
+        still_training = any(s.epoch < epoch or (s.epoch == epoch and not s.final_hash) for s in others)
         finals = [s.final_hash for s in others if s.epoch == epoch and s.final_hash]
         target = canonical_hash(finals + [ours])
         if ours == target:

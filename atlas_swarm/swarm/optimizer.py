@@ -92,7 +92,9 @@ def make_optimizer(
         average_state_every=a.average_state_every,
         # with the parameters, average Adam's moments too: otherwise peers step differently between syncs
         average_opt_statistics=("exp_avg", "exp_avg_sq") if o.name == "adamw" else (),
-        delay_state_averaging=False,  # average parameters in step(): after such an epoch all peers hold the same adapter
+        # state averaging runs in the background (hivemind's default), overlapping compute; peers that stop together
+        # still leave with one adapter through swarm/consensus.py
+        delay_state_averaging=True,
         grad_compression=compression,
         state_averaging_compression=compression,
         averager_opts={"request_timeout": request_timeout},
