@@ -78,9 +78,10 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
 
 
 def test_late_joiner_reaches_the_swarms_epoch_and_parameters(tmp_path, tiny_model, text_data):
-    # Prepare: two peers train to epoch 10; a third starts once they are past epoch 2
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=480)
-    run_to = ["--max-epochs", "10"]  # a state-averaging epoch (average_state_every = 2): all leave with one adapter
+    # Prepare: two peers train to epoch 12; a third starts once they are past epoch 2 (epochs of several seconds
+    # leave the swarm alive long enough for the newcomer to start, even on a loaded 2-core machine)
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=960)
+    run_to = ["--max-epochs", "12"]
     with killed_at_exit([]) as peers:
         started = start_swarm(peers, tmp_path, spec, text_data, [4, 4],
                               extra=[*run_to, "--wait-for-peers", "2", "--join-timeout", "90"])  # fmt: skip
@@ -93,8 +94,8 @@ def test_late_joiner_reaches_the_swarms_epoch_and_parameters(tmp_path, tiny_mode
         codes = [p.wait_exit(240) for p in peers]
         # Assert
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
-        assert 2 <= synced["epoch"] < 10, "the joiner did not start behind the swarm"
-        assert late.wait_event("stopped", 1)["epoch"] == peers[0].wait_event("stopped", 1)["epoch"] == 10
+        assert 2 <= synced["epoch"] < 12, "the joiner did not start behind the swarm"
+        assert late.wait_event("stopped", 1)["epoch"] == peers[0].wait_event("stopped", 1)["epoch"] == 12
         assert max_abs_diff(adapter(late), adapter(peers[0])) <= 1e-5
         assert max_abs_diff(adapter(peers[1]), adapter(peers[0])) <= 1e-5
 
