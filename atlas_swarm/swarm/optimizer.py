@@ -92,9 +92,10 @@ def make_optimizer(
         average_state_every=a.average_state_every,
         # with the parameters, average Adam's moments too: otherwise peers step differently between syncs
         average_opt_statistics=("exp_avg", "exp_avg_sq") if o.name == "adamw" else (),
-        # state averaging runs in the background (hivemind's default), overlapping compute; peers that stop together
-        # still leave with one adapter through swarm/consensus.py
-        delay_state_averaging=True,
+        # synchronous state averaging: slower (a matchmaking window inside step() every average_state_every epochs)
+        # but the background variant (hivemind's default) once left a peer with another adapter after the final
+        # agreement (1 run in 3); see README "Known limits"
+        delay_state_averaging=False,
         grad_compression=compression,
         state_averaging_compression=compression,
         averager_opts={"request_timeout": request_timeout},
