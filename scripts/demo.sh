@@ -3,5 +3,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/venv.sh" demo
+bash "$root/scripts/npm_deps.sh"
 cd "$root"
 exec "$root/.venv/bin/python" scripts/demo.py "$@"

@@ -3,5 +3,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/venv.sh" test
+bash "$root/scripts/npm_deps.sh"
 cd "$root"
 exec "$root/.venv/bin/python" -m pytest "$@"

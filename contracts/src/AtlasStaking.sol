@@ -1,0 +1,371 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
+import {IAtlasStaking} from "./IAtlasStaking.sol";
+
+/// @title AtlasStaking
+/// @notice Peers stake, post EIP-712 contribution proofs each epoch, earn from the trainer's escrow, and are slashed
+///         for equivocation. See IAtlasStaking for the interface and NatSpec of every external function.
+/// @dev Storage is packed so that an accepted proof costs few writes: one bit in an epoch bitmap, one stats slot,
+///      one reward-bucket slot and the run budget. Rewards accrue into time buckets of CHALLENGE_WINDOW seconds; a
+///      bucket becomes claimable two buckets later, so every reward waits at least one full window.
+contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
+    // ------------------------------------------------------------------ state
+    bytes32 public constant PROOF_TYPEHASH = keccak256(
+        "Proof(bytes32 runId,uint64 epoch,address peer,bytes32 peerIdHash,uint64 samples,bytes32 adapterHash,"
+        "bytes32 dataRoot,uint64 nonce,uint64 deadline)"
+    );
+    uint256 private constant BPS = 10_000;
+
+    /// @notice Seconds between requestUnstake and withdraw; at least two challenge windows.
+    uint32 public immutable UNBONDING_PERIOD;
+    /// @notice Seconds a reward waits (at least) before it can be claimed, so equivocation can be reported.
+    uint32 public immutable CHALLENGE_WINDOW;
+    /// @notice Share of a peer's stake (active + unbonding) taken per equivocation, in basis points.
+    uint16 public immutable SLASH_BPS;
+    /// @notice Share of the slashed amount paid to the reporter, in basis points; the rest goes to the run's budget.
+    uint16 public immutable BOUNTY_BPS;
+
+    struct StakeInfo {
+        uint112 active;
+        uint112 unbonding;
+        uint32 unbondingReadyAt;
+    }
+
+    struct Stats {
+        uint96 verifiedSamples;
+        uint64 lastNonce;
+        uint48 epochsContributed;
+        uint32 timesSlashed;
+    }
+
+    /// @dev Two reward buckets (the two most recent windows with accruals); older ones are settled to `_claimable`.
+    struct Buckets {
+        uint96 amount0;
+        uint32 index0;
+        uint96 amount1;
+        uint32 index1;
+    }
+
+    mapping(address => StakeInfo) private _stakes;
+    mapping(address => Stats) private _stats;
+    mapping(address => Buckets) private _buckets;
+    mapping(address => uint256) private _claimable;
+    mapping(address => bytes32) private _peerIdOf;
+    mapping(bytes32 => address) private _ownerOf;
+    mapping(bytes32 => Run) private _runs;
+    /// @dev runId => peer => epoch / 256 => bitmap of accepted proofs
+    mapping(bytes32 => mapping(address => mapping(uint256 => uint256))) private _submitted;
+    /// @dev keccak256(runId, peer, epoch) => slashed already
+    mapping(bytes32 => bool) private _slashed;
+
+    // ------------------------------------------------------------ constructor
+    constructor(uint32 unbondingPeriod, uint32 challengeWindow, uint16 slashBps, uint16 bountyBps)
+        EIP712("AtlasStaking", "1")
+    {
+        if (challengeWindow == 0 || unbondingPeriod < 2 * uint256(challengeWindow) || slashBps == 0
+            || slashBps > BPS || bountyBps > BPS) revert InvalidParameters();
+        UNBONDING_PERIOD = unbondingPeriod;
+        CHALLENGE_WINDOW = challengeWindow;
+        SLASH_BPS = slashBps;
+        BOUNTY_BPS = bountyBps;
+    }
+
+    // ------------------------------------------------------------------ views
+    /// @inheritdoc IAtlasStaking
+    function proofDigest(Proof calldata proof) public view returns (bytes32) {
+        return _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    PROOF_TYPEHASH, proof.runId, proof.epoch, proof.peer, proof.peerIdHash, proof.samples,
+                    proof.adapterHash, proof.dataRoot, proof.nonce, proof.deadline
+                )
+            )
+        );
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function getRun(bytes32 runId) external view returns (Run memory) {
+        return _runs[runId];
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function reputationOf(address peer) external view returns (Reputation memory r) {
+        StakeInfo memory s = _stakes[peer];
+        Stats memory st = _stats[peer];
+        (uint256 mature, uint256 immature) = _splitBuckets(_buckets[peer]);
+        r = Reputation({
+            peerIdHash: _peerIdOf[peer],
+            stake: s.active,
+            unbonding: s.unbonding,
+            unbondingReadyAt: s.unbondingReadyAt,
+            verifiedSamples: st.verifiedSamples,
+            epochsContributed: st.epochsContributed,
+            timesSlashed: st.timesSlashed,
+            lastNonce: st.lastNonce,
+            claimable: _claimable[peer] + mature,
+            pending: immature
+        });
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function proofSubmitted(bytes32 runId, address peer, uint64 epoch) public view returns (bool) {
+        return _submitted[runId][peer][epoch >> 8] & (1 << (epoch & 0xff)) != 0;
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function ownerOfPeerId(bytes32 peerIdHash) external view returns (address) {
+        return _ownerOf[peerIdHash];
+    }
+
+    // --------------------------------------------------------------- mutative
+    /// @inheritdoc IAtlasStaking
+    function stake() external payable {
+        if (msg.value == 0) revert ZeroAmount();
+        StakeInfo storage s = _stakes[msg.sender];
+        s.active += SafeCast.toUint112(msg.value);
+        emit Staked(msg.sender, msg.value, s.active);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function requestUnstake(uint256 amount) external {
+        if (amount == 0) revert ZeroAmount();
+        StakeInfo storage s = _stakes[msg.sender];
+        if (amount > s.active) revert InsufficientStake(s.active, amount);
+        s.active -= uint112(amount);
+        s.unbonding += uint112(amount);
+        s.unbondingReadyAt = uint32(block.timestamp + UNBONDING_PERIOD);
+        emit UnstakeRequested(msg.sender, amount, s.unbondingReadyAt);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function withdraw() external nonReentrant {
+        StakeInfo storage s = _stakes[msg.sender];
+        uint256 amount = s.unbonding;
+        if (amount == 0) revert NothingToWithdraw();
+        if (block.timestamp < s.unbondingReadyAt) revert UnbondingNotOver(s.unbondingReadyAt);
+        s.unbonding = 0;
+        emit Withdrawn(msg.sender, amount);
+        _send(msg.sender, amount);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function registerPeer(bytes32 peerIdHash) external {
+        if (peerIdHash == bytes32(0)) revert InvalidParameters();
+        address owner = _ownerOf[peerIdHash];
+        if (owner != address(0)) revert PeerIdTaken(peerIdHash, owner);
+        bytes32 current = _peerIdOf[msg.sender];
+        if (current != bytes32(0)) revert AlreadyRegistered(msg.sender, current);
+        _ownerOf[peerIdHash] = msg.sender;
+        _peerIdOf[msg.sender] = peerIdHash;
+        emit PeerRegistered(msg.sender, peerIdHash);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function createRun(bytes32 runId, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
+        uint64 maxSamplesPerEpoch) external payable {
+        if (runId == bytes32(0) || maxSamplesPerEpoch == 0) revert InvalidParameters();
+        if (_runs[runId].trainer != address(0)) revert RunExists(runId);
+        _runs[runId] = Run({
+            trainer: msg.sender,
+            maxSamplesPerEpoch: maxSamplesPerEpoch,
+            closed: false,
+            specHash: specHash,
+            rewardPerSample: rewardPerSample,
+            minStake: minStake,
+            budget: msg.value
+        });
+        emit RunCreated(runId, msg.sender, specHash, rewardPerSample, minStake, maxSamplesPerEpoch, msg.value);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function fundRun(bytes32 runId) external payable {
+        if (msg.value == 0) revert ZeroAmount();
+        Run storage run = _openRun(runId);
+        run.budget += msg.value;
+        emit RunFunded(runId, msg.sender, msg.value, run.budget);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function closeRun(bytes32 runId) external nonReentrant {
+        Run storage run = _openRun(runId);
+        if (msg.sender != run.trainer) revert NotTrainer(msg.sender, run.trainer);
+        uint256 refund = run.budget;
+        run.closed = true;
+        run.budget = 0;
+        emit RunClosedAndRefunded(runId, msg.sender, refund);
+        if (refund != 0) _send(msg.sender, refund);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function submitProof(Proof calldata proof, bytes calldata signature) external {
+        _accept(proof, signature);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function submitProofs(Proof[] calldata proofs, bytes[] calldata signatures) external {
+        if (proofs.length != signatures.length || proofs.length == 0) {
+            revert LengthMismatch(proofs.length, signatures.length);
+        }
+        for (uint256 i = 0; i < proofs.length; ++i) {
+            _accept(proofs[i], signatures[i]);
+        }
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
+        external
+    {
+        address peer = proofA.peer;
+        bytes32 digestA = proofDigest(proofA);
+        bytes32 digestB = proofDigest(proofB);
+        if (proofA.runId != proofB.runId || proofA.epoch != proofB.epoch || peer != proofB.peer || digestA == digestB)
+        {
+            revert NotEquivocation();
+        }
+        _checkSigner(digestA, sigA, peer);
+        _checkSigner(digestB, sigB, peer);
+        bytes32 key = keccak256(abi.encode(proofA.runId, peer, proofA.epoch));
+        if (_slashed[key]) revert AlreadySlashed(proofA.runId, proofA.epoch, peer);
+
+        _slashed[key] = true;
+        uint256 amount = _takeStake(peer);
+        uint256 forfeited = _forfeitImmatureRewards(peer);
+        uint256 bounty = amount * BOUNTY_BPS / BPS;
+        _claimable[msg.sender] += bounty;
+        // The rest compensates the run's trainer (if the run is unknown or closed it goes to the reporter).
+        Run storage run = _runs[proofA.runId];
+        if (run.trainer != address(0) && !run.closed) {
+            run.budget += amount - bounty + forfeited;
+        } else {
+            _claimable[msg.sender] += amount - bounty + forfeited;
+        }
+        emit Slashed(proofA.runId, proofA.epoch, peer, msg.sender, amount, bounty, forfeited);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function claim() external nonReentrant {
+        (uint256 mature,) = _splitBuckets(_buckets[msg.sender]);
+        if (mature != 0) _dropMatureBuckets(msg.sender);
+        uint256 amount = _claimable[msg.sender] + mature;
+        if (amount == 0) revert NothingToClaim();
+        _claimable[msg.sender] = 0;
+        emit Claimed(msg.sender, amount);
+        _send(msg.sender, amount);
+    }
+
+    // --------------------------------------------------------------- internal
+    function _accept(Proof calldata proof, bytes calldata signature) private {
+        Run storage run = _checkProof(proof, signature);
+        _markSubmitted(proof);
+        uint256 reward = uint256(proof.samples) * run.rewardPerSample;
+        uint256 budget = run.budget;
+        if (reward > budget) revert BudgetExhausted(proof.runId, budget, reward);
+        run.budget = budget - reward;
+        if (reward != 0) _accrue(proof.peer, reward);
+        emit ProofAccepted(proof.runId, proof.epoch, proof.peer, proof.samples, proof.adapterHash, proof.dataRoot,
+            reward);
+    }
+
+    /// @dev Everything about a proof that does not change state: run, deadline, signature, binding, stake, samples.
+    function _checkProof(Proof calldata proof, bytes calldata signature) private view returns (Run storage run) {
+        if (block.timestamp > proof.deadline) revert ProofExpired(proof.deadline);
+        run = _openRun(proof.runId);
+        _checkSigner(proofDigest(proof), signature, proof.peer);
+        bytes32 registered = _peerIdOf[proof.peer];
+        if (registered == bytes32(0)) revert PeerNotRegistered(proof.peer);
+        if (registered != proof.peerIdHash) revert PeerIdMismatch(registered, proof.peerIdHash);
+        uint256 active = _stakes[proof.peer].active;
+        if (active < run.minStake) revert InsufficientStake(active, run.minStake);
+        if (proof.samples == 0 || proof.samples > run.maxSamplesPerEpoch) {
+            revert InvalidSamples(proof.samples, run.maxSamplesPerEpoch);
+        }
+    }
+
+    /// @dev Replay protection (nonce, one proof per run and epoch) and the peer's counters.
+    function _markSubmitted(Proof calldata proof) private {
+        Stats memory st = _stats[proof.peer];
+        if (proof.nonce <= st.lastNonce) revert NonceTooLow(proof.nonce, st.lastNonce);
+        mapping(uint256 => uint256) storage bits = _submitted[proof.runId][proof.peer];
+        uint256 word = bits[proof.epoch >> 8];
+        uint256 bit = 1 << (proof.epoch & 0xff);
+        if (word & bit != 0) revert ProofAlreadySubmitted(proof.runId, proof.epoch, proof.peer);
+        bits[proof.epoch >> 8] = word | bit;
+        st.lastNonce = proof.nonce;
+        st.verifiedSamples += proof.samples;
+        st.epochsContributed += 1;
+        _stats[proof.peer] = st;
+    }
+
+    /// @dev Takes SLASH_BPS of the peer's stake, active first, then unbonding.
+    function _takeStake(address peer) private returns (uint256 amount) {
+        StakeInfo memory s = _stakes[peer];
+        uint256 total = uint256(s.active) + s.unbonding;
+        if (total == 0) revert NothingToSlash(peer);
+        amount = total * SLASH_BPS / BPS;
+        uint256 fromActive = amount < s.active ? amount : s.active;
+        s.active -= uint112(fromActive);
+        s.unbonding -= uint112(amount - fromActive);
+        _stakes[peer] = s;
+        _stats[peer].timesSlashed += 1;
+    }
+
+    /// @dev Rewards still inside their challenge window are forfeited; those past it were earned before the report.
+    function _forfeitImmatureRewards(address peer) private returns (uint256 forfeited) {
+        uint256 mature;
+        (mature, forfeited) = _splitBuckets(_buckets[peer]);
+        if (mature != 0) _claimable[peer] += mature;
+        delete _buckets[peer];
+    }
+
+    function _openRun(bytes32 runId) private view returns (Run storage run) {
+        run = _runs[runId];
+        if (run.trainer == address(0)) revert UnknownRun(runId);
+        if (run.closed) revert RunClosed(runId);
+    }
+
+    function _checkSigner(bytes32 digest, bytes calldata signature, address peer) private pure {
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, signature);
+        if (err != ECDSA.RecoverError.NoError || signer != peer) revert InvalidSigner(signer, peer);
+    }
+
+    /// @dev Adds `amount` to the bucket of the current window. A bucket that has to make room is always mature:
+    ///      bucket0 < bucket1 < current window, so bucket0 is at least two windows old.
+    function _accrue(address peer, uint256 amount) private {
+        Buckets memory b = _buckets[peer];
+        uint32 current = uint32(block.timestamp / CHALLENGE_WINDOW);
+        if (b.amount1 != 0 && b.index1 == current) {
+            b.amount1 += SafeCast.toUint96(amount);
+        } else {
+            if (b.amount0 != 0) _claimable[peer] += b.amount0;
+            (b.amount0, b.index0) = (b.amount1, b.index1);
+            (b.amount1, b.index1) = (SafeCast.toUint96(amount), current);
+        }
+        _buckets[peer] = b;
+    }
+
+    function _splitBuckets(Buckets memory b) private view returns (uint256 mature, uint256 immature) {
+        uint256 current = block.timestamp / CHALLENGE_WINDOW;
+        if (uint256(b.index0) + 2 <= current) mature += b.amount0;
+        else immature += b.amount0;
+        if (uint256(b.index1) + 2 <= current) mature += b.amount1;
+        else immature += b.amount1;
+    }
+
+    function _dropMatureBuckets(address peer) private {
+        Buckets memory b = _buckets[peer];
+        uint256 current = block.timestamp / CHALLENGE_WINDOW;
+        if (uint256(b.index0) + 2 <= current) (b.amount0, b.index0) = (0, 0);
+        if (uint256(b.index1) + 2 <= current) (b.amount1, b.index1) = (0, 0);
+        _buckets[peer] = b;
+    }
+
+    function _send(address to, uint256 amount) private {
+        (bool ok,) = to.call{value: amount}("");
+        if (!ok) revert TransferFailed(to, amount);
+    }
+}

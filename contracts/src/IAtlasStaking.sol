@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+/// @title IAtlasStaking
+/// @notice Staking, run escrow, EIP-712 contribution proofs and equivocation slashing for atlas-swarm.
+/// @dev A peer stakes native currency, binds its libp2p PeerID (hash) to its address, and signs one proof per
+///      swarm epoch it took part in. Anyone may relay a signed proof. Rewards (samples x the run's rate) come out of
+///      the trainer's escrow and become claimable after a challenge window. Two different signed proofs from one
+///      peer for the same (run, epoch) let anyone slash that peer's stake and collect a bounty.
+interface IAtlasStaking {
+    // ------------------------------------------------------------------ types
+    /// @notice What a peer signs at the end of an epoch (EIP-712 typed data, see PROOF_TYPEHASH).
+    struct Proof {
+        bytes32 runId; // keccak256 of the run id string (e.g. "minilm-topics-0123456789abcdef")
+        uint64 epoch; // swarm epoch the samples were averaged in
+        address peer; // the signer and the account that is paid
+        bytes32 peerIdHash; // keccak256 of the libp2p PeerID bytes; must match registerPeer
+        uint64 samples; // samples this peer contributed in this epoch
+        bytes32 adapterHash; // sha256 of the averaged adapter after the epoch (atlas canonical hash)
+        bytes32 dataRoot; // Merkle root of the per-batch data hashes the peer trained on
+        uint64 nonce; // strictly increasing per peer (gaps allowed): replay protection
+        uint64 deadline; // unix time after which the proof can no longer be submitted
+    }
+
+    struct Run {
+        address trainer;
+        uint64 maxSamplesPerEpoch; // per peer; a proof above it is rejected
+        bool closed;
+        bytes32 specHash; // sha256 of the canonical run spec
+        uint128 rewardPerSample; // wei
+        uint128 minStake; // wei of active stake a peer needs for its proofs to count
+        uint256 budget; // wei left in escrow
+    }
+
+    /// @notice Everything known about a peer, in one call.
+    struct Reputation {
+        bytes32 peerIdHash;
+        uint256 stake; // active stake
+        uint256 unbonding; // requested for withdrawal, still slashable
+        uint64 unbondingReadyAt;
+        uint256 verifiedSamples;
+        uint64 epochsContributed;
+        uint32 timesSlashed;
+        uint64 lastNonce;
+        uint256 claimable; // rewards past their challenge window
+        uint256 pending; // rewards still inside their challenge window
+    }
+
+    // ----------------------------------------------------------------- errors
+    error InvalidParameters();
+    error ZeroAmount();
+    error InsufficientStake(uint256 available, uint256 required);
+    error NothingToWithdraw();
+    error UnbondingNotOver(uint64 readyAt);
+    error PeerIdTaken(bytes32 peerIdHash, address owner);
+    error AlreadyRegistered(address peer, bytes32 peerIdHash);
+    error PeerNotRegistered(address peer);
+    error PeerIdMismatch(bytes32 registered, bytes32 inProof);
+    error RunExists(bytes32 runId);
+    error UnknownRun(bytes32 runId);
+    error RunClosed(bytes32 runId);
+    error NotTrainer(address caller, address trainer);
+    error InvalidSigner(address signer, address peer);
+    error ProofExpired(uint64 deadline);
+    error NonceTooLow(uint64 nonce, uint64 lastNonce);
+    error ProofAlreadySubmitted(bytes32 runId, uint64 epoch, address peer);
+    error InvalidSamples(uint64 samples, uint64 maxSamplesPerEpoch);
+    error BudgetExhausted(bytes32 runId, uint256 budget, uint256 reward);
+    error LengthMismatch(uint256 proofs, uint256 signatures);
+    error NotEquivocation();
+    error AlreadySlashed(bytes32 runId, uint64 epoch, address peer);
+    error NothingToSlash(address peer);
+    error NothingToClaim();
+    error TransferFailed(address to, uint256 amount);
+
+    // ----------------------------------------------------------------- events
+    event Staked(address indexed peer, uint256 amount, uint256 stake);
+    event UnstakeRequested(address indexed peer, uint256 amount, uint64 readyAt);
+    event Withdrawn(address indexed peer, uint256 amount);
+    event PeerRegistered(address indexed peer, bytes32 indexed peerIdHash);
+    event RunCreated(bytes32 indexed runId, address indexed trainer, bytes32 specHash, uint256 rewardPerSample,
+        uint256 minStake, uint64 maxSamplesPerEpoch, uint256 budget);
+    event RunFunded(bytes32 indexed runId, address indexed funder, uint256 amount, uint256 budget);
+    event RunClosedAndRefunded(bytes32 indexed runId, address indexed trainer, uint256 refund);
+    event ProofAccepted(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, uint64 samples,
+        bytes32 adapterHash, bytes32 dataRoot, uint256 reward);
+    event Slashed(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, address reporter,
+        uint256 slashed, uint256 bounty, uint256 forfeitedRewards);
+    event Claimed(address indexed account, uint256 amount);
+
+    // ------------------------------------------------------------------ views
+    /// @notice EIP-712 digest a peer signs for `proof` (domain: name "AtlasStaking", version "1", this chain + address).
+    function proofDigest(Proof calldata proof) external view returns (bytes32);
+
+    /// @notice The state of a run.
+    function getRun(bytes32 runId) external view returns (Run memory);
+
+    /// @notice Stake, counters and rewards of `peer`.
+    function reputationOf(address peer) external view returns (Reputation memory);
+
+    /// @notice Whether `peer`'s proof for (`runId`, `epoch`) was accepted.
+    function proofSubmitted(bytes32 runId, address peer, uint64 epoch) external view returns (bool);
+
+    /// @notice The address bound to a PeerID hash (zero if none).
+    function ownerOfPeerId(bytes32 peerIdHash) external view returns (address);
+
+    // --------------------------------------------------------------- mutative
+    /// @notice Add `msg.value` to the caller's active stake.
+    function stake() external payable;
+
+    /// @notice Move `amount` of active stake into unbonding; it stays slashable until `withdraw` is allowed.
+    function requestUnstake(uint256 amount) external;
+
+    /// @notice Withdraw all unbonded stake once the unbonding period has passed.
+    function withdraw() external;
+
+    /// @notice Bind the caller's address to a libp2p PeerID hash, one-to-one and permanently.
+    function registerPeer(bytes32 peerIdHash) external;
+
+    /// @notice Open a run with `msg.value` as its reward budget.
+    function createRun(bytes32 runId, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
+        uint64 maxSamplesPerEpoch) external payable;
+
+    /// @notice Add `msg.value` to a run's budget (anyone may fund).
+    function fundRun(bytes32 runId) external payable;
+
+    /// @notice Close a run and refund its unspent budget to the trainer. Accrued rewards stay with the peers.
+    function closeRun(bytes32 runId) external;
+
+    /// @notice Submit one signed proof (anyone may relay it).
+    function submitProof(Proof calldata proof, bytes calldata signature) external;
+
+    /// @notice Submit several signed proofs in one transaction; all are accepted or the call reverts.
+    function submitProofs(Proof[] calldata proofs, bytes[] calldata signatures) external;
+
+    /// @notice Slash a peer that signed two different proofs for the same run and epoch. Permissionless.
+    function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
+        external;
+
+    /// @notice Pay out the caller's rewards that are past their challenge window (and any bounties).
+    function claim() external;
+}

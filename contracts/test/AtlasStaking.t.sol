@@ -1,0 +1,458 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {AtlasStaking} from "../src/AtlasStaking.sol";
+import {IAtlasStaking} from "../src/IAtlasStaking.sol";
+import {TestBase} from "./utils/Vm.sol";
+
+/// @dev Rejects ether, or re-enters claim() when paid.
+contract Payee {
+    AtlasStaking internal immutable staking;
+    bool internal reenter;
+
+    constructor(AtlasStaking s, bool reenter_) {
+        staking = s;
+        reenter = reenter_;
+    }
+
+    function slash(IAtlasStaking.Proof calldata a, bytes calldata sa, IAtlasStaking.Proof calldata b,
+        bytes calldata sb) external {
+        staking.slashEquivocation(a, sa, b, sb);
+    }
+
+    function claim() external {
+        staking.claim();
+    }
+
+    receive() external payable {
+        if (!reenter) revert("no ether");
+        staking.claim();
+    }
+}
+
+contract AtlasStakingTest is TestBase {
+    uint32 constant UNBONDING = 7 days;
+    uint32 constant WINDOW = 1 days;
+    bytes32 constant RUN = keccak256("minilm-topics-0123456789abcdef");
+    bytes32 constant SPEC = keccak256("spec"); // not sha256: a precompile call would consume vm.prank
+    uint128 constant RATE = 1e12;
+    uint128 constant MIN_STAKE = 1 ether;
+    uint64 constant MAX_SAMPLES = 1024;
+
+    AtlasStaking staking;
+    uint256 constant PEER_KEY = 0xA11CE;
+    address peer;
+    bytes32 constant PEER_ID = keccak256("QmPeer");
+    address trainer = address(0x7EA);
+    address reporter = address(0xBEEF);
+
+    function setUp() public {
+        vm.warp(1_700_000_000);
+        staking = new AtlasStaking(UNBONDING, WINDOW, 5_000, 2_000);
+        peer = vm.addr(PEER_KEY);
+        vm.deal(peer, 100 ether);
+        vm.deal(trainer, 100 ether);
+        vm.prank(trainer);
+        staking.createRun{value: 10 ether}(RUN, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+        vm.startPrank(peer);
+        staking.stake{value: 2 ether}();
+        staking.registerPeer(PEER_ID);
+        vm.stopPrank();
+    }
+
+    // ---------------------------------------------------------------- helpers
+    function _proof(uint64 epoch, uint64 samples, uint64 nonce) internal view returns (IAtlasStaking.Proof memory) {
+        return IAtlasStaking.Proof({
+            runId: RUN,
+            epoch: epoch,
+            peer: peer,
+            peerIdHash: PEER_ID,
+            samples: samples,
+            adapterHash: keccak256(abi.encode("adapter", epoch)),
+            dataRoot: keccak256(abi.encode("data", epoch)),
+            nonce: nonce,
+            deadline: uint64(block.timestamp + 1 hours)
+        });
+    }
+
+    function _sign(uint256 key, IAtlasStaking.Proof memory p) internal returns (bytes memory) {
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(key, staking.proofDigest(p));
+        return abi.encodePacked(r, s, v);
+    }
+
+    function _submit(IAtlasStaking.Proof memory p) internal {
+        staking.submitProof(p, _sign(PEER_KEY, p));
+    }
+
+    // ------------------------------------------------------------ happy paths
+    function testFuzz_RewardsEqualSamplesTimesRateAndMatureAfterWindow(uint64 s1, uint64 s2, uint256 wait) public {
+        s1 = uint64(bound(s1, 1, MAX_SAMPLES));
+        s2 = uint64(bound(s2, 1, MAX_SAMPLES));
+        _submit(_proof(0, s1, 1));
+        _submit(_proof(1, s2, 2));
+        IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
+        uint256 expected = (uint256(s1) + s2) * RATE;
+        assertEq(r.pending, expected, "pending");
+        assertEq(r.claimable, 0, "claimable before window");
+        assertEq(r.verifiedSamples, uint256(s1) + s2, "samples");
+        assertEq(r.epochsContributed, 2, "epochs");
+        assertEq(staking.getRun(RUN).budget, 10 ether - expected, "budget");
+
+        // Less than one full window later nothing is claimable; two windows later all of it is.
+        wait = bound(wait, 0, WINDOW - 1);
+        vm.warp(block.timestamp + wait);
+        assertEq(staking.reputationOf(peer).claimable, 0, "claimable inside window");
+        vm.warp(block.timestamp + 2 * uint256(WINDOW));
+        uint256 before = peer.balance;
+        vm.prank(peer);
+        staking.claim();
+        assertEq(peer.balance - before, expected, "claimed");
+    }
+
+    function testFuzz_BatchOfEpochs(uint8 n) public {
+        n = uint8(bound(n, 1, 16));
+        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](n);
+        bytes[] memory sigs = new bytes[](n);
+        for (uint64 i = 0; i < n; ++i) {
+            ps[i] = _proof(i, 100 + i, i + 1);
+            sigs[i] = _sign(PEER_KEY, ps[i]);
+        }
+        vm.prank(reporter); // anyone may relay
+        staking.submitProofs(ps, sigs);
+        assertEq(staking.reputationOf(peer).epochsContributed, n, "epochs");
+        assertTrue(staking.proofSubmitted(RUN, peer, n - 1), "last epoch marked");
+    }
+
+    function testFuzz_UnstakeThenWithdraw(uint256 amount) public {
+        amount = bound(amount, 1, 2 ether);
+        vm.prank(peer);
+        staking.requestUnstake(amount);
+        vm.warp(block.timestamp + UNBONDING);
+        uint256 before = peer.balance;
+        vm.prank(peer);
+        staking.withdraw();
+        assertEq(peer.balance - before, amount, "withdrawn");
+        assertEq(staking.reputationOf(peer).stake, 2 ether - amount, "stake left");
+    }
+
+    function testFuzz_EquivocationSlashesStakeAndPaysBounty(uint64 epoch, uint64 samplesB) public {
+        samplesB = uint64(bound(samplesB, 1, MAX_SAMPLES));
+        vm.assume(samplesB != 10);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(epoch, samplesB, 1);
+        _submit(a); // its reward (pending) is forfeited by the slash
+        bytes memory sa = _sign(PEER_KEY, a);
+        bytes memory sb = _sign(PEER_KEY, b);
+        vm.prank(reporter);
+        staking.slashEquivocation(a, sa, b, sb);
+        IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
+        assertEq(r.stake, 1 ether, "half the stake is gone");
+        assertEq(r.timesSlashed, 1, "counted");
+        assertEq(r.pending, 0, "pending rewards forfeited");
+        vm.prank(reporter);
+        staking.claim();
+        assertEq(reporter.balance, 0.2 ether, "bounty = 20% of 1 ether");
+        assertEq(staking.getRun(RUN).budget, 10 ether + 0.8 ether, "rest (and forfeited reward) back to budget");
+        assertEq(address(staking).balance, 1 ether + 10.8 ether, "balance conserved");
+    }
+
+    function testFuzz_SlashReachesUnbondingStake(uint256 unstake) public {
+        unstake = bound(unstake, 1, 2 ether);
+        vm.prank(peer);
+        staking.requestUnstake(unstake);
+        IAtlasStaking.Proof memory a = _proof(3, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(3, 11, 1);
+        staking.slashEquivocation(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
+        assertEq(r.stake + r.unbonding, 1 ether, "half of active + unbonding");
+    }
+
+    function test_ReentrantClaimGetsNothingExtra() public {
+        Payee attacker = new Payee(staking, true);
+        IAtlasStaking.Proof memory a = _proof(1, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(1, 11, 1);
+        attacker.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(attacker), 0.2 ether));
+        attacker.claim(); // re-entering claim() inside receive() hits the guard, so the whole payout reverts
+    }
+
+    function test_CloseRunRefundsUnspentBudget() public {
+        _submit(_proof(0, 1000, 1));
+        uint256 before = trainer.balance;
+        vm.prank(trainer);
+        staking.closeRun(RUN);
+        assertEq(trainer.balance - before, 10 ether - 1000 * uint256(RATE), "refund");
+    }
+
+    // ------------------------------------------------------------ revert paths
+    function testFuzz_RevertConstructorParams(uint32 unbonding, uint32 window, uint16 slash, uint16 bounty) public {
+        bool bad = window == 0 || unbonding < 2 * uint256(window) || slash == 0 || slash > 10_000 || bounty > 10_000;
+        if (bad) vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
+        new AtlasStaking(unbonding, window, slash, bounty);
+    }
+
+    function test_RevertStakeZero() public {
+        vm.expectRevert(IAtlasStaking.ZeroAmount.selector);
+        staking.stake{value: 0}();
+    }
+
+    function testFuzz_RevertUnstakeTooMuch(uint256 amount) public {
+        amount = bound(amount, 2 ether + 1, type(uint128).max);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InsufficientStake.selector, 2 ether, amount));
+        vm.prank(peer);
+        staking.requestUnstake(amount);
+    }
+
+    function test_RevertUnstakeZero() public {
+        vm.expectRevert(IAtlasStaking.ZeroAmount.selector);
+        vm.prank(peer);
+        staking.requestUnstake(0);
+    }
+
+    function testFuzz_RevertWithdrawEarly(uint256 wait) public {
+        wait = bound(wait, 0, UNBONDING - 1);
+        vm.prank(peer);
+        staking.requestUnstake(1 ether);
+        uint64 readyAt = uint64(block.timestamp + UNBONDING);
+        vm.warp(block.timestamp + wait);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnbondingNotOver.selector, readyAt));
+        vm.prank(peer);
+        staking.withdraw();
+    }
+
+    function testFuzz_RevertWithdrawNothing(address who) public {
+        vm.assume(who != peer);
+        vm.expectRevert(IAtlasStaking.NothingToWithdraw.selector);
+        vm.prank(who);
+        staking.withdraw();
+    }
+
+    function testFuzz_RevertRegisterTakenOrTwice(address other, bytes32 otherId) public {
+        vm.assume(other != peer && other != address(0) && otherId != bytes32(0) && otherId != PEER_ID);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerIdTaken.selector, PEER_ID, peer));
+        vm.prank(other);
+        staking.registerPeer(PEER_ID); // front-running someone else's PeerID
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.AlreadyRegistered.selector, peer, PEER_ID));
+        vm.prank(peer);
+        staking.registerPeer(otherId);
+        vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
+        vm.prank(other);
+        staking.registerPeer(bytes32(0));
+    }
+
+    function testFuzz_RevertCreateRunExistsOrInvalid(bytes32 runId) public {
+        vm.assume(runId != RUN && runId != bytes32(0));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunExists.selector, RUN));
+        staking.createRun(RUN, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+        vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
+        staking.createRun(runId, SPEC, RATE, MIN_STAKE, 0);
+        vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
+        staking.createRun(bytes32(0), SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+    }
+
+    function testFuzz_RevertFundOrCloseUnknownRun(bytes32 runId) public {
+        vm.assume(runId != RUN);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, runId));
+        staking.fundRun{value: 1}(runId);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, runId));
+        staking.closeRun(runId);
+        vm.expectRevert(IAtlasStaking.ZeroAmount.selector);
+        staking.fundRun{value: 0}(RUN);
+    }
+
+    function testFuzz_RevertCloseByNonTrainer(address who) public {
+        vm.assume(who != trainer);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NotTrainer.selector, who, trainer));
+        vm.prank(who);
+        staking.closeRun(RUN);
+    }
+
+    function testFuzz_RevertProofOnClosedRun(uint64 epoch) public {
+        vm.prank(trainer);
+        staking.closeRun(RUN);
+        IAtlasStaking.Proof memory p = _proof(epoch, 1, 1);
+        bytes memory sig = _sign(PEER_KEY, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
+        staking.submitProof(p, sig);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
+        staking.fundRun{value: 1}(RUN);
+    }
+
+    function testFuzz_RevertExpired(uint256 late) public {
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        bytes memory sig = _sign(PEER_KEY, p);
+        vm.warp(uint256(p.deadline) + bound(late, 1, 365 days));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofExpired.selector, p.deadline));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertWrongSigner(uint256 key) public {
+        key = bound(key, 1, 2 ** 128);
+        vm.assume(key != PEER_KEY);
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        bytes memory sig = _sign(key, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSigner.selector, vm.addr(key), peer));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertTamperedProof(uint64 samples) public {
+        samples = uint64(bound(samples, 2, MAX_SAMPLES));
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        bytes memory sig = _sign(PEER_KEY, p);
+        p.samples = samples; // a relay inflating the samples breaks the signature
+        vm.expectRevert();
+        staking.submitProof(p, sig);
+        assertEq(staking.reputationOf(peer).verifiedSamples, 0, "nothing recorded");
+    }
+
+    function testFuzz_RevertUnregisteredPeer(uint256 key) public {
+        key = bound(key, 1, 2 ** 128);
+        vm.assume(key != PEER_KEY);
+        address other = vm.addr(key);
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        p.peer = other;
+        bytes memory sig = _sign(key, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerNotRegistered.selector, other));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertPeerIdMismatch(bytes32 otherId) public {
+        vm.assume(otherId != PEER_ID);
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        p.peerIdHash = otherId;
+        bytes memory sig = _sign(PEER_KEY, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerIdMismatch.selector, PEER_ID, otherId));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertStakeBelowMinimum(uint256 unstake) public {
+        unstake = bound(unstake, 1 ether + 1, 2 ether);
+        vm.prank(peer);
+        staking.requestUnstake(unstake);
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        bytes memory sig = _sign(PEER_KEY, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InsufficientStake.selector, 2 ether - unstake, MIN_STAKE));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertInvalidSamples(uint64 samples) public {
+        vm.assume(samples == 0 || samples > MAX_SAMPLES);
+        IAtlasStaking.Proof memory p = _proof(0, samples, 1);
+        bytes memory sig = _sign(PEER_KEY, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSamples.selector, samples, MAX_SAMPLES));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertReplayAndOldNonce(uint64 nonce) public {
+        nonce = uint64(bound(nonce, 1, 1000));
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1000);
+        bytes memory sig = _sign(PEER_KEY, p);
+        staking.submitProof(p, sig);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NonceTooLow.selector, 1000, 1000));
+        staking.submitProof(p, sig); // exact replay
+        IAtlasStaking.Proof memory q = _proof(1, 1, nonce);
+        bytes memory sigQ = _sign(PEER_KEY, q);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NonceTooLow.selector, nonce, 1000));
+        staking.submitProof(q, sigQ);
+        IAtlasStaking.Proof memory r = _proof(0, 2, 1001); // same epoch, fresh nonce
+        bytes memory sigR = _sign(PEER_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofAlreadySubmitted.selector, RUN, 0, peer));
+        staking.submitProof(r, sigR);
+    }
+
+    function testFuzz_RevertBudgetExhausted(uint128 rate) public {
+        rate = uint128(bound(rate, 10 ether / MAX_SAMPLES + 1, 1e30));
+        bytes32 run2 = keccak256("expensive");
+        vm.prank(trainer);
+        staking.createRun{value: 10 ether}(run2, SPEC, rate, 0, MAX_SAMPLES);
+        IAtlasStaking.Proof memory p = _proof(0, MAX_SAMPLES, 1);
+        p.runId = run2;
+        bytes memory sig = _sign(PEER_KEY, p);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.BudgetExhausted.selector, run2, 10 ether,
+            uint256(MAX_SAMPLES) * rate));
+        staking.submitProof(p, sig);
+    }
+
+    function testFuzz_RevertBatchLengthMismatch(uint8 n, uint8 m) public {
+        n = uint8(bound(n, 0, 4));
+        m = uint8(bound(m, 0, 4));
+        vm.assume(n != m || n == 0);
+        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](n);
+        bytes[] memory sigs = new bytes[](m);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.LengthMismatch.selector, n, m));
+        staking.submitProofs(ps, sigs);
+    }
+
+    function testFuzz_RevertBatchIsAtomic(uint8 bad) public {
+        bad = uint8(bound(bad, 0, 3));
+        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](4);
+        bytes[] memory sigs = new bytes[](4);
+        for (uint64 i = 0; i < 4; ++i) {
+            ps[i] = _proof(i, i == bad ? 0 : 5, i + 1);
+            sigs[i] = _sign(PEER_KEY, ps[i]);
+        }
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSamples.selector, 0, MAX_SAMPLES));
+        staking.submitProofs(ps, sigs);
+        assertEq(staking.reputationOf(peer).epochsContributed, 0, "nothing recorded");
+    }
+
+    function testFuzz_RevertNotEquivocation(uint64 e1, uint64 e2) public {
+        IAtlasStaking.Proof memory a = _proof(e1, 10, 1);
+        bytes memory sa = _sign(PEER_KEY, a);
+        vm.expectRevert(IAtlasStaking.NotEquivocation.selector);
+        staking.slashEquivocation(a, sa, a, sa); // the same proof twice
+        vm.assume(e1 != e2);
+        IAtlasStaking.Proof memory b = _proof(e2, 11, 2);
+        bytes memory sb = _sign(PEER_KEY, b);
+        vm.expectRevert(IAtlasStaking.NotEquivocation.selector);
+        staking.slashEquivocation(a, sa, b, sb); // different epochs are not a conflict
+    }
+
+    function testFuzz_RevertSlashForgedSignature(uint256 key) public {
+        key = bound(key, 1, 2 ** 128);
+        vm.assume(key != PEER_KEY);
+        IAtlasStaking.Proof memory a = _proof(1, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(1, 11, 1);
+        bytes memory sa = _sign(PEER_KEY, a);
+        bytes memory forged = _sign(key, b);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSigner.selector, vm.addr(key), peer));
+        staking.slashEquivocation(a, sa, b, forged);
+    }
+
+    function testFuzz_RevertSlashTwiceOrNothing(uint64 epoch) public {
+        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(epoch, 11, 1);
+        IAtlasStaking.Proof memory c = _proof(epoch, 12, 1);
+        bytes memory sa = _sign(PEER_KEY, a);
+        staking.slashEquivocation(a, sa, b, _sign(PEER_KEY, b));
+        bytes memory sc = _sign(PEER_KEY, c);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.AlreadySlashed.selector, RUN, epoch, peer));
+        staking.slashEquivocation(a, sa, c, sc);
+
+        uint256 key = 0xB0B;
+        address bob = vm.addr(key);
+        IAtlasStaking.Proof memory x = _proof(epoch, 10, 1);
+        x.peer = bob;
+        IAtlasStaking.Proof memory y = _proof(epoch, 11, 1);
+        y.peer = bob;
+        bytes memory sx = _sign(key, x);
+        bytes memory sy = _sign(key, y);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NothingToSlash.selector, bob));
+        staking.slashEquivocation(x, sx, y, sy);
+    }
+
+    function testFuzz_RevertNothingToClaim(address who) public {
+        vm.expectRevert(IAtlasStaking.NothingToClaim.selector);
+        vm.prank(who);
+        staking.claim();
+    }
+
+    function test_RevertTransferToRejectingReceiver() public {
+        Payee rejecting = new Payee(staking, false);
+        IAtlasStaking.Proof memory a = _proof(1, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(1, 11, 1);
+        rejecting.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(rejecting), 0.2 ether));
+        rejecting.claim();
+    }
+}
