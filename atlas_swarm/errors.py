@@ -7,9 +7,13 @@
     ├── DataError               the local data file is missing, unreadable or has the wrong columns
     ├── ModelError              the base model cannot be found/loaded, or the adapter shape is incompatible
     ├── CheckpointError         a saved checkpoint/adapter is corrupted or does not match the run
-    └── SwarmError              the peer-to-peer layer failed
-        ├── PeersUnreachable    none of --initial-peers answered
-        └── RunNotFound         no peer in the swarm publishes the requested run id
+    ├── SwarmError              the peer-to-peer layer failed
+    │   ├── PeersUnreachable    none of --initial-peers answered
+    │   └── RunNotFound         no peer in the swarm publishes the requested run id
+    └── ChainError              the staking contract or its chain said no, or could not be reached
+        ├── ChainUnreachable    the RPC endpoint did not answer (transient: the outbox retries)
+        ├── TxReverted          the contract reverted; ``.error`` is the decoded custom error name (permanent)
+        └── WalletError         the keystore file is missing, malformed, or the password is wrong
 """
 
 
@@ -52,4 +56,23 @@ class PeersUnreachable(SwarmError):
 
 
 class RunNotFound(SwarmError):
+    pass
+
+
+class ChainError(AtlasError):
+    pass
+
+
+class ChainUnreachable(ChainError):
+    pass
+
+
+class TxReverted(ChainError):
+    def __init__(self, message: str, error: str = "", args: tuple = ()):
+        super().__init__(message)
+        self.error = error
+        self.error_args = args
+
+
+class WalletError(ChainError):
     pass

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = ROOT / "contracts"
 BUILD = CONTRACTS / "build"
+# The Python chain client ships the same files inside the package (a wheel cannot reach contracts/).
+PACKAGED = ROOT / "atlas_swarm" / "chain" / "artifacts"
 # Contracts whose ABI + bytecode are shipped for the Python client (file stem -> contract name).
 ARTIFACTS = {"AtlasStaking": "AtlasStaking", "IAtlasStaking": "IAtlasStaking"}
 SETTINGS = {
@@ -69,21 +71,21 @@ def main() -> int:
     artifacts = compile_all()
     stale = []
     for stem, artifact in artifacts.items():
-        path = BUILD / f"{stem}.json"
         text = render(artifact)
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path.relative_to(ROOT)))
-        else:
-            BUILD.mkdir(exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)} ({len(artifact['deployedBytecode']) // 2 - 1} bytes deployed)")
+        for path in (BUILD / f"{stem}.json", PACKAGED / f"{stem}.json"):
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path.relative_to(ROOT)))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path.relative_to(ROOT)} ({len(artifact['deployedBytecode']) // 2 - 1} bytes deployed)")
     if stale:
         print("committed artifacts differ from a fresh compile: " + ", ".join(stale)
-              + "\nrun `python scripts/compile_contracts.py` and commit contracts/build/", file=sys.stderr)
+              + "\nrun `python scripts/compile_contracts.py` and commit contracts/build/ and atlas_swarm/chain/artifacts/", file=sys.stderr)
         return 1
     if args.check:
-        print("contracts/build matches a fresh compile")
+        print("contracts/build and atlas_swarm/chain/artifacts match a fresh compile")
     return 0
 
 

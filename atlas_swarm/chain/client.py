@@ -1,0 +1,291 @@
+"""The staking contract from Python: web3.py + eth-account, transactions signed locally, reverts decoded.
+
+``StakingClient`` is the only class that talks to a chain. Every failure becomes an atlas error:
+``TxReverted`` (the contract said no: permanent, its custom error decoded by name with arguments and a fix),
+``ChainUnreachable`` (the RPC did not answer: transient) or ``ChainError`` (anything else the node reports).
+Works with any EVM node by RPC URL (anvil, a public chain) and with eth-tester in-process (tests).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Iterable, Optional, Sequence
+
+from eth_abi import decode as abi_decode
+from eth_utils import function_abi_to_4byte_selector, to_checksum_address
+from web3 import Web3
+
+from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
+from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, peer_id_hash, run_id_hash
+
+ETHER = 10**18
+TX_TIMEOUT = 60.0
+
+# What to do about each revert, shown after the decoded error.
+FIXES = {
+    "InsufficientStake": "stake more: python -m atlas_swarm.chain stake AMOUNT_ETH",
+    "PeerNotRegistered": "bind your PeerID first: python -m atlas_swarm.chain register --identity OUT/identity.key",
+    "PeerIdTaken": "that PeerID is bound to another address; use your own --identity",
+    "AlreadyRegistered": "this address is already bound to a PeerID (one-to-one); use another wallet",
+    "UnknownRun": "the trainer has not created this run on chain yet (python -m atlas_swarm.chain create-run)",
+    "RunClosed": "the trainer closed this run; its budget was refunded",
+    "BudgetExhausted": "the run's escrow is empty; the trainer can add funds with `fund-run`",
+    "NothingToClaim": "no rewards are past their challenge window yet",
+    "UnbondingNotOver": "wait until the unbonding period is over",
+    "ProofExpired": "the proof's deadline passed before it was posted",
+}
+
+
+@lru_cache(maxsize=None)
+def artifact(name: str = "AtlasStaking") -> dict:
+    """ABI + bytecode compiled from contracts/src (scripts/compile_contracts.py keeps them in sync)."""
+    return json.loads(resources.files("atlas_swarm.chain").joinpath(f"artifacts/{name}.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def _error_abis() -> dict[bytes, dict]:
+    return {function_abi_to_4byte_selector(e): e for e in artifact()["abi"] if e["type"] == "error"}
+
+
+def decode_revert(data: bytes) -> tuple[str, tuple, str]:
+    """(error name, arguments, readable text) of revert data from the contract (a custom error or Error(string))."""
+    if len(data) >= 4 and data[:4] == bytes.fromhex("08c379a0"):
+        (reason,) = abi_decode(["string"], data[4:])
+        return "Error", (reason,), reason
+    if len(data) >= 4 and data[:4] == bytes.fromhex("4e487b71"):
+        (code,) = abi_decode(["uint256"], data[4:])
+        return "Panic", (code,), f"Panic(0x{code:02x})"
+    abi = _error_abis().get(bytes(data[:4]))
+    if abi is None:
+        return "Unknown", (), f"an unknown revert (data 0x{bytes(data).hex()})" if data else "a revert without reason"
+    values = tuple(to_checksum_address(v) if i["type"] == "address" else v
+                   for i, v in zip(abi["inputs"], abi_decode([i["type"] for i in abi["inputs"]], data[4:])))
+    shown = ", ".join(f"{i['name']}={_show(v)}" for i, v in zip(abi["inputs"], values))
+    return abi["name"], tuple(values), f"{abi['name']}({shown})"
+
+
+def _show(v) -> str:
+    if isinstance(v, bytes):
+        return "0x" + v.hex()
+    return str(v)
+
+
+def _revert_data(e: BaseException) -> Optional[bytes]:
+    """Revert bytes from web3 (ContractCustomError/ContractLogicError .data) or eth-tester (TransactionFailed)."""
+    data = getattr(e, "data", None)
+    if isinstance(data, str) and data.startswith("0x"):
+        return bytes.fromhex(data[2:])
+    if isinstance(data, bytes):
+        return data
+    for arg in getattr(e, "args", ()):
+        if isinstance(arg, bytes):
+            return arg
+        if isinstance(arg, str):
+            if arg.startswith("execution reverted: b'") or arg.startswith('execution reverted: b"'):
+                return ast.literal_eval(arg[len("execution reverted: "):])
+            if arg.startswith("0x") and all(c in "0123456789abcdefABCDEF" for c in arg[2:]):
+                return bytes.fromhex(arg[2:])
+    return None
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    import requests
+
+    return isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                          TimeoutError))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Receipt:
+    tx_hash: str
+    gas_used: int
+    block: int
+    events: tuple[str, ...]
+
+
+class StakingClient:
+    """One deployment of AtlasStaking, used by one local account (or read-only with ``account=None``)."""
+
+    def __init__(self, w3: Web3, address: str, account=None):
+        self.w3 = w3
+        self.address = to_checksum_address(address)
+        self.contract = w3.eth.contract(address=self.address, abi=artifact()["abi"])
+        self.account = account
+        self._chain_id: Optional[int] = None
+
+    # -- connecting ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def web3(rpc_url: str, timeout: float = 10.0) -> Web3:
+        if not rpc_url.startswith(("http://", "https://")):
+            raise ChainError(f"--chain-rpc {rpc_url!r} is not an http(s) URL (e.g. http://127.0.0.1:8545).")
+        w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        try:
+            w3.eth.chain_id
+        except Exception as e:
+            raise ChainUnreachable(f"The chain RPC at {rpc_url} did not answer ({type(e).__name__}). Is the node "
+                                   f"running and the URL right?") from None  # fmt: skip
+        return w3
+
+    @classmethod
+    def connect(cls, w3: Web3, address: str, account=None) -> "StakingClient":
+        """Check that ``address`` holds the AtlasStaking contract on this chain."""
+        try:
+            address = to_checksum_address(address)
+        except ValueError:
+            raise ChainError(f"--staking-contract {address!r} is not an address (0x followed by 40 hex digits).") from None
+        client = cls(w3, address, account)
+        code = cls._call(lambda: w3.eth.get_code(address))
+        # immutables make the runtime code differ per deployment: identify the contract by its proof type instead
+        try:
+            ok = bool(code) and client.contract.functions.PROOF_TYPEHASH().call() == PROOF_TYPEHASH
+        except Exception:
+            ok = False
+        if not ok:
+            what = "no contract" if not code else "a different contract"
+            raise ChainError(f"There is {what} at {address} on chain {w3.eth.chain_id}, not AtlasStaking. Check "
+                             f"--staking-contract and --chain-rpc.")  # fmt: skip
+        return client
+
+    @classmethod
+    def deploy(cls, w3: Web3, account, unbonding_period: int = 7 * 86400, challenge_window: int = 86400,
+               slash_bps: int = 5000, bounty_bps: int = 2000) -> "StakingClient":  # fmt: skip
+        factory = w3.eth.contract(abi=artifact()["abi"], bytecode=artifact()["bytecode"])
+        probe = cls(w3, "0x" + "00" * 20, account)
+        receipt = probe._send(factory.constructor(unbonding_period, challenge_window, slash_bps, bounty_bps))
+        address = w3.eth.get_transaction_receipt(receipt.tx_hash)["contractAddress"]
+        return cls(w3, address, account)
+
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = self._call(lambda: self.w3.eth.chain_id)
+        return self._chain_id
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(self.chain_id, self.address)
+
+    # -- views --------------------------------------------------------------------------------------------------
+    def reputation(self, address: str) -> dict:
+        r = self._call(lambda: self.contract.functions.reputationOf(to_checksum_address(address)).call())
+        keys = ("peer_id_hash", "stake", "unbonding", "unbonding_ready_at", "verified_samples", "epochs_contributed",
+                "times_slashed", "last_nonce", "claimable", "pending")  # fmt: skip
+        return dict(zip(keys, r))
+
+    def get_run(self, run_id: str) -> Optional[dict]:
+        r = self._call(lambda: self.contract.functions.getRun(run_id_hash(run_id)).call())
+        keys = ("trainer", "max_samples_per_epoch", "closed", "spec_hash", "reward_per_sample", "min_stake", "budget")
+        run = dict(zip(keys, r))
+        return None if int(run["trainer"], 16) == 0 else run
+
+    def proof_submitted(self, proof: ContributionProof) -> bool:
+        return self._call(lambda: self.contract.functions.proofSubmitted(proof.run_id, proof.peer, proof.epoch).call())
+
+    def owner_of_peer_id(self, peer_id: str) -> Optional[str]:
+        owner = self._call(lambda: self.contract.functions.ownerOfPeerId(peer_id_hash(peer_id)).call())
+        return None if int(owner, 16) == 0 else owner
+
+    def proof_digest(self, proof: ContributionProof) -> bytes:
+        return self._call(lambda: self.contract.functions.proofDigest(proof.as_tuple()).call())
+
+    def balance(self, address: Optional[str] = None) -> int:
+        return self._call(lambda: self.w3.eth.get_balance(address or self.account.address))
+
+    # -- transactions -------------------------------------------------------------------------------------------
+    def stake(self, wei: int) -> Receipt:
+        return self._send(self.contract.functions.stake(), value=wei)
+
+    def request_unstake(self, wei: int) -> Receipt:
+        return self._send(self.contract.functions.requestUnstake(wei))
+
+    def withdraw(self) -> Receipt:
+        return self._send(self.contract.functions.withdraw())
+
+    def register_peer(self, peer_id: str) -> Receipt:
+        return self._send(self.contract.functions.registerPeer(peer_id_hash(peer_id)))
+
+    def create_run(self, run_id: str, spec_hash: bytes, reward_per_sample: int, min_stake: int,
+                   max_samples_per_epoch: int, budget: int) -> Receipt:  # fmt: skip
+        fn = self.contract.functions.createRun(run_id_hash(run_id), spec_hash, reward_per_sample, min_stake,
+                                               max_samples_per_epoch)  # fmt: skip
+        return self._send(fn, value=budget)
+
+    def fund_run(self, run_id: str, wei: int) -> Receipt:
+        return self._send(self.contract.functions.fundRun(run_id_hash(run_id)), value=wei)
+
+    def close_run(self, run_id: str) -> Receipt:
+        return self._send(self.contract.functions.closeRun(run_id_hash(run_id)))
+
+    def submit_proofs(self, signed: Sequence[tuple[ContributionProof, bytes]]) -> Receipt:
+        """One proof: submitProof; several: submitProofs (all accepted or none)."""
+        if len(signed) == 1:
+            proof, sig = signed[0]
+            return self._send(self.contract.functions.submitProof(proof.as_tuple(), sig))
+        fn = self.contract.functions.submitProofs([p.as_tuple() for p, _ in signed], [s for _, s in signed])
+        return self._send(fn)
+
+    def slash_equivocation(self, a: ContributionProof, sig_a: bytes, b: ContributionProof, sig_b: bytes) -> Receipt:
+        return self._send(self.contract.functions.slashEquivocation(a.as_tuple(), sig_a, b.as_tuple(), sig_b))
+
+    def claim(self) -> Receipt:
+        return self._send(self.contract.functions.claim())
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _call(fn):
+        try:
+            return fn()
+        except Exception as e:
+            raise _translate(e) from None
+
+    def _send(self, fn, value: int = 0) -> Receipt:
+        """Estimate (a revert is caught here, before any gas is spent), sign locally, send, wait for the receipt."""
+        if self.account is None:
+            raise ChainError("This command sends a transaction: pass --wallet KEYFILE.")
+        sender = self.account.address
+        try:
+            gas = fn.estimate_gas({"from": sender, "value": value})
+            tx = fn.build_transaction({
+                "from": sender, "value": value, "gas": int(gas * 1.2) + 10_000, "chainId": self.chain_id,
+                "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
+            })  # fmt: skip
+            signed = self.account.sign_transaction(tx)
+            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=TX_TIMEOUT)
+        except Exception as e:
+            raise _translate(e) from None
+        if receipt["status"] != 1:
+            raise TxReverted(f"Transaction {tx_hash.hex()} reverted on chain (gas used {receipt['gasUsed']}).",
+                             "Unknown")  # fmt: skip
+        events = tuple(_event_names(self.contract, receipt))
+        return Receipt("0x" + bytes(tx_hash).hex().removeprefix("0x"), receipt["gasUsed"], receipt["blockNumber"], events)
+
+
+def _event_names(contract, receipt) -> Iterable[str]:
+    topics = {}
+    for e in contract.abi:
+        if e["type"] == "event":
+            sig = f"{e['name']}({','.join(i['type'] for i in e['inputs'])})"
+            topics[Web3.keccak(text=sig)] = e["name"]
+    for log in receipt["logs"]:
+        if log["topics"] and bytes(log["topics"][0]) in topics:
+            yield topics[bytes(log["topics"][0])]
+
+
+def _translate(e: BaseException) -> Exception:
+    if isinstance(e, (ChainError,)):
+        return e
+    data = _revert_data(e)
+    if data is not None:
+        name, args, text = decode_revert(data)
+        fix = FIXES.get(name)
+        return TxReverted(f"The staking contract refused: {text}" + (f". Fix: {fix}" if fix else ""), name, args)
+    if _is_unreachable(e):
+        return ChainUnreachable(f"The chain RPC did not answer ({type(e).__name__}: {e}).")
+    if type(e).__name__ == "TimeExhausted":
+        return ChainUnreachable(f"No receipt within {TX_TIMEOUT:.0f} s ({e}).")
+    return ChainError(f"The chain node refused the request: {type(e).__name__}: {e}")

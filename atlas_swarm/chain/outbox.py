@@ -1,0 +1,229 @@
+"""The persistent proof outbox: every signed proof is on disk before it is posted, and is posted exactly once.
+
+    OUT/proofs/<run-hash>-<epoch>.json   {proof, signature, state: pending|posted|rejected, attempts, next_try, tx, error}
+
+Guarantees, also across a crash (SIGKILL) at any point:
+- never two different signatures for one (run, epoch): an epoch that already has a file is never signed again, so a
+  restarted peer cannot equivocate (and be slashed) by accident;
+- never lost: the file is written (fsync + rename) before any transaction, and stays pending until the chain has it;
+- never posted twice: before posting, and after any revert, the contract is asked whether it already holds the proof
+  (a crash between "mined" and "marked posted" is resolved by that check; the contract also rejects duplicates);
+- retried with exponential backoff while the chain is unreachable, or while the revert is one that time can fix
+  (stake, budget, registration); rejected for good otherwise, with the decoded reason kept in the file.
+
+``ProofPoster`` runs ``flush`` on a background thread so the training loop never waits on the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from atlas_swarm.errors import ChainError, TxReverted
+from atlas_swarm.proofs.eip712 import ContributionProof, Domain, peer_id_hash, run_id_hash, sign_proof
+
+MAX_BATCH = 8  # proofs per transaction (submitProofs)
+MAX_BACKOFF = 60.0
+PROOF_TTL = 24 * 3600  # seconds a signed proof stays postable (its deadline)
+# Reverts that can succeed later without a new signature: keep the proof pending and retry.
+RETRYABLE = {"InsufficientStake", "BudgetExhausted", "UnknownRun", "PeerNotRegistered", "Unknown"}
+# Reverts that mean the chain already holds this proof.
+ALREADY_THERE = {"ProofAlreadySubmitted", "NonceTooLow"}
+
+
+@dataclass
+class Counts:
+    posted: int = 0
+    pending: int = 0
+    rejected: int = 0
+
+
+class Outbox:
+    def __init__(self, folder: Path | str, account, domain: Domain):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.account = account
+        self.domain = domain
+        self._lock = threading.Lock()
+        self._last_nonce = max((r["proof"]["nonce"] for r in self._records()), default=0)
+
+    # -- signing ------------------------------------------------------------------------------------------------
+    def sync_nonce(self, chain_last_nonce: int) -> None:
+        """Never reuse a nonce the chain has seen (e.g. an outbox folder that was deleted)."""
+        with self._lock:
+            self._last_nonce = max(self._last_nonce, int(chain_last_nonce))
+
+    def sign(self, run_id: str, epoch: int, peer_id: str, samples: int, adapter_hash: str, data_root: bytes,
+             now: Optional[float] = None) -> Optional[ContributionProof]:  # fmt: skip
+        """Sign and store the proof of ``epoch``; None if this epoch was signed before (never sign twice)."""
+        with self._lock:
+            path = self._path(run_id_hash(run_id), epoch)
+            if path.exists():
+                return None
+            self._last_nonce += 1
+            proof = ContributionProof(
+                run_id=run_id_hash(run_id), epoch=epoch, peer=self.account.address, peer_id_hash=peer_id_hash(peer_id),
+                samples=samples, adapter_hash=bytes.fromhex(adapter_hash), data_root=data_root,
+                nonce=self._last_nonce, deadline=int((now or time.time()) + PROOF_TTL),
+            )  # fmt: skip
+            signature = sign_proof(proof, self.domain, self.account.key)
+            record = {"proof": proof.to_json(), "signature": "0x" + signature.hex(), "state": "pending",
+                      "attempts": 0, "next_try": 0.0, "tx": None, "error": None}  # fmt: skip
+            _write_atomic(path, record)
+            return proof
+
+    # -- posting ------------------------------------------------------------------------------------------------
+    def flush(self, client, now: Optional[float] = None, max_batch: int = MAX_BATCH) -> Counts:
+        """Post due pending proofs in nonce order, batched. Returns the counts afterwards. Never raises ChainError."""
+        now = time.time() if now is None else now
+        with self._lock:
+            due = sorted((r for r in self._records() if r["state"] == "pending" and r["next_try"] <= now),
+                         key=lambda r: r["proof"]["nonce"])  # fmt: skip
+            try:
+                self._post(client, due, now, max_batch)
+            except ChainError as e:  # unreachable or refused: every due record waits for its next try
+                for r in due:
+                    if r["state"] == "pending":
+                        self._backoff(r, now, str(e))
+            return self._counts()
+
+    def _post(self, client, due: list[dict], now: float, max_batch: int) -> None:
+        queue = []
+        for r in due:
+            if client.proof_submitted(_proof(r)):  # posted before a crash, or by a relay
+                self._mark(r, "posted", tx=r.get("tx") or "already on chain")
+            else:
+                queue.append(r)
+        while queue:
+            batch, queue = queue[:max_batch], queue[max_batch:]
+            try:
+                receipt = client.submit_proofs([(_proof(r), bytes.fromhex(r["signature"][2:])) for r in batch])
+            except TxReverted as err:
+                if len(batch) > 1:  # all or nothing: find the offender one by one
+                    queue, max_batch = batch + queue, 1
+                    continue
+                if not self._settle_revert(client, batch[0], err, now):
+                    return  # a retryable revert: later proofs (higher nonces) wait behind it
+                continue
+            for r in batch:
+                self._mark(r, "posted", tx=receipt.tx_hash, gas=receipt.gas_used // len(batch))
+
+    def _settle_revert(self, client, r: dict, err: TxReverted, now: float) -> bool:
+        """After a single proof reverted: decide posted / rejected / retry. True if the queue may go on."""
+        proof = _proof(r)
+        if err.error in ALREADY_THERE and client.proof_submitted(proof):
+            self._mark(r, "posted", tx=r.get("tx") or "already on chain")
+            return True
+        if err.error in RETRYABLE and proof.deadline > now:
+            self._backoff(r, now, str(err))
+            return False
+        self._mark(r, "rejected", error=str(err))
+        return True
+
+    def _backoff(self, r: dict, now: float, error: str) -> None:
+        r["attempts"] += 1
+        r["next_try"] = now + min(MAX_BACKOFF, 2.0 ** r["attempts"])
+        r["error"] = error
+        _write_atomic(self.folder / r["_file"], r)
+
+    def _mark(self, r: dict, state: str, **fields) -> None:
+        r.update(state=state, **fields)
+        if state == "posted":
+            r["error"] = None
+        _write_atomic(self.folder / r["_file"], r)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def counts(self) -> Counts:
+        with self._lock:
+            return self._counts()
+
+    def records(self) -> list[dict]:
+        with self._lock:
+            return sorted(self._records(), key=lambda r: r["proof"]["nonce"])
+
+    def _counts(self) -> Counts:
+        c = Counts()
+        for r in self._records():
+            setattr(c, r["state"], getattr(c, r["state"]) + 1)
+        return c
+
+    def _records(self) -> list[dict]:
+        out = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                r = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ChainError(f"Proof outbox file {str(path)!r} is unreadable ({e}); move it away to continue "
+                                 f"(the proof in it will not be posted).") from None  # fmt: skip
+            r["_file"] = path.name
+            out.append(r)
+        return out
+
+    def _path(self, run_hash: bytes, epoch: int) -> Path:
+        return self.folder / f"{run_hash.hex()[:16]}-{epoch:010d}.json"
+
+
+def _proof(r: dict) -> ContributionProof:
+    return ContributionProof.from_json(r["proof"])
+
+
+def _write_atomic(path: Path, record: dict) -> None:
+    data = {k: v for k, v in record.items() if not k.startswith("_")}
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ProofPoster:
+    """Flushes the outbox every ``every`` seconds (or when poked) on a daemon thread; ``stop`` does a last flush."""
+
+    def __init__(self, outbox: Outbox, client, every: float = 2.0):
+        self.outbox, self.client, self.every = outbox, client, every
+        self.counts = outbox.counts()
+        self.rewards = {"claimable": 0, "pending": 0}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="atlas-proof-poster", daemon=True)
+
+    def start(self) -> "ProofPoster":
+        self._thread.start()
+        return self
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.every)
+            self._wake.clear()
+            self._flush_once()  # after stop() too: one last flush
+            if self._stopping:
+                return
+
+    def _flush_once(self) -> None:
+        self.counts = self.outbox.flush(self.client)
+        try:
+            rep = self.client.reputation(self.outbox.account.address)
+            self.rewards = {"claimable": rep["claimable"], "pending": rep["pending"]}
+        except ChainError:
+            pass
+
+    def stop(self, timeout: float = 3.0) -> Counts:
+        """Ask for a last flush and wait for it at most ``timeout`` s (the thread is a daemon: exit never hangs)."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        return self.counts if self._thread.is_alive() else self.outbox.counts()

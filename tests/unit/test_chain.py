@@ -1,0 +1,223 @@
+"""The staking contract through the Python client, on an in-process EVM (eth-tester + py-evm): proofs signed in
+Python verify on chain, rewards are exact, reverts come back as named errors, and the outbox posts exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+from eth_account import Account
+from web3 import EthereumTesterProvider, Web3
+
+from atlas_swarm.chain import ETHER, Outbox, StakingClient, decode_revert
+from atlas_swarm.chain.wallet import create_wallet, load_wallet
+from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted, WalletError
+from atlas_swarm.identity import Identity
+from atlas_swarm.proofs import ContributionProof, merkle_root, peer_id_hash, recover_signer, run_id_hash, sign_proof
+from atlas_swarm.proofs.binding import sign_binding, verify_binding
+
+RUN = "tiny-test-0123456789abcdef"
+RATE = 10**12  # wei per sample
+
+
+@pytest.fixture(scope="module")
+def peer_ids(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ids")
+    return [Identity.load_or_create(folder / f"{i}.key").peer_id.to_base58() for i in range(3)]
+
+
+@pytest.fixture
+def chain():
+    w3 = Web3(EthereumTesterProvider())
+    funder = w3.eth.accounts[0]
+    accounts = [Account.create() for _ in range(4)]
+    for a in accounts:
+        w3.eth.send_transaction({"from": funder, "to": a.address, "value": 100 * ETHER})
+    trainer, *peers = accounts
+    client = StakingClient.deploy(w3, trainer, unbonding_period=2 * 86400, challenge_window=3600)
+    client.create_run(RUN, hashlib.sha256(b"spec").digest(), RATE, ETHER, 1024, budget=10 * ETHER)
+    return w3, client, trainer, peers
+
+
+def as_peer(client: StakingClient, account) -> StakingClient:
+    return StakingClient(client.w3, client.address, account)
+
+
+def staked(client, account, peer_id) -> StakingClient:
+    c = as_peer(client, account)
+    c.stake(2 * ETHER)
+    c.register_peer(peer_id)
+    return c
+
+
+def make_proof(peer, peer_id, epoch, samples, nonce, deadline=2**40) -> ContributionProof:
+    return ContributionProof(run_id_hash(RUN), epoch, peer.address, peer_id_hash(peer_id), samples,
+                             hashlib.sha256(b"adapter%d" % epoch).digest(), merkle_root([b"\x01" * 32]), nonce,
+                             deadline)  # fmt: skip
+
+
+def test_python_digest_equals_contract_digest_and_signature_recovers(chain, peer_ids):
+    w3, client, _, (peer, *_) = chain
+    proof = make_proof(peer, peer_ids[0], epoch=3, samples=64, nonce=1)
+    assert proof.digest(client.domain) == client.proof_digest(proof)
+    sig = sign_proof(proof, client.domain, peer.key)
+    assert recover_signer(proof, client.domain, sig) == peer.address
+
+
+def test_rewards_are_samples_times_rate_and_claimable_after_the_window(chain, peer_ids):
+    w3, client, _, (peer, *_) = chain
+    me = staked(client, peer, peer_ids[0])
+    signed = [(p, sign_proof(p, client.domain, peer.key))
+              for p in (make_proof(peer, peer_ids[0], e, 32 + e, nonce=e + 1) for e in range(3))]  # fmt: skip
+    receipt = client.submit_proofs(signed)  # the trainer relays: the peer needs no gas to get paid
+    assert receipt.events.count("ProofAccepted") == 3
+    rep = me.reputation(peer.address)
+    assert rep["verified_samples"] == 32 + 33 + 34 and rep["epochs_contributed"] == 3
+    assert rep["pending"] == (32 + 33 + 34) * RATE and rep["claimable"] == 0
+    with pytest.raises(TxReverted) as e:
+        me.claim()
+    assert e.value.error == "NothingToClaim"
+    w3.provider.ethereum_tester.time_travel(w3.eth.get_block("latest")["timestamp"] + 3 * 3600)
+    w3.provider.ethereum_tester.mine_blocks()
+    before = me.balance()
+    r = me.claim()
+    gas_cost = r.gas_used * w3.eth.get_transaction(r.tx_hash)["gasPrice"]
+    assert me.balance() - before + gas_cost == (32 + 33 + 34) * RATE
+
+
+def test_reverts_are_decoded_with_names_and_fixes(chain, peer_ids):
+    w3, client, _, (peer, other, _) = chain
+    proof = make_proof(peer, peer_ids[0], epoch=0, samples=8, nonce=1)
+    sig = sign_proof(proof, client.domain, peer.key)
+    with pytest.raises(TxReverted) as e:
+        client.submit_proofs([(proof, sig)])
+    assert e.value.error == "PeerNotRegistered" and peer.address in str(e.value) and "register" in str(e.value)
+
+    staked(client, peer, peer_ids[0])
+    with pytest.raises(TxReverted) as e:  # someone else front-running our PeerID
+        as_peer(client, other).register_peer(peer_ids[0])
+    assert e.value.error == "PeerIdTaken"
+
+    too_many = make_proof(peer, peer_ids[0], epoch=0, samples=5000, nonce=1)
+    with pytest.raises(TxReverted) as e:
+        client.submit_proofs([(too_many, sign_proof(too_many, client.domain, peer.key))])
+    assert e.value.error == "InvalidSamples" and e.value.error_args == (5000, 1024)
+
+    forged = sign_proof(proof, client.domain, other.key)
+    with pytest.raises(TxReverted) as e:
+        client.submit_proofs([(proof, forged)])
+    assert e.value.error == "InvalidSigner"
+    assert decode_revert(b"")[0] == "Unknown"
+
+
+def test_equivocation_is_slashed_by_anyone(chain, peer_ids):
+    w3, client, _, (peer, reporter, _) = chain
+    staked(client, peer, peer_ids[0])
+    a = make_proof(peer, peer_ids[0], epoch=5, samples=10, nonce=1)
+    b = make_proof(peer, peer_ids[0], epoch=5, samples=11, nonce=1)
+    r = as_peer(client, reporter).slash_equivocation(a, sign_proof(a, client.domain, peer.key),
+                                                    b, sign_proof(b, client.domain, peer.key))  # fmt: skip
+    assert "Slashed" in r.events
+    rep = client.reputation(peer.address)
+    assert rep["stake"] == ETHER and rep["times_slashed"] == 1
+    assert client.reputation(reporter.address)["claimable"] == ETHER * 2000 // 10000
+
+
+def test_outbox_posts_each_proof_exactly_once_across_restarts(chain, peer_ids, tmp_path):
+    w3, client, _, (peer, *_) = chain
+    me = staked(client, peer, peer_ids[0])
+    box = Outbox(tmp_path / "proofs", peer, me.domain)
+    for epoch in range(1, 4):
+        assert box.sign(RUN, epoch, peer_ids[0], 16, hashlib.sha256(b"%d" % epoch).hexdigest(), bytes(32))
+    assert box.sign(RUN, 2, peer_ids[0], 99, "00" * 32, bytes(32)) is None  # never a second proof for one epoch
+
+    # "crash" after epoch 1 was mined but before the outbox wrote it down: a new outbox must not send it again
+    first = ContributionProof.from_json(box.records()[0]["proof"])
+    me.submit_proofs([(first, bytes.fromhex(box.records()[0]["signature"][2:]))])
+    restarted = Outbox(tmp_path / "proofs", peer, me.domain)
+    counts = restarted.flush(me)
+    assert (counts.posted, counts.pending, counts.rejected) == (3, 0, 0)
+    assert restarted.records()[0]["tx"] == "already on chain"
+    assert me.reputation(peer.address)["epochs_contributed"] == 3
+    assert me.reputation(peer.address)["verified_samples"] == 48
+    assert restarted.flush(me).posted == 3  # nothing left to send
+    # a deleted outbox folder must not reuse nonces the chain has seen
+    fresh = Outbox(tmp_path / "other", peer, me.domain)
+    fresh.sync_nonce(me.reputation(peer.address)["last_nonce"])
+    assert fresh.sign(RUN, 9, peer_ids[0], 8, "00" * 32, bytes(32)).nonce == 4
+
+
+class Unreachable:
+    def __getattr__(self, name):
+        def fail(*a, **k):
+            raise ChainUnreachable("down")
+
+        return fail
+
+
+def test_outbox_backs_off_while_the_chain_is_down_then_posts(chain, peer_ids, tmp_path):
+    w3, client, _, (peer, *_) = chain
+    me = staked(client, peer, peer_ids[0])
+    box = Outbox(tmp_path / "proofs", peer, me.domain)
+    t0 = time.time()
+    box.sign(RUN, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    counts = box.flush(Unreachable(), now=t0)
+    assert counts.pending == 1
+    rec = box.records()[0]
+    assert rec["attempts"] == 1 and rec["next_try"] == t0 + 2.0 and "down" in rec["error"]
+    box.flush(Unreachable(), now=t0 + 1.0)  # not due yet: untouched
+    assert box.records()[0]["attempts"] == 1
+    box.flush(Unreachable(), now=t0 + 2.5)
+    assert box.records()[0]["next_try"] == t0 + 2.5 + 4.0
+    assert box.flush(me, now=t0 + 7).posted == 1  # chain back, backoff over
+
+
+def test_outbox_keeps_retryable_reverts_and_rejects_the_rest(chain, peer_ids, tmp_path):
+    w3, client, trainer, (peer, *_) = chain
+    me = as_peer(client, peer)
+    me.register_peer(peer_ids[0])  # registered but not staked: InsufficientStake can be fixed by staking
+    box = Outbox(tmp_path / "proofs", peer, me.domain)
+    box.sign(RUN, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    box.sign(RUN, 2, peer_ids[0], 5000, "22" * 32, bytes(32))  # above the run's cap: can never pass
+    counts = box.flush(me)
+    assert counts.pending == 2 and "InsufficientStake" in box.records()[0]["error"]
+    me.stake(2 * ETHER)
+    counts = box.flush(me, now=time.time() + 100)  # past the backoff, before the deadlines
+    assert (counts.posted, counts.rejected) == (1, 1)
+    assert "InvalidSamples" in box.records()[1]["error"]
+
+
+def test_binding_signature_both_ways(peer_ids):
+    acct = Account.create()
+    sig = sign_binding(peer_ids[0], acct.key)
+    assert verify_binding(peer_ids[0], acct.address, sig)
+    assert not verify_binding(peer_ids[1], acct.address, sig)
+    assert not verify_binding(peer_ids[0], Account.create().address, sig)
+
+
+def test_wallet_roundtrip_and_clear_errors(tmp_path):
+    path = tmp_path / "w.json"
+    acct = create_wallet(str(path), "pw", kdf="pbkdf2")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert load_wallet(str(path), "pw").address == acct.address
+    with pytest.raises(WalletError, match="Wrong password"):
+        load_wallet(str(path), "nope")
+    with pytest.raises(WalletError, match="exists already"):
+        create_wallet(str(path), "pw")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(WalletError, match="not a keystore"):
+        load_wallet(str(tmp_path / "bad.json"), "pw")
+    with pytest.raises(WalletError, match="new-wallet"):
+        load_wallet(str(tmp_path / "missing.json"), "pw")
+
+
+def test_connect_refuses_a_wrong_address(chain):
+    w3, client, trainer, _ = chain
+    with pytest.raises(ChainError, match="no contract"):
+        StakingClient.connect(w3, trainer.address)
+    with pytest.raises(ChainError, match="not an address"):
+        StakingClient.connect(w3, "0x1234")
+    assert StakingClient.connect(w3, client.address).get_run(RUN)["budget"] == 10 * ETHER
+    with pytest.raises(ChainUnreachable):
+        StakingClient.web3("http://127.0.0.1:9", timeout=1)
