@@ -179,6 +179,28 @@ def validate_run_id(run_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class ChainConfig:
+    """Where a peer posts its contribution proofs (all three flags together, or none)."""
+
+    rpc: str  # any EVM chain's RPC URL; the chain id comes from the node
+    contract: str  # AtlasStaking address
+    wallet: str  # encrypted keystore JSON (never a private key on the command line)
+    password_file: Optional[str] = None  # else $ATLAS_WALLET_PASSWORD, else a prompt
+
+    @classmethod
+    def from_flags(cls, rpc: Optional[str], contract: Optional[str], wallet: Optional[str],
+                   password_file: Optional[str] = None) -> Optional["ChainConfig"]:  # fmt: skip
+        given = {"--chain-rpc": rpc, "--staking-contract": contract, "--wallet": wallet}
+        if not any(given.values()):
+            return None
+        missing = [flag for flag, v in given.items() if not v]
+        if missing:
+            raise ConfigError(f"Posting proofs needs --chain-rpc, --staking-contract and --wallet together; missing "
+                              f"{', '.join(missing)}.")  # fmt: skip
+        return cls(rpc, contract, wallet, password_file)
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     """One peer's own settings (not shared with the swarm). Built by peer.parse_args; validated here."""
 
@@ -203,6 +225,7 @@ class PeerConfig:
     join_timeout: float = 30.0  # seconds to wait for --initial-peers / the run spec / --wait-for-peers
     wait_for_peers: int = 1  # do not train until this many peers (this one included) are in the run
     seed: int = 0  # shuffles this peer's data order
+    chain: Optional[ChainConfig] = None  # post contribution proofs to a staking contract
 
     def __post_init__(self):
         if self.run_spec is None and self.run_id is None:

@@ -2,7 +2,8 @@
 
 run() is the whole pipeline, in order:
     identity → join DHT → fetch/publish run spec → load base model + LoRA → resume local checkpoint
-    → local steps ⇄ decentralized averaging (hivemind.Optimizer) → per-epoch hooks → save adapter → leave
+    → [chain: check run, binding, stake] → local steps ⇄ decentralized averaging (hivemind.Optimizer)
+    → per epoch: sign contribution proof → outbox → posted on chain (background) ; save adapter → leave
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
+from atlas_swarm.config import ChainConfig, PeerConfig, RunSpec, check_same_spec
 from atlas_swarm.errors import AtlasError, CheckpointError, ConfigError, DataError, ModelError
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
@@ -74,7 +75,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
     examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # fail on bad data before joining
 
     stop = GracefulStop.install()
-    swarm = opt = model = publish_status = None
+    swarm = opt = model = publish_status = chain = None
     state = {"epoch": 0, "samples_total": 0, "steps": 0, "loss": None}
     try:
         swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
@@ -90,6 +91,10 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         swarm.publish_spec(spec)
         if examples is None:
             examples = load_examples(cfg.data, spec)
+        if cfg.chain is not None:  # before the model: a chain misconfiguration should not cost a model load
+            from atlas_swarm.chain.session import ChainSession
+
+            chain = ChainSession.open(cfg.chain, spec, swarm, out, reporter)
 
         # 2. Base model + LoRA, identical on every peer (seeded); refuse adapters the swarm cannot average with ours.
         model, tokenizer = load_model(spec, cfg.base_model, device)
@@ -108,6 +113,22 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         micro = find_micro_batch(model, batches.next, device, precision)
         batch_size = cfg.batch_size or micro
         micro = min(micro, batch_size)
+        next_batch, hooks = batches.next, list(hooks)
+        if chain is not None:  # the proof commits to the batches trained on in each epoch (Merkle root of hashes)
+            from atlas_swarm.proofs.commit import batch_hash
+
+            batch_hashes: list[bytes] = []
+
+            def next_batch(n: int) -> dict:
+                b = batches.next(n)
+                batch_hashes.append(batch_hash(b))
+                return b
+
+            def sign_proof(report: EpochReport) -> None:
+                taken = _drain(batch_hashes)
+                chain.on_epoch(report.epoch - 1, report.samples, report.adapter_hash, taken, reporter)
+
+            hooks.append(sign_proof)
 
         # 3. Resume this peer's last checkpoint (the swarm overrides it below if it is ahead).
         adapter_dir = out / "adapter"
@@ -163,7 +184,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         last_status = last_spec = time.monotonic()
         scaler = LossScaler() if precision.needs_loss_scaling else None
         while not stop.requested:
-            loss = accumulate_gradients(model, batches.next, batch_size, micro, device, precision,
+            loss = accumulate_gradients(model, next_batch, batch_size, micro, device, precision,
                                         scale=scaler.scale if scaler else (lambda x: x))  # fmt: skip
             if scaler is not None and not scaler.unscale_(p for _, p in named):
                 opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
@@ -183,7 +204,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             sps = float(opt.tracker.performance_ema.samples_per_second)
             reporter.progress(epoch=opt.local_epoch, swarm_samples=progress["samples"], target=progress["target"],
                               peers=progress["peers"], loss=round(loss, 5), samples_per_second=round(sps, 2),
-                              local_samples=state["samples_total"])  # fmt: skip
+                              local_samples=state["samples_total"], **(chain.progress() if chain else {}))  # fmt: skip
             if now - last_status >= STATUS_EVERY:
                 publish_status(float(loss), sps)
                 last_status = now
@@ -223,6 +244,10 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                     publish_status(state["loss"], 0.0, leaving=True)  # finishing peers stop waiting for us
                 except Exception:
                     pass  # best effort: the record expires on its own
+            if chain is not None:
+                counts = chain.close()
+                reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
+                               f"next start), {counts.rejected} rejected", **counts.__dict__)  # fmt: skip
             if opt is not None:
                 opt.shutdown()
             if swarm is not None:
@@ -376,6 +401,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--wait-for-peers", type=int, default=1, help="start training once N peers are in the run")
     p.add_argument("--join-timeout", type=float, default=30.0, help="seconds to wait for peers and the run spec")
     p.add_argument("--seed", type=int, default=0, help="seed of this peer's data order")
+    p.add_argument("--chain-rpc", help="post contribution proofs to this EVM chain (RPC URL)")
+    p.add_argument("--staking-contract", help="the AtlasStaking contract's address")
+    p.add_argument("--wallet", help="encrypted keystore JSON that signs proofs (never a raw key on the command line)")
+    p.add_argument("--wallet-password-file", help="file with the keystore password [default: $ATLAS_WALLET_PASSWORD]")
     p.add_argument("--verbose", action="store_true", help="show hivemind's own log lines")
     return p.parse_args(argv)
 
@@ -394,6 +423,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
         announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, max_epochs=a.max_epochs,
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
+        chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file),
     )  # fmt: skip
 
 

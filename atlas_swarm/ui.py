@@ -55,6 +55,9 @@ class Reporter:
             f"epoch {state['epoch']}  swarm samples {state['swarm_samples']}/{state['target']}  loss {loss}  "
             f"peers {state['peers']}  {state['samples_per_second']:.1f} samples/s  mine {state['local_samples']}"
         )
+        chain = _chain_text(state)
+        if chain:
+            line += "  " + chain
         if self.fmt == "plain" or not self.console.is_terminal:
             if self.fmt == "plain":
                 self.stream.write(line + "\n")
@@ -66,11 +69,13 @@ class Reporter:
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total} swarm samples"),
                 TextColumn("loss {task.fields[loss]}  peers {task.fields[peers]}  {task.fields[sps]} samples/s"),
+                TextColumn("{task.fields[chain]}"),
                 console=self.console,
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=state["target"], epoch=0, loss="-", peers=1, sps="0")
+            self._task = self._progress.add_task("train", total=state["target"], epoch=0, loss="-", peers=1, sps="0",
+                                                 chain="")  # fmt: skip
         self._progress.update(
             self._task,
             total=state["target"],
@@ -79,9 +84,17 @@ class Reporter:
             loss=loss,
             peers=state["peers"],
             sps=f"{state['samples_per_second']:.1f}",
+            chain=chain,
         )
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _chain_text(state: dict) -> str:
+    if "proofs_posted" not in state:
+        return ""
+    return (f"proofs {state['proofs_posted']} posted/{state['proofs_pending']} pending  rewards "
+            f"{state['rewards_wei'] / 1e18:.6f} ETH")  # fmt: skip

@@ -18,7 +18,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
 from atlas_swarm.identity import Identity
-from atlas_swarm.swarm.records import SPEC_TTL, STATUS_TTL, PeerStatus, RunRecords
+from atlas_swarm.swarm.records import SPEC_TTL, STATUS_TTL, WALLET_TTL, PeerStatus, RunRecords, WalletBinding
 
 POLL_EVERY = 0.5
 
@@ -147,9 +147,56 @@ class Swarm:
                 out[status.peer_id] = status
         return out
 
+    # -- PeerID <-> wallet binding -------------------------------------------------------------------------------
+    def publish_wallet(self, run_id: str, address: str, signature: bytes) -> None:
+        self._ensure_validators(run_id)
+        binding = WalletBinding(peer_id=self.peer_id, address=address, signature=signature)
+        ok = self.dht.store(f"{run_id}_wallets", subkey=self.signer.local_public_key, value=binding.dict(),
+                            expiration_time=get_dht_time() + WALLET_TTL)  # fmt: skip
+        if not ok:
+            raise SwarmError("Could not store this peer's wallet binding in the DHT (no peer accepted it).")
+
+    def wallet_bindings(self, run_id: str) -> dict[str, str]:
+        """PeerID -> address, only where the record was signed by that PeerID's own key (its subkey derives to the
+        PeerID it names) and the address signed the binding too."""
+        from atlas_swarm.proofs.binding import verify_binding
+
+        self._ensure_validators(run_id)
+        found = self.dht.get(f"{run_id}_wallets", latest=True)
+        out = {}
+        if found is not None and isinstance(found.value, dict):
+            for subkey, entry in found.value.items():
+                try:
+                    b = WalletBinding.parse_obj(entry.value)
+                except Exception:
+                    continue
+                if peer_id_of_owner(subkey) == b.peer_id and verify_binding(b.peer_id, b.address, b.signature):
+                    out[b.peer_id] = b.address
+        return out
+
     def shutdown(self) -> None:
         if self.dht.is_alive():
             self.dht.shutdown()
+
+
+def peer_id_of_owner(subkey: bytes) -> Optional[str]:
+    """The libp2p PeerID (base58) of the RSA key in an ``[owner:<ssh-rsa key>]`` record subkey, or None."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.p2p import PeerID
+    from hivemind.proto import crypto_pb2
+
+    m = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey) if isinstance(subkey, bytes) else None
+    if m is None:
+        return None
+    try:
+        key = serialization.load_ssh_public_key(m.group(1))
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except Exception:
+        return None
+    proto = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    return PeerID(b"\x12\x20" + hashlib.sha256(proto).digest()).to_base58()  # multihash: sha2-256, 32 bytes
 
 
 def _spec_id(raw: bytes) -> Optional[str]:

@@ -3,6 +3,8 @@
     <run_id>_spec    {owner: canonical run spec JSON}   any peer holding the spec republishes it (self-certifying:
                                                         a reader keeps only bytes whose hash matches the run id)
     <run_id>_peers   {owner: PeerStatus}                each peer's live status, refreshed while it trains
+    <run_id>_wallets {owner: WalletBinding}             PeerID -> Ethereum address, signed by both keys (a peer that
+                                                        posts proofs; see proofs/binding.py)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic.v1 import BaseModel, StrictBool, StrictBytes, StrictFloat, StrictS
 SPEC_TTL = 3600.0  # seconds a published spec lives without a refresh
 STATUS_TTL = 60.0  # seconds a peer's status lives without a refresh
 STATUS_EVERY = 5.0  # seconds between status refreshes
+WALLET_TTL = 600.0  # seconds a wallet binding lives without a refresh
 
 
 class PeerStatus(BaseModel):
@@ -32,6 +35,13 @@ class PeerStatus(BaseModel):
     final_hash: Optional[StrictStr] = None  # the adapter a peer stopping at --max-epochs leaves with (see consensus)
 
 
+class WalletBinding(BaseModel):
+    peer_id: StrictStr
+    address: StrictStr  # checksummed Ethereum address
+    signature: StrictBytes  # the address's signature of proofs.binding.binding_message(peer_id, address)
+
+
 class RunRecords(BaseModel):
     spec: Dict[BytesWithPublicKey, StrictBytes]
     peers: Dict[BytesWithPublicKey, Optional[PeerStatus]]
+    wallets: Dict[BytesWithPublicKey, Optional[WalletBinding]]

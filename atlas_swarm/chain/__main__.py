@@ -1,0 +1,199 @@
+"""`python -m atlas_swarm.chain`: the operator CLI for the staking contract.
+
+    new-wallet PATH [--import-key-file F] create an encrypted keystore (a new key, or one read from a file)
+    deploy                               deploy AtlasStaking (prints its address)
+    stake ETH | unstake ETH | withdraw   manage your stake (unstaked ether waits out the unbonding period)
+    register --identity KEY              bind your libp2p PeerID to your wallet's address
+    create-run --run-spec FILE ...       open a run with a funded reward budget (trainers)
+    fund-run RUN_ID ETH | close-run RUN_ID
+    status [--address A] [--run RUN_ID]  stake, reputation, rewards; a run's escrow
+    claim                                pay out rewards past their challenge window
+
+Common flags: --rpc URL (or $ATLAS_CHAIN_RPC), --contract ADDR (or $ATLAS_STAKING_CONTRACT), --wallet KEYFILE,
+--wallet-password-file FILE (or $ATLAS_WALLET_PASSWORD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from decimal import Decimal, InvalidOperation
+from typing import Optional, Sequence
+
+from atlas_swarm.chain.client import ETHER, StakingClient
+from atlas_swarm.chain.wallet import create_wallet, load_wallet, read_password
+from atlas_swarm.errors import AtlasError, ConfigError
+
+
+def eth(text: str) -> int:
+    """'0.5' (ether) -> wei."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ConfigError(f"{text!r} is not an amount of ether (e.g. 0.5).") from None
+    if value < 0:
+        raise ConfigError(f"{text!r}: amounts cannot be negative.")
+    return int(value * ETHER)
+
+
+def fmt_eth(wei: int) -> str:
+    return f"{Decimal(wei) / ETHER:f} ETH"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--rpc", default=os.environ.get("ATLAS_CHAIN_RPC", "http://127.0.0.1:8545"),
+                        help="chain RPC URL [$ATLAS_CHAIN_RPC]")  # fmt: skip
+    common.add_argument("--contract", default=os.environ.get("ATLAS_STAKING_CONTRACT"),
+                        help="AtlasStaking address [$ATLAS_STAKING_CONTRACT]")  # fmt: skip
+    common.add_argument("--wallet", help="encrypted keystore JSON of the account that signs")
+    common.add_argument("--wallet-password-file", help="file holding the keystore password [$ATLAS_WALLET_PASSWORD]")
+    p = argparse.ArgumentParser(prog="python -m atlas_swarm.chain", description="Operate the atlas-swarm staking "
+                                "contract.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n")[1])  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("new-wallet", parents=[common], help="create an encrypted keystore")
+    s.add_argument("path")
+    s.add_argument("--import-key-file", help="encrypt this existing private key (hex, in a file) instead of a new one")
+    s = sub.add_parser("deploy", parents=[common], help="deploy AtlasStaking")
+    s.add_argument("--unbonding", type=int, default=7 * 86400, help="unbonding period, seconds")
+    s.add_argument("--challenge-window", type=int, default=86400, help="seconds before rewards can be claimed")
+    s.add_argument("--slash-bps", type=int, default=5000, help="share of stake slashed per equivocation (bps)")
+    s.add_argument("--bounty-bps", type=int, default=2000, help="share of the slash paid to the reporter (bps)")
+    for name, what in (("stake", "ether to stake"), ("unstake", "ether to start unbonding")):
+        s = sub.add_parser(name, parents=[common], help=what)
+        s.add_argument("amount", help="ether, e.g. 1.5")
+    sub.add_parser("withdraw", parents=[common], help="withdraw stake whose unbonding period is over")
+    s = sub.add_parser("register", parents=[common], help="bind your PeerID to your wallet")
+    s.add_argument("--identity", required=True, help="the peer's libp2p key file (its --identity / OUT/identity.key)")
+    s = sub.add_parser("create-run", parents=[common], help="open a run with a reward budget")
+    s.add_argument("--run-spec", required=True, help="the run's TOML spec (the run id and spec hash come from it)")
+    s.add_argument("--reward-per-sample", required=True, help="ether per verified sample, e.g. 0.000001")
+    s.add_argument("--budget", required=True, help="ether to escrow")
+    s.add_argument("--min-stake", default="0", help="ether of stake a peer needs for its proofs to count")
+    s.add_argument("--max-samples-per-epoch", type=int, help="per peer [default: 2 x the spec's target batch size]")
+    s = sub.add_parser("fund-run", parents=[common], help="add ether to a run's budget")
+    s.add_argument("run_id")
+    s.add_argument("amount")
+    s = sub.add_parser("close-run", parents=[common], help="close a run, refund its unspent budget")
+    s.add_argument("run_id")
+    s = sub.add_parser("status", parents=[common], help="stake, reputation and rewards")
+    s.add_argument("--address", help="whose status [default: the wallet's]")
+    s.add_argument("--run", help="also show this run's escrow")
+    sub.add_parser("claim", parents=[common], help="pay out claimable rewards")
+    return p.parse_args(argv)
+
+
+def _client(a: argparse.Namespace, need_wallet: bool = True) -> StakingClient:
+    account = _account(a) if (need_wallet or a.wallet) else None
+    w3 = StakingClient.web3(a.rpc)
+    if not a.contract:
+        raise ConfigError("Which contract? Pass --contract ADDR or set $ATLAS_STAKING_CONTRACT.")
+    return StakingClient.connect(w3, a.contract, account)
+
+
+def _account(a: argparse.Namespace):
+    if not a.wallet:
+        raise ConfigError("This command signs a transaction: pass --wallet KEYFILE (create one with new-wallet).")
+    return load_wallet(a.wallet, read_password(a.wallet_password_file))
+
+
+def run(a: argparse.Namespace) -> None:
+    cmd = a.command
+    if cmd == "new-wallet":
+        key = None
+        if a.import_key_file:
+            try:
+                key = bytes.fromhex(open(a.import_key_file).read().strip().removeprefix("0x"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--import-key-file {a.import_key_file!r}: not a readable hex private key ({e}).")
+        account = create_wallet(a.path, read_password(a.wallet_password_file, "New wallet password: "), key)
+        print(f"created {a.path} for address {account.address}")
+        return
+    if cmd == "deploy":
+        c = StakingClient.deploy(StakingClient.web3(a.rpc), _account(a), a.unbonding, a.challenge_window,
+                                 a.slash_bps, a.bounty_bps)  # fmt: skip
+        print(f"AtlasStaking deployed at {c.address} on chain {c.chain_id}")
+        print(f"  export ATLAS_STAKING_CONTRACT={c.address}")
+        return
+    c = _client(a, need_wallet=cmd != "status")
+    if cmd == "stake":
+        r = c.stake(eth(a.amount))
+        print(f"staked {a.amount} ETH (tx {r.tx_hash}); active stake {fmt_eth(c.reputation(c.account.address)['stake'])}")
+    elif cmd == "unstake":
+        r = c.request_unstake(eth(a.amount))
+        rep = c.reputation(c.account.address)
+        print(f"unbonding {fmt_eth(rep['unbonding'])}, withdrawable after unix time {rep['unbonding_ready_at']} "
+              f"(tx {r.tx_hash})")  # fmt: skip
+    elif cmd == "withdraw":
+        before = c.reputation(c.account.address)["unbonding"]
+        r = c.withdraw()
+        print(f"withdrew {fmt_eth(before)} (tx {r.tx_hash})")
+    elif cmd == "register":
+        from atlas_swarm.identity import Identity
+
+        peer_id = Identity.load_or_create(a.identity).peer_id.to_base58()
+        if c.owner_of_peer_id(peer_id) == c.account.address:
+            print(f"PeerID {peer_id} is already bound to {c.account.address}")
+            return
+        r = c.register_peer(peer_id)
+        print(f"bound PeerID {peer_id} to {c.account.address} (tx {r.tx_hash})")
+    elif cmd == "create-run":
+        from atlas_swarm.config import RunSpec
+
+        spec = RunSpec.from_toml(a.run_spec)
+        max_samples = a.max_samples_per_epoch or 2 * spec.averaging.target_batch_size
+        r = c.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), eth(a.reward_per_sample),
+                         eth(a.min_stake), max_samples, eth(a.budget))  # fmt: skip
+        print(f"run {spec.run_id} open with {a.budget} ETH at {a.reward_per_sample} ETH/sample, min stake "
+              f"{a.min_stake} ETH, at most {max_samples} samples per peer per epoch (tx {r.tx_hash})")  # fmt: skip
+    elif cmd == "fund-run":
+        c.fund_run(a.run_id, eth(a.amount))
+        print(f"run {a.run_id} budget now {fmt_eth(c.get_run(a.run_id)['budget'])}")
+    elif cmd == "close-run":
+        before = c.get_run(a.run_id)
+        c.close_run(a.run_id)
+        print(f"run {a.run_id} closed; refunded {fmt_eth(before['budget'] if before else 0)}")
+    elif cmd == "claim":
+        rep = c.reputation(c.account.address)
+        r = c.claim()
+        print(f"claimed {fmt_eth(rep['claimable'])} (tx {r.tx_hash})")
+    elif cmd == "status":
+        who = a.address or (c.account.address if c.account else None)
+        if who is None and not a.run:
+            raise ConfigError("status of whom? Pass --address ADDR, --wallet KEYFILE or --run RUN_ID.")
+        print(f"chain {c.chain_id}, contract {c.address}")
+        if who:
+            rep = c.reputation(who)
+            bound = "not bound" if int.from_bytes(rep["peer_id_hash"], "big") == 0 else "0x" + rep["peer_id_hash"].hex()
+            print(f"{who}\n  balance           {fmt_eth(c.balance(who))}\n  stake             {fmt_eth(rep['stake'])}"
+                  f"\n  unbonding         {fmt_eth(rep['unbonding'])}\n  PeerID hash       {bound}"
+                  f"\n  verified samples  {rep['verified_samples']}\n  epochs            {rep['epochs_contributed']}"
+                  f"\n  times slashed     {rep['times_slashed']}\n  claimable         {fmt_eth(rep['claimable'])}"
+                  f"\n  pending           {fmt_eth(rep['pending'])} (inside the challenge window)")  # fmt: skip
+        if a.run:
+            run_ = c.get_run(a.run)
+            if run_ is None:
+                print(f"run {a.run}: not on this contract")
+            else:
+                print(f"run {a.run}\n  trainer           {run_['trainer']}\n  budget            "
+                      f"{fmt_eth(run_['budget'])}\n  reward/sample     {fmt_eth(run_['reward_per_sample'])}"
+                      f"\n  min stake         {fmt_eth(run_['min_stake'])}\n  closed            {run_['closed']}")  # fmt: skip
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except AtlasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

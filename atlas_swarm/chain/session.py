@@ -1,0 +1,95 @@
+"""A training peer's chain side: checked once at start, then one signed proof per epoch through the outbox.
+
+    ChainSession.open   wallet → contract → run on chain (same spec hash) → PeerID bound to this wallet (registers it
+                        if free) → stake ≥ the run's minimum → wallet binding published in the DHT → outbox + poster
+    on_epoch            sign the epoch's proof (samples, adapter hash, data root), queue it, wake the poster
+    close               last flush (bounded), counts for the final report
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from atlas_swarm.chain.client import ETHER, StakingClient
+from atlas_swarm.chain.outbox import Counts, Outbox, ProofPoster
+from atlas_swarm.chain.wallet import load_wallet, read_password
+from atlas_swarm.config import ChainConfig, RunSpec
+from atlas_swarm.errors import ChainError
+from atlas_swarm.proofs.binding import sign_binding
+from atlas_swarm.proofs.commit import merkle_root
+from atlas_swarm.ui import Reporter
+
+
+@dataclass
+class ChainSession:
+    client: StakingClient
+    outbox: Outbox
+    poster: ProofPoster
+    run_id: str
+    peer_id: str
+
+    @classmethod
+    def open(cls, cfg: ChainConfig, spec: RunSpec, swarm, out: Path, reporter: Reporter) -> "ChainSession":
+        account = load_wallet(cfg.wallet, read_password(cfg.password_file))
+        client = StakingClient.connect(StakingClient.web3(cfg.rpc), cfg.contract, account)
+        run = client.get_run(spec.run_id)
+        if run is None:
+            raise ChainError(f"Run {spec.run_id} is not on the staking contract {client.address}: the trainer opens it "
+                             f"with `python -m atlas_swarm.chain create-run --run-spec SPEC ...`.")  # fmt: skip
+        if run["closed"]:
+            raise ChainError(f"Run {spec.run_id} is closed on the staking contract; proofs would be refused.")
+        if run["spec_hash"] != hashlib.sha256(spec.canonical_bytes()).digest():
+            raise ChainError(f"The staking contract's run {spec.run_id} has another spec hash than this run's spec.")
+        peer_id = swarm.peer_id
+        owner = client.owner_of_peer_id(peer_id)
+        if owner is None:
+            bound = client.reputation(account.address)["peer_id_hash"]
+            if int.from_bytes(bound, "big") != 0:
+                raise ChainError(f"Wallet {account.address} is bound to another PeerID (one wallet per PeerID). Use "
+                                 f"that peer's --identity, or another wallet.")  # fmt: skip
+            client.register_peer(peer_id)
+            reporter.event("registered", f"Bound PeerID {peer_id} to {account.address} on chain", address=account.address)
+        elif owner != account.address:
+            raise ChainError(f"PeerID {peer_id} is bound on chain to {owner}, not to your wallet {account.address}.")
+        stake = client.reputation(account.address)["stake"]
+        if stake < run["min_stake"]:
+            raise ChainError(f"Your stake ({Decimal(stake) / ETHER} ETH) is below the run's minimum "
+                             f"({Decimal(run['min_stake']) / ETHER} ETH): `python -m atlas_swarm.chain stake AMOUNT "
+                             f"--wallet {cfg.wallet}`.")  # fmt: skip
+        swarm.publish_wallet(spec.run_id, account.address, sign_binding(peer_id, account.key))
+
+        outbox = Outbox(out / "proofs", account, client.domain)
+        outbox.sync_nonce(client.reputation(account.address)["last_nonce"])
+        poster = ProofPoster(outbox, StakingClient(client.w3, client.address, account)).start()
+        poster.poke()  # proofs left pending by an earlier session go first
+        counts = outbox.counts()
+        reporter.event(
+            "chain", f"Posting proofs to {client.address} on chain {client.chain_id} as {account.address} "
+            f"({counts.pending} pending from before)", contract=client.address, chain_id=client.chain_id,
+            address=account.address, pending=counts.pending,
+        )  # fmt: skip
+        return cls(client, outbox, poster, spec.run_id, peer_id)
+
+    def on_epoch(self, epoch: int, samples: int, adapter_hash: str, batch_hashes: list[bytes],
+                 reporter: Reporter) -> None:  # fmt: skip
+        """Sign the proof of the epoch this peer just contributed ``samples`` to."""
+        if samples <= 0:
+            return
+        proof = self.outbox.sign(self.run_id, epoch, self.peer_id, samples, adapter_hash, merkle_root(batch_hashes))
+        if proof is None:
+            reporter.event("proof_exists", f"Epoch {epoch} was signed before (not signing it twice)", epoch=epoch)
+            return
+        reporter.event("proof_signed", "", epoch=epoch, samples=samples, nonce=proof.nonce)
+        self.poster.poke()
+
+    def progress(self) -> dict:
+        c, r = self.poster.counts, self.poster.rewards
+        return {"proofs_posted": c.posted, "proofs_pending": c.pending, "proofs_rejected": c.rejected,
+                "rewards_wei": r["claimable"] + r["pending"]}  # fmt: skip
+
+    def close(self, timeout: float = 3.0) -> Counts:
+        return self.poster.stop(timeout)
+

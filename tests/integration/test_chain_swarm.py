@@ -1,0 +1,155 @@
+"""Peers post contribution proofs to AtlasStaking on a real local chain (anvil) while they train as separate
+processes on a real DHT: rewards are exactly samples x rate, and a SIGKILLed peer posts its pending proofs exactly
+once after a restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from web3 import Web3
+
+from atlas_swarm.chain import ETHER, StakingClient
+from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
+from atlas_swarm.chain.wallet import create_wallet
+from atlas_swarm.config import RunSpec
+from tests.conftest import write_spec
+from tests.integration.test_swarm import start_swarm
+from tests.peers import PeerProcess, first_maddr, killed_at_exit
+
+pytestmark = pytest.mark.integration
+RATE = 10**9  # wei per sample
+
+
+@pytest.fixture
+def chain(tmp_path, tiny_model):
+    """anvil + AtlasStaking + a funded run + 3 staked peer wallets (each peer binds its PeerID itself at start)."""
+    import hashlib
+
+    anvil = Anvil.start()
+    try:
+        w3 = Web3(Web3.HTTPProvider(anvil.url))
+        trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=60)
+        spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=256)
+        spec = RunSpec.from_toml(spec_path)
+        trainer.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), RATE, ETHER, 4096, 5 * ETHER)
+        (tmp_path / "pw").write_text("test-password")
+        wallets = []
+        for i in range(1, 4):
+            path = tmp_path / f"wallet{i}.json"
+            account = create_wallet(str(path), "test-password", bytes.fromhex(DEV_KEYS[i][2:]), kdf="pbkdf2")
+            StakingClient(w3, trainer.address, account).stake(2 * ETHER)
+            wallets.append((path, account))
+        yield {"anvil": anvil, "trainer": trainer, "spec": spec_path, "run_id": spec.run_id, "wallets": wallets,
+               "pw": tmp_path / "pw"}  # fmt: skip
+    finally:
+        anvil.stop()
+
+
+def chain_flags(chain, i):
+    return ["--chain-rpc", chain["anvil"].url, "--staking-contract", chain["trainer"].address,
+            "--wallet", str(chain["wallets"][i][0]), "--wallet-password-file", str(chain["pw"])]  # fmt: skip
+
+
+def outbox(peer: PeerProcess) -> list[dict]:
+    folder = peer.out / "proofs"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+
+def wait_until(cond, timeout: float, what: str, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def accepted_epochs(client: StakingClient, peer: str) -> list[int]:
+    logs = client.contract.events.ProofAccepted().get_logs(from_block=0, argument_filters={"peer": peer})
+    return [log["args"]["epoch"] for log in logs]
+
+
+def assert_paid_exactly(chain, peer: PeerProcess, address: str) -> int:
+    """Every proof in the peer's outbox is on chain once, and its rewards are samples x rate to the wei."""
+    client = chain["trainer"]
+    records = outbox(peer)
+    assert records and all(r["state"] == "posted" for r in records), records
+    epochs = accepted_epochs(client, address)
+    assert sorted(epochs) == sorted(r["proof"]["epoch"] for r in records)  # each epoch once, none missing
+    samples = sum(r["proof"]["samples"] for r in records)
+    rep = client.reputation(address)
+    assert rep["verified_samples"] == samples and rep["epochs_contributed"] == len(records)
+    assert rep["claimable"] + rep["pending"] == samples * RATE
+    # what it was credited with is what it trained on in those epochs (the peer's own epoch reports)
+    reported = {e["epoch"] - 1: e["samples"] for e in peer.events("epoch") if e["samples"] > 0}
+    assert all(reported.get(r["proof"]["epoch"], r["proof"]["samples"]) == r["proof"]["samples"] for r in records)
+    return samples
+
+
+def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain, text_data):
+    with killed_at_exit([]) as peers:
+        extra = ["--max-epochs", "4", "--wait-for-peers", "3", "--join-timeout", "90"]
+        first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
+                                                "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
+        peers.append(first)
+        started = first.wait_event("started", 90)
+        for i, bs in ((1, 4), (2, 8)):
+            peers.append(PeerProcess(tmp_path, f"peer{i}", [
+                "--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data),
+                "--batch-size", str(bs), "--seed", str(i), *extra, *chain_flags(chain, i)]))  # fmt: skip
+        codes = [p.wait_exit(300) for p in peers]
+        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
+        total = 0
+        for p, (_, account) in zip(peers, chain["wallets"]):
+            assert p.wait_event("registered", 1)["address"] == account.address
+            final = p.wait_event("proofs", 1)
+            assert final["pending"] == 0 and final["rejected"] == 0 and final["posted"] >= 3, p.tail()
+            total += assert_paid_exactly(chain, p, account.address)
+        assert chain["trainer"].get_run(chain["run_id"])["budget"] == 5 * ETHER - total * RATE
+
+
+def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_path, chain, text_data):
+    victim_address = chain["wallets"][2][1].address
+    victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, chain["wallets"][2][1])
+    with killed_at_exit([]) as peers:
+        extra = ["--max-epochs", "9", "--wait-for-peers", "3", "--join-timeout", "90"]
+        first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
+                                                "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
+        peers.append(first)
+        started = first.wait_event("started", 90)
+        join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
+        peers.append(PeerProcess(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
+                                                     *chain_flags(chain, 1)]))  # fmt: skip
+        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2)]
+        victim = PeerProcess(tmp_path, "victim", victim_args)
+        peers.append(victim)
+
+        # Prepare: the victim has posted a proof; then its stake drops below the run's minimum, so its next proofs
+        # are signed and kept pending (InsufficientStake is retried, not dropped)
+        wait_until(lambda: any(r["state"] == "posted" for r in outbox(victim)), 180, "the victim's first proof")
+        victim_client.request_unstake(2 * ETHER)
+        wait_until(lambda: any(r["state"] == "pending" and "InsufficientStake" in (r["error"] or "")
+                               for r in outbox(victim)), 120, "a pending proof")  # fmt: skip
+
+        # Execute: SIGKILL (no chance to flush), restake, restart with the same --out
+        victim.kill_group()
+        pending = [r["proof"]["epoch"] for r in outbox(victim) if r["state"] == "pending"]
+        assert pending
+        victim_client.stake(2 * ETHER)
+        restarted = PeerProcess(tmp_path, "victim", victim_args)
+        peers.append(restarted)
+        restarted.wait_event("chain", 120)
+
+        # Assert: the pending proofs are posted by the restarted peer, once each
+        wait_until(lambda: all(r["state"] == "posted" for r in outbox(restarted)), 120, "the pending proofs posted")
+        codes = [p.wait_exit(300) for p in (first, peers[1], restarted)]
+        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in (first, peers[1], restarted))
+        assert_paid_exactly(chain, restarted, victim_address)
+        assert set(pending) <= set(accepted_epochs(chain["trainer"], victim_address))
+        for p, (_, account) in zip((first, peers[1]), chain["wallets"]):
+            assert_paid_exactly(chain, p, account.address)
