@@ -186,10 +186,19 @@ class ChainConfig:
     contract: str  # AtlasStaking address
     wallet: str  # encrypted keystore JSON (never a private key on the command line)
     password_file: Optional[str] = None  # else $ATLAS_WALLET_PASSWORD, else a prompt
+    proof_batch: int = 4  # epochs per transaction (submitProofs): ~34k gas per proof at 4 vs ~70k one by one
+    proof_max_wait: float = 120.0  # ... but no proof waits longer than this for the others
+
+    def __post_init__(self):
+        if not 1 <= self.proof_batch <= 64:
+            raise ConfigError(f"--proof-batch {self.proof_batch} must be in [1, 64].")
+        if self.proof_max_wait < 0:
+            raise ConfigError(f"--proof-max-wait {self.proof_max_wait} must be >= 0.")
 
     @classmethod
     def from_flags(cls, rpc: Optional[str], contract: Optional[str], wallet: Optional[str],
-                   password_file: Optional[str] = None) -> Optional["ChainConfig"]:  # fmt: skip
+                   password_file: Optional[str] = None, proof_batch: int = 4,
+                   proof_max_wait: float = 120.0) -> Optional["ChainConfig"]:  # fmt: skip
         given = {"--chain-rpc": rpc, "--staking-contract": contract, "--wallet": wallet}
         if not any(given.values()):
             return None
@@ -197,7 +206,7 @@ class ChainConfig:
         if missing:
             raise ConfigError(f"Posting proofs needs --chain-rpc, --staking-contract and --wallet together; missing "
                               f"{', '.join(missing)}.")  # fmt: skip
-        return cls(rpc, contract, wallet, password_file)
+        return cls(rpc, contract, wallet, password_file, proof_batch, proof_max_wait)
 
 
 @dataclass(frozen=True)

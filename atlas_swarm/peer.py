@@ -405,6 +405,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--staking-contract", help="the AtlasStaking contract's address")
     p.add_argument("--wallet", help="encrypted keystore JSON that signs proofs (never a raw key on the command line)")
     p.add_argument("--wallet-password-file", help="file with the keystore password [default: $ATLAS_WALLET_PASSWORD]")
+    p.add_argument("--proof-batch", type=int, default=4, help="epochs' proofs per transaction (saves gas)")
+    p.add_argument("--proof-max-wait", type=float, default=120.0, help="seconds a proof waits at most for a batch")
     p.add_argument("--verbose", action="store_true", help="show hivemind's own log lines")
     return p.parse_args(argv)
 
@@ -423,7 +425,8 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
         announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, max_epochs=a.max_epochs,
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
-        chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file),
+        chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file,
+                                     a.proof_batch, a.proof_max_wait),
     )  # fmt: skip
 
 

@@ -73,17 +73,23 @@ class Outbox:
             )  # fmt: skip
             signature = sign_proof(proof, self.domain, self.account.key)
             record = {"proof": proof.to_json(), "signature": "0x" + signature.hex(), "state": "pending",
-                      "attempts": 0, "next_try": 0.0, "tx": None, "error": None}  # fmt: skip
+                      "signed_at": now or time.time(), "attempts": 0, "next_try": 0.0, "tx": None, "error": None}  # fmt: skip
             _write_atomic(path, record)
             return proof
 
     # -- posting ------------------------------------------------------------------------------------------------
-    def flush(self, client, now: Optional[float] = None, max_batch: int = MAX_BATCH) -> Counts:
-        """Post due pending proofs in nonce order, batched. Returns the counts afterwards. Never raises ChainError."""
+    def flush(self, client, now: Optional[float] = None, max_batch: int = MAX_BATCH, min_batch: int = 1,
+              max_wait: float = 0.0) -> Counts:  # fmt: skip
+        """Post due pending proofs in nonce order, up to ``max_batch`` per transaction. To save gas, wait until
+        ``min_batch`` are due, unless the oldest has waited ``max_wait`` seconds. Returns the counts afterwards.
+        Never raises ChainError: failures stay pending with a backoff (or are rejected, see RETRYABLE)."""
         now = time.time() if now is None else now
         with self._lock:
             due = sorted((r for r in self._records() if r["state"] == "pending" and r["next_try"] <= now),
                          key=lambda r: r["proof"]["nonce"])  # fmt: skip
+            oldest = min((r.get("signed_at", 0.0) for r in due), default=now)
+            if len(due) < min_batch and now - oldest < max_wait:
+                return self._counts()
             try:
                 self._post(client, due, now, max_batch)
             except ChainError as e:  # unreachable or refused: every due record waits for its next try
@@ -188,10 +194,12 @@ def _write_atomic(path: Path, record: dict) -> None:
 
 
 class ProofPoster:
-    """Flushes the outbox every ``every`` seconds (or when poked) on a daemon thread; ``stop`` does a last flush."""
+    """Flushes the outbox every ``every`` seconds (or when poked) on a daemon thread, ``batch`` proofs per
+    transaction (a proof waits at most ``max_wait`` s for others); ``stop`` posts whatever is left."""
 
-    def __init__(self, outbox: Outbox, client, every: float = 2.0):
+    def __init__(self, outbox: Outbox, client, every: float = 2.0, batch: int = 4, max_wait: float = 120.0):
         self.outbox, self.client, self.every = outbox, client, every
+        self.batch, self.max_wait = batch, max_wait
         self.counts = outbox.counts()
         self.rewards = {"claimable": 0, "pending": 0}
         self._wake = threading.Event()
@@ -209,12 +217,15 @@ class ProofPoster:
         while True:
             self._wake.wait(self.every)
             self._wake.clear()
-            self._flush_once()  # after stop() too: one last flush
+            self._flush_once(final=self._stopping)  # after stop() too: one last flush, whatever the batch size
             if self._stopping:
                 return
 
-    def _flush_once(self) -> None:
-        self.counts = self.outbox.flush(self.client)
+    def _flush_once(self, final: bool = False) -> None:
+        if final:
+            self.counts = self.outbox.flush(self.client)
+        else:
+            self.counts = self.outbox.flush(self.client, min_batch=self.batch, max_wait=self.max_wait)
         try:
             rep = self.client.reputation(self.outbox.account.address)
             self.rewards = {"claimable": rep["claimable"], "pending": rep["pending"]}

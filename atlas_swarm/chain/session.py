@@ -33,6 +33,8 @@ class ChainSession:
 
     @classmethod
     def open(cls, cfg: ChainConfig, spec: RunSpec, swarm, out: Path, reporter: Reporter) -> "ChainSession":
+        """Check everything a proof needs on chain (each problem is a ChainError naming the fix), then start the
+        poster; proofs left pending by an earlier session are posted first."""
         account = load_wallet(cfg.wallet, read_password(cfg.password_file))
         client = StakingClient.connect(StakingClient.web3(cfg.rpc), cfg.contract, account)
         run = client.get_run(spec.run_id)
@@ -63,8 +65,10 @@ class ChainSession:
 
         outbox = Outbox(out / "proofs", account, client.domain)
         outbox.sync_nonce(client.reputation(account.address)["last_nonce"])
-        poster = ProofPoster(outbox, StakingClient(client.w3, client.address, account)).start()
-        poster.poke()  # proofs left pending by an earlier session go first
+        poster = ProofPoster(outbox, StakingClient(client.w3, client.address, account), batch=cfg.proof_batch,
+                             max_wait=cfg.proof_max_wait).start()  # fmt: skip
+        if outbox.counts().pending:
+            poster.outbox.flush(poster.client)  # proofs left pending by an earlier session go first, now
         counts = outbox.counts()
         reporter.event(
             "chain", f"Posting proofs to {client.address} on chain {client.chain_id} as {account.address} "

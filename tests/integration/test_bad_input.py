@@ -113,3 +113,47 @@ def test_cli_prints_a_message_not_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "is not a run id" in proc.stdout
+
+
+# -- chain flags: each mistake is named before any training starts -------------------------------------------------
+def test_chain_flags_must_come_together(capsys, tmp_path, tiny_spec, text_data):
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(tmp_path / "p"),
+                         "--chain-rpc", "http://127.0.0.1:9")  # fmt: skip
+    assert code == 2 and "--staking-contract, --wallet" in err["error"]
+
+
+@pytest.fixture
+def anvil_contract(tmp_path):
+    from eth_account import Account
+
+    from atlas_swarm.chain import StakingClient
+    from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
+    from atlas_swarm.chain.wallet import create_wallet
+
+    anvil = Anvil.start()
+    try:
+        client = StakingClient.deploy(StakingClient.web3(anvil.url), Account.from_key(DEV_KEYS[0]))
+        create_wallet(str(tmp_path / "w.json"), "right", bytes.fromhex(DEV_KEYS[1][2:]), kdf="pbkdf2")
+        (tmp_path / "pw").write_text("right")
+        (tmp_path / "bad-pw").write_text("wrong")
+        yield anvil.url, client
+    finally:
+        anvil.stop()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unreachable", "did not answer"),
+    ("wrong-password", "Wrong password"),
+    ("not-the-contract", "not AtlasStaking"),
+    ("run-not-on-chain", "is not on the staking contract"),
+])  # fmt: skip
+def test_chain_misconfiguration_is_a_clear_error(capsys, tmp_path, tiny_spec, text_data, anvil_contract, case,
+                                                 expected):  # fmt: skip
+    url, client = anvil_contract
+    rpc = "http://127.0.0.1:9" if case == "unreachable" else url
+    contract = "0x" + "12" * 20 if case == "not-the-contract" else client.address
+    pw = tmp_path / ("bad-pw" if case == "wrong-password" else "pw")
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(tmp_path / "p"),
+                         "--chain-rpc", rpc, "--staking-contract", contract, "--wallet", str(tmp_path / "w.json"),
+                         "--wallet-password-file", str(pw))  # fmt: skip
+    assert code == 2 and expected in err["error"], err

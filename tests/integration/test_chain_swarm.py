@@ -125,7 +125,8 @@ def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_
         join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
         peers.append(PeerProcess(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
                                                      *chain_flags(chain, 1)]))  # fmt: skip
-        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2)]
+        # --proof-batch 1: post each proof at once (the default waits for 4 to save gas)
+        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2), "--proof-batch", "1"]
         victim = PeerProcess(tmp_path, "victim", victim_args)
         peers.append(victim)
 

@@ -221,3 +221,29 @@ def test_connect_refuses_a_wrong_address(chain):
     assert StakingClient.connect(w3, client.address).get_run(RUN)["budget"] == 10 * ETHER
     with pytest.raises(ChainUnreachable):
         StakingClient.web3("http://127.0.0.1:9", timeout=1)
+
+
+def test_record_owner_key_derives_the_peer_id(tmp_path):
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    from atlas_swarm.swarm.node import peer_id_of_owner
+
+    identity = Identity.load_or_create(tmp_path / "id.key")
+    assert peer_id_of_owner(RSASignatureValidator(identity.private_key).local_public_key) == identity.peer_id.to_base58()
+    assert peer_id_of_owner(b"[owner:garbage]") is None and peer_id_of_owner(b"no owner") is None
+
+
+def test_outbox_batches_to_save_gas_but_never_holds_a_proof_too_long(chain, peer_ids, tmp_path):
+    w3, client, _, (peer, *_) = chain
+    me = staked(client, peer, peer_ids[0])
+    box = Outbox(tmp_path / "proofs", peer, me.domain)
+    t0 = time.time()
+    for epoch in range(3):
+        box.sign(RUN, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0)
+    assert box.flush(me, now=t0 + 1, min_batch=4, max_wait=60).pending == 3  # waiting for a 4th
+    assert box.flush(me, now=t0 + 61, min_batch=4, max_wait=60).posted == 3  # the oldest waited long enough
+    txs = {r["tx"] for r in box.records()}
+    assert len(txs) == 1, "the three went out in one transaction"
+    for epoch in range(3, 7):
+        box.sign(RUN, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0 + 70)
+    assert box.flush(me, now=t0 + 71, min_batch=4, max_wait=60).posted == 7

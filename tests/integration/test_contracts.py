@@ -1,0 +1,33 @@
+"""The Solidity side: committed artifacts equal a fresh solc-js compile, and the forge suite (fuzzed, 256 runs per
+fuzz test) passes. Both need the npm toolchain that scripts/test.sh installs (scripts/npm_deps.sh)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+FORGE = ROOT / "contracts" / "node_modules" / "@foundry-rs" / "forge-linux-amd64" / "bin" / "forge"
+
+
+def test_committed_artifacts_match_a_fresh_compile():
+    proc = subprocess.run([sys.executable, "scripts/compile_contracts.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_forge_suite_passes_with_fuzzing():
+    assert FORGE.exists(), "run scripts/npm_deps.sh first"
+    proc = subprocess.run([str(FORGE), "test", "--offline", "--use", "./bin/solc"], cwd=ROOT / "contracts",
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    passed = re.search(r"(\d+) tests passed, 0 failed, 0 skipped", out)
+    assert passed and int(passed.group(1)) >= 30, out[-2000:]
+    fuzz_runs = [int(n) for n in re.findall(r"\(runs: (\d+),", out)]
+    assert fuzz_runs and min(fuzz_runs) >= 256, "every fuzz test runs at least 256 cases"
