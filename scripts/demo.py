@@ -1,7 +1,9 @@
 """The demo swarm: 4 peers (separate processes, batch 4/4/8/16, disjoint non-IID shards) fine-tune all-MiniLM-L6-v2
-for topic classification on chatterbot-corpus, offline. Ends with a table of contributions and held-out accuracy.
+for topic classification on chatterbot-corpus, offline. A local chain (anvil) holds the staking contract: the demo
+deploys it, funds the run, stakes each peer, and the peers post a signed contribution proof per epoch. Ends with a
+table of contributions, proofs accepted and rewards earned, and the held-out accuracy.
 
-    python scripts/demo.py [--epochs N] [--out demo-out]
+    python scripts/demo.py [--epochs N] [--out demo-out] [--no-chain]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,8 +37,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=6, help="swarm epochs to train")
     ap.add_argument("--out", default="demo-out", help="working folder (wiped at start)")
+    ap.add_argument("--no-chain", action="store_true", help="train without the local chain and proofs")
     args = ap.parse_args()
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")  # "cannot reach the hub": we are offline
     out = Path(args.out).resolve()
     if out.exists():
         import shutil
@@ -52,6 +57,7 @@ def main() -> int:
     console.print(f"[bold]atlas-swarm demo[/] — {len(BATCH_SIZES)} peers, non-IID shards of {len(train)} dialogs, "
                   f"{args.epochs} epochs")  # fmt: skip
 
+    chain = None if args.no_chain else start_chain(out, console)
     procs = []
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     common = ["--log-format", "json", "--threads", "1", "--max-epochs", str(args.epochs),
@@ -61,6 +67,9 @@ def main() -> int:
             log = (out / f"peer{i}.jsonl").open("w")
             cmd = [sys.executable, "-m", "atlas_swarm.peer", "--out", str(out / f"peer{i}"), "--data", str(shards[i]),
                    "--batch-size", str(BATCH_SIZES[i]), "--seed", str(i), *common, *extra]  # fmt: skip
+            if chain is not None:
+                cmd += ["--chain-rpc", chain["anvil"].url, "--staking-contract", chain["client"].address,
+                        "--wallet", str(chain["wallets"][i]), "--wallet-password-file", str(chain["password_file"])]
             return subprocess.Popen(cmd, stdout=log, stderr=(out / f"peer{i}.err").open("w"), env=env,
                                     start_new_session=True)  # fmt: skip
 
@@ -84,7 +93,7 @@ def main() -> int:
                 if c:
                     console.print(f"[red]peer{i} exited {c}[/]:\n" + (out / f"peer{i}.err").read_text()[-2000:])
             return 1
-        report(console, out, started["run_id"], time.monotonic() - t0)
+        report(console, out, started["run_id"], time.monotonic() - t0, chain)
         return 0
     finally:
         for p in procs:
@@ -92,9 +101,43 @@ def main() -> int:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if chain is not None:
+            chain["anvil"].stop()
 
 
-def report(console: Console, out: Path, run_id: str, seconds: float) -> None:
+REWARD_PER_SAMPLE = 10**12  # wei (0.000001 ETH)
+
+
+def start_chain(out: Path, console: Console) -> dict:
+    """anvil on a free loopback port, AtlasStaking deployed, the run funded, one staked wallet per peer."""
+    import hashlib
+
+    from eth_account import Account
+
+    from atlas_swarm.chain import ETHER, StakingClient
+    from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
+    from atlas_swarm.chain.wallet import create_wallet
+
+    anvil = Anvil.start()
+    w3 = StakingClient.web3(anvil.url)
+    trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=600, challenge_window=60)
+    spec = RunSpec.from_toml(SPEC)
+    trainer.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), REWARD_PER_SAMPLE, ETHER,
+                       4 * spec.averaging.target_batch_size, 1 * ETHER)  # fmt: skip
+    password_file = out / "wallet-password"
+    password_file.write_text("demo-only")
+    wallets = []
+    for i in range(len(BATCH_SIZES)):
+        path = out / f"wallet{i}.json"
+        account = create_wallet(str(path), "demo-only", bytes.fromhex(DEV_KEYS[i + 1][2:]), kdf="pbkdf2")
+        StakingClient(w3, trainer.address, account).stake(ETHER)
+        wallets.append(path)
+    console.print(f"local chain {anvil.url}: AtlasStaking at {trainer.address}; run funded with 1 ETH at "
+                  f"{REWARD_PER_SAMPLE / ETHER:g} ETH per sample; each peer staked 1 ETH")  # fmt: skip
+    return {"anvil": anvil, "client": trainer, "wallets": wallets, "password_file": password_file}
+
+
+def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict | None) -> None:
     spec = RunSpec.from_toml(SPEC)
     model, tokenizer = load_model(spec)
     heldout = Batches(load_examples("builtin:chatterbot-topics-heldout", spec), tokenizer, spec)
@@ -105,22 +148,38 @@ def report(console: Console, out: Path, run_id: str, seconds: float) -> None:
     diff = max((a[k] - adapters[0][k]).abs().max().item() for a in adapters[1:] for k in a)
 
     table = Table(title=f"run {run_id} — {seconds:.0f} s of training")
-    for col in ("peer", "batch", "samples contributed", "epochs averaged", "first loss", "final loss"):
+    cols = ["peer", "batch", "samples trained", "epochs averaged", "first loss", "final loss"]
+    if chain is not None:
+        cols += ["proofs on chain", "verified samples", "rewards ETH"]
+    for col in cols:
         table.add_column(col, justify="right")
+    on_chain = {}
     for i, bs in enumerate(BATCH_SIZES):
         events = [json.loads(line) for line in (out / f"peer{i}.jsonl").read_text().splitlines() if line.startswith("{")]
         stopped = next(e for e in events if e["event"] == "stopped")
         losses = [e["loss"] for e in events if e["event"] == "progress"]
         averaged = sum(1 for e in events if e["event"] == "epoch" and len(e["group"]) > 1)
-        table.add_row(f"peer{i}", str(bs), str(stopped["samples_total"]), str(averaged),
-                      f"{losses[0]:.3f}", f"{stopped['last_loss']:.3f}")  # fmt: skip
+        row = [f"peer{i}", str(bs), str(stopped["samples_total"]), str(averaged), f"{losses[0]:.3f}",
+               f"{stopped['last_loss']:.3f}"]  # fmt: skip
+        if chain is not None:
+            address = next(e for e in events if e["event"] == "chain")["address"]
+            rep = chain["client"].reputation(address)
+            earned = rep["claimable"] + rep["pending"]
+            on_chain[f"peer{i}"] = {"proofs": rep["epochs_contributed"], "verified_samples": rep["verified_samples"],
+                                    "rewards_wei": earned}  # fmt: skip
+            row += [str(rep["epochs_contributed"]), str(rep["verified_samples"]), f"{earned / 10**18:.6f}"]
+        table.add_row(*row)
     console.print(table)
     console.print(f"held-out accuracy: base model {before['accuracy']:.1%} (loss {before['loss']:.3f}) → "
                   f"averaged adapter {after['accuracy']:.1%} (loss {after['loss']:.3f}) on {len(heldout)} dialogs")
     same = "yes" if diff <= 1e-5 else "NO"
     console.print(f"all peers hold the same adapter: {same} (max abs difference {diff:.2e})")
+    if chain is not None:
+        exact = all(v["rewards_wei"] == v["verified_samples"] * REWARD_PER_SAMPLE for v in on_chain.values())
+        console.print(f"rewards = verified samples x {REWARD_PER_SAMPLE / 10**18:g} ETH for every peer: "
+                      f"{'yes' if exact else 'NO'} (claimable after the contract's challenge window)")  # fmt: skip
     (out / "summary.json").write_text(json.dumps({"run_id": run_id, "seconds": seconds, "accuracy_before":
-        before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff}, indent=2))  # fmt: skip
+        before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff, "chain": on_chain}, indent=2))  # fmt: skip
 
 
 def wait_for(log: Path, kind: str, proc: subprocess.Popen, timeout: float) -> dict:
