@@ -7,6 +7,7 @@
     create-run --run-spec FILE ...       open a run with a funded reward budget (trainers)
     fund-run RUN_ID ETH | close-run RUN_ID
     status [--address A] [--run RUN_ID]  stake, reputation, rewards; a run's escrow
+    peers --initial-peers M --run ID     a live run's peers: wallet bound both ways (DHT + chain), stake, rewards
     claim                                pay out rewards past their challenge window
 
 Common flags: --rpc URL (or $ATLAS_CHAIN_RPC), --contract ADDR (or $ATLAS_STAKING_CONTRACT), --wallet KEYFILE,
@@ -83,6 +84,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--address", help="whose status [default: the wallet's]")
     s.add_argument("--run", help="also show this run's escrow")
     sub.add_parser("claim", parents=[common], help="pay out claimable rewards")
+    s = sub.add_parser("peers", parents=[common], help="a live run's peers, their verified wallets and rewards")
+    s.add_argument("--initial-peers", nargs="+", required=True, help="multiaddr of any peer of the run")
+    s.add_argument("--run", required=True, help="run id")
     return p.parse_args(argv)
 
 
@@ -118,7 +122,10 @@ def run(a: argparse.Namespace) -> None:
         print(f"AtlasStaking deployed at {c.address} on chain {c.chain_id}")
         print(f"  export ATLAS_STAKING_CONTRACT={c.address}")
         return
-    c = _client(a, need_wallet=cmd != "status")
+    c = _client(a, need_wallet=cmd not in ("status", "peers"))
+    if cmd == "peers":
+        _peers(c, a)
+        return
     if cmd == "stake":
         r = c.stake(eth(a.amount))
         print(f"staked {a.amount} ETH (tx {r.tx_hash}); active stake {fmt_eth(c.reputation(c.account.address)['stake'])}")
@@ -181,6 +188,37 @@ def run(a: argparse.Namespace) -> None:
                 print(f"run {a.run}\n  trainer           {run_['trainer']}\n  budget            "
                       f"{fmt_eth(run_['budget'])}\n  reward/sample     {fmt_eth(run_['reward_per_sample'])}"
                       f"\n  min stake         {fmt_eth(run_['min_stake'])}\n  closed            {run_['closed']}")  # fmt: skip
+
+
+def _peers(c: StakingClient, a: argparse.Namespace) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from atlas_swarm.chain.session import verified_bindings
+    from atlas_swarm.identity import Identity
+    from atlas_swarm.swarm import Swarm
+
+    with tempfile.TemporaryDirectory() as tmp:  # a throwaway identity: this is a read-only visitor
+        swarm = Swarm.join(Identity.load_or_create(Path(tmp) / "id.key"), a.initial_peers, client_mode=True)
+        try:
+            statuses = swarm.peer_statuses(a.run)
+            claimed = swarm.wallet_bindings(a.run)
+            verified = verified_bindings(swarm, c, a.run)
+        finally:
+            swarm.shutdown()
+    print(f"run {a.run}: {len(statuses)} peers online")
+    for pid in sorted(set(statuses) | set(claimed)):
+        st = statuses.get(pid)
+        line = f"  {pid}  epoch {st.epoch if st else '?'}  samples {st.samples_total if st else '?'}"
+        if pid in verified:
+            rep = c.reputation(verified[pid])
+            line += (f"  wallet {verified[pid]} (bound both ways)  stake {fmt_eth(rep['stake'])}  proofs "
+                     f"{rep['epochs_contributed']}  rewards {fmt_eth(rep['claimable'] + rep['pending'])}")  # fmt: skip
+        elif pid in claimed:
+            line += f"  wallet {claimed[pid]} claimed in the DHT but NOT registered on chain (ignored)"
+        else:
+            line += "  no wallet binding"
+        print(line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

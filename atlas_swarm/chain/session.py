@@ -97,3 +97,10 @@ class ChainSession:
     def close(self, timeout: float = 3.0) -> Counts:
         return self.poster.stop(timeout)
 
+
+
+def verified_bindings(swarm, client: StakingClient, run_id: str) -> dict[str, str]:
+    """PeerID -> address for the run's peers whose binding holds both ways: a DHT record signed by the PeerID's own
+    key (and by the address) AND the contract's registerPeer. A chain-only binding is ignored: anyone can register
+    someone else's PeerID hash, nobody else can sign for that PeerID."""
+    return {pid: addr for pid, addr in swarm.wallet_bindings(run_id).items() if client.owner_of_peer_id(pid) == addr}
