@@ -16,6 +16,7 @@ Guarantees, also across a crash (SIGKILL) at any point:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -50,6 +51,7 @@ class Outbox:
         self.account = account
         self.domain = domain
         self._lock = threading.Lock()
+        self._cache = self._load()  # one process owns an --out (its identity lock): disk is read once
         self._last_nonce = max((r["proof"]["nonce"] for r in self._records()), default=0)
 
     # -- signing ------------------------------------------------------------------------------------------------
@@ -74,7 +76,9 @@ class Outbox:
             signature = sign_proof(proof, self.domain, self.account.key)
             record = {"proof": proof.to_json(), "signature": "0x" + signature.hex(), "state": "pending",
                       "signed_at": now or time.time(), "attempts": 0, "next_try": 0.0, "tx": None, "error": None}  # fmt: skip
+            record["_file"] = path.name
             _write_atomic(path, record)
+            self._cache[path.name] = record
             return proof
 
     # -- posting ------------------------------------------------------------------------------------------------
@@ -85,8 +89,8 @@ class Outbox:
         Never raises ChainError: failures stay pending with a backoff (or are rejected, see RETRYABLE)."""
         now = time.time() if now is None else now
         with self._lock:
-            due = sorted((r for r in self._records() if r["state"] == "pending" and r["next_try"] <= now),
-                         key=lambda r: r["proof"]["nonce"])  # fmt: skip
+            pending = sorted((r for r in self._records() if r["state"] == "pending"), key=lambda r: r["proof"]["nonce"])
+            due = list(itertools.takewhile(lambda r: r["next_try"] <= now, pending))  # nonce order, no overtaking
             oldest = min((r.get("signed_at", 0.0) for r in due), default=now)
             if len(due) < min_batch and now - oldest < max_wait:
                 return self._counts()
@@ -159,7 +163,10 @@ class Outbox:
         return c
 
     def _records(self) -> list[dict]:
-        out = []
+        return list(self._cache.values())
+
+    def _load(self) -> dict[str, dict]:
+        out = {}
         for path in sorted(self.folder.glob("*.json")):
             try:
                 r = json.loads(path.read_text())
@@ -167,7 +174,7 @@ class Outbox:
                 raise ChainError(f"Proof outbox file {str(path)!r} is unreadable ({e}); move it away to continue "
                                  f"(the proof in it will not be posted).") from None  # fmt: skip
             r["_file"] = path.name
-            out.append(r)
+            out[path.name] = r
         return out
 
     def _path(self, run_hash: bytes, epoch: int) -> Path:

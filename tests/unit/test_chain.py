@@ -247,3 +247,20 @@ def test_outbox_batches_to_save_gas_but_never_holds_a_proof_too_long(chain, peer
     for epoch in range(3, 7):
         box.sign(RUN, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0 + 70)
     assert box.flush(me, now=t0 + 71, min_batch=4, max_wait=60).posted == 7
+
+
+def test_outbox_never_lets_a_later_proof_overtake_a_waiting_one(chain, peer_ids, tmp_path):
+    w3, client, trainer, (peer, *_) = chain
+    me = staked(client, peer, peer_ids[0])
+    small = "small-run-0123456789abcdef"
+    client.create_run(small, bytes(32), RATE, 0, 1024, budget=100 * RATE)  # room for 100 samples
+    box = Outbox(tmp_path / "proofs", peer, me.domain)
+    t0 = time.time()
+    box.sign(small, 1, peer_ids[0], 500, "11" * 32, bytes(32))  # too big for the budget (until it is topped up)
+    box.sign(small, 2, peer_ids[0], 10, "22" * 32, bytes(32))  # would fit, but must not jump the queue (nonce order)
+    assert box.flush(me, now=t0).pending == 2
+    assert "BudgetExhausted" in box.records()[0]["error"]
+    assert box.flush(me, now=t0 + 1).pending == 2  # the first waits out its backoff; the second waits behind it
+    client.fund_run(small, 1000 * RATE)
+    assert box.flush(me, now=t0 + 3).posted == 2
+    assert [e for e in (r["proof"]["epoch"] for r in box.records())] == [1, 2]
