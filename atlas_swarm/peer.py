@@ -76,10 +76,10 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
     stop = GracefulStop.install()
     swarm = opt = model = publish_status = chain = None
-    state = {"epoch": 0, "samples_total": 0, "steps": 0, "loss": None}
+    state = {"epoch": 0, "samples_total": 0, "steps": 0, "loss": None, "rounds_averaged": 0, "rounds_failed": 0}
     try:
         swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
-                           startup_timeout=cfg.join_timeout)  # fmt: skip
+                           startup_timeout=cfg.join_timeout, **({"use_auto_relay": True} if cfg.auto_relay else {}))  # fmt: skip
 
         # 1. The run spec: ours (first peer) or the swarm's, and they must agree field by field.
         if cfg.run_id is not None and (local_spec is None or local_spec.run_id != cfg.run_id):
@@ -168,11 +168,17 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         )  # fmt: skip
 
         def publish_status(loss: Optional[float], sps: float, leaving: bool = False, final: Optional[str] = None):
+            proofs = chain.progress() if chain is not None else {}
             swarm.publish_status(spec.run_id, PeerStatus(
                 peer_id=swarm.peer_id, device=device, precision=str(precision), client_mode=cfg.client_mode,
                 adapter_shapes=shapes, epoch=opt.local_epoch, samples_total=state["samples_total"],
-                samples_per_second=sps, loss=loss, time=time.time(), leaving=leaving, final_hash=final),
+                samples_per_second=sps, loss=loss, time=time.time(), leaving=leaving, final_hash=final,
+                rounds_averaged=state["rounds_averaged"], rounds_failed=state["rounds_failed"],
+                proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
+                rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
                 wait=leaving or final is not None)  # fmt: skip
+            if not leaving:
+                swarm.announce_run(spec.run_id)
 
         publish_status(None, 0.0)
         if cfg.wait_for_peers > 1:
@@ -279,6 +285,10 @@ def _finish_epoch(done: EpochDone, spec, swarm, model, out, opt, state, cfg, rep
     tensors = adapter_state(model)
     report = EpochReport(spec.run_id, swarm.peer_id, done.epoch, done.samples, done.group, tensors_hash(tensors), tensors)
     with_whom = f"averaged with {len(done.group)} peers" if done.group else "local gradients only"
+    if len(done.group) >= 2:
+        state["rounds_averaged"] += 1
+    elif opt.swarm_progress()["peers"] > 1:
+        state["rounds_failed"] += 1  # others were there, but no group formed (or the all-reduce failed)
     reporter.event(
         "epoch", f"Epoch {done.epoch}: contributed {done.samples} samples, {with_whom}",
         epoch=done.epoch, samples=done.samples, group=list(done.group), adapter_hash=report.adapter_hash,
@@ -393,6 +403,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], help="addresses to listen on")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="public addresses to advertise (NAT/port forward)")
     p.add_argument("--client-mode", action="store_true", help="behind a firewall: connect out only")
+    p.add_argument("--auto-relay", action="store_true", help="behind NAT: be reachable through a relay (bootstrap nodes "
+                   "run one)")  # fmt: skip
     p.add_argument("--max-epochs", type=int, help="stop when the swarm reaches this epoch")
     p.add_argument("--max-steps", type=int, help="stop after this many local steps")
     p.add_argument("--save-every", type=int, default=1, help="write the adapter every N epochs (and at exit)")
@@ -422,7 +434,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         run_spec=a.run_spec, run_id=a.run_id, initial_peers=tuple(a.initial_peers), data=a.data, batch_size=batch_size,
         device=a.device, precision=a.precision, identity=a.identity, out=a.out, base_model=a.base_model, host_maddrs=tuple(a.host_maddrs),
-        announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, max_epochs=a.max_epochs,
+        announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, auto_relay=a.auto_relay, max_epochs=a.max_epochs,
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
         chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file,

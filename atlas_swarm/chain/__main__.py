@@ -215,7 +215,9 @@ def _peers(c: StakingClient, a: argparse.Namespace) -> None:
             line += (f"  wallet {verified[pid]} (bound both ways)  stake {fmt_eth(rep['stake'])}  proofs "
                      f"{rep['epochs_contributed']}  rewards {fmt_eth(rep['claimable'] + rep['pending'])}")  # fmt: skip
         elif pid in claimed:
-            line += f"  wallet {claimed[pid]} claimed in the DHT but NOT registered on chain (ignored)"
+            owner = c.owner_of_peer_id(pid)
+            where = f"the chain binds it to {owner}" if owner else "it is not registered on chain"
+            line += f"  wallet {claimed[pid]} claimed in the DHT, but {where} (ignored)"
         else:
             line += "  no wallet binding"
         print(line)

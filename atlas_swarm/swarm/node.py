@@ -18,7 +18,8 @@ from hivemind.utils.multiaddr import Multiaddr
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
 from atlas_swarm.identity import Identity
-from atlas_swarm.swarm.records import SPEC_TTL, STATUS_TTL, WALLET_TTL, PeerStatus, RunRecords, WalletBinding
+from atlas_swarm.swarm.records import (SPEC_TTL, STATUS_TTL, WALLET_TTL, GlobalRecords, PeerStatus, RunAnnouncement,
+                                       RunRecords, WalletBinding)
 
 POLL_EVERY = 0.5
 
@@ -29,6 +30,7 @@ class Swarm:
     def __init__(self, dht: hivemind.DHT, identity: Identity, signer: RSASignatureValidator):
         self.dht, self.identity, self.signer = dht, identity, signer
         self._validated_runs: set[str] = set()
+        self.forged = 0  # well-signed records whose content names another peer than their signer (dropped)
 
     @classmethod
     def join(
@@ -39,8 +41,11 @@ class Swarm:
         announce_maddrs: Sequence[str] = (),
         client_mode: bool = False,
         startup_timeout: float = 30.0,
+        audit: bool = False,
+        **p2p_options,
     ) -> "Swarm":
-        """Start a DHT node with ``identity``; with no initial peers it starts a new swarm."""
+        """Start a DHT node with ``identity``; with no initial peers it starts a new swarm. ``audit``: count the
+        records the node rejects (monitors; see swarm/audit.py). ``p2p_options`` go to hivemind.P2P (relay, NAT)."""
         for flag, addrs in (("--initial-peers", initial_peers), ("--host-maddrs", host_maddrs),
                             ("--announce-maddrs", announce_maddrs)):  # fmt: skip
             for addr in addrs:
@@ -49,6 +54,11 @@ class Swarm:
             bad = next(a for a in initial_peers if "/p2p/" not in a)
             raise ConfigError(f"--initial-peers {bad!r} has no /p2p/<PeerID> part; copy the full address the peer printed.")
         signer = RSASignatureValidator(identity.private_key)
+        validators = [signer, SchemaValidator(GlobalRecords, prefix="atlas")]
+        if audit:
+            from atlas_swarm.swarm.audit import AuditingValidator
+
+            validators = [AuditingValidator(validators)]
         try:
             dht = hivemind.DHT(
                 initial_peers=list(initial_peers),
@@ -56,9 +66,10 @@ class Swarm:
                 announce_maddrs=list(announce_maddrs) or None,
                 identity_path=str(identity.path),
                 client_mode=client_mode,
-                record_validators=[signer],
+                record_validators=validators,
                 startup_timeout=startup_timeout,
                 start=True,
+                **p2p_options,
             )
         except P2PDaemonError as e:
             text = str(e)
@@ -139,13 +150,63 @@ class Swarm:
         found = self.dht.get(f"{run_id}_peers", latest=True)
         out = {}
         if found is not None and isinstance(found.value, dict):
-            for entry in found.value.values():
+            for subkey, entry in found.value.items():
                 try:
                     status = PeerStatus.parse_obj(entry.value)
                 except Exception:
                     continue
+                if peer_id_of_owner(subkey) != status.peer_id:
+                    self.forged += 1  # signed by one peer, claiming to be another
+                    continue
                 out[status.peer_id] = status
         return out
+
+    # -- the run registry and hivemind's own progress records ---------------------------------------------------
+    def announce_run(self, run_id: str) -> None:
+        """Say which run this peer is in (non-blocking), so monitors can find every run."""
+        value = RunAnnouncement(run_id=run_id, peer_id=self.peer_id, time=time.time()).dict()
+        self.dht.store("atlas_runs", subkey=self.signer.local_public_key, value=value,
+                       expiration_time=get_dht_time() + STATUS_TTL, return_future=True)  # fmt: skip
+
+    def announced_runs(self) -> set[str]:
+        found = self.dht.get("atlas_runs", latest=True)
+        runs = set()
+        if found is not None and isinstance(found.value, dict):
+            for subkey, entry in found.value.items():
+                try:
+                    a = RunAnnouncement.parse_obj(entry.value)
+                except Exception:
+                    continue
+                if peer_id_of_owner(subkey) != a.peer_id:
+                    self.forged += 1
+                    continue
+                runs.add(a.run_id)
+        return runs
+
+    def training_progress(self, run_id: str) -> list[dict]:
+        """hivemind's per-peer progress records of a run ({peer_id, epoch, samples_accumulated, ...})."""
+        from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
+
+        if run_id + ":progress" not in self._validated_runs:
+            self.dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id)])
+            self._validated_runs.add(run_id + ":progress")
+        found = self.dht.get(f"{run_id}_progress", latest=True)
+        out = []
+        if found is not None and isinstance(found.value, dict):
+            for entry in found.value.values():
+                try:
+                    out.append(LocalTrainingProgress.parse_obj(entry.value).dict())
+                except Exception:
+                    continue
+        return out
+
+    def rejected_records(self) -> dict[str, int]:
+        """Records dropped so far: by the node (bad signature or schema; needs audit=True) and forged content."""
+        from atlas_swarm.swarm.audit import rejected_counts
+
+        counts = rejected_counts(self.dht)
+        counts["forged"] = self.forged
+        return counts
 
     # -- PeerID <-> wallet binding -------------------------------------------------------------------------------
     def publish_wallet(self, run_id: str, address: str, signature: bytes) -> None:
@@ -172,6 +233,8 @@ class Swarm:
                     continue
                 if peer_id_of_owner(subkey) == b.peer_id and verify_binding(b.peer_id, b.address, b.signature):
                     out[b.peer_id] = b.address
+                else:
+                    self.forged += 1
         return out
 
     def shutdown(self) -> None:

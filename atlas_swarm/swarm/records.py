@@ -5,6 +5,7 @@
     <run_id>_peers   {owner: PeerStatus}                each peer's live status, refreshed while it trains
     <run_id>_wallets {owner: WalletBinding}             PeerID -> Ethereum address, signed by both keys (a peer that
                                                         posts proofs; see proofs/binding.py)
+    atlas_runs       {owner: RunAnnouncement}           the run each live peer is in: how a monitor finds every run
 """
 
 from __future__ import annotations
@@ -33,12 +34,29 @@ class PeerStatus(BaseModel):
     time: StrictFloat
     leaving: StrictBool = False  # set in the last record a peer writes before it exits
     final_hash: Optional[StrictStr] = None  # the adapter a peer stopping at --max-epochs leaves with (see consensus)
+    rounds_averaged: conint(ge=0, strict=True) = 0  # epochs that ended in an all-reduce with at least one other peer
+    rounds_failed: conint(ge=0, strict=True) = 0  # epochs that ended on local gradients while others were in the run
+    proofs_posted: conint(ge=0, strict=True) = 0
+    proofs_pending: conint(ge=0, strict=True) = 0
+    rewards_eth: StrictFloat = 0.0  # earned on chain (claimable + inside the challenge window)
 
 
 class WalletBinding(BaseModel):
     peer_id: StrictStr
     address: StrictStr  # checksummed Ethereum address
     signature: StrictBytes  # the address's signature of proofs.binding.binding_message(peer_id, address)
+
+
+class RunAnnouncement(BaseModel):
+    run_id: StrictStr
+    peer_id: StrictStr
+    time: StrictFloat
+
+
+class GlobalRecords(BaseModel):
+    """Keys under the "atlas" prefix (atlas_runs)."""
+
+    runs: Dict[BytesWithPublicKey, Optional[RunAnnouncement]]
 
 
 class RunRecords(BaseModel):

@@ -1,0 +1,172 @@
+"""The monitor's model of the swarm, rebuilt from DHT records every few seconds, with a bounded history.
+
+Memory is bounded on a node that runs for months: at most MAX_RUNS runs (the least recently seen is dropped), a
+run unseen for FORGET_AFTER seconds is dropped, and each run keeps HISTORY points.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from atlas_swarm.errors import AtlasError
+from atlas_swarm.swarm.records import STATUS_TTL
+
+HISTORY = 720  # points per run (an hour at one poll per 5 s)
+MAX_RUNS = 64
+FORGET_AFTER = 3600.0
+
+
+@dataclass
+class PeerView:
+    peer_id: str
+    device: str
+    client_mode: bool
+    epoch: int
+    samples_total: int
+    samples_per_second: float
+    loss: Optional[float]
+    rounds_averaged: int
+    rounds_failed: int
+    proofs_posted: int
+    proofs_pending: int
+    rewards_eth: float
+    last_seen: float
+
+
+@dataclass
+class RunView:
+    run_id: str
+    name: str = ""
+    target: int = 0
+    epoch: int = 0
+    samples: int = 0  # accumulated toward the target in the current epoch
+    loss: Optional[float] = None  # mean of the peers' recent losses
+    samples_per_second: float = 0.0
+    peers: dict[str, PeerView] = field(default_factory=dict)
+    last_seen: float = 0.0
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["peers"] = sorted(d["peers"].values(), key=lambda p: p["peer_id"])
+        d["history"] = list(self.history)
+        return d
+
+
+class Monitor:
+    """Polls ``swarm`` (an atlas Swarm, or anything with the same read methods) every ``interval`` seconds."""
+
+    def __init__(self, swarm, interval: float = 5.0, runs: tuple[str, ...] = ()):
+        self.swarm, self.interval = swarm, interval
+        self.pinned = set(runs)
+        self.runs: OrderedDict[str, RunView] = OrderedDict()
+        self.rejected: dict[str, int] = {}
+        self.polls = {"ok": 0, "error": 0}
+        self.last_ok: Optional[float] = None
+        self.last_error: Optional[str] = None
+        self.started = time.time()
+        self._specs: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="atlas-monitor", daemon=True)
+
+    # -- polling ------------------------------------------------------------------------------------------------
+    def start(self) -> "Monitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval + 5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.interval)
+
+    def poll_once(self) -> None:
+        try:
+            if not self.swarm.dht.is_alive():
+                raise RuntimeError("the DHT process is not running")
+            now = time.time()
+            seen = self.swarm.announced_runs() | self.pinned
+            views = {run_id: self._read_run(run_id, now) for run_id in seen}
+            rejected = self.swarm.rejected_records()
+        except Exception as e:  # a monitor never dies of what it reads; /health reports it
+            with self._lock:
+                self.polls["error"] += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+            return
+        with self._lock:
+            for run_id, view in views.items():
+                if view is None:
+                    continue
+                old = self.runs.pop(run_id, None)
+                if old is not None:
+                    view.history = old.history
+                view.history.append({"t": round(now, 1), "epoch": view.epoch, "loss": view.loss,
+                                     "samples_per_second": round(view.samples_per_second, 3),
+                                     "peers": len(view.peers)})  # fmt: skip
+                self.runs[run_id] = view  # most recently seen last
+            for run_id in [r for r, v in self.runs.items() if now - v.last_seen > FORGET_AFTER]:
+                del self.runs[run_id]
+            while len(self.runs) > MAX_RUNS:
+                self.runs.popitem(last=False)
+            self.rejected = rejected
+            self.polls["ok"] += 1
+            self.last_ok, self.last_error = now, None
+
+    def _read_run(self, run_id: str, now: float) -> Optional[RunView]:
+        view = RunView(run_id)
+        spec = self._specs.get(run_id)
+        if spec is None:
+            try:
+                spec = self._specs[run_id] = self.swarm.fetch_spec(run_id, timeout=0.1)
+            except AtlasError:
+                spec = None
+        if spec is not None:
+            view.name, view.target = spec.name, spec.averaging.target_batch_size
+        for pid, st in self.swarm.peer_statuses(run_id).items():
+            if st.leaving or now - st.time > STATUS_TTL:
+                continue
+            view.peers[pid] = PeerView(
+                peer_id=pid, device=st.device, client_mode=st.client_mode, epoch=st.epoch,
+                samples_total=st.samples_total, samples_per_second=st.samples_per_second, loss=st.loss,
+                rounds_averaged=st.rounds_averaged, rounds_failed=st.rounds_failed, proofs_posted=st.proofs_posted,
+                proofs_pending=st.proofs_pending, rewards_eth=st.rewards_eth, last_seen=st.time,
+            )  # fmt: skip
+        progress = self.swarm.training_progress(run_id)
+        epochs = [p["epoch"] for p in progress] + [p.epoch for p in view.peers.values()]
+        if not epochs:
+            return None  # announced, but nothing readable (yet)
+        view.epoch = max(epochs)
+        view.samples = sum(p["samples_accumulated"] for p in progress if p["epoch"] == view.epoch)
+        losses = [p.loss for p in view.peers.values() if p.loss is not None]
+        view.loss = round(sum(losses) / len(losses), 5) if losses else None
+        view.samples_per_second = sum(p.samples_per_second for p in view.peers.values())
+        view.last_seen = now
+        return view
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        with self._lock:
+            if not self.swarm.dht.is_alive():
+                return False, "the DHT process is not running"
+            if self.last_ok is None:
+                return False, "no successful poll yet" + (f" ({self.last_error})" if self.last_error else "")
+            age = time.time() - self.last_ok
+            if age > 3 * self.interval + 10:
+                return False, f"last successful poll {age:.0f} s ago ({self.last_error or 'stalled'})"
+            return True, "ok"
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "time": time.time(), "started": self.started, "peer_id": self.swarm.peer_id,
+                "runs": [v.summary() for v in reversed(self.runs.values())], "rejected": dict(self.rejected),
+                "polls": dict(self.polls), "last_error": self.last_error,
+            }  # fmt: skip

@@ -1,0 +1,164 @@
+"""The monitor on real DHT nodes in this process: it counts (never crashes on) records with a bad signature, a
+schema violation or forged content; its /metrics parse with Prometheus' own parser; /health turns 503 when the
+DHT is down."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import hivemind
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from prometheus_client.parser import text_string_to_metric_families
+
+from atlas_swarm.identity import Identity
+from atlas_swarm.monitor import Monitor
+from atlas_swarm.monitor.http import serve
+from atlas_swarm.swarm import PeerStatus, Swarm
+
+pytestmark = pytest.mark.integration
+RUN = "watched-0123456789abcdef"
+
+
+def status(peer_id: str, **kw) -> PeerStatus:
+    fields = dict(peer_id=peer_id, device="cpu", precision="fp32", client_mode=False, adapter_shapes="x", epoch=3,
+                  samples_total=96, samples_per_second=12.5, loss=1.25, time=time.time(), rounds_averaged=2,
+                  rounds_failed=1, proofs_posted=2, proofs_pending=1, rewards_eth=0.5)  # fmt: skip
+    fields.update(kw)
+    return PeerStatus(**fields)
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def metrics(url: str) -> dict[tuple, float]:
+    _, body = get(url + "/metrics")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_monitor_counts_bad_records_and_reports_health(tmp_path):
+    swarms, raws = [], []
+    monitor_swarm = Swarm.join(Identity.load_or_create(tmp_path / "mon"), [], ["/ip4/127.0.0.1/tcp/0"], audit=True)
+    swarms.append(monitor_swarm)
+    monitor = Monitor(monitor_swarm, interval=0.5, runs=(RUN,))
+    server = None
+    try:
+        monitor.poll_once()  # knows the run's schema from now on
+        maddrs = monitor_swarm.visible_maddrs()
+        honest = Swarm.join(Identity.load_or_create(tmp_path / "honest"), maddrs, ["/ip4/127.0.0.1/tcp/0"])
+        liar = Swarm.join(Identity.load_or_create(tmp_path / "liar"), maddrs, ["/ip4/127.0.0.1/tcp/0"])
+        swarms += [honest, liar]
+        honest.publish_status(RUN, status(honest.peer_id), wait=True)
+        honest.announce_run(RUN)
+        # forged: correctly signed by the liar, but naming the honest peer
+        liar.publish_status(RUN, status(honest.peer_id, samples_total=10**6), wait=True)
+        # schema violation: signed, but not a PeerStatus (a node without our schema sends it)
+        key = RSAPrivateKey()
+        signer = RSASignatureValidator(key)
+        raw = hivemind.DHT(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[signer],
+                           start=True)  # fmt: skip
+        raws.append(raw)
+        raw.store(f"{RUN}_peers", subkey=signer.local_public_key, value={"bogus": True},
+                  expiration_time=get_dht_time() + 60)  # fmt: skip
+        # bad signature: claims an owner key but carries no signature
+        unsigned = hivemind.DHT(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        raws.append(unsigned)
+        unsigned.store(f"{RUN}_peers", subkey=signer.local_public_key, value={"peer_id": "x"},
+                       expiration_time=get_dht_time() + 60)  # fmt: skip
+        unsigned.store("atlas_runs", subkey=b"[owner:" + key.get_public_key().to_bytes() + b"]", value=b"junk",
+                       expiration_time=get_dht_time() + 60)  # fmt: skip
+
+        monitor.start()
+        server = serve(monitor, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            m = metrics(url)
+            rejected = {r: m.get(("atlas_dht_records_rejected_total", (("reason", r),)), 0) for r in
+                        ("signature", "schema", "forged")}  # fmt: skip
+            if all(rejected.values()) and m.get(("atlas_run_peers", (("run", RUN),))) == 1:
+                break
+            time.sleep(0.3)
+        assert all(v >= 1 for v in rejected.values()), rejected
+        # only the honest record counts, with its own values
+        labels = (("client_mode", "false"), ("device", "cpu"), ("peer", honest.peer_id), ("run", RUN))
+        assert m[("atlas_run_peers", (("run", RUN),))] == 1
+        assert m[("atlas_peer_samples", labels)] == 96
+        assert m[("atlas_peer_samples_per_second", labels)] == 12.5
+        assert m[("atlas_peer_averaging_rounds_total", tuple(sorted(labels + (("result", "failed"),))))] == 1
+        assert m[("atlas_peer_proofs", tuple(sorted(labels + (("state", "posted"),))))] == 2
+        assert m[("atlas_monitor_up", ())] == 1
+        code, body = get(url + "/health")
+        assert code == 200 and json.loads(body)["status"] == "ok"
+        state = json.loads(get(url + "/api/state")[1])
+        assert [p["peer_id"] for p in state["runs"][0]["peers"]] == [honest.peer_id]
+
+        # the DHT goes down: /health says so
+        monitor_swarm.dht.shutdown()
+        code, body = get(url + "/health")
+        assert code == 503 and "DHT" in json.loads(body)["reason"]
+    finally:
+        if server is not None:
+            server.shutdown()
+        monitor.stop() if monitor._thread.is_alive() else None
+        for d in raws:
+            d.shutdown()
+        for s in swarms:
+            s.shutdown()
+
+
+def test_history_is_bounded(tmp_path, monkeypatch):
+    import atlas_swarm.monitor.state as state
+
+    monkeypatch.setattr(state, "MAX_RUNS", 3)
+
+    class FakeSwarm:  # the read methods of Swarm, for the layer above (a DHT is not needed to test bounds)
+        peer_id = "QmFake"
+        dht = type("D", (), {"is_alive": staticmethod(lambda: True)})()
+
+        def __init__(self):
+            self.runs = set()
+
+        def announced_runs(self):
+            return set(self.runs)
+
+        def fetch_spec(self, run_id, timeout):
+            from atlas_swarm.errors import RunNotFound
+
+            raise RunNotFound(run_id)
+
+        def peer_statuses(self, run_id):
+            return {"QmA": status("QmA")}
+
+        def training_progress(self, run_id):
+            return [{"epoch": 3, "samples_accumulated": 7}]
+
+        def rejected_records(self):
+            return {}
+
+    fake = FakeSwarm()
+    monitor = Monitor(fake)
+    for i in range(state.HISTORY + 50):
+        fake.runs = {f"run{i % 5}-0123456789abcdef"}
+        monitor.poll_once()
+    assert len(monitor.runs) == 3
+    assert all(len(v.history) <= state.HISTORY for v in monitor.runs.values())
+    fake.runs = {"run0-0123456789abcdef"}
+    for _ in range(state.HISTORY + 10):
+        monitor.poll_once()
+    assert len(monitor.runs["run0-0123456789abcdef"].history) == state.HISTORY
+    assert monitor.snapshot()["runs"][0]["samples"] == 7
