@@ -119,7 +119,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
             batch_hashes: list[bytes] = []
 
-            def next_batch(n: int) -> dict:
+            def hashed_next(n: int) -> dict:
                 b = batches.next(n)
                 batch_hashes.append(batch_hash(b))
                 return b
@@ -128,6 +128,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 taken = _drain(batch_hashes)
                 chain.on_epoch(report.epoch - 1, report.samples, report.adapter_hash, taken, reporter)
 
+            next_batch = hashed_next
             hooks.append(sign_proof)
 
         # 3. Resume this peer's last checkpoint (the swarm overrides it below if it is ahead).

@@ -100,3 +100,36 @@ def killed_at_exit(peers: list[PeerProcess]):
     finally:
         for p in peers:
             p.kill_group()
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.3):
+    """Poll ``cond`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def scrape(base_url: str) -> dict[tuple, float]:
+    """/metrics parsed by Prometheus' own parser: {(sample name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(http_get(base_url + "/metrics")[1].decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

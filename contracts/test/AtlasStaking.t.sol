@@ -167,10 +167,10 @@ contract AtlasStakingTest is TestBase {
         assertEq(r.stake + r.unbonding, 1 ether, "half of active + unbonding");
     }
 
-    function test_ReentrantClaimGetsNothingExtra() public {
+    function testFuzz_ReentrantClaimGetsNothingExtra(uint64 epoch) public {
         Payee attacker = new Payee(staking, true);
-        IAtlasStaking.Proof memory a = _proof(1, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(1, 11, 1);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(epoch, 11, 1);
         attacker.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(attacker), 0.2 ether));
         attacker.claim(); // re-entering claim() inside receive() hits the guard, so the whole payout reverts
@@ -191,8 +191,9 @@ contract AtlasStakingTest is TestBase {
         new AtlasStaking(unbonding, window, slash, bounty);
     }
 
-    function test_RevertStakeZero() public {
+    function testFuzz_RevertStakeZero(address who) public {
         vm.expectRevert(IAtlasStaking.ZeroAmount.selector);
+        vm.prank(who);
         staking.stake{value: 0}();
     }
 
@@ -203,9 +204,9 @@ contract AtlasStakingTest is TestBase {
         staking.requestUnstake(amount);
     }
 
-    function test_RevertUnstakeZero() public {
+    function testFuzz_RevertUnstakeZero(address who) public {
         vm.expectRevert(IAtlasStaking.ZeroAmount.selector);
-        vm.prank(peer);
+        vm.prank(who);
         staking.requestUnstake(0);
     }
 
@@ -447,10 +448,10 @@ contract AtlasStakingTest is TestBase {
         staking.claim();
     }
 
-    function test_RevertTransferToRejectingReceiver() public {
+    function testFuzz_RevertTransferToRejectingReceiver(uint64 epoch) public {
         Payee rejecting = new Payee(staking, false);
-        IAtlasStaking.Proof memory a = _proof(1, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(1, 11, 1);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
+        IAtlasStaking.Proof memory b = _proof(epoch, 11, 1);
         rejecting.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(rejecting), 0.2 ether));
         rejecting.claim();

@@ -12,16 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import write_spec
-from tests.peers import PeerProcess, killed_at_exit
+from tests.peers import PeerProcess, http_get, killed_at_exit, scrape, wait_until
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -64,30 +61,10 @@ class Bootstrap:
         self.proc.wait(10)
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
-def metrics(url: str) -> dict[tuple, float]:
-    out = {}
-    for family in text_string_to_metric_families(get(url + "/metrics")[1].decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
-def wait_until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_same_peer_id_after_restart_and_a_peer_trains_through_it(tmp_path, tiny_spec, text_data):
@@ -133,13 +110,13 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
                                                       "--max-epochs", "4", "--wait-for-peers", "2"]))  # fmt: skip
 
             def two_peers_at_epoch_2():
-                m = metrics(b.url)
-                ok = m.get(("atlas_run_peers", (("run", run_id),))) == 2 and \
-                    m.get(("atlas_run_epoch", (("run", run_id),)), 0) >= 2
+                m = scrape(b.url)
+                ok = m.http_get(("atlas_run_peers", (("run", run_id),))) == 2 and \
+                    m.http_get(("atlas_run_epoch", (("run", run_id),)), 0) >= 2
                 return m if ok else None
 
             m = wait_until(two_peers_at_epoch_2, 150, "node B to see 2 peers at epoch >= 2")
-            state = json.loads(get(b.url + "/api/state")[1])
+            state = json.loads(http_get(b.url + "/api/state")[1])
             shot = screenshot(b.url, tmp_path)
             codes = [p.wait_exit(240) for p in peers]
             assert codes == [0, 0], "\n\n".join(p.tail() for p in peers)
@@ -165,11 +142,11 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
             assert shot["png"].stat().st_size > 10_000
 
             # the DHT of node B dies: /health turns 503 with the reason
-            assert get(b.url + "/health")[0] == 200
+            assert http_get(b.url + "/health")[0] == 200
             dht_children = [c for c in psutil.Process(b.proc.pid).children() if "python" in c.name()]
             for c in dht_children:
                 c.kill()
-            code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(get(b.url + "/health")), 30,
+            code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(http_get(b.url + "/health")), 30,
                                     "/health to turn 503")  # fmt: skip
             assert "DHT" in json.loads(body)["reason"]
         finally:

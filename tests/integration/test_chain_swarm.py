@@ -5,8 +5,6 @@ once after a restart."""
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 from eth_account import Account
@@ -17,8 +15,7 @@ from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
 from atlas_swarm.chain.wallet import create_wallet
 from atlas_swarm.config import RunSpec
 from tests.conftest import write_spec
-from tests.integration.test_swarm import start_swarm
-from tests.peers import PeerProcess, first_maddr, killed_at_exit
+from tests.peers import PeerProcess, first_maddr, killed_at_exit, wait_until
 
 pytestmark = pytest.mark.integration
 RATE = 10**9  # wei per sample
@@ -59,14 +56,6 @@ def outbox(peer: PeerProcess) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
 
 
-def wait_until(cond, timeout: float, what: str, poll: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def accepted_epochs(client: StakingClient, peer: str) -> list[int]:
@@ -87,7 +76,7 @@ def assert_paid_exactly(chain, peer: PeerProcess, address: str) -> int:
     assert rep["claimable"] + rep["pending"] == samples * RATE
     # what it was credited with is what it trained on in those epochs (the peer's own epoch reports)
     reported = {e["epoch"] - 1: e["samples"] for e in peer.events("epoch") if e["samples"] > 0}
-    assert all(reported.get(r["proof"]["epoch"], r["proof"]["samples"]) == r["proof"]["samples"] for r in records)
+    assert all(reported.http_get(r["proof"]["epoch"], r["proof"]["samples"]) == r["proof"]["samples"] for r in records)
     return samples
 
 

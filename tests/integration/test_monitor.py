@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 import hivemind
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from prometheus_client.parser import text_string_to_metric_families
 
 from atlas_swarm.identity import Identity
 from atlas_swarm.monitor import Monitor
 from atlas_swarm.monitor.http import serve
 from atlas_swarm.swarm import PeerStatus, Swarm
+from tests.peers import http_get, scrape
 
 pytestmark = pytest.mark.integration
 RUN = "watched-0123456789abcdef"
@@ -33,21 +31,8 @@ def status(peer_id: str, **kw) -> PeerStatus:
     return PeerStatus(**fields)
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
-def metrics(url: str) -> dict[tuple, float]:
-    _, body = get(url + "/metrics")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def test_monitor_counts_bad_records_and_reports_health(tmp_path):
@@ -87,10 +72,10 @@ def test_monitor_counts_bad_records_and_reports_health(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            m = metrics(url)
-            rejected = {r: m.get(("atlas_dht_records_rejected_total", (("reason", r),)), 0) for r in
+            m = scrape(url)
+            rejected = {r: m.http_get(("atlas_dht_records_rejected_total", (("reason", r),)), 0) for r in
                         ("signature", "schema", "forged")}  # fmt: skip
-            if all(rejected.values()) and m.get(("atlas_run_peers", (("run", RUN),))) == 1:
+            if all(rejected.values()) and m.http_get(("atlas_run_peers", (("run", RUN),))) == 1:
                 break
             time.sleep(0.3)
         assert all(v >= 1 for v in rejected.values()), rejected
@@ -102,14 +87,14 @@ def test_monitor_counts_bad_records_and_reports_health(tmp_path):
         assert m[("atlas_peer_averaging_rounds_total", tuple(sorted(labels + (("result", "failed"),))))] == 1
         assert m[("atlas_peer_proofs", tuple(sorted(labels + (("state", "posted"),))))] == 2
         assert m[("atlas_monitor_up", ())] == 1
-        code, body = get(url + "/health")
+        code, body = http_get(url + "/health")
         assert code == 200 and json.loads(body)["status"] == "ok"
-        state = json.loads(get(url + "/api/state")[1])
+        state = json.loads(http_get(url + "/api/state")[1])
         assert [p["peer_id"] for p in state["runs"][0]["peers"]] == [honest.peer_id]
 
         # the DHT goes down: /health says so
         monitor_swarm.dht.shutdown()
-        code, body = get(url + "/health")
+        code, body = http_get(url + "/health")
         assert code == 503 and "DHT" in json.loads(body)["reason"]
     finally:
         if server is not None:
