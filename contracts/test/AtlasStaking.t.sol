@@ -5,14 +5,25 @@ import {AtlasStaking} from "../src/AtlasStaking.sol";
 import {IAtlasStaking} from "../src/IAtlasStaking.sol";
 import {TestBase} from "./utils/Vm.sol";
 
-/// @dev Rejects ether, or re-enters claim() when paid.
+/// @dev Rejects ether, or re-enters claim() (or withdraw()) when paid.
 contract Payee {
     AtlasStaking internal immutable staking;
     bool internal reenter;
+    bool internal viaWithdraw;
 
     constructor(AtlasStaking s, bool reenter_) {
         staking = s;
         reenter = reenter_;
+    }
+
+    function stakeAndUnstake() external payable {
+        staking.stake{value: msg.value}();
+        staking.requestUnstake(msg.value);
+        viaWithdraw = true;
+    }
+
+    function withdraw() external {
+        staking.withdraw();
     }
 
     function slash(IAtlasStaking.Proof calldata a, bytes calldata sa, IAtlasStaking.Proof calldata b,
@@ -26,7 +37,8 @@ contract Payee {
 
     receive() external payable {
         if (!reenter) revert("no ether");
-        staking.claim();
+        if (viaWithdraw) staking.withdraw();
+        else staking.claim();
     }
 }
 
@@ -102,11 +114,48 @@ contract AtlasStakingTest is TestBase {
         wait = bound(wait, 0, WINDOW - 1);
         vm.warp(block.timestamp + wait);
         assertEq(staking.reputationOf(peer).claimable, 0, "claimable inside window");
+        vm.expectRevert(IAtlasStaking.NothingToClaim.selector); // claim before the window
+        vm.prank(peer);
+        staking.claim();
         vm.warp(block.timestamp + 2 * uint256(WINDOW));
         uint256 before = peer.balance;
         vm.prank(peer);
         staking.claim();
         assertEq(peer.balance - before, expected, "claimed");
+        vm.expectRevert(IAtlasStaking.NothingToClaim.selector); // double claim
+        vm.prank(peer);
+        staking.claim();
+    }
+
+    function testFuzz_RevertProofSignedForAnotherChainOrContract(uint64 otherChain) public {
+        vm.assume(otherChain != block.chainid && otherChain != 0);
+        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        // the same proof signed for another deployment of the contract
+        AtlasStaking other = new AtlasStaking(UNBONDING, WINDOW, 5_000, 2_000);
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(PEER_KEY, other.proofDigest(p));
+        bytes memory sigOtherContract = abi.encodePacked(r, s, v);
+        vm.expectRevert();
+        staking.submitProof(p, sigOtherContract);
+        // ... and for this contract's address on another chain
+        uint256 here = block.chainid;
+        vm.chainId(otherChain);
+        bytes memory sigOtherChain = _sign(PEER_KEY, p);
+        vm.chainId(here);
+        vm.expectRevert();
+        staking.submitProof(p, sigOtherChain);
+        assertEq(staking.reputationOf(peer).epochsContributed, 0, "nothing recorded");
+        _submit(p); // the right domain still works
+    }
+
+    function testFuzz_ReentrantWithdrawGetsNothingExtra(uint256 amount) public {
+        amount = bound(amount, 1, 10 ether);
+        Payee attacker = new Payee(staking, true);
+        vm.deal(address(this), amount);
+        attacker.stakeAndUnstake{value: amount}();
+        vm.warp(block.timestamp + UNBONDING);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(attacker), amount));
+        attacker.withdraw(); // re-entering withdraw() inside receive() hits the guard: the payout reverts whole
+        assertEq(staking.reputationOf(address(attacker)).unbonding, amount, "still there, paid once at most");
     }
 
     function testFuzz_BatchOfEpochs(uint8 n) public {

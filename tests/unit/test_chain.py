@@ -65,6 +65,19 @@ def test_python_digest_equals_contract_digest_and_signature_recovers(chain, peer
     assert recover_signer(proof, client.domain, sig) == peer.address
 
 
+def test_a_proof_signed_for_another_chain_or_contract_is_refused(chain, peer_ids):
+    from atlas_swarm.proofs import Domain
+
+    w3, client, _, (peer, *_) = chain
+    staked(client, peer, peer_ids[0])
+    proof = make_proof(peer, peer_ids[0], epoch=0, samples=8, nonce=1)
+    for domain in (Domain(client.chain_id + 1, client.address), Domain(client.chain_id, "0x" + "ab" * 20)):
+        with pytest.raises(TxReverted) as e:
+            client.submit_proofs([(proof, sign_proof(proof, domain, peer.key))])
+        assert e.value.error == "InvalidSigner"
+    client.submit_proofs([(proof, sign_proof(proof, client.domain, peer.key))])
+
+
 def test_rewards_are_samples_times_rate_and_claimable_after_the_window(chain, peer_ids):
     w3, client, _, (peer, *_) = chain
     me = staked(client, peer, peer_ids[0])

@@ -15,6 +15,7 @@ interface Vm {
     function sign(uint256 privateKey, bytes32 digest) external returns (uint8 v, bytes32 r, bytes32 s);
     function addr(uint256 privateKey) external returns (address);
     function assume(bool condition) external;
+    function chainId(uint256 newChainId) external;
 }
 
 /// @dev Minimal assertions and helpers in place of forge-std's Test.
