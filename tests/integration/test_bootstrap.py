@@ -71,7 +71,9 @@ def test_same_peer_id_after_restart_and_a_peer_trains_through_it(tmp_path, tiny_
     nodes = []
     with killed_at_exit([]) as peers:
         try:
-            first = Bootstrap(tmp_path, "boot")
+            # the shipped example config, with the machine-specific values overridden by flags (flags win)
+            example = Path(__file__).resolve().parents[2] / "bootstrap" / "bootstrap.toml"
+            first = Bootstrap(tmp_path, "boot", "--config", str(example), "--announce-maddrs")
             nodes.append(first)
             assert oct((first.out / "identity.key").stat().st_mode & 0o777) == "0o600"
             assert "relay: ON" in first.log.read_text()
@@ -111,8 +113,8 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
 
             def two_peers_at_epoch_2():
                 m = scrape(b.url)
-                ok = m.http_get(("atlas_run_peers", (("run", run_id),))) == 2 and \
-                    m.http_get(("atlas_run_epoch", (("run", run_id),)), 0) >= 2
+                ok = m.get(("atlas_run_peers", (("run", run_id),))) == 2 and \
+                    m.get(("atlas_run_epoch", (("run", run_id),)), 0) >= 2
                 return m if ok else None
 
             m = wait_until(two_peers_at_epoch_2, 150, "node B to see 2 peers at epoch >= 2")

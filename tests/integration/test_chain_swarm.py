@@ -76,7 +76,7 @@ def assert_paid_exactly(chain, peer: PeerProcess, address: str) -> int:
     assert rep["claimable"] + rep["pending"] == samples * RATE
     # what it was credited with is what it trained on in those epochs (the peer's own epoch reports)
     reported = {e["epoch"] - 1: e["samples"] for e in peer.events("epoch") if e["samples"] > 0}
-    assert all(reported.http_get(r["proof"]["epoch"], r["proof"]["samples"]) == r["proof"]["samples"] for r in records)
+    assert all(reported.get(r["proof"]["epoch"], r["proof"]["samples"]) == r["proof"]["samples"] for r in records)
     return samples
 
 

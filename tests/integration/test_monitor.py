@@ -73,9 +73,9 @@ def test_monitor_counts_bad_records_and_reports_health(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             m = scrape(url)
-            rejected = {r: m.http_get(("atlas_dht_records_rejected_total", (("reason", r),)), 0) for r in
+            rejected = {r: m.get(("atlas_dht_records_rejected_total", (("reason", r),)), 0) for r in
                         ("signature", "schema", "forged")}  # fmt: skip
-            if all(rejected.values()) and m.http_get(("atlas_run_peers", (("run", RUN),))) == 1:
+            if all(rejected.values()) and m.get(("atlas_run_peers", (("run", RUN),))) == 1:
                 break
             time.sleep(0.3)
         assert all(v >= 1 for v in rejected.values()), rejected
