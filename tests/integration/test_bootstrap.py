@@ -103,13 +103,13 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
             nodes.append(b)
             # two peers that know only node A; node B's monitor must see them
             first = PeerProcess(tmp_path, "p0", ["--initial-peers", a.maddr, "--run-spec", str(tiny_spec), "--data",
-                                                 str(text_data), "--batch-size", "4", "--max-epochs", "4",
+                                                 str(text_data), "--batch-size", "4", "--max-epochs", "6",
                                                  "--wait-for-peers", "2", "--join-timeout", "90"])  # fmt: skip
             peers.append(first)
             run_id = first.wait_event("started", 90)["run_id"]
             peers.append(PeerProcess(tmp_path, "p1", ["--initial-peers", a.maddr, "--run", run_id, "--data",
                                                       str(text_data), "--batch-size", "8", "--seed", "1",
-                                                      "--max-epochs", "4", "--wait-for-peers", "2"]))  # fmt: skip
+                                                      "--max-epochs", "6", "--wait-for-peers", "2"]))  # fmt: skip
 
             def two_peers_at_epoch_2():
                 m = scrape(b.url)
