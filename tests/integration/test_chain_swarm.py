@@ -30,7 +30,8 @@ def chain(tmp_path, tiny_model):
     try:
         w3 = Web3(Web3.HTTPProvider(anvil.url))
         trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=60)
-        spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=256)
+        # epochs well over matchmaking_time: with very short ones a peer that falls behind skips epochs (state download)
+        spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=960)
         spec = RunSpec.from_toml(spec_path)
         trainer.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), RATE, ETHER, 4096, 5 * ETHER)
         (tmp_path / "pw").write_text("test-password")
@@ -97,7 +98,10 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
         for p, (_, account) in zip(peers, chain["wallets"]):
             assert p.wait_event("registered", 1)["address"] == account.address
             final = p.wait_event("proofs", 1)
-            assert final["pending"] == 0 and final["rejected"] == 0 and final["posted"] >= 3, p.tail()
+            took_part = [e for e in p.events("epoch") if e["samples"] > 0]
+            # one proof per epoch it took part in, all posted (an epoch it skipped by downloading state earns none)
+            assert final["pending"] == 0 and final["rejected"] == 0 and final["posted"] == len(took_part), p.tail()
+            assert final["posted"] >= 2, p.tail()
             total += assert_paid_exactly(chain, p, account.address)
         assert chain["trainer"].get_run(chain["run_id"])["budget"] == 5 * ETHER - total * RATE
 
