@@ -1,6 +1,7 @@
 """The demo swarm: 4 peers (separate processes, batch 4/4/8/16, disjoint non-IID shards) fine-tune all-MiniLM-L6-v2
 for topic classification on chatterbot-corpus, offline. A local chain (anvil) holds the staking contract: the demo
-deploys it, funds the run, stakes each peer, and the peers post a signed contribution proof per epoch. Ends with a
+deploys it, funds the run, stakes each peer, and the peers post a signed contribution proof per epoch. The peers join
+through a bootstrap node whose dashboard URL is printed (watch the run live). Ends with a
 table of contributions, proofs accepted and rewards earned, and the held-out accuracy.
 
     python scripts/demo.py [--epochs N] [--out demo-out] [--no-chain]
@@ -58,7 +59,7 @@ def main() -> int:
                   f"{args.epochs} epochs")  # fmt: skip
 
     chain = None if args.no_chain else start_chain(out, console)
-    procs = []
+    procs, boot = [], None
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     common = ["--log-format", "json", "--threads", "1", "--max-epochs", str(args.epochs),
               "--wait-for-peers", str(len(BATCH_SIZES)), "--join-timeout", "120", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
@@ -73,10 +74,11 @@ def main() -> int:
             return subprocess.Popen(cmd, stdout=log, stderr=(out / f"peer{i}.err").open("w"), env=env,
                                     start_new_session=True)  # fmt: skip
 
-        procs.append(launch(0, ["--run-spec", str(SPEC)]))
+        boot, maddr, dashboard = start_bootstrap(out, env)
+        console.print(f"bootstrap node {maddr}\n[bold]dashboard: {dashboard}/[/] (also /metrics, /health)")
+        procs.append(launch(0, ["--run-spec", str(SPEC), "--initial-peers", maddr]))
         started = wait_for(out / "peer0.jsonl", "started", procs[0], timeout=180)
-        maddr = next(a for a in started["maddrs"] if "/127.0.0.1/" in a)
-        console.print(f"peer0 started run {started['run_id']}; joining 3 more peers via {maddr}")
+        console.print(f"peer0 started run {started['run_id']}; 3 more peers join through the bootstrap node")
         for i in range(1, len(BATCH_SIZES)):
             procs.append(launch(i, ["--initial-peers", maddr, "--run", started["run_id"]]))
         t0 = time.monotonic()
@@ -96,13 +98,34 @@ def main() -> int:
         report(console, out, started["run_id"], time.monotonic() - t0, chain)
         return 0
     finally:
-        for p in procs:
+        for p in procs + ([boot] if boot is not None else []):
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         if chain is not None:
             chain["anvil"].stop()
+
+
+def start_bootstrap(out: Path, env: dict) -> tuple[subprocess.Popen, str, str]:
+    """A bootstrap node with its monitor (what a maintainer runs), on loopback: the peers' entry point."""
+    import re
+
+    log = out / "bootstrap.log"
+    cmd = [sys.executable, "-m", "atlas_swarm.bootstrap", "--identity", str(out / "bootstrap.key"), "--host-maddrs",
+           "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--poll-interval", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        url = re.search(r"monitor: (http://\S+?)/ ", text)
+        maddr = re.search(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$", text, re.M)
+        if url and maddr:
+            return proc, maddr.group(1), url.group(1)
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: the bootstrap node exited:\n{text[-2000:]}")
+        time.sleep(0.3)
+    raise SystemExit("demo: the bootstrap node printed no multiaddr within 120 s")
 
 
 REWARD_PER_SAMPLE = 10**12  # wei (0.000001 ETH)
