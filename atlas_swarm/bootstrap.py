@@ -16,7 +16,7 @@ import threading
 import warnings
 from typing import Optional, Sequence
 
-from atlas_swarm.errors import AtlasError
+from atlas_swarm.errors import AtlasError, ConfigError
 from atlas_swarm.identity import Identity
 
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
         validate_run_id(run_id)
     listen = parse_listen(args.http) if args.http else None
     if args.poll_interval <= 0:
-        raise AtlasError(f"--poll-interval {args.poll_interval} must be positive.")
+        raise ConfigError(f"--poll-interval {args.poll_interval} must be positive.")
     if args.identity:
         identity = Identity.load_or_create(args.identity)
     else:
