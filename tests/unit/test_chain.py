@@ -277,3 +277,14 @@ def test_outbox_never_lets_a_later_proof_overtake_a_waiting_one(chain, peer_ids,
     client.fund_run(small, 1000 * RATE)
     assert box.flush(me, now=t0 + 3).posted == 2
     assert [e for e in (r["proof"]["epoch"] for r in box.records())] == [1, 2]
+
+
+def test_a_corrupted_outbox_file_is_a_clear_error_and_nothing_is_lost(chain, peer_ids, tmp_path):
+    w3, client, _, (peer, *_) = chain
+    box = Outbox(tmp_path / "proofs", peer, client.domain)
+    box.sign(RUN, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    (tmp_path / "proofs" / "0000000000000000-0000000002.json").write_text("{truncated")
+    with pytest.raises(ChainError, match="unreadable.*move it away"):
+        Outbox(tmp_path / "proofs", peer, client.domain)
+    (tmp_path / "proofs" / "0000000000000000-0000000002.json").unlink()
+    assert Outbox(tmp_path / "proofs", peer, client.domain).counts().pending == 1  # the good proof is still there
