@@ -29,8 +29,8 @@ def test_cids_match_a_real_ipfs_daemon(tmp_path):
                     if version == 1:
                         params["cid-base"] = "base32"  # js-ipfs prints v1 in base58btc unless asked
                     # js-ipfs answers 500 to a multipart part without a Content-Type
-                    r = requests.post(f"{daemon.api}/api/v0/add", params=params, files={"file": (path.name, f, "application/octet-stream")},
-                                      timeout=120)  # fmt: skip
+                    part = {"file": (path.name, f, "application/octet-stream")}
+                    r = requests.post(f"{daemon.api}/api/v0/add", params=params, files=part, timeout=120)
                 r.raise_for_status()
                 assert cid_of_file(path, version) == json.loads(r.text.splitlines()[-1])["Hash"], (size, version)
     finally:
