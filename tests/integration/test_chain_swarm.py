@@ -81,17 +81,23 @@ def assert_paid_exactly(chain, peer: PeerProcess, address: str) -> int:
     return samples
 
 
+def start_first_peer(peers, tmp_path, chain, text_data, extra: list[str]) -> tuple[PeerProcess, list[str]]:
+    """peer0 starts the run with wallet 0 (added to ``peers`` at once, so it is killed whatever happens); returns it
+    and the flags others join with."""
+    first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
+                                            "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
+    peers.append(first)
+    started = first.wait_event("started", 90)
+    return first, ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
+
+
 def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain, text_data):
     with killed_at_exit([]) as peers:
         extra = ["--max-epochs", "4", "--wait-for-peers", "3", "--join-timeout", "90"]
-        first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
-                                                "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
-        peers.append(first)
-        started = first.wait_event("started", 90)
+        first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         for i, bs in ((1, 4), (2, 8)):
-            peers.append(PeerProcess(tmp_path, f"peer{i}", [
-                "--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data),
-                "--batch-size", str(bs), "--seed", str(i), *extra, *chain_flags(chain, i)]))  # fmt: skip
+            peers.append(PeerProcess(tmp_path, f"peer{i}", [*join, "--batch-size", str(bs), "--seed", str(i), *extra,
+                                                            *chain_flags(chain, i)]))  # fmt: skip
         codes = [p.wait_exit(300) for p in peers]
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
         total = 0
@@ -111,11 +117,7 @@ def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_
     victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, chain["wallets"][2][1])
     with killed_at_exit([]) as peers:
         extra = ["--max-epochs", "9", "--wait-for-peers", "3", "--join-timeout", "90"]
-        first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
-                                                "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
-        peers.append(first)
-        started = first.wait_event("started", 90)
-        join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
+        first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         peers.append(PeerProcess(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
                                                      *chain_flags(chain, 1)]))  # fmt: skip
         # --proof-batch 1: post each proof at once (the default waits for 4 to save gas)
