@@ -147,18 +147,24 @@ class Swarm:
     def peer_statuses(self, run_id: str) -> dict[str, PeerStatus]:
         """Live peers of ``run_id`` by PeerID (records already signature- and schema-checked by the DHT)."""
         self._ensure_validators(run_id)
-        found = self.dht.get(f"{run_id}_peers", latest=True)
-        out = {}
+        return {status.peer_id: status for status in self._owned_records(f"{run_id}_peers", PeerStatus)}
+
+    def _owned_records(self, key: str, model) -> list:
+        """The entries under ``key`` that parse as ``model`` and name the PeerID of the key that signed them (the
+        DHT has already checked signature and schema). Records signed by one peer but naming another are dropped
+        and counted in ``forged``."""
+        found = self.dht.get(key, latest=True)
+        out = []
         if found is not None and isinstance(found.value, dict):
             for subkey, entry in found.value.items():
                 try:
-                    status = PeerStatus.parse_obj(entry.value)
+                    record = model.parse_obj(entry.value)
                 except Exception:
                     continue
-                if peer_id_of_owner(subkey) != status.peer_id:
-                    self.forged += 1  # signed by one peer, claiming to be another
+                if peer_id_of_owner(subkey) != record.peer_id:
+                    self.forged += 1
                     continue
-                out[status.peer_id] = status
+                out.append(record)
         return out
 
     # -- the run registry and hivemind's own progress records ---------------------------------------------------
@@ -169,19 +175,7 @@ class Swarm:
                        expiration_time=get_dht_time() + STATUS_TTL, return_future=True)  # fmt: skip
 
     def announced_runs(self) -> set[str]:
-        found = self.dht.get("atlas_runs", latest=True)
-        runs = set()
-        if found is not None and isinstance(found.value, dict):
-            for subkey, entry in found.value.items():
-                try:
-                    a = RunAnnouncement.parse_obj(entry.value)
-                except Exception:
-                    continue
-                if peer_id_of_owner(subkey) != a.peer_id:
-                    self.forged += 1
-                    continue
-                runs.add(a.run_id)
-        return runs
+        return {a.run_id for a in self._owned_records("atlas_runs", RunAnnouncement)}
 
     def training_progress(self, run_id: str) -> list[dict]:
         """hivemind's per-peer progress records of a run ({peer_id, epoch, samples_accumulated, ...})."""
@@ -223,18 +217,12 @@ class Swarm:
         from atlas_swarm.proofs.binding import verify_binding
 
         self._ensure_validators(run_id)
-        found = self.dht.get(f"{run_id}_wallets", latest=True)
         out = {}
-        if found is not None and isinstance(found.value, dict):
-            for subkey, entry in found.value.items():
-                try:
-                    b = WalletBinding.parse_obj(entry.value)
-                except Exception:
-                    continue
-                if peer_id_of_owner(subkey) == b.peer_id and verify_binding(b.peer_id, b.address, b.signature):
-                    out[b.peer_id] = b.address
-                else:
-                    self.forged += 1
+        for b in self._owned_records(f"{run_id}_wallets", WalletBinding):
+            if verify_binding(b.peer_id, b.address, b.signature):
+                out[b.peer_id] = b.address
+            else:
+                self.forged += 1  # the address never agreed to this binding
         return out
 
     def shutdown(self) -> None:
