@@ -236,6 +236,9 @@ class PeerConfig:
     wait_for_peers: int = 1  # do not train until this many peers (this one included) are in the run
     seed: int = 0  # shuffles this peer's data order
     chain: Optional[ChainConfig] = None  # post contribution proofs to a staking contract
+    publish_every: int = 5  # publish the adapter (content-addressed) every N epochs when elected; 0 = never
+    store: Optional[str] = None  # the embedded block store's folder; default: <out>/store
+    ipfs_api: Optional[str] = None  # use this IPFS daemon's /api/v0 RPC as the store instead
 
     def __post_init__(self):
         if self.run_spec is None and self.run_id is None:
@@ -264,10 +267,18 @@ class PeerConfig:
             raise ConfigError(f"--wait-for-peers {self.wait_for_peers} must be >= 1.")
         if self.join_timeout <= 0:
             raise ConfigError(f"--join-timeout {self.join_timeout} must be positive.")
+        if self.publish_every < 0:
+            raise ConfigError(f"--publish-every {self.publish_every} must be >= 0 (0: never publish).")
+        if self.ipfs_api is not None and not re.match(r"^https?://[^/\s]+/?$", self.ipfs_api):
+            raise ConfigError(f"--ipfs-api {self.ipfs_api!r} is not a daemon URL such as http://127.0.0.1:5001.")
 
     @property
     def identity_path(self) -> Path:
         return Path(self.identity) if self.identity else Path(self.out) / "identity.key"
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store) if self.store else Path(self.out) / "store"
 
 
 def _check(ok: Any, name: str, value: Any, expected: str) -> None:

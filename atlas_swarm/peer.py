@@ -3,7 +3,8 @@
 run() is the whole pipeline, in order:
     identity → join DHT → fetch/publish run spec → load base model + LoRA → resume local checkpoint
     → [chain: check run, binding, stake] → local steps ⇄ decentralized averaging (hivemind.Optimizer)
-    → per epoch: sign contribution proof → outbox → posted on chain (background) ; save adapter → leave
+    → per epoch: sign contribution proof → outbox → posted on chain (background) ; save adapter
+    → every K epochs (elected peer): publish the adapter content-addressed (CID in the run's DHT record) → leave
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from atlas_swarm.config import ChainConfig, PeerConfig, RunSpec, check_same_spec
-from atlas_swarm.errors import AtlasError, CheckpointError, ConfigError, DataError, ModelError
+from atlas_swarm.errors import AtlasError, CheckpointError, ConfigError, DataError, ModelError, StorageError
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
@@ -130,6 +131,25 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
             next_batch = hashed_next
             hooks.append(sign_proof)
+        publisher = None
+        if cfg.publish_every:
+            from atlas_swarm.storage.publish import AdapterPublisher
+
+            publisher = AdapterPublisher(swarm, spec.run_id, spec.model.base, cfg.store_path, cfg.ipfs_api,
+                                         cfg.publish_every)  # fmt: skip
+
+            def publish_adapter(report: EpochReport) -> None:
+                try:
+                    cid = publisher.on_epoch(model, report.epoch, report.adapter_hash, report.group)
+                except StorageError as e:  # a store failing mid-run costs this publication, not the training
+                    reporter.event("publish_failed", f"Could not publish the epoch-{report.epoch} adapter: {e}",
+                                   epoch=report.epoch, error=str(e))  # fmt: skip
+                    return
+                if cid is not None:
+                    reporter.event("published", f"Published the epoch-{report.epoch} adapter as {cid}",
+                                   epoch=report.epoch, cid=cid)  # fmt: skip
+
+            hooks.append(publish_adapter)
 
         # 3. Resume this peer's last checkpoint (the swarm overrides it below if it is ahead).
         adapter_dir = out / "adapter"
@@ -217,6 +237,8 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 last_status = now
             if now - last_spec >= SPEC_REFRESH_EVERY:
                 swarm.publish_spec(spec, wait=False)
+                if publisher is not None:
+                    publisher.refresh()
                 last_spec = now
             if cfg.max_epochs is not None and opt.local_epoch >= cfg.max_epochs:
                 reporter.event("stopping", f"Reached epoch {opt.local_epoch} (--max-epochs)", reason="max_epochs")
@@ -228,6 +250,9 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                     "final", f"Final adapter {agreement.adapter_hash[:12]}: "
                     + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
                     + (" (downloaded)" if agreement.downloaded else ""), **agreement.__dict__)  # fmt: skip
+                if publisher is not None and agreement.agreed:  # equal adapters, equal CIDs: every finisher serves it
+                    cid = publisher.publish(model, opt.local_epoch, agreement.adapter_hash)
+                    reporter.event("published", f"Published the final adapter as {cid}", epoch=opt.local_epoch, cid=cid)
                 break
             if cfg.max_steps is not None and state["steps"] >= cfg.max_steps:
                 reporter.event("stopping", f"Did {state['steps']} steps (--max-steps)", reason="max_steps")
@@ -420,6 +445,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--wallet-password-file", help="file with the keystore password [default: $ATLAS_WALLET_PASSWORD]")
     p.add_argument("--proof-batch", type=int, default=4, help="epochs' proofs per transaction (saves gas)")
     p.add_argument("--proof-max-wait", type=float, default=120.0, help="seconds a proof waits at most for a batch")
+    p.add_argument("--publish-every", type=int, default=5, help="publish the swarm's adapter (content-addressed, "
+                   "served to the swarm) every N epochs when this peer is elected; 0: never")  # fmt: skip
+    p.add_argument("--store", help="folder of the embedded block store [default: OUT/store]")
+    p.add_argument("--ipfs-api", help="use this IPFS daemon's RPC (e.g. http://127.0.0.1:5001) as the store")
     p.add_argument("--verbose", action="store_true", help="show hivemind's own log lines")
     return p.parse_args(argv)
 
@@ -440,6 +469,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
         chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file,
                                      a.proof_batch, a.proof_max_wait),
+        publish_every=a.publish_every, store=a.store, ipfs_api=a.ipfs_api,
     )  # fmt: skip
 
 

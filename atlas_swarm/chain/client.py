@@ -182,6 +182,29 @@ class StakingClient:
         run = dict(zip(keys, r))
         return None if int(run["trainer"], 16) == 0 else run
 
+    def run_ledger(self, run_id: str, from_block: int = 0) -> dict[str, dict]:
+        """Per address, from the run's events: epochs and samples accepted, rewards earned, slashes."""
+        rid = run_id_hash(run_id)
+        events = self.contract.events
+        ledger: dict[str, dict] = {}
+
+        def row(peer: str) -> dict:
+            return ledger.setdefault(peer, {"epochs": 0, "samples": 0, "reward_wei": 0, "slashed_wei": 0, "slashes": 0})
+
+        accepted = self._call(lambda: events.ProofAccepted.get_logs(from_block=from_block,
+                                                                    argument_filters={"runId": rid}))  # fmt: skip
+        for log in accepted:
+            r = row(log.args.peer)
+            r["epochs"] += 1
+            r["samples"] += log.args.samples
+            r["reward_wei"] += log.args.reward
+        slashed = self._call(lambda: events.Slashed.get_logs(from_block=from_block, argument_filters={"runId": rid}))
+        for log in slashed:
+            r = row(log.args.peer)
+            r["slashes"] += 1
+            r["slashed_wei"] += log.args.slashed
+        return ledger
+
     def proof_submitted(self, proof: ContributionProof) -> bool:
         return self._call(lambda: self.contract.functions.proofSubmitted(proof.run_id, proof.peer, proof.epoch).call())
 

@@ -8,6 +8,10 @@ No PyPI package gets this right for files over one chunk, so here it is, tested 
 
 dag-pb PBNode: Links (field 2) before Data (field 1). PBLink: Hash (1), Name (2, always written, empty),
 Tsize (3, the child's whole DAG in bytes). UnixFS Data: Type=File (1), Data (2), filesize (3), blocksizes (4).
+A folder is one dag-pb node (UnixFS Type=Directory) linking each entry by name, in byte order of the names: the
+same folder gets the same CID from `ipfs add -r --cid-version=1 --raw-leaves`.
+
+Every builder takes an optional ``emit(cid, block)``: a store passes one to keep the blocks it hashes.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import base64
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, Optional
 
 CHUNK = 262_144
 MAX_LINKS = 174
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 DAG_PB, RAW = 0x70, 0x55
+Emit = Optional[Callable[[bytes, bytes], None]]  # (binary CID, block)
 
 
 def _varint(n: int) -> bytes:
@@ -68,18 +73,29 @@ def _cid(block: bytes, codec: int, version: int) -> bytes:
     return mh if version == 0 else bytes([1, codec]) + mh
 
 
-def _leaf(chunk: bytes, version: int) -> _Node:
+def _emitted(block: bytes, codec: int, version: int, emit: Emit) -> bytes:
+    cid = _cid(block, codec, version)
+    if emit is not None:
+        emit(cid, block)
+    return cid
+
+
+def _leaf(chunk: bytes, version: int, emit: Emit = None) -> _Node:
     if version == 1:  # raw leaves
-        return _Node(_cid(chunk, RAW, 1), len(chunk), len(chunk))
+        return _Node(_emitted(chunk, RAW, 1, emit), len(chunk), len(chunk))
     block = _field(1, _unixfs_file(chunk, len(chunk)))
-    return _Node(_cid(block, DAG_PB, 0), len(chunk), len(block))
+    return _Node(_emitted(block, DAG_PB, 0, emit), len(chunk), len(block))
 
 
-def _parent(children: list[_Node], version: int) -> _Node:
-    links = b"".join(_field(2, _field(1, c.cid) + _field(2, b"") + _uint(3, c.tsize)) for c in children)
+def _links(named: list[tuple[bytes, _Node]]) -> bytes:
+    return b"".join(_field(2, _field(1, c.cid) + _field(2, name) + _uint(3, c.tsize)) for name, c in named)
+
+
+def _parent(children: list[_Node], version: int, emit: Emit = None) -> _Node:
     filesize = sum(c.filesize for c in children)
-    block = links + _field(1, _unixfs_file(None, filesize, tuple(c.filesize for c in children)))
-    return _Node(_cid(block, DAG_PB, version), filesize, len(block) + sum(c.tsize for c in children))
+    block = _links([(b"", c) for c in children])
+    block += _field(1, _unixfs_file(None, filesize, tuple(c.filesize for c in children)))
+    return _Node(_emitted(block, DAG_PB, version, emit), filesize, len(block) + sum(c.tsize for c in children))
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:
@@ -95,16 +111,31 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
         yield chunk
 
 
-def _root(stream: BinaryIO, version: int) -> _Node:
-    level = [_leaf(c, version) for c in _chunks(stream)]
+def _root(stream: BinaryIO, version: int, emit: Emit = None) -> _Node:
+    level = [_leaf(c, version, emit) for c in _chunks(stream)]
     if not level:  # the empty file: an empty raw block (v1), or one dag-pb node with no data (v0)
         if version == 1:
-            return _leaf(b"", 1)
+            return _leaf(b"", 1, emit)
         block = _field(1, _unixfs_file(None, 0))
-        return _Node(_cid(block, DAG_PB, 0), 0, len(block))
+        return _Node(_emitted(block, DAG_PB, 0, emit), 0, len(block))
     while len(level) > 1:
-        level = [_parent(level[i : i + MAX_LINKS], version) for i in range(0, len(level), MAX_LINKS)]
+        level = [_parent(level[i : i + MAX_LINKS], version, emit) for i in range(0, len(level), MAX_LINKS)]
     return level[0]
+
+
+def _folder(path: Path, version: int, emit: Emit) -> _Node:
+    named = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name.encode()):
+        if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+            raise ValueError(f"{str(entry)!r} is a link or a special file; only plain files and folders are stored")
+        if entry.is_dir():
+            named.append((entry.name.encode(), _folder(entry, version, emit)))
+        else:
+            with open(entry, "rb") as f:
+                named.append((entry.name.encode(), _root(f, version, emit)))
+    block = _links(named) + _field(1, _uint(1, 1))  # UnixFS Type = Directory
+    return _Node(_emitted(block, DAG_PB, version, emit), sum(c.filesize for _, c in named),
+                 len(block) + sum(c.tsize for _, c in named))  # fmt: skip
 
 
 def encode(cid: bytes) -> str:
@@ -119,16 +150,27 @@ def encode(cid: bytes) -> str:
     return "1" * (len(cid) - len(cid.lstrip(b"\0"))) + out
 
 
-def cid_of_file(path: str | Path, version: int = 0) -> str:
+def _check_version(version: int) -> None:
     if version not in (0, 1):
         raise ValueError(f"CID version {version} is not 0 or 1")
+
+
+def cid_of_file(path: str | Path, version: int = 0, emit: Emit = None) -> str:
+    _check_version(version)
     with open(path, "rb") as f:
-        return encode(_root(f, version).cid)
+        return encode(_root(f, version, emit).cid)
 
 
-def cid_of_bytes(data: bytes, version: int = 0) -> str:
+def cid_of_bytes(data: bytes, version: int = 0, emit: Emit = None) -> str:
     import io
 
-    if version not in (0, 1):
-        raise ValueError(f"CID version {version} is not 0 or 1")
-    return encode(_root(io.BytesIO(data), version).cid)
+    _check_version(version)
+    return encode(_root(io.BytesIO(data), version, emit).cid)
+
+
+def cid_of_folder(path: str | Path, version: int = 1, emit: Emit = None) -> str:
+    """The CID `ipfs add -r` gives the folder (with --cid-version=1 --raw-leaves for version 1)."""
+    _check_version(version)
+    if not Path(path).is_dir():
+        raise ValueError(f"{str(path)!r} is not a folder")
+    return encode(_folder(Path(path), version, emit).cid)

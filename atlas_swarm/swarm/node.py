@@ -18,8 +18,9 @@ from hivemind.utils.multiaddr import Multiaddr
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
 from atlas_swarm.identity import Identity
-from atlas_swarm.swarm.records import (SPEC_TTL, STATUS_TTL, WALLET_TTL, GlobalRecords, PeerStatus, RunAnnouncement,
-                                       RunRecords, WalletBinding)
+from atlas_swarm.swarm.records import (ADAPTERS_KEPT, ADAPTERS_TTL, SPEC_TTL, STATUS_TTL, WALLET_TTL, GlobalRecords,
+                                       PeerStatus, PublishedAdapter, PublishedAdapters, RunAnnouncement, RunRecords,
+                                       WalletBinding)
 
 POLL_EVERY = 0.5
 
@@ -224,6 +225,34 @@ class Swarm:
             else:
                 self.forged += 1  # the address never agreed to this binding
         return out
+
+    # -- published adapters (content-addressed; blocks served over p2p) -----------------------------------------
+    def serve_blocks(self, store_root: str, ipfs_api: Optional[str] = None) -> None:
+        """Serve the blocks of this store to any peer that asks (see swarm/blocks.py)."""
+        from atlas_swarm.swarm import blocks
+
+        blocks.serve(self.dht, store_root, ipfs_api)
+
+    def blocks_from(self, peer_id: str):
+        """A verified-later ``get_blocks`` that asks ``peer_id``."""
+        from atlas_swarm.swarm import blocks
+
+        return blocks.blocks_from(self.dht, peer_id)
+
+    def publish_adapters(self, run_id: str, adapters: Sequence[PublishedAdapter], wait: bool = True) -> None:
+        """(Re)publish this peer's adapter list (the last ADAPTERS_KEPT), signed by its key."""
+        self._ensure_validators(run_id)
+        record = PublishedAdapters(peer_id=self.peer_id, adapters=list(adapters)[-ADAPTERS_KEPT:])
+        future = self.dht.store(f"{run_id}_adapters", subkey=self.signer.local_public_key, value=record.dict(),
+                                expiration_time=get_dht_time() + ADAPTERS_TTL, return_future=True)  # fmt: skip
+        if wait and not future.result(timeout=30):
+            raise SwarmError("Could not store the published adapter record in the DHT (no peer accepted it).")
+
+    def published_adapters(self, run_id: str) -> list[tuple[str, PublishedAdapter]]:
+        """(publisher PeerID, adapter) pairs, newest epoch first."""
+        self._ensure_validators(run_id)
+        pairs = [(r.peer_id, a) for r in self._owned_records(f"{run_id}_adapters", PublishedAdapters) for a in r.adapters]
+        return sorted(pairs, key=lambda pa: (-pa[1].epoch, -pa[1].time))
 
     def shutdown(self) -> None:
         if self.dht.is_alive():

@@ -5,12 +5,14 @@
     <run_id>_peers   {owner: PeerStatus}                each peer's live status, refreshed while it trains
     <run_id>_wallets {owner: WalletBinding}             PeerID -> Ethereum address, signed by both keys (a peer that
                                                         posts proofs; see proofs/binding.py)
+    <run_id>_adapters {owner: PublishedAdapters}     the adapters a peer published (epoch → CID), and serves
+                                                        over p2p (swarm/blocks.py) from its store
     atlas_runs       {owner: RunAnnouncement}           the run each live peer is in: how a monitor finds every run
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from hivemind.dht.schema import BytesWithPublicKey
 from pydantic.v1 import BaseModel, StrictBool, StrictBytes, StrictFloat, StrictStr, conint
@@ -19,6 +21,8 @@ SPEC_TTL = 3600.0  # seconds a published spec lives without a refresh
 STATUS_TTL = 60.0  # seconds a peer's status lives without a refresh
 STATUS_EVERY = 5.0  # seconds between status refreshes
 WALLET_TTL = 600.0  # seconds a wallet binding lives without a refresh
+ADAPTERS_TTL = 24 * 3600.0  # seconds a publisher's adapter list lives without a refresh
+ADAPTERS_KEPT = 16  # a publisher lists its last 16 adapters
 
 
 class PeerStatus(BaseModel):
@@ -47,6 +51,18 @@ class WalletBinding(BaseModel):
     signature: StrictBytes  # the address's signature of proofs.binding.binding_message(peer_id, address)
 
 
+class PublishedAdapter(BaseModel):
+    epoch: conint(ge=0, strict=True)
+    cid: StrictStr  # CIDv1 (raw leaves) of the adapter folder: adapter_config.json, adapter_model.safetensors, ...
+    adapter_hash: StrictStr  # model.hashing.tensors_hash of the weights: equal adapters, equal hashes
+    time: StrictFloat
+
+
+class PublishedAdapters(BaseModel):
+    peer_id: StrictStr  # the publisher, who serves the blocks
+    adapters: List[PublishedAdapter]
+
+
 class RunAnnouncement(BaseModel):
     run_id: StrictStr
     peer_id: StrictStr
@@ -63,3 +79,4 @@ class RunRecords(BaseModel):
     spec: Dict[BytesWithPublicKey, StrictBytes]
     peers: Dict[BytesWithPublicKey, Optional[PeerStatus]]
     wallets: Dict[BytesWithPublicKey, Optional[WalletBinding]]
+    adapters: Dict[BytesWithPublicKey, Optional[PublishedAdapters]]

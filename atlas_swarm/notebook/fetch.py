@@ -1,0 +1,183 @@
+"""Getting a run's published adapter into the notebook: choose the CID, fetch its blocks from this notebook's store,
+the IPFS daemon or the publishing peers (each block verified against its CID before it is kept), then load or
+evaluate it."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional
+
+from atlas_swarm.errors import AtlasError, StorageError
+from atlas_swarm.storage import CorruptBlock, IpfsStore, LocalStore, cid_of_folder
+from atlas_swarm.storage.cid import encode
+from atlas_swarm.storage.dag import verify_block
+
+
+def choose(published: list, epoch: Optional[int]) -> tuple[int, str, list[str]]:
+    """(epoch, CID, publishers) of the newest published epoch (or ``epoch``). Where publishers of one epoch disagree,
+    the CID most of them list wins (ties: the smallest), so one dishonest publisher cannot choose the result."""
+    if epoch is not None:
+        published = [(pid, a) for pid, a in published if a.epoch == epoch]
+    if not published:
+        raise StorageError("Nothing published yet" + (f" for epoch {epoch}" if epoch is not None else "") + ": peers "
+                           "publish the adapter every --publish-every epochs (run.published() lists what there is).")
+    newest = max(a.epoch for _, a in published)
+    votes = Counter(a.cid for _, a in published if a.epoch == newest)
+    cid = min(votes, key=lambda c: (-votes[c], c))
+    return newest, cid, sorted({pid for pid, a in published if a.epoch == newest and a.cid == cid})
+
+
+def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], dict[bytes, bytes]]:
+    """A get_blocks that asks each source in turn for what is still missing and keeps only blocks that hash to
+    their CID; if every copy of a block was bad, CorruptBlock names who served it."""
+
+    def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        bad: dict[bytes, str] = {}
+        for name, source in sources:
+            missing = [c for c in cids if c not in found]
+            if not missing:
+                break
+            try:
+                answer = source(missing)
+            except StorageError:
+                continue  # a peer that left, a daemon that is down: try the next source
+            for cid, block in answer.items():
+                try:
+                    verify_block(cid, block)
+                    found[cid] = block
+                except CorruptBlock:
+                    bad[cid] = name
+        for cid, name in bad.items():
+            if cid not in found:
+                raise CorruptBlock(f"Block {encode(cid)} was corrupted or substituted by {name}, and no other source "
+                                   f"had a good copy; refusing the adapter.")  # fmt: skip
+        return found
+
+    return get_blocks
+
+
+def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
+    run._need_swarm()
+    deadline = time.monotonic() + timeout
+    while True:
+        published = run.swarm.published_adapters(run.run_id)
+        try:
+            epoch_, cid, publishers = choose(published, epoch)
+            break
+        except StorageError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    dest = run.workdir / "adapters" / cid
+    if dest.is_dir():
+        if cid_of_folder(dest) == cid:
+            return dest  # fetched before, and nobody changed it since
+        raise StorageError(f"{str(dest)!r} was modified after it was fetched (its CID is no longer {cid}); delete it "
+                           f"to fetch it again.")  # fmt: skip
+    if run._keeper is not None:
+        run._keeper.keep_new()  # usually already kept while the run went on
+    local = LocalStore(run.workdir / "store")
+    sources = [("this notebook's store", local.get_blocks)]
+    if run.ipfs_api:
+        sources.append((f"the IPFS daemon at {run.ipfs_api}", IpfsStore(run.ipfs_api).get_blocks))
+    sources += [(f"this notebook's peer {c.out}", LocalStore(c.out / "store").get_blocks)
+                for c in run._contributions if (c.out / "store").is_dir()]  # fmt: skip
+    sources += [(f"peer {pid}", run.swarm.blocks_from(pid)) for pid in publishers]
+    try:
+        local.pin(first_good(sources), cid)  # every block verified, then kept: the result outlives the swarm
+    except CorruptBlock:
+        raise
+    except StorageError as e:
+        raise StorageError(f"Could not fetch the epoch-{epoch_} adapter {cid}: its publishers ({', '.join(publishers)})"
+                           f" did not serve it; they may have left the swarm. ({e})") from None  # fmt: skip
+    return local.fetch_folder(cid, dest)
+
+
+def load_peft(spec, folder: Path, base_model: Optional[str] = None):
+    """A ready PeftModel (eval mode, CPU) of the base model with the adapter in ``folder``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from atlas_swarm.model.lora import resolve_base_model
+
+    source = resolve_base_model(spec.model.base, base_model)
+    try:
+        if spec.model.task == "sequence-classification":
+            base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(spec.model.labels))
+        else:
+            base = AutoModelForCausalLM.from_pretrained(source)
+        model = PeftModel.from_pretrained(base, str(folder))
+    except (OSError, ValueError) as e:
+        raise AtlasError(f"Could not load the adapter in {str(folder)!r} on {source!r}: {str(e).splitlines()[0]}")
+    return model.eval()
+
+
+def evaluate_adapter(spec, folder: Path, data: str, base_model: Optional[str], batch_size: int) -> dict:
+    from atlas_swarm.model.lora import load_adapter_weights, load_model
+    from atlas_swarm.train.data import Batches, load_examples
+    from atlas_swarm.train.steps import evaluate
+
+    model, tokenizer = load_model(spec, base_model, "cpu")  # the seeded initial adapter: every peer's epoch 0
+    examples = load_examples(data, spec)
+    batches = Batches(examples, tokenizer, spec)
+    before = evaluate(model, batches, "cpu", spec.model.task, batch_size)
+    meta = load_adapter_weights(model, folder)
+    after = evaluate(model, batches, "cpu", spec.model.task, batch_size)
+    return {"epoch": meta.get("epoch"), "examples": len(examples), "before": before, "after": after}
+
+
+class Keeper:
+    """While the notebook is in the swarm, keep a verified copy of every adapter the run publishes (so the result
+    outlives the peers that trained it), serve those blocks, and list them under this node's own record so other
+    fetchers find a provider after the publishers left."""
+
+    def __init__(self, run, every: float = 1.0):
+        import threading
+
+        from atlas_swarm.swarm.records import PublishedAdapter
+
+        self.run, self.every, self._record = run, every, PublishedAdapter
+        self.store = LocalStore(run.workdir / "store")
+        self.kept: dict[str, object] = {}  # cid -> PublishedAdapter
+        self.errors: dict[str, str] = {}  # cid -> why it could not be kept (yet)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        run.swarm.serve_blocks(str(self.store.root))
+        self._thread = threading.Thread(target=self._loop, name="atlas-keeper", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.keep_new()
+            except Exception as e:  # never let a background copy kill the notebook; adapter() reports errors
+                self.errors["*"] = f"{type(e).__name__}: {e}"
+            self._stop.wait(self.every)
+
+    def keep_new(self) -> None:
+        with self._lock:
+            swarm, run_id = self.run.swarm, self.run.run_id
+            published = [(pid, a) for pid, a in swarm.published_adapters(run_id) if pid != swarm.peer_id]
+            new = False
+            for pid, a in published:
+                if a.cid in self.kept:
+                    continue
+                try:
+                    self.store.pin(first_good([("this notebook's store", self.store.get_blocks),
+                                               (f"peer {pid}", swarm.blocks_from(pid))]), a.cid)  # fmt: skip
+                except StorageError as e:
+                    self.errors[a.cid] = str(e)
+                    continue
+                self.kept[a.cid] = self._record(epoch=a.epoch, cid=a.cid, adapter_hash=a.adapter_hash, time=a.time)
+                self.errors.pop(a.cid, None)
+                new = True
+            if new:
+                kept = sorted(self.kept.values(), key=lambda r: (r.epoch, r.time))
+                swarm.publish_adapters(run_id, kept, wait=False)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)

@@ -1,0 +1,178 @@
+"""Reading UnixFS DAGs back, trusting nothing: every block is hashed against the CID that named it before it is
+parsed, so a corrupted or substituted block (from a disk, a daemon or a peer) is refused with the CID it failed.
+
+    parse_cid(text)                     "bafy…"/"Qm…" → binary CID (only sha2-256 multihashes: what we write)
+    verify_block(cid, block)            raise CorruptBlock unless sha256(block) is the CID's digest
+    fetch_folder(get_blocks, cid, dest) walk the DAG level by level, verify every block, write the files
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from atlas_swarm.errors import StorageError
+from atlas_swarm.storage.cid import _B58, DAG_PB, RAW, encode
+
+GetBlocks = Callable[[list[bytes]], Mapping[bytes, bytes]]  # binary CIDs -> the blocks found (missing ones left out)
+MAX_DEPTH = 64
+
+
+class CorruptBlock(StorageError):
+    """A block's bytes do not hash to the CID it was fetched under."""
+
+
+def parse_cid(text: str) -> bytes:
+    """A CID string as written by cid.encode (CIDv1 base32 'b…', CIDv0 base58btc 'Qm…') → binary CID."""
+    try:
+        if text.startswith("b"):
+            raw = base64.b32decode(text[1:].upper() + "=" * (-len(text[1:]) % 8))
+            if raw[0] != 1 or raw[1] not in (DAG_PB, RAW):
+                raise ValueError("not a CIDv1 of dag-pb or raw")
+        elif text.startswith("Qm") and len(text) == 46:
+            n = 0
+            for ch in text:
+                n = n * 58 + _B58.index(ch)
+            raw = n.to_bytes(34, "big")
+        else:
+            raise ValueError("neither CIDv1 base32 (b…) nor CIDv0 (Qm…)")
+        if _multihash(raw)[:2] != b"\x12\x20" or len(_multihash(raw)) != 34:
+            raise ValueError("only sha2-256 CIDs are supported")
+    except (ValueError, IndexError) as e:
+        raise StorageError(f"{text!r} is not a CID we can verify ({e}).") from None
+    return raw
+
+
+def _multihash(cid: bytes) -> bytes:
+    return cid if cid[0] == 0x12 else cid[2:]
+
+
+def verify_block(cid: bytes, block: bytes) -> None:
+    if hashlib.sha256(block).digest() != _multihash(cid)[2:]:
+        raise CorruptBlock(f"Block {encode(cid)} is corrupted or substituted: its bytes hash to something else.")
+
+
+# -- protobuf reading (dag-pb PBNode / PBLink, UnixFS Data): only the fields cid.py writes --------------------------
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return n, i
+        shift += 7
+
+
+def _fields(buf: bytes) -> Iterable[tuple[int, int | bytes]]:
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            if i + size > len(buf):
+                raise ValueError("truncated field")
+            value, i = buf[i : i + size], i + size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield number, value
+
+
+def parse_node(block: bytes) -> tuple[list[tuple[bytes, str]], int, bytes]:
+    """dag-pb block → (links as (binary CID, name), UnixFS type, inline data). Type: 1 folder, 2 file."""
+    links, data = [], b""
+    for number, value in _fields(block):
+        if number == 2:
+            link = dict(_fields(value))
+            links.append((link.get(1, b""), link.get(2, b"").decode()))
+        elif number == 1:
+            data = value
+    unixfs = dict(_fields(data))
+    return links, unixfs.get(1, -1), unixfs.get(2, b"")
+
+
+# -- fetching ------------------------------------------------------------------------------------------------------
+def fetch_blocks(get_blocks: GetBlocks, root: bytes) -> dict[bytes, bytes]:
+    """Every block of the DAG under ``root``, each verified, fetched one level at a time (one round trip a level)."""
+    blocks: dict[bytes, bytes] = {}
+    level, depth = [root], 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise StorageError(f"The DAG under {encode(root)} is deeper than {MAX_DEPTH} levels; refusing it.")
+        wanted = [c for c in dict.fromkeys(level) if c not in blocks]
+        found = get_blocks(wanted)
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise StorageError(f"Block {encode(missing[0])} of {encode(root)} is not available "
+                               f"({len(missing)} of {len(wanted)} missing at depth {depth}).")  # fmt: skip
+        level = []
+        for cid in wanted:
+            verify_block(cid, found[cid])
+            blocks[cid] = found[cid]
+            if _codec(cid) == DAG_PB:
+                try:
+                    level += [link for link, _ in parse_node(found[cid])[0]]
+                except ValueError as e:
+                    raise CorruptBlock(f"Block {encode(cid)} is not a valid dag-pb node ({e}).") from None
+    return blocks
+
+
+def _codec(cid: bytes) -> int:
+    return DAG_PB if cid[0] == 0x12 else cid[1]
+
+
+def fetch_folder(get_blocks: GetBlocks, cid: str, dest: str | Path) -> Path:
+    """Fetch the folder ``cid`` into ``dest`` (which must not exist yet), verifying every block. The folder appears
+    whole or not at all: it is written beside ``dest`` and renamed into place."""
+    dest = Path(dest)
+    if dest.exists():
+        raise StorageError(f"{str(dest)!r} already exists; fetch into a new folder.")
+    root = parse_cid(cid)
+    blocks = fetch_blocks(get_blocks, root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        _write_folder(blocks, root, tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_folder(blocks: dict[bytes, bytes], cid: bytes, folder: Path) -> None:
+    links, kind, _ = parse_node(blocks[cid]) if _codec(cid) == DAG_PB else ([], 2, b"")
+    if kind != 1:
+        raise StorageError(f"{encode(cid)} is a file, not a folder.")
+    for child, name in links:
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise CorruptBlock(f"Folder {encode(cid)} has an entry named {name!r}; refusing to write it.")
+        is_dir = _codec(child) == DAG_PB and parse_node(blocks[child])[1] == 1
+        if is_dir:
+            (folder / name).mkdir()
+            _write_folder(blocks, child, folder / name)
+        else:
+            with open(folder / name, "wb") as f:
+                _write_file(blocks, child, f)
+
+
+def _write_file(blocks: dict[bytes, bytes], cid: bytes, f) -> None:
+    if _codec(cid) == RAW:
+        f.write(blocks[cid])
+        return
+    links, kind, data = parse_node(blocks[cid])
+    if kind != 2:
+        raise CorruptBlock(f"{encode(cid)} should be a file node (UnixFS type 2), is type {kind}.")
+    f.write(data)
+    for child, _ in links:
+        _write_file(blocks, child, f)

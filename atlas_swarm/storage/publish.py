@@ -1,0 +1,56 @@
+"""Publishing the swarm's adapter: every K epochs one peer of the averaging group (the smallest PeerID, so the
+group publishes once) writes the adapter as a stock PEFT folder, puts it in its store, lists its CID in its signed
+DHT record of the run, and serves the blocks to anyone who asks. Fetchers verify every block (storage/dag.py).
+
+The published folder holds nothing peer-specific (run id, epoch, adapter hash, base model), so equal adapters get
+equal CIDs whoever publishes them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from atlas_swarm.model.lora import save_adapter
+from atlas_swarm.storage.store import Store, open_store
+
+
+class AdapterPublisher:
+    def __init__(self, swarm, run_id: str, base_model: str, store_root: Path, ipfs_api: Optional[str], every: int):
+        from atlas_swarm.swarm.records import PublishedAdapter
+
+        self._record = PublishedAdapter
+        self.swarm, self.run_id, self.base_model, self.every = swarm, run_id, base_model, every
+        self.store_root = Path(store_root)
+        self.store: Store = open_store(self.store_root, ipfs_api)
+        self.published: list = []
+        swarm.serve_blocks(str(self.store_root), ipfs_api)
+
+    def elected(self, group: tuple[str, ...]) -> bool:
+        """The group's smallest PeerID publishes; a peer that averaged alone publishes its own adapter."""
+        return not group or self.swarm.peer_id == min(group)
+
+    def on_epoch(self, model, epoch: int, adapter_hash: str, group: tuple[str, ...]) -> Optional[str]:
+        if epoch % self.every or not self.elected(group):
+            return None
+        return self.publish(model, epoch, adapter_hash)
+
+    def publish(self, model, epoch: int, adapter_hash: str) -> str:
+        if self.published and self.published[-1].epoch == epoch and self.published[-1].adapter_hash == adapter_hash:
+            return self.published[-1].cid
+        tmp = Path(tempfile.mkdtemp(prefix="publish-", dir=self.store_root))
+        try:
+            meta = {"run_id": self.run_id, "epoch": epoch, "adapter_hash": adapter_hash, "base_model": self.base_model}
+            cid = self.store.put_folder(save_adapter(model, tmp / "adapter", meta))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.published.append(self._record(epoch=epoch, cid=cid, adapter_hash=adapter_hash, time=time.time()))
+        self.swarm.publish_adapters(self.run_id, self.published, wait=False)
+        return cid
+
+    def refresh(self) -> None:
+        if self.published:
+            self.swarm.publish_adapters(self.run_id, self.published, wait=False)

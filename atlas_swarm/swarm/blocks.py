@@ -1,0 +1,83 @@
+"""Serving and fetching content-addressed blocks peer to peer, over the libp2p connection the DHT already has.
+
+A peer that publishes an adapter serves its store's blocks under the stream protocol BLOCKS; anyone in the swarm (a
+notebook, a monitor) asks it for a list of CIDs and gets the blocks back. Nothing is trusted: the caller verifies
+every block against its CID (storage/dag.py), so a peer can refuse to answer but cannot substitute content.
+
+Both ends run inside hivemind's DHT process (``dht.run_coroutine``), which owns the p2p daemon connection.
+Wire format: a length-prefixed msgpack list of binary CIDs; the answer, a msgpack list of blocks (nil = not here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Optional
+
+import msgpack
+from hivemind.p2p import P2P, PeerID
+
+from atlas_swarm.errors import StorageError
+
+BLOCKS = "atlas.blocks.v1"
+MAX_PER_REQUEST = 64  # 64 blocks of at most 256 KiB + a header: 16 MiB per answer at most
+REQUEST_TIMEOUT = 30.0
+
+
+def serve(dht, store_root: str, ipfs_api: Optional[str] = None) -> None:
+    """Answer block requests from the store at ``store_root`` (or the IPFS daemon) until the DHT stops."""
+    dht.run_coroutine(partial(_serve, store_root, ipfs_api))
+
+
+async def _serve(store_root: str, ipfs_api: Optional[str], _dht, node) -> None:
+    from atlas_swarm.storage import open_store
+
+    store = open_store(store_root, ipfs_api)
+    loop = asyncio.get_running_loop()
+
+    async def handle(_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            wanted = msgpack.unpackb(await asyncio.wait_for(P2P.receive_raw_data(reader), REQUEST_TIMEOUT))
+            if not isinstance(wanted, list) or not all(isinstance(c, bytes) for c in wanted):
+                return
+            wanted = wanted[:MAX_PER_REQUEST]
+            found = await loop.run_in_executor(None, store.get_blocks, wanted)  # disk or daemon: off the event loop
+            await P2P.send_raw_data(msgpack.packb([found.get(c) for c in wanted]), writer)
+        except Exception:
+            pass  # a bad request costs the asker its answer, never the server
+        finally:
+            writer.close()
+
+    await node.p2p.add_binary_stream_handler(BLOCKS, handle)
+
+
+def blocks_from(dht, peer_id: str):
+    """A ``get_blocks`` (see storage/dag.py) that asks ``peer_id`` over p2p."""
+
+    def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for i in range(0, len(cids), MAX_PER_REQUEST):
+            blocks, error = dht.run_coroutine(partial(_ask, peer_id, cids[i : i + MAX_PER_REQUEST]))
+            if error is not None:
+                raise StorageError(f"Peer {peer_id} did not serve the blocks ({error}); it may have left the swarm.")
+            out.update(blocks)
+        return out
+
+    return get_blocks
+
+
+async def _ask(peer_id: str, cids: list[bytes], _dht, node) -> tuple[dict[bytes, bytes], Optional[str]]:
+    """(blocks, None), or ({}, why): failing here would make hivemind log a traceback for a peer that left."""
+    try:
+        _info, reader, writer = await asyncio.wait_for(
+            node.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), BLOCKS), REQUEST_TIMEOUT)
+        try:
+            await P2P.send_raw_data(msgpack.packb(cids), writer)
+            answer = msgpack.unpackb(await asyncio.wait_for(P2P.receive_raw_data(reader), REQUEST_TIMEOUT))
+        finally:
+            writer.close()
+    except Exception as e:
+        return {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not isinstance(answer, list):
+        return {}, "a malformed answer"
+    return {c: b for c, b in zip(cids, answer) if isinstance(b, bytes)}, None
