@@ -223,12 +223,15 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             state["loss"] = loss
             state["epoch"] = opt.local_epoch
 
-            for done in _drain(opt.completed):
+            epochs_done = _drain(opt.completed)
+            for done in epochs_done:
                 _finish_epoch(done, spec, swarm, model, out, opt, state, cfg, reporter, hooks)
 
             now = time.monotonic()
             progress = opt.swarm_progress()
             sps = float(opt.tracker.performance_ema.samples_per_second)
+            if epochs_done:  # watchers see every epoch's loss, however short epochs are
+                last_status = now - STATUS_EVERY
             reporter.progress(epoch=opt.local_epoch, swarm_samples=progress["samples"], target=progress["target"],
                               peers=progress["peers"], loss=round(loss, 5), samples_per_second=round(sps, 2),
                               local_samples=state["samples_total"], **(chain.progress() if chain else {}))  # fmt: skip

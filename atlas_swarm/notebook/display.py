@@ -53,15 +53,12 @@ class Display:
         except ImportError:  # tqdm.notebook needs ipywidgets
             self.bar = None
         try:
-            import matplotlib
-
-            matplotlib.use("agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # no pyplot: works whatever backend the kernel has
             from IPython.display import display
 
-            self.figure, self.axes = plt.subplots(figsize=(6, 2.5))
-            plt.close(self.figure)  # shown through the display handle only
-            self.handle = display(self.figure, display_id=True)
+            self.figure = Figure(figsize=(6, 2.5))
+            self.axes = self.figure.subplots()
+            self.handle = display(self._png(), display_id=True)
         except ImportError:
             self.figure = None
 
@@ -87,7 +84,16 @@ class Display:
         self.axes.set_xlabel("seconds")
         self.axes.set_ylabel("mean peer loss")
         self.axes.set_title(f"{view['run_id']}: epoch {view['epoch']}")
-        self.handle.update(self.figure)
+        self.handle.update(self._png())
+
+    def _png(self):
+        import io
+
+        from IPython.display import Image
+
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        return Image(data=buf.getvalue(), format="png")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -103,8 +103,11 @@ def load_peft(spec, folder: Path, base_model: Optional[str] = None):
 
     from atlas_swarm.model.lora import resolve_base_model
 
+    import warnings
+
     source = resolve_base_model(spec.model.base, base_model)
     try:
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # PEFT's deprecated calls
         if spec.model.task == "sequence-classification":
             base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(spec.model.labels))
         else:

@@ -134,19 +134,22 @@ class Run:
         return runs[0] if runs else None
 
     def status(self):
-        """One row per live peer: epoch, samples, samples/s, loss, averaging rounds, proofs, rewards. A pandas
-        DataFrame when pandas is installed, else a list of dicts."""
-        view = self._view()
-        rows = [{"peer_id": p["peer_id"], "epoch": p["epoch"], "samples": p["samples_total"],
-                 "samples_per_second": round(p["samples_per_second"], 2), "loss": p["loss"], "device": p["device"],
-                 "rounds_averaged": p["rounds_averaged"], "proofs_posted": p["proofs_posted"],
-                 "rewards_eth": p["rewards_eth"]} for p in (view["peers"] if view else [])]  # fmt: skip
+        """One row per peer whose status record is live (state "training", or "left" for a peer that said goodbye):
+        epoch, samples, samples/s, loss, averaging rounds, proofs, rewards. A pandas DataFrame when pandas is
+        installed, else a list of dicts."""
+        self._need_swarm()
+        columns = ["peer_id", "state", "epoch", "samples", "samples_per_second", "loss", "device", "rounds_averaged",
+                   "rounds_failed", "proofs_posted", "rewards_eth"]  # fmt: skip
+        rows = []
+        for pid, st in sorted(self.swarm.peer_statuses(self.run_id).items()):
+            rows.append(dict(zip(columns, [pid, "left" if st.leaving else "training", st.epoch, st.samples_total,
+                                           round(st.samples_per_second, 2), st.loss, st.device, st.rounds_averaged,
+                                           st.rounds_failed, st.proofs_posted, st.rewards_eth])))  # fmt: skip
         try:
             import pandas
         except ImportError:
             return rows
-        return pandas.DataFrame(rows, columns=["peer_id", "epoch", "samples", "samples_per_second", "loss", "device",
-                                               "rounds_averaged", "proofs_posted", "rewards_eth"])  # fmt: skip
+        return pandas.DataFrame(rows, columns=columns)
 
     def watch(self, until_epoch: Optional[int] = None, timeout: Optional[float] = None, every: float = 2.0):
         """Live progress until the swarm reaches ``until_epoch`` (or ``timeout`` s pass, or the background

@@ -1,0 +1,131 @@
+"""Content-addressed storage without a daemon: folder CIDs, the embedded store, verified fetching, and the choice of
+which published CID to trust. (Equality with a real IPFS daemon: tests/integration/test_cid_daemon.py.)"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from atlas_swarm.errors import StorageError
+from atlas_swarm.notebook.fetch import choose, first_good
+from atlas_swarm.storage import CorruptBlock, LocalStore, cid_of_folder
+from atlas_swarm.storage.cid import CHUNK
+from atlas_swarm.storage.dag import parse_cid
+
+
+def make_folder(root, big: int = 3 * CHUNK + 5):
+    (root / "sub").mkdir(parents=True)
+    (root / "weights.bin").write_bytes(os.urandom(big))
+    (root / "config.json").write_text('{"r": 8}')
+    (root / "sub" / "empty").write_bytes(b"")
+    return root
+
+
+def test_store_round_trip_gives_identical_files_and_the_folder_cid(tmp_path):
+    src = make_folder(tmp_path / "adapter")
+    store = LocalStore(tmp_path / "store")
+
+    cid = store.put_folder(src)
+    out = store.fetch_folder(cid, tmp_path / "out")
+
+    assert cid == cid_of_folder(src) and cid.startswith("bafy")
+    for rel in ("weights.bin", "config.json", "sub/empty"):
+        assert (out / rel).read_bytes() == (src / rel).read_bytes()
+    assert cid_of_folder(out) == cid
+
+
+def test_folder_cid_depends_on_content_and_names_not_on_time(tmp_path):
+    a = make_folder(tmp_path / "a")
+    b = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(a, b)
+    os.utime(b / "config.json", (1, 1))
+    assert cid_of_folder(a) == cid_of_folder(b)
+    (b / "config.json").write_text('{"r": 9}')
+    assert cid_of_folder(a) != cid_of_folder(b)
+
+
+def test_a_corrupted_block_is_refused_and_nothing_is_written(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cid = store.put_folder(make_folder(tmp_path / "adapter"))
+    victim = max((store.blocks).iterdir(), key=lambda p: p.stat().st_size)  # a 256 KiB leaf of weights.bin
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptBlock, match=victim.name):
+        store.fetch_folder(cid, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_substituted_block_is_refused(tmp_path):
+    """A source answering a CID with another (valid) block, e.g. a peer serving a different adapter."""
+    store = LocalStore(tmp_path / "store")
+    cid = store.put_folder(make_folder(tmp_path / "adapter"))
+    other = LocalStore(tmp_path / "other")
+    other.put_folder(make_folder(tmp_path / "other-adapter"))
+    theirs = other.get_blocks([parse_cid(other.put_folder(tmp_path / "other-adapter"))])
+    substitute = next(iter(theirs.values()))
+
+    def lying(cids):
+        return {c: substitute for c in cids}
+
+    with pytest.raises(CorruptBlock):
+        LocalStore(tmp_path / "fresh").pin(lying, cid)
+
+
+def test_a_missing_block_names_the_cid(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cid = store.put_folder(make_folder(tmp_path / "adapter"))
+    victim = sorted(store.blocks.iterdir())[0]
+    victim.unlink()
+    with pytest.raises(StorageError, match="not available"):
+        store.fetch_folder(cid, tmp_path / "out")
+
+
+def test_first_good_skips_bad_and_failing_sources(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cid = store.put_folder(make_folder(tmp_path / "adapter"))
+
+    def down(cids):
+        raise StorageError("peer left")
+
+    def corrupt(cids):
+        return {c: b"garbage" for c in cids}
+
+    fresh = LocalStore(tmp_path / "fresh")
+    fresh.pin(first_good([("down", down), ("liar", corrupt), ("good", store.get_blocks)]), cid)
+    assert fresh.fetch_folder(cid, tmp_path / "out").is_dir()
+    with pytest.raises(CorruptBlock, match="liar"):
+        LocalStore(tmp_path / "fresh2").pin(first_good([("down", down), ("liar", corrupt)]), cid)
+
+
+@pytest.mark.parametrize("bad", ["", "hello", "Qm123", "bafy" + "a" * 10, "zb2rhe5P4gXftAwvA4eXQ5HJwsER2owDyS9sKaQRRVQPn93bA"])
+def test_unverifiable_cids_are_refused_with_a_clear_error(bad):
+    with pytest.raises(StorageError, match="not a CID"):
+        parse_cid(bad)
+
+
+def test_fetch_never_overwrites_a_folder(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cid = store.put_folder(make_folder(tmp_path / "adapter"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(StorageError, match="already exists"):
+        store.fetch_folder(cid, tmp_path / "out")
+
+
+def _pub(epoch, cid):
+    return SimpleNamespace(epoch=epoch, cid=cid)
+
+
+def test_choose_takes_the_newest_epoch_and_the_majority_cid():
+    published = [("A", _pub(4, "bafyX")), ("B", _pub(4, "bafyX")), ("C", _pub(4, "bafyEVIL")), ("D", _pub(3, "bafyOld"))]
+    assert choose(published, None) == (4, "bafyX", ["A", "B"])
+    assert choose(published, 3) == (3, "bafyOld", ["D"])
+    assert choose([("A", _pub(1, "bafyB")), ("B", _pub(1, "bafyA"))], None)[1] == "bafyA"  # tie: smallest
+    with pytest.raises(StorageError, match="Nothing published yet for epoch 9"):
+        choose(published, 9)
