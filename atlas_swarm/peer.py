@@ -256,6 +256,9 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 if publisher is not None and agreement.agreed:  # equal adapters, equal CIDs: every finisher serves it
                     cid = publisher.publish(model, opt.local_epoch, agreement.adapter_hash)
                     reporter.event("published", f"Published the final adapter as {cid}", epoch=opt.local_epoch, cid=cid)
+                    keeper = publisher.hand_off(cid, cfg.join_timeout)
+                    reporter.event("handed_off", f"Keeper {keeper} holds a copy" if keeper else "No keeper in the run "
+                                   "copied it", keeper=keeper, cid=cid)  # fmt: skip
                 break
             if cfg.max_steps is not None and state["steps"] >= cfg.max_steps:
                 reporter.event("stopping", f"Did {state['steps']} steps (--max-steps)", reason="max_steps")

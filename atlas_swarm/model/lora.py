@@ -109,12 +109,14 @@ def save_adapter(model: PeftModel, folder: str | Path, metadata: Optional[dict] 
     """Write a stock PEFT folder (adapter_config.json + adapter_model.safetensors) atomically.
 
     The folder is written next to its destination and renamed into place, so a crash never leaves half an adapter.
+    Its bytes depend only on the weights, the config and ``metadata`` (see _canonical_config).
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        _canonical_config(tmp / "adapter_config.json")
         if metadata is not None:
             (tmp / "atlas.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
         old = folder.with_name(folder.name + ".old")
@@ -126,6 +128,15 @@ def save_adapter(model: PeftModel, folder: str | Path, metadata: Optional[dict] 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _canonical_config(path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash-seed order; sort it (and the keys) so that equal
+    adapters give byte-identical folders, hence equal CIDs, on every peer."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter_weights(model: PeftModel, folder: str | Path) -> dict:

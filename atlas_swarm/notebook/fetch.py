@@ -149,6 +149,7 @@ class Keeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         run.swarm.serve_blocks(str(self.store.root))
+        run.swarm.publish_adapters(run.run_id, [], wait=True, keeper=True)  # finishing peers wait for our copy
         self._thread = threading.Thread(target=self._loop, name="atlas-keeper", daemon=True)
         self._thread.start()
 
@@ -179,7 +180,7 @@ class Keeper:
                 new = True
             if new:
                 kept = sorted(self.kept.values(), key=lambda r: (r.epoch, r.time))
-                swarm.publish_adapters(run_id, kept, wait=False)
+                swarm.publish_adapters(run_id, kept, wait=False, keeper=True)
 
     def stop(self) -> None:
         self._stop.set()

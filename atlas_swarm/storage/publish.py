@@ -51,6 +51,21 @@ class AdapterPublisher:
         self.swarm.publish_adapters(self.run_id, self.published, wait=False)
         return cid
 
+    def hand_off(self, cid: str, timeout: float) -> Optional[str]:
+        """Before a finishing peer leaves: if a keeper (a notebook copying the run's adapters) is in the run, wait
+        up to ``timeout`` s until one lists ``cid``, so the result outlives this peer. The keeper's PeerID, or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            keepers = [r for r in self.swarm.adapter_records(self.run_id) if r.keeper and r.peer_id != self.swarm.peer_id]
+            if not keepers:
+                return None
+            for record in keepers:
+                if any(a.cid == cid for a in record.adapters):
+                    return record.peer_id
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+
     def refresh(self) -> None:
         if self.published:
             self.swarm.publish_adapters(self.run_id, self.published, wait=False)

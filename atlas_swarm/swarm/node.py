@@ -239,19 +239,23 @@ class Swarm:
 
         return blocks.blocks_from(self.dht, peer_id)
 
-    def publish_adapters(self, run_id: str, adapters: Sequence[PublishedAdapter], wait: bool = True) -> None:
+    def publish_adapters(self, run_id: str, adapters: Sequence[PublishedAdapter], wait: bool = True,
+                         keeper: bool = False) -> None:  # fmt: skip
         """(Re)publish this peer's adapter list (the last ADAPTERS_KEPT), signed by its key."""
         self._ensure_validators(run_id)
-        record = PublishedAdapters(peer_id=self.peer_id, adapters=list(adapters)[-ADAPTERS_KEPT:])
+        record = PublishedAdapters(peer_id=self.peer_id, adapters=list(adapters)[-ADAPTERS_KEPT:], keeper=keeper)
         future = self.dht.store(f"{run_id}_adapters", subkey=self.signer.local_public_key, value=record.dict(),
                                 expiration_time=get_dht_time() + ADAPTERS_TTL, return_future=True)  # fmt: skip
         if wait and not future.result(timeout=30):
             raise SwarmError("Could not store the published adapter record in the DHT (no peer accepted it).")
 
+    def adapter_records(self, run_id: str) -> list[PublishedAdapters]:
+        self._ensure_validators(run_id)
+        return self._owned_records(f"{run_id}_adapters", PublishedAdapters)
+
     def published_adapters(self, run_id: str) -> list[tuple[str, PublishedAdapter]]:
         """(publisher PeerID, adapter) pairs, newest epoch first."""
-        self._ensure_validators(run_id)
-        pairs = [(r.peer_id, a) for r in self._owned_records(f"{run_id}_adapters", PublishedAdapters) for a in r.adapters]
+        pairs = [(r.peer_id, a) for r in self.adapter_records(run_id) for a in r.adapters]
         return sorted(pairs, key=lambda pa: (-pa[1].epoch, -pa[1].time))
 
     def shutdown(self) -> None:

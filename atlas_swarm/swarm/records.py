@@ -61,6 +61,7 @@ class PublishedAdapter(BaseModel):
 class PublishedAdapters(BaseModel):
     peer_id: StrictStr  # the publisher, who serves the blocks
     adapters: List[PublishedAdapter]
+    keeper: StrictBool = False  # a node that copies every published adapter (a notebook): finishing peers wait for it
 
 
 class RunAnnouncement(BaseModel):

@@ -129,3 +129,17 @@ def test_choose_takes_the_newest_epoch_and_the_majority_cid():
     assert choose([("A", _pub(1, "bafyB")), ("B", _pub(1, "bafyA"))], None)[1] == "bafyA"  # tie: smallest
     with pytest.raises(StorageError, match="Nothing published yet for epoch 9"):
         choose(published, 9)
+
+
+def test_saved_adapter_configs_are_canonical_so_equal_adapters_get_equal_cids(tmp_path):
+    """PEFT writes target_modules (a set) in hash-seed order: two peers would publish one adapter under two CIDs."""
+    import json
+
+    from atlas_swarm.model.lora import _canonical_config
+
+    for i, order in enumerate((["v_proj", "q_proj"], ["q_proj", "v_proj"])):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "adapter_config.json").write_text(json.dumps({"target_modules": order, "r": 4}))
+        _canonical_config(tmp_path / str(i) / "adapter_config.json")
+    assert cid_of_folder(tmp_path / "0") == cid_of_folder(tmp_path / "1")
+    assert json.loads((tmp_path / "0" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
