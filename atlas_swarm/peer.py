@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from atlas_swarm.config import ChainConfig, PeerConfig, RunSpec, check_same_spec
-from atlas_swarm.errors import AtlasError, CheckpointError, ConfigError, DataError, ModelError, StorageError
+from atlas_swarm.errors import AtlasError, CheckpointError, ConfigError, DataError, ModelError
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
@@ -97,6 +97,16 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
             chain = ChainSession.open(cfg.chain, spec, swarm, out, reporter)
 
+        publish_hooks: list = []  # before the model, for the same reason: a bad --ipfs-api fails fast
+        publisher = None
+        if cfg.publish_every:
+            from atlas_swarm.storage.publish import AdapterPublisher
+
+            publisher = AdapterPublisher(swarm, spec.run_id, spec.model.base, cfg.store_path, cfg.ipfs_api,
+                                         cfg.publish_every)  # fmt: skip
+
+            publish_hooks.append(lambda report: publisher.on_epoch(model, report, reporter))
+
         # 2. Base model + LoRA, identical on every peer (seeded); refuse adapters the swarm cannot average with ours.
         model, tokenizer = load_model(spec, cfg.base_model, device)
         model.train()
@@ -114,7 +124,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         micro = find_micro_batch(model, batches.next, device, precision)
         batch_size = cfg.batch_size or micro
         micro = min(micro, batch_size)
-        next_batch, hooks = batches.next, list(hooks)
+        next_batch, hooks = batches.next, list(hooks) + publish_hooks
         if chain is not None:  # the proof commits to the batches trained on in each epoch (Merkle root of hashes)
             from atlas_swarm.proofs.commit import batch_hash
 
@@ -131,25 +141,6 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
             next_batch = hashed_next
             hooks.append(sign_proof)
-        publisher = None
-        if cfg.publish_every:
-            from atlas_swarm.storage.publish import AdapterPublisher
-
-            publisher = AdapterPublisher(swarm, spec.run_id, spec.model.base, cfg.store_path, cfg.ipfs_api,
-                                         cfg.publish_every)  # fmt: skip
-
-            def publish_adapter(report: EpochReport) -> None:
-                try:
-                    cid = publisher.on_epoch(model, report.epoch, report.adapter_hash, report.group)
-                except StorageError as e:  # a store failing mid-run costs this publication, not the training
-                    reporter.event("publish_failed", f"Could not publish the epoch-{report.epoch} adapter: {e}",
-                                   epoch=report.epoch, error=str(e))  # fmt: skip
-                    return
-                if cid is not None:
-                    reporter.event("published", f"Published the epoch-{report.epoch} adapter as {cid}",
-                                   epoch=report.epoch, cid=cid)  # fmt: skip
-
-            hooks.append(publish_adapter)
 
         # 3. Resume this peer's last checkpoint (the swarm overrides it below if it is ahead).
         adapter_dir = out / "adapter"
@@ -254,11 +245,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                     + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
                     + (" (downloaded)" if agreement.downloaded else ""), **agreement.__dict__)  # fmt: skip
                 if publisher is not None and agreement.agreed:  # equal adapters, equal CIDs: every finisher serves it
-                    cid = publisher.publish(model, opt.local_epoch, agreement.adapter_hash)
-                    reporter.event("published", f"Published the final adapter as {cid}", epoch=opt.local_epoch, cid=cid)
-                    keeper = publisher.hand_off(cid, cfg.join_timeout)
-                    reporter.event("handed_off", f"Keeper {keeper} holds a copy" if keeper else "No keeper in the run "
-                                   "copied it", keeper=keeper, cid=cid)  # fmt: skip
+                    publisher.finish(model, opt.local_epoch, agreement.adapter_hash, cfg.join_timeout, reporter)
                 break
             if cfg.max_steps is not None and state["steps"] >= cfg.max_steps:
                 reporter.event("stopping", f"Did {state['steps']} steps (--max-steps)", reason="max_steps")

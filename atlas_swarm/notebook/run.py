@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from atlas_swarm.config import RunSpec, validate_run_id
-from atlas_swarm.errors import AtlasError, ChainUnavailable, ConfigError, SpecError, StorageError
+from atlas_swarm.errors import AtlasError, ChainUnavailable, ConfigError, SpecError
 from atlas_swarm.notebook.contribute import Contribution, peer_args, write_data
 
 # LoRA target modules by transformers model_type, used when create() is given no lora.target_modules

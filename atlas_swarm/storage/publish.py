@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from atlas_swarm.errors import StorageError
 from atlas_swarm.model.lora import save_adapter
 from atlas_swarm.storage.store import Store, open_store
 
@@ -33,10 +34,31 @@ class AdapterPublisher:
         """The group's smallest PeerID publishes; a peer that averaged alone publishes its own adapter."""
         return not group or self.swarm.peer_id == min(group)
 
-    def on_epoch(self, model, epoch: int, adapter_hash: str, group: tuple[str, ...]) -> Optional[str]:
-        if epoch % self.every or not self.elected(group):
+    def on_epoch(self, model, report, reporter) -> Optional[str]:
+        """The peer's epoch hook (report: peer.EpochReport). A failing store costs this publication, not training."""
+        if report.epoch % self.every or not self.elected(report.group):
             return None
-        return self.publish(model, epoch, adapter_hash)
+        try:
+            cid = self.publish(model, report.epoch, report.adapter_hash)
+        except StorageError as e:
+            reporter.event("publish_failed", f"Could not publish the epoch-{report.epoch} adapter: {e}",
+                           epoch=report.epoch, error=str(e))  # fmt: skip
+            return None
+        reporter.event("published", f"Published the epoch-{report.epoch} adapter as {cid}", epoch=report.epoch, cid=cid)
+        return cid
+
+    def finish(self, model, epoch: int, adapter_hash: str, timeout: float, reporter) -> None:
+        """A peer stopping at --max-epochs with the agreed adapter: publish it (equal adapters, equal CIDs: every
+        finisher serves it), then give a keeper in the run up to ``timeout`` s to copy it before leaving."""
+        try:
+            cid = self.publish(model, epoch, adapter_hash)
+        except StorageError as e:
+            reporter.event("publish_failed", f"Could not publish the final adapter: {e}", epoch=epoch, error=str(e))
+            return
+        reporter.event("published", f"Published the final adapter as {cid}", epoch=epoch, cid=cid)
+        keeper = self.hand_off(cid, timeout)
+        reporter.event("handed_off", f"Keeper {keeper} holds a copy" if keeper else "No keeper in the run copied it",
+                       keeper=keeper, cid=cid)  # fmt: skip
 
     def publish(self, model, epoch: int, adapter_hash: str) -> str:
         if self.published and self.published[-1].epoch == epoch and self.published[-1].adapter_hash == adapter_hash:
@@ -47,6 +69,8 @@ class AdapterPublisher:
             cid = self.store.put_folder(save_adapter(model, tmp / "adapter", meta))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        # a finisher that downloaded the agreed adapter replaces what it published for this epoch before agreeing
+        self.published = [p for p in self.published if p.epoch != epoch]
         self.published.append(self._record(epoch=epoch, cid=cid, adapter_hash=adapter_hash, time=time.time()))
         self.swarm.publish_adapters(self.run_id, self.published, wait=False)
         return cid

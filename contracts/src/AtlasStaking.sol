@@ -63,6 +63,14 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     /// @dev keccak256(runId, peer, epoch) => slashed already
     mapping(bytes32 => bool) private _slashed;
 
+    struct Checkpoint {
+        bytes32 cidDigest;
+        address publisher;
+    }
+
+    /// @dev runId => epoch => the published adapter's CID digest
+    mapping(bytes32 => mapping(uint64 => Checkpoint)) private _checkpoints;
+
     // ------------------------------------------------------------ constructor
     constructor(uint32 unbondingPeriod, uint32 challengeWindow, uint16 slashBps, uint16 bountyBps)
         EIP712("AtlasStaking", "1")
@@ -120,6 +128,12 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     /// @inheritdoc IAtlasStaking
     function ownerOfPeerId(bytes32 peerIdHash) external view returns (address) {
         return _ownerOf[peerIdHash];
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function checkpointOf(bytes32 runId, uint64 epoch) external view returns (bytes32 cidDigest, address publisher) {
+        Checkpoint memory c = _checkpoints[runId][epoch];
+        return (c.cidDigest, c.publisher);
     }
 
     // --------------------------------------------------------------- mutative
@@ -245,6 +259,18 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
             _claimable[msg.sender] += amount - bounty + forfeited;
         }
         emit Slashed(proofA.runId, proofA.epoch, peer, msg.sender, amount, bounty, forfeited);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest) external {
+        if (_runs[runId].trainer == address(0)) revert UnknownRun(runId);
+        if (cidDigest == bytes32(0)) revert InvalidParameters();
+        if (epoch == 0 || !proofSubmitted(runId, msg.sender, epoch - 1)) revert NoProofForEpoch(runId, epoch, msg.sender);
+        Checkpoint storage c = _checkpoints[runId][epoch];
+        if (c.cidDigest != bytes32(0)) revert CheckpointExists(runId, epoch, c.cidDigest);
+        c.cidDigest = cidDigest;
+        c.publisher = msg.sender;
+        emit CheckpointRecorded(runId, epoch, msg.sender, cidDigest);
     }
 
     /// @inheritdoc IAtlasStaking

@@ -72,6 +72,8 @@ interface IAtlasStaking {
     error NothingToSlash(address peer);
     error NothingToClaim();
     error TransferFailed(address to, uint256 amount);
+    error NoProofForEpoch(bytes32 runId, uint64 epoch, address publisher);
+    error CheckpointExists(bytes32 runId, uint64 epoch, bytes32 cidDigest);
 
     // ----------------------------------------------------------------- events
     event Staked(address indexed peer, uint256 amount, uint256 stake);
@@ -87,6 +89,7 @@ interface IAtlasStaking {
     event Slashed(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, address reporter,
         uint256 slashed, uint256 bounty, uint256 forfeitedRewards);
     event Claimed(address indexed account, uint256 amount);
+    event CheckpointRecorded(bytes32 indexed runId, uint64 indexed epoch, address indexed publisher, bytes32 cidDigest);
 
     // ------------------------------------------------------------------ views
     /// @notice EIP-712 digest a peer signs for `proof` (domain: name "AtlasStaking", version "1", this chain + address).
@@ -103,6 +106,10 @@ interface IAtlasStaking {
 
     /// @notice The address bound to a PeerID hash (zero if none).
     function ownerOfPeerId(bytes32 peerIdHash) external view returns (address);
+
+    /// @notice The published adapter of (`runId`, `epoch`): the sha2-256 digest of its CIDv1 (dag-pb) and who
+    ///         recorded it (zeros if none).
+    function checkpointOf(bytes32 runId, uint64 epoch) external view returns (bytes32 cidDigest, address publisher);
 
     // --------------------------------------------------------------- mutative
     /// @notice Add `msg.value` to the caller's active stake.
@@ -136,6 +143,12 @@ interface IAtlasStaking {
     /// @notice Slash a peer that signed two different proofs for the same run and epoch. Permissionless.
     function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
         external;
+
+    /// @notice Record the CID of the adapter peers hold at `epoch` (after `epoch` optimizer steps), once per epoch.
+    ///         The caller must have an accepted proof for `epoch - 1`, the epoch that produced it.
+    /// @param cidDigest the sha2-256 digest inside the adapter folder's CIDv1 (dag-pb): the CID is 0x01 0x70 0x12 0x20
+    ///        followed by it
+    function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest) external;
 
     /// @notice Pay out the caller's rewards that are past their challenge window (and any bounties).
     function claim() external;

@@ -225,6 +225,47 @@ contract AtlasStakingTest is TestBase {
         attacker.claim(); // re-entering claim() inside receive() hits the guard, so the whole payout reverts
     }
 
+    function testFuzz_CheckpointRecordedOnceByAPeerWithTheProducingProof(uint64 epoch, bytes32 digest, bytes32 other)
+        public
+    {
+        epoch = uint64(bound(epoch, 1, type(uint64).max));
+        vm.assume(digest != bytes32(0) && other != bytes32(0));
+        _submit(_proof(epoch - 1, 1, 1));
+        vm.expectEmit(true, true, true, true);
+        emit IAtlasStaking.CheckpointRecorded(RUN, epoch, peer, digest);
+        vm.prank(peer);
+        staking.recordCheckpoint(RUN, epoch, digest);
+        (bytes32 stored, address publisher) = staking.checkpointOf(RUN, epoch);
+        assertEq(stored, digest, "digest");
+        assertEq(publisher, peer, "publisher");
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.CheckpointExists.selector, RUN, epoch, digest));
+        vm.prank(peer);
+        staking.recordCheckpoint(RUN, epoch, other);
+    }
+
+    function testFuzz_RevertCheckpointWithoutProofOrRun(address who, uint64 epoch, bytes32 runId) public {
+        vm.assume(who != peer && runId != RUN);
+        epoch = uint64(bound(epoch, 1, type(uint64).max));
+        _submit(_proof(epoch - 1, 1, 1));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, epoch, who));
+        vm.prank(who); // someone else's proof does not entitle `who`
+        staking.recordCheckpoint(RUN, epoch, bytes32(uint256(1)));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, uint64(0), peer));
+        vm.prank(peer); // epoch 0 is the seeded start, produced by no proof
+        staking.recordCheckpoint(RUN, 0, bytes32(uint256(1)));
+        if (epoch < type(uint64).max) {
+            vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, epoch + 1, peer));
+            vm.prank(peer); // the proof of epoch - 1 does not cover epoch + 1
+            staking.recordCheckpoint(RUN, epoch + 1, bytes32(uint256(1)));
+        }
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, runId));
+        vm.prank(peer);
+        staking.recordCheckpoint(runId, epoch, bytes32(uint256(1)));
+        vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
+        vm.prank(peer);
+        staking.recordCheckpoint(RUN, epoch, bytes32(0));
+    }
+
     function test_CloseRunRefundsUnspentBudget() public {
         _submit(_proof(0, 1000, 1));
         uint256 before = trainer.balance;

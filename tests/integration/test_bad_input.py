@@ -157,3 +157,14 @@ def test_chain_misconfiguration_is_a_clear_error(capsys, tmp_path, tiny_spec, te
                          "--chain-rpc", rpc, "--staking-contract", contract, "--wallet", str(tmp_path / "w.json"),
                          "--wallet-password-file", str(pw))  # fmt: skip
     assert code == 2 and expected in err["error"], err
+
+
+@pytest.mark.parametrize("flags, kind, message", [
+    (["--publish-every", "-1"], "ConfigError", "--publish-every -1 must be >= 0"),
+    (["--ipfs-api", "127.0.0.1:5001"], "ConfigError", "is not a daemon URL"),
+    (["--ipfs-api", "http://127.0.0.1:9"], "StorageError", "does not answer"),
+])  # fmt: skip
+def test_bad_storage_flags(capsys, tmp_path, tiny_spec, text_data, flags, kind, message):
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(tmp_path / "p"),
+                         *flags)  # fmt: skip
+    assert code == 2 and err["kind"] == kind and message in err["error"], err
