@@ -104,6 +104,8 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
 
             publisher = AdapterPublisher(swarm, spec.run_id, spec.model.base, cfg.store_path, cfg.ipfs_api,
                                          cfg.publish_every)  # fmt: skip
+            if chain is not None:  # the contract's run record keeps epoch -> CID too
+                publisher.on_published = chain.record_checkpoint
 
             publish_hooks.append(lambda report: publisher.on_epoch(model, report, reporter))
 
@@ -272,7 +274,9 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             if chain is not None:
                 counts = chain.close()
                 reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
-                               f"next start), {counts.rejected} rejected", **counts.__dict__)  # fmt: skip
+                               f"next start), {counts.rejected} rejected; checkpoints on chain: "
+                               f"{sorted(chain.recorded) or 'none'}", **counts.__dict__,
+                               checkpoints={str(e): c for e, c in chain.recorded.items()})  # fmt: skip
             if opt is not None:
                 opt.shutdown()
             if swarm is not None:

@@ -26,6 +26,8 @@ ETHER = 10**18
 TX_TIMEOUT = 60.0
 
 # What to do about each revert, shown after the decoded error.
+CID_V1_DAG_PB = bytes([1, 0x70, 0x12, 0x20])  # CIDv1, dag-pb, sha2-256, 32 bytes: what the chain leaves out
+
 FIXES = {
     "InsufficientStake": "stake more: python -m atlas_swarm.chain stake AMOUNT_ETH",
     "PeerNotRegistered": "bind your PeerID first: python -m atlas_swarm.chain register --identity OUT/identity.key",
@@ -212,6 +214,18 @@ class StakingClient:
         owner = self._call(lambda: self.contract.functions.ownerOfPeerId(peer_id_hash(peer_id)).call())
         return None if int(owner, 16) == 0 else owner
 
+    def checkpoint_of(self, run_id: str, epoch: int) -> Optional[tuple[str, str]]:
+        """(adapter folder CID, publisher address) recorded on chain for (run, epoch), or None."""
+        digest, publisher = self._call(lambda: self.contract.functions.checkpointOf(run_id_hash(run_id), epoch).call())
+        if int.from_bytes(digest, "big") == 0:
+            return None
+        from atlas_swarm.storage.cid import encode
+
+        return encode(CID_V1_DAG_PB + digest), publisher
+
+    def has_proof(self, run_id: str, address: str, epoch: int) -> bool:
+        return self._call(lambda: self.contract.functions.proofSubmitted(run_id_hash(run_id), address, epoch).call())
+
     def proof_digest(self, proof: ContributionProof) -> bytes:
         return self._call(lambda: self.contract.functions.proofDigest(proof.as_tuple()).call())
 
@@ -227,6 +241,15 @@ class StakingClient:
 
     def withdraw(self) -> Receipt:
         return self._send(self.contract.functions.withdraw())
+
+    def record_checkpoint(self, run_id: str, epoch: int, cid: str) -> Receipt:
+        """Record the CIDv1 of the adapter peers hold at ``epoch``; needs this account's proof for ``epoch - 1``."""
+        from atlas_swarm.storage.dag import parse_cid
+
+        raw = parse_cid(cid)
+        if raw[:4] != CID_V1_DAG_PB:
+            raise ValueError(f"{cid} is not a CIDv1 of a dag-pb folder")
+        return self._send(self.contract.functions.recordCheckpoint(run_id_hash(run_id), epoch, raw[4:]))
 
     def register_peer(self, peer_id: str) -> Receipt:
         return self._send(self.contract.functions.registerPeer(peer_id_hash(peer_id)))

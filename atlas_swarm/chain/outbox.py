@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from atlas_swarm.errors import ChainError, TxReverted
 from atlas_swarm.proofs.eip712 import ContributionProof, Domain, peer_id_hash, run_id_hash, sign_proof
@@ -211,6 +211,7 @@ class ProofPoster:
         self.rewards = {"claimable": 0, "pending": 0}
         self._wake = threading.Event()
         self._stopping = False
+        self.after_flush: list[Callable[[], None]] = []  # run on this thread after each flush (checkpoints)
         self._thread = threading.Thread(target=self._loop, name="atlas-proof-poster", daemon=True)
 
     def start(self) -> "ProofPoster":
@@ -236,6 +237,8 @@ class ProofPoster:
         try:
             rep = self.client.reputation(self.outbox.account.address)
             self.rewards = {"claimable": rep["claimable"], "pending": rep["pending"]}
+            for hook in self.after_flush:
+                hook()
         except ChainError:
             pass
 

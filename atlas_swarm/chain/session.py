@@ -3,13 +3,16 @@
     ChainSession.open   wallet → contract → run on chain (same spec hash) → PeerID bound to this wallet (registers it
                         if free) → stake ≥ the run's minimum → wallet binding published in the DHT → outbox + poster
     on_epoch            sign the epoch's proof (samples, adapter hash, data root), queue it, wake the poster
+    record_checkpoint   the CID this peer published for an epoch, recorded on chain by the poster once the proof
+                        that produced it (epoch - 1) is accepted
     close               last flush (bounded), counts for the final report
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from atlas_swarm.chain.client import ETHER, StakingClient
 from atlas_swarm.chain.outbox import Counts, Outbox, ProofPoster
 from atlas_swarm.chain.wallet import load_wallet, read_password
 from atlas_swarm.config import ChainConfig, RunSpec
-from atlas_swarm.errors import ChainError
+from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
 from atlas_swarm.proofs.binding import sign_binding
 from atlas_swarm.proofs.commit import merkle_root
 from atlas_swarm.ui import Reporter
@@ -30,6 +33,9 @@ class ChainSession:
     poster: ProofPoster
     run_id: str
     peer_id: str
+    checkpoints: dict = field(default_factory=dict)  # epoch -> CID, waiting for the producing proof
+    recorded: dict = field(default_factory=dict)  # epoch -> CID on chain (by us, or already by another peer)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, cfg: ChainConfig, spec: RunSpec, swarm, out: Path, reporter: Reporter) -> "ChainSession":
@@ -75,7 +81,9 @@ class ChainSession:
             f"({counts.pending} pending from before)", contract=client.address, chain_id=client.chain_id,
             address=account.address, pending=counts.pending,
         )  # fmt: skip
-        return cls(client, outbox, poster, spec.run_id, peer_id)
+        session = cls(client, outbox, poster, spec.run_id, peer_id)
+        poster.after_flush.append(session._post_checkpoints)
+        return session
 
     def on_epoch(self, epoch: int, samples: int, adapter_hash: str, batch_hashes: list[bytes],
                  reporter: Reporter) -> None:  # fmt: skip
@@ -89,13 +97,44 @@ class ChainSession:
         reporter.event("proof_signed", "", epoch=epoch, samples=samples, nonce=proof.nonce)
         self.poster.poke()
 
+    def record_checkpoint(self, epoch: int, cid: str) -> None:
+        with self._lock:
+            self.checkpoints[epoch] = cid
+        self.poster.poke()
+
+    def _post_checkpoints(self) -> None:
+        """On the poster's thread, after a flush: record each checkpoint whose producing proof is on chain now."""
+        client = self.poster.client
+        with self._lock:
+            waiting = sorted(self.checkpoints.items())
+        for epoch, cid in waiting:
+            if epoch == 0 or not client.has_proof(self.run_id, client.account.address, epoch - 1):
+                continue  # the proof is still in the outbox (or this peer contributed nothing to that epoch)
+            try:
+                client.record_checkpoint(self.run_id, epoch, cid)
+                self.recorded[epoch] = cid
+            except TxReverted as e:
+                if e.error == "CheckpointExists":  # another publisher of the group was first
+                    on_chain = client.checkpoint_of(self.run_id, epoch)
+                    self.recorded[epoch] = on_chain[0] if on_chain else cid
+            except ChainUnreachable:
+                return  # try again after the next flush
+            except (ChainError, ValueError) as e:  # a permanent refusal: say why at exit, don't retry
+                self.recorded[epoch] = f"refused: {e}"
+            with self._lock:
+                self.checkpoints.pop(epoch, None)
+
     def progress(self) -> dict:
         c, r = self.poster.counts, self.poster.rewards
         return {"proofs_posted": c.posted, "proofs_pending": c.pending, "proofs_rejected": c.rejected,
                 "rewards_wei": r["claimable"] + r["pending"]}  # fmt: skip
 
     def close(self, timeout: float = 3.0) -> Counts:
-        return self.poster.stop(timeout)
+        counts = self.poster.stop(timeout)
+        with self._lock:
+            for epoch in self.checkpoints:  # still waiting: the producing proof was not accepted (yet)
+                self.recorded.setdefault(epoch, "not recorded: this peer's proof of the epoch before is not on chain")
+        return counts
 
 
 

@@ -281,8 +281,8 @@ class Run:
         if self.swarm is not None:
             peer_of = {addr: pid for pid, addr in verified_bindings(self.swarm, chain, self.run_id).items()}
         rows = [{"address": addr, "peer_id": peer_of.get(addr), "epochs": r["epochs"], "samples": r["samples"],
-                 "reward_eth": r["reward_wei"] / 1e18, "slashes": r["slashes"], "slashed_eth": r["slashed_wei"] / 1e18}
-                for addr, r in sorted(ledger.items())]  # fmt: skip
+                 "reward_eth": r["reward_wei"] / 1e18, "reward_wei": r["reward_wei"], "slashes": r["slashes"],
+                 "slashed_eth": r["slashed_wei"] / 1e18} for addr, r in sorted(ledger.items())]  # fmt: skip
         try:
             import pandas
         except ImportError:

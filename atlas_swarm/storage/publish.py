@@ -28,6 +28,7 @@ class AdapterPublisher:
         self.store_root = Path(store_root)
         self.store: Store = open_store(self.store_root, ipfs_api)
         self.published: list = []
+        self.on_published = None  # (epoch, cid) -> None: the chain session records it on chain
         swarm.serve_blocks(str(self.store_root), ipfs_api)
 
     def elected(self, group: tuple[str, ...]) -> bool:
@@ -73,6 +74,8 @@ class AdapterPublisher:
         self.published = [p for p in self.published if p.epoch != epoch]
         self.published.append(self._record(epoch=epoch, cid=cid, adapter_hash=adapter_hash, time=time.time()))
         self.swarm.publish_adapters(self.run_id, self.published, wait=False)
+        if self.on_published is not None:
+            self.on_published(epoch, cid)
         return cid
 
     def hand_off(self, cid: str, timeout: float) -> Optional[str]:

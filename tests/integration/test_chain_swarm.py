@@ -111,6 +111,30 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
             total += assert_paid_exactly(chain, p, account.address)
         assert chain["trainer"].get_run(chain["run_id"])["budget"] == 5 * ETHER - total * RATE
 
+        # the finishers' agreed adapter is on chain as the run's epoch-4 checkpoint, recorded by one of them
+        finals = {p.wait_event("handed_off", 1)["cid"] for p in peers}
+        recorded = [p.wait_event("proofs", 1)["checkpoints"] for p in peers]
+        on_chain = chain["trainer"].checkpoint_of(chain["run_id"], 4)
+        assert len(finals) == 1 and on_chain is not None and on_chain[0] in finals, (finals, on_chain, recorded)
+        assert on_chain[1] in [a.address for _, a in chain["wallets"]]
+        assert any(r.get("4") == on_chain[0] for r in recorded), recorded
+        assert not any(str(v).startswith("refused") for r in recorded for v in r.values()), recorded
+
+    # the trainer's notebook view of the same chain: the per-peer ledger, and funding
+    from atlas_swarm import Run
+
+    trainer_wallet = tmp_path / "trainer.json"
+    create_wallet(str(trainer_wallet), "test-password", bytes.fromhex(DEV_KEYS[0][2:]), kdf="pbkdf2")
+    run = Run.from_toml(chain["spec"], workdir=tmp_path / "notebook")
+    run.connect_chain(chain["anvil"].url, chain["trainer"].address, str(trainer_wallet), "test-password")
+    ledger = {row["address"]: row for row in run.rewards().to_dict("records")}
+    for _, account in chain["wallets"]:
+        rep = chain["trainer"].reputation(account.address)
+        assert ledger[account.address]["reward_wei"] == rep["verified_samples"] * RATE
+        assert ledger[account.address]["epochs"] == rep["epochs_contributed"]
+    budget = chain["trainer"].get_run(chain["run_id"])["budget"]
+    assert run.fund(0.5)["budget"] == budget + ETHER // 2
+
 
 def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_path, chain, text_data):
     victim_address = chain["wallets"][2][1].address
