@@ -37,6 +37,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, monitor_only: bool = False)
                    help="HOST:PORT for /health, /metrics and the dashboard (off if not given)")
     p.add_argument("--run", action="append", default=[], help="also watch this run id (runs announce themselves)")
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between DHT polls of the monitor")
+    p.add_argument("--keep-adapters", metavar="DIR", help="keep a verified copy of every adapter the watched runs "
+                   "publish in this block store, and serve it (so results outlive the peers)")  # fmt: skip
     if not monitor_only:
         p.add_argument("--no-relay", action="store_true", help="do not relay connections for peers behind NAT")
     p.add_argument("--join-timeout", type=float, default=30.0, help="seconds to wait for --initial-peers")
@@ -95,9 +97,15 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
     swarm = Swarm.join(identity, args.initial_peers, args.host_maddrs, args.announce_maddrs, client_mode=False,
                        startup_timeout=args.join_timeout, audit=True, **p2p)  # fmt: skip
     stop = stop or threading.Event()
-    monitor = server = None
+    monitor = server = keeper = None
     try:
         monitor = Monitor(swarm, interval=args.poll_interval, runs=tuple(args.run)).start()
+        if args.keep_adapters:
+            from atlas_swarm.storage.keeper import Keeper
+
+            watched = set(args.run)
+            keeper = Keeper(swarm, args.keep_adapters, lambda: swarm.announced_runs() | watched,
+                            every=args.poll_interval).start()  # fmt: skip
         if listen is not None:
             server = serve(monitor, *listen)
         maddrs = sorted(swarm.visible_maddrs(), key=lambda a: ("/127." in a, "/ip6/" in a))
@@ -113,6 +121,8 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
         for a in maddrs:
             print(a)
         sys.stdout.flush()
+        if keeper is not None:
+            print(f"keeping every published adapter in {keeper.store.root}")
         if ready is not None:
             ready.set()
         _wait_for_signal(stop)
@@ -120,6 +130,8 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
     finally:
         if server is not None:
             server.shutdown()
+        if keeper is not None:
+            keeper.stop()
         if monitor is not None:
             monitor.stop()
         swarm.shutdown()

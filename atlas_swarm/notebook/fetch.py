@@ -7,12 +7,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from atlas_swarm.errors import AtlasError, StorageError
 from atlas_swarm.storage import CorruptBlock, IpfsStore, LocalStore, cid_of_folder
-from atlas_swarm.storage.cid import encode
-from atlas_swarm.storage.dag import verify_block
+from atlas_swarm.storage.keeper import first_good
 
 
 def choose(published: list, epoch: Optional[int]) -> tuple[int, str, list[str]]:
@@ -27,36 +26,6 @@ def choose(published: list, epoch: Optional[int]) -> tuple[int, str, list[str]]:
     votes = Counter(a.cid for _, a in published if a.epoch == newest)
     cid = min(votes, key=lambda c: (-votes[c], c))
     return newest, cid, sorted({pid for pid, a in published if a.epoch == newest and a.cid == cid})
-
-
-def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], dict[bytes, bytes]]:
-    """A get_blocks that asks each source in turn for what is still missing and keeps only blocks that hash to
-    their CID; if every copy of a block was bad, CorruptBlock names who served it."""
-
-    def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
-        found: dict[bytes, bytes] = {}
-        bad: dict[bytes, str] = {}
-        for name, source in sources:
-            missing = [c for c in cids if c not in found]
-            if not missing:
-                break
-            try:
-                answer = source(missing)
-            except StorageError:
-                continue  # a peer that left, a daemon that is down: try the next source
-            for cid, block in answer.items():
-                try:
-                    verify_block(cid, block)
-                    found[cid] = block
-                except CorruptBlock:
-                    bad[cid] = name
-        for cid, name in bad.items():
-            if cid not in found:
-                raise CorruptBlock(f"Block {encode(cid)} was corrupted or substituted by {name}, and no other source "
-                                   f"had a good copy; refusing the adapter.")  # fmt: skip
-        return found
-
-    return get_blocks
 
 
 def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
@@ -136,57 +105,3 @@ def evaluate_adapter(spec, folder: Path, data: str, base_model: Optional[str], b
     after = evaluate(model, batches, "cpu", spec.model.task, batch_size)
     return {"epoch": meta.get("epoch"), "examples": len(examples), "before": before, "after": after}
 
-
-class Keeper:
-    """While the notebook is in the swarm, keep a verified copy of every adapter the run publishes (so the result
-    outlives the peers that trained it), serve those blocks, and list them under this node's own record so other
-    fetchers find a provider after the publishers left."""
-
-    def __init__(self, run, every: float = 1.0):
-        import threading
-
-        from atlas_swarm.swarm.records import PublishedAdapter
-
-        self.run, self.every, self._record = run, every, PublishedAdapter
-        self.store = LocalStore(run.workdir / "store")
-        self.kept: dict[str, object] = {}  # cid -> PublishedAdapter
-        self.errors: dict[str, str] = {}  # cid -> why it could not be kept (yet)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        run.swarm.serve_blocks(str(self.store.root))
-        run.swarm.publish_adapters(run.run_id, [], wait=True, keeper=True)  # finishing peers wait for our copy
-        self._thread = threading.Thread(target=self._loop, name="atlas-keeper", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.keep_new()
-            except Exception as e:  # never let a background copy kill the notebook; adapter() reports errors
-                self.errors["*"] = f"{type(e).__name__}: {e}"
-            self._stop.wait(self.every)
-
-    def keep_new(self) -> None:
-        with self._lock:
-            swarm, run_id = self.run.swarm, self.run.run_id
-            published = [(pid, a) for pid, a in swarm.published_adapters(run_id) if pid != swarm.peer_id]
-            new = False
-            for pid, a in published:
-                if a.cid in self.kept:
-                    continue
-                try:
-                    self.store.pin(first_good([("this notebook's store", self.store.get_blocks),
-                                               (f"peer {pid}", swarm.blocks_from(pid))]), a.cid)  # fmt: skip
-                except StorageError as e:
-                    self.errors[a.cid] = str(e)
-                    continue
-                self.kept[a.cid] = self._record(epoch=a.epoch, cid=a.cid, adapter_hash=a.adapter_hash, time=a.time)
-                self.errors.pop(a.cid, None)
-                new = True
-            if new:
-                kept = sorted(self.kept.values(), key=lambda r: (r.epoch, r.time))
-                swarm.publish_adapters(run_id, kept, wait=False, keeper=True)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)

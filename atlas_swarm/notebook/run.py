@@ -83,10 +83,13 @@ class Run:
         return run
 
     def _start_keeper(self) -> None:
-        from atlas_swarm.notebook.fetch import Keeper
+        """Keep a verified copy of every adapter this run publishes (see storage/keeper.py)."""
+        from atlas_swarm.storage.keeper import Keeper
 
         if self._keeper is None:
-            self._keeper = Keeper(self)
+            self._keeper = Keeper(self.swarm, self.workdir / "store", lambda: [self.run_id])
+            self._keeper.keep_new()  # publishes the keeper record before launch() returns
+            self._keeper.start()
 
     def launch(self, initial_peers: Sequence[str] = (), host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)) -> str:
         """Publish the spec to the swarm (starting a DHT node here; with no ``initial_peers`` it is the swarm's first

@@ -63,7 +63,7 @@ def test_a_notebook_fetches_over_p2p_and_refuses_tampered_blocks(tmp_path, tiny_
         assert cid_of_folder(good) == cid1
         assert (good / "adapter_model.safetensors").read_bytes() == (tmp_path / "adapter1" / "adapter_model.safetensors").read_bytes()
         assert not (tmp_path / "notebook" / "adapters" / cid2).exists()
-        assert cid1 in run._keeper.kept and cid2 not in run._keeper.kept
+        assert cid1 in run._keeper.kept[spec.run_id] and cid2 not in run._keeper.kept[spec.run_id]
     finally:
         if run is not None:
             run.close()
@@ -102,7 +102,7 @@ def test_peers_publish_one_cid_and_the_notebook_keeps_it_after_they_leave(tmp_pa
         assert any(published for published, _ in elected) and all(p == e for p, e in elected), elected
         by_peers = [e for e in run.published() if e["epoch"] == 4 and e["publisher"] != run.swarm.peer_id]
         assert {e["cid"] for e in by_peers} == {finals[0]}  # a pre-agreement publication is replaced by the final
-        wait_until(lambda: finals[0] in run._keeper.kept, 30, "the notebook keeping the final adapter")
+        wait_until(lambda: finals[0] in run._keeper.kept[run.run_id], 30, "the notebook keeping the final adapter")
         folder = run.adapter(load=False)
         assert cid_of_folder(folder) == finals[0]
         record = next(p for p in run.published() if p["cid"] == finals[0])
@@ -111,3 +111,39 @@ def test_peers_publish_one_cid_and_the_notebook_keeps_it_after_they_leave(tmp_pa
             str(tmp_path / "peer0" / "adapter" / "adapter_model.safetensors")).keys()  # fmt: skip
     finally:
         run.close()
+
+
+def test_a_bootstrap_node_keeps_published_adapters_after_the_publisher_left(tmp_path, tiny_model):
+    from atlas_swarm.model.lora import load_model, save_adapter
+    from tests.integration.test_bootstrap import Bootstrap
+
+    # Prepare: a bootstrap node with --keep-adapters; a peer that publishes one adapter through it, then leaves
+    spec = Run.create(tiny_model, name="keep-test", lora={"r": 4}).spec
+    node = Bootstrap(tmp_path, "boot", "--keep-adapters", str(tmp_path / "kept"))
+    publisher = None
+    try:
+        publisher, store = _publisher(tmp_path, "pub", spec, [node.maddr])
+        publisher.announce_run(spec.run_id)  # how the node's monitor finds the run
+        cid = store.put_folder(save_adapter(load_model(spec)[0], tmp_path / "adapter", {"epoch": 3}))
+        publisher.publish_adapters(spec.run_id, [PublishedAdapter(epoch=3, cid=cid, adapter_hash="h", time=time.time())])
+
+        # Execute
+        wait_until(lambda: (tmp_path / "kept" / "blocks" / cid).exists(), 60, "the node keeping the adapter")
+        wait_until(lambda: (node.peer_id, cid) in {(p, a.cid) for p, a in publisher.published_adapters(spec.run_id)},
+                   30, "the node listing its copy")  # fmt: skip
+        publisher.shutdown()
+        publisher = None
+
+        # Assert: a notebook arriving later fetches it from the node alone
+        nb = Swarm.join(Identity.load_or_create(tmp_path / "nb.key"), [node.maddr], LOOPBACK)
+        try:
+            got = LocalStore(tmp_path / "nb-store")
+            got.pin(nb.blocks_from(node.peer_id), cid)
+            assert cid_of_folder(got.fetch_folder(cid, tmp_path / "fetched")) == cid
+        finally:
+            nb.shutdown()
+        assert "keeping every published adapter in" in node.log.read_text()
+    finally:
+        if publisher is not None:
+            publisher.shutdown()
+        assert node.stop() == 0

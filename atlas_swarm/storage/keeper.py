@@ -1,0 +1,111 @@
+"""Keeping a run's published adapters so the result outlives the peers that trained it.
+
+A keeper (a trainer's notebook; a bootstrap node with --keep-adapters DIR) copies every adapter the runs it watches
+publish into its own store, each block verified against its CID, serves the blocks, and lists the copies in its own
+record of the run with ``keeper=True``. Peers stopping at --max-epochs wait until a keeper holds their final adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from atlas_swarm.errors import StorageError
+from atlas_swarm.storage.cid import encode
+from atlas_swarm.storage.dag import CorruptBlock, verify_block
+from atlas_swarm.storage.store import LocalStore
+
+REFRESH_EVERY = 3600.0  # republish the keeper's record (it lives ADAPTERS_TTL = 24 h without a refresh)
+
+
+def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], dict[bytes, bytes]]:
+    """A get_blocks that asks each source in turn for what is still missing and keeps only blocks that hash to
+    their CID; if every copy of a block was bad, CorruptBlock names who served it."""
+
+    def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        bad: dict[bytes, str] = {}
+        for name, source in sources:
+            missing = [c for c in cids if c not in found]
+            if not missing:
+                break
+            try:
+                answer = source(missing)
+            except StorageError:
+                continue  # a peer that left, a daemon that is down: try the next source
+            for cid, block in answer.items():
+                try:
+                    verify_block(cid, block)
+                    found[cid] = block
+                except CorruptBlock:
+                    bad[cid] = name
+        for cid, name in bad.items():
+            if cid not in found:
+                raise CorruptBlock(f"Block {encode(cid)} was corrupted or substituted by {name}, and no other source "
+                                   f"had a good copy; refusing the adapter.")  # fmt: skip
+        return found
+
+    return get_blocks
+
+
+
+class Keeper:
+    def __init__(self, swarm, store_root: str | Path, run_ids: Callable[[], Iterable[str]], every: float = 1.0):
+        from atlas_swarm.swarm.records import PublishedAdapter
+
+        self.swarm, self.run_ids, self.every, self._record = swarm, run_ids, every, PublishedAdapter
+        self.store = LocalStore(store_root)
+        self.kept: dict[str, dict[str, object]] = {}  # run id -> cid -> PublishedAdapter
+        self.errors: dict[str, str] = {}  # cid -> why it could not be kept (yet)
+        self._listed: dict[str, float] = {}  # run id -> when this keeper last published its record
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        swarm.serve_blocks(str(self.store.root))
+        self._thread = threading.Thread(target=self._loop, name="atlas-keeper", daemon=True)
+
+    def start(self) -> "Keeper":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.keep_new()
+            except Exception as e:  # never let a background copy kill its host; fetches report their own errors
+                self.errors["*"] = f"{type(e).__name__}: {e}"
+            self._stop.wait(self.every)
+
+    def keep_new(self) -> None:
+        with self._lock:
+            for run_id in list(self.run_ids()):
+                self._keep_run(run_id)
+
+    def _keep_run(self, run_id: str) -> None:
+        swarm = self.swarm
+        first_sight = run_id not in self.kept
+        kept = self.kept.setdefault(run_id, {})
+        new = False
+        for pid, a in swarm.published_adapters(run_id):
+            if pid == swarm.peer_id or a.cid in kept:
+                continue
+            try:
+                self.store.pin(first_good([("this keeper's store", self.store.get_blocks),
+                                           (f"peer {pid}", swarm.blocks_from(pid))]), a.cid)  # fmt: skip
+            except StorageError as e:
+                self.errors[a.cid] = str(e)
+                continue
+            kept[a.cid] = self._record(epoch=a.epoch, cid=a.cid, adapter_hash=a.adapter_hash, time=a.time)
+            self.errors.pop(a.cid, None)
+            new = True
+        stale = time.monotonic() - self._listed.get(run_id, 0.0) > REFRESH_EVERY
+        if new or first_sight or stale:  # an empty record at first sight tells finishing peers a keeper is here
+            records = sorted(kept.values(), key=lambda r: (r.epoch, r.time))
+            swarm.publish_adapters(run_id, records, wait=first_sight and not new, keeper=True)
+            self._listed[run_id] = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
