@@ -113,7 +113,8 @@ def start_bootstrap(out: Path, env: dict) -> tuple[subprocess.Popen, str, str]:
 
     log = out / "bootstrap.log"
     cmd = [sys.executable, "-m", "atlas_swarm.bootstrap", "--identity", str(out / "bootstrap.key"), "--host-maddrs",
-           "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--poll-interval", "2"]  # fmt: skip
+           "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--poll-interval", "2",
+           "--keep-adapters", str(out / "kept")]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -178,7 +179,7 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
         table.add_column(col, justify="right")
     on_chain = {}
     for i, bs in enumerate(BATCH_SIZES):
-        events = [json.loads(line) for line in (out / f"peer{i}.jsonl").read_text().splitlines() if line.startswith("{")]
+        events = _events(out / f"peer{i}.jsonl")
         stopped = next(e for e in events if e["event"] == "stopped")
         losses = [e["loss"] for e in events if e["event"] == "progress"]
         averaged = sum(1 for e in events if e["event"] == "epoch" and len(e["group"]) > 1)
@@ -197,12 +198,25 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
                   f"averaged adapter {after['accuracy']:.1%} (loss {after['loss']:.3f}) on {len(heldout)} dialogs")
     same = "yes" if diff <= 1e-5 else "NO"
     console.print(f"all peers hold the same adapter: {same} (max abs difference {diff:.2e})")
+    finals = sorted({e["cid"] for i in range(len(BATCH_SIZES)) for e in _events(out / f"peer{i}.jsonl")
+                     if e["event"] == "handed_off"})  # fmt: skip
+    for cid in finals:
+        line = f"final adapter published as {cid}; kept by the bootstrap node: "
+        line += "yes" if (out / "kept" / "blocks" / cid).exists() else "NO"
+        if chain is not None:
+            on_chain = chain["client"].checkpoint_of(run_id, last_epoch(out / "peer0.jsonl"))
+            line += f"; recorded on chain: {'yes' if on_chain and on_chain[0] == cid else 'NO'}"
+        console.print(line)
     if chain is not None:
         exact = all(v["rewards_wei"] == v["verified_samples"] * REWARD_PER_SAMPLE for v in on_chain.values())
         console.print(f"rewards = verified samples x {REWARD_PER_SAMPLE / 10**18:g} ETH for every peer: "
                       f"{'yes' if exact else 'NO'} (claimable after the contract's challenge window)")  # fmt: skip
     (out / "summary.json").write_text(json.dumps({"run_id": run_id, "seconds": seconds, "accuracy_before":
         before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff, "chain": on_chain}, indent=2))  # fmt: skip
+
+
+def _events(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
 
 def wait_for(log: Path, kind: str, proc: subprocess.Popen, timeout: float) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -60,6 +61,7 @@ class Keeper:
         self.kept: dict[str, dict[str, object]] = {}  # run id -> cid -> PublishedAdapter
         self.errors: dict[str, str] = {}  # cid -> why it could not be kept (yet)
         self._listed: dict[str, float] = {}  # run id -> when this keeper last published its record
+        self._listed_cids: dict[str, set] = {}  # run id -> the CIDs that record lists
         self._lock = threading.Lock()
         self._stop = threading.Event()
         swarm.serve_blocks(str(self.store.root))
@@ -86,9 +88,12 @@ class Keeper:
         swarm = self.swarm
         first_sight = run_id not in self.kept
         kept = self.kept.setdefault(run_id, {})
-        new = False
+        votes: dict[int, Counter] = {}  # epoch -> CID -> publishers listing it now
         for pid, a in swarm.published_adapters(run_id):
-            if pid == swarm.peer_id or a.cid in kept:
+            if pid == swarm.peer_id:
+                continue
+            votes.setdefault(a.epoch, Counter())[a.cid] += 1
+            if a.cid in kept:
                 continue
             try:
                 self.store.pin(first_good([("this keeper's store", self.store.get_blocks),
@@ -98,12 +103,15 @@ class Keeper:
                 continue
             kept[a.cid] = self._record(epoch=a.epoch, cid=a.cid, adapter_hash=a.adapter_hash, time=a.time)
             self.errors.pop(a.cid, None)
-            new = True
+        # list what the publishers of each epoch agree on now: a CID they replaced (a finisher's pre-agreement
+        # adapter) or that fewer of them list is kept on disk but not vouched for
+        listed = sorted((r for cid, r in kept.items() if not votes.get(r.epoch)
+                         or votes[r.epoch][cid] == max(votes[r.epoch].values())), key=lambda r: (r.epoch, r.time))  # fmt: skip
+        changed = {r.cid for r in listed} != self._listed_cids.get(run_id)
         stale = time.monotonic() - self._listed.get(run_id, 0.0) > REFRESH_EVERY
-        if new or first_sight or stale:  # an empty record at first sight tells finishing peers a keeper is here
-            records = sorted(kept.values(), key=lambda r: (r.epoch, r.time))
-            swarm.publish_adapters(run_id, records, wait=first_sight and not new, keeper=True)
-            self._listed[run_id] = time.monotonic()
+        if changed or first_sight or stale:  # an empty record at first sight tells finishing peers a keeper is here
+            swarm.publish_adapters(run_id, listed, wait=first_sight, keeper=True)
+            self._listed[run_id], self._listed_cids[run_id] = time.monotonic(), {r.cid for r in listed}
 
     def stop(self) -> None:
         self._stop.set()

@@ -144,3 +144,46 @@ def test_saved_adapter_configs_are_canonical_so_equal_adapters_get_equal_cids(tm
         _canonical_config(tmp_path / str(i) / "adapter_config.json")
     assert cid_of_folder(tmp_path / "0") == cid_of_folder(tmp_path / "1")
     assert json.loads((tmp_path / "0" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+
+
+class FakeSwarm:
+    """The Swarm methods a Keeper uses, over in-memory publications and stores (the real ones: test_publish.py)."""
+
+    peer_id = "keeper"
+
+    def __init__(self, publications, stores):
+        self.publications, self.stores, self.records = publications, stores, []
+
+    def serve_blocks(self, root):
+        pass
+
+    def published_adapters(self, run_id):
+        return self.publications
+
+    def blocks_from(self, pid):
+        return self.stores[pid].get_blocks
+
+    def publish_adapters(self, run_id, adapters, wait=True, keeper=False):
+        self.records.append(([a.cid for a in adapters], wait, keeper))
+
+
+def test_keeper_copies_everything_but_vouches_only_for_what_publishers_agree_on(tmp_path):
+    from atlas_swarm.storage.keeper import Keeper
+    from atlas_swarm.swarm.records import PublishedAdapter
+
+    stores = {name: LocalStore(tmp_path / name) for name in ("a", "b", "c")}
+    x = stores["a"].put_folder(make_folder(tmp_path / "x"))
+    stores["b"].put_folder(tmp_path / "x")
+    y = stores["c"].put_folder(make_folder(tmp_path / "y"))  # c's pre-agreement adapter of the same epoch
+    pub = lambda cid: PublishedAdapter(epoch=4, cid=cid, adapter_hash="h", time=1.0)  # noqa: E731
+    swarm = FakeSwarm([], stores)
+    keeper = Keeper(swarm, tmp_path / "kept", lambda: ["run"])
+
+    keeper.keep_new()  # first sight of the run: an empty keeper record, stored before going on
+    swarm.publications = [("a", pub(x)), ("b", pub(x)), ("c", pub(y))]
+    keeper.keep_new()
+    keeper.keep_new()  # nothing changed: nothing republished
+
+    assert swarm.records == [([], True, True), ([x], False, True)]
+    assert set(keeper.kept["run"]) == {x, y}  # both copied and verified; only the majority is vouched for
+    assert LocalStore(tmp_path / "kept").fetch_folder(y, tmp_path / "out").is_dir()
