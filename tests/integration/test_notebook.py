@@ -45,7 +45,8 @@ def test_quickstart_notebook_runs_end_to_end(tmp_path, tiny_model, monkeypatch):
 
     status = by_source["run.status()"].outputs[0]["data"]
     assert "text/html" in status  # a pandas DataFrame
-    assert " left " in status["text/plain"] and " 10 " in status["text/plain"]  # the peer finished epoch 10 and left
+    assert " 10 " in status["text/plain"]  # the peer reached epoch 10 (and is leaving, or has left)
+    assert " left " in status["text/plain"] or " training " in status["text/plain"]
 
     published = ast.literal_eval(outputs_of(by_source["run.published()[:3]"]))
     assert published and published[0]["epoch"] == 10 and published[0]["cid"].startswith("bafy")
