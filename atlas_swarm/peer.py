@@ -89,7 +89,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 check_same_spec(local_spec, spec)
         else:
             spec = local_spec
-        swarm.publish_spec(spec)
+        swarm.publish_spec(spec, timeout=cfg.join_timeout)
         if examples is None:
             examples = load_examples(cfg.data, spec)
         if cfg.chain is not None:  # before the model: a chain misconfiguration should not cost a model load

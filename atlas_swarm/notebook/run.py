@@ -69,8 +69,7 @@ class Run:
                workdir: str | Path = "atlas-runs/notebook", ipfs_api: Optional[str] = None) -> "Run":
         """Reattach to a running run: join its swarm and fetch (and verify) its spec."""
         validate_run_id(run_id)
-        if isinstance(initial_peers, str):
-            initial_peers = [initial_peers]
+        initial_peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers or [])
         swarm = _join(Path(workdir), initial_peers)
         try:
             spec = swarm.fetch_spec(run_id, timeout=timeout)
@@ -91,11 +90,11 @@ class Run:
             self._keeper.keep_new()  # publishes the keeper record before launch() returns
             self._keeper.start()
 
-    def launch(self, initial_peers: Sequence[str] = (), host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)) -> str:
+    def launch(self, initial_peers: Optional[Sequence[str]] = None,
+               host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)) -> str:  # fmt: skip
         """Publish the spec to the swarm (starting a DHT node here; with no ``initial_peers`` it is the swarm's first
         node) and return the command peers run to join."""
-        if isinstance(initial_peers, str):
-            initial_peers = [initial_peers]
+        initial_peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers or [])
         if self.swarm is None:
             self.swarm = _join(self.workdir, initial_peers, host_maddrs)
         self.swarm.publish_spec(self.spec)

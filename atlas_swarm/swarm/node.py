@@ -101,17 +101,20 @@ class Swarm:
             self._validated_runs.add(run_id)
 
     # -- the run spec -------------------------------------------------------------------------------------------
-    def publish_spec(self, spec: RunSpec, wait: bool = True) -> None:
+    def publish_spec(self, spec: RunSpec, wait: bool = True, timeout: float = 30.0) -> None:
+        """Store the spec; with ``wait``, retry until a node accepts it (a busy node may time a store out: the spec
+        is self-certifying, so storing it again is harmless) or ``timeout`` s pass."""
         self._ensure_validators(spec.run_id)
-        future = self.dht.store(
-            f"{spec.run_id}_spec",
-            subkey=self.signer.local_public_key,
-            value=spec.canonical_bytes(),
-            expiration_time=get_dht_time() + SPEC_TTL,
-            return_future=True,
-        )
-        if wait and not future.result(timeout=30):
-            raise SwarmError("Could not store the run spec in the DHT (no peer accepted it).")
+        deadline = time.monotonic() + timeout
+        while True:
+            future = self.dht.store(f"{spec.run_id}_spec", subkey=self.signer.local_public_key,
+                                    value=spec.canonical_bytes(), expiration_time=get_dht_time() + SPEC_TTL,
+                                    return_future=True)  # fmt: skip
+            if not wait or future.result(timeout=timeout + 5):
+                return
+            if time.monotonic() >= deadline:
+                raise SwarmError(f"Could not store the run spec in the DHT: no node accepted it within {timeout:.0f} s.")
+            time.sleep(1.0)
 
     def fetch_spec(self, run_id: str, timeout: float) -> RunSpec:
         """Find the spec of ``run_id`` in the DHT. Only bytes whose hash equals the id are accepted."""
