@@ -204,8 +204,8 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
         line = f"final adapter published as {cid}; kept by the bootstrap node: "
         line += "yes" if (out / "kept" / "blocks" / cid).exists() else "NO"
         if chain is not None:
-            on_chain = chain["client"].checkpoint_of(run_id, last_epoch(out / "peer0.jsonl"))
-            line += f"; recorded on chain: {'yes' if on_chain and on_chain[0] == cid else 'NO'}"
+            checkpoint = chain["client"].checkpoint_of(run_id, last_epoch(out / "peer0.jsonl"))
+            line += f"; recorded on chain: {'yes' if checkpoint and checkpoint[0] == cid else 'NO'}"
         console.print(line)
     if chain is not None:
         exact = all(v["rewards_wei"] == v["verified_samples"] * REWARD_PER_SAMPLE for v in on_chain.values())
