@@ -58,6 +58,21 @@ class SwarmOptimizer(hivemind.Optimizer):
             except BaseException:
                 self._group = ()
 
+    # hivemind pre-schedules an averaging round (matchmaking in the averager and DHT processes) before every epoch's
+    # end, even when the tracker sees no other peer, and cancels it at the boundary. A lone peer pays for that in CPU
+    # its training needs. Skip the pre-scheduling while alone: with company, _update_global_epoch averages anyway
+    # (it starts an unscheduled round when none was scheduled).
+    def _alone(self) -> bool:
+        return self.tracker.global_progress.num_peers <= 1
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        if not self._alone():
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        if not self._alone():
+            super()._maybe_schedule_state_averaging()
+
     def swarm_progress(self) -> dict:
         p = self.tracker.global_progress
         return {
