@@ -20,23 +20,12 @@ import argparse
 import hashlib
 import os
 import sys
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Optional, Sequence
 
-from atlas_swarm.chain.client import ETHER, StakingClient
+from atlas_swarm.chain.client import ETHER, StakingClient, eth
 from atlas_swarm.chain.wallet import create_wallet, load_wallet, read_password
 from atlas_swarm.errors import AtlasError, ConfigError
-
-
-def eth(text: str) -> int:
-    """'0.5' (ether) -> wei."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise ConfigError(f"{text!r} is not an amount of ether (e.g. 0.5).") from None
-    if value < 0:
-        raise ConfigError(f"{text!r}: amounts cannot be negative.")
-    return int(value * ETHER)
 
 
 def fmt_eth(wei: int) -> str:

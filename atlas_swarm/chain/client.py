@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from importlib import resources
 from typing import Iterable, Optional, Sequence
@@ -19,7 +20,7 @@ from eth_abi import decode as abi_decode
 from eth_utils import function_abi_to_4byte_selector, to_checksum_address
 from web3 import Web3
 
-from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
+from atlas_swarm.errors import ChainError, ChainUnreachable, ConfigError, TxReverted
 from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, peer_id_hash, run_id_hash
 
 ETHER = 10**18
@@ -40,6 +41,17 @@ FIXES = {
     "UnbondingNotOver": "wait until the unbonding period is over",
     "ProofExpired": "the proof's deadline passed before it was posted",
 }
+
+
+def eth(amount: str | float | int) -> int:
+    """Ether -> wei, exactly: '0.5', 0.5 and 1e-6 (a float is read as the decimal it prints as, not its binary value)."""
+    try:
+        value = Decimal(str(amount))
+    except InvalidOperation:
+        raise ConfigError(f"{amount!r} is not an amount of ether (e.g. 0.5).") from None
+    if value < 0:
+        raise ConfigError(f"{amount!r}: amounts cannot be negative.")
+    return int(value * ETHER)
 
 
 @lru_cache(maxsize=None)

@@ -259,7 +259,7 @@ class Run:
         with the given rate and minimum stake). Returns the run's on-chain record."""
         import hashlib
 
-        from atlas_swarm.chain.__main__ import eth
+        from atlas_swarm.chain.client import eth
 
         chain = self._need_chain(signing=True)
         if amount_eth <= 0:

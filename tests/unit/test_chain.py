@@ -314,3 +314,14 @@ def test_checkpoints_are_recorded_once_by_a_peer_with_the_producing_proof(chain,
     assert client.checkpoint_of(RUN, 3) == (cid, a.address)
     with pytest.raises(ValueError, match="not a CIDv1 of a dag-pb folder"):
         pa.record_checkpoint(RUN, 3, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
+
+
+def test_ether_amounts_convert_to_wei_exactly():
+    """Run.fund(0.5, reward_per_sample_eth=1e-6) passes floats: Decimal(1e-6) would give 999999999999 wei."""
+    from atlas_swarm.chain.client import eth
+    from atlas_swarm.errors import ConfigError
+
+    assert eth(1e-6) == 10**12 and eth(0.1) == 10**17 and eth("0.5") == 5 * 10**17 and eth(2) == 2 * ETHER
+    for bad in ("-1", "abc"):
+        with pytest.raises(ConfigError):
+            eth(bad)
