@@ -44,26 +44,20 @@ def resolve_base_model(base: str, override: Optional[str] = None) -> str:
     return base
 
 
-def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "cpu"):
-    """Load tokenizer and base model, wrap it with the spec's LoRA adapter. Returns (peft_model, tokenizer).
-
-    The adapter (and any freshly initialised head) is seeded from spec.seed, so every peer starts identical.
-    """
+def load_base(spec: RunSpec, base_model: Optional[str] = None):
+    """The spec's base model (for its task) and tokenizer, with a pad token. Returns (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve_base_model(spec.model.base, base_model)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" warnings are expected here
     hf_logging.disable_progress_bar()
-    torch.manual_seed(spec.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if spec.model.task == "sequence-classification":
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(spec.model.labels))
-            task_type = TaskType.SEQ_CLS
         else:
             model = AutoModelForCausalLM.from_pretrained(source)
-            task_type = TaskType.CAUSAL_LM
     except (OSError, ValueError) as e:
         raise ModelError(
             f"Could not load base model {spec.model.base!r} from {source!r}: {str(e).splitlines()[0]} "
@@ -73,6 +67,17 @@ def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "c
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "cpu"):
+    """Load tokenizer and base model, wrap it with the spec's LoRA adapter. Returns (peft_model, tokenizer).
+
+    The adapter (and any freshly initialised head) is seeded from spec.seed, so every peer starts identical.
+    """
+    torch.manual_seed(spec.seed)
+    model, tokenizer = load_base(spec, base_model)
+    task_type = TaskType.SEQ_CLS if spec.model.task == "sequence-classification" else TaskType.CAUSAL_LM
     lora = LoraConfig(
         task_type=task_type,
         r=spec.lora.r,

@@ -11,7 +11,7 @@ from typing import Optional
 
 from atlas_swarm.errors import AtlasError, StorageError
 from atlas_swarm.storage import CorruptBlock, IpfsStore, LocalStore, cid_of_folder
-from atlas_swarm.storage.keeper import first_good
+from atlas_swarm.storage.dag import first_good
 
 
 def choose(published: list, epoch: Optional[int]) -> tuple[int, str, list[str]]:
@@ -72,23 +72,18 @@ def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
 
 def load_peft(spec, folder: Path, base_model: Optional[str] = None):
     """A ready PeftModel (eval mode, CPU) of the base model with the adapter in ``folder``."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from atlas_swarm.model.lora import resolve_base_model
-
     import warnings
 
-    source = resolve_base_model(spec.model.base, base_model)
+    from peft import PeftModel
+
+    from atlas_swarm.model.lora import load_base
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # PEFT's deprecated calls
+    base, _ = load_base(spec, base_model)
     try:
-        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # PEFT's deprecated calls
-        if spec.model.task == "sequence-classification":
-            base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(spec.model.labels))
-        else:
-            base = AutoModelForCausalLM.from_pretrained(source)
         model = PeftModel.from_pretrained(base, str(folder))
     except (OSError, ValueError) as e:
-        raise AtlasError(f"Could not load the adapter in {str(folder)!r} on {source!r}: {str(e).splitlines()[0]}")
+        raise AtlasError(f"Could not load the adapter in {str(folder)!r}: {str(e).splitlines()[0]}") from None
     return model.eval()
 
 

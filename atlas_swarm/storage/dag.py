@@ -4,6 +4,7 @@ parsed, so a corrupted or substituted block (from a disk, a daemon or a peer) is
     parse_cid(text)                     "bafy…"/"Qm…" → binary CID (only sha2-256 multihashes: what we write)
     verify_block(cid, block)            raise CorruptBlock unless sha256(block) is the CID's digest
     fetch_folder(get_blocks, cid, dest) walk the DAG level by level, verify every block, write the files
+    first_good(sources)                 one get_blocks over several sources, keeping only blocks that verify
 """
 
 from __future__ import annotations
@@ -102,6 +103,36 @@ def parse_node(block: bytes) -> tuple[list[tuple[bytes, str]], int, bytes]:
 
 
 # -- fetching ------------------------------------------------------------------------------------------------------
+def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], dict[bytes, bytes]]:
+    """A get_blocks that asks each source in turn for what is still missing and keeps only blocks that hash to
+    their CID; if every copy of a block was bad, CorruptBlock names who served it."""
+
+    def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        bad: dict[bytes, str] = {}
+        for name, source in sources:
+            missing = [c for c in cids if c not in found]
+            if not missing:
+                break
+            try:
+                answer = source(missing)
+            except StorageError:
+                continue  # a peer that left, a daemon that is down: try the next source
+            for cid, block in answer.items():
+                try:
+                    verify_block(cid, block)
+                    found[cid] = block
+                except CorruptBlock:
+                    bad[cid] = name
+        for cid, name in bad.items():
+            if cid not in found:
+                raise CorruptBlock(f"Block {encode(cid)} was corrupted or substituted by {name}, and no other source "
+                                   f"had a good copy; refusing the adapter.")  # fmt: skip
+        return found
+
+    return get_blocks
+
+
 def fetch_blocks(get_blocks: GetBlocks, root: bytes) -> dict[bytes, bytes]:
     """Every block of the DAG under ``root``, each verified, fetched one level at a time (one round trip a level)."""
     blocks: dict[bytes, bytes] = {}

@@ -14,42 +14,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from atlas_swarm.errors import StorageError
-from atlas_swarm.storage.cid import encode
-from atlas_swarm.storage.dag import CorruptBlock, verify_block
+from atlas_swarm.storage.dag import first_good
 from atlas_swarm.storage.store import LocalStore
 
 REFRESH_EVERY = 3600.0  # republish the keeper's record (it lives ADAPTERS_TTL = 24 h without a refresh)
-
-
-def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], dict[bytes, bytes]]:
-    """A get_blocks that asks each source in turn for what is still missing and keeps only blocks that hash to
-    their CID; if every copy of a block was bad, CorruptBlock names who served it."""
-
-    def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
-        found: dict[bytes, bytes] = {}
-        bad: dict[bytes, str] = {}
-        for name, source in sources:
-            missing = [c for c in cids if c not in found]
-            if not missing:
-                break
-            try:
-                answer = source(missing)
-            except StorageError:
-                continue  # a peer that left, a daemon that is down: try the next source
-            for cid, block in answer.items():
-                try:
-                    verify_block(cid, block)
-                    found[cid] = block
-                except CorruptBlock:
-                    bad[cid] = name
-        for cid, name in bad.items():
-            if cid not in found:
-                raise CorruptBlock(f"Block {encode(cid)} was corrupted or substituted by {name}, and no other source "
-                                   f"had a good copy; refusing the adapter.")  # fmt: skip
-        return found
-
-    return get_blocks
-
 
 
 class Keeper:

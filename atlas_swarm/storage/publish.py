@@ -26,6 +26,7 @@ class AdapterPublisher:
         self._record = PublishedAdapter
         self.swarm, self.run_id, self.base_model, self.every = swarm, run_id, base_model, every
         self.store_root = Path(store_root)
+        self.store_root.mkdir(parents=True, exist_ok=True)  # publish() stages folders here, whatever the backend
         self.store: Store = open_store(self.store_root, ipfs_api)
         self.published: list = []
         self.on_published = None  # (epoch, cid) -> None: the chain session records it on chain
@@ -36,30 +37,30 @@ class AdapterPublisher:
         return not group or self.swarm.peer_id == min(group)
 
     def on_epoch(self, model, report, reporter) -> Optional[str]:
-        """The peer's epoch hook (report: peer.EpochReport). A failing store costs this publication, not training."""
+        """The peer's epoch hook (report: peer.EpochReport), for the elected peer every K epochs."""
         if report.epoch % self.every or not self.elected(report.group):
             return None
-        try:
-            cid = self.publish(model, report.epoch, report.adapter_hash)
-        except StorageError as e:
-            reporter.event("publish_failed", f"Could not publish the epoch-{report.epoch} adapter: {e}",
-                           epoch=report.epoch, error=str(e))  # fmt: skip
-            return None
-        reporter.event("published", f"Published the epoch-{report.epoch} adapter as {cid}", epoch=report.epoch, cid=cid)
-        return cid
+        return self._publish_reported(model, report.epoch, report.adapter_hash, f"the epoch-{report.epoch}", reporter)
 
     def finish(self, model, epoch: int, adapter_hash: str, timeout: float, reporter) -> None:
         """A peer stopping at --max-epochs with the agreed adapter: publish it (equal adapters, equal CIDs: every
         finisher serves it), then give a keeper in the run up to ``timeout`` s to copy it before leaving."""
-        try:
-            cid = self.publish(model, epoch, adapter_hash)
-        except StorageError as e:
-            reporter.event("publish_failed", f"Could not publish the final adapter: {e}", epoch=epoch, error=str(e))
+        cid = self._publish_reported(model, epoch, adapter_hash, "the final", reporter)
+        if cid is None:
             return
-        reporter.event("published", f"Published the final adapter as {cid}", epoch=epoch, cid=cid)
         keeper = self.hand_off(cid, timeout)
         reporter.event("handed_off", f"Keeper {keeper} holds a copy" if keeper else "No keeper in the run copied it",
                        keeper=keeper, cid=cid)  # fmt: skip
+
+    def _publish_reported(self, model, epoch: int, adapter_hash: str, which: str, reporter) -> Optional[str]:
+        """publish() with its outcome as an event; a failing store costs this publication, never the training."""
+        try:
+            cid = self.publish(model, epoch, adapter_hash)
+        except StorageError as e:
+            reporter.event("publish_failed", f"Could not publish {which} adapter: {e}", epoch=epoch, error=str(e))
+            return None
+        reporter.event("published", f"Published {which} adapter as {cid}", epoch=epoch, cid=cid)
+        return cid
 
     def publish(self, model, epoch: int, adapter_hash: str) -> str:
         if self.published and self.published[-1].epoch == epoch and self.published[-1].adapter_hash == adapter_hash:

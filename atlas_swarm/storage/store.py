@@ -35,9 +35,6 @@ class Store:
     def get_blocks(self, cids: list[bytes]) -> Mapping[bytes, bytes]:
         raise NotImplementedError
 
-    def has(self, cid: str) -> bool:
-        return bool(self.get_blocks([parse_cid(cid)]))
-
     def fetch_folder(self, cid: str, dest: str | Path) -> Path:
         return fetch_folder(self.get_blocks, cid, dest)
 

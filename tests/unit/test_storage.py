@@ -10,7 +10,7 @@ import pytest
 
 from atlas_swarm.errors import StorageError
 from atlas_swarm.notebook.fetch import choose
-from atlas_swarm.storage.keeper import first_good
+from atlas_swarm.storage.dag import first_good
 from atlas_swarm.storage import CorruptBlock, LocalStore, cid_of_folder
 from atlas_swarm.storage.cid import CHUNK
 from atlas_swarm.storage.dag import parse_cid
