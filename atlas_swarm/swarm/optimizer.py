@@ -15,6 +15,7 @@ from typing import Sequence
 import hivemind
 import torch
 from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression, Uniform8BitQuantization
+from hivemind.optim.progress_tracker import ProgressTracker
 
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm.node import Swarm
@@ -33,6 +34,42 @@ class EpochDone:
     samples: int  # samples this peer accumulated into the step that ended the previous epoch
     group: tuple[str, ...]  # PeerIDs that averaged gradients together (empty: proceeded with local gradients)
     seconds: float  # wall time of the transition: all-reduce, optimizer step, state averaging when due
+
+
+class ThrottledTracker(ProgressTracker):
+    """hivemind's ProgressTracker stores a DHT record after every local step; this one at most every ``report_every``
+    seconds, and at once when the step completes the target batch or starts a new epoch.
+
+    Each report wakes four threads and the DHT process (executor, event loop, fd sharing, the signing store, the
+    reply): on 2 cores each wake-up can preempt the training thread. Measured on a lone MiniLM peer, the training
+    thread was off-CPU 5.8 % of the time with per-step reports and 4.5 % without (a plain loop: 0 %). Peers
+    extrapolate each other's progress from the reported samples/s, so a report up to a second late changes no
+    estimate that matters; the report that completes an epoch is never delayed.
+    """
+
+    report_every = 1.0
+
+    def __init__(self, *args, **kwargs):
+        self._last_report = 0.0
+        super().__init__(*args, **kwargs)
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        extra = samples_accumulated - self.local_progress.samples_accumulated
+        now = time.monotonic()
+        due = (
+            now - self._last_report >= self.report_every
+            or extra <= 0
+            or local_epoch != self.local_progress.epoch
+            or self.global_progress.samples_accumulated + extra >= self.target_batch_size
+        )
+        if due:
+            self._last_report = now
+            return super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+        # hivemind's bookkeeping, without waking the reporter
+        if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
+            self.global_progress.samples_accumulated += extra
+        self.performance_ema.update(task_size=extra)
+        self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -72,6 +109,11 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _maybe_schedule_state_averaging(self) -> None:
         if not self._alone():
             super()._maybe_schedule_state_averaging()
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return ThrottledTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
+                                **kwargs)  # fmt: skip
 
     def swarm_progress(self) -> dict:
         p = self.tracker.global_progress
