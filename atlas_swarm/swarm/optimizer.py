@@ -108,6 +108,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _maybe_schedule_state_averaging(self) -> None:
         if not self._alone():
+            # hivemind pre-schedules state averaging only once it has timed a pre-scheduled state round, and it times
+            # nothing else, so it never does: every state round began matchmaking at the boundary (2.4-4.4 s epochs
+            # in bench_averaging). A first guess for the delay (grad all-reduce + optimizer step) starts the cycle;
+            # hivemind refines it after each round.
+            if self.delay_before_state_averaging.num_updates == 0:
+                self.delay_before_state_averaging.update(task_size=1, interval=0.05)
             super()._maybe_schedule_state_averaging()
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
