@@ -65,7 +65,7 @@ class ThrottledTracker(ProgressTracker):
         if due:
             self._last_report = now
             return super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
-        # hivemind's bookkeeping, without waking the reporter
+        # the rest of hivemind 1.1.12's report_local_progress, without waking the reporter
         if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
             self.global_progress.samples_accumulated += extra
         self.performance_ema.update(task_size=extra)
@@ -79,6 +79,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.completed: list[EpochDone] = []
         self._group: tuple[str, ...] = ()
         super().__init__(**kwargs)
+        # hivemind pre-schedules state averaging only once it has timed a pre-scheduled state round, and it times
+        # nothing else, so it never does: every state round began matchmaking at the boundary (2.4-4.4 s epochs in
+        # bench_averaging). A first guess for the delay (grad all-reduce + optimizer step) starts the cycle; hivemind
+        # refines it after each round.
+        self.delay_before_state_averaging.update(task_size=1, interval=0.05)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
@@ -108,12 +113,6 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _maybe_schedule_state_averaging(self) -> None:
         if not self._alone():
-            # hivemind pre-schedules state averaging only once it has timed a pre-scheduled state round, and it times
-            # nothing else, so it never does: every state round began matchmaking at the boundary (2.4-4.4 s epochs
-            # in bench_averaging). A first guess for the delay (grad all-reduce + optimizer step) starts the cycle;
-            # hivemind refines it after each round.
-            if self.delay_before_state_averaging.num_updates == 0:
-                self.delay_before_state_averaging.update(task_size=1, interval=0.05)
             super()._maybe_schedule_state_averaging()
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
