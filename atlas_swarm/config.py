@@ -239,6 +239,7 @@ class PeerConfig:
     publish_every: int = 5  # publish the adapter (content-addressed) every N epochs when elected; 0 = never
     store: Optional[str] = None  # the embedded block store's folder; default: <out>/store
     ipfs_api: Optional[str] = None  # use this IPFS daemon's /api/v0 RPC as the store instead
+    verbose: bool = False  # hivemind's own log lines, its optimizer's status lines included
 
     def __post_init__(self):
         if self.run_spec is None and self.run_id is None:

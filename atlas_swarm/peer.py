@@ -155,7 +155,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 )
             state.update(epoch=meta["epoch"], samples_total=meta["samples_total"])
             reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {meta['epoch']}", epoch=meta["epoch"])
-        opt = make_optimizer(swarm, spec, [p for _, p in named], batch_size)
+        opt = make_optimizer(swarm, spec, [p for _, p in named], batch_size, verbose=cfg.verbose)
         stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
         opt_state_path = out / "optimizer.pt"
         if adapter_dir.exists() and opt_state_path.exists():
@@ -466,7 +466,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
         chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file,
                                      a.proof_batch, a.proof_max_wait),
-        publish_every=a.publish_every, store=a.store, ipfs_api=a.ipfs_api,
+        publish_every=a.publish_every, store=a.store, ipfs_api=a.ipfs_api, verbose=a.verbose,
     )  # fmt: skip
 
 

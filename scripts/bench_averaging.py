@@ -1,9 +1,10 @@
 """Averaging cost on loopback, 2 and 4 peers (separate processes, the demo's MiniLM spec at its default settings).
 
 Per swarm size it reports:
-- seconds per averaging round (each epoch transition: gradient all-reduce + optimizer step, and the synchronous
-  state averaging every `average_state_every` epochs), as peer0 measured it;
-- the share of peer0's epoch wall time spent in those rounds;
+- seconds per averaging round (each epoch transition, as each peer timed it inside step(): waiting for the group's
+  slowest member, gradient all-reduce, optimizer step, and the synchronous state averaging every
+  `average_state_every` epochs);
+- the share of each peer's epoch wall time spent in those rounds, and its mean over the peers;
 - bytes each peer sends per epoch (loopback bytes over the window / number of peers, so DHT traffic is included),
   compared with a butterfly all-reduce of every parameter of the base model, 2 (n-1)/n * 4 bytes * params.
 
@@ -51,15 +52,15 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
 
         procs.append(launch(0, ["--run-spec", str(SPEC)]))
         log0 = workdir / "p0.jsonl"
-        started = wait(lambda: next((e for e in events(log0) if e["event"] == "started"), None), 180)
+        started = wait(lambda: next((e for e in events(log0) if e["event"] == "started"), None), 180, procs)
         maddr = next(a for a in started["maddrs"] if "/127.0.0.1/" in a)
         for i in range(1, n):
             procs.append(launch(i, ["--initial-peers", maddr, "--run", started["run_id"]]))
-        # window: from peer0's first epoch transition to its last
-        first = wait(lambda: next((e for e in events(log0) if e["event"] == "epoch"), None), 300)
+        # bytes: from peer0's first epoch transition to its stop
+        first = wait(lambda: next((e for e in events(log0) if e["event"] == "epoch"), None), 300, procs)
         lo0 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
         # a peer can also reach the last epoch by downloading state (no epoch event then): stop at "stopping"
-        last = wait(lambda: next((e for e in events(log0) if e["event"] == "stopping"), None), 600)
+        last = wait(lambda: next((e for e in events(log0) if e["event"] == "stopping"), None), 600, procs)
         lo1 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
         for p in procs:
             p.wait(60)
@@ -69,26 +70,42 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    window = [e for e in events(log0) if e["event"] == "epoch" and first["time"] < e["time"] <= last["time"]]
-    wall = last["time"] - first["time"]
-    rounds = [e["averaging_s"] for e in window]
+    # each peer's window: from its first epoch transition to its "stopping" event; the share is the mean over peers
+    # (a peer that reaches the boundary first waits for the others, so one peer's share can hide another's)
+    shares, rounds, epoch_seconds, groups = [], [], [], []
+    for i in range(n):
+        ev = events(workdir / f"p{i}.jsonl")
+        start = next(e for e in ev if e["event"] == "epoch")["time"]
+        end = next(e for e in ev if e["event"] == "stopping")["time"]
+        window = [e for e in ev if e["event"] == "epoch" and start < e["time"] <= end]
+        if not window:
+            continue
+        spent = [e["averaging_s"] for e in window]
+        shares.append(sum(spent) / (end - start))
+        rounds += spent
+        epoch_seconds.append((end - start) / len(window))
+        groups.append([len(e["group"]) for e in window])
     return {
         "peers": n,
-        "epochs_measured": len(window),
+        "epochs_measured": len(groups[0]) if groups else 0,
         "seconds_per_round": round(sum(rounds) / len(rounds), 3),
-        "averaging_share_of_epoch_time": round(sum(rounds) / wall, 4),
-        "epoch_seconds": round(wall / len(window), 2),
-        "group_sizes": [len(e["group"]) for e in window],
-        "bytes_sent_per_peer_per_epoch": int((lo1 - lo0) / n / len(window)),
+        "averaging_share_of_epoch_time": round(sum(shares) / len(shares), 4),
+        "share_per_peer": [round(x, 4) for x in shares],
+        "epoch_seconds": round(sum(epoch_seconds) / len(epoch_seconds), 2),
+        "group_sizes": groups,
+        "bytes_sent_per_peer_per_epoch": int((lo1 - lo0) / n / len(groups[0])),
     }
 
 
-def wait(probe, timeout: float):
+def wait(probe, timeout: float, procs: list[subprocess.Popen]):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = probe()
         if found is not None:
             return found
+        crashed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if crashed:
+            raise SystemExit(f"bench_averaging: peer(s) {crashed} exited with an error (run them by hand to see it)")
         time.sleep(0.2)
     raise SystemExit(f"bench_averaging: timed out after {timeout} s")
 
@@ -112,7 +129,8 @@ def main() -> int:
         r["ratio_to_full_allreduce"] = round(r["bytes_sent_per_peer_per_epoch"] / full_allreduce, 5)
         results.append(r)
         print(f"{n} peers: {r['seconds_per_round']:.2f} s per averaging round, "
-              f"{r['averaging_share_of_epoch_time']:.1%} of epoch time (epochs of {r['epoch_seconds']} s), "
+              f"{r['averaging_share_of_epoch_time']:.1%} of epoch time (mean over peers; per peer "
+              f"{', '.join(f'{x:.1%}' for x in r['share_per_peer'])}; epochs of {r['epoch_seconds']} s), "
               f"{r['bytes_sent_per_peer_per_epoch'] / 1e6:.2f} MB sent per peer per epoch = "
               f"{r['ratio_to_full_allreduce']:.4f} of a full-model all-reduce ({full_allreduce / 1e6:.0f} MB)")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

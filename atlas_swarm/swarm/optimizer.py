@@ -7,18 +7,23 @@ averaged: the seam where contribution proofs (and checkpoints) hook in.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import hivemind
 import torch
 from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression, Uniform8BitQuantization
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
 
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm.node import Swarm
+
+log = logging.getLogger("hivemind.optim.optimizer")  # our status lines beside hivemind's (--verbose)
 
 COMPRESSION = {
     "none": NoCompression,
@@ -38,7 +43,8 @@ class EpochDone:
 
 class ThrottledTracker(ProgressTracker):
     """hivemind's ProgressTracker stores a DHT record after every local step; this one at most every ``report_every``
-    seconds, and at once when the step completes the target batch or starts a new epoch.
+    seconds, and at once when the step completes the target batch, starts a new epoch, or falls in the epoch's last
+    ``report_every`` seconds (others decide from these records when the epoch ends).
 
     Each report wakes four threads and the DHT process (executor, event loop, fd sharing, the signing store, the
     reply): on 2 cores each wake-up can preempt the training thread. Measured on a lone MiniLM peer, the training
@@ -58,6 +64,7 @@ class ThrottledTracker(ProgressTracker):
         now = time.monotonic()
         due = (
             now - self._last_report >= self.report_every
+            or self.global_progress.eta_next_epoch - get_dht_time() < self.report_every
             or extra <= 0
             or local_epoch != self.local_progress.epoch
             or self.global_progress.samples_accumulated + extra >= self.target_batch_size
@@ -78,12 +85,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, **kwargs):
         self.completed: list[EpochDone] = []
         self._group: tuple[str, ...] = ()
+        self._epoch_began: Optional[float] = None  # time.monotonic() of the last transition
+        self._epoch_seconds = math.inf  # how long the last whole epoch took
         super().__init__(**kwargs)
-        # hivemind pre-schedules state averaging only once it has timed a pre-scheduled state round, and it times
-        # nothing else, so it never does: every state round began matchmaking at the boundary (2.4-4.4 s epochs in
-        # bench_averaging). A first guess for the delay (grad all-reduce + optimizer step) starts the cycle; hivemind
-        # refines it after each round.
-        self.delay_before_state_averaging.update(task_size=1, interval=0.05)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
@@ -91,6 +95,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         t0 = time.perf_counter()
         super()._update_global_epoch(grad_scaler)
         self.completed.append(EpochDone(self.local_epoch, samples, self._group, time.perf_counter() - t0))
+        now = time.monotonic()
+        if self._epoch_began is not None:
+            self._epoch_seconds = now - self._epoch_began
+        self._epoch_began = now
+        # every peer is at this boundary now: look for the next epoch's groups together (see _seconds_to_epoch_end)
+        self._maybe_schedule_gradient_averaging()
+        self._maybe_schedule_state_averaging()
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
@@ -107,13 +118,43 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _alone(self) -> bool:
         return self.tracker.global_progress.num_peers <= 1
 
+    # hivemind pre-schedules a round once the epoch's estimated end is within matchmaking_time, and the group forms
+    # matchmaking_time later. Estimates err by seconds and differ between peers (each sees the others' progress
+    # through the DHT, late, and nothing at all between a transition and its next fetch), so in bench_averaging
+    # groups formed after the epoch had ended (everyone waited for them), or without a peer that started looking a
+    # second or more after the others (4 peers: groups of 3+1 and 2+2; the odd ones out timed out or averaged part
+    # of the tensors). Instead, look for the group as early as the round allows: at the transition itself when the
+    # next epoch should end within _schedule_horizon(). Peers leave an epoch within a step of each other, so they all
+    # look at once and form one group, which then waits for its members' triggers. Later joiners miss that round
+    # (hivemind's window was matchmaking_time) and average from the next one.
+    # The state override also drops hivemind's wait for a first timing of a pre-scheduled state round: it only
+    # timed pre-scheduled rounds, so it never pre-scheduled one.
+    def _schedule_horizon(self) -> float:
+        return max(self.averaging_timeout / 2, self.matchmaking_time + 1.0)
+
+    def _seconds_to_epoch_end(self) -> float:
+        eta = self.tracker.estimated_next_update_time - get_dht_time()
+        if math.isinf(eta) and self._epoch_began is not None:  # no fetch since the transition: as long as the last
+            eta = self._epoch_seconds - (time.monotonic() - self._epoch_began)
+        return eta
+
     def _maybe_schedule_gradient_averaging(self) -> None:
-        if not self._alone():
-            super()._maybe_schedule_gradient_averaging()
+        if self._alone() or self._seconds_to_epoch_end() > self._schedule_horizon():
+            return
+        if self.scheduled_grads is None or self.scheduled_grads.triggered or self.scheduled_grads.done():
+            log.log(self.status_loglevel, "Pre-scheduling gradient averaging round")
+            self.scheduled_grads = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
 
     def _maybe_schedule_state_averaging(self) -> None:
-        if not self._alone():
-            super()._maybe_schedule_state_averaging()
+        next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
+        if self._alone() or next_epoch % self.average_state_every != 0 or self.state_averager.averaging_in_progress:
+            return
+        delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it
+        if self._seconds_to_epoch_end() + delay > self._schedule_horizon():
+            return
+        if self.scheduled_state is None or self.scheduled_state.triggered or self.scheduled_state.done():
+            log.log(self.status_loglevel, "Pre-scheduling state averaging round")
+            self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch, timeout=self.averaging_timeout)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         return ThrottledTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
@@ -152,8 +193,12 @@ def make_optimizer(
         averaging_timeout=a.averaging_timeout,
         load_state_timeout=max(30.0, a.averaging_timeout),
         average_state_every=a.average_state_every,
-        # with the parameters, average Adam's moments too: otherwise peers step differently between syncs
-        average_opt_statistics=("exp_avg", "exp_avg_sq") if o.name == "adamw" else (),
+        # parameters only, not Adam's moments: peers that average gradients together update their moments with the
+        # same averaged gradient, so the moments only drift after a missed round (by (1 - beta) of one gradient,
+        # then decaying), and the parameter averaging below bounds what that drift does. Moments would triple the
+        # state round's bytes: with them, state rounds took 0.35-0.8 s instead of 0.19-0.36 s (bench_averaging, 2
+        # peers). A peer that downloads state (late joiner, out of sync) still gets the moments.
+        average_opt_statistics=(),
         # synchronous state averaging: slower (a matchmaking window inside step() every average_state_every epochs)
         # but the background variant (hivemind's default) once left a peer with another adapter after the final
         # agreement (1 run in 3); see README "Known limits"
@@ -161,9 +206,13 @@ def make_optimizer(
         grad_compression=compression,
         state_averaging_compression=compression,
         averager_opts={"request_timeout": request_timeout},
-        # our identity signs the tracker's records too (a DHT keeps one RSASignatureValidator); a lone peer looks for
-        # others every second instead of hivemind's 3 s, so newcomers are averaged with from their first epoch
-        tracker_opts={"private_key": swarm.identity.private_key, "default_refresh_period": 1.0},
+        # our identity signs the tracker's records too (a DHT keeps one RSASignatureValidator). A lone peer looks for
+        # others every second instead of hivemind's 3 s, so newcomers are averaged with from their first epoch. The
+        # swarm's progress is fetched at least every 2 s (hivemind: 10 s; a newcomer that saw a slow start trained
+        # 10 s on a stale view, ended the epoch alone and cost the next round its group) and every 0.2 s in an
+        # epoch's last moments (hivemind: 0.5 s), so peers see the epoch end closer together.
+        tracker_opts={"private_key": swarm.identity.private_key, "default_refresh_period": 1.0,
+                      "max_refresh_period": 2.0, "min_refresh_period": 0.2},
         shutdown_timeout=3.0,
         verbose=verbose,
     )
