@@ -1,0 +1,77 @@
+"""When SwarmOptimizer looks for averaging groups (the decision only; the rounds themselves run in the multi-peer tests).
+
+The optimizer is built without hivemind's __init__ (no DHT, no averager processes): a fake tracker and fake averagers
+stand in for the layer below, and record what was scheduled.
+"""
+
+import math
+import time
+from types import SimpleNamespace
+
+from hivemind.utils import get_dht_time
+
+from atlas_swarm.swarm.optimizer import SwarmOptimizer
+
+
+class FakeAverager:
+    def __init__(self):
+        self.scheduled = []
+        self.averaging_in_progress = False
+
+    def schedule_step(self, **kwargs):
+        self.scheduled.append(kwargs)
+        return SimpleNamespace(triggered=False, done=lambda: False)
+
+
+def optimizer(eta: float, peers: int = 2, epoch: int = 0, every: int = 2) -> SwarmOptimizer:
+    opt = object.__new__(SwarmOptimizer)
+    opt._parent_pid = -1  # hivemind's __del__ then leaves the (never started) optimizer alone
+    opt.tracker = SimpleNamespace(
+        global_progress=SimpleNamespace(num_peers=peers),
+        estimated_next_update_time=get_dht_time() + eta,
+        global_epoch=epoch,
+    )
+    opt.state_averager = FakeAverager()
+    opt.state_averager.local_epoch = epoch
+    opt.grad_averager = FakeAverager()
+    opt.scheduled_grads = opt.scheduled_state = None
+    opt.delay_before_state_averaging = SimpleNamespace(ema_seconds_per_sample=0.0)
+    opt.averaging_timeout, opt.matchmaking_time, opt.average_state_every = 20.0, 4.0, every
+    opt.status_loglevel = 10
+    opt._epoch_began, opt._epoch_seconds = None, math.inf
+    return opt
+
+
+def test_groups_are_looked_for_once_the_epoch_ends_within_half_the_averaging_timeout():
+    far, near = optimizer(eta=30.0), optimizer(eta=9.0)
+    for opt in (far, near):
+        opt._maybe_schedule_gradient_averaging()
+    assert far.grad_averager.scheduled == []
+    assert near.grad_averager.scheduled == [{"timeout": 20.0}]
+    near._maybe_schedule_gradient_averaging()  # a pending group is kept, not replaced
+    assert len(near.grad_averager.scheduled) == 1
+
+
+def test_right_after_a_transition_the_last_epochs_length_stands_in_for_the_unknown_eta():
+    opt = optimizer(eta=math.inf, epoch=1)  # hivemind's tracker knows nothing until its next fetch
+    opt._maybe_schedule_gradient_averaging()
+    assert opt.grad_averager.scheduled == []  # first epoch: no length to go by
+    opt._epoch_began, opt._epoch_seconds = time.monotonic(), 7.5
+    opt._maybe_schedule_gradient_averaging()
+    opt._maybe_schedule_state_averaging()  # the next epoch (2) averages state
+    assert opt.grad_averager.scheduled == [{"timeout": 20.0}]
+    assert opt.state_averager.scheduled == [{"gather": 2, "timeout": 20.0}]
+    long = optimizer(eta=math.inf, epoch=1)
+    long._epoch_began, long._epoch_seconds = time.monotonic(), 60.0
+    long._maybe_schedule_gradient_averaging()
+    assert long.grad_averager.scheduled == []
+
+
+def test_no_groups_while_alone_and_state_rounds_only_on_their_epochs():
+    alone = optimizer(eta=1.0, peers=1)
+    alone._maybe_schedule_gradient_averaging()
+    alone._maybe_schedule_state_averaging()
+    assert alone.grad_averager.scheduled == [] and alone.state_averager.scheduled == []
+    odd = optimizer(eta=1.0, epoch=1, every=4)  # next epoch 2 is not a multiple of 4
+    odd._maybe_schedule_state_averaging()
+    assert odd.state_averager.scheduled == []
