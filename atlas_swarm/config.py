@@ -54,7 +54,7 @@ class AveragingSpec:
     target_batch_size: int = 256  # samples the whole swarm accumulates per epoch (one optimizer step)
     matchmaking_time: float = 3.0  # seconds peers spend forming a group (while the epoch runs; see swarm/optimizer.py)
     averaging_timeout: float = 30.0  # give up on a round after this long and proceed with local gradients
-    average_state_every: int = 4  # also average parameters + optimizer state every N epochs (repairs drift)
+    average_state_every: int = 4  # also average the parameters every N epochs (repairs drift)
     compression: str = "none"
 
 

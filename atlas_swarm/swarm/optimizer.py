@@ -138,21 +138,24 @@ class SwarmOptimizer(hivemind.Optimizer):
             eta = self._epoch_seconds - (time.monotonic() - self._epoch_began)
         return eta
 
+    def _time_to_look(self, delay: float = 0.0) -> bool:
+        return not self._alone() and self._seconds_to_epoch_end() + delay <= self._schedule_horizon()
+
+    @staticmethod
+    def _free(control) -> bool:  # no pending pre-scheduled round
+        return control is None or control.triggered or control.done()
+
     def _maybe_schedule_gradient_averaging(self) -> None:
-        if self._alone() or self._seconds_to_epoch_end() > self._schedule_horizon():
-            return
-        if self.scheduled_grads is None or self.scheduled_grads.triggered or self.scheduled_grads.done():
+        if self._time_to_look() and self._free(self.scheduled_grads):
             log.log(self.status_loglevel, "Pre-scheduling gradient averaging round")
             self.scheduled_grads = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
 
     def _maybe_schedule_state_averaging(self) -> None:
         next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
-        if self._alone() or next_epoch % self.average_state_every != 0 or self.state_averager.averaging_in_progress:
+        if next_epoch % self.average_state_every != 0 or self.state_averager.averaging_in_progress:
             return
         delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it
-        if self._seconds_to_epoch_end() + delay > self._schedule_horizon():
-            return
-        if self.scheduled_state is None or self.scheduled_state.triggered or self.scheduled_state.done():
+        if self._time_to_look(delay) and self._free(self.scheduled_state):
             log.log(self.status_loglevel, "Pre-scheduling state averaging round")
             self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch, timeout=self.averaging_timeout)
 
@@ -199,8 +202,8 @@ def make_optimizer(
         # state round's bytes: with them, state rounds took 0.35-0.8 s instead of 0.19-0.36 s (bench_averaging, 2
         # peers). A peer that downloads state (late joiner, out of sync) still gets the moments.
         average_opt_statistics=(),
-        # synchronous state averaging: slower (a matchmaking window inside step() every average_state_every epochs)
-        # but the background variant (hivemind's default) once left a peer with another adapter after the final
+        # synchronous state averaging: the all-reduce runs inside step() every average_state_every epochs (its group
+        # formed during the epoch, see _schedule_horizon), but the background variant (hivemind's default) once left a peer with another adapter after the final
         # agreement (1 run in 3); see README "Known limits"
         delay_state_averaging=False,
         grad_compression=compression,
