@@ -1,0 +1,43 @@
+"""The optimizer step runs in the training thread (see InlineExecutor): a real hivemind DHT and SwarmOptimizer, alone.
+
+hivemind runs it in a helper thread; on CPU, torch ops there start a second OpenMP pool, and libgomp then stops
+spin-waiting in every pool, which cost a lone peer about 10 % of its samples/s (scripts/bench_peer.py).
+"""
+
+import threading
+
+import hivemind
+import torch
+
+from atlas_swarm.swarm.optimizer import SwarmOptimizer
+
+
+class RecordingSGD(torch.optim.SGD):
+    threads: list[int] = []
+
+    def step(self, closure=None):
+        RecordingSGD.threads.append(threading.get_ident())
+        return super().step(closure)
+
+
+def test_the_optimizer_step_runs_in_the_callers_thread():
+    RecordingSGD.threads = []
+    param = torch.nn.Parameter(torch.ones(4))
+    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    opt = None
+    try:
+        opt = SwarmOptimizer(dht=dht, run_id="inline-step", target_batch_size=4, batch_size_per_step=2,
+                             optimizer=lambda params: RecordingSGD(params, lr=0.5), params=[param],
+                             matchmaking_time=1.0, averaging_timeout=5.0, shutdown_timeout=2.0,
+                             delay_state_averaging=False)  # as make_optimizer; fmt: skip
+        for _ in range(6):  # 3 epochs of 2 steps
+            param.grad = torch.ones(4)
+            opt.step(batch_size=2)
+            opt.zero_grad(set_to_none=True)
+        assert opt.local_epoch == 3
+        assert RecordingSGD.threads and set(RecordingSGD.threads) == {threading.get_ident()}
+        assert torch.allclose(param.detach(), torch.full((4,), 1 - 3 * 0.5))  # three real steps of the mean gradient
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        dht.shutdown()
