@@ -1,8 +1,16 @@
 """One swarm peer alone vs a plain PyTorch + PEFT loop: same model (all-MiniLM-L6-v2 + the demo's LoRA), data, batch
-and thread count. The two alternate, --repeats times each (a single run of the plain loop varies by +-12 % on a
-2-core machine), and the ratio of the medians is reported with each run's figure. Writes JSON.
+and thread count, side by side in one run. Writes JSON.
 
-    python scripts/bench_peer.py [--steps 60] [--batch-size 8] [--threads 2] [--repeats 3] [--out bench-out/bench_peer.json]
+Both run as separate processes at the same time, but only one of them runs at any moment: the bench stops one
+(SIGSTOP to its whole process group: the peer with its DHT, averagers and p2pd) and continues the other, swapping
+every --window-s seconds, ABBA order. Each one's samples/s is its samples over the time it was allowed to run. Why:
+this shared VM's speed drifts by up to 2x within a minute (a fixed matmul loop measured 0.64-1.31x of its median in
+40 s), so two runs made one after the other compare the host's moods, not the code (3 alternating runs of each
+gave ratios from 0.84 to 0.98 for the same code). Windows of a few seconds see nearly the same host. While the peer
+is stopped its helpers are stopped too, so none of its background work lands in the plain loop's time.
+
+    python scripts/bench_peer.py [--batch-size 8] [--threads 2] [--windows 24] [--window-s 3]
+                                 [--out bench-out/bench_peer.json]
 """
 
 from __future__ import annotations
@@ -12,24 +20,26 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from atlas_swarm.config import RunSpec
-from atlas_swarm.model.lora import adapter_parameters, load_model
-from atlas_swarm.train.data import Batches, load_examples
-from atlas_swarm.train.steps import Precision, accumulate_gradients
-
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
-WARMUP = 5
+WARMUP = 5  # steps before measuring (first steps allocate, and the peer's DHT starts up)
 
 
-def plain_loop(steps: int, batch_size: int, threads: int) -> float:
+def plain_worker(batch_size: int, threads: int) -> None:
+    """The baseline: the training step every PEFT tutorial writes, one JSON line per step, until killed."""
+    import torch
+
+    from atlas_swarm.config import RunSpec
+    from atlas_swarm.model.lora import adapter_parameters, load_model
+    from atlas_swarm.train.data import Batches, load_examples
+    from atlas_swarm.train.steps import Precision, accumulate_gradients
+
     torch.set_num_threads(threads)
     spec = RunSpec.from_toml(SPEC)
     model, tokenizer = load_model(spec)
@@ -37,72 +47,139 @@ def plain_loop(steps: int, batch_size: int, threads: int) -> float:
     batches = Batches(load_examples("builtin:chatterbot-topics", spec), tokenizer, spec)
     opt = torch.optim.AdamW([p for _, p in adapter_parameters(model)], lr=spec.optimizer.lr)
     precision = Precision.for_device("cpu")
-    for step in range(WARMUP + steps):
-        if step == WARMUP:
-            t0 = time.perf_counter()
+    done = 0
+    while True:
         accumulate_gradients(model, batches.next, batch_size, batch_size, "cpu", precision)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps * batch_size / (time.perf_counter() - t0)
+        done += batch_size
+        print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done}), flush=True)
 
 
-def swarm_peer(steps: int, batch_size: int, threads: int, workdir: Path) -> float:
-    shutil.rmtree(workdir / "peer", ignore_errors=True)  # a fresh peer each time (an old --out would be resumed)
-    cmd = [sys.executable, "-m", "atlas_swarm.peer", "--run-spec", str(SPEC), "--data", "builtin:chatterbot-topics",
-           "--batch-size", str(batch_size), "--threads", str(threads), "--max-steps", str(WARMUP + steps),
-           "--log-format", "json", "--out", str(workdir / "peer"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
-        raise SystemExit(f"peer failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    # steady state: from the progress event nearest WARMUP steps in, to the stop
-    progress = [e for e in events if e["event"] == "progress" and e["local_samples"] >= WARMUP * batch_size]
-    stopping = next(e for e in events if e["event"] == "stopping")
-    first = progress[0]
-    samples = (WARMUP + steps) * batch_size - first["local_samples"]
-    return samples / (stopping["time"] - first["time"])
+class Contender:
+    """A process group whose JSON lines (with "time" and "local_samples") go to a file."""
 
+    def __init__(self, name: str, cmd: list[str], log: Path):
+        self.name, self.log = name, log
+        self.windows: list[tuple[float, float]] = []
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)  # fmt: skip
 
-def run_isolated(what: str, args) -> float:
-    """The plain loop in a fresh process, like the peer, so neither inherits the other's threads or caches."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_peer import plain_loop; "
-            f"print(plain_loop({args.steps}, {args.batch_size}, {args.threads}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"plain loop failed:\n{proc.stderr[-2000:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
+    def points(self) -> list[tuple[float, int]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                e = json.loads(line)
+                if e["event"] in ("step", "progress"):
+                    out.append((e["time"], e["local_samples"]))
+        return out
+
+    def wait_for_samples(self, samples: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(s >= samples for _, s in self.points()):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} did no {samples} samples in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def run_for(self, seconds: float) -> None:
+        self.signal(signal.SIGCONT)
+        t0 = time.time()
+        time.sleep(seconds)
+        self.signal(signal.SIGSTOP)
+        self.windows.append((t0, time.time()))
+
+    def active_before(self, t: float) -> float:
+        return sum(max(0.0, min(b, t) - a) for a, b in self.windows)
+
+    def rate(self, since: float, until: float) -> tuple[float, int]:
+        """Samples per second of running time, between its first and last report in [since, until]."""
+        pts = [(t, s) for t, s in self.points() if since <= t <= until]
+        (t0, s0), (t1, s1) = pts[0], pts[-1]
+        return (s1 - s0) / (self.active_before(t1) - self.active_before(t0)), s1 - s0
+
+    def stop(self, grace: float) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(10)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=24, help="running windows per contender")
+    ap.add_argument("--window-s", type=float, default=3.0, help="seconds per window")
     ap.add_argument("--out", default="bench-out/bench_peer.json")
+    ap.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.plain_worker:
+        plain_worker(args.batch_size, args.threads)
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plains, peers = [], []
-    for _ in range(args.repeats):
-        plains.append(run_isolated("plain", args))
-        peers.append(swarm_peer(args.steps, args.batch_size, args.threads, out.parent))
-    plain, peer = statistics.median(plains), statistics.median(peers)
+    peer_dir = out.parent / "bench_peer-peer"
+    shutil.rmtree(peer_dir, ignore_errors=True)  # a fresh peer (an old --out would be resumed)
+    warm = WARMUP * args.batch_size
+    plain = Contender("plain loop", [sys.executable, __file__, "--plain-worker", "--batch-size", str(args.batch_size),
+                                     "--threads", str(args.threads)], out.parent / "bench_peer-plain.log")  # fmt: skip
+    peer = None
+    try:
+        plain.wait_for_samples(warm, 300)
+        plain.signal(signal.SIGSTOP)
+        peer = Contender("swarm peer", [
+            sys.executable, "-m", "atlas_swarm.peer", "--run-spec", str(SPEC), "--data", "builtin:chatterbot-topics",
+            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--log-format", "json",
+            "--out", str(peer_dir), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], out.parent / "bench_peer-peer.log")  # fmt: skip
+        peer.wait_for_samples(warm, 300)
+        peer.signal(signal.SIGSTOP)
+        begin = time.time()
+        for i in range(args.windows):
+            first, second = (plain, peer) if i % 2 == 0 else (peer, plain)  # ABBA: neither always goes first
+            first.run_for(args.window_s)
+            second.run_for(args.window_s)
+        end = time.time()
+        (plain_rate, plain_n), (peer_rate, peer_n) = plain.rate(begin, end), peer.rate(begin, end)
+        # the same ratio per pair of adjacent windows, to show the spread the alternation leaves
+        pairs = []
+        for (a0, a1), (b0, b1) in zip(plain.windows, peer.windows):
+            try:
+                pairs.append(peer.rate(b0, b1)[0] / plain.rate(a0, a1)[0])
+            except (IndexError, ZeroDivisionError):
+                pass  # a window without two reports
+    finally:
+        plain.stop(5)
+        if peer is not None:
+            peer.stop(20)
+    quart = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else [float("nan")] * 3
+    import torch
+
     result = {
-        "plain_peft_samples_per_s": round(plain, 2),
-        "swarm_peer_samples_per_s": round(peer, 2),
-        "ratio": round(peer / plain, 3),
-        "plain_runs": [round(x, 2) for x in plains],
-        "peer_runs": [round(x, 2) for x in peers],
-        "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
+        "plain_peft_samples_per_s": round(plain_rate, 2),
+        "swarm_peer_samples_per_s": round(peer_rate, 2),
+        "ratio": round(peer_rate / plain_rate, 3),
+        "samples_measured": {"plain": plain_n, "peer": peer_n},
+        "window_pair_ratio_quartiles": [round(q, 3) for q in quart],
+        "windows": args.windows, "window_s": args.window_s, "batch_size": args.batch_size, "threads": args.threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     out.write_text(json.dumps(result, indent=2))
-    print(f"plain PEFT loop {plain:.2f} samples/s (runs {result['plain_runs']}) | swarm peer {peer:.2f} samples/s "
-          f"(runs {result['peer_runs']}) | ratio of medians {peer / plain:.3f}")
+    print(f"plain PEFT loop {plain_rate:.2f} samples/s | swarm peer {peer_rate:.2f} samples/s | ratio "
+          f"{peer_rate / plain_rate:.3f} ({plain_n} and {peer_n} samples in {args.windows} windows of "
+          f"{args.window_s:g} s each; per window pair: quartiles {result['window_pair_ratio_quartiles']})")
     print(f"wrote {out}")
     return 0
 
