@@ -38,6 +38,7 @@ from atlas_swarm.ui import Reporter
 SPEC_REFRESH_EVERY = 300.0
 STOP_GRACE = 6.0  # after a stop request, interrupt a blocking averaging call after this many seconds
 STOP_HARD = 9.5  # ... and kill our children and exit after this many (the user was promised < 10 s)
+FINAL_FLUSH = 20.0  # seconds a finishing peer waits for its last proofs to be posted (a stopped one: 3)
 
 
 @dataclass
@@ -272,7 +273,9 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                 except Exception:
                     pass  # best effort: the record expires on its own
             if chain is not None:
-                counts = chain.close()
+                # a peer that finished (or hit --max-steps) waits longer for its last proofs than one asked to stop,
+                # which was promised an exit within 10 s; what is left stays in the outbox for the next start
+                counts = chain.close(3.0 if stop.requested else FINAL_FLUSH)
                 reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
                                f"next start), {counts.rejected} rejected; checkpoints on chain: "
                                f"{sorted(chain.recorded) or 'none'}", **counts.__dict__,
