@@ -91,9 +91,11 @@ class InlineExecutor:
 
     def submit(self, fn, *args, **kwargs) -> Future:
         future: Future = Future()
+        # KeyboardInterrupt (the stop watchdog) propagates, as it did from the waiting caller; hivemind's _do
+        # swallows it while it waits for a state round, which is then abandoned
         try:
             future.set_result(fn(*args, **kwargs))
-        except Exception as e:  # KeyboardInterrupt (our stop watchdog) propagates, as from the waiting caller
+        except Exception as e:
             future.set_exception(e)
         return future
 
