@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
@@ -81,7 +82,8 @@ class Contender:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.name} exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                raise SystemExit(f"{self.name} did no {samples} samples in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+                tail = self.log.read_text()[-3000:]
+                raise SystemExit(f"{self.name} did no {samples} samples in {timeout:.0f} s:\n{tail}")
             time.sleep(0.2)
 
     def signal(self, sig: int) -> None:
@@ -142,7 +144,8 @@ def main() -> int:
         peer = Contender("swarm peer", [
             sys.executable, "-m", "atlas_swarm.peer", "--run-spec", str(SPEC), "--data", "builtin:chatterbot-topics",
             "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--log-format", "json",
-            "--out", str(peer_dir), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], out.parent / "bench_peer-peer.log")  # fmt: skip
+            "--out", str(peer_dir), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+        ], out.parent / "bench_peer-peer.log")  # fmt: skip
         peer.wait_for_samples(warm, 300)
         peer.signal(signal.SIGSTOP)
         begin = time.time()
@@ -164,8 +167,6 @@ def main() -> int:
         if peer is not None:
             peer.stop(20)
     quart = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else [float("nan")] * 3
-    import torch
-
     result = {
         "plain_peft_samples_per_s": round(plain_rate, 2),
         "swarm_peer_samples_per_s": round(peer_rate, 2),
@@ -173,7 +174,7 @@ def main() -> int:
         "samples_measured": {"plain": plain_n, "peer": peer_n},
         "window_pair_ratio_quartiles": [round(q, 3) for q in quart],
         "windows": args.windows, "window_s": args.window_s, "batch_size": args.batch_size, "threads": args.threads,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {version('torch')}",
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     out.write_text(json.dumps(result, indent=2))

@@ -230,8 +230,9 @@ def make_optimizer(
         # peers). A peer that downloads state (late joiner, out of sync) still gets the moments.
         average_opt_statistics=(),
         # synchronous state averaging: the all-reduce runs inside step() every average_state_every epochs (its group
-        # formed during the epoch, see _schedule_horizon), but the background variant (hivemind's default) once left a peer with another adapter after the final
-        # agreement (1 run in 3); see README "Known limits"
+        # formed during the epoch, see _schedule_horizon). The background variant (hivemind's default) once left a
+        # peer with another adapter after the final agreement (1 run in 3); see README "Known limits". Synchronous
+        # also lets the optimizer step run in the training thread (InlineExecutor).
         delay_state_averaging=False,
         grad_compression=compression,
         state_averaging_compression=compression,
