@@ -22,6 +22,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
 from atlas_swarm.config import RunSpec
+from atlas_swarm.swarm.averagers import GradAverager, StateAverager
 from atlas_swarm.swarm.node import Swarm
 
 log = logging.getLogger("hivemind.optim.optimizer")  # our status lines beside hivemind's (--verbose)
@@ -185,6 +186,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self._time_to_look(delay) and self._free(self.scheduled_state):
             log.log(self.status_loglevel, "Pre-scheduling state averaging round")
             self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch, timeout=self.averaging_timeout)
+
+    def _make_state_averager(self, **kwargs) -> StateAverager:  # hivemind 1.1.12's, with our StateAverager
+        return StateAverager(dht=self.dht, prefix=f"{self.run_id}_state_averager",
+                             min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+                             shutdown_timeout=self.shutdown_timeout, offload_optimizer=self.offload_optimizer,
+                             custom_gradients=self.offload_optimizer, status_loglevel=self.status_loglevel,
+                             next_chunk_timeout=self.next_chunk_timeout, client_mode=self.client_mode,
+                             auxiliary=self.auxiliary, start=True, **kwargs)  # fmt: skip
+
+    def _make_gradient_averager(self, factory, **kwargs) -> GradAverager:
+        return super()._make_gradient_averager(factory or GradAverager, **kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         return ThrottledTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,

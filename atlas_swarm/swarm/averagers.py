@@ -1,0 +1,113 @@
+"""hivemind's two averagers, with the overhead of each averaging round cut down (hivemind 1.1.12).
+
+Measured with bench_averaging (4 peers on 2 cores, the demo's MiniLM adapter: 26 tensors, 81k values), the gradient
+round took 0.35 s from the last peer's arrival and the state round 0.6-1.2 s; an all-reduce of one 80k-value tensor
+between 4 idle processes takes 0.04 s. Two causes, fixed here:
+
+- hivemind's all-reduce splits every tensor separately among the peers, so each peer sends, reduces and receives
+  about 30 small parts, each with its own compression task in an executor, message and await. One flat buffer
+  makes that one part per peer (``OneBufferAllReduce``);
+- after every tensor an all-reduce updates, hivemind wakes the loop that declares this peer as a state donor, and
+  each wake-up stores the same DHT record again: a lookup across the swarm and a store on each node found, in every
+  DHT process while the group is still averaging (``StateAverager``). Nobody downloads the gradient averager's
+  state, so it does not declare itself at all.
+
+With both, the same benchmark measured 0.03-0.07 s per gradient round and 0.06-0.12 s per state round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Optional, Sequence
+
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils import get_dht_time
+
+
+def flat_buffer(shapes: Sequence[torch.Size], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of these shapes, consecutive views of one shared-memory buffer (on CPU, like's dtype)."""
+    flat = torch.zeros(sum(math.prod(s) for s in shapes), dtype=like.dtype).share_memory_()
+    views, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[offset : offset + n].view(shape))
+        offset += n
+    return tuple(views)
+
+
+def spanned_buffer(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The 1-D tensor the given tensors tile, in order, when they are consecutive views of one storage; else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):  # fmt: skip
+            return None
+        offset += t.numel()
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), first.storage_offset(), (offset - first.storage_offset(),)
+    )
+
+
+class OneBufferAllReduce:
+    """All-reduce the averaged tensors as the one buffer they tile (when they do), not tensor by tensor.
+
+    Peers split the buffer the same way as long as they all do this (the same code); the averaged values are the
+    same either way. Compression applies to the buffer as a whole (one tensor info instead of one per tensor)."""
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        flat = spanned_buffer(tensors)
+        if flat is not None:
+            tensors, kwargs = [flat], dict(kwargs, tensor_infos=None)
+        return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+
+
+class GradAverager(OneBufferAllReduce, GradientAverager):
+    """hivemind's GradientAverager over one buffer, and no state donor (late joiners load the state averager's)."""
+
+    def __init__(self, parameters, *, dht, prefix, averaged_grads: Sequence[torch.Tensor] = (), **kwargs):
+        parameters = tuple(parameters)
+        if not averaged_grads and len({p.dtype for p in parameters}) == 1:
+            averaged_grads = flat_buffer([p.shape for p in parameters], like=parameters[0])
+        kwargs.setdefault("allow_state_sharing", False)
+        super().__init__(parameters, dht=dht, prefix=prefix, averaged_grads=averaged_grads, **kwargs)
+
+
+class StateAverager(OneBufferAllReduce, TrainingStateAverager):
+    """hivemind's TrainingStateAverager over one buffer, declaring itself as a state donor only when that
+    declaration changes: when sharing is switched on or off, when the priority (the epoch) changes, and before the
+    record expires, as hivemind's docstring says (it re-stored it after every tensor of every round)."""
+
+    def _make_averaged_parameters(self, main_parameters):
+        # hivemind copies the parameters to the host (float32) unless it averages the parameters themselves
+        if (self.reuse_tensors and not self.offload_optimizer) or len({p.dtype for p in main_parameters}) != 1:
+            return super()._make_averaged_parameters(main_parameters)
+        views = flat_buffer([p.shape for p in main_parameters], like=torch.empty(0))
+        with torch.no_grad():
+            for view, param in zip(views, main_parameters):
+                view.copy_(param)
+        return tuple(view.requires_grad_(param.requires_grad) for view, param in zip(views, main_parameters))
+
+    async def _declare_for_download_periodically(self):
+        download_key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        declared, expiration_time = None, -math.inf  # (sharing allowed, priority) last stored, and its expiry
+        while True:
+            state = (self.allow_state_sharing, self.state_sharing_priority)
+            if state != declared or get_dht_time() >= expiration_time:
+                expiration_time = get_dht_time() + self.declare_state_period
+                if state[0] or (declared is not None and declared[0]):  # a switch-off overwrites the declaration
+                    store = self.dht.store(download_key, subkey=self.peer_id.to_bytes(),
+                                           value=state[1] if state[0] else None, expiration_time=expiration_time,
+                                           return_future=True)  # fmt: skip
+                    asyncio.create_task(asyncio.wait_for(store, timeout=expiration_time - get_dht_time()))
+                declared = state
+            self._state_updated.clear()
+            try:
+                await asyncio.wait_for(self._state_updated.wait(), timeout=max(0.0, expiration_time - get_dht_time()))
+            except asyncio.TimeoutError:
+                pass
