@@ -205,15 +205,16 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         last_status = last_spec = time.monotonic()
         scaler = LossScaler() if precision.needs_loss_scaling else None
         while not stop.requested:
-            loss = accumulate_gradients(model, next_batch, batch_size, micro, device, precision,
+            samples = opt.next_step_samples(batch_size)  # the last step of an epoch may be shorter
+            loss = accumulate_gradients(model, next_batch, samples, min(micro, samples), device, precision,
                                         scale=scaler.scale if scaler else (lambda x: x))  # fmt: skip
             if scaler is not None and not scaler.unscale_(p for _, p in named):
                 opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
                 continue
-            opt.step(batch_size=batch_size)
+            opt.step(batch_size=samples)
             opt.zero_grad(set_to_none=True)
             state["steps"] += 1
-            state["samples_total"] += batch_size
+            state["samples_total"] += samples
             state["loss"] = loss
             state["epoch"] = opt.local_epoch
 

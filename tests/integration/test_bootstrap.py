@@ -125,12 +125,11 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
 
             # the metrics match the swarm: the run, its target, each peer's own numbers (never ahead of the peer)
             assert m[("atlas_run_target_samples", (("run", run_id),))] == 960
-            final = {p.wait_event("started", 1)["peer_id"]: (p.wait_event("stopped", 1), bs)
-                     for p, bs in zip(peers, (4, 8))}  # fmt: skip
-            for pid, (stopped, bs) in final.items():
+            final = {p.wait_event("started", 1)["peer_id"]: p.wait_event("stopped", 1) for p in peers}
+            for pid, stopped in final.items():
                 labels = (("client_mode", "false"), ("device", "cpu"), ("peer", pid), ("run", run_id))
                 samples = m[("atlas_peer_samples", labels)]
-                assert 0 < samples <= stopped["samples_total"] and samples % bs == 0
+                assert 0 < samples <= stopped["samples_total"]
                 assert 0 <= m[("atlas_peer_epoch", labels)] <= stopped["epoch"]
                 rounds = m[("atlas_peer_averaging_rounds_total", tuple(sorted(labels + (("result", "averaged"),))))]
                 assert rounds <= stopped["epoch"]

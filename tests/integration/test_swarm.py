@@ -66,11 +66,11 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
         for p, bs in zip(peers, [2, 4, 8]):
             epochs = p.events("epoch")
             assert epochs, p.tail()
-            assert all(e["samples"] % bs == 0 for e in epochs)  # counted in whole local batches
             assert any(len(e["group"]) >= 2 for e in epochs), "this peer never averaged with anyone"
             stopped = p.wait_event("stopped", 1)
-            assert stopped["epoch"] >= 4 and stopped["samples_total"] % bs == 0
-            # what a peer is credited with per epoch never exceeds what it trained on
+            assert stopped["epoch"] >= 4
+            # what a peer is credited with never exceeds what it trained on (an epoch's last step may be shorter
+            # than the batch, see SwarmOptimizer.next_step_samples, so totals need not be multiples of it)
             assert 0 < sum(e["samples"] for e in epochs) <= stopped["samples_total"]
         # the loss fell: the shared adapter vs the initial one, on the same 200 texts (minibatch losses are too noisy)
         before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")

@@ -1,4 +1,5 @@
-"""When SwarmOptimizer looks for averaging groups (the decision only; the rounds themselves run in the multi-peer tests).
+"""When SwarmOptimizer looks for averaging groups, and how long it makes an epoch's last step (the decisions only; the
+rounds themselves run in the multi-peer tests).
 
 The optimizer is built without hivemind's __init__ (no DHT, no averager processes): a fake tracker and fake averagers
 stand in for the layer below, and record what was scheduled.
@@ -23,13 +24,14 @@ class FakeAverager:
         return SimpleNamespace(triggered=False, done=lambda: False)
 
 
-def optimizer(eta: float, peers: int = 2, epoch: int = 0, every: int = 2) -> SwarmOptimizer:
+def optimizer(eta: float, peers: int = 2, epoch: int = 0, every: int = 2, rate: float = 8.0) -> SwarmOptimizer:
     opt = object.__new__(SwarmOptimizer)
     opt._parent_pid = -1  # hivemind's __del__ then leaves the (never started) optimizer alone
     opt.tracker = SimpleNamespace(
         global_progress=SimpleNamespace(num_peers=peers),
         estimated_next_update_time=get_dht_time() + eta,
         global_epoch=epoch,
+        performance_ema=SimpleNamespace(samples_per_second=rate),
     )
     opt.state_averager = FakeAverager()
     opt.state_averager.local_epoch = epoch
@@ -75,3 +77,15 @@ def test_no_groups_while_alone_and_state_rounds_only_on_their_epochs():
     odd = optimizer(eta=1.0, epoch=1, every=4)  # next epoch 2 is not a multiple of 4
     odd._maybe_schedule_state_averaging()
     assert odd.state_averager.scheduled == []
+
+
+def test_the_last_step_of_an_epoch_is_cut_to_the_time_left():
+    # 8 samples/s: a batch of 16 takes 2 s
+    assert optimizer(eta=30.0).next_step_samples(16) == 16
+    assert optimizer(eta=1.0).next_step_samples(16) == 8  # ends with the epoch, not 1 s after it
+    assert optimizer(eta=0.35).next_step_samples(16) == 4  # never below a quarter batch
+    assert optimizer(eta=0.0).next_step_samples(16) == 4  # the epoch is over: join the others soonest
+    assert optimizer(eta=0.0).next_step_samples(2) == 1
+    assert optimizer(eta=math.inf).next_step_samples(16) == 16  # no estimate yet (right after a transition)
+    assert optimizer(eta=1.0, rate=0.0).next_step_samples(16) == 16  # no speed measured yet
+    assert optimizer(eta=1.0, peers=1).next_step_samples(16) == 16  # alone: nobody waits for this peer
