@@ -174,12 +174,13 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             "started",
             "\n".join(
                 [f"Peer {swarm.peer_id} on run {spec.run_id} ({device}, {precision}, batch {batch_size}, "
-                 f"micro-batch {micro}, {len(examples)} local examples)", "Multiaddrs:"]
+                 f"micro-batch {micro}, {len(batches)} local examples"
+                 + (f"; {batches.skipped} of one token left out" if batches.skipped else "") + ")", "Multiaddrs:"]
                 + [f"  {a}" for a in maddrs] + ["Others join with:", f"  {join}"]
             ),  # fmt: skip
             peer_id=swarm.peer_id, run_id=spec.run_id, maddrs=maddrs, join_command=join, device=device,
-            precision=str(precision), batch_size=batch_size, micro_batch=micro, examples=len(examples),
-            epoch=opt.local_epoch,
+            precision=str(precision), batch_size=batch_size, micro_batch=micro, examples=len(batches),
+            skipped_examples=batches.skipped, epoch=opt.local_epoch,
         )  # fmt: skip
 
         def publish_status(loss: Optional[float], sps: float, leaving: bool = False, final: Optional[str] = None):

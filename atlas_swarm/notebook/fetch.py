@@ -98,5 +98,5 @@ def evaluate_adapter(spec, folder: Path, data: str, base_model: Optional[str], b
     before = evaluate(model, batches, "cpu", spec.model.task, batch_size)
     meta = load_adapter_weights(model, folder)
     after = evaluate(model, batches, "cpu", spec.model.task, batch_size)
-    return {"epoch": meta.get("epoch"), "examples": len(examples), "before": before, "after": after}
+    return {"epoch": meta.get("epoch"), "examples": len(batches), "before": before, "after": after}
 

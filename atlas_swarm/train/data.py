@@ -132,8 +132,14 @@ class Batches:
         self.task = spec.model.task
         self.pad_id = tokenizer.pad_token_id
         enc = tokenizer([e.text for e in examples], truncation=True, max_length=spec.model.max_length)
-        self.ids = [torch.tensor(x, dtype=torch.long) for x in enc["input_ids"]]
-        self.labels = [e.label for e in examples]
+        # a causal-LM example of one token has nothing to predict: alone in a batch it gives a NaN loss (and counts
+        # as a sample while adding no gradient), so it is left out; a text file's "```" lines are such examples
+        keep = [i for i, x in enumerate(enc["input_ids"]) if self.task != "causal-lm" or len(x) >= 2]
+        self.skipped = len(examples) - len(keep)
+        if not keep:
+            raise DataError(f"None of the {len(examples)} examples has two tokens or more: there is nothing to train on.")
+        self.ids = [torch.tensor(enc["input_ids"][i], dtype=torch.long) for i in keep]
+        self.labels = [examples[i].label for i in keep]
         self.rng = random.Random(seed)
         self.order: list[int] = []
 

@@ -61,3 +61,19 @@ def test_batches_pad_and_mask(tiny_model):
     b = batches.next(4)
     assert b["input_ids"].shape == b["attention_mask"].shape == b["labels"].shape
     assert (b["labels"][b["attention_mask"] == 0] == -100).all()
+
+
+def test_causal_examples_of_one_token_are_left_out_and_counted(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    (tmp_path / "d.txt").write_text("a longer line of text\n```\nanother line with words\n")
+    one_token = len(tok("```")["input_ids"])
+    assert one_token == 1  # what makes the line useless for a causal LM: nothing to predict
+    batches = Batches(load_examples(str(tmp_path / "d.txt"), LM), tok, LM)
+    assert len(batches) == 2 and batches.skipped == 1
+    for _ in range(3):  # no batch without a target token, so no NaN loss
+        assert (batches.next(1)["labels"][:, 1:] != -100).any()
+    (tmp_path / "short.txt").write_text("```\n```\n")
+    with pytest.raises(DataError, match="two tokens"):
+        Batches(load_examples(str(tmp_path / "short.txt"), LM), tok, LM)
