@@ -27,9 +27,9 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 
 
-def flat_buffer(shapes: Sequence[torch.Size], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Zero tensors of these shapes, consecutive views of one shared-memory buffer (on CPU, like's dtype)."""
-    flat = torch.zeros(sum(math.prod(s) for s in shapes), dtype=like.dtype).share_memory_()
+def flat_buffer(shapes: Sequence[torch.Size], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of these shapes, consecutive views of one shared-memory buffer on CPU."""
+    flat = torch.zeros(sum(math.prod(s) for s in shapes), dtype=dtype).share_memory_()
     views, offset = [], 0
     for shape in shapes:
         n = math.prod(shape)
@@ -73,7 +73,7 @@ class GradAverager(OneBufferAllReduce, GradientAverager):
     def __init__(self, parameters, *, dht, prefix, averaged_grads: Sequence[torch.Tensor] = (), **kwargs):
         parameters = tuple(parameters)
         if not averaged_grads and len({p.dtype for p in parameters}) == 1:
-            averaged_grads = flat_buffer([p.shape for p in parameters], like=parameters[0])
+            averaged_grads = flat_buffer([p.shape for p in parameters], parameters[0].dtype)
         kwargs.setdefault("allow_state_sharing", False)
         super().__init__(parameters, dht=dht, prefix=prefix, averaged_grads=averaged_grads, **kwargs)
 
@@ -84,10 +84,10 @@ class StateAverager(OneBufferAllReduce, TrainingStateAverager):
     record expires, as hivemind's docstring says (it re-stored it after every tensor of every round)."""
 
     def _make_averaged_parameters(self, main_parameters):
-        # hivemind copies the parameters to the host (float32) unless it averages the parameters themselves
-        if (self.reuse_tensors and not self.offload_optimizer) or len({p.dtype for p in main_parameters}) != 1:
+        # hivemind copies the parameters to the host (as float32) unless it averages the parameters themselves
+        if self.reuse_tensors and not self.offload_optimizer:
             return super()._make_averaged_parameters(main_parameters)
-        views = flat_buffer([p.shape for p in main_parameters], like=torch.empty(0))
+        views = flat_buffer([p.shape for p in main_parameters])
         with torch.no_grad():
             for view, param in zip(views, main_parameters):
                 view.copy_(param)

@@ -6,7 +6,7 @@ from atlas_swarm.swarm.averagers import flat_buffer, spanned_buffer
 
 
 def test_flat_buffer_views_tile_one_shared_buffer_in_order():
-    views = flat_buffer([torch.Size([2, 3]), torch.Size([4]), torch.Size([1, 1])], like=torch.empty(0, dtype=torch.float64))
+    views = flat_buffer([torch.Size([2, 3]), torch.Size([4]), torch.Size([1, 1])], torch.float64)
     assert [v.shape for v in views] == [torch.Size([2, 3]), torch.Size([4]), torch.Size([1, 1])]
     flat = spanned_buffer(views)
     assert flat is not None and flat.shape == (11,) and flat.dtype == torch.float64 and flat.is_shared()
@@ -15,10 +15,10 @@ def test_flat_buffer_views_tile_one_shared_buffer_in_order():
 
 
 def test_tensors_that_do_not_tile_one_buffer_in_order_are_left_alone():
-    a, b = flat_buffer([torch.Size([3]), torch.Size([2])], like=torch.empty(0))
+    a, b = flat_buffer([torch.Size([3]), torch.Size([2])])
     assert spanned_buffer([b, a]) is None  # out of order
     assert spanned_buffer([a]) is not None and spanned_buffer([a]).shape == (3,)
     assert spanned_buffer([a, torch.zeros(2)]) is None  # another storage
-    c, d = flat_buffer([torch.Size([2]), torch.Size([2])], like=torch.empty(0))
+    c, d = flat_buffer([torch.Size([2]), torch.Size([2])])
     assert spanned_buffer([c, d[1:]]) is None  # a gap
     assert spanned_buffer([]) is None
