@@ -203,6 +203,10 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
                             stop, reporter)  # fmt: skip
 
         # 4. The training loop: accumulate a local batch, hand it to hivemind, which averages at epoch boundaries.
+        # The tracker's samples/s counts from its creation: a first peer that waited 12 s for company reported half
+        # its rate for its first epoch (the estimate weights its first step heavily), and the others planned the
+        # epoch's end from it.
+        opt.tracker.performance_ema.reset_timer()
         last_status = last_spec = time.monotonic()
         scaler = LossScaler() if precision.needs_loss_scaling else None
         while not stop.requested:

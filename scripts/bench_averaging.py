@@ -6,7 +6,8 @@ Per swarm size it reports:
   `average_state_every` epochs);
 - the share of each peer's epoch wall time spent in those rounds, and its mean over the peers;
 - bytes each peer sends per epoch (loopback bytes over the window / number of peers, so DHT traffic is included),
-  compared with a butterfly all-reduce of every parameter of the base model, 2 (n-1)/n * 4 bytes * params.
+  compared with a butterfly all-reduce of every parameter of the base model, 2 (n-1)/n * 4 bytes * params;
+- how many of the peers' rounds averaged with every peer (a warning when some did not: a failed round is cheap).
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--out bench-out/bench_averaging.json]
 """
@@ -93,6 +94,9 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
         "share_per_peer": [round(x, 4) for x in shares],
         "epoch_seconds": round(sum(epoch_seconds) / len(epoch_seconds), 2),
         "group_sizes": groups,
+        # a round without every peer (or none: local gradients) is cheap and not what the share should measure
+        "rounds_with_all_peers": sum(g == n for row in groups for g in row),
+        "rounds": sum(len(row) for row in groups),
         "bytes_sent_per_peer_per_epoch": int((lo1 - lo0) / n / len(groups[0])),
     }
 
@@ -133,6 +137,9 @@ def main() -> int:
               f"{', '.join(f'{x:.1%}' for x in r['share_per_peer'])}; epochs of {r['epoch_seconds']} s), "
               f"{r['bytes_sent_per_peer_per_epoch'] / 1e6:.2f} MB sent per peer per epoch = "
               f"{r['ratio_to_full_allreduce']:.4f} of a full-model all-reduce ({full_allreduce / 1e6:.0f} MB)")  # fmt: skip
+        if r["rounds_with_all_peers"] < r["rounds"]:
+            print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all {n} peers "
+                  f"(group sizes per peer: {r['group_sizes']}); the share above is not that of a healthy swarm")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "results": results,

@@ -54,17 +54,63 @@ def spanned_buffer(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     )
 
 
+class PartialRound(BaseException):
+    """An all-reduce that lost a groupmate's part: the averaged tensors were put back as they were.
+
+    A BaseException, not an Exception, because hivemind logs a traceback for every Exception an all-reduce raises
+    (at ERROR, which a peer shows without --verbose) and this is an expected outcome; hivemind turns it into a
+    MatchmakingException either way, so the round is retried while its deadline allows, and fails after."""
+
+
 class OneBufferAllReduce:
-    """All-reduce the averaged tensors as the one buffer they tile (when they do), not tensor by tensor.
+    """All-reduce the averaged tensors as the one buffer they tile (when they do), not tensor by tensor; and all or
+    nothing.
 
     Peers split the buffer the same way as long as they all do this (the same code); the averaged values are the
-    same either way. Compression applies to the buffer as a whole (one tensor info instead of one per tensor)."""
+    same either way. Compression applies to the buffer as a whole (one tensor info instead of one per tensor).
+
+    hivemind counts a round as done when a groupmate's part never arrived: a groupmate that did not send its input
+    within sender_timeout is left out of the part this peer reduces, and a part whose reducer did not answer within
+    reducer_timeout keeps this peer's own values, with only a warning ("received 50.0% of input tensors"). The
+    step still reports the whole group, and the peers go on with different tensors. This happens whenever a
+    groupmate is triggered seconds after the others: its averager joined the group early (a pre-scheduled round)
+    but its training process was late (measured by stopping one of two peers' training process for 10 s in
+    bench_averaging: both logged "Averaged gradients with 2 peers", one had received 0 % of the other's results).
+    Here such a round puts the tensors back and raises ``PartialRound``: hivemind looks for a new group (the late
+    peer is triggered by then) until the round's deadline, then fails the step, and the peer reports no group."""
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         flat = spanned_buffer(tensors)
         if flat is not None:
             tensors, kwargs = [flat], dict(kwargs, tensor_infos=None)
-        return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        group_id = group_info.group_id if group_id is None else group_id
+        before = [t.clone() for t in tensors]
+        try:
+            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+            missing = _missing_parts(self._running_groups[group_id].result())
+        except BaseException:
+            _restore(tensors, before)
+            raise
+        if missing:
+            _restore(tensors, before)
+            raise PartialRound(f"all-reduce in a group of {len(group_info.peer_ids)} lost {missing}; tensors restored")
+
+
+def _missing_parts(runner) -> Optional[str]:
+    """What a finished AllReduceRunner did without, or None when it averaged every part with every sender."""
+    lost = []
+    container = runner.tensor_part_container
+    if container.failed_size:
+        lost.append(f"{container.failed_size / container.total_size:.0%} of the results")
+    if runner.banned_senders:
+        lost.append(f"the input of {len(runner.banned_senders)} of {len(runner.sender_peer_ids)} senders")
+    return " and ".join(lost) or None
+
+
+def _restore(tensors: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for tensor, old in zip(tensors, before):
+            tensor.copy_(old)
 
 
 class GradAverager(OneBufferAllReduce, GradientAverager):

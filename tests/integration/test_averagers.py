@@ -106,3 +106,39 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
         assert changed[1] > first[1]
     finally:
         averager.shutdown()
+
+
+def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dhts):
+    # Prepare: a pre-scheduled round between two gradient averagers, with half-second part timeouts
+    from hivemind.averaging.control import AveragingStage
+
+    grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
+    averagers, params = [], []
+    try:
+        for dht, local in zip(two_dhts, grads):
+            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+            averager = GradAverager(own, dht=dht, prefix="late", target_group_size=2, min_group_size=2,
+                                    min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5,
+                                    start=True)  # fmt: skip
+            averagers.append(averager)
+            params.append(own)
+            for param, grad in zip(own, local):
+                param.grad = grad.clone()
+            averager.accumulate_grads_(batch_size=1)
+        controls = [a.schedule_step(timeout=30) for a in averagers]
+        wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group")
+        # Execute: one peer's training process is late, by more than the other waits for its parts (0.5 s / 1 s)
+        first = averagers[0].step(control=controls[0], wait=False)
+        time.sleep(2.5)  # the lateness under test
+        second = averagers[1].step(control=controls[1], wait=False)
+        groups = [first.result(40), second.result(40)]
+        # Assert: hivemind would have ended the first round with each peer's own values in the other's half and
+        # "averaged with 2 peers"; here the half-done round was put back and redone once both were there
+        assert all(len(g) == 2 for g in groups)
+        for averager in averagers:
+            with averager.get_tensors() as tensors:
+                for tensor, g1, g2 in zip(tensors, *grads):
+                    assert torch.allclose(tensor, (g1 + g2) / 2)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
