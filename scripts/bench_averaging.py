@@ -7,7 +7,8 @@ Per swarm size it reports:
 - the share of each peer's epoch wall time spent in those rounds, and its mean over the peers;
 - bytes each peer sends per epoch (loopback bytes over the window / number of peers, so DHT traffic is included),
   compared with a butterfly all-reduce of every parameter of the base model, 2 (n-1)/n * 4 bytes * params;
-- how many of the peers' rounds averaged with every peer (a warning when some did not: a failed round is cheap).
+- how many of the peers' rounds averaged with every peer (a warning when some did not: a swarm whose rounds fail
+  can look cheap).
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--out bench-out/bench_averaging.json]
 """
@@ -94,7 +95,7 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
         "share_per_peer": [round(x, 4) for x in shares],
         "epoch_seconds": round(sum(epoch_seconds) / len(epoch_seconds), 2),
         "group_sizes": groups,
-        # a round without every peer (or none: local gradients) is cheap and not what the share should measure
+        # rounds without every peer (or with none: local gradients) make a share that is not a healthy swarm's
         "rounds_with_all_peers": sum(g == n for row in groups for g in row),
         "rounds": sum(len(row) for row in groups),
         "bytes_sent_per_peer_per_epoch": int((lo1 - lo0) / n / len(groups[0])),
