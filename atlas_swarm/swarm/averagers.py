@@ -88,12 +88,14 @@ class OneBufferAllReduce:
         try:
             await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
             missing = _missing_parts(self._running_groups[group_id].result())
+            if missing:
+                size = len(group_info.peer_ids)
+                raise PartialRound(f"all-reduce in a group of {size} lost {missing}; tensors restored")
         except BaseException:
-            _restore(tensors, before)
+            with torch.no_grad():
+                for tensor, old in zip(tensors, before):
+                    tensor.copy_(old)
             raise
-        if missing:
-            _restore(tensors, before)
-            raise PartialRound(f"all-reduce in a group of {len(group_info.peer_ids)} lost {missing}; tensors restored")
 
 
 def _missing_parts(runner) -> Optional[str]:
@@ -105,12 +107,6 @@ def _missing_parts(runner) -> Optional[str]:
     if runner.banned_senders:
         lost.append(f"the input of {len(runner.banned_senders)} of {len(runner.sender_peer_ids)} senders")
     return " and ".join(lost) or None
-
-
-def _restore(tensors: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for tensor, old in zip(tensors, before):
-            tensor.copy_(old)
 
 
 class GradAverager(OneBufferAllReduce, GradientAverager):

@@ -113,7 +113,7 @@ def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dht
     from hivemind.averaging.control import AveragingStage
 
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
-    averagers, params = [], []
+    averagers = []
     try:
         for dht, local in zip(two_dhts, grads):
             own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
@@ -121,7 +121,6 @@ def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dht
                                     min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5,
                                     start=True)  # fmt: skip
             averagers.append(averager)
-            params.append(own)
             for param, grad in zip(own, local):
                 param.grad = grad.clone()
             averager.accumulate_grads_(batch_size=1)
