@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression, Uniform8BitQuantization
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
@@ -132,6 +133,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._maybe_schedule_state_averaging()
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        if maybe_step_control is not None:
+            self._give_up_without_a_group(maybe_step_control)
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if maybe_step_control is not None and maybe_step_control.done() and not maybe_step_control.cancelled():
             try:
@@ -173,10 +176,44 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _free(control) -> bool:  # no pending pre-scheduled round
         return control is None or control.triggered or control.done()
 
+    # Every gradient round gathers the epoch it ends, so groups form only among rounds for the same epoch (see
+    # averagers.EpochGroups); the state rounds gather it already (hivemind's and ours below).
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self._time_to_look() and self._free(self.scheduled_grads):
             log.log(self.status_loglevel, "Pre-scheduling gradient averaging round")
-            self.scheduled_grads = self.grad_averager.schedule_step(timeout=self.averaging_timeout)
+            self.scheduled_grads = self._schedule_gradient_round()
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        if self.scheduled_grads is None and not self._alone():  # hivemind's own round here would gather nothing
+            self.scheduled_grads = self._schedule_gradient_round()
+        return super()._begin_averaging_gradients(grad_scaler)
+
+    def _schedule_gradient_round(self):
+        return self.grad_averager.schedule_step(timeout=self.averaging_timeout, gather=self.local_epoch + 1)
+
+    # A round that has no group when its epoch ends may still get one (hivemind assembles a group some time after
+    # its leader's declared time), but once the swarm has moved to the next epoch it cannot: its groupmates-to-be
+    # averaged without it. hivemind would look on until the round's deadline (averaging_timeout) while the swarm
+    # moves on; the peer would then be behind, download state mid-epoch and miss the next group too. Give up then,
+    # step on local gradients, and look for the next group with the others. The tracker's view of the swarm is
+    # frozen during a transition (hivemind holds its lock), so this reads the peers' progress records itself.
+    def _give_up_without_a_group(self, control) -> None:
+        next_check = 0.0
+        while control.stage == AveragingStage.LOOKING_FOR_GROUP and not control.done():
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.5
+                if self._swarm_epoch() > self.local_epoch:
+                    log.log(self.status_loglevel, "The swarm averaged this epoch without us: stepping on local gradients")
+                    control.cancel()
+                    return
+            time.sleep(0.02)
+
+    def _swarm_epoch(self) -> int:
+        """The highest epoch in the peers' progress records in the DHT (-1 if none can be read)."""
+        found = self.dht.get(self.tracker.training_progress_key, latest=True)
+        records = found.value if found is not None and isinstance(found.value, dict) else {}
+        epochs = [r.value.get("epoch") for r in records.values() if isinstance(r.value, dict)]
+        return max((e for e in epochs if isinstance(e, int)), default=-1)
 
     def _maybe_schedule_state_averaging(self) -> None:
         next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)

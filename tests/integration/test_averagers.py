@@ -141,3 +141,54 @@ def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dht
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dhts):
+    # Prepare: peer A retries its round for epoch 5 (triggered: it all-reduces as soon as it has a group) while peer B
+    # has pre-scheduled its round for epoch 6 (not triggered for seconds). hivemind keys both rounds alike.
+    from hivemind.averaging.control import AveragingStage
+
+    grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
+    averagers, params = [], []
+    try:
+        for dht in two_dhts:
+            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+            averagers.append(GradAverager(own, dht=dht, prefix="epochs", target_group_size=2, min_group_size=2,
+                                          min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5,
+                                          start=True))  # fmt: skip
+            params.append(own)
+
+        def accumulate(i):
+            for param, grad in zip(params[i], grads[i]):
+                param.grad = grad.clone()
+            averagers[i].accumulate_grads_(batch_size=1)
+
+        accumulate(0), accumulate(1)
+        next_epoch = averagers[1].schedule_step(gather=6, timeout=60)
+        retried = averagers[0].step(gather=5, timeout=4, wait=False)
+        # Execute: watch B's round while A's runs to its deadline
+        stages = set()
+        while not retried.done():
+            stages.add(next_epoch.stage)
+            time.sleep(0.05)
+        # Assert: A found no group and kept its own gradients; B kept looking for a group of its own epoch (joined
+        # by A's retry, hivemind's B would await its trigger in a group that A leaves)
+        with pytest.raises(Exception, match="could not find a group"):
+            retried.result(0)
+        assert AveragingStage.AWAITING_TRIGGER not in stages and not next_epoch.done()
+        with averagers[0].get_tensors() as tensors:
+            assert all(torch.equal(t, g) for t, g in zip(tensors, grads[0]))
+        # and the epoch-6 rounds of both still make one group and average (A's step used up its accumulators)
+        accumulate(0)
+        mine = averagers[0].schedule_step(gather=6, timeout=60)
+        wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in (mine, next_epoch)), 30, "a group")
+        rounds = [a.step(control=c, wait=False) for a, c in zip(averagers, (mine, next_epoch))]
+        gathered = [r.result(40) for r in rounds]
+        assert all(sorted(g.values()) == [6, 6] for g in gathered)
+        for averager in averagers:
+            with averager.get_tensors() as tensors:
+                for tensor, g1, g2 in zip(tensors, *grads):
+                    assert torch.allclose(tensor, (g1 + g2) / 2)
+    finally:
+        for averager in averagers:
+            averager.shutdown()

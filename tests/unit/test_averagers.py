@@ -1,8 +1,13 @@
-"""The buffer layout behind OneBufferAllReduce: averaged tensors as consecutive views of one shared buffer."""
+"""The buffer layout behind OneBufferAllReduce (averaged tensors as consecutive views of one shared buffer), and the
+epoch a round's group key carries (EpochGroups)."""
+
+from types import SimpleNamespace
 
 import torch
+from hivemind.averaging.key_manager import is_valid_group
+from hivemind.utils.serializer import MSGPackSerializer
 
-from atlas_swarm.swarm.averagers import flat_buffer, spanned_buffer
+from atlas_swarm.swarm.averagers import EpochKeys, flat_buffer, round_epoch, spanned_buffer
 
 
 def test_flat_buffer_views_tile_one_shared_buffer_in_order():
@@ -22,3 +27,25 @@ def test_tensors_that_do_not_tile_one_buffer_in_order_are_left_alone():
     c, d = flat_buffer([torch.Size([2]), torch.Size([2])])
     assert spanned_buffer([c, d[1:]]) is None  # a gap
     assert spanned_buffer([]) is None
+
+
+def packed(gather) -> bytes:  # what hivemind's DecentralizedAverager.step puts in a StepControl
+    return MSGPackSerializer.dumps([None, 0, MSGPackSerializer.dumps(gather)])
+
+
+def test_a_rounds_group_key_carries_the_epoch_it_gathers():
+    matchmaking = SimpleNamespace(step_control=None)
+    dht = SimpleNamespace(peer_id="me")
+    keys = EpochKeys(dht, "run_grad_averager", "", None, matchmaking, MSGPackSerializer)
+    assert keys.current_key == "run_grad_averager.0b"  # not looking for a group: hivemind's key
+    matchmaking.step_control = SimpleNamespace(data_for_gather=packed(7))
+    assert keys.current_key == "run_grad_averager_epoch7.0b" and is_valid_group(keys.current_key)
+    matchmaking.step_control = SimpleNamespace(data_for_gather=packed(None))
+    assert keys.current_key == "run_grad_averager.0b"  # a round without an epoch
+
+
+def test_only_an_integer_gathered_is_an_epoch():
+    assert round_epoch(packed(3), MSGPackSerializer) == 3
+    for other in (None, True, 2.0, "3", [3]):
+        assert round_epoch(packed(other), MSGPackSerializer) is None
+    assert round_epoch(b"\xc1 not msgpack", MSGPackSerializer) is None

@@ -49,7 +49,7 @@ def test_groups_are_looked_for_once_the_epoch_ends_within_half_the_averaging_tim
     for opt in (far, near):
         opt._maybe_schedule_gradient_averaging()
     assert far.grad_averager.scheduled == []
-    assert near.grad_averager.scheduled == [{"timeout": 20.0}]
+    assert near.grad_averager.scheduled == [{"timeout": 20.0, "gather": 1}]  # the round ends epoch 0
     near._maybe_schedule_gradient_averaging()  # a pending group is kept, not replaced
     assert len(near.grad_averager.scheduled) == 1
 
@@ -61,7 +61,7 @@ def test_right_after_a_transition_the_last_epochs_length_stands_in_for_the_unkno
     opt._epoch_began, opt._epoch_seconds = time.monotonic(), 7.5
     opt._maybe_schedule_gradient_averaging()
     opt._maybe_schedule_state_averaging()  # the next epoch (2) averages state
-    assert opt.grad_averager.scheduled == [{"timeout": 20.0}]
+    assert opt.grad_averager.scheduled == [{"timeout": 20.0, "gather": 2}]
     assert opt.state_averager.scheduled == [{"gather": 2, "timeout": 20.0}]
     long = optimizer(eta=math.inf, epoch=1)
     long._epoch_began, long._epoch_seconds = time.monotonic(), 60.0
@@ -89,3 +89,51 @@ def test_the_last_step_of_an_epoch_is_cut_to_the_time_left():
     assert optimizer(eta=math.inf).next_step_samples(16) == 16  # no estimate yet (right after a transition)
     assert optimizer(eta=1.0, rate=0.0).next_step_samples(16) == 16  # no speed measured yet
     assert optimizer(eta=1.0, peers=1).next_step_samples(16) == 16  # alone: nobody waits for this peer
+
+
+class FakeControl:
+    def __init__(self, stage, grouped_after: float = math.inf):
+        self._stage, self.cancelled = stage, False
+        self._grouped_at = time.monotonic() + grouped_after
+
+    @property
+    def stage(self):
+        from hivemind.averaging.control import AveragingStage
+
+        return AveragingStage.AWAITING_TRIGGER if time.monotonic() >= self._grouped_at else self._stage
+
+    def done(self):
+        return self.cancelled
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_round_without_a_group_is_given_up_once_the_swarm_is_in_the_next_epoch():
+    from hivemind.averaging.control import AveragingStage
+
+    opt = optimizer(eta=5.0, epoch=3)
+    opt._swarm_epoch = lambda: 4  # the others averaged epoch 3 and moved on
+    missed = FakeControl(AveragingStage.LOOKING_FOR_GROUP)
+    opt._give_up_without_a_group(missed)
+    assert missed.cancelled
+    opt._swarm_epoch = lambda: 3
+    grouped = FakeControl(AveragingStage.AWAITING_TRIGGER)
+    opt._give_up_without_a_group(grouped)
+    assert not grouped.cancelled
+    forming = FakeControl(AveragingStage.LOOKING_FOR_GROUP, grouped_after=0.3)
+    opt._give_up_without_a_group(forming)  # no group yet, but the swarm is still in this epoch: the group comes
+    assert not forming.cancelled and forming.stage == AveragingStage.AWAITING_TRIGGER
+
+
+def test_the_swarms_epoch_is_read_from_the_peers_progress_records():
+    from hivemind.utils import ValueWithExpiration
+
+    opt = optimizer(eta=5.0)
+    opt.tracker.training_progress_key = "run_progress"
+    records = {b"a": ValueWithExpiration({"epoch": 3, "samples_accumulated": 5}, 1e12),
+               b"b": ValueWithExpiration({"epoch": 4}, 1e12), b"c": ValueWithExpiration(None, 1e12)}  # fmt: skip
+    opt.dht = SimpleNamespace(get=lambda key, latest: ValueWithExpiration(records, 1e12) if key == "run_progress" else None)
+    assert opt._swarm_epoch() == 4
+    opt.dht = SimpleNamespace(get=lambda key, latest: None)
+    assert opt._swarm_epoch() == -1
