@@ -169,7 +169,21 @@ class GradAverager(EpochGroups, OneBufferAllReduce, GradientAverager):
 class StateAverager(EpochGroups, OneBufferAllReduce, TrainingStateAverager):
     """hivemind's TrainingStateAverager over one buffer, declaring itself as a state donor only when that
     declaration changes: when sharing is switched on or off, when the priority (the epoch) changes, and before the
-    record expires, as hivemind's docstring says (it re-stored it after every tensor of every round)."""
+    record expires, as hivemind's docstring says (it re-stored it after every tensor of every round).
+
+    ``skip_round``: the optimizer sets it when the swarm averaged this epoch without this peer (see
+    SwarmOptimizer._give_up_without_a_group). The state round due at that transition is then skipped, its
+    pre-scheduled search cancelled: the groupmates it would look for have had that round already, and hivemind
+    would look on until averaging_timeout."""
+
+    skip_round = False
+
+    def step(self, *, averaging_round: bool = False, averaging_control=None, **kwargs):
+        if averaging_round and self.skip_round:
+            if averaging_control is not None and not averaging_control.done():
+                averaging_control.cancel()
+            averaging_round, averaging_control = False, None
+        return super().step(averaging_round=averaging_round, averaging_control=averaging_control, **kwargs)
 
     def _make_averaged_parameters(self, main_parameters):
         # hivemind copies the parameters to the host (as float32) unless it averages the parameters themselves

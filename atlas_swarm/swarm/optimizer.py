@@ -121,6 +121,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _update_global_epoch(self, grad_scaler) -> None:
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
         self._group = ()
+        self.state_averager.skip_round = False
         t0 = time.perf_counter()
         super()._update_global_epoch(grad_scaler)
         self.completed.append(EpochDone(self.local_epoch, samples, self._group, time.perf_counter() - t0))
@@ -195,8 +196,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     # its leader's declared time), but once the swarm has moved to the next epoch it cannot: its groupmates-to-be
     # averaged without it. hivemind would look on until the round's deadline (averaging_timeout) while the swarm
     # moves on; the peer would then be behind, download state mid-epoch and miss the next group too. Give up then,
-    # step on local gradients, and look for the next group with the others. The tracker's view of the swarm is
-    # frozen during a transition (hivemind holds its lock), so this reads the peers' progress records itself.
+    # step on local gradients (and skip a state round due now), and look for the next groups with the others. The
+    # tracker's view of the swarm is frozen during a transition (hivemind holds its lock), so this reads the peers'
+    # progress records itself.
     def _give_up_without_a_group(self, control) -> None:
         next_check = 0.0
         while control.stage == AveragingStage.LOOKING_FOR_GROUP and not control.done():
@@ -205,6 +207,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                 if self._swarm_epoch() > self.local_epoch:
                     log.log(self.status_loglevel, "The swarm averaged this epoch without us: stepping on local gradients")
                     control.cancel()
+                    self.state_averager.skip_round = True  # and its state round too, if one is due
                     return
             time.sleep(0.02)
 

@@ -49,3 +49,25 @@ def test_only_an_integer_gathered_is_an_epoch():
     for other in (None, True, 2.0, "3", [3]):
         assert round_epoch(packed(other), MSGPackSerializer) is None
     assert round_epoch(b"\xc1 not msgpack", MSGPackSerializer) is None
+
+
+def test_a_state_round_the_swarm_already_had_is_skipped_and_its_search_cancelled(monkeypatch):
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    from atlas_swarm.swarm.averagers import StateAverager
+
+    calls = []
+    monkeypatch.setattr(TrainingStateAverager, "step", lambda self, **kw: calls.append(kw))
+    averager = object.__new__(StateAverager)  # no processes: only the step's arguments matter here
+    averager._parent_pid = -1  # hivemind's __del__ then leaves the (never started) averager alone
+    searching = SimpleNamespace(done=lambda: False, cancel=lambda: calls.append("cancelled"))
+    averager.step(averaging_round=True, averaging_control=searching, increment_epoch=True)
+    averager.skip_round = True
+    averager.step(averaging_round=True, averaging_control=searching, increment_epoch=True)
+    averager.step(averaging_round=False, increment_epoch=True)  # nothing to skip
+    assert calls == [
+        {"averaging_round": True, "averaging_control": searching, "increment_epoch": True},
+        "cancelled",
+        {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
+        {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
+    ]
