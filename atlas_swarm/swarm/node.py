@@ -23,6 +23,7 @@ from atlas_swarm.swarm.records import (ADAPTERS_KEPT, ADAPTERS_TTL, SPEC_TTL, ST
                                        WalletBinding)
 
 POLL_EVERY = 0.5
+BOOTSTRAP_ATTEMPTS = 3  # see Swarm.join
 
 
 class Swarm:
@@ -60,32 +61,41 @@ class Swarm:
             from atlas_swarm.swarm.audit import AuditingValidator
 
             validators = [AuditingValidator(validators)]
-        try:
-            dht = hivemind.DHT(
-                initial_peers=list(initial_peers),
-                host_maddrs=list(host_maddrs),
-                announce_maddrs=list(announce_maddrs) or None,
-                identity_path=str(identity.path),
-                client_mode=client_mode,
-                record_validators=validators,
-                startup_timeout=startup_timeout,
-                start=True,
-                **p2p_options,
-            )
-        except P2PDaemonError as e:
-            text = str(e)
-            if "bootstrap" in text:
-                raise PeersUnreachable(
-                    f"None of --initial-peers answered ({', '.join(initial_peers)}). Check that the address is current "
-                    f"(a peer prints new ones when it restarts without --identity), that its port is open, and that "
-                    f"you can reach its host."
-                ) from None
-            if "already taken" in text:
-                raise ConfigError(
-                    f"Identity {str(identity.path)!r} is already used by a running peer. Each running peer needs its "
-                    f"own --identity (or --out)."
-                ) from None
-            raise SwarmError(f"The p2p daemon failed to start: {text}") from None
+        # p2pd gives up on the initial peers after one round of dials, which a busy machine (or a peer just
+        # starting) can fail once: try a few times, a second or two apart, within startup_timeout
+        deadline, attempt = time.monotonic() + startup_timeout, 0
+        while True:
+            attempt += 1
+            try:
+                dht = hivemind.DHT(
+                    initial_peers=list(initial_peers),
+                    host_maddrs=list(host_maddrs),
+                    announce_maddrs=list(announce_maddrs) or None,
+                    identity_path=str(identity.path),
+                    client_mode=client_mode,
+                    record_validators=validators,
+                    startup_timeout=max(1.0, deadline - time.monotonic()),
+                    start=True,
+                    **p2p_options,
+                )
+                break
+            except P2PDaemonError as e:
+                text = str(e)
+                if "bootstrap" in text and attempt < BOOTSTRAP_ATTEMPTS and time.monotonic() + attempt < deadline:
+                    time.sleep(attempt)
+                    continue
+                if "bootstrap" in text:
+                    raise PeersUnreachable(
+                        f"None of --initial-peers answered ({', '.join(initial_peers)}; tried {attempt}x). Check "
+                        f"that the address is current (a peer prints new ones when it restarts without --identity), "
+                        f"that its port is open, and that you can reach its host."
+                    ) from None
+                if "already taken" in text:
+                    raise ConfigError(
+                        f"Identity {str(identity.path)!r} is already used by a running peer. Each running peer needs "
+                        f"its own --identity (or --out)."
+                    ) from None
+                raise SwarmError(f"The p2p daemon failed to start: {text}") from None
         return cls(dht, identity, signer)
 
     @property

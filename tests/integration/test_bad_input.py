@@ -4,8 +4,10 @@ a real DHT node in this process."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -43,6 +45,35 @@ def test_unreachable_initial_peers(capsys, tmp_path, text_data):
                          "--data", str(text_data), "--out", str(tmp_path / "p"))  # fmt: skip
     assert code == 2
     assert err["kind"] == "PeersUnreachable" and "None of --initial-peers answered" in err["error"]
+
+
+def test_a_first_peer_that_comes_up_after_the_joiner_started_is_still_found(tmp_path):
+    # Prepare: the first peer's address is known (its identity and port) before it runs
+    first_id = Identity.load_or_create(tmp_path / "first.key")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{first_id.peer_id.to_base58()}"
+    first, joiner = [], None
+    starter = threading.Timer(1.0, lambda: first.append(Swarm.join(first_id, host_maddrs=[address.split("/p2p/")[0]])))
+    try:
+        # Execute: the joiner starts while nobody listens there (p2pd's one round of dials fails)
+        starter.start()
+        joiner = Swarm.join(Identity.load_or_create(tmp_path / "joiner.key"), [address],
+                            host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=30)  # fmt: skip
+        # Assert
+        starter.join(30)
+        assert first and first[0].peer_id in {str(p) for p in joiner.dht.run_coroutine(_connected)}
+    finally:
+        starter.cancel()
+        starter.join(30)
+        for swarm in [joiner, *first]:
+            if swarm is not None:
+                swarm.shutdown()
+
+
+async def _connected(dht, node):
+    return [info.peer_id for info in await node.p2p.list_peers()]
 
 
 def test_malformed_multiaddr(capsys, tmp_path, text_data):
