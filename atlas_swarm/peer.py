@@ -10,7 +10,6 @@ run() is the whole pipeline, in order:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -33,7 +32,7 @@ from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
-from atlas_swarm.ui import Reporter
+from atlas_swarm.ui import Reporter, quiet_hivemind
 
 SPEC_REFRESH_EVERY = 300.0
 STOP_GRACE = 6.0  # after a stop request, interrupt a blocking averaging call after this many seconds
@@ -482,7 +481,7 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if not args.verbose:
-        logging.getLogger("hivemind").setLevel(logging.ERROR)
+        quiet_hivemind()
         warnings.filterwarnings("ignore", category=FutureWarning)
     reporter = Reporter(args.log_format if args.log_format in ("rich", "json", "plain") else "plain")
     try:

@@ -1,0 +1,32 @@
+"""Without --verbose a peer shows hivemind's errors, but not a round that found no group (an expected outcome that
+the peer's own epoch event reports)."""
+
+import logging
+
+from hivemind.averaging.partition import AllreduceException
+
+from atlas_swarm.ui import quiet_hivemind
+
+
+def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are():
+    # Prepare
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("hivemind.averaging.averager")
+    logger.addHandler(handler)
+    try:
+        quiet_hivemind()
+        quiet_hivemind()  # idempotent
+        # Execute: what hivemind's averager logs
+        try:
+            raise AllreduceException("Averaging step failed: could not find a group")
+        except AllreduceException as e:
+            logger.exception(e)
+        logger.error("Averaging step failed: the all-reduce runner crashed")
+        logger.warning("GradAverager caught MatchmakingException(...), retrying")
+        # Assert
+        assert [r.getMessage() for r in seen] == ["Averaging step failed: the all-reduce runner crashed"]
+        assert logger.filters.count(logger.filters[0]) == 1
+    finally:
+        logger.removeHandler(handler)
