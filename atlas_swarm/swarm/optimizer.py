@@ -167,7 +167,14 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _seconds_to_epoch_end(self) -> float:
         eta = self.tracker.estimated_next_update_time - get_dht_time()
         if math.isinf(eta) and self._epoch_began is not None:  # no fetch since the transition: as long as the last
-            eta = self._epoch_seconds - (time.monotonic() - self._epoch_began)
+            length = self._epoch_seconds
+            if math.isinf(length):  # this peer's first transition (a newcomer's too): as if every peer trained at
+                # this peer's rate. Without it, a newcomer looked for its first group mid-epoch, after the others'
+                # group had assembled at the transition, and missed it (late-joiner test: in no group at all)
+                peers = max(1, self.tracker.global_progress.num_peers)
+                rate = self.tracker.performance_ema.samples_per_second * peers
+                length = self.tracker.target_batch_size / rate if rate > 0 else math.inf
+            eta = length - (time.monotonic() - self._epoch_began)
         return eta
 
     def _time_to_look(self, delay: float = 0.0) -> bool:
@@ -205,7 +212,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 0.5
                 if self._swarm_epoch() > self.local_epoch:
-                    log.log(self.status_loglevel, "The swarm averaged this epoch without us: stepping on local gradients")
+                    log.log(self.status_loglevel, "The swarm averaged this epoch without us: local gradients")
                     control.cancel()
                     self.state_averager.skip_round = True  # and its state round too, if one is due
                     return

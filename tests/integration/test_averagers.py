@@ -134,10 +134,7 @@ def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dht
         # Assert: hivemind would have ended the first round with each peer's own values in the other's half and
         # "averaged with 2 peers"; here the half-done round was put back and redone once both were there
         assert all(len(g) == 2 for g in groups)
-        for averager in averagers:
-            with averager.get_tensors() as tensors:
-                for tensor, g1, g2 in zip(tensors, *grads):
-                    assert torch.allclose(tensor, (g1 + g2) / 2)
+        assert_all_hold_the_mean(averagers, grads)
     finally:
         for averager in averagers:
             averager.shutdown()
@@ -185,10 +182,14 @@ def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dht
         rounds = [a.step(control=c, wait=False) for a, c in zip(averagers, (mine, next_epoch))]
         gathered = [r.result(40) for r in rounds]
         assert all(sorted(g.values()) == [6, 6] for g in gathered)
-        for averager in averagers:
-            with averager.get_tensors() as tensors:
-                for tensor, g1, g2 in zip(tensors, *grads):
-                    assert torch.allclose(tensor, (g1 + g2) / 2)
+        assert_all_hold_the_mean(averagers, grads)
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+def assert_all_hold_the_mean(averagers, grads):
+    for averager in averagers:
+        with averager.get_tensors() as tensors:
+            for tensor, g1, g2 in zip(tensors, *grads):
+                assert torch.allclose(tensor, (g1 + g2) / 2)

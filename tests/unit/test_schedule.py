@@ -57,7 +57,7 @@ def test_groups_are_looked_for_once_the_epoch_ends_within_half_the_averaging_tim
 def test_right_after_a_transition_the_last_epochs_length_stands_in_for_the_unknown_eta():
     opt = optimizer(eta=math.inf, epoch=1)  # hivemind's tracker knows nothing until its next fetch
     opt._maybe_schedule_gradient_averaging()
-    assert opt.grad_averager.scheduled == []  # first epoch: no length to go by
+    assert opt.grad_averager.scheduled == []  # never transitioned: the tracker's next fetch will tell
     opt._epoch_began, opt._epoch_seconds = time.monotonic(), 7.5
     opt._maybe_schedule_gradient_averaging()
     opt._maybe_schedule_state_averaging()  # the next epoch (2) averages state
@@ -67,6 +67,16 @@ def test_right_after_a_transition_the_last_epochs_length_stands_in_for_the_unkno
     long._epoch_began, long._epoch_seconds = time.monotonic(), 60.0
     long._maybe_schedule_gradient_averaging()
     assert long.grad_averager.scheduled == []
+
+
+def test_at_its_first_transition_a_peer_estimates_the_epoch_from_its_own_rate():
+    # 2 peers at 8 samples/s each: target 100 takes about 6 s (within the horizon, 10 s); target 960 about 60 s
+    short, long = optimizer(eta=math.inf, epoch=1), optimizer(eta=math.inf, epoch=1)
+    short.tracker.target_batch_size, long.tracker.target_batch_size = 100, 960
+    for opt in (short, long):
+        opt._epoch_began = time.monotonic()  # the transition just happened; no earlier one to measure from
+        opt._maybe_schedule_gradient_averaging()
+    assert short.grad_averager.scheduled == [{"timeout": 20.0, "gather": 2}] and long.grad_averager.scheduled == []
 
 
 def test_no_groups_while_alone_and_state_rounds_only_on_their_epochs():
