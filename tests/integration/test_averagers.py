@@ -12,6 +12,7 @@ import hivemind
 import hivemind.averaging.averager as hivemind_averager
 import pytest
 import torch
+from hivemind.averaging.control import AveragingStage
 
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager, spanned_buffer
 from tests.peers import wait_until
@@ -110,8 +111,6 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
 
 def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dhts):
     # Prepare: a pre-scheduled round between two gradient averagers, with half-second part timeouts
-    from hivemind.averaging.control import AveragingStage
-
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
     averagers = []
     try:
@@ -143,8 +142,6 @@ def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dht
 def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dhts):
     # Prepare: peer A retries its round for epoch 5 (triggered: it all-reduces as soon as it has a group) while peer B
     # has pre-scheduled its round for epoch 6 (not triggered for seconds). hivemind keys both rounds alike.
-    from hivemind.averaging.control import AveragingStage
-
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
     averagers, params = [], []
     try:

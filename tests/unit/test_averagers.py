@@ -5,9 +5,10 @@ from types import SimpleNamespace
 
 import torch
 from hivemind.averaging.key_manager import is_valid_group
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.serializer import MSGPackSerializer
 
-from atlas_swarm.swarm.averagers import EpochKeys, flat_buffer, round_epoch, spanned_buffer
+from atlas_swarm.swarm.averagers import EpochKeys, StateAverager, flat_buffer, round_epoch, spanned_buffer
 
 
 def test_flat_buffer_views_tile_one_shared_buffer_in_order():
@@ -52,10 +53,6 @@ def test_only_an_integer_gathered_is_an_epoch():
 
 
 def test_a_state_round_the_swarm_already_had_is_skipped_and_its_search_cancelled(monkeypatch):
-    from hivemind.optim.state_averager import TrainingStateAverager
-
-    from atlas_swarm.swarm.averagers import StateAverager
-
     calls = []
     monkeypatch.setattr(TrainingStateAverager, "step", lambda self, **kw: calls.append(kw))
     averager = object.__new__(StateAverager)  # no processes: only the step's arguments matter here

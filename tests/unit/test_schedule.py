@@ -9,6 +9,7 @@ import math
 import time
 from types import SimpleNamespace
 
+from hivemind.averaging.control import AveragingStage
 from hivemind.utils import get_dht_time
 
 from atlas_swarm.swarm.optimizer import SwarmOptimizer
@@ -108,8 +109,6 @@ class FakeControl:
 
     @property
     def stage(self):
-        from hivemind.averaging.control import AveragingStage
-
         return AveragingStage.AWAITING_TRIGGER if time.monotonic() >= self._grouped_at else self._stage
 
     def done(self):
@@ -120,8 +119,6 @@ class FakeControl:
 
 
 def test_a_round_without_a_group_is_given_up_once_the_swarm_is_in_the_next_epoch():
-    from hivemind.averaging.control import AveragingStage
-
     opt = optimizer(eta=5.0, epoch=3)
     opt._swarm_epoch = lambda: 4  # the others averaged epoch 3 and moved on
     missed = FakeControl(AveragingStage.LOOKING_FOR_GROUP)
