@@ -23,6 +23,7 @@ COMPRESSIONS = ("none", "float16", "scaled-float16", "uniform8bit")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}-[0-9a-f]{16}$")
+_ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,15 @@ class RunSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
     seed: int = 0  # seeds adapter initialisation, so every peer starts from identical parameters
+    # The address that opens (and alone can close) the run on a staking contract. The run id commits to it, and the
+    # chain's run id is derived from it, so nobody can squat the run or pocket money sent to it. "" = no chain run.
+    trainer: str = ""
 
     def __post_init__(self):
         _check(_NAME_RE.match(self.name), "name", self.name, "lowercase letters, digits and '-', at most 40 chars")
+        _check(isinstance(self.trainer, str) and (self.trainer == "" or _ADDRESS_RE.match(self.trainer)), "trainer",
+               self.trainer, "an address (0x and 40 hex digits), or leave it out")
+        object.__setattr__(self, "trainer", self.trainer.lower())  # one canonical form, one run id
         m, lo, o, a = self.model, self.lora, self.optimizer, self.averaging
         _check(m.base.strip(), "model.base", m.base, "a hub model name or a local folder")
         _check(m.task in TASKS, "model.task", m.task, f"one of {', '.join(TASKS)}")
@@ -99,10 +106,18 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """``<name>-<16 hex of sha256(canonical spec)>``: equal ids imply equal specs."""
-        return f"{self.name}-{hashlib.sha256(self.canonical_bytes()).hexdigest()[:16]}"
+        return f"{self.name}-{self.spec_hash.hex()[:16]}"
+
+    @property
+    def spec_hash(self) -> bytes:
+        """sha256 of the canonical spec: what the run id abbreviates and the staking contract stores."""
+        return hashlib.sha256(self.canonical_bytes()).digest()
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        d = _plain(dataclasses.asdict(self))
+        if not d["trainer"]:
+            del d["trainer"]  # specs without a trainer keep the run ids they had before the field existed
+        return d
 
     def canonical_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
@@ -117,10 +132,10 @@ class RunSpec:
         for key, value in data.items():
             if key in sections:
                 kwargs[key] = _build(sections[key], value, key)
-            elif key in ("name", "seed"):
+            elif key in ("name", "seed", "trainer"):
                 kwargs[key] = value
             else:
-                raise SpecError(f"Unknown run spec field '{key}'. Known: name, seed, {', '.join(sections)}.")
+                raise SpecError(f"Unknown run spec field '{key}'. Known: name, seed, trainer, {', '.join(sections)}.")
         for required in ("name", "model"):
             if required not in kwargs:
                 raise SpecError(f"The run spec has no '{required}' field; add it (see atlas_swarm/specs/*.toml).")

@@ -4,9 +4,11 @@
     deploy                               deploy AtlasStaking (prints its address)
     stake ETH | unstake ETH | withdraw   manage your stake (unstaked ether waits out the unbonding period)
     register --identity KEY              bind your libp2p PeerID to your wallet's address
-    create-run --run-spec FILE ...       open a run with a funded reward budget (trainers)
-    fund-run RUN_ID ETH | close-run RUN_ID
-    status [--address A] [--run RUN_ID]  stake, reputation, rewards; a run's escrow
+    create-run --run-spec FILE ...       open a run with a funded reward budget (trainers; the spec names you)
+    fund-run RUN_ID ETH                  add to your run's budget (someone else's: --trainer ADDR --not-mine)
+    close-run RUN_ID | reclaim-budget RUN_ID   start closing (proofs are paid one more challenge window), then
+                                         take back what is left
+    status [--address A] [--run RUN_ID [--trainer ADDR]]  stake, reputation, rewards; a run's escrow
     peers --initial-peers M --run ID     a live run's peers: wallet bound both ways (DHT + chain), stake, rewards
     claim                                pay out rewards past their challenge window
 
@@ -17,7 +19,6 @@ Common flags: --rpc URL (or $ATLAS_CHAIN_RPC), --contract ADDR (or $ATLAS_STAKIN
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from decimal import Decimal
@@ -64,14 +65,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--budget", required=True, help="ether to escrow")
     s.add_argument("--min-stake", default="0", help="ether of stake a peer needs for its proofs to count")
     s.add_argument("--max-samples-per-epoch", type=int, help="per peer [default: 2 x the spec's target batch size]")
-    s = sub.add_parser("fund-run", parents=[common], help="add ether to a run's budget")
+    s = sub.add_parser("fund-run", parents=[common], help="add ether to your run's budget")
     s.add_argument("run_id")
     s.add_argument("amount")
-    s = sub.add_parser("close-run", parents=[common], help="close a run, refund its unspent budget")
+    s.add_argument("--trainer", help="the run's trainer, if not you: what is left at the close goes back to it")
+    s.add_argument("--not-mine", action="store_true", help="yes, fund a run whose trainer is someone else")
+    s = sub.add_parser("close-run", parents=[common], help="start closing your run (proofs paid one more window)")
+    s.add_argument("run_id")
+    s = sub.add_parser("reclaim-budget", parents=[common], help="after the closing window, refund what is left")
     s.add_argument("run_id")
     s = sub.add_parser("status", parents=[common], help="stake, reputation and rewards")
     s.add_argument("--address", help="whose status [default: the wallet's]")
     s.add_argument("--run", help="also show this run's escrow")
+    s.add_argument("--trainer", help="the run's trainer [default: the wallet's address]")
     sub.add_parser("claim", parents=[common], help="pay out claimable rewards")
     s = sub.add_parser("peers", parents=[common], help="a live run's peers, their verified wallets and rewards")
     s.add_argument("--initial-peers", nargs="+", required=True, help="multiaddr of any peer of the run")
@@ -130,8 +136,10 @@ def run(a: argparse.Namespace) -> None:
     elif cmd == "register":
         from atlas_swarm.identity import Identity
 
+        if not os.path.isfile(a.identity):  # a typo must not bind the wallet to a brand-new key nobody uses
+            raise ConfigError(f"--identity {a.identity!r} does not exist: pass the peer's key file (OUT/identity.key).")
         peer_id = Identity.load_or_create(a.identity).peer_id.to_base58()
-        if c.owner_of_peer_id(peer_id) == c.account.address:
+        if c.binds(c.account.address, peer_id):
             print(f"PeerID {peer_id} is already bound to {c.account.address}")
             return
         r = c.register_peer(peer_id)
@@ -140,17 +148,33 @@ def run(a: argparse.Namespace) -> None:
         from atlas_swarm.config import RunSpec
 
         spec = RunSpec.from_toml(a.run_spec)
+        if spec.trainer != c.account.address.lower():
+            raise ConfigError(f"The spec {a.run_spec} names trainer {spec.trainer or '(none)'}, not your wallet "
+                              f"{c.account.address}: add `trainer = \"{c.account.address}\"` to it (peers read the "
+                              f"trainer from the spec to find the run on chain; it changes the run id).")
         max_samples = a.max_samples_per_epoch or 2 * spec.averaging.target_batch_size
-        r = c.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), eth(a.reward_per_sample),
-                         eth(a.min_stake), max_samples, eth(a.budget))  # fmt: skip
+        r = c.create_run(spec.run_id, spec.spec_hash, eth(a.reward_per_sample), eth(a.min_stake), max_samples,
+                         eth(a.budget))  # fmt: skip
         print(f"run {spec.run_id} open with {a.budget} ETH at {a.reward_per_sample} ETH/sample, min stake "
               f"{a.min_stake} ETH, at most {max_samples} samples per peer per epoch (tx {r.tx_hash})")  # fmt: skip
     elif cmd == "fund-run":
-        c.fund_run(a.run_id, eth(a.amount))
-        print(f"run {a.run_id} budget now {fmt_eth(c.get_run(a.run_id)['budget'])}")
+        if a.trainer and a.trainer.lower() != c.account.address.lower() and not a.not_mine:
+            raise ConfigError(f"Run {a.run_id} of trainer {a.trainer} is not yours: what is left at its close goes "
+                              f"back to {a.trainer}, not to you. Add --not-mine if that is what you want.")
+        run_ = c.run_of(a.run_id, a.trainer)
+        if c.get_run(run_) is None:
+            raise ConfigError(f"No run {a.run_id} of trainer {a.trainer or c.account.address} on {c.address}.")
+        c.fund_run(run_, eth(a.amount))
+        print(f"run {a.run_id} budget now {fmt_eth(c.get_run(run_)['budget'])}")
     elif cmd == "close-run":
-        before = c.get_run(a.run_id)
-        c.close_run(a.run_id)
+        run_ = c.run_of(a.run_id)
+        c.close_run(run_)
+        print(f"run {a.run_id} closing: proofs are paid until unix time {c.get_run(run_)['closes_at']}; then "
+              f"`reclaim-budget {a.run_id}` refunds what is left")  # fmt: skip
+    elif cmd == "reclaim-budget":
+        run_ = c.run_of(a.run_id)
+        before = c.get_run(run_)
+        c.reclaim_budget(run_)
         print(f"run {a.run_id} closed; refunded {fmt_eth(before['budget'] if before else 0)}")
     elif cmd == "claim":
         rep = c.reputation(c.account.address)
@@ -170,13 +194,14 @@ def run(a: argparse.Namespace) -> None:
                   f"\n  times slashed     {rep['times_slashed']}\n  claimable         {fmt_eth(rep['claimable'])}"
                   f"\n  pending           {fmt_eth(rep['pending'])} (inside the challenge window)")  # fmt: skip
         if a.run:
-            run_ = c.get_run(a.run)
+            run_ = c.get_run(c.run_of(a.run, a.trainer))
             if run_ is None:
                 print(f"run {a.run}: not on this contract")
             else:
                 print(f"run {a.run}\n  trainer           {run_['trainer']}\n  budget            "
                       f"{fmt_eth(run_['budget'])}\n  reward/sample     {fmt_eth(run_['reward_per_sample'])}"
-                      f"\n  min stake         {fmt_eth(run_['min_stake'])}\n  closed            {run_['closed']}")  # fmt: skip
+                      f"\n  min stake         {fmt_eth(run_['min_stake'])}\n  closing at        "
+                      f"{run_['closes_at'] or 'open'}")  # fmt: skip
 
 
 def _peers(c: StakingClient, a: argparse.Namespace) -> None:
@@ -204,9 +229,7 @@ def _peers(c: StakingClient, a: argparse.Namespace) -> None:
             line += (f"  wallet {verified[pid]} (bound both ways)  stake {fmt_eth(rep['stake'])}  proofs "
                      f"{rep['epochs_contributed']}  rewards {fmt_eth(rep['claimable'] + rep['pending'])}")  # fmt: skip
         elif pid in claimed:
-            owner = c.owner_of_peer_id(pid)
-            where = f"the chain binds it to {owner}" if owner else "it is not registered on chain"
-            line += f"  wallet {claimed[pid]} claimed in the DHT, but {where} (ignored)"
+            line += f"  wallet {claimed[pid]} claimed in the DHT, but that address did not register it (ignored)"
         else:
             line += "  no wallet binding"
         print(line)

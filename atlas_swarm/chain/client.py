@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -21,7 +22,7 @@ from eth_utils import function_abi_to_4byte_selector, to_checksum_address
 from web3 import Web3
 
 from atlas_swarm.errors import ChainError, ChainUnreachable, ConfigError, TxReverted
-from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, peer_id_hash, run_id_hash
+from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, chain_run_id, peer_id_hash, run_tag
 
 ETHER = 10**18
 TX_TIMEOUT = 60.0
@@ -32,10 +33,12 @@ CID_V1_DAG_PB = bytes([1, 0x70, 0x12, 0x20])  # CIDv1, dag-pb, sha2-256, 32 byte
 FIXES = {
     "InsufficientStake": "stake more: python -m atlas_swarm.chain stake AMOUNT_ETH",
     "PeerNotRegistered": "bind your PeerID first: python -m atlas_swarm.chain register --identity OUT/identity.key",
-    "PeerIdTaken": "that PeerID is bound to another address; use your own --identity",
-    "AlreadyRegistered": "this address is already bound to a PeerID (one-to-one); use another wallet",
+    "AlreadyRegistered": "this address is already bound to a PeerID (one per address); use another wallet",
     "UnknownRun": "the trainer has not created this run on chain yet (python -m atlas_swarm.chain create-run)",
-    "RunClosed": "the trainer closed this run; its budget was refunded",
+    "RunClosed": "the trainer closed this run (proofs were paid until its closing window ended)",
+    "RunStillClosing": "the run's closing window (one challenge window) is not over yet; reclaim after it",
+    "RunNotFunded": "only equivocation in a run that was funded can be slashed",
+    "NotTrainer": "only the run's trainer (the address its id was derived from) can do that",
     "BudgetExhausted": "the run's escrow is empty; the trainer can add funds with `fund-run`",
     "NothingToClaim": "no rewards are past their challenge window yet",
     "UnbondingNotOver": "wait until the unbonding period is over",
@@ -187,18 +190,31 @@ class StakingClient:
     def reputation(self, address: str) -> dict:
         r = self._call(lambda: self.contract.functions.reputationOf(to_checksum_address(address)).call())
         keys = ("peer_id_hash", "stake", "unbonding", "unbonding_ready_at", "verified_samples", "epochs_contributed",
-                "times_slashed", "last_nonce", "claimable", "pending")  # fmt: skip
+                "times_slashed", "claimable", "pending")  # fmt: skip
         return dict(zip(keys, r))
 
-    def get_run(self, run_id: str) -> Optional[dict]:
-        r = self._call(lambda: self.contract.functions.getRun(run_id_hash(run_id)).call())
-        keys = ("trainer", "max_samples_per_epoch", "closed", "spec_hash", "reward_per_sample", "min_stake", "budget")
-        run = dict(zip(keys, r))
-        return None if int(run["trainer"], 16) == 0 else run
+    def get_run(self, run: bytes) -> Optional[dict]:
+        """The run with on-chain id ``run`` (chain_run_id(run_id, trainer)), or None. ``closing``: the trainer
+        called closeRun (proofs are paid until ``closes_at``); ``closed``: that time has passed."""
+        r = self._call(lambda: self.contract.functions.getRun(run).call())
+        keys = ("trainer", "max_samples_per_epoch", "closes_at", "spec_hash", "reward_per_sample", "min_stake",
+                "budget", "funded")  # fmt: skip
+        out = dict(zip(keys, r))
+        if int(out["trainer"], 16) == 0:
+            return None
+        out["closing"] = out["closes_at"] != 0
+        out["closed"] = out["closing"] and out["closes_at"] <= self._now()
+        return out
 
-    def run_ledger(self, run_id: str, from_block: int = 0) -> dict[str, dict]:
+    def _now(self) -> int:
+        try:
+            return int(self.w3.eth.get_block("latest")["timestamp"])
+        except Exception:
+            return int(time.time())
+
+    def run_ledger(self, run: bytes, from_block: int = 0) -> dict[str, dict]:
         """Per address, from the run's events: epochs and samples accepted, rewards earned, slashes."""
-        rid = run_id_hash(run_id)
+        rid = run
         events = self.contract.events
         ledger: dict[str, dict] = {}
 
@@ -222,21 +238,26 @@ class StakingClient:
     def proof_submitted(self, proof: ContributionProof) -> bool:
         return self._call(lambda: self.contract.functions.proofSubmitted(proof.run_id, proof.peer, proof.epoch).call())
 
-    def owner_of_peer_id(self, peer_id: str) -> Optional[str]:
-        owner = self._call(lambda: self.contract.functions.ownerOfPeerId(peer_id_hash(peer_id)).call())
-        return None if int(owner, 16) == 0 else owner
+    def peer_id_of(self, address: str) -> Optional[bytes]:
+        """The PeerID hash ``address`` registered, or None. Several addresses may name one PeerID (the chain cannot
+        check a libp2p key): a binding counts only together with the PeerID's own signature (verified_bindings)."""
+        h = self._call(lambda: self.contract.functions.peerIdOf(to_checksum_address(address)).call())
+        return None if int.from_bytes(h, "big") == 0 else bytes(h)
 
-    def checkpoint_of(self, run_id: str, epoch: int) -> Optional[tuple[str, str]]:
+    def binds(self, address: str, peer_id: str) -> bool:
+        return self.peer_id_of(address) == peer_id_hash(peer_id)
+
+    def checkpoint_of(self, run: bytes, epoch: int) -> Optional[tuple[str, str]]:
         """(adapter folder CID, publisher address) recorded on chain for (run, epoch), or None."""
-        digest, publisher = self._call(lambda: self.contract.functions.checkpointOf(run_id_hash(run_id), epoch).call())
+        digest, publisher = self._call(lambda: self.contract.functions.checkpointOf(run, epoch).call())
         if int.from_bytes(digest, "big") == 0:
             return None
         from atlas_swarm.storage.cid import encode
 
         return encode(CID_V1_DAG_PB + digest), publisher
 
-    def has_proof(self, run_id: str, address: str, epoch: int) -> bool:
-        return self._call(lambda: self.contract.functions.proofSubmitted(run_id_hash(run_id), address, epoch).call())
+    def has_proof(self, run: bytes, address: str, epoch: int) -> bool:
+        return self._call(lambda: self.contract.functions.proofSubmitted(run, address, epoch).call())
 
     def proof_digest(self, proof: ContributionProof) -> bytes:
         return self._call(lambda: self.contract.functions.proofDigest(proof.as_tuple()).call())
@@ -254,32 +275,46 @@ class StakingClient:
     def withdraw(self) -> Receipt:
         return self._send(self.contract.functions.withdraw())
 
-    def record_checkpoint(self, run_id: str, epoch: int, cid: str) -> Receipt:
+    def record_checkpoint(self, run: bytes, epoch: int, cid: str) -> Receipt:
         """Record the CIDv1 of the adapter peers hold at ``epoch``; needs this account's proof for ``epoch - 1``."""
         from atlas_swarm.storage.dag import parse_cid
 
         raw = parse_cid(cid)
         if raw[:4] != CID_V1_DAG_PB:
             raise ValueError(f"{cid} is not a CIDv1 of a dag-pb folder")
-        return self._send(self.contract.functions.recordCheckpoint(run_id_hash(run_id), epoch, raw[4:]))
+        return self._send(self.contract.functions.recordCheckpoint(run, epoch, raw[4:]))
 
     def register_peer(self, peer_id: str) -> Receipt:
         return self._send(self.contract.functions.registerPeer(peer_id_hash(peer_id)))
 
     def create_run(self, run_id: str, spec_hash: bytes, reward_per_sample: int, min_stake: int,
                    max_samples_per_epoch: int, budget: int) -> Receipt:  # fmt: skip
-        fn = self.contract.functions.createRun(run_id_hash(run_id), spec_hash, reward_per_sample, min_stake,
+        """Open run ``run_id`` with this account as its trainer; its on-chain id is chain_run_id(run_id, account)."""
+        fn = self.contract.functions.createRun(run_tag(run_id), spec_hash, reward_per_sample, min_stake,
                                                max_samples_per_epoch)  # fmt: skip
         return self._send(fn, value=budget)
 
-    def fund_run(self, run_id: str, wei: int) -> Receipt:
-        return self._send(self.contract.functions.fundRun(run_id_hash(run_id)), value=wei)
+    def run_of(self, run_id: str, trainer: Optional[str] = None) -> bytes:
+        """On-chain id of ``run_id`` opened by ``trainer`` (default: this client's account)."""
+        if trainer is None:
+            if self.account is None:
+                raise ChainError(f"Whose run {run_id}? Name its trainer's address (or pass --wallet).")
+            trainer = self.account.address
+        return chain_run_id(run_id, trainer)
 
-    def close_run(self, run_id: str) -> Receipt:
-        return self._send(self.contract.functions.closeRun(run_id_hash(run_id)))
+    def fund_run(self, run: bytes, wei: int) -> Receipt:
+        return self._send(self.contract.functions.fundRun(run), value=wei)
+
+    def close_run(self, run: bytes) -> Receipt:
+        """Start closing: proofs are still paid for one challenge window, then reclaim_budget refunds the rest."""
+        return self._send(self.contract.functions.closeRun(run))
+
+    def reclaim_budget(self, run: bytes) -> Receipt:
+        return self._send(self.contract.functions.reclaimBudget(run))
 
     def submit_proofs(self, signed: Sequence[tuple[ContributionProof, bytes]]) -> Receipt:
-        """One proof: submitProof; several: submitProofs (all accepted or none)."""
+        """One proof: submitProof; several: submitProofs (proofs already on chain are skipped, any other invalid
+        proof reverts the whole batch)."""
         if len(signed) == 1:
             proof, sig = signed[0]
             return self._send(self.contract.functions.submitProof(proof.as_tuple(), sig))

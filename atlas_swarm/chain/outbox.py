@@ -11,7 +11,9 @@ Guarantees, also across a crash (SIGKILL) at any point:
 - retried with exponential backoff while the chain is unreachable, or while the revert is one that time can fix
   (stake, budget, registration); rejected for good otherwise, with the decoded reason kept in the file.
 
-``ProofPoster`` runs ``flush`` on a background thread so the training loop never waits on the chain.
+``ProofPoster`` runs ``flush`` on a background thread so the training loop never waits on the chain: ``sign`` (on
+the training thread) takes only a short lock around the cache and the file, never one held across a transaction, and
+the poster survives any error (counted in ``errors``, retried on its next turn; the proofs stay on disk).
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from atlas_swarm.errors import ChainError, TxReverted
-from atlas_swarm.proofs.eip712 import ContributionProof, Domain, peer_id_hash, run_id_hash, sign_proof
+from atlas_swarm.proofs.eip712 import ContributionProof, Domain, peer_id_hash, sign_proof
 
 MAX_BATCH = 8  # proofs per transaction (submitProofs)
 MAX_BACKOFF = 60.0
 PROOF_TTL = 24 * 3600  # seconds a signed proof stays postable (its deadline)
 # Reverts that can succeed later without a new signature: keep the proof pending and retry.
 RETRYABLE = {"InsufficientStake", "BudgetExhausted", "UnknownRun", "PeerNotRegistered", "Unknown"}
-# Reverts that mean the chain already holds this proof.
-ALREADY_THERE = {"ProofAlreadySubmitted", "NonceTooLow"}
+# Reverts that mean the chain already holds this proof (a relay may post a signed proof before we do).
+ALREADY_THERE = {"ProofAlreadySubmitted"}
 
 
 @dataclass
@@ -50,28 +52,23 @@ class Outbox:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.account = account
         self.domain = domain
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache and the files: held for microseconds, never across the network
+        self._flushing = threading.Lock()  # one flush at a time (the poster's, or a session's first)
         self._cache = self._load()  # one process owns an --out (its identity lock): disk is read once
-        self._last_nonce = max((r["proof"]["nonce"] for r in self._records()), default=0)
 
     # -- signing ------------------------------------------------------------------------------------------------
-    def sync_nonce(self, chain_last_nonce: int) -> None:
-        """Never reuse a nonce the chain has seen (e.g. an outbox folder that was deleted)."""
-        with self._lock:
-            self._last_nonce = max(self._last_nonce, int(chain_last_nonce))
-
-    def sign(self, run_id: str, epoch: int, peer_id: str, samples: int, adapter_hash: str, data_root: bytes,
+    def sign(self, run: bytes, epoch: int, peer_id: str, samples: int, adapter_hash: str, data_root: bytes,
              now: Optional[float] = None) -> Optional[ContributionProof]:  # fmt: skip
-        """Sign and store the proof of ``epoch``; None if this epoch was signed before (never sign twice)."""
+        """Sign and store the proof of ``epoch`` in on-chain run ``run``; None if this epoch was signed before
+        (never sign twice)."""
         with self._lock:
-            path = self._path(run_id_hash(run_id), epoch)
+            path = self._path(run, epoch)
             if path.exists():
                 return None
-            self._last_nonce += 1
             proof = ContributionProof(
-                run_id=run_id_hash(run_id), epoch=epoch, peer=self.account.address, peer_id_hash=peer_id_hash(peer_id),
+                run_id=run, epoch=epoch, peer=self.account.address, peer_id_hash=peer_id_hash(peer_id),
                 samples=samples, adapter_hash=bytes.fromhex(adapter_hash), data_root=data_root,
-                nonce=self._last_nonce, deadline=int((now or time.time()) + PROOF_TTL),
+                deadline=int((now or time.time()) + PROOF_TTL),
             )  # fmt: skip
             signature = sign_proof(proof, self.domain, self.account.key)
             record = {"proof": proof.to_json(), "signature": "0x" + signature.hex(), "state": "pending",
@@ -84,23 +81,24 @@ class Outbox:
     # -- posting ------------------------------------------------------------------------------------------------
     def flush(self, client, now: Optional[float] = None, max_batch: int = MAX_BATCH, min_batch: int = 1,
               max_wait: float = 0.0) -> Counts:  # fmt: skip
-        """Post due pending proofs in nonce order, up to ``max_batch`` per transaction. To save gas, wait until
+        """Post due pending proofs in signing order, up to ``max_batch`` per transaction. To save gas, wait until
         ``min_batch`` are due, unless the oldest has waited ``max_wait`` seconds. Returns the counts afterwards.
         Never raises ChainError: failures stay pending with a backoff (or are rejected, see RETRYABLE)."""
         now = time.time() if now is None else now
-        with self._lock:
-            pending = sorted((r for r in self._records() if r["state"] == "pending"), key=lambda r: r["proof"]["nonce"])
-            due = list(itertools.takewhile(lambda r: r["next_try"] <= now, pending))  # nonce order, no overtaking
+        with self._flushing:
+            with self._lock:
+                pending = sorted((r for r in self._records() if r["state"] == "pending"), key=_order)
+            due = list(itertools.takewhile(lambda r: r["next_try"] <= now, pending))  # signing order, no overtaking
             oldest = min((r.get("signed_at", 0.0) for r in due), default=now)
             if len(due) < min_batch and now - oldest < max_wait:
-                return self._counts()
+                return self.counts()
             try:
                 self._post(client, due, now, max_batch)
             except ChainError as e:  # unreachable or refused: every due record waits for its next try
                 for r in due:
                     if r["state"] == "pending":
                         self._backoff(r, now, str(e))
-            return self._counts()
+            return self.counts()
 
     def _post(self, client, due: list[dict], now: float, max_batch: int) -> None:
         queue = []
@@ -118,9 +116,9 @@ class Outbox:
                     queue, max_batch = batch + queue, 1
                     continue
                 if not self._settle_revert(client, batch[0], err, now):
-                    return  # a retryable revert: later proofs (higher nonces) wait behind it
+                    return  # a retryable revert (stake, budget): later proofs would meet it too
                 continue
-            for r in batch:
+            for r in batch:  # a proof someone relayed first was skipped by the contract: on chain all the same
                 self._mark(r, "posted", tx=receipt.tx_hash, gas=receipt.gas_used // len(batch))
 
     def _settle_revert(self, client, r: dict, err: TxReverted, now: float) -> bool:
@@ -136,16 +134,18 @@ class Outbox:
         return True
 
     def _backoff(self, r: dict, now: float, error: str) -> None:
-        r["attempts"] += 1
-        r["next_try"] = now + min(MAX_BACKOFF, 2.0 ** r["attempts"])
-        r["error"] = error
-        _write_atomic(self.folder / r["_file"], r)
+        with self._lock:
+            r["attempts"] += 1
+            r["next_try"] = now + min(MAX_BACKOFF, 2.0 ** r["attempts"])
+            r["error"] = error
+            _write_atomic(self.folder / r["_file"], r)
 
     def _mark(self, r: dict, state: str, **fields) -> None:
-        r.update(state=state, **fields)
-        if state == "posted":
-            r["error"] = None
-        _write_atomic(self.folder / r["_file"], r)
+        with self._lock:
+            r.update(state=state, **fields)
+            if state == "posted":
+                r["error"] = None
+            _write_atomic(self.folder / r["_file"], r)
 
     # -- reading ------------------------------------------------------------------------------------------------
     def counts(self) -> Counts:
@@ -154,7 +154,7 @@ class Outbox:
 
     def records(self) -> list[dict]:
         with self._lock:
-            return sorted(self._records(), key=lambda r: r["proof"]["nonce"])
+            return sorted(self._records(), key=_order)
 
     def _counts(self) -> Counts:
         c = Counts()
@@ -179,6 +179,10 @@ class Outbox:
 
     def _path(self, run_hash: bytes, epoch: int) -> Path:
         return self.folder / f"{run_hash.hex()[:16]}-{epoch:010d}.json"
+
+
+def _order(r: dict) -> tuple:
+    return r.get("signed_at", 0.0), r["proof"]["epoch"]
 
 
 def _proof(r: dict) -> ContributionProof:
@@ -209,6 +213,8 @@ class ProofPoster:
         self.batch, self.max_wait = batch, max_wait
         self.counts = outbox.counts()
         self.rewards = {"claimable": 0, "pending": 0}
+        self.errors = 0  # turns that failed with something other than a chain error (e.g. a full disk)
+        self.last_error: Optional[str] = None
         self._wake = threading.Event()
         self._stopping = False
         self.after_flush: list[Callable[[], None]] = []  # run on this thread after each flush (checkpoints)
@@ -225,8 +231,13 @@ class ProofPoster:
         while True:
             self._wake.wait(self.every)
             self._wake.clear()
-            self._flush_once(final=self._stopping)  # after stop() too: one last flush, whatever the batch size
-            if self._stopping:
+            stopping = self._stopping
+            try:
+                self._flush_once(final=stopping)  # after stop() too: one last flush, whatever the batch size
+            except Exception as e:  # a disk error, an odd RPC answer: this turn fails, the thread goes on
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+            if stopping:
                 return
 
     def _flush_once(self, final: bool = False) -> None:

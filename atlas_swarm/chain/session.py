@@ -1,7 +1,7 @@
 """A training peer's chain side: checked once at start, then one signed proof per epoch through the outbox.
 
-    ChainSession.open   wallet → contract → run on chain (same spec hash) → PeerID bound to this wallet (registers it
-                        if free) → stake ≥ the run's minimum → wallet binding published in the DHT → outbox + poster
+    ChainSession.open   wallet → contract → the run the spec's trainer opened (same spec hash, not closing) → PeerID
+                        bound to this wallet (registers it if unbound) → stake ≥ the run's minimum → wallet binding published in the DHT → outbox + poster
     on_epoch            sign the epoch's proof (samples, adapter hash, data root), queue it, wake the poster
     record_checkpoint   the CID this peer published for an epoch, recorded on chain by the poster once the proof
                         that produced it (epoch - 1) is accepted
@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -23,6 +22,7 @@ from atlas_swarm.config import ChainConfig, RunSpec
 from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
 from atlas_swarm.proofs.binding import sign_binding
 from atlas_swarm.proofs.commit import merkle_root
+from atlas_swarm.proofs.eip712 import chain_run_id, peer_id_hash
 from atlas_swarm.ui import Reporter
 
 
@@ -32,6 +32,7 @@ class ChainSession:
     outbox: Outbox
     poster: ProofPoster
     run_id: str
+    run: bytes  # on-chain id: chain_run_id(run_id, spec.trainer)
     peer_id: str
     checkpoints: dict = field(default_factory=dict)  # epoch -> CID, waiting for the producing proof
     recorded: dict = field(default_factory=dict)  # epoch -> CID on chain (by us, or already by another peer)
@@ -43,25 +44,27 @@ class ChainSession:
         poster; proofs left pending by an earlier session are posted first."""
         account = load_wallet(cfg.wallet, read_password(cfg.password_file))
         client = StakingClient.connect(StakingClient.web3(cfg.rpc), cfg.contract, account)
-        run = client.get_run(spec.run_id)
+        if not spec.trainer:
+            raise ChainError(f"Run {spec.run_id}'s spec names no trainer, so no run on chain can be its own: the "
+                             f"trainer adds `trainer = \"0x...\"` (its address) to the spec, which makes a new run id.")
+        chain_run = chain_run_id(spec.run_id, spec.trainer)  # only the spec's trainer can have opened it: no squatter
+        run = client.get_run(chain_run)
         if run is None:
-            raise ChainError(f"Run {spec.run_id} is not on the staking contract {client.address}: the trainer opens it "
-                             f"with `python -m atlas_swarm.chain create-run --run-spec SPEC ...`.")  # fmt: skip
-        if run["closed"]:
-            raise ChainError(f"Run {spec.run_id} is closed on the staking contract; proofs would be refused.")
-        if run["spec_hash"] != hashlib.sha256(spec.canonical_bytes()).digest():
+            raise ChainError(f"Run {spec.run_id} is not on the staking contract {client.address}: its trainer "
+                             f"{spec.trainer} opens it with `python -m atlas_swarm.chain create-run --run-spec SPEC`.")
+        if run["closing"]:
+            raise ChainError(f"Run {spec.run_id} is closing on the staking contract (its trainer called close-run); "
+                             f"new proofs would not be paid.")  # fmt: skip
+        if run["spec_hash"] != spec.spec_hash:
             raise ChainError(f"The staking contract's run {spec.run_id} has another spec hash than this run's spec.")
         peer_id = swarm.peer_id
-        owner = client.owner_of_peer_id(peer_id)
-        if owner is None:
-            bound = client.reputation(account.address)["peer_id_hash"]
-            if int.from_bytes(bound, "big") != 0:
-                raise ChainError(f"Wallet {account.address} is bound to another PeerID (one wallet per PeerID). Use "
-                                 f"that peer's --identity, or another wallet.")  # fmt: skip
+        bound = client.peer_id_of(account.address)
+        if bound is None:
             client.register_peer(peer_id)
             reporter.event("registered", f"Bound PeerID {peer_id} to {account.address} on chain", address=account.address)
-        elif owner != account.address:
-            raise ChainError(f"PeerID {peer_id} is bound on chain to {owner}, not to your wallet {account.address}.")
+        elif bound != peer_id_hash(peer_id):
+            raise ChainError(f"Wallet {account.address} is bound to another PeerID (one PeerID per wallet). Use "
+                             f"that peer's --identity, or another wallet.")  # fmt: skip
         stake = client.reputation(account.address)["stake"]
         if stake < run["min_stake"]:
             raise ChainError(f"Your stake ({Decimal(stake) / ETHER} ETH) is below the run's minimum "
@@ -70,7 +73,6 @@ class ChainSession:
         swarm.publish_wallet(spec.run_id, account.address, sign_binding(peer_id, account.key))
 
         outbox = Outbox(out / "proofs", account, client.domain)
-        outbox.sync_nonce(client.reputation(account.address)["last_nonce"])
         poster = ProofPoster(outbox, StakingClient(client.w3, client.address, account), batch=cfg.proof_batch,
                              max_wait=cfg.proof_max_wait).start()  # fmt: skip
         if outbox.counts().pending:
@@ -81,7 +83,7 @@ class ChainSession:
             f"({counts.pending} pending from before)", contract=client.address, chain_id=client.chain_id,
             address=account.address, pending=counts.pending,
         )  # fmt: skip
-        session = cls(client, outbox, poster, spec.run_id, peer_id)
+        session = cls(client, outbox, poster, spec.run_id, chain_run, peer_id)
         poster.after_flush.append(session._post_checkpoints)
         return session
 
@@ -90,11 +92,11 @@ class ChainSession:
         """Sign the proof of the epoch this peer just contributed ``samples`` to."""
         if samples <= 0:
             return
-        proof = self.outbox.sign(self.run_id, epoch, self.peer_id, samples, adapter_hash, merkle_root(batch_hashes))
+        proof = self.outbox.sign(self.run, epoch, self.peer_id, samples, adapter_hash, merkle_root(batch_hashes))
         if proof is None:
             reporter.event("proof_exists", f"Epoch {epoch} was signed before (not signing it twice)", epoch=epoch)
             return
-        reporter.event("proof_signed", "", epoch=epoch, samples=samples, nonce=proof.nonce)
+        reporter.event("proof_signed", "", epoch=epoch, samples=samples)
         self.poster.poke()
 
     def record_checkpoint(self, epoch: int, cid: str) -> None:
@@ -108,14 +110,14 @@ class ChainSession:
         with self._lock:
             waiting = sorted(self.checkpoints.items())
         for epoch, cid in waiting:
-            if epoch == 0 or not client.has_proof(self.run_id, client.account.address, epoch - 1):
+            if epoch == 0 or not client.has_proof(self.run, client.account.address, epoch - 1):
                 continue  # the proof is still in the outbox (or this peer contributed nothing to that epoch)
             try:
-                client.record_checkpoint(self.run_id, epoch, cid)
+                client.record_checkpoint(self.run, epoch, cid)
                 self.recorded[epoch] = cid
             except TxReverted as e:
                 if e.error == "CheckpointExists":  # another publisher of the group was first
-                    on_chain = client.checkpoint_of(self.run_id, epoch)
+                    on_chain = client.checkpoint_of(self.run, epoch)
                     self.recorded[epoch] = on_chain[0] if on_chain else cid
             except ChainUnreachable:
                 return  # try again after the next flush
@@ -127,7 +129,7 @@ class ChainSession:
     def progress(self) -> dict:
         c, r = self.poster.counts, self.poster.rewards
         return {"proofs_posted": c.posted, "proofs_pending": c.pending, "proofs_rejected": c.rejected,
-                "rewards_wei": r["claimable"] + r["pending"]}  # fmt: skip
+                "rewards_wei": r["claimable"] + r["pending"], "poster_errors": self.poster.errors}  # fmt: skip
 
     def close(self, timeout: float = 3.0) -> Counts:
         counts = self.poster.stop(timeout)
@@ -140,6 +142,6 @@ class ChainSession:
 
 def verified_bindings(swarm, client: StakingClient, run_id: str) -> dict[str, str]:
     """PeerID -> address for the run's peers whose binding holds both ways: a DHT record signed by the PeerID's own
-    key (and by the address) AND the contract's registerPeer. A chain-only binding is ignored: anyone can register
-    someone else's PeerID hash, nobody else can sign for that PeerID."""
-    return {pid: addr for pid, addr in swarm.wallet_bindings(run_id).items() if client.owner_of_peer_id(pid) == addr}
+    key (and by the address) AND the address's registerPeer. A chain-only binding is ignored: anyone can register
+    someone else's PeerID hash (it locks nobody out), nobody else can sign for that PeerID."""
+    return {pid: addr for pid, addr in swarm.wallet_bindings(run_id).items() if client.binds(addr, pid)}

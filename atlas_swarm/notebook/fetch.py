@@ -41,7 +41,7 @@ def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
                 raise
             time.sleep(0.5)
     if run._chain is not None:  # the contract's record of the epoch outranks the DHT's votes
-        on_chain = run._chain.checkpoint_of(run.run_id, epoch_)
+        on_chain = run._chain.checkpoint_of(run._chain_run(), epoch_)
         if on_chain is not None and on_chain[0] != cid:
             cid = on_chain[0]
             publishers = sorted({pid for pid, a in published if a.cid == cid}) or publishers

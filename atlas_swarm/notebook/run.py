@@ -43,14 +43,16 @@ class Run:
                labels: Sequence[str] = (), lora: Optional[dict] = None, target_batch_size: int = 256,
                lr: float = 1e-3, optimizer: str = "adamw", max_length: int = 128, matchmaking_time: float = 3.0,
                averaging_timeout: float = 30.0, average_state_every: int = 4, compression: str = "none",
-               seed: int = 0, workdir: str | Path = "atlas-runs/notebook", ipfs_api: Optional[str] = None) -> "Run":
+               seed: int = 0, trainer: str = "", workdir: str | Path = "atlas-runs/notebook",
+               ipfs_api: Optional[str] = None) -> "Run":
         """Build and validate a run spec (a SpecError names any bad field). ``lora``: r, alpha, dropout,
-        target_modules, modules_to_save; target_modules default to the usual attention projections of the model."""
+        target_modules, modules_to_save; target_modules default to the usual attention projections of the model.
+        ``trainer``: the address that will fund the run on a staking contract (the run id commits to it)."""
         lora = dict(lora or {})
         if "target_modules" not in lora:
             lora["target_modules"] = _default_targets(base_model)
         spec = RunSpec.from_dict({
-            "name": name, "seed": seed,
+            "name": name, "seed": seed, "trainer": trainer,
             "model": {"base": str(base_model), "task": task, "labels": list(labels), "max_length": max_length},
             "lora": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in lora.items()},
             "optimizer": {"name": optimizer, "lr": float(lr)},
@@ -253,24 +255,39 @@ class Run:
             raise ChainUnavailable("Funding signs a transaction: connect_chain(..., wallet=KEYSTORE, password=...).")
         return self._chain
 
-    def fund(self, amount_eth: float, reward_per_sample_eth: float = 1e-6, min_stake_eth: float = 0.01,
-             max_samples_per_epoch: Optional[int] = None) -> dict:
-        """Add ``amount_eth`` to the run's reward budget (opening the run on chain first if it is not there yet,
-        with the given rate and minimum stake). Returns the run's on-chain record."""
-        import hashlib
+    def _chain_run(self) -> bytes:
+        from atlas_swarm.proofs import chain_run_id
 
+        if not self.spec.trainer:
+            raise ChainUnavailable(f"Run {self.run_id}'s spec names no trainer, so it has no run on chain: create it "
+                                   f"with Run.create(..., trainer=YOUR_ADDRESS).")  # fmt: skip
+        return chain_run_id(self.run_id, self.spec.trainer)
+
+    def fund(self, amount_eth: float, reward_per_sample_eth: float = 1e-6, min_stake_eth: float = 0.01,
+             max_samples_per_epoch: Optional[int] = None, not_mine: bool = False) -> dict:
+        """Add ``amount_eth`` to the run's reward budget (opening the run on chain first if it is not there yet,
+        with the given rate and minimum stake). Returns the run's on-chain record. Funding a run whose spec names
+        another trainer is refused unless ``not_mine=True``: what is left at its close goes back to that trainer."""
         from atlas_swarm.chain.client import eth
 
         chain = self._need_chain(signing=True)
         if amount_eth <= 0:
             raise ConfigError(f"fund({amount_eth}): the amount must be positive (in ETH).")
-        if chain.get_run(self.run_id) is None:
+        run = self._chain_run()
+        mine = self.spec.trainer == chain.account.address.lower()
+        if not mine and not not_mine:
+            raise ConfigError(f"Run {self.run_id}'s trainer is {self.spec.trainer}, not your wallet "
+                              f"{chain.account.address}: the money left at its close would go to them. Pass "
+                              f"not_mine=True to fund it anyway.")  # fmt: skip
+        if chain.get_run(run) is None:
+            if not mine:
+                raise ChainUnavailable(f"Run {self.run_id} is not on chain yet; only its trainer can open it.")
             max_samples = max_samples_per_epoch or 2 * self.spec.averaging.target_batch_size
-            chain.create_run(self.run_id, hashlib.sha256(self.spec.canonical_bytes()).digest(),
-                             eth(reward_per_sample_eth), eth(min_stake_eth), max_samples, eth(amount_eth))  # fmt: skip
+            chain.create_run(self.run_id, self.spec.spec_hash, eth(reward_per_sample_eth), eth(min_stake_eth),
+                             max_samples, eth(amount_eth))  # fmt: skip
         else:
-            chain.fund_run(self.run_id, eth(amount_eth))
-        return chain.get_run(self.run_id)
+            chain.fund_run(run, eth(amount_eth))
+        return chain.get_run(run)
 
     def rewards(self):
         """Per-peer ledger of this run from the contract's events: epochs and samples accepted, rewards, slashes
@@ -278,7 +295,7 @@ class Run:
         from atlas_swarm.chain.session import verified_bindings
 
         chain = self._need_chain()
-        ledger = chain.run_ledger(self.run_id)
+        ledger = chain.run_ledger(self._chain_run())
         peer_of = {}
         if self.swarm is not None:
             peer_of = {addr: pid for pid, addr in verified_bindings(self.swarm, chain, self.run_id).items()}

@@ -21,7 +21,6 @@ PROOF_FIELDS = [
     {"name": "samples", "type": "uint64"},
     {"name": "adapterHash", "type": "bytes32"},
     {"name": "dataRoot", "type": "bytes32"},
-    {"name": "nonce", "type": "uint64"},
     {"name": "deadline", "type": "uint64"},
 ]
 PROOF_TYPEHASH = keccak(text="Proof(" + ",".join(f"{f['type']} {f['name']}" for f in PROOF_FIELDS) + ")")
@@ -33,9 +32,15 @@ DOMAIN_FIELDS = [
 ]
 
 
-def run_id_hash(run_id: str) -> bytes:
-    """On-chain id of a run: keccak256 of its run id string."""
+def run_tag(run_id: str) -> bytes:
+    """What a trainer passes to createRun: keccak256 of the run id string."""
     return keccak(text=run_id)
+
+
+def chain_run_id(run_id: str, trainer: str) -> bytes:
+    """On-chain id of a run: keccak256(abi.encode(trainer, run_tag)), the contract's runIdOf. It names the trainer,
+    so nobody else can open (squat) the run a spec describes, or take back money sent to it."""
+    return keccak(bytes(12) + bytes.fromhex(to_checksum_address(trainer)[2:]) + run_tag(run_id))
 
 
 def peer_id_hash(peer_id: str) -> bytes:
@@ -59,20 +64,19 @@ class Domain:
 
 @dataclass(frozen=True)
 class ContributionProof:
-    run_id: bytes  # 32 bytes, run_id_hash()
+    run_id: bytes  # 32 bytes, chain_run_id()
     epoch: int
     peer: str  # checksummed address
     peer_id_hash: bytes
     samples: int
     adapter_hash: bytes  # 32 bytes: sha256 of the averaged adapter (model.hashing.tensors_hash)
     data_root: bytes  # 32 bytes: proofs.commit.merkle_root of the batches trained on
-    nonce: int
     deadline: int  # unix seconds
 
     def message(self) -> dict:
         return {"runId": self.run_id, "epoch": self.epoch, "peer": to_checksum_address(self.peer),
                 "peerIdHash": self.peer_id_hash, "samples": self.samples, "adapterHash": self.adapter_hash,
-                "dataRoot": self.data_root, "nonce": self.nonce, "deadline": self.deadline}  # fmt: skip
+                "dataRoot": self.data_root, "deadline": self.deadline}  # fmt: skip
 
     def as_tuple(self) -> tuple:
         """The struct as the contract's ABI takes it."""
@@ -94,7 +98,7 @@ class ContributionProof:
     def from_json(cls, d: dict) -> "ContributionProof":
         b = {k: bytes.fromhex(d[k][2:]) for k in ("run_id", "peer_id_hash", "adapter_hash", "data_root")}
         return cls(epoch=int(d["epoch"]), peer=to_checksum_address(d["peer"]), samples=int(d["samples"]),
-                   nonce=int(d["nonce"]), deadline=int(d["deadline"]), **b)  # fmt: skip
+                   deadline=int(d["deadline"]), **b)  # fmt: skip
 
 
 def sign_proof(proof: ContributionProof, domain: Domain, private_key) -> bytes:

@@ -10,6 +10,8 @@ import {IAtlasStaking} from "./IAtlasStaking.sol";
 /// @title AtlasStaking
 /// @notice Peers stake, post EIP-712 contribution proofs each epoch, earn from the trainer's escrow, and are slashed
 ///         for equivocation. See IAtlasStaking for the interface and NatSpec of every external function.
+///         Conservation: this contract's balance always equals active + unbonding stake + run budgets + claimable +
+///         bucketed rewards + burned (tested as a forge invariant).
 /// @dev Storage is packed so that an accepted proof costs few writes: one bit in an epoch bitmap, one stats slot,
 ///      one reward-bucket slot and the run budget. Rewards accrue into time buckets of CHALLENGE_WINDOW seconds; a
 ///      bucket becomes claimable two buckets later, so every reward waits at least one full window.
@@ -17,7 +19,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     // ------------------------------------------------------------------ state
     bytes32 public constant PROOF_TYPEHASH = keccak256(
         "Proof(bytes32 runId,uint64 epoch,address peer,bytes32 peerIdHash,uint64 samples,bytes32 adapterHash,"
-        "bytes32 dataRoot,uint64 nonce,uint64 deadline)"
+        "bytes32 dataRoot,uint64 deadline)"
     );
     uint256 private constant BPS = 10_000;
 
@@ -38,7 +40,6 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
 
     struct Stats {
         uint96 verifiedSamples;
-        uint64 lastNonce;
         uint48 epochsContributed;
         uint32 timesSlashed;
     }
@@ -56,12 +57,13 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     mapping(address => Buckets) private _buckets;
     mapping(address => uint256) private _claimable;
     mapping(address => bytes32) private _peerIdOf;
-    mapping(bytes32 => address) private _ownerOf;
     mapping(bytes32 => Run) private _runs;
     /// @dev runId => peer => epoch / 256 => bitmap of accepted proofs
     mapping(bytes32 => mapping(address => mapping(uint256 => uint256))) private _submitted;
     /// @dev keccak256(runId, peer, epoch) => slashed already
     mapping(bytes32 => bool) private _slashed;
+    /// @inheritdoc IAtlasStaking
+    uint256 public burned;
 
     struct Checkpoint {
         bytes32 cidDigest;
@@ -90,7 +92,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
             keccak256(
                 abi.encode(
                     PROOF_TYPEHASH, proof.runId, proof.epoch, proof.peer, proof.peerIdHash, proof.samples,
-                    proof.adapterHash, proof.dataRoot, proof.nonce, proof.deadline
+                    proof.adapterHash, proof.dataRoot, proof.deadline
                 )
             )
         );
@@ -114,7 +116,6 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
             verifiedSamples: st.verifiedSamples,
             epochsContributed: st.epochsContributed,
             timesSlashed: st.timesSlashed,
-            lastNonce: st.lastNonce,
             claimable: _claimable[peer] + mature,
             pending: immature
         });
@@ -126,8 +127,13 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     }
 
     /// @inheritdoc IAtlasStaking
-    function ownerOfPeerId(bytes32 peerIdHash) external view returns (address) {
-        return _ownerOf[peerIdHash];
+    function peerIdOf(address peer) external view returns (bytes32) {
+        return _peerIdOf[peer];
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function runIdOf(address trainer, bytes32 runTag) public pure returns (bytes32) {
+        return keccak256(abi.encode(trainer, runTag));
     }
 
     /// @inheritdoc IAtlasStaking
@@ -170,28 +176,27 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     /// @inheritdoc IAtlasStaking
     function registerPeer(bytes32 peerIdHash) external {
         if (peerIdHash == bytes32(0)) revert InvalidParameters();
-        address owner = _ownerOf[peerIdHash];
-        if (owner != address(0)) revert PeerIdTaken(peerIdHash, owner);
         bytes32 current = _peerIdOf[msg.sender];
         if (current != bytes32(0)) revert AlreadyRegistered(msg.sender, current);
-        _ownerOf[peerIdHash] = msg.sender;
         _peerIdOf[msg.sender] = peerIdHash;
         emit PeerRegistered(msg.sender, peerIdHash);
     }
 
     /// @inheritdoc IAtlasStaking
-    function createRun(bytes32 runId, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
-        uint64 maxSamplesPerEpoch) external payable {
-        if (runId == bytes32(0) || maxSamplesPerEpoch == 0) revert InvalidParameters();
+    function createRun(bytes32 runTag, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
+        uint64 maxSamplesPerEpoch) external payable returns (bytes32 runId) {
+        if (runTag == bytes32(0) || maxSamplesPerEpoch == 0) revert InvalidParameters();
+        runId = runIdOf(msg.sender, runTag); // another caller's createRun lands elsewhere: no squatting
         if (_runs[runId].trainer != address(0)) revert RunExists(runId);
         _runs[runId] = Run({
             trainer: msg.sender,
             maxSamplesPerEpoch: maxSamplesPerEpoch,
-            closed: false,
+            closesAt: 0,
             specHash: specHash,
             rewardPerSample: rewardPerSample,
             minStake: minStake,
-            budget: msg.value
+            budget: msg.value,
+            funded: msg.value
         });
         emit RunCreated(runId, msg.sender, specHash, rewardPerSample, minStake, maxSamplesPerEpoch, msg.value);
     }
@@ -200,16 +205,29 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     function fundRun(bytes32 runId) external payable {
         if (msg.value == 0) revert ZeroAmount();
         Run storage run = _openRun(runId);
+        if (run.closesAt != 0) revert RunClosed(runId);
         run.budget += msg.value;
+        run.funded += msg.value;
         emit RunFunded(runId, msg.sender, msg.value, run.budget);
     }
 
     /// @inheritdoc IAtlasStaking
-    function closeRun(bytes32 runId) external nonReentrant {
+    function closeRun(bytes32 runId) external {
         Run storage run = _openRun(runId);
         if (msg.sender != run.trainer) revert NotTrainer(msg.sender, run.trainer);
+        if (run.closesAt != 0) revert RunClosed(runId);
+        // Proofs already signed (queued in peers' outboxes) are still paid for a whole challenge window.
+        run.closesAt = uint32(block.timestamp + CHALLENGE_WINDOW);
+        emit RunClosing(runId, run.closesAt);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function reclaimBudget(bytes32 runId) external nonReentrant {
+        Run storage run = _runs[runId];
+        if (run.trainer == address(0)) revert UnknownRun(runId);
+        if (msg.sender != run.trainer) revert NotTrainer(msg.sender, run.trainer);
+        if (run.closesAt == 0 || block.timestamp < run.closesAt) revert RunStillClosing(runId, run.closesAt);
         uint256 refund = run.budget;
-        run.closed = true;
         run.budget = 0;
         emit RunClosedAndRefunded(runId, msg.sender, refund);
         if (refund != 0) _send(msg.sender, refund);
@@ -226,7 +244,11 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
             revert LengthMismatch(proofs.length, signatures.length);
         }
         for (uint256 i = 0; i < proofs.length; ++i) {
-            _accept(proofs[i], signatures[i]);
+            Proof calldata p = proofs[i];
+            // Someone who relayed one of this batch's proofs first must not make the batch (and the proofs in it)
+            // fail: a proof the contract holds already is skipped, nothing else.
+            if (proofSubmitted(p.runId, p.peer, p.epoch)) emit ProofSkipped(p.runId, p.epoch, p.peer);
+            else _accept(p, signatures[i]);
         }
     }
 
@@ -243,22 +265,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         }
         _checkSigner(digestA, sigA, peer);
         _checkSigner(digestB, sigB, peer);
-        bytes32 key = keccak256(abi.encode(proofA.runId, peer, proofA.epoch));
-        if (_slashed[key]) revert AlreadySlashed(proofA.runId, proofA.epoch, peer);
-
-        _slashed[key] = true;
-        uint256 amount = _takeStake(peer);
-        uint256 forfeited = _forfeitImmatureRewards(peer);
-        uint256 bounty = amount * BOUNTY_BPS / BPS;
-        _claimable[msg.sender] += bounty;
-        // The rest compensates the run's trainer (if the run is unknown or closed it goes to the reporter).
-        Run storage run = _runs[proofA.runId];
-        if (run.trainer != address(0) && !run.closed) {
-            run.budget += amount - bounty + forfeited;
-        } else {
-            _claimable[msg.sender] += amount - bounty + forfeited;
-        }
-        emit Slashed(proofA.runId, proofA.epoch, peer, msg.sender, amount, bounty, forfeited);
+        _slash(proofA.runId, proofA.epoch, peer);
     }
 
     /// @inheritdoc IAtlasStaking
@@ -312,20 +319,40 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         }
     }
 
-    /// @dev Replay protection (nonce, one proof per run and epoch) and the peer's counters.
+    /// @dev Replay protection (one proof per run, peer and epoch: no global nonce a relay could race) and counters.
     function _markSubmitted(Proof calldata proof) private {
         Stats memory st = _stats[proof.peer];
-        if (proof.nonce <= st.lastNonce) revert NonceTooLow(proof.nonce, st.lastNonce);
         mapping(uint256 => uint256) storage bits = _submitted[proof.runId][proof.peer];
         uint256 word = bits[proof.epoch >> 8];
         uint256 bit = 1 << (proof.epoch & 0xff);
         if (word & bit != 0) revert ProofAlreadySubmitted(proof.runId, proof.epoch, proof.peer);
         bits[proof.epoch >> 8] = word | bit;
-        st.lastNonce = proof.nonce;
         st.verifiedSamples += proof.samples;
         st.epochsContributed += 1;
         _stats[proof.peer] = st;
     }
+
+    /// @dev The slash itself, once two conflicting signatures of `peer` are verified.
+    function _slash(bytes32 runId, uint64 epoch, address peer) private {
+        // Only a run someone paid into counts: made-up runs would let a peer report itself at will.
+        Run storage run = _runs[runId];
+        if (run.trainer == address(0)) revert UnknownRun(runId);
+        if (run.funded == 0) revert RunNotFunded(runId);
+        bytes32 key = keccak256(abi.encode(runId, peer, epoch));
+        if (_slashed[key]) revert AlreadySlashed(runId, epoch, peer);
+
+        _slashed[key] = true;
+        uint256 amount = _takeStake(peer);
+        uint256 forfeited = _forfeitImmatureRewards(peer);
+        uint256 bounty = amount * BOUNTY_BPS / BPS;
+        // The reporter may be the peer itself (or its friend): its bounty waits a challenge window like any reward,
+        // and everything else is burned. Sent to a run's budget it could come back to a trainer the peer controls.
+        if (bounty != 0) _accrue(msg.sender, bounty);
+        uint256 gone = amount - bounty + forfeited;
+        burned += gone;
+        emit Slashed(runId, epoch, peer, msg.sender, amount, bounty, gone);
+    }
+
 
     /// @dev Takes SLASH_BPS of the peer's stake, active first, then unbonding.
     function _takeStake(address peer) private returns (uint256 amount) {
@@ -340,7 +367,8 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         _stats[peer].timesSlashed += 1;
     }
 
-    /// @dev Rewards still inside their challenge window are forfeited; those past it were earned before the report.
+    /// @dev Rewards still inside their challenge window are forfeited (burned by the caller); those past it were
+    ///      earned before the report.
     function _forfeitImmatureRewards(address peer) private returns (uint256 forfeited) {
         uint256 mature;
         (mature, forfeited) = _splitBuckets(_buckets[peer]);
@@ -348,10 +376,11 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         delete _buckets[peer];
     }
 
+    /// @dev A run that exists and whose budget was not refunded (it may be inside its closing window).
     function _openRun(bytes32 runId) private view returns (Run storage run) {
         run = _runs[runId];
         if (run.trainer == address(0)) revert UnknownRun(runId);
-        if (run.closed) revert RunClosed(runId);
+        if (run.closesAt != 0 && block.timestamp >= run.closesAt) revert RunClosed(runId);
     }
 
     function _checkSigner(bytes32 digest, bytes calldata signature, address peer) private pure {

@@ -6,30 +6,32 @@ pragma solidity ^0.8.24;
 /// @dev A peer stakes native currency, binds its libp2p PeerID (hash) to its address, and signs one proof per
 ///      swarm epoch it took part in. Anyone may relay a signed proof. Rewards (samples x the run's rate) come out of
 ///      the trainer's escrow and become claimable after a challenge window. Two different signed proofs from one
-///      peer for the same (run, epoch) let anyone slash that peer's stake and collect a bounty.
+///      peer for the same (run, epoch) of a funded run let anyone slash that peer's stake; the reporter's bounty
+///      waits a challenge window, and the rest of the slash (with the peer's immature rewards) is burned, so that
+///      reporting oneself is always a loss. A run's id commits to its trainer (runIdOf), so nobody can squat it.
 interface IAtlasStaking {
     // ------------------------------------------------------------------ types
     /// @notice What a peer signs at the end of an epoch (EIP-712 typed data, see PROOF_TYPEHASH).
     struct Proof {
-        bytes32 runId; // keccak256 of the run id string (e.g. "minilm-topics-0123456789abcdef")
+        bytes32 runId; // runIdOf(trainer, keccak256 of the run id string, e.g. "minilm-topics-0123456789abcdef")
         uint64 epoch; // swarm epoch the samples were averaged in
         address peer; // the signer and the account that is paid
         bytes32 peerIdHash; // keccak256 of the libp2p PeerID bytes; must match registerPeer
         uint64 samples; // samples this peer contributed in this epoch
         bytes32 adapterHash; // sha256 of the averaged adapter after the epoch (atlas canonical hash)
         bytes32 dataRoot; // Merkle root of the per-batch data hashes the peer trained on
-        uint64 nonce; // strictly increasing per peer (gaps allowed): replay protection
         uint64 deadline; // unix time after which the proof can no longer be submitted
     }
 
     struct Run {
         address trainer;
         uint64 maxSamplesPerEpoch; // per peer; a proof above it is rejected
-        bool closed;
+        uint32 closesAt; // 0 while open; closeRun sets it one challenge window ahead: proofs are paid until then
         bytes32 specHash; // sha256 of the canonical run spec
         uint128 rewardPerSample; // wei
         uint128 minStake; // wei of active stake a peer needs for its proofs to count
         uint256 budget; // wei left in escrow
+        uint256 funded; // wei ever put into the run; only a funded run's equivocations can be slashed
     }
 
     /// @notice Everything known about a peer, in one call.
@@ -41,7 +43,6 @@ interface IAtlasStaking {
         uint256 verifiedSamples;
         uint64 epochsContributed;
         uint32 timesSlashed;
-        uint64 lastNonce;
         uint256 claimable; // rewards past their challenge window
         uint256 pending; // rewards still inside their challenge window
     }
@@ -52,7 +53,6 @@ interface IAtlasStaking {
     error InsufficientStake(uint256 available, uint256 required);
     error NothingToWithdraw();
     error UnbondingNotOver(uint64 readyAt);
-    error PeerIdTaken(bytes32 peerIdHash, address owner);
     error AlreadyRegistered(address peer, bytes32 peerIdHash);
     error PeerNotRegistered(address peer);
     error PeerIdMismatch(bytes32 registered, bytes32 inProof);
@@ -62,7 +62,8 @@ interface IAtlasStaking {
     error NotTrainer(address caller, address trainer);
     error InvalidSigner(address signer, address peer);
     error ProofExpired(uint64 deadline);
-    error NonceTooLow(uint64 nonce, uint64 lastNonce);
+    error RunNotFunded(bytes32 runId);
+    error RunStillClosing(bytes32 runId, uint32 closesAt);
     error ProofAlreadySubmitted(bytes32 runId, uint64 epoch, address peer);
     error InvalidSamples(uint64 samples, uint64 maxSamplesPerEpoch);
     error BudgetExhausted(bytes32 runId, uint256 budget, uint256 reward);
@@ -83,11 +84,14 @@ interface IAtlasStaking {
     event RunCreated(bytes32 indexed runId, address indexed trainer, bytes32 specHash, uint256 rewardPerSample,
         uint256 minStake, uint64 maxSamplesPerEpoch, uint256 budget);
     event RunFunded(bytes32 indexed runId, address indexed funder, uint256 amount, uint256 budget);
+    event RunClosing(bytes32 indexed runId, uint32 closesAt);
     event RunClosedAndRefunded(bytes32 indexed runId, address indexed trainer, uint256 refund);
     event ProofAccepted(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, uint64 samples,
         bytes32 adapterHash, bytes32 dataRoot, uint256 reward);
+    /// @notice A batch met a proof the contract already holds (e.g. relayed alone by someone else) and went on.
+    event ProofSkipped(bytes32 indexed runId, uint64 indexed epoch, address indexed peer);
     event Slashed(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, address reporter,
-        uint256 slashed, uint256 bounty, uint256 forfeitedRewards);
+        uint256 slashed, uint256 bounty, uint256 burned);
     event Claimed(address indexed account, uint256 amount);
     event CheckpointRecorded(bytes32 indexed runId, uint64 indexed epoch, address indexed publisher, bytes32 cidDigest);
 
@@ -104,8 +108,15 @@ interface IAtlasStaking {
     /// @notice Whether `peer`'s proof for (`runId`, `epoch`) was accepted.
     function proofSubmitted(bytes32 runId, address peer, uint64 epoch) external view returns (bool);
 
-    /// @notice The address bound to a PeerID hash (zero if none).
-    function ownerOfPeerId(bytes32 peerIdHash) external view returns (address);
+    /// @notice The PeerID hash `peer` registered (zero if none). Several addresses may name one PeerID: the chain
+    ///         cannot check a libp2p key, so a binding counts only with the PeerID's own signature off chain.
+    function peerIdOf(address peer) external view returns (bytes32);
+
+    /// @notice The id of the run `trainer` opens for `runTag`: keccak256(abi.encode(trainer, runTag)).
+    function runIdOf(address trainer, bytes32 runTag) external pure returns (bytes32);
+
+    /// @notice Wei burned by slashing (slashed stake less bounties, and forfeited rewards); held here forever.
+    function burned() external view returns (uint256);
 
     /// @notice The published adapter of (`runId`, `epoch`): the sha2-256 digest of its CIDv1 (dag-pb) and who
     ///         recorded it (zeros if none).
@@ -121,26 +132,33 @@ interface IAtlasStaking {
     /// @notice Withdraw all unbonded stake once the unbonding period has passed.
     function withdraw() external;
 
-    /// @notice Bind the caller's address to a libp2p PeerID hash, one-to-one and permanently.
+    /// @notice Bind the caller's address to a libp2p PeerID hash, once. Nobody can lock a PeerID out: another
+    ///         address naming the same hash does not stop the PeerID's owner from naming it too.
     function registerPeer(bytes32 peerIdHash) external;
 
-    /// @notice Open a run with `msg.value` as its reward budget.
-    function createRun(bytes32 runId, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
-        uint64 maxSamplesPerEpoch) external payable;
+    /// @notice Open the run runIdOf(msg.sender, runTag) with `msg.value` as its reward budget.
+    function createRun(bytes32 runTag, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
+        uint64 maxSamplesPerEpoch) external payable returns (bytes32 runId);
 
-    /// @notice Add `msg.value` to a run's budget (anyone may fund).
+    /// @notice Add `msg.value` to an open run's budget. Anyone may fund; only its trainer can take back what is left.
     function fundRun(bytes32 runId) external payable;
 
-    /// @notice Close a run and refund its unspent budget to the trainer. Accrued rewards stay with the peers.
+    /// @notice Start closing a run (trainer only): proofs are still paid for one challenge window, then
+    ///         reclaimBudget refunds what is left. Accrued rewards stay with the peers.
     function closeRun(bytes32 runId) external;
+
+    /// @notice After the closing window, refund the run's unspent budget to its trainer.
+    function reclaimBudget(bytes32 runId) external;
 
     /// @notice Submit one signed proof (anyone may relay it).
     function submitProof(Proof calldata proof, bytes calldata signature) external;
 
-    /// @notice Submit several signed proofs in one transaction; all are accepted or the call reverts.
+    /// @notice Submit several signed proofs in one transaction. A proof the contract already holds is skipped
+    ///         (ProofSkipped); any other invalid proof reverts the whole call.
     function submitProofs(Proof[] calldata proofs, bytes[] calldata signatures) external;
 
-    /// @notice Slash a peer that signed two different proofs for the same run and epoch. Permissionless.
+    /// @notice Slash a peer that signed two different proofs for the same epoch of a funded run. Permissionless.
+    ///         The reporter's bounty (BOUNTY_BPS of the slash) matures like a reward; the rest is burned.
     function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
         external;
 

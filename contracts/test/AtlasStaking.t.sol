@@ -3,7 +3,7 @@ pragma solidity ^0.8.24;
 
 import {AtlasStaking} from "../src/AtlasStaking.sol";
 import {IAtlasStaking} from "../src/IAtlasStaking.sol";
-import {TestBase} from "./utils/Vm.sol";
+import {Fixture} from "./utils/Fixture.sol";
 
 /// @dev Rejects ether, or re-enters claim() (or withdraw()) when paid.
 contract Payee {
@@ -42,66 +42,13 @@ contract Payee {
     }
 }
 
-contract AtlasStakingTest is TestBase {
-    uint32 constant UNBONDING = 7 days;
-    uint32 constant WINDOW = 1 days;
-    bytes32 constant RUN = keccak256("minilm-topics-0123456789abcdef");
-    bytes32 constant SPEC = keccak256("spec"); // not sha256: a precompile call would consume vm.prank
-    uint128 constant RATE = 1e12;
-    uint128 constant MIN_STAKE = 1 ether;
-    uint64 constant MAX_SAMPLES = 1024;
-
-    AtlasStaking staking;
-    uint256 constant PEER_KEY = 0xA11CE;
-    address peer;
-    bytes32 constant PEER_ID = keccak256("QmPeer");
-    address trainer = address(0x7EA);
-    address reporter = address(0xBEEF);
-
-    function setUp() public {
-        vm.warp(1_700_000_000);
-        staking = new AtlasStaking(UNBONDING, WINDOW, 5_000, 2_000);
-        peer = vm.addr(PEER_KEY);
-        vm.deal(peer, 100 ether);
-        vm.deal(trainer, 100 ether);
-        vm.prank(trainer);
-        staking.createRun{value: 10 ether}(RUN, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
-        vm.startPrank(peer);
-        staking.stake{value: 2 ether}();
-        staking.registerPeer(PEER_ID);
-        vm.stopPrank();
-    }
-
-    // ---------------------------------------------------------------- helpers
-    function _proof(uint64 epoch, uint64 samples, uint64 nonce) internal view returns (IAtlasStaking.Proof memory) {
-        return IAtlasStaking.Proof({
-            runId: RUN,
-            epoch: epoch,
-            peer: peer,
-            peerIdHash: PEER_ID,
-            samples: samples,
-            adapterHash: keccak256(abi.encode("adapter", epoch)),
-            dataRoot: keccak256(abi.encode("data", epoch)),
-            nonce: nonce,
-            deadline: uint64(block.timestamp + 1 hours)
-        });
-    }
-
-    function _sign(uint256 key, IAtlasStaking.Proof memory p) internal returns (bytes memory) {
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(key, staking.proofDigest(p));
-        return abi.encodePacked(r, s, v);
-    }
-
-    function _submit(IAtlasStaking.Proof memory p) internal {
-        staking.submitProof(p, _sign(PEER_KEY, p));
-    }
-
+contract AtlasStakingTest is Fixture {
     // ------------------------------------------------------------ happy paths
     function testFuzz_RewardsEqualSamplesTimesRateAndMatureAfterWindow(uint64 s1, uint64 s2, uint256 wait) public {
         s1 = uint64(bound(s1, 1, MAX_SAMPLES));
         s2 = uint64(bound(s2, 1, MAX_SAMPLES));
-        _submit(_proof(0, s1, 1));
-        _submit(_proof(1, s2, 2));
+        _submit(_proof(0, s1));
+        _submit(_proof(1, s2));
         IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
         uint256 expected = (uint256(s1) + s2) * RATE;
         assertEq(r.pending, expected, "pending");
@@ -129,7 +76,7 @@ contract AtlasStakingTest is TestBase {
 
     function testFuzz_RevertProofSignedForAnotherChainOrContract(uint64 otherChain) public {
         vm.assume(otherChain != block.chainid && otherChain != 0);
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         // the same proof signed for another deployment of the contract
         AtlasStaking other = new AtlasStaking(UNBONDING, WINDOW, 5_000, 2_000);
         (uint8 v, bytes32 r, bytes32 s) = vm.sign(PEER_KEY, other.proofDigest(p));
@@ -163,7 +110,7 @@ contract AtlasStakingTest is TestBase {
         IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](n);
         bytes[] memory sigs = new bytes[](n);
         for (uint64 i = 0; i < n; ++i) {
-            ps[i] = _proof(i, 100 + i, i + 1);
+            ps[i] = _proof(i, 100 + i);
             sigs[i] = _sign(PEER_KEY, ps[i]);
         }
         vm.prank(reporter); // anyone may relay
@@ -187,8 +134,8 @@ contract AtlasStakingTest is TestBase {
     function testFuzz_EquivocationSlashesStakeAndPaysBounty(uint64 epoch, uint64 samplesB) public {
         samplesB = uint64(bound(samplesB, 1, MAX_SAMPLES));
         vm.assume(samplesB != 10);
-        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(epoch, samplesB, 1);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10);
+        IAtlasStaking.Proof memory b = _proof(epoch, samplesB);
         _submit(a); // its reward (pending) is forfeited by the slash
         bytes memory sa = _sign(PEER_KEY, a);
         bytes memory sb = _sign(PEER_KEY, b);
@@ -198,19 +145,22 @@ contract AtlasStakingTest is TestBase {
         assertEq(r.stake, 1 ether, "half the stake is gone");
         assertEq(r.timesSlashed, 1, "counted");
         assertEq(r.pending, 0, "pending rewards forfeited");
+        assertEq(staking.reputationOf(reporter).pending, 0.2 ether, "bounty = 20% of 1 ether, inside its window");
+        vm.warp(block.timestamp + 2 * uint256(WINDOW));
         vm.prank(reporter);
         staking.claim();
-        assertEq(reporter.balance, 0.2 ether, "bounty = 20% of 1 ether");
-        assertEq(staking.getRun(RUN).budget, 10 ether + 0.8 ether, "rest (and forfeited reward) back to budget");
-        assertEq(address(staking).balance, 1 ether + 10.8 ether, "balance conserved");
+        assertEq(reporter.balance, 0.2 ether, "bounty paid after the window");
+        assertEq(staking.burned(), 0.8 ether + 10 * uint256(RATE), "rest and forfeited reward burned");
+        assertEq(staking.getRun(RUN).budget, 10 ether - 10 * uint256(RATE), "budget only paid the proof");
+        assertEq(address(staking).balance, 1 ether + staking.getRun(RUN).budget + staking.burned(), "conserved");
     }
 
     function testFuzz_SlashReachesUnbondingStake(uint256 unstake) public {
         unstake = bound(unstake, 1, 2 ether);
         vm.prank(peer);
         staking.requestUnstake(unstake);
-        IAtlasStaking.Proof memory a = _proof(3, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(3, 11, 1);
+        IAtlasStaking.Proof memory a = _proof(3, 10);
+        IAtlasStaking.Proof memory b = _proof(3, 11);
         staking.slashEquivocation(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
         IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
         assertEq(r.stake + r.unbonding, 1 ether, "half of active + unbonding");
@@ -218,9 +168,10 @@ contract AtlasStakingTest is TestBase {
 
     function testFuzz_ReentrantClaimGetsNothingExtra(uint64 epoch) public {
         Payee attacker = new Payee(staking, true);
-        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11, 1);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10);
+        IAtlasStaking.Proof memory b = _proof(epoch, 11);
         attacker.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        vm.warp(block.timestamp + 2 * uint256(WINDOW)); // the bounty matures like a reward
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(attacker), 0.2 ether));
         attacker.claim(); // re-entering claim() inside receive() hits the guard, so the whole payout reverts
     }
@@ -230,7 +181,7 @@ contract AtlasStakingTest is TestBase {
     {
         epoch = uint64(bound(epoch, 1, type(uint64).max));
         vm.assume(digest != bytes32(0) && other != bytes32(0));
-        _submit(_proof(epoch - 1, 1, 1));
+        _submit(_proof(epoch - 1, 1));
         vm.expectEmit(true, true, true, true);
         emit IAtlasStaking.CheckpointRecorded(RUN, epoch, peer, digest);
         vm.prank(peer);
@@ -246,7 +197,7 @@ contract AtlasStakingTest is TestBase {
     function testFuzz_RevertCheckpointWithoutProofOrRun(address who, uint64 epoch, bytes32 runId) public {
         vm.assume(who != peer && runId != RUN);
         epoch = uint64(bound(epoch, 1, type(uint64).max));
-        _submit(_proof(epoch - 1, 1, 1));
+        _submit(_proof(epoch - 1, 1));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, epoch, who));
         vm.prank(who); // someone else's proof does not entitle `who`
         staking.recordCheckpoint(RUN, epoch, bytes32(uint256(1)));
@@ -266,11 +217,18 @@ contract AtlasStakingTest is TestBase {
         staking.recordCheckpoint(RUN, epoch, bytes32(0));
     }
 
-    function test_CloseRunRefundsUnspentBudget() public {
-        _submit(_proof(0, 1000, 1));
-        uint256 before = trainer.balance;
+    function test_CloseRunRefundsUnspentBudgetAfterItsWindow() public {
+        _submit(_proof(0, 1000));
         vm.prank(trainer);
         staking.closeRun(RUN);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunStillClosing.selector, RUN,
+            uint32(block.timestamp + WINDOW)));
+        vm.prank(trainer);
+        staking.reclaimBudget(RUN);
+        vm.warp(block.timestamp + WINDOW);
+        uint256 before = trainer.balance;
+        vm.prank(trainer);
+        staking.reclaimBudget(RUN);
         assertEq(trainer.balance - before, 10 ether - 1000 * uint256(RATE), "refund");
     }
 
@@ -318,11 +276,8 @@ contract AtlasStakingTest is TestBase {
         staking.withdraw();
     }
 
-    function testFuzz_RevertRegisterTakenOrTwice(address other, bytes32 otherId) public {
+    function testFuzz_RevertRegisterTwice(address other, bytes32 otherId) public {
         vm.assume(other != peer && other != address(0) && otherId != bytes32(0) && otherId != PEER_ID);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerIdTaken.selector, PEER_ID, peer));
-        vm.prank(other);
-        staking.registerPeer(PEER_ID); // front-running someone else's PeerID
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.AlreadyRegistered.selector, peer, PEER_ID));
         vm.prank(peer);
         staking.registerPeer(otherId);
@@ -332,9 +287,10 @@ contract AtlasStakingTest is TestBase {
     }
 
     function testFuzz_RevertCreateRunExistsOrInvalid(bytes32 runId) public {
-        vm.assume(runId != RUN && runId != bytes32(0));
+        vm.assume(runId != TAG && runId != bytes32(0));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunExists.selector, RUN));
-        staking.createRun(RUN, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+        vm.prank(trainer);
+        staking.createRun(TAG, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
         vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
         staking.createRun(runId, SPEC, RATE, MIN_STAKE, 0);
         vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
@@ -347,6 +303,8 @@ contract AtlasStakingTest is TestBase {
         staking.fundRun{value: 1}(runId);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, runId));
         staking.closeRun(runId);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, runId));
+        staking.reclaimBudget(runId);
         vm.expectRevert(IAtlasStaking.ZeroAmount.selector);
         staking.fundRun{value: 0}(RUN);
     }
@@ -361,16 +319,21 @@ contract AtlasStakingTest is TestBase {
     function testFuzz_RevertProofOnClosedRun(uint64 epoch) public {
         vm.prank(trainer);
         staking.closeRun(RUN);
-        IAtlasStaking.Proof memory p = _proof(epoch, 1, 1);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
+        staking.fundRun{value: 1}(RUN); // no new money into a closing run
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
+        vm.prank(trainer);
+        staking.closeRun(RUN); // closing twice does not move the deadline
+        vm.warp(block.timestamp + WINDOW);
+        IAtlasStaking.Proof memory p = _proof(epoch, 1);
+        p.deadline = uint64(block.timestamp + 1 hours);
         bytes memory sig = _sign(PEER_KEY, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
         staking.submitProof(p, sig);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
-        staking.fundRun{value: 1}(RUN);
     }
 
     function testFuzz_RevertExpired(uint256 late) public {
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         bytes memory sig = _sign(PEER_KEY, p);
         vm.warp(uint256(p.deadline) + bound(late, 1, 365 days));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofExpired.selector, p.deadline));
@@ -380,7 +343,7 @@ contract AtlasStakingTest is TestBase {
     function testFuzz_RevertWrongSigner(uint256 key) public {
         key = bound(key, 1, 2 ** 128);
         vm.assume(key != PEER_KEY);
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         bytes memory sig = _sign(key, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSigner.selector, vm.addr(key), peer));
         staking.submitProof(p, sig);
@@ -388,7 +351,7 @@ contract AtlasStakingTest is TestBase {
 
     function testFuzz_RevertTamperedProof(uint64 samples) public {
         samples = uint64(bound(samples, 2, MAX_SAMPLES));
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         bytes memory sig = _sign(PEER_KEY, p);
         p.samples = samples; // a relay inflating the samples breaks the signature
         vm.expectRevert();
@@ -400,7 +363,7 @@ contract AtlasStakingTest is TestBase {
         key = bound(key, 1, 2 ** 128);
         vm.assume(key != PEER_KEY);
         address other = vm.addr(key);
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         p.peer = other;
         bytes memory sig = _sign(key, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerNotRegistered.selector, other));
@@ -409,7 +372,7 @@ contract AtlasStakingTest is TestBase {
 
     function testFuzz_RevertPeerIdMismatch(bytes32 otherId) public {
         vm.assume(otherId != PEER_ID);
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         p.peerIdHash = otherId;
         bytes memory sig = _sign(PEER_KEY, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerIdMismatch.selector, PEER_ID, otherId));
@@ -420,7 +383,7 @@ contract AtlasStakingTest is TestBase {
         unstake = bound(unstake, 1 ether + 1, 2 ether);
         vm.prank(peer);
         staking.requestUnstake(unstake);
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1);
+        IAtlasStaking.Proof memory p = _proof(0, 1);
         bytes memory sig = _sign(PEER_KEY, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InsufficientStake.selector, 2 ether - unstake, MIN_STAKE));
         staking.submitProof(p, sig);
@@ -428,35 +391,32 @@ contract AtlasStakingTest is TestBase {
 
     function testFuzz_RevertInvalidSamples(uint64 samples) public {
         vm.assume(samples == 0 || samples > MAX_SAMPLES);
-        IAtlasStaking.Proof memory p = _proof(0, samples, 1);
+        IAtlasStaking.Proof memory p = _proof(0, samples);
         bytes memory sig = _sign(PEER_KEY, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSamples.selector, samples, MAX_SAMPLES));
         staking.submitProof(p, sig);
     }
 
-    function testFuzz_RevertReplayAndOldNonce(uint64 nonce) public {
-        nonce = uint64(bound(nonce, 1, 1000));
-        IAtlasStaking.Proof memory p = _proof(0, 1, 1000);
+    function testFuzz_RevertReplay(uint64 epoch) public {
+        vm.assume(epoch != 0);
+        IAtlasStaking.Proof memory p = _proof(epoch, 1);
         bytes memory sig = _sign(PEER_KEY, p);
         staking.submitProof(p, sig);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NonceTooLow.selector, 1000, 1000));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofAlreadySubmitted.selector, RUN, epoch, peer));
         staking.submitProof(p, sig); // exact replay
-        IAtlasStaking.Proof memory q = _proof(1, 1, nonce);
-        bytes memory sigQ = _sign(PEER_KEY, q);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NonceTooLow.selector, nonce, 1000));
-        staking.submitProof(q, sigQ);
-        IAtlasStaking.Proof memory r = _proof(0, 2, 1001); // same epoch, fresh nonce
+        IAtlasStaking.Proof memory r = _proof(epoch, 2); // same epoch, other samples
         bytes memory sigR = _sign(PEER_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofAlreadySubmitted.selector, RUN, 0, peer));
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofAlreadySubmitted.selector, RUN, epoch, peer));
         staking.submitProof(r, sigR);
+        IAtlasStaking.Proof memory q = _proof(0, 1);
+        staking.submitProof(q, _sign(PEER_KEY, q)); // an older epoch later is fine: there is no nonce order
     }
 
     function testFuzz_RevertBudgetExhausted(uint128 rate) public {
         rate = uint128(bound(rate, 10 ether / MAX_SAMPLES + 1, 1e30));
-        bytes32 run2 = keccak256("expensive");
         vm.prank(trainer);
-        staking.createRun{value: 10 ether}(run2, SPEC, rate, 0, MAX_SAMPLES);
-        IAtlasStaking.Proof memory p = _proof(0, MAX_SAMPLES, 1);
+        bytes32 run2 = staking.createRun{value: 10 ether}(keccak256("expensive"), SPEC, rate, 0, MAX_SAMPLES);
+        IAtlasStaking.Proof memory p = _proof(0, MAX_SAMPLES);
         p.runId = run2;
         bytes memory sig = _sign(PEER_KEY, p);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.BudgetExhausted.selector, run2, 10 ether,
@@ -479,7 +439,7 @@ contract AtlasStakingTest is TestBase {
         IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](4);
         bytes[] memory sigs = new bytes[](4);
         for (uint64 i = 0; i < 4; ++i) {
-            ps[i] = _proof(i, i == bad ? 0 : 5, i + 1);
+            ps[i] = _proof(i, i == bad ? 0 : 5);
             sigs[i] = _sign(PEER_KEY, ps[i]);
         }
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSamples.selector, 0, MAX_SAMPLES));
@@ -488,12 +448,12 @@ contract AtlasStakingTest is TestBase {
     }
 
     function testFuzz_RevertNotEquivocation(uint64 e1, uint64 e2) public {
-        IAtlasStaking.Proof memory a = _proof(e1, 10, 1);
+        IAtlasStaking.Proof memory a = _proof(e1, 10);
         bytes memory sa = _sign(PEER_KEY, a);
         vm.expectRevert(IAtlasStaking.NotEquivocation.selector);
         staking.slashEquivocation(a, sa, a, sa); // the same proof twice
         vm.assume(e1 != e2);
-        IAtlasStaking.Proof memory b = _proof(e2, 11, 2);
+        IAtlasStaking.Proof memory b = _proof(e2, 11);
         bytes memory sb = _sign(PEER_KEY, b);
         vm.expectRevert(IAtlasStaking.NotEquivocation.selector);
         staking.slashEquivocation(a, sa, b, sb); // different epochs are not a conflict
@@ -502,8 +462,8 @@ contract AtlasStakingTest is TestBase {
     function testFuzz_RevertSlashForgedSignature(uint256 key) public {
         key = bound(key, 1, 2 ** 128);
         vm.assume(key != PEER_KEY);
-        IAtlasStaking.Proof memory a = _proof(1, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(1, 11, 1);
+        IAtlasStaking.Proof memory a = _proof(1, 10);
+        IAtlasStaking.Proof memory b = _proof(1, 11);
         bytes memory sa = _sign(PEER_KEY, a);
         bytes memory forged = _sign(key, b);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSigner.selector, vm.addr(key), peer));
@@ -511,9 +471,9 @@ contract AtlasStakingTest is TestBase {
     }
 
     function testFuzz_RevertSlashTwiceOrNothing(uint64 epoch) public {
-        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11, 1);
-        IAtlasStaking.Proof memory c = _proof(epoch, 12, 1);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10);
+        IAtlasStaking.Proof memory b = _proof(epoch, 11);
+        IAtlasStaking.Proof memory c = _proof(epoch, 12);
         bytes memory sa = _sign(PEER_KEY, a);
         staking.slashEquivocation(a, sa, b, _sign(PEER_KEY, b));
         bytes memory sc = _sign(PEER_KEY, c);
@@ -522,9 +482,9 @@ contract AtlasStakingTest is TestBase {
 
         uint256 key = 0xB0B;
         address bob = vm.addr(key);
-        IAtlasStaking.Proof memory x = _proof(epoch, 10, 1);
+        IAtlasStaking.Proof memory x = _proof(epoch, 10);
         x.peer = bob;
-        IAtlasStaking.Proof memory y = _proof(epoch, 11, 1);
+        IAtlasStaking.Proof memory y = _proof(epoch, 11);
         y.peer = bob;
         bytes memory sx = _sign(key, x);
         bytes memory sy = _sign(key, y);
@@ -540,9 +500,10 @@ contract AtlasStakingTest is TestBase {
 
     function testFuzz_RevertTransferToRejectingReceiver(uint64 epoch) public {
         Payee rejecting = new Payee(staking, false);
-        IAtlasStaking.Proof memory a = _proof(epoch, 10, 1);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11, 1);
+        IAtlasStaking.Proof memory a = _proof(epoch, 10);
+        IAtlasStaking.Proof memory b = _proof(epoch, 11);
         rejecting.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        vm.warp(block.timestamp + 2 * uint256(WINDOW));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(rejecting), 0.2 ether));
         rejecting.claim();
     }

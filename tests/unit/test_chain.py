@@ -14,11 +14,13 @@ from atlas_swarm.chain import ETHER, Outbox, StakingClient, decode_revert
 from atlas_swarm.chain.wallet import create_wallet, load_wallet
 from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted, WalletError
 from atlas_swarm.identity import Identity
-from atlas_swarm.proofs import ContributionProof, merkle_root, peer_id_hash, recover_signer, run_id_hash, sign_proof
+from atlas_swarm.proofs import ContributionProof, merkle_root, peer_id_hash, recover_signer, chain_run_id, sign_proof
 from atlas_swarm.proofs.binding import sign_binding, verify_binding
 
 RUN = "tiny-test-0123456789abcdef"
 RATE = 10**12  # wei per sample
+TRAINER = Account.from_key("0x" + "7e" * 32)
+RUN_KEY = chain_run_id(RUN, TRAINER.address)  # the run's id on chain: derived from its trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def peer_ids(tmp_path_factory):
 def chain():
     w3 = Web3(EthereumTesterProvider())
     funder = w3.eth.accounts[0]
-    accounts = [Account.create() for _ in range(4)]
+    accounts = [TRAINER] + [Account.create() for _ in range(3)]
     for a in accounts:
         w3.eth.send_transaction({"from": funder, "to": a.address, "value": 100 * ETHER})
     trainer, *peers = accounts
@@ -51,15 +53,15 @@ def staked(client, account, peer_id) -> StakingClient:
     return c
 
 
-def make_proof(peer, peer_id, epoch, samples, nonce, deadline=2**40) -> ContributionProof:
-    return ContributionProof(run_id_hash(RUN), epoch, peer.address, peer_id_hash(peer_id), samples,
-                             hashlib.sha256(b"adapter%d" % epoch).digest(), merkle_root([b"\x01" * 32]), nonce,
+def make_proof(peer, peer_id, epoch, samples, deadline=2**40) -> ContributionProof:
+    return ContributionProof(RUN_KEY, epoch, peer.address, peer_id_hash(peer_id), samples,
+                             hashlib.sha256(b"adapter%d" % epoch).digest(), merkle_root([b"\x01" * 32]),
                              deadline)  # fmt: skip
 
 
 def test_python_digest_equals_contract_digest_and_signature_recovers(chain, peer_ids):
     w3, client, _, (peer, *_) = chain
-    proof = make_proof(peer, peer_ids[0], epoch=3, samples=64, nonce=1)
+    proof = make_proof(peer, peer_ids[0], epoch=3, samples=64)
     assert proof.digest(client.domain) == client.proof_digest(proof)
     sig = sign_proof(proof, client.domain, peer.key)
     assert recover_signer(proof, client.domain, sig) == peer.address
@@ -70,7 +72,7 @@ def test_a_proof_signed_for_another_chain_or_contract_is_refused(chain, peer_ids
 
     w3, client, _, (peer, *_) = chain
     staked(client, peer, peer_ids[0])
-    proof = make_proof(peer, peer_ids[0], epoch=0, samples=8, nonce=1)
+    proof = make_proof(peer, peer_ids[0], epoch=0, samples=8)
     for domain in (Domain(client.chain_id + 1, client.address), Domain(client.chain_id, "0x" + "ab" * 20)):
         with pytest.raises(TxReverted) as e:
             client.submit_proofs([(proof, sign_proof(proof, domain, peer.key))])
@@ -82,7 +84,7 @@ def test_rewards_are_samples_times_rate_and_claimable_after_the_window(chain, pe
     w3, client, _, (peer, *_) = chain
     me = staked(client, peer, peer_ids[0])
     signed = [(p, sign_proof(p, client.domain, peer.key))
-              for p in (make_proof(peer, peer_ids[0], e, 32 + e, nonce=e + 1) for e in range(3))]  # fmt: skip
+              for p in (make_proof(peer, peer_ids[0], e, 32 + e) for e in range(3))]  # fmt: skip
     receipt = client.submit_proofs(signed)  # the trainer relays: the peer needs no gas to get paid
     assert receipt.events.count("ProofAccepted") == 3
     rep = me.reputation(peer.address)
@@ -101,18 +103,20 @@ def test_rewards_are_samples_times_rate_and_claimable_after_the_window(chain, pe
 
 def test_reverts_are_decoded_with_names_and_fixes(chain, peer_ids):
     w3, client, _, (peer, other, _) = chain
-    proof = make_proof(peer, peer_ids[0], epoch=0, samples=8, nonce=1)
+    proof = make_proof(peer, peer_ids[0], epoch=0, samples=8)
     sig = sign_proof(proof, client.domain, peer.key)
     with pytest.raises(TxReverted) as e:
         client.submit_proofs([(proof, sig)])
     assert e.value.error == "PeerNotRegistered" and peer.address in str(e.value) and "register" in str(e.value)
 
+    as_peer(client, other).register_peer(peer_ids[0])  # someone else naming our PeerID first locks nobody out
     staked(client, peer, peer_ids[0])
-    with pytest.raises(TxReverted) as e:  # someone else front-running our PeerID
-        as_peer(client, other).register_peer(peer_ids[0])
-    assert e.value.error == "PeerIdTaken"
+    assert client.binds(peer.address, peer_ids[0]) and client.binds(other.address, peer_ids[0])
+    with pytest.raises(TxReverted) as e:
+        as_peer(client, other).register_peer(peer_ids[1])
+    assert e.value.error == "AlreadyRegistered"
 
-    too_many = make_proof(peer, peer_ids[0], epoch=0, samples=5000, nonce=1)
+    too_many = make_proof(peer, peer_ids[0], epoch=0, samples=5000)
     with pytest.raises(TxReverted) as e:
         client.submit_proofs([(too_many, sign_proof(too_many, client.domain, peer.key))])
     assert e.value.error == "InvalidSamples" and e.value.error_args == (5000, 1024)
@@ -127,14 +131,14 @@ def test_reverts_are_decoded_with_names_and_fixes(chain, peer_ids):
 def test_equivocation_is_slashed_by_anyone(chain, peer_ids):
     w3, client, _, (peer, reporter, _) = chain
     staked(client, peer, peer_ids[0])
-    a = make_proof(peer, peer_ids[0], epoch=5, samples=10, nonce=1)
-    b = make_proof(peer, peer_ids[0], epoch=5, samples=11, nonce=1)
+    a = make_proof(peer, peer_ids[0], epoch=5, samples=10)
+    b = make_proof(peer, peer_ids[0], epoch=5, samples=11)
     r = as_peer(client, reporter).slash_equivocation(a, sign_proof(a, client.domain, peer.key),
                                                     b, sign_proof(b, client.domain, peer.key))  # fmt: skip
     assert "Slashed" in r.events
     rep = client.reputation(peer.address)
     assert rep["stake"] == ETHER and rep["times_slashed"] == 1
-    assert client.reputation(reporter.address)["claimable"] == ETHER * 2000 // 10000
+    assert client.reputation(reporter.address)["pending"] == ETHER * 2000 // 10000  # matures like a reward
 
 
 def test_outbox_posts_each_proof_exactly_once_across_restarts(chain, peer_ids, tmp_path):
@@ -142,8 +146,8 @@ def test_outbox_posts_each_proof_exactly_once_across_restarts(chain, peer_ids, t
     me = staked(client, peer, peer_ids[0])
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     for epoch in range(1, 4):
-        assert box.sign(RUN, epoch, peer_ids[0], 16, hashlib.sha256(b"%d" % epoch).hexdigest(), bytes(32))
-    assert box.sign(RUN, 2, peer_ids[0], 99, "00" * 32, bytes(32)) is None  # never a second proof for one epoch
+        assert box.sign(RUN_KEY, epoch, peer_ids[0], 16, hashlib.sha256(b"%d" % epoch).hexdigest(), bytes(32))
+    assert box.sign(RUN_KEY, 2, peer_ids[0], 99, "00" * 32, bytes(32)) is None  # never a second proof for one epoch
 
     # "crash" after epoch 1 was mined but before the outbox wrote it down: a new outbox must not send it again
     first = ContributionProof.from_json(box.records()[0]["proof"])
@@ -155,10 +159,6 @@ def test_outbox_posts_each_proof_exactly_once_across_restarts(chain, peer_ids, t
     assert me.reputation(peer.address)["epochs_contributed"] == 3
     assert me.reputation(peer.address)["verified_samples"] == 48
     assert restarted.flush(me).posted == 3  # nothing left to send
-    # a deleted outbox folder must not reuse nonces the chain has seen
-    fresh = Outbox(tmp_path / "other", peer, me.domain)
-    fresh.sync_nonce(me.reputation(peer.address)["last_nonce"])
-    assert fresh.sign(RUN, 9, peer_ids[0], 8, "00" * 32, bytes(32)).nonce == 4
 
 
 class Unreachable:
@@ -174,7 +174,7 @@ def test_outbox_backs_off_while_the_chain_is_down_then_posts(chain, peer_ids, tm
     me = staked(client, peer, peer_ids[0])
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     t0 = time.time()
-    box.sign(RUN, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    box.sign(RUN_KEY, 1, peer_ids[0], 16, "11" * 32, bytes(32))
     counts = box.flush(Unreachable(), now=t0)
     assert counts.pending == 1
     rec = box.records()[0]
@@ -191,8 +191,8 @@ def test_outbox_keeps_retryable_reverts_and_rejects_the_rest(chain, peer_ids, tm
     me = as_peer(client, peer)
     me.register_peer(peer_ids[0])  # registered but not staked: InsufficientStake can be fixed by staking
     box = Outbox(tmp_path / "proofs", peer, me.domain)
-    box.sign(RUN, 1, peer_ids[0], 16, "11" * 32, bytes(32))
-    box.sign(RUN, 2, peer_ids[0], 5000, "22" * 32, bytes(32))  # above the run's cap: can never pass
+    box.sign(RUN_KEY, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    box.sign(RUN_KEY, 2, peer_ids[0], 5000, "22" * 32, bytes(32))  # above the run's cap: can never pass
     counts = box.flush(me)
     assert counts.pending == 2 and "InsufficientStake" in box.records()[0]["error"]
     me.stake(2 * ETHER)
@@ -231,7 +231,7 @@ def test_connect_refuses_a_wrong_address(chain):
         StakingClient.connect(w3, trainer.address)
     with pytest.raises(ChainError, match="not an address"):
         StakingClient.connect(w3, "0x1234")
-    assert StakingClient.connect(w3, client.address).get_run(RUN)["budget"] == 10 * ETHER
+    assert StakingClient.connect(w3, client.address).get_run(RUN_KEY)["budget"] == 10 * ETHER
     with pytest.raises(ChainUnreachable):
         StakingClient.web3("http://127.0.0.1:9", timeout=1)
 
@@ -252,25 +252,25 @@ def test_outbox_batches_to_save_gas_but_never_holds_a_proof_too_long(chain, peer
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     t0 = time.time()
     for epoch in range(3):
-        box.sign(RUN, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0)
+        box.sign(RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0)
     assert box.flush(me, now=t0 + 1, min_batch=4, max_wait=60).pending == 3  # waiting for a 4th
     assert box.flush(me, now=t0 + 61, min_batch=4, max_wait=60).posted == 3  # the oldest waited long enough
     txs = {r["tx"] for r in box.records()}
     assert len(txs) == 1, "the three went out in one transaction"
     for epoch in range(3, 7):
-        box.sign(RUN, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0 + 70)
+        box.sign(RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0 + 70)
     assert box.flush(me, now=t0 + 71, min_batch=4, max_wait=60).posted == 7
 
 
 def test_outbox_never_lets_a_later_proof_overtake_a_waiting_one(chain, peer_ids, tmp_path):
     w3, client, trainer, (peer, *_) = chain
     me = staked(client, peer, peer_ids[0])
-    small = "small-run-0123456789abcdef"
-    client.create_run(small, bytes(32), RATE, 0, 1024, budget=100 * RATE)  # room for 100 samples
+    client.create_run("small-run-0123456789abcdef", bytes(32), RATE, 0, 1024, budget=100 * RATE)  # 100 samples
+    small = chain_run_id("small-run-0123456789abcdef", TRAINER.address)
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     t0 = time.time()
     box.sign(small, 1, peer_ids[0], 500, "11" * 32, bytes(32))  # too big for the budget (until it is topped up)
-    box.sign(small, 2, peer_ids[0], 10, "22" * 32, bytes(32))  # would fit, but must not jump the queue (nonce order)
+    box.sign(small, 2, peer_ids[0], 10, "22" * 32, bytes(32))  # would fit, but must not jump the queue
     assert box.flush(me, now=t0).pending == 2
     assert "BudgetExhausted" in box.records()[0]["error"]
     assert box.flush(me, now=t0 + 1).pending == 2  # the first waits out its backoff; the second waits behind it
@@ -282,7 +282,7 @@ def test_outbox_never_lets_a_later_proof_overtake_a_waiting_one(chain, peer_ids,
 def test_a_corrupted_outbox_file_is_a_clear_error_and_nothing_is_lost(chain, peer_ids, tmp_path):
     w3, client, _, (peer, *_) = chain
     box = Outbox(tmp_path / "proofs", peer, client.domain)
-    box.sign(RUN, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    box.sign(RUN_KEY, 1, peer_ids[0], 16, "11" * 32, bytes(32))
     (tmp_path / "proofs" / "0000000000000000-0000000002.json").write_text("{truncated")
     with pytest.raises(ChainError, match="unreadable.*move it away"):
         Outbox(tmp_path / "proofs", peer, client.domain)
@@ -300,20 +300,20 @@ def test_checkpoints_are_recorded_once_by_a_peer_with_the_producing_proof(chain,
     (folder / "adapter_model.safetensors").write_bytes(b"weights")
     cid = LocalStore(tmp_path / "store").put_folder(folder)
     for c, acct, pid in ((pa, a, peer_ids[0]), (pb, b, peer_ids[1])):
-        proof = make_proof(acct, pid, epoch=2, samples=8, nonce=1)
+        proof = make_proof(acct, pid, epoch=2, samples=8)
         c.submit_proofs([(proof, sign_proof(proof, client.domain, acct.key))])
 
     with pytest.raises(TxReverted) as e:
-        pa.record_checkpoint(RUN, 2, cid)  # the proof of epoch 1 would be needed
+        pa.record_checkpoint(RUN_KEY, 2, cid)  # the proof of epoch 1 would be needed
     assert e.value.error == "NoProofForEpoch"
-    assert client.checkpoint_of(RUN, 3) is None
-    pa.record_checkpoint(RUN, 3, cid)
+    assert client.checkpoint_of(RUN_KEY, 3) is None
+    pa.record_checkpoint(RUN_KEY, 3, cid)
     with pytest.raises(TxReverted) as e:
-        pb.record_checkpoint(RUN, 3, cid)
+        pb.record_checkpoint(RUN_KEY, 3, cid)
     assert e.value.error == "CheckpointExists"
-    assert client.checkpoint_of(RUN, 3) == (cid, a.address)
+    assert client.checkpoint_of(RUN_KEY, 3) == (cid, a.address)
     with pytest.raises(ValueError, match="not a CIDv1 of a dag-pb folder"):
-        pa.record_checkpoint(RUN, 3, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
+        pa.record_checkpoint(RUN_KEY, 3, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
 
 
 def test_ether_amounts_convert_to_wei_exactly():
@@ -325,3 +325,33 @@ def test_ether_amounts_convert_to_wei_exactly():
     for bad in ("-1", "abc"):
         with pytest.raises(ConfigError):
             eth(bad)
+
+
+def test_a_relay_posting_one_proof_first_costs_the_outbox_no_proof(chain, peer_ids, tmp_path):
+    """M5: an attacker copies the last proof of a pending batch (public once it is in a mempool) and posts it alone,
+    first. On 186506a the batch reverted and the others were rejected for good (NonceTooLow)."""
+    w3, client, _, (peer, attacker, _) = chain
+    me = staked(client, peer, peer_ids[0])
+    box = Outbox(tmp_path / "proofs", peer, me.domain)
+    for epoch in range(4):
+        box.sign(RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, bytes(32))
+    last = box.records()[-1]
+    as_peer(client, attacker).submit_proofs([(ContributionProof.from_json(last["proof"]),
+                                              bytes.fromhex(last["signature"][2:]))])  # fmt: skip
+    counts = box.flush(me)
+    assert (counts.posted, counts.pending, counts.rejected) == (4, 0, 0)
+    assert me.reputation(peer.address)["verified_samples"] == 64, "each proof paid exactly once"
+
+
+def test_a_squatter_cannot_open_or_take_the_trainers_run(chain):
+    """H1: the run id is public; on 186506a the first createRun owned it, and its closeRun took others' funding."""
+    w3, client, trainer, (_, squatter, funder) = chain
+    as_peer(client, squatter).create_run(RUN, hashlib.sha256(b"spec").digest(), RATE, 0, 1024, budget=0)
+    assert client.get_run(RUN_KEY)["trainer"] == trainer.address, "the trainer's run is untouched"
+    squatted = chain_run_id(RUN, squatter.address)
+    assert squatted != RUN_KEY and client.get_run(squatted)["trainer"] == squatter.address
+    as_peer(client, funder).fund_run(RUN_KEY, ETHER)
+    with pytest.raises(TxReverted) as e:
+        as_peer(client, squatter).close_run(RUN_KEY)
+    assert e.value.error == "NotTrainer"
+    assert client.get_run(RUN_KEY)["budget"] == 11 * ETHER

@@ -98,3 +98,17 @@ def test_peer_config_validation():
     assert str(cfg.identity_path) == "o/identity.key"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.out = "p"
+
+
+def test_the_trainer_is_part_of_the_run_id_and_checked():
+    """The chain's run id is derived from the spec's trainer: the spec must name it exactly, and the run id must
+    commit to it. Specs without one keep the ids they had before the field existed."""
+    assert spec().run_id == "demo-" + spec().spec_hash.hex()[:16] and "trainer" not in spec().to_dict()
+    addr = "0x" + "Ab" * 20
+    named = spec(trainer=addr)
+    assert named.trainer == addr.lower() and named.run_id != spec().run_id
+    assert spec(trainer=addr.lower()).run_id == named.run_id, "one canonical form"
+    assert RunSpec.from_canonical_bytes(named.canonical_bytes()) == named
+    for bad in ("0x1234", "me", 42):
+        with pytest.raises(SpecError, match="trainer"):
+            spec(trainer=bad)

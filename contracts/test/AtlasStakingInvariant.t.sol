@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {AtlasStaking} from "../src/AtlasStaking.sol";
+import {IAtlasStaking} from "../src/IAtlasStaking.sol";
+import {TestBase} from "./utils/Vm.sol";
+
+/// @dev What forge's invariant fuzzer calls, in random order with random arguments: every call that moves money,
+///      by three peers who are also trainers, reporters and funders of two runs each. It keeps ghost books of what
+///      each actor put in, took out and was credited (rewards and bounties as they accrue, others' funding of its
+///      runs).
+contract Handler is TestBase {
+    AtlasStaking public immutable staking;
+    uint256[3] internal keys = [uint256(0xA1), 0xA2, 0xA3];
+    address[3] public actors;
+    bytes32[] public runs;
+    mapping(address => uint256) public putIn;
+    mapping(address => uint256) public tookOut;
+    mapping(address => uint256) public credited;
+
+    constructor(AtlasStaking s) {
+        staking = s;
+        for (uint256 i = 0; i < 3; ++i) {
+            actors[i] = vm.addr(keys[i]);
+            vm.deal(actors[i], 1_000 ether);
+            vm.prank(actors[i]);
+            staking.registerPeer(keccak256(abi.encode("peer", i)));
+        }
+    }
+
+    function runCount() external view returns (uint256) {
+        return runs.length;
+    }
+
+    function _actor(uint256 seed) internal view returns (uint256 i, address a) {
+        i = seed % 3;
+        a = actors[i];
+    }
+
+    function _earned(address a) internal view returns (uint256) {
+        IAtlasStaking.Reputation memory r = staking.reputationOf(a);
+        return r.claimable + r.pending;
+    }
+
+    /// @dev Credits an actor with what an action accrued to it (rewards, bounties), never with what it lost.
+    function _credit(address a, uint256 before) internal {
+        uint256 afterwards = _earned(a);
+        if (afterwards > before) credited[a] += afterwards - before;
+    }
+
+    function stake(uint256 who, uint256 amount) external {
+        (, address a) = _actor(who);
+        amount = bound(amount, 1, 10 ether);
+        vm.prank(a);
+        staking.stake{value: amount}();
+        putIn[a] += amount;
+    }
+
+    function requestUnstake(uint256 who, uint256 amount) external {
+        (, address a) = _actor(who);
+        uint256 active = staking.reputationOf(a).stake;
+        if (active == 0) return;
+        vm.prank(a);
+        staking.requestUnstake(bound(amount, 1, active));
+    }
+
+    function withdraw(uint256 who) external {
+        (, address a) = _actor(who);
+        IAtlasStaking.Reputation memory r = staking.reputationOf(a);
+        if (r.unbonding == 0 || block.timestamp < r.unbondingReadyAt) return;
+        vm.prank(a);
+        staking.withdraw();
+        tookOut[a] += r.unbonding;
+    }
+
+    function createRun(uint256 who, uint256 budget, uint128 rate) external {
+        (, address a) = _actor(who);
+        budget = bound(budget, 0, 20 ether);
+        rate = uint128(bound(rate, 0, 1e15));
+        vm.prank(a);
+        runs.push(staking.createRun{value: budget}(keccak256(abi.encode(runs.length)), bytes32(0), rate, 0, 1000));
+        putIn[a] += budget;
+    }
+
+    function fundRun(uint256 who, uint256 run, uint256 amount) external {
+        if (runs.length == 0) return;
+        (, address a) = _actor(who);
+        bytes32 id = runs[run % runs.length];
+        if (staking.getRun(id).closesAt != 0) return;
+        amount = bound(amount, 1, 5 ether);
+        vm.prank(a);
+        staking.fundRun{value: amount}(id);
+        putIn[a] += amount;
+        // Funding someone else's run is a gift to its trainer (the CLI asks --not-mine for it): the trainer takes
+        // back what is left at the close, so it counts as awarded to the trainer.
+        address trainer = staking.getRun(id).trainer;
+        if (trainer != a) credited[trainer] += amount;
+    }
+
+    function closeRun(uint256 run) external {
+        if (runs.length == 0) return;
+        bytes32 id = runs[run % runs.length];
+        IAtlasStaking.Run memory r = staking.getRun(id);
+        if (r.closesAt != 0) return;
+        vm.prank(r.trainer);
+        staking.closeRun(id);
+    }
+
+    function reclaimBudget(uint256 run) external {
+        if (runs.length == 0) return;
+        bytes32 id = runs[run % runs.length];
+        IAtlasStaking.Run memory r = staking.getRun(id);
+        if (r.closesAt == 0 || block.timestamp < r.closesAt) return;
+        vm.prank(r.trainer);
+        staking.reclaimBudget(id);
+        tookOut[r.trainer] += r.budget;
+    }
+
+    function _proof(uint256 i, bytes32 run, uint64 epoch, uint64 samples)
+        internal
+        view
+        returns (IAtlasStaking.Proof memory)
+    {
+        return IAtlasStaking.Proof({
+            runId: run,
+            epoch: epoch,
+            peer: actors[i],
+            peerIdHash: keccak256(abi.encode("peer", i)),
+            samples: samples,
+            adapterHash: bytes32(0),
+            dataRoot: bytes32(0),
+            deadline: uint64(block.timestamp + 1 hours)
+        });
+    }
+
+    function _sig(uint256 i, IAtlasStaking.Proof memory p) internal returns (bytes memory) {
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(keys[i], staking.proofDigest(p));
+        return abi.encodePacked(r, s, v);
+    }
+
+    function submitProof(uint256 who, uint256 run, uint64 epoch, uint64 samples) external {
+        if (runs.length == 0) return;
+        (uint256 i, address a) = _actor(who);
+        bytes32 id = runs[run % runs.length];
+        IAtlasStaking.Run memory r = staking.getRun(id);
+        epoch = uint64(bound(epoch, 0, 20));
+        samples = uint64(bound(samples, 1, 1000));
+        if ((r.closesAt != 0 && block.timestamp >= r.closesAt) || staking.proofSubmitted(id, a, epoch)) return;
+        if (uint256(samples) * r.rewardPerSample > r.budget) return;
+        IAtlasStaking.Proof memory p = _proof(i, id, epoch, samples);
+        bytes memory sig = _sig(i, p);
+        uint256 before = _earned(a);
+        staking.submitProof(p, sig);
+        _credit(a, before);
+    }
+
+    function slash(uint256 who, uint256 reporter, uint256 run, uint64 epoch) external {
+        if (runs.length == 0) return;
+        (uint256 i, address a) = _actor(who);
+        (, address rep) = _actor(reporter);
+        bytes32 id = runs[run % runs.length];
+        IAtlasStaking.Reputation memory r = staking.reputationOf(a);
+        if (staking.getRun(id).funded == 0 || r.stake + r.unbonding == 0) return;
+        epoch = uint64(bound(epoch, 0, 20));
+        IAtlasStaking.Proof memory x = _proof(i, id, epoch, 1);
+        IAtlasStaking.Proof memory y = _proof(i, id, epoch, 2);
+        bytes memory sx = _sig(i, x);
+        bytes memory sy = _sig(i, y);
+        uint256 stakeBefore = r.stake + r.unbonding;
+        vm.prank(rep);
+        try staking.slashEquivocation(x, sx, y, sy) {
+            // A reporter is owed the bounty and nothing else, whoever it is (the peer itself included).
+            IAtlasStaking.Reputation memory after_ = staking.reputationOf(a);
+            credited[rep] += (stakeBefore - after_.stake - after_.unbonding) * staking.BOUNTY_BPS() / 10_000;
+        } catch {} // AlreadySlashed for that (run, epoch): fine
+    }
+
+    function claim(uint256 who) external {
+        (, address a) = _actor(who);
+        uint256 amount = staking.reputationOf(a).claimable;
+        if (amount == 0) return;
+        vm.prank(a);
+        staking.claim();
+        tookOut[a] += amount;
+    }
+
+    function warp(uint256 by) external {
+        vm.warp(block.timestamp + bound(by, 1, 3 days));
+    }
+}
+
+/// @dev Escrow conservation and "nobody takes out more than they put in plus what they were credited", under random
+///      sequences of calls (forge invariant testing; the handler above is the only target).
+contract AtlasStakingInvariantTest is TestBase {
+    AtlasStaking staking;
+    Handler handler;
+
+    function setUp() public {
+        vm.warp(1_700_000_000);
+        staking = new AtlasStaking(7 days, 1 days, 5_000, 2_000);
+        handler = new Handler(staking);
+    }
+
+    function targetContracts() public view returns (address[] memory t) {
+        t = new address[](1);
+        t[0] = address(handler);
+    }
+
+    function invariant_BalanceEqualsWhatIsOwed() public view {
+        uint256 owed = staking.burned();
+        for (uint256 i = 0; i < 3; ++i) {
+            IAtlasStaking.Reputation memory r = staking.reputationOf(handler.actors(i));
+            owed += r.stake + r.unbonding + r.claimable + r.pending;
+        }
+        for (uint256 k = 0; k < handler.runCount(); ++k) owed += staking.getRun(handler.runs(k)).budget;
+        assertEq(address(staking).balance, owed, "balance == stakes + unbonding + budgets + claimable + pending + burned");
+    }
+
+    function invariant_NobodyTakesOutMoreThanPutInPlusCredited() public view {
+        for (uint256 i = 0; i < 3; ++i) {
+            address a = handler.actors(i);
+            assertTrue(handler.tookOut(a) <= handler.putIn(a) + handler.credited(a), "took out more than was owed");
+        }
+    }
+}
