@@ -24,6 +24,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}-[0-9a-f]{16}$")
 _ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+MAX_SPEC_BYTES = 16 * 1024  # a real spec is well under 1 KiB; anything bigger from the network is junk
+MAX_SPEC_DEPTH = 4  # {section: {field: [items]}} is 3 levels
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,10 @@ class RunSpec:
                 raise SpecError(f"The run spec has no '{required}' field; add it (see atlas_swarm/specs/*.toml).")
         _check(isinstance(kwargs["name"], str), "name", kwargs["name"], "a string")
         _check(isinstance(kwargs.get("seed", 0), int), "seed", kwargs.get("seed"), "an integer")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError, OverflowError) as e:  # a field of the wrong type met a range check
+            raise SpecError(f"The run spec has a field of the wrong type: {e}.") from None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunSpec":
@@ -159,9 +164,15 @@ class RunSpec:
 
     @classmethod
     def from_canonical_bytes(cls, raw: bytes) -> "RunSpec":
+        """Parse a spec from the network: size and nesting are bounded before the JSON parser sees it."""
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) > MAX_SPEC_BYTES:
+            size = len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__
+            raise SpecError(f"A published run spec must be at most {MAX_SPEC_BYTES} bytes of JSON, got {size}.")
+        if _nesting(raw) > MAX_SPEC_DEPTH:
+            raise SpecError(f"A published run spec nests deeper than {MAX_SPEC_DEPTH} levels: not a run spec.")
         try:
             return cls.from_dict(json.loads(raw))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise SpecError(f"A published run spec is not valid JSON: {e}") from None
 
 
@@ -300,6 +311,28 @@ class PeerConfig:
 def _check(ok: Any, name: str, value: Any, expected: str) -> None:
     if not ok:
         raise SpecError(f"run spec field '{name}' = {value!r} is invalid: expected {expected}.")
+
+
+def _nesting(raw: bytes) -> int:
+    """Deepest bracket nesting of JSON bytes, brackets inside strings skipped: linear, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _build(cls: type, value: Any, section: str):

@@ -29,7 +29,7 @@ from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
 from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
-from atlas_swarm.swarm.records import STATUS_EVERY
+from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_shapes
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
 from atlas_swarm.ui import Reporter, quiet_hivemind
@@ -114,13 +114,13 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
         model.train()
         named = adapter_parameters(model)
         shapes = shapes_hash({n: p for n, p in named})
-        for pid, status in swarm.peer_statuses(spec.run_id).items():
-            if status.adapter_shapes != shapes:
-                raise ModelError(
-                    f"Your adapter's tensor shapes ({shapes}) differ from peer {pid}'s ({status.adapter_shapes}): "
-                    f"the same run spec gave a different model here. Use the base model the run expects "
-                    f"({spec.model.base}); check --base-model."
-                )
+        theirs = other_shapes(swarm.peer_statuses(spec.run_id).values(), shapes)  # a majority, not one record
+        if theirs is not None:
+            raise ModelError(
+                f"Your adapter's tensor shapes ({shapes}) differ from those of most of the run's peers ({theirs}): "
+                f"the same run spec gave a different model here. Use the base model the run expects "
+                f"({spec.model.base}); check --base-model."
+            )
         batches = Batches(examples, tokenizer, spec, seed=cfg.seed)
         precision = Precision.for_device(device, cfg.precision)
         micro = find_micro_batch(model, batches.next, device, precision)
@@ -187,7 +187,8 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochRepo
             swarm.publish_status(spec.run_id, PeerStatus(
                 peer_id=swarm.peer_id, device=device, precision=str(precision), client_mode=cfg.client_mode,
                 adapter_shapes=shapes, epoch=opt.local_epoch, samples_total=state["samples_total"],
-                samples_per_second=sps, loss=loss, time=time.time(), leaving=leaving, final_hash=final,
+                samples_per_second=finite(sps), loss=finite(loss, None), loss_nonfinite=not_finite(loss),
+                time=time.time(), leaving=leaving, final_hash=final,
                 rounds_averaged=state["rounds_averaged"], rounds_failed=state["rounds_failed"],
                 proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
                 rewards_eth=proofs.get("rewards_wei", 0) / 1e18),

@@ -76,7 +76,8 @@ def main() -> int:
 
         boot, maddr, dashboard = start_bootstrap(out, env)
         console.print(f"bootstrap node {maddr}\n[bold]dashboard: {dashboard}/[/] (also /metrics, /health)")
-        procs.append(launch(0, ["--run-spec", str(SPEC), "--initial-peers", maddr]))
+        spec = SPEC if chain is None else chain["spec"]
+        procs.append(launch(0, ["--run-spec", str(spec), "--initial-peers", maddr]))
         started = wait_for(out / "peer0.jsonl", "started", procs[0], timeout=180)
         console.print(f"peer0 started run {started['run_id']}; 3 more peers join through the bootstrap node")
         for i in range(1, len(BATCH_SIZES)):
@@ -134,8 +135,6 @@ REWARD_PER_SAMPLE = 10**12  # wei (0.000001 ETH)
 
 def start_chain(out: Path, console: Console) -> dict:
     """anvil on a free loopback port, AtlasStaking deployed, the run funded, one staked wallet per peer."""
-    import hashlib
-
     from eth_account import Account
 
     from atlas_swarm.chain import ETHER, StakingClient
@@ -145,9 +144,12 @@ def start_chain(out: Path, console: Console) -> dict:
     anvil = Anvil.start()
     w3 = StakingClient.web3(anvil.url)
     trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=600, challenge_window=60)
-    spec = RunSpec.from_toml(SPEC)
-    trainer.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), REWARD_PER_SAMPLE, ETHER,
-                       4 * spec.averaging.target_batch_size, 1 * ETHER)  # fmt: skip
+    # The spec names the trainer: the chain's run id is derived from it, so nobody can squat the run.
+    spec_path = out / "run-spec.toml"
+    spec_path.write_text(f'trainer = "{trainer.account.address}"\n' + SPEC.read_text())
+    spec = RunSpec.from_toml(spec_path)
+    trainer.create_run(spec.run_id, spec.spec_hash, REWARD_PER_SAMPLE, ETHER, 4 * spec.averaging.target_batch_size,
+                       1 * ETHER)  # fmt: skip
     password_file = out / "wallet-password"
     password_file.write_text("demo-only")
     wallets = []
@@ -158,7 +160,8 @@ def start_chain(out: Path, console: Console) -> dict:
         wallets.append(path)
     console.print(f"local chain {anvil.url}: AtlasStaking at {trainer.address}; run funded with 1 ETH at "
                   f"{REWARD_PER_SAMPLE / ETHER:g} ETH per sample; each peer staked 1 ETH")  # fmt: skip
-    return {"anvil": anvil, "client": trainer, "wallets": wallets, "password_file": password_file}
+    return {"anvil": anvil, "client": trainer, "wallets": wallets, "password_file": password_file,
+            "spec": spec_path, "run": trainer.run_of(spec.run_id)}
 
 
 def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict | None) -> None:
@@ -204,7 +207,7 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
         line = f"final adapter published as {cid}; kept by the bootstrap node: "
         line += "yes" if (out / "kept" / "blocks" / cid).exists() else "NO"
         if chain is not None:
-            checkpoint = chain["client"].checkpoint_of(run_id, last_epoch(out / "peer0.jsonl"))
+            checkpoint = chain["client"].checkpoint_of(chain["run"], last_epoch(out / "peer0.jsonl"))
             line += f"; recorded on chain: {'yes' if checkpoint and checkpoint[0] == cid else 'NO'}"
         console.print(line)
     if chain is not None:

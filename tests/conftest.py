@@ -26,13 +26,15 @@ def tiny_model(tmp_path_factory, corpus) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), corpus)
 
 
-def write_spec(path: Path, base: str, **averaging) -> Path:
+def write_spec(path: Path, base: str, trainer: str = "", **averaging) -> Path:
     # matchmaking_time: on a loaded 2-core machine peers reach an epoch boundary up to ~1 s apart
     avg = {"target_batch_size": 32, "matchmaking_time": 2.0, "averaging_timeout": 15.0, "average_state_every": 2}
     avg.update(averaging)
     path.write_text(
         f"""name = "tiny-test"
-[model]
+"""
+        + (f'trainer = "{trainer}"\n' if trainer else "")
+        + f"""[model]
 base = "{base}"
 task = "causal-lm"
 max_length = 48

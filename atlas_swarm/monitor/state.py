@@ -1,7 +1,11 @@
 """The monitor's model of the swarm, rebuilt from DHT records every few seconds, with a bounded history.
 
-Memory is bounded on a node that runs for months: at most MAX_RUNS runs (the least recently seen is dropped), a
-run unseen for FORGET_AFTER seconds is dropped, and each run keeps HISTORY points.
+Memory is bounded on a node that runs for months: at most MAX_RUNS runs, a run unseen for FORGET_AFTER seconds is
+dropped, and each run keeps HISTORY points. When there are more, the runs with the most live peers stay (announcements
+are signed, one run per key): 64 announced junk runs cannot push a live run off the dashboard. A poll reads at most
+MAX_READ runs (the most announced first), POLL_WORKERS at a time, within POLL_BUDGET seconds; one run that cannot be
+read (junk records, a slow DHT) costs only that run's row in that poll. Specs nobody serves are asked for again only
+every SPEC_RETRY seconds. Evicted runs also leave the DHT's validators (Swarm.forget_run).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -17,6 +22,10 @@ from atlas_swarm.swarm.records import STATUS_TTL
 
 HISTORY = 720  # points per run (an hour at one poll per 5 s)
 MAX_RUNS = 64
+MAX_READ = 2 * MAX_RUNS  # runs read per poll
+POLL_WORKERS = 8
+POLL_BUDGET = 4.0  # seconds a poll waits for its runs; later ones are read next time
+SPEC_RETRY = 60.0
 FORGET_AFTER = 3600.0
 
 
@@ -65,11 +74,14 @@ class Monitor:
         self.pinned = set(runs)
         self.runs: OrderedDict[str, RunView] = OrderedDict()
         self.rejected: dict[str, int] = {}
-        self.polls = {"ok": 0, "error": 0}
+        self.polls = {"ok": 0, "error": 0, "run_errors": 0, "run_timeouts": 0}
         self.last_ok: Optional[float] = None
         self.last_error: Optional[str] = None
         self.started = time.time()
-        self._specs: dict[str, object] = {}
+        self._specs: dict[str, object] = {}  # only for runs in self.runs
+        self._spec_retry: dict[str, float] = {}  # run id -> when to ask again for a spec nobody served
+        self._reads: dict[str, object] = {}  # run id -> a read still running from an earlier poll
+        self._pool = ThreadPoolExecutor(POLL_WORKERS, thread_name_prefix="atlas-monitor-read")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="atlas-monitor", daemon=True)
@@ -81,7 +93,8 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self.interval + 5)
+        self._thread.join(self.interval + POLL_BUDGET + 5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -93,8 +106,10 @@ class Monitor:
             if not self.swarm.dht.is_alive():
                 raise RuntimeError("the DHT process is not running")
             now = time.time()
-            seen = self.swarm.announced_runs() | self.pinned
-            views = {run_id: self._read_run(run_id, now) for run_id in seen}
+            announcers = self.swarm.announcers()
+            ranked = sorted(announcers, key=lambda r: (-announcers[r], r))
+            wanted = list(self.pinned) + [r for r in ranked if r not in self.pinned][:MAX_READ]
+            views, errors, slow = self._read_runs(wanted, now)
             rejected = self.swarm.rejected_records()
         except Exception as e:  # a monitor never dies of what it reads; /health reports it
             with self._lock:
@@ -103,8 +118,6 @@ class Monitor:
             return
         with self._lock:
             for run_id, view in views.items():
-                if view is None:
-                    continue
                 old = self.runs.pop(run_id, None)
                 if old is not None:
                     view.history = old.history
@@ -112,22 +125,64 @@ class Monitor:
                                      "samples_per_second": round(view.samples_per_second, 3),
                                      "peers": len(view.peers)})  # fmt: skip
                 self.runs[run_id] = view  # most recently seen last
-            for run_id in [r for r, v in self.runs.items() if now - v.last_seen > FORGET_AFTER]:
+            gone = [r for r, v in self.runs.items() if now - v.last_seen > FORGET_AFTER]
+            if len(self.runs) - len(gone) > MAX_RUNS:  # keep the runs with the most live peers, pinned ones always
+                keep = sorted((r for r in self.runs if r not in gone), key=lambda r: (
+                    r not in self.pinned, -len(self.runs[r].peers), -self.runs[r].last_seen))[:MAX_RUNS]  # fmt: skip
+                gone += [r for r in self.runs if r not in keep and r not in gone]
+            for run_id in gone:
                 del self.runs[run_id]
-            while len(self.runs) > MAX_RUNS:
-                self.runs.popitem(last=False)
+            self.polls["run_errors"] += len(errors)
+            self.polls["run_timeouts"] += slow
             self.rejected = rejected
             self.polls["ok"] += 1
-            self.last_ok, self.last_error = now, None
+            self.last_ok = now
+            self.last_error = next(iter(errors.values()), None)
+        for run_id in set(gone) | {r for r in wanted if r not in self.runs}:  # read, but not shown: let go
+            self._forget(run_id)
+        for run_id in [r for r in self._spec_retry if r not in announcers and r not in self.pinned]:
+            del self._spec_retry[run_id]
+
+    def _read_runs(self, run_ids: list[str], now: float) -> tuple[dict, dict, int]:
+        """Read ``run_ids`` concurrently within POLL_BUDGET s: (views, errors by run, reads left running). A read
+        still running from an earlier poll is not started twice."""
+        for run_id in run_ids:
+            if run_id not in self._reads:
+                self._reads[run_id] = self._pool.submit(self._read_run, run_id, now)
+        futures = {r: self._reads[r] for r in run_ids}
+        wait(futures.values(), timeout=POLL_BUDGET)
+        views, errors = {}, {}
+        for run_id, future in futures.items():
+            if not future.done():
+                continue
+            del self._reads[run_id]
+            try:
+                view = future.result()
+            except Exception as e:  # junk records of one run cost that run's row, nothing else
+                errors[run_id] = f"run {run_id[:64]}: {type(e).__name__}: {str(e)[:200]}"
+                continue
+            if view is not None:
+                views[run_id] = view
+        for run_id in [r for r, f in self._reads.items() if f.done() and r not in futures]:
+            del self._reads[run_id]  # a read for a run no longer wanted
+        return views, errors, sum(1 for f in futures.values() if not f.done())
+
+    def _forget(self, run_id: str) -> None:
+        self._specs.pop(run_id, None)
+        if run_id not in self.pinned:
+            try:
+                self.swarm.forget_run(run_id)
+            except Exception:  # the DHT is going down: nothing left to free
+                pass
 
     def _read_run(self, run_id: str, now: float) -> Optional[RunView]:
         view = RunView(run_id)
         spec = self._specs.get(run_id)
-        if spec is None:
+        if spec is None and self._spec_retry.get(run_id, 0.0) <= now:
             try:
                 spec = self._specs[run_id] = self.swarm.fetch_spec(run_id, timeout=0.1)
             except AtlasError:
-                spec = None
+                self._spec_retry[run_id] = now + SPEC_RETRY
         if spec is not None:
             view.name, view.target = spec.name, spec.averaging.target_batch_size
         for pid, st in self.swarm.peer_statuses(run_id).items():

@@ -6,11 +6,15 @@ Everything hivemind-specific about the DHT lives here; callers get plain methods
 from __future__ import annotations
 
 import time
+from collections import Counter
+from functools import partial
 from typing import Optional, Sequence
 
 import hivemind
+import msgpack
 from hivemind.dht.schema import SchemaValidator
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
@@ -18,12 +22,36 @@ from hivemind.utils.multiaddr import Multiaddr
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
 from atlas_swarm.identity import Identity
-from atlas_swarm.swarm.records import (ADAPTERS_KEPT, ADAPTERS_TTL, SPEC_TTL, STATUS_TTL, WALLET_TTL, GlobalRecords,
-                                       PeerStatus, PublishedAdapter, PublishedAdapters, RunAnnouncement, RunRecords,
-                                       WalletBinding)
+from atlas_swarm.swarm.records import (ADAPTERS_KEPT, ADAPTERS_TTL, MAX_RECORD_BYTES, SPEC_TTL, STATUS_TTL,
+                                       WALLET_TTL, GlobalRecords, PeerStatus, PublishedAdapter, PublishedAdapters,
+                                       RunAnnouncement, RunRecords, WalletBinding)
 
 POLL_EVERY = 0.5
 BOOTSTRAP_ATTEMPTS = 3  # see Swarm.join
+STORE_TIMEOUT = 30.0  # a blocking store that no node answers in this long fails (hivemind's future can hang)
+
+
+class RunSchemaValidator(SchemaValidator):
+    """hivemind's SchemaValidator, merged without duplicates. Every run adds the same schema for its own keys;
+    hivemind's merge appends the schema again per run, and every record is then checked against each copy: a node
+    that watches many runs (a monitor) slows and grows with every run ever announced. Ours keeps one copy per
+    schema class, and forget_run drops a run's keys again."""
+
+    def merge_with(self, other) -> bool:
+        if not isinstance(other, SchemaValidator):
+            return False
+        self._schemas.extend(s for s in other._schemas if s not in self._schemas)
+        self._key_id_to_field_name.update(other._key_id_to_field_name)
+        self._allow_extra_keys = self._allow_extra_keys or other._allow_extra_keys
+        return True
+
+
+async def _drop_keys(_dht, node, key_ids: list) -> None:
+    """In the DHT process: forget the schema keys of a run this node no longer watches."""
+    for validator in getattr(node.protocol.record_validator, "_validators", []):
+        if isinstance(validator, SchemaValidator):
+            for key_id in key_ids:
+                validator._key_id_to_field_name.pop(key_id, None)
 
 
 class Swarm:
@@ -56,7 +84,7 @@ class Swarm:
             bad = next(a for a in initial_peers if "/p2p/" not in a)
             raise ConfigError(f"--initial-peers {bad!r} has no /p2p/<PeerID> part; copy the full address the peer printed.")
         signer = RSASignatureValidator(identity.private_key)
-        validators = [signer, SchemaValidator(GlobalRecords, prefix="atlas")]
+        validators = [signer, RunSchemaValidator(GlobalRecords, prefix="atlas")]
         if audit:
             from atlas_swarm.swarm.audit import AuditingValidator
 
@@ -107,8 +135,38 @@ class Swarm:
 
     def _ensure_validators(self, run_id: str) -> None:
         if run_id not in self._validated_runs:
-            self.dht.add_validators([SchemaValidator(RunRecords, prefix=run_id)])
+            self.dht.add_validators([RunSchemaValidator(RunRecords, prefix=run_id)])
             self._validated_runs.add(run_id)
+
+    def forget_run(self, run_id: str) -> None:
+        """Drop the validators of a run this node stops watching (a monitor evicting it): its records are then
+        refused as unknown keys, and memory stays bounded."""
+        if run_id not in self._validated_runs and run_id + ":progress" not in self._validated_runs:
+            return
+        self._validated_runs.discard(run_id)
+        self._validated_runs.discard(run_id + ":progress")
+        names = [f.alias for f in RunRecords.__fields__.values()] + ["progress"]
+        key_ids = [DHTID.generate(source=f"{run_id}_{name}").to_bytes() for name in names]
+        self.dht.run_coroutine(partial(_drop_keys, key_ids=key_ids), return_future=True)
+
+    def _store(self, key: str, value, ttl: float, wait: bool, what: str, timeout: float = STORE_TIMEOUT) -> None:
+        """Store one signed record. Too large a record fails here, at once: hivemind's DHT process drops a store of
+        about 200 kB (BlockingIOError on its pipe) and the caller's future never resolves. A blocking store that no
+        node answers within STORE_TIMEOUT fails too."""
+        size = len(msgpack.packb(value, use_bin_type=True))
+        if size > MAX_RECORD_BYTES:
+            raise SwarmError(f"Could not store {what}: the record is {size} bytes, over the {MAX_RECORD_BYTES}-byte "
+                             f"limit of a DHT record.")  # fmt: skip
+        future = self.dht.store(key, subkey=self.signer.local_public_key, value=value,
+                                expiration_time=get_dht_time() + ttl, return_future=True)  # fmt: skip
+        if not wait:
+            return
+        try:
+            ok = future.result(timeout=timeout)
+        except TimeoutError:
+            ok = False
+        if not ok:
+            raise SwarmError(f"Could not store {what} in the DHT: no node accepted it within {timeout:.0f} s.")
 
     # -- the run spec -------------------------------------------------------------------------------------------
     def publish_spec(self, spec: RunSpec, wait: bool = True, timeout: float = 30.0) -> None:
@@ -117,13 +175,11 @@ class Swarm:
         self._ensure_validators(spec.run_id)
         deadline = time.monotonic() + timeout
         while True:
-            future = self.dht.store(f"{spec.run_id}_spec", subkey=self.signer.local_public_key,
-                                    value=spec.canonical_bytes(), expiration_time=get_dht_time() + SPEC_TTL,
-                                    return_future=True)  # fmt: skip
-            if not wait or future.result(timeout=timeout + 5):
-                return
-            if time.monotonic() >= deadline:
-                raise SwarmError(f"Could not store the run spec in the DHT: no node accepted it within {timeout:.0f} s.")
+            try:
+                return self._store(f"{spec.run_id}_spec", spec.canonical_bytes(), SPEC_TTL, wait, "the run spec")
+            except SwarmError:
+                if time.monotonic() >= deadline or len(spec.canonical_bytes()) > MAX_RECORD_BYTES:
+                    raise
             time.sleep(1.0)
 
     def fetch_spec(self, run_id: str, timeout: float) -> RunSpec:
@@ -133,7 +189,7 @@ class Swarm:
         while True:
             found = self.dht.get(f"{run_id}_spec", latest=True)
             if found is not None and isinstance(found.value, dict):
-                for entry in found.value.values():
+                for entry in found.value.values():  # one junk entry must not hide a good one
                     raw = entry.value
                     if isinstance(raw, bytes) and _spec_id(raw) == run_id:
                         return RunSpec.from_canonical_bytes(raw)
@@ -148,15 +204,7 @@ class Swarm:
     def publish_status(self, run_id: str, status: PeerStatus, wait: bool = False) -> None:
         """Non-blocking unless ``wait``: the DHT process stores it in the background."""
         self._ensure_validators(run_id)
-        future = self.dht.store(
-            f"{run_id}_peers",
-            subkey=self.signer.local_public_key,
-            value=status.dict(),
-            expiration_time=get_dht_time() + STATUS_TTL,
-            return_future=True,
-        )
-        if wait:
-            future.result(timeout=5)
+        self._store(f"{run_id}_peers", status.dict(), STATUS_TTL, wait, "this peer's status", timeout=5.0)
 
     def peer_statuses(self, run_id: str) -> dict[str, PeerStatus]:
         """Live peers of ``run_id`` by PeerID (records already signature- and schema-checked by the DHT)."""
@@ -185,18 +233,21 @@ class Swarm:
     def announce_run(self, run_id: str) -> None:
         """Say which run this peer is in (non-blocking), so monitors can find every run."""
         value = RunAnnouncement(run_id=run_id, peer_id=self.peer_id, time=time.time()).dict()
-        self.dht.store("atlas_runs", subkey=self.signer.local_public_key, value=value,
-                       expiration_time=get_dht_time() + STATUS_TTL, return_future=True)  # fmt: skip
+        self._store("atlas_runs", value, STATUS_TTL, False, "the run announcement")
 
     def announced_runs(self) -> set[str]:
-        return {a.run_id for a in self._owned_records("atlas_runs", RunAnnouncement)}
+        return set(self.announcers())
+
+    def announcers(self) -> Counter:
+        """Run id -> how many peers announce it (each key announces one run: one signed entry per key)."""
+        return Counter(a.run_id for a in self._owned_records("atlas_runs", RunAnnouncement))
 
     def training_progress(self, run_id: str) -> list[dict]:
         """hivemind's per-peer progress records of a run ({peer_id, epoch, samples_accumulated, ...})."""
         from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
 
         if run_id + ":progress" not in self._validated_runs:
-            self.dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id)])
+            self.dht.add_validators([RunSchemaValidator(TrainingProgressSchema, prefix=run_id)])
             self._validated_runs.add(run_id + ":progress")
         found = self.dht.get(f"{run_id}_progress", latest=True)
         out = []
@@ -220,10 +271,7 @@ class Swarm:
     def publish_wallet(self, run_id: str, address: str, signature: bytes) -> None:
         self._ensure_validators(run_id)
         binding = WalletBinding(peer_id=self.peer_id, address=address, signature=signature)
-        ok = self.dht.store(f"{run_id}_wallets", subkey=self.signer.local_public_key, value=binding.dict(),
-                            expiration_time=get_dht_time() + WALLET_TTL)  # fmt: skip
-        if not ok:
-            raise SwarmError("Could not store this peer's wallet binding in the DHT (no peer accepted it).")
+        self._store(f"{run_id}_wallets", binding.dict(), WALLET_TTL, True, "this peer's wallet binding")
 
     def wallet_bindings(self, run_id: str) -> dict[str, str]:
         """PeerID -> address, only where the record was signed by that PeerID's own key (its subkey derives to the
@@ -257,10 +305,7 @@ class Swarm:
         """(Re)publish this peer's adapter list (the last ADAPTERS_KEPT), signed by its key."""
         self._ensure_validators(run_id)
         record = PublishedAdapters(peer_id=self.peer_id, adapters=list(adapters)[-ADAPTERS_KEPT:], keeper=keeper)
-        future = self.dht.store(f"{run_id}_adapters", subkey=self.signer.local_public_key, value=record.dict(),
-                                expiration_time=get_dht_time() + ADAPTERS_TTL, return_future=True)  # fmt: skip
-        if wait and not future.result(timeout=30):
-            raise SwarmError("Could not store the published adapter record in the DHT (no peer accepted it).")
+        self._store(f"{run_id}_adapters", record.dict(), ADAPTERS_TTL, wait, "the published adapter record")
 
     def adapter_records(self, run_id: str) -> list[PublishedAdapters]:
         self._ensure_validators(run_id)
@@ -298,7 +343,7 @@ def peer_id_of_owner(subkey: bytes) -> Optional[str]:
 
 def _spec_id(raw: bytes) -> Optional[str]:
     try:
-        spec = RunSpec.from_canonical_bytes(raw)
+        spec = RunSpec.from_canonical_bytes(raw)  # bounded: size and nesting are checked before parsing
     except SpecError:
         return None
     return spec.run_id if spec.canonical_bytes() == raw else None

@@ -8,14 +8,19 @@
     <run_id>_adapters {owner: PublishedAdapters}     the adapters a peer published (epoch → CID), and serves
                                                         over p2p (swarm/blocks.py) from its store
     atlas_runs       {owner: RunAnnouncement}           the run each live peer is in: how a monitor finds every run
+
+Every field is bounded (string lengths, list lengths, finite non-negative floats: no NaN or Infinity, which would make
+the dashboard's JSON invalid), so a record that validates is small and safe to show. hivemind checks these schemas
+in its DHT process on every store and every get, before a record reaches our code.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 from hivemind.dht.schema import BytesWithPublicKey
-from pydantic.v1 import BaseModel, StrictBool, StrictBytes, StrictFloat, StrictStr, conint
+from pydantic.v1 import BaseModel, ConstrainedFloat, StrictBool, conbytes, conint, conlist, constr
 
 SPEC_TTL = 3600.0  # seconds a published spec lives without a refresh
 STATUS_TTL = 60.0  # seconds a peer's status lives without a refresh
@@ -23,51 +28,92 @@ STATUS_EVERY = 5.0  # seconds between status refreshes
 WALLET_TTL = 600.0  # seconds a wallet binding lives without a refresh
 ADAPTERS_TTL = 24 * 3600.0  # seconds a publisher's adapter list lives without a refresh
 ADAPTERS_KEPT = 16  # a publisher lists its last 16 adapters
+MAX_RECORD_BYTES = 32 * 1024  # any one record we store (hivemind drops a ~200 kB store silently: swarm/node.py)
+
+EPOCH_MAX = 2**40  # far beyond any real run; bounded so that sums and JSON stay exact
+ShortStr = constr(strict=True, max_length=128)  # PeerIDs (~52), hashes (64), devices, run ids (57)
+CidStr = constr(strict=True, max_length=128)  # CIDv1 base32 of a sha2-256 digest is 59 characters
+Count = conint(ge=0, le=2**62, strict=True)
+
+
+class FiniteFloat(ConstrainedFloat):
+    """A finite, non-negative float: NaN and Infinity are refused (json.dumps would emit them, browsers reject them)."""
+
+    strict = True
+    ge = 0.0
+
+    @classmethod
+    def validate(cls, value):
+        value = super().validate(value)
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
 
 
 class PeerStatus(BaseModel):
-    peer_id: StrictStr  # base58 PeerID of the writer
-    device: StrictStr  # "cpu", "cuda", "mps"
-    precision: StrictStr
+    peer_id: ShortStr  # base58 PeerID of the writer
+    device: ShortStr  # "cpu", "cuda", "mps"
+    precision: ShortStr
     client_mode: StrictBool
-    adapter_shapes: StrictStr  # model.hashing.shapes_hash of the peer's adapter
-    epoch: conint(ge=0, strict=True)
-    samples_total: conint(ge=0, strict=True)  # samples this peer has trained on in this run (all sessions)
-    samples_per_second: StrictFloat
-    loss: Optional[StrictFloat]
-    time: StrictFloat
+    adapter_shapes: ShortStr  # model.hashing.shapes_hash of the peer's adapter
+    epoch: conint(ge=0, le=EPOCH_MAX, strict=True)
+    samples_total: Count  # samples this peer has trained on in this run (all sessions)
+    samples_per_second: FiniteFloat
+    loss: Optional[FiniteFloat]  # None while there is none, and when the loss was NaN/inf (then loss_nonfinite)
+    time: FiniteFloat
     leaving: StrictBool = False  # set in the last record a peer writes before it exits
-    final_hash: Optional[StrictStr] = None  # the adapter a peer stopping at --max-epochs leaves with (see consensus)
-    rounds_averaged: conint(ge=0, strict=True) = 0  # epochs that ended in an all-reduce with at least one other peer
-    rounds_failed: conint(ge=0, strict=True) = 0  # epochs that ended on local gradients while others were in the run
-    proofs_posted: conint(ge=0, strict=True) = 0
-    proofs_pending: conint(ge=0, strict=True) = 0
-    rewards_eth: StrictFloat = 0.0  # earned on chain (claimable + inside the challenge window)
+    final_hash: Optional[ShortStr] = None  # the adapter a peer stopping at --max-epochs leaves with (see consensus)
+    rounds_averaged: Count = 0  # epochs that ended in an all-reduce with at least one other peer
+    rounds_failed: Count = 0  # epochs that ended on local gradients while others were in the run
+    proofs_posted: Count = 0
+    proofs_pending: Count = 0
+    rewards_eth: FiniteFloat = 0.0  # earned on chain (claimable + inside the challenge window)
+    loss_nonfinite: StrictBool = False  # the last loss was NaN or infinite (an honest peer says so; loss is None)
+
+
+def finite(value: Optional[float], default: Optional[float] = 0.0) -> Optional[float]:
+    """``value`` if it is a finite non-negative number, else ``default``: what an honest peer publishes."""
+    return float(value) if value is not None and math.isfinite(value) and value >= 0 else default
+
+
+def not_finite(value: Optional[float]) -> bool:
+    return value is not None and not math.isfinite(value)
+
+
+def other_shapes(statuses, ours: str) -> Optional[str]:
+    """The adapter-shapes hash that more than half of ``statuses`` report, if it is not ``ours``; else None. One
+    forged status (or a minority of them) must not keep a newcomer out of a run."""
+    counts: dict[str, int] = {}
+    statuses = list(statuses)
+    for s in statuses:
+        counts[s.adapter_shapes] = counts.get(s.adapter_shapes, 0) + 1
+    top = max(counts, key=counts.get, default=None)
+    return top if top is not None and top != ours and counts[top] * 2 > len(statuses) else None
 
 
 class WalletBinding(BaseModel):
-    peer_id: StrictStr
-    address: StrictStr  # checksummed Ethereum address
-    signature: StrictBytes  # the address's signature of proofs.binding.binding_message(peer_id, address)
+    peer_id: ShortStr
+    address: constr(strict=True, max_length=42)  # checksummed Ethereum address
+    signature: conbytes(strict=True, max_length=65)  # the address's signature of binding_message(peer_id, address)
 
 
 class PublishedAdapter(BaseModel):
-    epoch: conint(ge=0, strict=True)
-    cid: StrictStr  # CIDv1 (raw leaves) of the adapter folder: adapter_config.json, adapter_model.safetensors, ...
-    adapter_hash: StrictStr  # model.hashing.tensors_hash of the weights: equal adapters, equal hashes
-    time: StrictFloat
+    epoch: conint(ge=0, le=EPOCH_MAX, strict=True)
+    cid: CidStr  # CIDv1 (raw leaves) of the adapter folder: adapter_config.json, adapter_model.safetensors, ...
+    adapter_hash: ShortStr  # model.hashing.tensors_hash of the weights: equal adapters, equal hashes
+    time: FiniteFloat
 
 
 class PublishedAdapters(BaseModel):
-    peer_id: StrictStr  # the publisher, who serves the blocks
-    adapters: List[PublishedAdapter]
+    peer_id: ShortStr  # the publisher, who serves the blocks
+    adapters: conlist(PublishedAdapter, max_items=4 * ADAPTERS_KEPT)  # a keeper lists more than a peer's 16
     keeper: StrictBool = False  # a node that copies every published adapter (a notebook): finishing peers wait for it
 
 
 class RunAnnouncement(BaseModel):
-    run_id: StrictStr
-    peer_id: StrictStr
-    time: StrictFloat
+    run_id: ShortStr
+    peer_id: ShortStr
+    time: FiniteFloat
 
 
 class GlobalRecords(BaseModel):
@@ -77,7 +123,7 @@ class GlobalRecords(BaseModel):
 
 
 class RunRecords(BaseModel):
-    spec: Dict[BytesWithPublicKey, StrictBytes]
+    spec: Dict[BytesWithPublicKey, conbytes(strict=True, max_length=16 * 1024)]  # config.MAX_SPEC_BYTES
     peers: Dict[BytesWithPublicKey, Optional[PeerStatus]]
     wallets: Dict[BytesWithPublicKey, Optional[WalletBinding]]
     adapters: Dict[BytesWithPublicKey, Optional[PublishedAdapters]]

@@ -24,16 +24,15 @@ RATE = 10**9  # wei per sample
 @pytest.fixture
 def chain(tmp_path, tiny_model):
     """anvil + AtlasStaking + a funded run + 3 staked peer wallets (each peer binds its PeerID itself at start)."""
-    import hashlib
-
     anvil = Anvil.start()
     try:
         w3 = Web3(Web3.HTTPProvider(anvil.url))
         trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=60)
         # epochs well over matchmaking_time: with very short ones a peer that falls behind skips epochs (state download)
-        spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=960)
+        spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer.account.address,
+                               target_batch_size=960)  # fmt: skip
         spec = RunSpec.from_toml(spec_path)
-        trainer.create_run(spec.run_id, hashlib.sha256(spec.canonical_bytes()).digest(), RATE, ETHER, 4096, 5 * ETHER)
+        trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, 4096, 5 * ETHER)
         (tmp_path / "pw").write_text("test-password")
         wallets = []
         for i in range(1, 4):
@@ -42,7 +41,7 @@ def chain(tmp_path, tiny_model):
             StakingClient(w3, trainer.address, account).stake(2 * ETHER)
             wallets.append((path, account))
         yield {"anvil": anvil, "trainer": trainer, "spec": spec_path, "run_id": spec.run_id, "wallets": wallets,
-               "pw": tmp_path / "pw"}  # fmt: skip
+               "pw": tmp_path / "pw", "run": trainer.run_of(spec.run_id)}  # fmt: skip
     finally:
         anvil.stop()
 
@@ -109,12 +108,12 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
             assert final["pending"] == 0 and final["rejected"] == 0 and final["posted"] == len(took_part), p.tail()
             assert final["posted"] >= 2, p.tail()
             total += assert_paid_exactly(chain, p, account.address)
-        assert chain["trainer"].get_run(chain["run_id"])["budget"] == 5 * ETHER - total * RATE
+        assert chain["trainer"].get_run(chain["run"])["budget"] == 5 * ETHER - total * RATE
 
         # the finishers' agreed adapter is on chain as the run's epoch-4 checkpoint, recorded by one of them
         finals = {p.wait_event("handed_off", 1)["cid"] for p in peers}
         recorded = [p.wait_event("proofs", 1)["checkpoints"] for p in peers]
-        on_chain = chain["trainer"].checkpoint_of(chain["run_id"], 4)
+        on_chain = chain["trainer"].checkpoint_of(chain["run"], 4)
         assert len(finals) == 1 and on_chain is not None and on_chain[0] in finals, (finals, on_chain, recorded)
         assert on_chain[1] in [a.address for _, a in chain["wallets"]]
         assert any(r.get("4") == on_chain[0] for r in recorded), recorded
@@ -132,7 +131,7 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
         rep = chain["trainer"].reputation(account.address)
         assert ledger[account.address]["reward_wei"] == rep["verified_samples"] * RATE
         assert ledger[account.address]["epochs"] == rep["epochs_contributed"]
-    budget = chain["trainer"].get_run(chain["run_id"])["budget"]
+    budget = chain["trainer"].get_run(chain["run"])["budget"]
     assert run.fund(0.5)["budget"] == budget + ETHER // 2
 
 

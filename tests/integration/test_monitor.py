@@ -116,10 +116,13 @@ def test_history_is_bounded(tmp_path, monkeypatch):
         dht = type("D", (), {"is_alive": staticmethod(lambda: True)})()
 
         def __init__(self):
-            self.runs = set()
+            self.runs, self.forgotten = set(), set()
 
-        def announced_runs(self):
-            return set(self.runs)
+        def announcers(self):
+            return {r: 1 for r in self.runs}
+
+        def forget_run(self, run_id):
+            self.forgotten.add(run_id)
 
         def fetch_spec(self, run_id, timeout):
             from atlas_swarm.errors import RunNotFound
