@@ -3,6 +3,7 @@ place; anywhere else (a terminal, a headless kernel without ipywidgets or matplo
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -19,7 +20,7 @@ def in_notebook() -> bool:
 
 
 def sparkline(values: list[float], width: int = 24) -> str:
-    values = [v for v in values if v is not None][-width:]
+    values = [v for v in values if v is not None and math.isfinite(v)][-width:]  # NaN/inf: not drawable
     if len(values) < 2:
         return ""
     lo, hi = min(values), max(values)
@@ -29,7 +30,7 @@ def sparkline(values: list[float], width: int = 24) -> str:
 
 def line(view: dict, target_epoch: Optional[int]) -> str:
     epoch = f"epoch {view['epoch']}" + (f"/{target_epoch}" if target_epoch else "")
-    loss = "loss -" if view.get("loss") is None else f"loss {view['loss']:.4f}"
+    loss = "loss -" if view.get("loss") is None else f"loss {view['loss']:.4f}"  # a NaN loss prints as nan
     trend = sparkline([p.get("loss") for p in view.get("history", [])])
     return (f"{epoch} | {len(view['peers'])} peers | {view['samples_per_second']:.1f} samples/s | "
             f"{view['samples']}/{view['target']} samples this epoch | {loss} {trend}").rstrip()  # fmt: skip
