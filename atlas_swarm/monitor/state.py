@@ -93,7 +93,8 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self.interval + POLL_BUDGET + 5)
+        if self._thread.is_alive():
+            self._thread.join(self.interval + POLL_BUDGET + 5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:

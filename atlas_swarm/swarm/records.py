@@ -43,8 +43,12 @@ class FiniteFloat(ConstrainedFloat):
     ge = 0.0
 
     @classmethod
-    def validate(cls, value):
-        value = super().validate(value)
+    def __get_validators__(cls):
+        yield from super().__get_validators__()
+        yield cls._finite
+
+    @staticmethod
+    def _finite(value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value

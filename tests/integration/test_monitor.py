@@ -150,3 +150,95 @@ def test_history_is_bounded(tmp_path, monkeypatch):
         monitor.poll_once()
     assert len(monitor.runs["run0-0123456789abcdef"].history) == state.HISTORY
     assert monitor.snapshot()["runs"][0]["samples"] == 7
+
+
+class FloodedSwarm:
+    """Swarm's read methods over a table of runs, each DHT read taking ``latency`` s as on a busy node (a fake for
+    the layer above: the monitor's scheduling, not the DHT, is under test)."""
+
+    peer_id = "QmMonitor"
+    dht = type("D", (), {"is_alive": staticmethod(lambda: True)})()
+
+    def __init__(self, runs: dict[str, tuple[int, int]], latency: float = 0.05, junk: frozenset = frozenset()):
+        self.runs, self.latency, self.junk = runs, latency, junk  # run -> (announcers, live peers)
+        self.forgotten, self.spec_fetches = set(), 0
+
+    def announcers(self):
+        return {r: a for r, (a, _) in self.runs.items()}
+
+    def announced_runs(self):
+        return set(self.runs)
+
+    def fetch_spec(self, run_id, timeout):
+        from atlas_swarm.config import RunSpec
+
+        self.spec_fetches += 1
+        time.sleep(self.latency)
+        return RunSpec.from_dict({"name": run_id.rsplit("-", 1)[0], "model": {"base": "m", "task": "causal-lm"},
+                                  "lora": {"target_modules": ["q"]}})  # fmt: skip
+
+    def peer_statuses(self, run_id):
+        time.sleep(self.latency)
+        if run_id in self.junk:
+            raise RecursionError("maximum recursion depth exceeded")  # whatever a junk record may still cause
+        return {f"Qm{run_id}{i}": status(f"Qm{run_id}{i}") for i in range(self.runs[run_id][1])}
+
+    def training_progress(self, run_id):
+        time.sleep(self.latency)
+        return [{"epoch": 3, "samples_accumulated": 7}] if self.runs[run_id][1] else []
+
+    def rejected_records(self):
+        return {}
+
+    def forget_run(self, run_id):
+        self.forgotten.add(run_id)
+
+
+def test_a_flood_of_announced_runs_keeps_the_live_run_and_health_green():
+    """M3 / issue 16 item 13: on 186506a a poll read 256 runs one after another (10-15 s, /health 503), the 64 runs
+    kept were whichever came last, and one run's junk failed the whole poll."""
+    live = "live-run-0123456789abcdef"
+    runs = {f"bogus{i:03d}-0123456789abcdef": (1, 1) for i in range(256)}  # one Sybil key, one status each
+    runs[live] = (3, 3)  # three peers announce it and train
+    junk = frozenset(f"bogus{i:03d}-0123456789abcdef" for i in range(0, 256, 7))
+    fake = FloodedSwarm(runs, junk=junk)
+    monitor = Monitor(fake, interval=5.0)
+    try:
+        t0 = time.monotonic()
+        monitor.poll_once()
+        assert time.monotonic() - t0 < 6.0, "a poll is bounded in time (/health turns red after 3 x interval)"
+        assert monitor.health() == (True, "ok") and monitor.polls["error"] == 0
+        for _ in range(2):
+            monitor.poll_once()
+        assert live in monitor.runs and len(monitor.runs[live].peers) == 3, "the live run stays"
+        assert len(monitor.runs) <= state_module().MAX_RUNS
+        assert monitor.polls["run_errors"] >= 1, "junk runs are counted, not fatal"
+        assert len(monitor._specs) <= state_module().MAX_RUNS, "the spec cache holds only shown runs"
+        assert fake.forgotten, "runs read but not shown leave the DHT's validators"
+    finally:
+        monitor.stop()
+
+
+def test_a_run_without_a_spec_is_not_asked_for_it_every_poll(monkeypatch):
+    fake = FloodedSwarm({"nospec-0123456789abcdef": (1, 1)}, latency=0.0)
+
+    def missing(run_id, timeout):
+        from atlas_swarm.errors import RunNotFound
+
+        fake.spec_fetches += 1
+        raise RunNotFound(run_id)
+
+    monkeypatch.setattr(fake, "fetch_spec", missing)
+    monitor = Monitor(fake)
+    try:
+        for _ in range(10):
+            monitor.poll_once()
+        assert fake.spec_fetches == 1
+    finally:
+        monitor.stop()
+
+
+def state_module():
+    import atlas_swarm.monitor.state as state
+
+    return state
