@@ -37,8 +37,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, monitor_only: bool = False)
                    help="HOST:PORT for /health, /metrics and the dashboard (off if not given)")
     p.add_argument("--run", action="append", default=[], help="also watch this run id (runs announce themselves)")
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between DHT polls of the monitor")
-    p.add_argument("--keep-adapters", metavar="DIR", help="keep a verified copy of every adapter the watched runs "
-                   "publish in this block store, and serve it (so results outlive the peers)")  # fmt: skip
+    p.add_argument("--keep-adapters", metavar="DIR", help="keep a verified copy of the adapters the watched runs "
+                   "publish (what most of a run's peers vouch for; the 16 most announced runs and every --run) in "
+                   "this block store, and serve it (so results outlive the peers)")  # fmt: skip
+    p.add_argument("--keep-quota-gb", type=float, default=2.0, help="with --keep-adapters: GB kept per run at most")
     if not monitor_only:
         p.add_argument("--no-relay", action="store_true", help="do not relay connections for peers behind NAT")
     p.add_argument("--join-timeout", type=float, default=30.0, help="seconds to wait for --initial-peers")
@@ -101,11 +103,11 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
     try:
         monitor = Monitor(swarm, interval=args.poll_interval, runs=tuple(args.run)).start()
         if args.keep_adapters:
-            from atlas_swarm.storage.keeper import Keeper
+            from atlas_swarm.storage.keeper import Keeper, most_announced
 
             watched = set(args.run)
-            keeper = Keeper(swarm, args.keep_adapters, lambda: swarm.announced_runs() | watched,
-                            every=args.poll_interval).start()  # fmt: skip
+            keeper = Keeper(swarm, args.keep_adapters, lambda: watched | most_announced(swarm.announcers()),
+                            every=args.poll_interval, run_quota=int(args.keep_quota_gb * 2**30)).start()  # fmt: skip
         if listen is not None:
             server = serve(monitor, *listen)
         maddrs = sorted(swarm.visible_maddrs(), key=lambda a: ("/127." in a, "/ip6/" in a))

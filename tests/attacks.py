@@ -41,3 +41,64 @@ class HostileNode:
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+# -- the block protocol (swarm/blocks.py), spoken by hand ----------------------------------------------------------
+async def _oversized_answer(claim: int, send: int, _info, reader, writer) -> None:
+    import asyncio
+
+    try:
+        length = int.from_bytes(await reader.readexactly(8), "big")
+        await reader.readexactly(min(length, 1 << 16))
+        writer.write(claim.to_bytes(8, "big"))  # "here come `claim` bytes"
+        for _ in range(send >> 16):
+            writer.write(b"\0" * (1 << 16))
+            await writer.drain()
+        await asyncio.sleep(60)  # ... and keep the stream open
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+
+async def _serve_oversized(claim: int, send: int, _dht, node) -> None:
+    from functools import partial
+
+    from atlas_swarm.swarm.blocks import BLOCKS
+
+    await node.p2p.add_binary_stream_handler(BLOCKS, partial(_oversized_answer, claim, send))
+
+
+def serve_oversized_blocks(node: HostileNode, claim: int, send: int) -> None:
+    """Answer every block request with a length header of ``claim`` bytes, then ``send`` bytes of zeros."""
+    from functools import partial
+
+    node.dht.run_coroutine(partial(_serve_oversized, claim, send))
+
+
+async def _huge_request(peer_id: str, claim: int, _dht, node) -> tuple[bool, float]:
+    import asyncio
+
+    from hivemind.p2p import PeerID
+
+    from atlas_swarm.swarm.blocks import BLOCKS
+
+    loop = asyncio.get_running_loop()
+    _info, reader, writer = await node.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), BLOCKS)
+    t0 = loop.time()
+    try:
+        writer.write(claim.to_bytes(8, "big") + b"\0" * (1 << 16))
+        await writer.drain()
+        closed = await asyncio.wait_for(reader.read(1), 20) == b""
+    except (asyncio.TimeoutError, ConnectionError):
+        closed = False
+    finally:
+        writer.close()
+    return closed, loop.time() - t0
+
+
+def send_huge_block_request(node: HostileNode, peer_id: str, claim: int) -> tuple[bool, float]:
+    """Ask ``peer_id``'s block server with a request header of ``claim`` bytes: (stream closed by it, seconds)."""
+    from functools import partial
+
+    return node.dht.run_coroutine(partial(_huge_request, peer_id, claim))

@@ -5,46 +5,47 @@ evaluate it."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 from atlas_swarm.errors import AtlasError, StorageError
 from atlas_swarm.storage import CorruptBlock, IpfsStore, LocalStore, cid_of_folder
 from atlas_swarm.storage.dag import first_good
+from atlas_swarm.storage.vouch import choose
+
+CHAIN_LOOKBACK = 32  # published epochs asked about on chain, newest first
 
 
-def choose(published: list, epoch: Optional[int]) -> tuple[int, str, list[str]]:
-    """(epoch, CID, publishers) of the newest published epoch (or ``epoch``). Where publishers of one epoch disagree,
-    the CID most of them list wins (ties: the smallest), so one dishonest publisher cannot choose the result."""
-    if epoch is not None:
-        published = [(pid, a) for pid, a in published if a.epoch == epoch]
-    if not published:
-        raise StorageError("Nothing published yet" + (f" for epoch {epoch}" if epoch is not None else "") + ": peers "
-                           "publish the adapter every --publish-every epochs (run.published() lists what there is).")
-    newest = max(a.epoch for _, a in published)
-    votes = Counter(a.cid for _, a in published if a.epoch == newest)
-    cid = min(votes, key=lambda c: (-votes[c], c))
-    return newest, cid, sorted({pid for pid, a in published if a.epoch == newest and a.cid == cid})
+def on_chain(chain, run: bytes, published: list, epoch: Optional[int]) -> Optional[tuple[int, str]]:
+    """(epoch, CID) of the newest published epoch (or ``epoch``) with a checkpoint recorded on chain, or None."""
+    epochs = sorted({a.epoch for _, a in published if epoch is None or a.epoch == epoch}, reverse=True)
+    for e in epochs[:CHAIN_LOOKBACK]:
+        recorded = chain.checkpoint_of(run, e)
+        if recorded is not None:
+            return e, recorded[0]
+    return None
 
 
 def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
+    """With a chain, the newest checkpoint recorded on chain; else the newest epoch most of the run's peers vouch
+    for (storage/vouch.py): one publisher's claim (an epoch of 10^6, say) decides nothing."""
     run._need_swarm()
     deadline = time.monotonic() + timeout
     while True:
         published = run.swarm.published_adapters(run.run_id)
+        reached = {pid: s.epoch for pid, s in run.swarm.peer_statuses(run.run_id).items()}
         try:
-            epoch_, cid, publishers = choose(published, epoch)
+            recorded = on_chain(run._chain, run._chain_run(), published, epoch) if run._chain is not None else None
+            if recorded is not None:
+                epoch_, cid = recorded
+                publishers = sorted({pid for pid, a in published if a.cid == cid})
+            else:
+                epoch_, cid, publishers = choose(published, reached, epoch)
             break
         except StorageError:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
-    if run._chain is not None:  # the contract's record of the epoch outranks the DHT's votes
-        on_chain = run._chain.checkpoint_of(run._chain_run(), epoch_)
-        if on_chain is not None and on_chain[0] != cid:
-            cid = on_chain[0]
-            publishers = sorted({pid for pid, a in published if a.cid == cid}) or publishers
     dest = run.workdir / "adapters" / cid
     if dest.is_dir():
         if cid_of_folder(dest) == cid:

@@ -1,33 +1,51 @@
 """Keeping a run's published adapters so the result outlives the peers that trained it.
 
-A keeper (a trainer's notebook; a bootstrap node with --keep-adapters DIR) copies every adapter the runs it watches
+A keeper (a trainer's notebook; a bootstrap node with --keep-adapters DIR) copies the adapters the runs it watches
 publish into its own store, each block verified against its CID, serves the blocks, and lists the copies in its own
 record of the run with ``keeper=True``. Peers stopping at --max-epochs wait until a keeper holds their final adapter.
+
+What a stranger can make it store is bounded: only adapters most of the run's peers vouch for (storage/vouch.py),
+newest first, each at most ``max_adapter_bytes`` and all of a run's at most ``run_quota`` bytes; a CID that fails is
+tried again only after a backoff (it never blocks the others).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
 from atlas_swarm.errors import StorageError
-from atlas_swarm.storage.dag import first_good
+from atlas_swarm.storage.dag import MAX_ADAPTER_BYTES, first_good
 from atlas_swarm.storage.store import LocalStore
+from atlas_swarm.storage.vouch import vouched
 
 REFRESH_EVERY = 3600.0  # republish the keeper's record (it lives ADAPTERS_TTL = 24 h without a refresh)
+RUN_QUOTA = 2 << 30  # bytes of adapters kept per run
+RETRY_MAX = 600.0  # seconds between tries of a CID that keeps failing, at most
+
+
+KEEP_RUNS = 16  # runs a bootstrap keeper keeps adapters of (the most announced; --run pins more)
+
+
+def most_announced(announcers: dict[str, int], n: int = KEEP_RUNS) -> set[str]:
+    """The ``n`` runs announced by the most peers (each key announces one run, so Sybil runs need many keys)."""
+    return set(sorted(announcers, key=lambda r: (-announcers[r], r))[:n])
 
 
 class Keeper:
-    def __init__(self, swarm, store_root: str | Path, run_ids: Callable[[], Iterable[str]], every: float = 1.0):
+    def __init__(self, swarm, store_root: str | Path, run_ids: Callable[[], Iterable[str]], every: float = 1.0,
+                 run_quota: int = RUN_QUOTA, max_adapter_bytes: int = MAX_ADAPTER_BYTES):  # fmt: skip
         from atlas_swarm.swarm.records import PublishedAdapter
 
         self.swarm, self.run_ids, self.every, self._record = swarm, run_ids, every, PublishedAdapter
+        self.run_quota, self.max_adapter_bytes = run_quota, max_adapter_bytes
         self.store = LocalStore(store_root)
         self.kept: dict[str, dict[str, object]] = {}  # run id -> cid -> PublishedAdapter
+        self.used: dict[str, int] = {}  # run id -> bytes of blocks kept for it
         self.errors: dict[str, str] = {}  # cid -> why it could not be kept (yet)
+        self._retry: dict[str, tuple[int, float]] = {}  # cid -> (failures, when to try again)
         self._listed: dict[str, float] = {}  # run id -> when this keeper last published its record
         self._listed_cids: dict[str, set] = {}  # run id -> the CIDs that record lists
         self._lock = threading.Lock()
@@ -56,25 +74,37 @@ class Keeper:
         swarm = self.swarm
         first_sight = run_id not in self.kept
         kept = self.kept.setdefault(run_id, {})
-        votes: dict[int, Counter] = {}  # epoch -> CID -> publishers listing it now
-        for pid, a in swarm.published_adapters(run_id):
-            if pid == swarm.peer_id:
+        published = [(pid, a) for pid, a in swarm.published_adapters(run_id) if pid != swarm.peer_id]
+        good = vouched(published, {pid: s.epoch for pid, s in swarm.peer_statuses(run_id).items()})
+        now = time.monotonic()
+        for epoch in sorted(good, reverse=True):  # newest first: a full quota keeps the newest
+            cid = good[epoch]
+            if cid in kept or self._retry.get(cid, (0, 0.0))[1] > now:
                 continue
-            votes.setdefault(a.epoch, Counter())[a.cid] += 1
-            if a.cid in kept:
+            room = min(self.max_adapter_bytes, self.run_quota - self.used.get(run_id, 0))
+            if room <= 0:
+                self.errors[cid] = f"not kept: run {run_id}'s quota of {self.run_quota} bytes is used up"
                 continue
+            publishers = sorted({pid for pid, a in published if a.cid == cid})
+            sources = [("this keeper's store", self.store.get_blocks)]
+            sources += [(f"peer {pid}", swarm.blocks_from(pid)) for pid in publishers]
             try:
-                self.store.pin(first_good([("this keeper's store", self.store.get_blocks),
-                                           (f"peer {pid}", swarm.blocks_from(pid))]), a.cid)  # fmt: skip
+                size = self.store.pin(first_good(sources), cid, max_bytes=room)
             except StorageError as e:
-                self.errors[a.cid] = str(e)
+                failures = self._retry.get(cid, (0, 0.0))[0] + 1
+                self._retry[cid] = (failures, now + min(RETRY_MAX, self.every * 2**failures))
+                self.errors[cid] = str(e)
                 continue
-            kept[a.cid] = self._record(epoch=a.epoch, cid=a.cid, adapter_hash=a.adapter_hash, time=a.time)
-            self.errors.pop(a.cid, None)
-        # list what the publishers of each epoch agree on now: a CID they replaced (a finisher's pre-agreement
-        # adapter) or that fewer of them list is kept on disk but not vouched for
-        listed = sorted((r for cid, r in kept.items() if not votes.get(r.epoch)
-                         or votes[r.epoch][cid] == max(votes[r.epoch].values())), key=lambda r: (r.epoch, r.time))  # fmt: skip
+            self.used[run_id] = self.used.get(run_id, 0) + size
+            a = next(a for pid, a in published if a.cid == cid)
+            kept[cid] = self._record(epoch=epoch, cid=cid, adapter_hash=a.adapter_hash, time=a.time)
+            self.errors.pop(cid, None)
+            self._retry.pop(cid, None)
+        # list what the run vouches for now; an epoch nobody claims any more (publishers gone) stays listed, and a
+        # CID the publishers replaced (a finisher's pre-agreement adapter) is kept on disk but not vouched for
+        claimed = {a.epoch for _, a in published}
+        listed = sorted((r for cid, r in kept.items() if r.epoch not in claimed or good.get(r.epoch) == cid),
+                        key=lambda r: (r.epoch, r.time))  # fmt: skip
         changed = {r.cid for r in listed} != self._listed_cids.get(run_id)
         stale = time.monotonic() - self._listed.get(run_id, 0.0) > REFRESH_EVERY
         if changed or first_sight or stale:  # an empty record at first sight tells finishing peers a keeper is here

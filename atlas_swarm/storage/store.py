@@ -21,9 +21,7 @@ import requests
 
 from atlas_swarm.errors import StorageError
 from atlas_swarm.storage.cid import cid_of_folder, encode
-from atlas_swarm.storage.dag import fetch_blocks, fetch_folder, parse_cid
-
-MAX_BLOCK = 1 << 20  # no block we write is larger than a 256 KiB chunk plus its dag-pb wrapping
+from atlas_swarm.storage.dag import MAX_ADAPTER_BYTES, MAX_BLOCK, fetch_blocks, fetch_folder, parse_cid
 
 
 class Store:
@@ -35,8 +33,8 @@ class Store:
     def get_blocks(self, cids: list[bytes]) -> Mapping[bytes, bytes]:
         raise NotImplementedError
 
-    def fetch_folder(self, cid: str, dest: str | Path) -> Path:
-        return fetch_folder(self.get_blocks, cid, dest)
+    def fetch_folder(self, cid: str, dest: str | Path, max_bytes: int = MAX_ADAPTER_BYTES) -> Path:
+        return fetch_folder(self.get_blocks, cid, dest, max_bytes)
 
 
 class LocalStore(Store):
@@ -77,10 +75,16 @@ class LocalStore(Store):
                 pass
         return out
 
-    def pin(self, get_blocks, cid: str) -> None:
-        """Copy the whole DAG of ``cid`` from another source into this store, verifying every block."""
-        for c, block in fetch_blocks(get_blocks, parse_cid(cid)).items():
-            self.put_block(c, block)
+    def pin(self, get_blocks, cid: str, max_bytes: int = MAX_ADAPTER_BYTES) -> int:
+        """Copy the whole DAG of ``cid`` (at most ``max_bytes`` of blocks) from another source into this store,
+        verifying every block. Returns the bytes of its blocks."""
+        blocks = fetch_blocks(get_blocks, parse_cid(cid), max_bytes)
+        try:
+            for c, block in blocks.items():
+                self.put_block(c, block)
+        except OSError as e:
+            raise StorageError(f"Cannot keep {cid} in {str(self.root)!r}: {e.strerror or e}.") from None
+        return sum(len(b) for b in blocks.values())
 
 
 class IpfsStore(Store):

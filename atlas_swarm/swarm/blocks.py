@@ -20,8 +20,20 @@ from hivemind.p2p import P2P, PeerID
 from atlas_swarm.errors import StorageError
 
 BLOCKS = "atlas.blocks.v1"
-MAX_PER_REQUEST = 64  # 64 blocks of at most 256 KiB + a header: 16 MiB per answer at most
+MAX_PER_REQUEST = 16
+MAX_BLOCK = (1 << 20) + 1024  # storage.dag.MAX_BLOCK (storage sits above this package: not imported)
+MAX_REQUEST_BYTES = MAX_PER_REQUEST * 64 + 64  # a msgpack list of binary CIDs (36 bytes each)
+MAX_ANSWER_BYTES = MAX_PER_REQUEST * (MAX_BLOCK + 8) + 64  # about 16 MiB
 REQUEST_TIMEOUT = 30.0
+
+
+async def _receive(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """hivemind's P2P.receive_raw_data (an 8-byte length, then the bytes) with a cap: it would read whatever
+    length the other side claims, GBs before any check."""
+    length = int.from_bytes(await reader.readexactly(8), "big")
+    if length > limit:
+        raise ValueError(f"a message of {length} bytes, over the {limit}-byte limit")
+    return await reader.readexactly(length)
 
 
 def serve(dht, store_root: str, ipfs_api: Optional[str] = None) -> None:
@@ -37,7 +49,7 @@ async def _serve(store_root: str, ipfs_api: Optional[str], _dht, node) -> None:
 
     async def handle(_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            wanted = msgpack.unpackb(await asyncio.wait_for(P2P.receive_raw_data(reader), REQUEST_TIMEOUT))
+            wanted = msgpack.unpackb(await asyncio.wait_for(_receive(reader, MAX_REQUEST_BYTES), REQUEST_TIMEOUT))
             if not isinstance(wanted, list) or not all(isinstance(c, bytes) for c in wanted):
                 return
             wanted = wanted[:MAX_PER_REQUEST]
@@ -73,11 +85,11 @@ async def _ask(peer_id: str, cids: list[bytes], _dht, node) -> tuple[dict[bytes,
             node.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), BLOCKS), REQUEST_TIMEOUT)
         try:
             await P2P.send_raw_data(msgpack.packb(cids), writer)
-            answer = msgpack.unpackb(await asyncio.wait_for(P2P.receive_raw_data(reader), REQUEST_TIMEOUT))
+            answer = msgpack.unpackb(await asyncio.wait_for(_receive(reader, MAX_ANSWER_BYTES), REQUEST_TIMEOUT))
         finally:
             writer.close()
     except Exception as e:
         return {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not isinstance(answer, list):
         return {}, "a malformed answer"
-    return {c: b for c, b in zip(cids, answer) if isinstance(b, bytes)}, None
+    return {c: b for c, b in zip(cids, answer) if isinstance(b, bytes) and len(b) <= MAX_BLOCK}, None

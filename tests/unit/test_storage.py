@@ -4,12 +4,13 @@ which published CID to trust. (Equality with a real IPFS daemon: tests/integrati
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
 
 from atlas_swarm.errors import StorageError
-from atlas_swarm.notebook.fetch import choose
+from atlas_swarm.storage.vouch import choose, majority, vouched
 from atlas_swarm.storage.dag import first_good
 from atlas_swarm.storage import CorruptBlock, LocalStore, cid_of_folder
 from atlas_swarm.storage.cid import CHUNK
@@ -123,13 +124,26 @@ def _pub(epoch, cid):
     return SimpleNamespace(epoch=epoch, cid=cid)
 
 
-def test_choose_takes_the_newest_epoch_and_the_majority_cid():
+def test_choose_takes_the_newest_vouched_epoch_and_the_majority_cid():
     published = [("A", _pub(4, "bafyX")), ("B", _pub(4, "bafyX")), ("C", _pub(4, "bafyEVIL")), ("D", _pub(3, "bafyOld"))]
-    assert choose(published, None) == (4, "bafyX", ["A", "B"])
-    assert choose(published, 3) == (3, "bafyOld", ["D"])
-    assert choose([("A", _pub(1, "bafyB")), ("B", _pub(1, "bafyA"))], None)[1] == "bafyA"  # tie: smallest
-    with pytest.raises(StorageError, match="Nothing published yet for epoch 9"):
-        choose(published, 9)
+    reached = {"A": 5, "B": 5, "C": 5, "D": 5}
+    assert choose(published, reached) == (4, "bafyX", ["A", "B"])
+    assert choose(published, reached, 3) == (3, "bafyOld", ["D"])
+    assert choose([("A", _pub(1, "bafyB")), ("B", _pub(1, "bafyA"))], {})[1] == "bafyA"  # tie: smallest
+    with pytest.raises(StorageError, match="Nothing published for epoch 9"):
+        choose(published, reached, 9)
+
+
+def test_one_publisher_claiming_a_far_epoch_is_not_chosen():
+    """H2: on 186506a the newest epoch any single record claimed was chosen (10**6 beat the real epoch 6)."""
+    honest = [("A", _pub(6, "bafyReal")), ("B", _pub(4, "bafyOlder"))]
+    reached = {"A": 7, "B": 7, "C": 7, "X": 10**6}  # X's own status claims it too: still one voice of four
+    assert choose(honest + [("X", _pub(10**6, "bafyEVIL"))], reached) == (6, "bafyReal", ["A"])
+    assert vouched(honest + [("X", _pub(10**6, "bafyEVIL"))], reached) == {6: "bafyReal", 4: "bafyOlder"}
+    # with no live statuses (the run ended), publishers alone vouch: the final adapter, published by all, wins
+    final = [(p, _pub(8, "bafyFinal")) for p in "ABC"] + [("X", _pub(10**6, "bafyEVIL"))]
+    assert choose(final, {})[:2] == (8, "bafyFinal")
+    assert majority({"b": 2, "a": 2, "c": 1}) == "a" and majority({}) is None
 
 
 def test_saved_adapter_configs_are_canonical_so_equal_adapters_get_equal_cids(tmp_path):
@@ -160,6 +174,9 @@ class FakeSwarm:
     def published_adapters(self, run_id):
         return self.publications
 
+    def peer_statuses(self, run_id):
+        return {}  # a finished run: only the publishers' records vouch
+
     def blocks_from(self, pid):
         return self.stores[pid].get_blocks
 
@@ -167,7 +184,7 @@ class FakeSwarm:
         self.records.append(([a.cid for a in adapters], wait, keeper))
 
 
-def test_keeper_copies_everything_but_vouches_only_for_what_publishers_agree_on(tmp_path):
+def test_keeper_keeps_and_lists_only_what_the_run_vouches_for(tmp_path):
     from atlas_swarm.storage.keeper import Keeper
     from atlas_swarm.swarm.records import PublishedAdapter
 
@@ -185,5 +202,27 @@ def test_keeper_copies_everything_but_vouches_only_for_what_publishers_agree_on(
     keeper.keep_new()  # nothing changed: nothing republished
 
     assert swarm.records == [([], True, True), ([x], False, True)]
-    assert set(keeper.kept["run"]) == {x, y}  # both copied and verified; only the majority is vouched for
-    assert LocalStore(tmp_path / "kept").fetch_folder(y, tmp_path / "out").is_dir()
+    assert set(keeper.kept["run"]) == {x}, "the majority's copy, verified; a lone publisher's other CID is not kept"
+    assert LocalStore(tmp_path / "kept").fetch_folder(x, tmp_path / "out").is_dir()
+
+
+def test_keeper_stays_within_its_quota_and_a_failing_cid_blocks_nothing(tmp_path):
+    """H3/M2: a bootstrap keeper pinned every CID any announced run listed, and retried a bad one first forever."""
+    from atlas_swarm.storage.keeper import Keeper
+    from atlas_swarm.swarm.records import PublishedAdapter
+
+    stores = {"a": LocalStore(tmp_path / "a"), "gone": LocalStore(tmp_path / "gone")}
+    old = stores["a"].put_folder(make_folder(tmp_path / "old"))
+    new = stores["gone"].put_folder(make_folder(tmp_path / "new"))  # random weights: another CID
+    for block in (tmp_path / "gone" / "blocks").iterdir():
+        block.unlink()  # its publisher lost it: every fetch of it fails
+    pub = lambda epoch, cid: PublishedAdapter(epoch=epoch, cid=cid, adapter_hash="h", time=1.0)  # noqa: E731
+    swarm = FakeSwarm([("a", pub(2, old)), ("a", pub(4, new)), ("gone", pub(4, new))], stores)
+    keeper = Keeper(swarm, tmp_path / "kept", lambda: ["run"], every=60.0)
+    keeper.keep_new()
+    assert set(keeper.kept["run"]) == {old}, "the failing newer CID did not stop the older one"
+    assert new in keeper.errors and keeper._retry[new][1] > time.monotonic() + 60, "tried again only after a backoff"
+
+    tight = Keeper(FakeSwarm([("a", pub(2, old))], stores), tmp_path / "tight", lambda: ["run"], run_quota=100)
+    tight.keep_new()
+    assert not tight.kept["run"] and "over 100 bytes" in tight.errors[old], "the quota bounds what it stores"
