@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from atlas_swarm.errors import StorageError
+from atlas_swarm.errors import AtlasError
 from atlas_swarm.model.lora import save_adapter
 from atlas_swarm.storage.store import Store, open_store
 
@@ -29,6 +29,7 @@ class AdapterPublisher:
         self.store_root.mkdir(parents=True, exist_ok=True)  # publish() stages folders here, whatever the backend
         self.store: Store = open_store(self.store_root, ipfs_api)
         self.published: list = []
+        self.failures = 0  # publications that failed (a full disk, a daemon down): counted, never the training's end
         self.on_published = None  # (epoch, cid) -> None: the chain session records it on chain
         swarm.serve_blocks(str(self.store_root), ipfs_api)
 
@@ -56,8 +57,11 @@ class AdapterPublisher:
         """publish() with its outcome as an event; a failing store costs this publication, never the training."""
         try:
             cid = self.publish(model, epoch, adapter_hash)
-        except StorageError as e:
-            reporter.event("publish_failed", f"Could not publish {which} adapter: {e}", epoch=epoch, error=str(e))
+        except (AtlasError, OSError) as e:  # OSError: saving the folder itself (disk full, permissions)
+            self.failures += 1
+            error = str(e) if isinstance(e, AtlasError) else f"{type(e).__name__}: {e.strerror or e}"
+            reporter.event("publish_failed", f"Could not publish {which} adapter: {error}", epoch=epoch, error=error,
+                           failures=self.failures)  # fmt: skip
             return None
         reporter.event("published", f"Published {which} adapter as {cid}", epoch=epoch, cid=cid)
         return cid

@@ -1,0 +1,105 @@
+"""Failures that must cost one action, never the training or a background thread (issue 16, item 12): a full disk
+while publishing, an odd error in the proof poster, a chain that answers slowly while the training loop signs."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+from eth_account import Account
+
+from atlas_swarm.chain.outbox import Outbox, ProofPoster
+from atlas_swarm.proofs import Domain
+
+
+class Events:
+    def __init__(self):
+        self.seen = []
+
+    def event(self, kind, text="", **fields):
+        self.seen.append((kind, fields))
+
+
+def test_a_full_disk_costs_one_publication_not_the_training(tmp_path, monkeypatch):
+    """L4: an OSError while saving the adapter propagated out of the epoch hook and stopped training."""
+    import atlas_swarm.storage.publish as publish
+
+    class Swarm:
+        peer_id = "QmMe"
+
+        def serve_blocks(self, root, ipfs_api=None):
+            pass
+
+        def publish_adapters(self, *a, **k):
+            pass
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(publish, "save_adapter", disk_full)
+    publisher = publish.AdapterPublisher(Swarm(), "run-0123456789abcdef", "base", tmp_path / "store", None, 1)
+    events = Events()
+    report = type("R", (), {"epoch": 2, "group": (), "adapter_hash": "ab" * 32})()
+    assert publisher.on_epoch(object(), report, events) is None
+    assert publisher.on_epoch(object(), type(report)(), events) is None
+    (kind, fields), _ = events.seen
+    assert kind == "publish_failed" and "No space left" in fields["error"] and publisher.failures == 2
+
+
+class OddClient:
+    """A chain client whose every call fails with something that is not a ChainError (an odd RPC answer)."""
+
+    def __getattr__(self, name):
+        def fail(*a, **k):
+            raise SyntaxError("unexpected EOF while parsing the node's message")
+
+        return fail
+
+
+def test_the_proof_poster_survives_any_error_and_counts_it(tmp_path):
+    """M8: any non-chain error killed the poster thread silently; proofs then waited for a restart."""
+    account = Account.create()
+    box = Outbox(tmp_path / "proofs", account, Domain(1, "0x" + "11" * 20))
+    box.sign(b"\x01" * 32, 1, "QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG", 8, "00" * 32, bytes(32))
+    poster = ProofPoster(box, OddClient(), every=0.05, batch=1, max_wait=0).start()
+    deadline = time.monotonic() + 10
+    while poster.errors < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert poster.errors >= 3 and "SyntaxError" in poster.last_error and poster._thread.is_alive()
+    poster.stop(1.0)
+    assert box.counts().pending == 1, "the proof is still on disk, pending"
+
+
+class SlowChain:
+    """A chain that takes ``delay`` s per transaction (a congested RPC): the training thread must not wait for it."""
+
+    def __init__(self, delay: float):
+        self.delay, self.inside = delay, threading.Event()
+
+    def proof_submitted(self, proof):
+        return False
+
+    def submit_proofs(self, signed):
+        self.inside.set()
+        time.sleep(self.delay)
+        return type("Receipt", (), {"tx_hash": "0xabc", "gas_used": 50_000})()
+
+
+def test_signing_never_waits_for_a_flush_in_flight(tmp_path):
+    """M4: Outbox.flush held the lock that sign() needs across a 60 s receipt wait."""
+    account = Account.create()
+    box = Outbox(tmp_path / "proofs", account, Domain(1, "0x" + "11" * 20))
+    peer = "QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG"
+    box.sign(b"\x01" * 32, 1, peer, 8, "00" * 32, bytes(32))
+    chain = SlowChain(delay=3.0)
+    flusher = threading.Thread(target=box.flush, args=(chain,))
+    flusher.start()
+    try:
+        assert chain.inside.wait(5), "the flush is inside its transaction"
+        t0 = time.monotonic()
+        assert box.sign(b"\x01" * 32, 2, peer, 8, "00" * 32, bytes(32)) is not None
+        assert time.monotonic() - t0 < 0.5, "the epoch's proof was signed while the transaction was in flight"
+    finally:
+        flusher.join(10)
+    assert box.counts().posted == 1 and box.counts().pending == 1
