@@ -1,7 +1,8 @@
 """A training peer's chain side: checked once at start, then one signed proof per epoch through the outbox.
 
-    ChainSession.open   wallet → contract → the run the spec's trainer opened (same spec hash, not closing) → PeerID
-                        bound to this wallet (registers it if unbound) → stake ≥ the run's minimum → wallet binding published in the DHT → outbox + poster
+    ChainSession.open   wallet → contract → the run the spec's trainer opened (same spec hash, not closing) → this
+                        wallet bound to our PeerID (registers it if unbound) → stake ≥ the run's minimum → wallet
+                        binding published in the DHT → outbox + poster
     on_epoch            sign the epoch's proof (samples, adapter hash, data root), queue it, wake the poster
     record_checkpoint   the CID this peer published for an epoch, recorded on chain by the poster once the proof
                         that produced it (epoch - 1) is accepted

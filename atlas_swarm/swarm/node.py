@@ -139,8 +139,9 @@ class Swarm:
             self._validated_runs.add(run_id)
 
     def forget_run(self, run_id: str) -> None:
-        """Drop the validators of a run this node stops watching (a monitor evicting it): its records are then
-        refused as unknown keys, and memory stays bounded."""
+        """Drop the validators of a run this node stops watching (a monitor evicting it), so that their number stays
+        bounded. Its records are then unknown keys to this node, as they were before it first read the run; reading
+        it again adds the validators again."""
         if run_id not in self._validated_runs and run_id + ":progress" not in self._validated_runs:
             return
         self._validated_runs.discard(run_id)

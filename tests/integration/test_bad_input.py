@@ -176,11 +176,18 @@ def anvil_contract(tmp_path):
     ("unreachable", "did not answer"),
     ("wrong-password", "Wrong password"),
     ("not-the-contract", "not AtlasStaking"),
+    ("no-trainer", "names no trainer"),
     ("run-not-on-chain", "is not on the staking contract"),
 ])  # fmt: skip
-def test_chain_misconfiguration_is_a_clear_error(capsys, tmp_path, tiny_spec, text_data, anvil_contract, case,
+def test_chain_misconfiguration_is_a_clear_error(capsys, tmp_path, tiny_model, text_data, anvil_contract, case,
                                                  expected):  # fmt: skip
+    from eth_account import Account
+
+    from atlas_swarm.chain.anvil import DEV_KEYS
+
     url, client = anvil_contract
+    trainer = "" if case == "no-trainer" else Account.from_key(DEV_KEYS[0]).address
+    tiny_spec = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer)
     rpc = "http://127.0.0.1:9" if case == "unreachable" else url
     contract = "0x" + "12" * 20 if case == "not-the-contract" else client.address
     pw = tmp_path / ("bad-pw" if case == "wrong-password" else "pw")

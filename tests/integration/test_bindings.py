@@ -45,8 +45,10 @@ def test_only_two_way_bindings_count(tmp_path):
                                signature=sign_binding(honest.peer_id, forger_acct.key))  # fmt: skip
         assert forger.dht.store(f"{RUN}_wallets", subkey=forger.signer.local_public_key, value=forged.dict(),
                                 expiration_time=get_dht_time() + 60)  # fmt: skip
-        # victim: someone front-ran its PeerID on chain; its own DHT record names its real wallet
+        # victim: someone front-ran its PeerID on chain, which locks nobody out: the victim registers it all the same,
+        # and its own DHT record names its real wallet
         StakingClient(w3, client.address, frontrunner_acct).register_peer(victim.peer_id)
+        StakingClient(w3, client.address, victim_acct).register_peer(victim.peer_id)
         victim.publish_wallet(RUN, victim_acct.address, sign_binding(victim.peer_id, victim_acct.key))
 
         deadline = time.monotonic() + 30
@@ -57,7 +59,8 @@ def test_only_two_way_bindings_count(tmp_path):
             time.sleep(0.2)
         assert seen == {honest.peer_id: honest_acct.address, victim.peer_id: victim_acct.address}  # forgery dropped
         assert victim.forged >= 1
-        assert verified_bindings(victim, client, RUN) == {honest.peer_id: honest_acct.address}  # front-run ignored
+        assert verified_bindings(victim, client, RUN) == {honest.peer_id: honest_acct.address,
+                                                          victim.peer_id: victim_acct.address}  # front-run ignored
 
         # the operator's view says the same
         env = dict(os.environ, ATLAS_CHAIN_RPC=anvil.url, ATLAS_STAKING_CONTRACT=client.address)
@@ -67,7 +70,8 @@ def test_only_two_way_bindings_count(tmp_path):
         assert out.returncode == 0, out.stderr
         lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
         assert f"wallet {honest_acct.address} (bound both ways)  stake 1 ETH" in lines[honest.peer_id]
-        assert f"but the chain binds it to {frontrunner_acct.address} (ignored)" in lines[victim.peer_id]
+        assert f"wallet {victim_acct.address} (bound both ways)" in lines[victim.peer_id]
+        assert frontrunner_acct.address not in out.stdout, "the front-runner's chain-only claim counts for nothing"
         assert forger.peer_id not in lines and forger_acct.address not in out.stdout
     finally:
         for s in swarms:

@@ -12,7 +12,7 @@ from atlas_swarm import Run
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import tensors_hash
 from atlas_swarm.storage import CorruptBlock, LocalStore, cid_of_folder
-from atlas_swarm.swarm import Swarm
+from atlas_swarm.swarm import PeerStatus, Swarm
 from atlas_swarm.swarm.records import PublishedAdapter
 from tests.conftest import write_spec
 from tests.peers import killed_at_exit, wait_until
@@ -51,10 +51,15 @@ def test_a_notebook_fetches_over_p2p_and_refuses_tampered_blocks(tmp_path, tiny_
         leaf = next(p for p in store_b.blocks.iterdir() if p.read_bytes() == b'{"epoch": 2}')
         leaf.write_bytes(b'{"epoch": 3}')
         b.publish_adapters(spec.run_id, [PublishedAdapter(epoch=2, cid=cid2, adapter_hash="h2", time=time.time())])
+        # A has reached epoch 2 too, so the run vouches for B's epoch-2 adapter (one record alone would not do)
+        a.publish_status(spec.run_id, PeerStatus(peer_id=a.peer_id, device="cpu", precision="fp32", client_mode=False,
+                         adapter_shapes="x", epoch=2, samples_total=64, samples_per_second=1.0, loss=None,
+                         time=time.time()), wait=True)  # fmt: skip
 
         # Execute
         run = Run.attach(spec.run_id, a.visible_maddrs(), workdir=tmp_path / "notebook")
         wait_until(lambda: len(run.published()) >= 2, 30, "both publications visible")
+        wait_until(lambda: a.peer_id in run.swarm.peer_statuses(spec.run_id), 30, "A's status visible")
         good = run.adapter(epoch=1, load=False)
         with pytest.raises(CorruptBlock, match=f"peer {b.peer_id}"):
             run.adapter()  # the newest (epoch 2) is B's

@@ -355,3 +355,20 @@ def test_a_squatter_cannot_open_or_take_the_trainers_run(chain):
         as_peer(client, squatter).close_run(RUN_KEY)
     assert e.value.error == "NotTrainer"
     assert client.get_run(RUN_KEY)["budget"] == 11 * ETHER
+
+
+def test_run_fund_refuses_someone_elses_run_unless_asked(chain, tmp_path):
+    """H1 from the notebook: Run.fund topped up whatever run had the id, and its creator took the money."""
+    from atlas_swarm import Run
+    from atlas_swarm.errors import ConfigError
+
+    w3, client, trainer, (_, stranger, _) = chain
+    run = Run.create("org/model", name="fund-test", lora={"target_modules": ["q"]}, trainer=trainer.address,
+                     workdir=tmp_path)  # fmt: skip
+    run._chain = as_peer(client, trainer)
+    opened = run.fund(1.0, reward_per_sample_eth=1e-9, min_stake_eth=0)
+    assert opened["trainer"] == trainer.address and opened["budget"] == ETHER
+    run._chain = as_peer(client, stranger)
+    with pytest.raises(ConfigError, match="not_mine=True"):
+        run.fund(0.5)
+    assert run.fund(0.5, not_mine=True)["budget"] == ETHER + ETHER // 2, "a gift, when asked for explicitly"
