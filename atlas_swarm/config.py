@@ -24,7 +24,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}-[0-9a-f]{16}$")
 _ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
-MAX_SPEC_BYTES = 16 * 1024  # a real spec is well under 1 KiB; anything bigger from the network is junk
+MAX_SPEC_BYTES = 8 * 1024  # a real spec is well under 1 KiB; a DHT record holds 8 KiB (swarm/records.py)
 MAX_SPEC_DEPTH = 4  # {section: {field: [items]}} is 3 levels
 
 
@@ -104,6 +104,9 @@ class RunSpec:
         )
         _check(a.average_state_every >= 1, "averaging.average_state_every", a.average_state_every, "an integer >= 1")
         _check(a.compression in COMPRESSIONS, "averaging.compression", a.compression, f"one of {', '.join(COMPRESSIONS)}")
+        size = len(self.canonical_bytes())
+        _check(size <= MAX_SPEC_BYTES, "(the whole spec)", f"{size} bytes", f"at most {MAX_SPEC_BYTES} bytes of "
+               f"canonical JSON, the most a peer accepts from the network (fewer labels or modules)")
 
     @property
     def run_id(self) -> str:

@@ -81,4 +81,13 @@ def no_stray_p2pd():
             p.kill()
         except psutil.Error:
             pass
-    assert not stray, f"stray p2pd processes left behind: {[p.pid for p in stray]}"
+    assert not stray, f"stray p2pd processes left behind: {[(p.pid, _owner(p)) for p in stray]}"
+
+
+def _owner(p: psutil.Process) -> str:
+    """Who started a stray p2pd (its parent's command line), for the failure message."""
+    try:
+        parent = psutil.Process(p.info.get("ppid") or p.ppid())
+        return " ".join(parent.cmdline())[-120:]
+    except psutil.Error:
+        return "its parent is gone (the DHT process was terminated the hard way)"

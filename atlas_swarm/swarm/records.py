@@ -28,7 +28,10 @@ STATUS_EVERY = 5.0  # seconds between status refreshes
 WALLET_TTL = 600.0  # seconds a wallet binding lives without a refresh
 ADAPTERS_TTL = 24 * 3600.0  # seconds a publisher's adapter list lives without a refresh
 ADAPTERS_KEPT = 16  # a publisher lists its last 16 adapters
-MAX_RECORD_BYTES = 32 * 1024  # any one record we store (hivemind drops a ~200 kB store silently: swarm/node.py)
+# Any one record we store. hivemind hands a store to its DHT process over a pipe that process reads without
+# blocking; CPython sends a message over 16 KiB in two writes, and a read between them kills the DHT process
+# (BlockingIOError, then EOFError; seen with 30 kB and 200 kB records). 8 KiB stays one write with room to spare.
+MAX_RECORD_BYTES = 8 * 1024
 
 EPOCH_MAX = 2**40  # far beyond any real run; bounded so that sums and JSON stay exact
 ShortStr = constr(strict=True, max_length=128)  # PeerIDs (~52), hashes (64), devices, run ids (57)
@@ -110,7 +113,7 @@ class PublishedAdapter(BaseModel):
 
 class PublishedAdapters(BaseModel):
     peer_id: ShortStr  # the publisher, who serves the blocks
-    adapters: conlist(PublishedAdapter, max_items=4 * ADAPTERS_KEPT)  # a keeper lists more than a peer's 16
+    adapters: conlist(PublishedAdapter, max_items=ADAPTERS_KEPT)  # publish_adapters sends the last 16
     keeper: StrictBool = False  # a node that copies every published adapter (a notebook): finishing peers wait for it
 
 
@@ -127,7 +130,7 @@ class GlobalRecords(BaseModel):
 
 
 class RunRecords(BaseModel):
-    spec: Dict[BytesWithPublicKey, conbytes(strict=True, max_length=16 * 1024)]  # config.MAX_SPEC_BYTES
+    spec: Dict[BytesWithPublicKey, conbytes(strict=True, max_length=8 * 1024)]  # config.MAX_SPEC_BYTES
     peers: Dict[BytesWithPublicKey, Optional[PeerStatus]]
     wallets: Dict[BytesWithPublicKey, Optional[WalletBinding]]
     adapters: Dict[BytesWithPublicKey, Optional[PublishedAdapters]]

@@ -59,13 +59,16 @@ def strict_json(body: bytes):
 def test_a_junk_spec_costs_nothing_but_its_own_run(capsys, tmp_path, text_data, swarm_with_attacker):
     """H4: a spec record of nested brackets raised RecursionError, failing every monitor poll and crashing joiners."""
     honest, watcher, attacker, spec = swarm_with_attacker
-    attacker.announce_junk_run(JUNK, b"[" * 10_000)
+    attacker.announce_junk_run(JUNK, b"[" * 8_000)  # within the record schema: our parser must refuse it
     honest.publish_status(spec.run_id, honest_status(honest), wait=True)
     monitor = Monitor(watcher, interval=0.5)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (JUNK not in watcher.announced_runs() or spec.run_id not in monitor.runs):
-        monitor.poll_once()
-        time.sleep(0.3)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (JUNK not in watcher.announced_runs() or spec.run_id not in monitor.runs):
+            monitor.poll_once()
+            time.sleep(0.3)
+    finally:
+        monitor.stop()
     assert JUNK in watcher.announced_runs(), "the attacker's announcement arrived"
     assert monitor.polls["error"] == 0 and monitor.health() == (True, "ok"), "no poll failed"
     assert spec.run_id in monitor.runs and monitor.runs[spec.run_id].name == "tiny-test", "the real run is shown"
@@ -98,6 +101,7 @@ def test_nan_and_infinity_in_a_status_are_refused_and_the_dashboard_stays_json(s
         assert run["peers"][0]["loss"] is None, "an honest NaN loss is shown as no loss"
     finally:
         server.shutdown()
+        monitor.stop()
 
 
 def test_a_forged_minority_status_does_not_keep_a_newcomer_out(capsys, tmp_path, text_data, swarm_with_attacker):
@@ -123,3 +127,28 @@ def test_a_forged_minority_status_does_not_keep_a_newcomer_out(capsys, tmp_path,
         assert err.get("kind") != "ModelError" and code == 0, err
     finally:
         third.shutdown()
+
+
+def test_a_record_too_large_for_the_dht_fails_fast(tmp_path):
+    """Item 14: with another node to send to, hivemind's DHT process drops a ~200 kB store (BlockingIOError on its
+    pipe) and the caller's future never resolves, so a blocking store of such a record hung on 186506a."""
+    from atlas_swarm.errors import SwarmError
+
+    first = Swarm.join(Identity.load_or_create(tmp_path / "first.key"), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    swarm = None
+    try:
+        swarm = Swarm.join(Identity.load_or_create(tmp_path / "me.key"), first.visible_maddrs(),
+                           ["/ip4/127.0.0.1/tcp/0"])  # fmt: skip
+        key = "tiny-test-0123456789abcdef_wallets"
+        t0 = time.monotonic()
+        for size in (200_000, 30_000):  # both killed hivemind's DHT process when sent to it
+            with pytest.raises(SwarmError, match="over the 8192-byte limit"):
+                swarm._store(key, {"blob": b"\0" * size}, 60, True, "a big record")
+        assert time.monotonic() - t0 < 1.0
+        for _ in range(20):  # just under the limit: stored, and the DHT process lives on
+            swarm._store(key, {"blob": b"\0" * 8_000}, 60, True, "a record under the limit")
+        assert swarm.dht.is_alive()
+    finally:
+        if swarm is not None:
+            swarm.shutdown()
+        first.shutdown()

@@ -112,3 +112,8 @@ def test_the_trainer_is_part_of_the_run_id_and_checked():
     for bad in ("0x1234", "me", 42):
         with pytest.raises(SpecError, match="trainer"):
             spec(trainer=bad)
+
+
+def test_a_spec_too_large_to_publish_is_refused_when_it_is_made():
+    with pytest.raises(SpecError, match="at most 8192 bytes"):
+        spec(model__task="sequence-classification", model__labels=[f"label-{i}" for i in range(3000)])

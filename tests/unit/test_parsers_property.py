@@ -138,3 +138,16 @@ def test_an_announcement_is_bounded():
         except ValueError:
             continue
         raise AssertionError(f"accepted {bad}")
+
+
+def test_validators_stay_one_schema_per_class_however_many_runs_are_watched():
+    """M3: hivemind's merge appended the run schema again for every run a node ever read (a monitor under a flood
+    of announcements checked each record against thousands of copies)."""
+    from hivemind.dht.schema import SchemaValidator
+
+    ours, theirs = RunSchemaValidator(RunRecords, prefix="r0"), SchemaValidator(RunRecords, prefix="r0")
+    for i in range(1, 300):
+        ours.merge_with(RunSchemaValidator(RunRecords, prefix=f"r{i}"))
+        theirs.merge_with(SchemaValidator(RunRecords, prefix=f"r{i}"))
+    assert len(ours._schemas) == 1 and len(theirs._schemas) == 300
+    assert len(ours._key_id_to_field_name) == 300 * len(RunRecords.__fields__)

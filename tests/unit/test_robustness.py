@@ -103,3 +103,13 @@ def test_signing_never_waits_for_a_flush_in_flight(tmp_path):
     finally:
         flusher.join(10)
     assert box.counts().posted == 1 and box.counts().pending == 1
+
+
+def test_run_watch_draws_a_run_whose_history_holds_a_nan_loss():
+    """M1: int(nan) in the sparkline crashed Run.watch() (records are finite now; the drawing copes anyway)."""
+    from atlas_swarm.notebook.display import line, sparkline
+
+    assert sparkline([1.0, float("nan"), 0.5, float("inf"), 0.25]) != ""
+    view = {"epoch": 3, "peers": [1], "samples_per_second": 2.0, "samples": 4, "target": 8, "loss": float("nan"),
+            "history": [{"loss": 1.0}, {"loss": float("nan")}, {"loss": 0.5}]}  # fmt: skip
+    assert "loss nan" in line(view, 5)
