@@ -24,8 +24,6 @@ from atlas_swarm.storage.vouch import vouched
 REFRESH_EVERY = 3600.0  # republish the keeper's record (it lives ADAPTERS_TTL = 24 h without a refresh)
 RUN_QUOTA = 2 << 30  # bytes of adapters kept per run
 RETRY_MAX = 600.0  # seconds between tries of a CID that keeps failing, at most
-
-
 KEEP_RUNS = 16  # runs a bootstrap keeper keeps adapters of (the most announced; --run pins more)
 
 
