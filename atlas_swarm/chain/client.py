@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -195,7 +194,7 @@ class StakingClient:
 
     def get_run(self, run: bytes) -> Optional[dict]:
         """The run with on-chain id ``run`` (chain_run_id(run_id, trainer)), or None. ``closing``: the trainer
-        called closeRun (proofs are paid until ``closes_at``); ``closed``: that time has passed."""
+        called closeRun (proofs are paid until ``closes_at``, unix time)."""
         r = self._call(lambda: self.contract.functions.getRun(run).call())
         keys = ("trainer", "max_samples_per_epoch", "closes_at", "spec_hash", "reward_per_sample", "min_stake",
                 "budget", "funded")  # fmt: skip
@@ -203,14 +202,7 @@ class StakingClient:
         if int(out["trainer"], 16) == 0:
             return None
         out["closing"] = out["closes_at"] != 0
-        out["closed"] = out["closing"] and out["closes_at"] <= self._now()
         return out
-
-    def _now(self) -> int:
-        try:
-            return int(self.w3.eth.get_block("latest")["timestamp"])
-        except Exception:
-            return int(time.time())
 
     def run_ledger(self, run: bytes, from_block: int = 0) -> dict[str, dict]:
         """Per address, from the run's events: epochs and samples accepted, rewards earned, slashes."""
