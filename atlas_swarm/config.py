@@ -250,7 +250,7 @@ class PeerConfig:
     device: str = "auto"
     precision: str = "auto"  # auto, fp32, bf16, fp16
     identity: Optional[str] = None  # default: <out>/identity.key
-    out: str = "atlas-runs"
+    out: str = "atlas-runs/peer"
     base_model: Optional[str] = None  # local folder that overrides the spec's model.base for this peer
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()

@@ -1,29 +1,31 @@
 """A peer's persistent libp2p identity: one RSA key that fixes its PeerID and signs its DHT records.
 
 The file is the libp2p protobuf that p2pd reads (so the PeerID is the same across restarts), written with mode 0600.
-The same key signs our DHT records, so a record "owned" by a PeerID can only be written by that peer.
+The same key signs our DHT records, so a record "owned" by a PeerID can only be written by that peer. swarm/ hands
+the key to hivemind; this module needs no hivemind (libp2p's key and PeerID encodings are written out below).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import base58
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hivemind.p2p import PeerID
-from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey
 
 from atlas_swarm.errors import ConfigError
+
+_RSA = 0  # libp2p crypto.proto: KeyType.RSA
 
 
 @dataclass(frozen=True)
 class Identity:
     path: Path
-    private_key: RSAPrivateKey
-    peer_id: PeerID
+    key: rsa.RSAPrivateKey
+    peer_id: str  # base58
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> "Identity":
@@ -36,18 +38,19 @@ class Identity:
                 der = key.private_bytes(
                     serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
                 )
-                blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
+                    f.write(_key_proto(_RSA, der))
             except OSError as e:
                 raise ConfigError(f"Cannot create identity file {str(path)!r}: {e.strerror}. Pick a writable --identity.")
         try:
             blob = path.read_bytes()
-            proto = crypto_pb2.PrivateKey.FromString(blob)
-            if proto.key_type != crypto_pb2.KeyType.RSA:
+            key_type, der = _parse_key_proto(blob)
+            if key_type != _RSA:
                 raise ValueError("not an RSA key")
-            der_key = serialization.load_der_private_key(proto.data, password=None)
+            key = serialization.load_der_private_key(der, password=None)
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise ValueError("not an RSA key")
         except OSError as e:
             raise ConfigError(f"Cannot read identity file {str(path)!r}: {e.strerror}.") from None
         except Exception:
@@ -55,6 +58,65 @@ class Identity:
                 f"Identity file {str(path)!r} is not a libp2p RSA private key (corrupted?). Move it away to create "
                 f"a new identity (this changes your PeerID)."
             ) from None
-        private_key = RSAPrivateKey.__new__(RSAPrivateKey)
-        private_key._private_key = der_key  # hivemind's RSAPrivateKey has no from-bytes constructor
-        return cls(path=path, private_key=private_key, peer_id=PeerID.from_identity(blob))
+        return cls(path=path, key=key, peer_id=peer_id_of(key.public_key()))
+
+    def private_der(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+                                      serialization.NoEncryption())  # fmt: skip
+
+
+def peer_id_of(public_key: rsa.RSAPublicKey) -> str:
+    """The libp2p PeerID (base58) of an RSA public key: the sha2-256 multihash of its PublicKey protobuf."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base58.b58encode(b"\x12\x20" + hashlib.sha256(_key_proto(_RSA, der)).digest()).decode()
+
+
+def peer_id_bytes(peer_id: str) -> bytes:
+    """A base58 PeerID's raw multihash bytes (what the contract hashes); ValueError if it is not base58."""
+    return base58.b58decode(peer_id)
+
+
+def _key_proto(key_type: int, data: bytes) -> bytes:
+    """libp2p's PublicKey/PrivateKey protobuf (proto2): field 1 the key type (varint), field 2 the key bytes."""
+    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
+
+
+def _parse_key_proto(blob: bytes) -> tuple[int, bytes]:
+    key_type, pos = None, 0
+    data = None
+    while pos < len(blob):
+        tag, pos = _read_varint(blob, pos)
+        if tag == 0x08:
+            key_type, pos = _read_varint(blob, pos)
+        elif tag == 0x12:
+            n, pos = _read_varint(blob, pos)
+            data, pos = blob[pos : pos + n], pos + n
+            if len(data) != n:
+                raise ValueError("truncated key")
+        else:
+            raise ValueError(f"unexpected field tag {tag}")
+    if key_type is None or data is None:
+        raise ValueError("incomplete key")
+    return key_type, data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(blob: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if pos >= len(blob) or shift > 63:
+            raise ValueError("bad varint")
+        byte = blob[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return n, pos

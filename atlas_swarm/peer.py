@@ -1,62 +1,53 @@
 """`python -m atlas_swarm.peer`: join (or start) a swarm and fine-tune its shared LoRA adapter on local data.
 
-run() is the whole pipeline, in order:
-    identity → join DHT → fetch/publish run spec → load base model + LoRA → resume local checkpoint
-    → [chain: check run, binding, stake] → local steps ⇄ decentralized averaging (hivemind.Optimizer)
-    → per epoch: sign contribution proof → outbox → posted on chain (background) ; save adapter
-    → every K epochs (elected peer): publish the adapter content-addressed (CID in the run's DHT record) → leave
+run() is the whole pipeline, in order, each phase a function below it:
+    join: identity → DHT → the run spec (ours or the swarm's)
+    open services: chain session (check run, binding, stake), checkpoint publisher — before the model: they fail fast
+    load: base model + LoRA → resume the local checkpoint → optimizer → sync with the swarm if it is ahead
+    train: local steps ⇄ decentralized averaging; per ended epoch: sign the contribution proof (posted in the
+           background), publish the adapter every K epochs (elected peer), save
+    leave: save the adapter, say we leave, flush the last proofs, shut down
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from atlas_swarm.chain.session import ChainSession
+from atlas_swarm.checkpoints.publish import AdapterPublisher
+from atlas_swarm.cli import run_cli
 from atlas_swarm.config import ChainConfig, PeerConfig, RunSpec, check_same_spec
-from atlas_swarm.errors import AtlasError, CheckpointError, ConfigError, DataError, ModelError
+from atlas_swarm.errors import CheckpointError, ConfigError, DataError, ModelError
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
+from atlas_swarm.proofs import EpochRecord, batch_hash
+from atlas_swarm.stopping import GracefulStop
 from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_shapes
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
-from atlas_swarm.ui import Reporter, quiet_hivemind
+from atlas_swarm.ui import Reporter
 
 SPEC_REFRESH_EVERY = 300.0
-STOP_GRACE = 6.0  # after a stop request, interrupt a blocking averaging call after this many seconds
-STOP_HARD = 9.5  # ... and kill our children and exit after this many (the user was promised < 10 s)
 FINAL_FLUSH = 20.0  # seconds a finishing peer waits for its last proofs to be posted (a stopped one: 3)
 
-
-@dataclass
-class EpochReport:
-    """Handed to each epoch hook: everything a contribution proof or checkpoint publisher needs."""
-
-    run_id: str
-    peer_id: str
-    epoch: int
-    samples: int
-    group: tuple[str, ...]
-    adapter_hash: str
-    adapter: dict = field(repr=False, default_factory=dict)  # name -> CPU tensor
+EpochHook = Callable[[EpochRecord], None]
 
 
 @dataclass
 class RunResult:
-    run_id: str
-    peer_id: str
+    run_id: Optional[str]  # None: stopped before the run spec was known
+    peer_id: Optional[str]
     epoch: int
     samples_total: int
     steps: int
@@ -64,238 +55,306 @@ class RunResult:
     adapter_dir: Optional[str]
 
 
-def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[Callable[[EpochReport], None]] = ()) -> RunResult:
+@dataclass
+class Progress:
+    """One peer's run: its settings, the services each phase opens (None until opened) and what it has done."""
+
+    cfg: PeerConfig
+    reporter: Reporter
+    stop: GracefulStop
+    out: Path
+    spec: Optional[RunSpec] = None
+    swarm: Optional[Swarm] = None
+    chain: Optional[ChainSession] = None
+    publisher: Optional[AdapterPublisher] = None
+    model: Any = None
+    params: list = field(default_factory=list)  # the adapter's trainable tensors
+    opt: Any = None  # swarm.SwarmOptimizer
+    device: str = "cpu"
+    precision: Any = None
+    shapes: str = ""
+    batches: Optional[Batches] = None
+    batch_size: int = 0
+    micro: int = 0
+    hooks: list[EpochHook] = field(default_factory=list)
+    batch_hashes: list[bytes] = field(default_factory=list)  # of the batches trained on since the last epoch ended
+    epoch: int = 0
+    samples_total: int = 0
+    steps: int = 0
+    loss: Optional[float] = None
+    rounds_averaged: int = 0
+    rounds_failed: int = 0
+    saved: Optional[Path] = None
+
+    def result(self) -> RunResult:
+        return RunResult(self.spec.run_id if self.spec else None, self.swarm.peer_id if self.swarm else None,
+                         self.epoch, self.samples_total, self.steps, self.loss,
+                         str(self.saved) if self.saved else None)  # fmt: skip
+
+    def next_batch(self, n: int) -> dict:
+        batch = self.batches.next(n)
+        if self.chain is not None:  # the proof commits to the batches trained on in each epoch (Merkle root)
+            self.batch_hashes.append(batch_hash(batch))
+        return batch
+
+
+def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) -> RunResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    identity = Identity.load_or_create(cfg.identity_path)
-    local_spec = RunSpec.from_toml(cfg.run_spec) if cfg.run_spec else None
-    device = pick_device(cfg.device)
     if cfg.data is None:
         raise DataError("No --data given: pass a .jsonl/.csv/.txt file or a saved dataset folder (it never leaves you).")
-    examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # fail on bad data before joining
-
-    stop = GracefulStop.install()
-    swarm = opt = model = publish_status = chain = None
-    state = {"epoch": 0, "samples_total": 0, "steps": 0, "loss": None, "rounds_averaged": 0, "rounds_failed": 0}
+    local_spec = RunSpec.from_toml(cfg.run_spec) if cfg.run_spec else None
+    examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # bad data fails before joining
+    p = Progress(cfg, reporter, GracefulStop.install(), Path(cfg.out), device=pick_device(cfg.device))
     try:
-        swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
-                           startup_timeout=cfg.join_timeout, **({"use_auto_relay": True} if cfg.auto_relay else {}))  # fmt: skip
+        join(p, local_spec)
+        open_services(p)
+        load(p, examples if examples is not None else load_examples(cfg.data, p.spec), hooks)
+        announce(p)
 
-        # 1. The run spec: ours (first peer) or the swarm's, and they must agree field by field.
-        if cfg.run_id is not None and (local_spec is None or local_spec.run_id != cfg.run_id):
-            spec = swarm.fetch_spec(cfg.run_id, timeout=cfg.join_timeout)
-            if local_spec is not None:
-                check_same_spec(local_spec, spec)
-        else:
-            spec = local_spec
-        swarm.publish_spec(spec, timeout=cfg.join_timeout)
-        if examples is None:
-            examples = load_examples(cfg.data, spec)
-        if cfg.chain is not None:  # before the model: a chain misconfiguration should not cost a model load
-            from atlas_swarm.chain.session import ChainSession
-
-            chain = ChainSession.open(cfg.chain, spec, swarm, out, reporter)
-
-        publish_hooks: list = []  # before the model, for the same reason: a bad --ipfs-api fails fast
-        publisher = None
-        if cfg.publish_every:
-            from atlas_swarm.storage.publish import AdapterPublisher
-
-            publisher = AdapterPublisher(swarm, spec.run_id, spec.model.base, cfg.store_path, cfg.ipfs_api,
-                                         cfg.publish_every)  # fmt: skip
-            if chain is not None:  # the contract's run record keeps epoch -> CID too
-                publisher.on_published = chain.record_checkpoint
-
-            publish_hooks.append(lambda report: publisher.on_epoch(model, report, reporter))
-
-        # 2. Base model + LoRA, identical on every peer (seeded); refuse adapters the swarm cannot average with ours.
-        model, tokenizer = load_model(spec, cfg.base_model, device)
-        model.train()
-        named = adapter_parameters(model)
-        shapes = shapes_hash({n: p for n, p in named})
-        theirs = other_shapes(swarm.peer_statuses(spec.run_id).values(), shapes)  # a majority, not one record
-        if theirs is not None:
-            raise ModelError(
-                f"Your adapter's tensor shapes ({shapes}) differ from those of most of the run's peers ({theirs}): "
-                f"the same run spec gave a different model here. Use the base model the run expects "
-                f"({spec.model.base}); check --base-model."
-            )
-        batches = Batches(examples, tokenizer, spec, seed=cfg.seed)
-        precision = Precision.for_device(device, cfg.precision)
-        micro = find_micro_batch(model, batches.next, device, precision)
-        batch_size = cfg.batch_size or micro
-        micro = min(micro, batch_size)
-        next_batch, hooks = batches.next, list(hooks) + publish_hooks
-        if chain is not None:  # the proof commits to the batches trained on in each epoch (Merkle root of hashes)
-            from atlas_swarm.proofs.commit import batch_hash
-
-            batch_hashes: list[bytes] = []
-
-            def hashed_next(n: int) -> dict:
-                b = batches.next(n)
-                batch_hashes.append(batch_hash(b))
-                return b
-
-            def sign_proof(report: EpochReport) -> None:
-                taken = _drain(batch_hashes)
-                chain.on_epoch(report.epoch - 1, report.samples, report.adapter_hash, taken, reporter)
-
-            next_batch = hashed_next
-            hooks.append(sign_proof)
-
-        # 3. Resume this peer's last checkpoint (the swarm overrides it below if it is ahead).
-        adapter_dir = out / "adapter"
-        if adapter_dir.exists():
-            meta = load_adapter_weights(model, adapter_dir)
-            if meta.get("run_id") != spec.run_id:
-                raise CheckpointError(
-                    f"{str(adapter_dir)!r} holds an adapter of run {meta.get('run_id')!r}, not {spec.run_id!r}. "
-                    f"Use another --out for this run."
-                )
-            state.update(epoch=meta["epoch"], samples_total=meta["samples_total"])
-            reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {meta['epoch']}", epoch=meta["epoch"])
-        opt = make_optimizer(swarm, spec, [p for _, p in named], batch_size, verbose=cfg.verbose)
-        stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
-        opt_state_path = out / "optimizer.pt"
-        if adapter_dir.exists() and opt_state_path.exists():
-            opt.load_state_dict(_load_optimizer_state(opt_state_path))
-        opt.state_averager.local_epoch = state["epoch"]
-        if opt.tracker.global_epoch > opt.local_epoch:
-            reporter.event("syncing", f"The swarm is at epoch {opt.tracker.global_epoch}; downloading its state...",
-                           epoch=opt.tracker.global_epoch)  # fmt: skip
-            opt.load_state_from_peers()
-            reporter.event("synced", f"Synced to epoch {opt.local_epoch}", epoch=opt.local_epoch)
-
-        maddrs = sorted(swarm.visible_maddrs(), key=lambda a: a.startswith("/ip4/127."))
-        join = f"python -m atlas_swarm.peer --initial-peers {maddrs[0]} --run {spec.run_id} --data YOUR_DATA"
-        reporter.event(
-            "started",
-            "\n".join(
-                [f"Peer {swarm.peer_id} on run {spec.run_id} ({device}, {precision}, batch {batch_size}, "
-                 f"micro-batch {micro}, {len(batches)} local examples"
-                 + (f"; {batches.skipped} of one token left out" if batches.skipped else "") + ")", "Multiaddrs:"]
-                + [f"  {a}" for a in maddrs] + ["Others join with:", f"  {join}"]
-            ),  # fmt: skip
-            peer_id=swarm.peer_id, run_id=spec.run_id, maddrs=maddrs, join_command=join, device=device,
-            precision=str(precision), batch_size=batch_size, micro_batch=micro, examples=len(batches),
-            skipped_examples=batches.skipped, epoch=opt.local_epoch,
-        )  # fmt: skip
-
-        def publish_status(loss: Optional[float], sps: float, leaving: bool = False, final: Optional[str] = None):
-            proofs = chain.progress() if chain is not None else {}
-            swarm.publish_status(spec.run_id, PeerStatus(
-                peer_id=swarm.peer_id, device=device, precision=str(precision), client_mode=cfg.client_mode,
-                adapter_shapes=shapes, epoch=opt.local_epoch, samples_total=state["samples_total"],
-                samples_per_second=finite(sps), loss=finite(loss, None), loss_nonfinite=not_finite(loss),
-                time=time.time(), leaving=leaving, final_hash=final,
-                rounds_averaged=state["rounds_averaged"], rounds_failed=state["rounds_failed"],
-                proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
-                rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
-                wait=leaving or final is not None)  # fmt: skip
-            if not leaving:
-                swarm.announce_run(spec.run_id)
-
-        publish_status(None, 0.0)
-        if cfg.wait_for_peers > 1:
-            # our status records appear at once (hivemind's tracker lists a peer only after its first samples)
-            _wait_for_peers(lambda: len(swarm.peer_statuses(spec.run_id)), cfg.wait_for_peers, cfg.join_timeout,
-                            stop, reporter)  # fmt: skip
-
-        # 4. The training loop: accumulate a local batch, hand it to hivemind, which averages at epoch boundaries.
-        # The tracker's samples/s counts from its creation: a first peer that waited 12 s for company reported half
-        # its rate for its first epoch (the estimate weights its first step heavily), and the others planned the
-        # epoch's end from it.
-        opt.tracker.performance_ema.reset_timer()
+        # The training loop: accumulate a local batch, hand it to hivemind, which averages at epoch boundaries.
+        p.opt.restart_rate_clock()
         last_status = last_spec = time.monotonic()
-        scaler = LossScaler() if precision.needs_loss_scaling else None
-        while not stop.requested:
-            samples = opt.next_step_samples(batch_size)  # the last step of an epoch may be shorter
-            loss = accumulate_gradients(model, next_batch, samples, min(micro, samples), device, precision,
+        scaler = LossScaler() if p.precision.needs_loss_scaling else None
+        while not p.stop.requested:
+            samples = p.opt.next_step_samples(p.batch_size)  # the last step of an epoch may be shorter
+            loss = accumulate_gradients(p.model, p.next_batch, samples, min(p.micro, samples), p.device, p.precision,
                                         scale=scaler.scale if scaler else (lambda x: x))  # fmt: skip
-            if scaler is not None and not scaler.unscale_(p for _, p in named):
-                opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
+            if scaler is not None and not scaler.unscale_(p.params):
+                p.opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
                 continue
-            opt.step(batch_size=samples)
-            opt.zero_grad(set_to_none=True)
-            state["steps"] += 1
-            state["samples_total"] += samples
-            state["loss"] = loss
-            state["epoch"] = opt.local_epoch
+            p.opt.step(batch_size=samples)
+            p.opt.zero_grad(set_to_none=True)
+            p.steps, p.samples_total, p.loss, p.epoch = p.steps + 1, p.samples_total + samples, loss, p.opt.local_epoch
 
-            epochs_done = _drain(opt.completed)
-            for done in epochs_done:
-                _finish_epoch(done, spec, swarm, model, out, opt, state, cfg, reporter, hooks)
-
+            ended = p.opt.take_completed()
+            for done in ended:
+                finish_epoch(p, done)
             now = time.monotonic()
-            progress = opt.swarm_progress()
-            sps = float(opt.tracker.performance_ema.samples_per_second)
-            if epochs_done:  # watchers see every epoch's loss, however short epochs are
-                last_status = now - STATUS_EVERY
-            reporter.progress(epoch=opt.local_epoch, swarm_samples=progress["samples"], target=progress["target"],
-                              peers=progress["peers"], loss=round(loss, 5), samples_per_second=round(sps, 2),
-                              local_samples=state["samples_total"], **(chain.progress() if chain else {}))  # fmt: skip
-            if now - last_status >= STATUS_EVERY:
-                publish_status(float(loss), sps)
+            report_progress(p)
+            if ended or now - last_status >= STATUS_EVERY:  # watchers see every epoch's loss, however short
+                publish_status(p)
                 last_status = now
             if now - last_spec >= SPEC_REFRESH_EVERY:
-                swarm.publish_spec(spec, wait=False)
-                if publisher is not None:
-                    publisher.refresh()
+                p.swarm.publish_spec(p.spec, wait=False)
+                if p.publisher is not None:
+                    p.publisher.refresh()
                 last_spec = now
-            if cfg.max_epochs is not None and opt.local_epoch >= cfg.max_epochs:
-                reporter.event("stopping", f"Reached epoch {opt.local_epoch} (--max-epochs)", reason="max_epochs")
-                # peers stopping at this epoch agree on one adapter (a peer that missed the last round downloads it)
-                agreement = agree_on_final_adapter(
-                    swarm, opt, spec.run_id, opt.local_epoch, lambda: tensors_hash(adapter_state(model)),
-                    lambda h: publish_status(float(loss), sps, final=h), cfg.join_timeout, lambda: stop.requested)
-                reporter.event(
-                    "final", f"Final adapter {agreement.adapter_hash[:12]}: "
-                    + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
-                    + (" (downloaded)" if agreement.downloaded else ""), **agreement.__dict__)  # fmt: skip
-                if publisher is not None and agreement.agreed:  # equal adapters, equal CIDs: every finisher serves it
-                    publisher.finish(model, opt.local_epoch, agreement.adapter_hash, cfg.join_timeout, reporter)
+            if cfg.max_epochs is not None and p.opt.local_epoch >= cfg.max_epochs:
+                reporter.event("stopping", f"Reached epoch {p.opt.local_epoch} (--max-epochs)", reason="max_epochs")
+                finish_run(p)
                 break
-            if cfg.max_steps is not None and state["steps"] >= cfg.max_steps:
-                reporter.event("stopping", f"Did {state['steps']} steps (--max-steps)", reason="max_steps")
+            if cfg.max_steps is not None and p.steps >= cfg.max_steps:
+                reporter.event("stopping", f"Did {p.steps} steps (--max-steps)", reason="max_steps")
                 break
-        if stop.requested:
-            reporter.event("stopping", f"Stopping on {stop.signal_name}", reason=stop.signal_name)
+        if p.stop.requested:
+            reporter.event("stopping", f"Stopping on {p.stop.signal_name}", reason=p.stop.signal_name)
     except KeyboardInterrupt:
-        if not stop.requested:
+        if not p.stop.requested:
             raise
-        reporter.event("stopping", "Abandoned the averaging round in progress", reason="interrupted")
+        # the stop watchdog interrupted a blocking call: an averaging round, or joining / fetching the spec
+        reporter.event("stopping", "Abandoned what was in progress (averaging round, joining)", reason="interrupted")
     finally:
-        reporter.close()
-        saved = None
-        try:
-            if opt is not None:
-                state["epoch"] = opt.local_epoch
-                saved = _save(model, opt, out, spec, swarm.peer_id, state)
-        finally:
-            if publish_status is not None:
-                try:
-                    publish_status(state["loss"], 0.0, leaving=True)  # finishing peers stop waiting for us
-                except Exception:
-                    pass  # best effort: the record expires on its own
-            if chain is not None:
-                # a peer that finished (or hit --max-steps) waits longer for its last proofs than one asked to stop,
-                # which was promised an exit within 10 s; what is left stays in the outbox for the next start
-                counts = chain.close(3.0 if stop.requested else FINAL_FLUSH)
-                reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
-                               f"next start), {counts.rejected} rejected; checkpoints on chain: "
-                               f"{sorted(chain.recorded) or 'none'}", **counts.__dict__,
-                               checkpoints={str(e): c for e, c in chain.recorded.items()})  # fmt: skip
-            if opt is not None:
-                opt.shutdown()
-            if swarm is not None:
-                swarm.shutdown()
-            stop.uninstall()
-    result = RunResult(spec.run_id, swarm.peer_id, state["epoch"], state["samples_total"], state["steps"],
-                       state["loss"], str(saved) if saved else None)  # fmt: skip
+        leave(p)
+    result = p.result()
     reporter.event("stopped", f"Stopped at epoch {result.epoch}; adapter saved to {result.adapter_dir}",
                    **result.__dict__)  # fmt: skip
     return result
+
+
+def join(p: Progress, local_spec: Optional[RunSpec]) -> None:
+    """A DHT node with our identity, and the run spec: ours (first peer) or the swarm's, agreeing field by field."""
+    cfg = p.cfg
+    identity = Identity.load_or_create(cfg.identity_path)
+    p.swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
+                         startup_timeout=cfg.join_timeout, **({"use_auto_relay": True} if cfg.auto_relay else {}))  # fmt: skip
+    if cfg.run_id is not None and (local_spec is None or local_spec.run_id != cfg.run_id):
+        p.spec = p.swarm.fetch_spec(cfg.run_id, timeout=cfg.join_timeout)
+        if local_spec is not None:
+            check_same_spec(local_spec, p.spec)
+    else:
+        p.spec = local_spec
+    p.swarm.publish_spec(p.spec, timeout=cfg.join_timeout)
+
+
+def open_services(p: Progress) -> None:
+    """The chain session and the checkpoint publisher, before the model: a misconfiguration should not cost a
+    model load (a bad --ipfs-api or wallet fails here, fast)."""
+    cfg = p.cfg
+    if cfg.chain is not None:
+        p.chain = ChainSession.open(cfg.chain, p.spec, p.swarm, p.out, p.reporter.event)
+    if cfg.publish_every:
+        p.publisher = AdapterPublisher(p.swarm, p.spec.run_id, p.spec.model.base, cfg.store_path, cfg.ipfs_api,
+                                       cfg.publish_every)  # fmt: skip
+        if p.chain is not None:  # the contract's run record keeps epoch -> CID too
+            p.publisher.on_published = p.chain.record_checkpoint
+        p.hooks.append(lambda record: p.publisher.on_epoch(p.model, record, p.reporter))
+    if p.chain is not None:
+        p.hooks.append(p.chain.on_epoch)
+
+
+def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
+    """Base model + LoRA, identical on every peer (seeded); refuse adapters the swarm cannot average with ours. Then
+    this peer's last checkpoint, the optimizer, and the swarm's state if the swarm is ahead."""
+    cfg, spec, swarm = p.cfg, p.spec, p.swarm
+    p.model, tokenizer = load_model(spec, cfg.base_model, p.device)
+    p.model.train()
+    named = adapter_parameters(p.model)
+    p.params, p.shapes = [param for _, param in named], shapes_hash(dict(named))
+    theirs = other_shapes(swarm.peer_statuses(spec.run_id).values(), p.shapes)  # a majority, not one record
+    if theirs is not None:
+        raise ModelError(
+            f"Your adapter's tensor shapes ({p.shapes}) differ from those of most of the run's peers ({theirs}): "
+            f"the same run spec gave a different model here. Use the base model the run expects "
+            f"({spec.model.base}); check --base-model."
+        )
+    p.batches = Batches(examples, tokenizer, spec, seed=cfg.seed)
+    p.precision = Precision.for_device(p.device, cfg.precision)
+    micro = find_micro_batch(p.model, p.batches.next, p.device, p.precision)
+    p.batch_size = cfg.batch_size or micro
+    p.micro = min(micro, p.batch_size)
+    p.hooks = list(hooks) + p.hooks
+
+    adapter_dir = p.out / "adapter"  # the swarm overrides it below if it is ahead
+    if adapter_dir.exists():
+        meta = load_adapter_weights(p.model, adapter_dir)
+        if meta.get("run_id") != spec.run_id:
+            raise CheckpointError(f"{str(adapter_dir)!r} holds an adapter of run {meta.get('run_id')!r}, not "
+                                  f"{spec.run_id!r}. Use another --out for this run.")  # fmt: skip
+        p.epoch, p.samples_total = meta["epoch"], meta["samples_total"]
+        p.reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {p.epoch}", epoch=p.epoch)
+    p.opt = make_optimizer(swarm, spec, p.params, p.batch_size, verbose=cfg.verbose)
+    p.stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
+    if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
+        p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
+    p.opt.resume(p.epoch)
+    if p.opt.behind():
+        p.reporter.event("syncing", f"The swarm is at epoch {p.opt.swarm_epoch()}; downloading its state...",
+                         epoch=p.opt.swarm_epoch())  # fmt: skip
+        p.opt.load_state_from_peers()
+        p.reporter.event("synced", f"Synced to epoch {p.opt.local_epoch}", epoch=p.opt.local_epoch)
+
+
+def announce(p: Progress) -> None:
+    """Tell the user how others join, publish our first status, and wait for --wait-for-peers."""
+    spec, swarm, cfg = p.spec, p.swarm, p.cfg
+    maddrs = swarm.visible_maddrs()
+    join = f"python -m atlas_swarm.peer --initial-peers {maddrs[0]} --run {spec.run_id} --data YOUR_DATA"
+    skipped = f"; {p.batches.skipped} of one token left out" if p.batches.skipped else ""
+    p.reporter.event(
+        "started",
+        "\n".join([f"Peer {swarm.peer_id} on run {spec.run_id} ({p.device}, {p.precision}, batch {p.batch_size}, "
+                   f"micro-batch {p.micro}, {len(p.batches)} local examples{skipped})", "Multiaddrs:"]
+                  + [f"  {a}" for a in maddrs] + ["Others join with:", f"  {join}"]),
+        peer_id=swarm.peer_id, run_id=spec.run_id, maddrs=maddrs, join_command=join, device=p.device,
+        precision=str(p.precision), batch_size=p.batch_size, micro_batch=p.micro, examples=len(p.batches),
+        skipped_examples=p.batches.skipped, epoch=p.opt.local_epoch,
+    )  # fmt: skip
+    publish_status(p)
+    if cfg.wait_for_peers > 1:  # our status records appear at once (hivemind lists a peer after its first samples)
+        _wait_for_peers(lambda: len(swarm.peer_statuses(spec.run_id)), cfg.wait_for_peers, cfg.join_timeout,
+                        p.stop, p.reporter)  # fmt: skip
+
+
+def finish_epoch(p: Progress, done: EpochDone) -> None:
+    """An epoch ended: report it, run the hooks (proof, publisher), save every --save-every epochs."""
+    tensors = adapter_state(p.model)
+    record = EpochRecord(p.spec.run_id, p.swarm.peer_id, done.ended, done.epoch, done.samples, done.group,
+                         tensors_hash(tensors), tuple(_drain(p.batch_hashes)), tensors)  # fmt: skip
+    if len(done.group) >= 2:
+        p.rounds_averaged += 1
+    elif p.opt.swarm_progress()["peers"] > 1:
+        p.rounds_failed += 1  # others were there, but no group formed (or the all-reduce failed)
+    with_whom = f"averaged with {len(done.group)} peers" if done.group else "local gradients only"
+    p.reporter.event("epoch", f"Epoch {done.epoch}: contributed {done.samples} samples, {with_whom}",
+                     epoch=done.epoch, samples=done.samples, group=list(done.group),
+                     adapter_hash=record.adapter_hash, averaging_s=round(done.seconds, 3))  # fmt: skip
+    for hook in p.hooks:
+        hook(record)
+    if done.epoch % p.cfg.save_every == 0:
+        p.epoch = done.epoch
+        save(p, record.adapter_hash)
+        p.reporter.event("saved", "", path=str(p.saved), epoch=done.epoch)
+
+
+def finish_run(p: Progress) -> None:
+    """--max-epochs reached: the peers stopping at this epoch agree on one adapter (a peer that missed the last
+    round downloads it); every finisher of an agreed adapter publishes it (equal adapters, equal CIDs)."""
+    epoch = p.opt.local_epoch
+    agreement = agree_on_final_adapter(
+        p.swarm, p.opt, p.spec.run_id, epoch, lambda: tensors_hash(adapter_state(p.model)),
+        lambda h: publish_status(p, final=h), p.cfg.join_timeout, lambda: p.stop.requested)  # fmt: skip
+    p.reporter.event(
+        "final", f"Final adapter {agreement.adapter_hash[:12]}: "
+        + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
+        + (" (downloaded)" if agreement.downloaded else ""), **agreement.__dict__)  # fmt: skip
+    if p.publisher is not None and agreement.agreed:
+        p.publisher.finish(p.model, epoch, agreement.adapter_hash, p.cfg.join_timeout, p.reporter)
+
+
+def leave(p: Progress) -> None:
+    """Whatever happened: save the adapter, tell finishing peers not to wait for us, post what proofs we can in the
+    time we have, and stop every process we started."""
+    p.reporter.close()
+    try:
+        if p.opt is not None:
+            p.epoch = p.opt.local_epoch
+            save(p)
+    finally:
+        if p.opt is not None:
+            try:
+                publish_status(p, leaving=True)  # finishing peers stop waiting for us
+            except Exception:
+                pass  # best effort: the record expires on its own
+        if p.chain is not None:
+            # a peer that finished (or hit --max-steps) waits longer for its last proofs than one asked to stop,
+            # which was promised an exit within 10 s; what is left stays in the outbox for the next start
+            counts = p.chain.close(3.0 if p.stop.requested else FINAL_FLUSH)
+            p.reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
+                             f"next start), {counts.rejected} rejected; checkpoints on chain: "
+                             f"{sorted(p.chain.recorded) or 'none'}", **counts.__dict__,
+                             checkpoints={str(e): c for e, c in p.chain.recorded.items()})  # fmt: skip
+        if p.opt is not None:
+            p.opt.shutdown()
+        if p.swarm is not None:
+            p.swarm.shutdown()
+        p.stop.uninstall()
+
+
+def report_progress(p: Progress) -> None:
+    swarm = p.opt.swarm_progress()
+    p.reporter.progress(epoch=p.opt.local_epoch, swarm_samples=swarm["samples"], target=swarm["target"],
+                        peers=swarm["peers"], loss=round(p.loss, 5), samples_per_second=round(p.opt.samples_per_second(), 2),
+                        local_samples=p.samples_total, **(p.chain.progress() if p.chain else {}))  # fmt: skip
+
+
+def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = None) -> None:
+    """Our signed status record in the run (what monitors and finishing peers read)."""
+    proofs = p.chain.progress() if p.chain is not None else {}
+    sps = 0.0 if leaving else p.opt.samples_per_second()
+    p.swarm.publish_status(p.spec.run_id, PeerStatus(
+        peer_id=p.swarm.peer_id, device=p.device, precision=str(p.precision), client_mode=p.cfg.client_mode,
+        adapter_shapes=p.shapes, epoch=p.opt.local_epoch, samples_total=p.samples_total,
+        samples_per_second=finite(sps), loss=finite(p.loss, None), loss_nonfinite=not_finite(p.loss),
+        time=time.time(), leaving=leaving, final_hash=final,
+        rounds_averaged=p.rounds_averaged, rounds_failed=p.rounds_failed,
+        proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
+        rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
+        wait=leaving or final is not None)  # fmt: skip
+    if not leaving:
+        p.swarm.announce_run(p.spec.run_id)
+
+
+def save(p: Progress, adapter_hash: Optional[str] = None) -> None:
+    """The adapter (a stock PEFT folder) and the optimizer state, each replaced atomically."""
+    if adapter_hash is None:
+        adapter_hash = tensors_hash(adapter_state(p.model))
+    meta = {"run_id": p.spec.run_id, "epoch": p.epoch, "samples_total": p.samples_total,
+            "adapter_hash": adapter_hash, "peer_id": p.swarm.peer_id, "base_model": p.spec.model.base}  # fmt: skip
+    p.saved = save_adapter(p.model, p.out / "adapter", meta)
+    tmp = p.out / "optimizer.pt.tmp"
+    torch.save(p.opt.state_dict(), tmp)
+    os.replace(tmp, p.out / "optimizer.pt")
 
 
 def _wait_for_peers(count: Callable[[], int], wanted: int, timeout: float, stop, reporter: Reporter) -> None:
@@ -313,39 +372,6 @@ def _wait_for_peers(count: Callable[[], int], wanted: int, timeout: float, stop,
         time.sleep(0.5)
 
 
-def _finish_epoch(done: EpochDone, spec, swarm, model, out, opt, state, cfg, reporter, hooks) -> None:
-    tensors = adapter_state(model)
-    report = EpochReport(spec.run_id, swarm.peer_id, done.epoch, done.samples, done.group, tensors_hash(tensors), tensors)
-    with_whom = f"averaged with {len(done.group)} peers" if done.group else "local gradients only"
-    if len(done.group) >= 2:
-        state["rounds_averaged"] += 1
-    elif opt.swarm_progress()["peers"] > 1:
-        state["rounds_failed"] += 1  # others were there, but no group formed (or the all-reduce failed)
-    reporter.event(
-        "epoch", f"Epoch {done.epoch}: contributed {done.samples} samples, {with_whom}",
-        epoch=done.epoch, samples=done.samples, group=list(done.group), adapter_hash=report.adapter_hash,
-        averaging_s=round(done.seconds, 3),
-    )  # fmt: skip
-    for hook in hooks:
-        hook(report)
-    if done.epoch % cfg.save_every == 0:
-        state["epoch"] = done.epoch
-        path = _save(model, opt, out, spec, swarm.peer_id, state, report.adapter_hash)
-        reporter.event("saved", "", path=str(path), epoch=done.epoch)
-
-
-def _save(model, opt, out: Path, spec: RunSpec, peer_id: str, state: dict, adapter_hash: Optional[str] = None) -> Path:
-    if adapter_hash is None:
-        adapter_hash = tensors_hash(adapter_state(model))
-    meta = {"run_id": spec.run_id, "epoch": state["epoch"], "samples_total": state["samples_total"],
-            "adapter_hash": adapter_hash, "peer_id": peer_id, "base_model": spec.model.base}  # fmt: skip
-    path = save_adapter(model, out / "adapter", meta)
-    tmp = out / "optimizer.pt.tmp"
-    torch.save(opt.state_dict(), tmp)
-    os.replace(tmp, out / "optimizer.pt")
-    return path
-
-
 def _load_optimizer_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -357,65 +383,6 @@ def _drain(queue: list) -> list:
     items = list(queue)
     del queue[: len(items)]
     return items
-
-
-class GracefulStop:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a blocking averaging round is interrupted after
-    STOP_GRACE seconds, and if shutdown still hangs, children are killed at STOP_HARD. A second signal interrupts now."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        self._previous = {}
-        self._timers: list[threading.Timer] = []
-
-    @classmethod
-    def install(cls) -> "GracefulStop":
-        self = cls()
-        self.arm()
-        return self
-
-    def arm(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous = signal.signal(sig, self._handle)
-                self._previous.setdefault(sig, previous)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        self._timers = [threading.Timer(STOP_GRACE, _interrupt_main), threading.Timer(STOP_HARD, _kill_children_and_exit)]
-        for timer in self._timers:
-            timer.daemon = True
-            timer.start()
-
-    def uninstall(self) -> None:
-        """Restore the previous handlers and cancel the watchdogs: a caller in the same process (a notebook, a test)
-        must not get a KeyboardInterrupt or an exit seconds after a clean stop."""
-        for timer in self._timers:
-            timer.cancel()
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-
-def _interrupt_main() -> None:
-    import _thread
-
-    _thread.interrupt_main()
-
-
-def _kill_children_and_exit() -> None:
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    os._exit(0)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -430,7 +397,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="auto (bf16 if the GPU has it, else fp16; fp32 on CPU), fp32, "
                    "bf16 or fp16")  # fmt: skip
     p.add_argument("--identity", help="libp2p key file (created if missing) [default: OUT/identity.key]")
-    p.add_argument("--out", default="atlas-runs/peer", help="folder for the identity, checkpoints and adapter")
+    p.add_argument("--out", default=PeerConfig.out, help="folder for the identity, checkpoints and adapter")
     p.add_argument("--base-model", help="local folder holding the spec's base model (offline copies)")
     p.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], help="addresses to listen on")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="public addresses to advertise (NAT/port forward)")
@@ -481,19 +448,13 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if not args.verbose:
-        quiet_hivemind()
-        warnings.filterwarnings("ignore", category=FutureWarning)
     reporter = Reporter(args.log_format if args.log_format in ("rich", "json", "plain") else "plain")
-    try:
-        run(config_from_args(args), reporter)
-        return 0
-    except AtlasError as e:
+
+    def report(e: Exception) -> None:
         reporter.close()
         reporter.event("error", f"error: {e}", error=str(e), kind=type(e).__name__)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+    return run_cli(lambda: run(config_from_args(args), reporter) and 0, verbose=args.verbose, report=report)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Every event goes through ``Reporter.event(kind, **fields)``; ``progress`` update
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from typing import Any, Optional
@@ -99,17 +98,3 @@ def _chain_text(state: dict) -> str:
         return ""
     return (f"proofs {state['proofs_posted']} posted/{state['proofs_pending']} pending  rewards "
             f"{state['rewards_wei'] / 1e18:.6f} ETH")  # fmt: skip
-
-
-def quiet_hivemind() -> None:
-    """hivemind's errors only, and not a round that found no group: an expected outcome that the epoch event reports
-    (group 0, rounds_failed), which hivemind logs as an ERROR with a traceback. Averager processes, forked later,
-    inherit this."""
-    logging.getLogger("hivemind").setLevel(logging.ERROR)
-    averager = logging.getLogger("hivemind.averaging.averager")
-    if _no_group_is_no_error not in averager.filters:  # main() runs more than once in the tests' process
-        averager.addFilter(_no_group_is_no_error)
-
-
-def _no_group_is_no_error(record: logging.LogRecord) -> bool:
-    return "could not find a group" not in record.getMessage()

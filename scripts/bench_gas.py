@@ -24,9 +24,9 @@ from eth_account import Account
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas_swarm.chain import ETHER, Outbox, StakingClient  # noqa: E402
-from atlas_swarm.chain.anvil import DEV_KEYS, Anvil  # noqa: E402
+from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil  # noqa: E402
 from atlas_swarm.identity import Identity  # noqa: E402
-from atlas_swarm.proofs import ContributionProof, chain_run_id, peer_id_hash, sign_proof  # noqa: E402
+from atlas_swarm.proofs import ContributionProof, EpochRecord, chain_run_id, peer_id_hash, proof_of, sign_proof  # noqa: E402
 
 RUN = "bench-0123456789abcdef"
 
@@ -57,7 +57,7 @@ def main() -> int:
         for i, key in enumerate(DEV_KEYS[1:5], 1):
             acct = Account.from_key(key)
             c = StakingClient(w3, trainer.address, acct)
-            peer_id = Identity.load_or_create(tmp / f"id{i}.key").peer_id.to_base58()
+            peer_id = Identity.load_or_create(tmp / f"id{i}.key").peer_id
             results.setdefault("stake", c.stake(2 * ETHER).gas_used)
             results.setdefault("registerPeer", c.register_peer(peer_id).gas_used)
             peers.append((acct, c, peer_id))
@@ -89,14 +89,15 @@ def main() -> int:
         # a peer's outbox: sign + post N proofs (one flush: batches of 8), proofs per second end to end
         acct = Account.from_key(DEV_KEYS[5])
         c = StakingClient(w3, trainer.address, acct)
-        peer_id = Identity.load_or_create(tmp / "id5.key").peer_id.to_base58()
+        peer_id = Identity.load_or_create(tmp / "id5.key").peer_id
         c.stake(2 * ETHER)
         c.register_peer(peer_id)
         box = Outbox(tmp / "outbox", acct, c.domain)
         n = 64
         t0 = time.perf_counter()
         for e in range(n):
-            box.sign(chain_run_id(RUN, TRAINER.address), e, peer_id, 128, hashlib.sha256(b"%d" % e).hexdigest(), bytes(32))
+            record = EpochRecord(RUN, peer_id, e, e + 1, 128, (), hashlib.sha256(b"%d" % e).hexdigest())
+            box.sign(proof_of(record, chain_run_id(RUN, TRAINER.address), acct.address, int(time.time()) + 3600))
         t_sign = time.perf_counter() - t0
         counts = box.flush(c)
         t_all = time.perf_counter() - t0

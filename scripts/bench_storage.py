@@ -110,19 +110,17 @@ def main() -> None:
 
 
 def bench_p2p(tmp: Path, adapter: Path, size_mb: float, repeat: int) -> dict:
-    import logging
-
     from atlas_swarm.identity import Identity
     from atlas_swarm.storage.dag import fetch_blocks, parse_cid
-    from atlas_swarm.swarm import Swarm
+    from atlas_swarm.swarm import Swarm, quiet_hivemind
 
-    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    quiet_hivemind()
     store = LocalStore(tmp / "served")
     cid = store.put_folder(adapter)
     server = Swarm.join(Identity.load_or_create(tmp / "a.key"), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     client = None
     try:
-        server.serve_blocks(str(store.root))
+        server.serve_blocks(store.get_blocks)
         client = Swarm.join(Identity.load_or_create(tmp / "b.key"), server.visible_maddrs(), ["/ip4/127.0.0.1/tcp/0"])
         remote = client.blocks_from(server.peer_id)
         local_s = best(lambda: fetch_blocks(store.get_blocks, parse_cid(cid)), repeat)

@@ -138,8 +138,8 @@ def start_chain(out: Path, console: Console) -> dict:
     from eth_account import Account
 
     from atlas_swarm.chain import ETHER, StakingClient
-    from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
     from atlas_swarm.chain.wallet import create_wallet
+    from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 
     anvil = Anvil.start()
     w3 = StakingClient.web3(anvil.url)

@@ -37,8 +37,8 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     from atlas_swarm.config import RunSpec
+    from atlas_swarm.devnet.tiny_model import build_tiny_model
     from atlas_swarm.model.lora import load_model
-    from atlas_swarm.model.tiny import build_tiny_model
     from atlas_swarm.train.builtin import chatterbot_topics
     from atlas_swarm.train.data import Batches, load_examples
     from atlas_swarm.train.steps import Precision, find_micro_batch

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from atlas_swarm.model.tiny import build_tiny_model
+from atlas_swarm.devnet.tiny_model import build_tiny_model
 from atlas_swarm.train.builtin import chatterbot_topics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

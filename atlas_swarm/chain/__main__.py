@@ -21,12 +21,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from decimal import Decimal
+from pathlib import Path
 from typing import Optional, Sequence
 
 from atlas_swarm.chain.client import ETHER, StakingClient, eth
+from atlas_swarm.chain.session import verified_bindings
 from atlas_swarm.chain.wallet import create_wallet, load_wallet, read_password
-from atlas_swarm.errors import AtlasError, ConfigError
+from atlas_swarm.cli import run_cli
+from atlas_swarm.config import RunSpec
+from atlas_swarm.errors import ConfigError
+from atlas_swarm.identity import Identity
+from atlas_swarm.swarm import Swarm
 
 
 def fmt_eth(wei: int) -> str:
@@ -134,19 +141,15 @@ def run(a: argparse.Namespace) -> None:
         r = c.withdraw()
         print(f"withdrew {fmt_eth(before)} (tx {r.tx_hash})")
     elif cmd == "register":
-        from atlas_swarm.identity import Identity
-
         if not os.path.isfile(a.identity):  # a typo must not bind the wallet to a brand-new key nobody uses
             raise ConfigError(f"--identity {a.identity!r} does not exist: pass the peer's key file (OUT/identity.key).")
-        peer_id = Identity.load_or_create(a.identity).peer_id.to_base58()
+        peer_id = Identity.load_or_create(a.identity).peer_id
         if c.binds(c.account.address, peer_id):
             print(f"PeerID {peer_id} is already bound to {c.account.address}")
             return
         r = c.register_peer(peer_id)
         print(f"bound PeerID {peer_id} to {c.account.address} (tx {r.tx_hash})")
     elif cmd == "create-run":
-        from atlas_swarm.config import RunSpec
-
         spec = RunSpec.from_toml(a.run_spec)
         if spec.trainer != c.account.address.lower():
             raise ConfigError(f"The spec {a.run_spec} names trainer {spec.trainer or '(none)'}, not your wallet "
@@ -205,13 +208,6 @@ def run(a: argparse.Namespace) -> None:
 
 
 def _peers(c: StakingClient, a: argparse.Namespace) -> None:
-    import tempfile
-    from pathlib import Path
-
-    from atlas_swarm.chain.session import verified_bindings
-    from atlas_swarm.identity import Identity
-    from atlas_swarm.swarm import Swarm
-
     with tempfile.TemporaryDirectory() as tmp:  # a throwaway identity: this is a read-only visitor
         swarm = Swarm.join(Identity.load_or_create(Path(tmp) / "id.key"), a.initial_peers, client_mode=True)
         try:
@@ -237,14 +233,7 @@ def _peers(c: StakingClient, a: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except AtlasError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from web3 import Web3
 
 from atlas_swarm.errors import ChainError, ChainUnreachable, ConfigError, TxReverted
 from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, chain_run_id, peer_id_hash, run_tag
+from atlas_swarm.storage.cid import encode
+from atlas_swarm.storage.dag import parse_cid
 
 ETHER = 10**18
 TX_TIMEOUT = 60.0
@@ -244,7 +246,6 @@ class StakingClient:
         digest, publisher = self._call(lambda: self.contract.functions.checkpointOf(run, epoch).call())
         if int.from_bytes(digest, "big") == 0:
             return None
-        from atlas_swarm.storage.cid import encode
 
         return encode(CID_V1_DAG_PB + digest), publisher
 
@@ -269,8 +270,6 @@ class StakingClient:
 
     def record_checkpoint(self, run: bytes, epoch: int, cid: str) -> Receipt:
         """Record the CIDv1 of the adapter peers hold at ``epoch``; needs this account's proof for ``epoch - 1``."""
-        from atlas_swarm.storage.dag import parse_cid
-
         raw = parse_cid(cid)
         if raw[:4] != CID_V1_DAG_PB:
             raise ValueError(f"{cid} is not a CIDv1 of a dag-pb folder")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from atlas_swarm.errors import ChainError, TxReverted
-from atlas_swarm.proofs.eip712 import ContributionProof, Domain, peer_id_hash, sign_proof
+from atlas_swarm.proofs.eip712 import ContributionProof, Domain, sign_proof
 
 MAX_BATCH = 8  # proofs per transaction (submitProofs)
 MAX_BACKOFF = 60.0
@@ -57,19 +57,15 @@ class Outbox:
         self._cache = self._load()  # one process owns an --out (its identity lock): disk is read once
 
     # -- signing ------------------------------------------------------------------------------------------------
-    def sign(self, run: bytes, epoch: int, peer_id: str, samples: int, adapter_hash: str, data_root: bytes,
-             now: Optional[float] = None) -> Optional[ContributionProof]:  # fmt: skip
-        """Sign and store the proof of ``epoch`` in on-chain run ``run``; None if this epoch was signed before
-        (never sign twice)."""
+    def sign(self, proof: ContributionProof, now: Optional[float] = None) -> Optional[ContributionProof]:
+        """Sign and store ``proof`` (built by proofs.proof_of); None if its epoch was signed before (never sign
+        twice)."""
+        if proof.peer != self.account.address:
+            raise ValueError(f"a proof for {proof.peer} cannot be signed by {self.account.address}")
         with self._lock:
-            path = self._path(run, epoch)
+            path = self._path(proof.run_id, proof.epoch)
             if path.exists():
                 return None
-            proof = ContributionProof(
-                run_id=run, epoch=epoch, peer=self.account.address, peer_id_hash=peer_id_hash(peer_id),
-                samples=samples, adapter_hash=bytes.fromhex(adapter_hash), data_root=data_root,
-                deadline=int((now or time.time()) + PROOF_TTL),
-            )  # fmt: skip
             signature = sign_proof(proof, self.domain, self.account.key)
             record = {"proof": proof.to_json(), "signature": "0x" + signature.hex(), "state": "pending",
                       "signed_at": now or time.time(), "attempts": 0, "next_try": 0.0, "tx": None, "error": None}  # fmt: skip

@@ -12,19 +12,22 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Callable
 
 from atlas_swarm.chain.client import ETHER, StakingClient
-from atlas_swarm.chain.outbox import Counts, Outbox, ProofPoster
+from atlas_swarm.chain.outbox import PROOF_TTL, Counts, Outbox, ProofPoster
 from atlas_swarm.chain.wallet import load_wallet, read_password
 from atlas_swarm.config import ChainConfig, RunSpec
 from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
 from atlas_swarm.proofs.binding import sign_binding
-from atlas_swarm.proofs.commit import merkle_root
 from atlas_swarm.proofs.eip712 import chain_run_id, peer_id_hash
-from atlas_swarm.ui import Reporter
+from atlas_swarm.proofs.record import EpochRecord, proof_of
+
+Emit = Callable[..., None]  # (kind, message, **fields): the peer's Reporter.event
 
 
 @dataclass
@@ -35,12 +38,13 @@ class ChainSession:
     run_id: str
     run: bytes  # on-chain id: chain_run_id(run_id, spec.trainer)
     peer_id: str
+    emit: Emit
     checkpoints: dict = field(default_factory=dict)  # epoch -> CID, waiting for the producing proof
     recorded: dict = field(default_factory=dict)  # epoch -> CID on chain (by us, or already by another peer)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def open(cls, cfg: ChainConfig, spec: RunSpec, swarm, out: Path, reporter: Reporter) -> "ChainSession":
+    def open(cls, cfg: ChainConfig, spec: RunSpec, swarm, out: Path, emit: Emit) -> "ChainSession":
         """Check everything a proof needs on chain (each problem is a ChainError naming the fix), then start the
         poster; proofs left pending by an earlier session are posted first."""
         account = load_wallet(cfg.wallet, read_password(cfg.password_file))
@@ -62,7 +66,7 @@ class ChainSession:
         bound = client.peer_id_of(account.address)
         if bound is None:
             client.register_peer(peer_id)
-            reporter.event("registered", f"Bound PeerID {peer_id} to {account.address} on chain", address=account.address)
+            emit("registered", f"Bound PeerID {peer_id} to {account.address} on chain", address=account.address)
         elif bound != peer_id_hash(peer_id):
             raise ChainError(f"Wallet {account.address} is bound to another PeerID (one PeerID per wallet). Use "
                              f"that peer's --identity, or another wallet.")  # fmt: skip
@@ -79,25 +83,25 @@ class ChainSession:
         if outbox.counts().pending:
             poster.outbox.flush(poster.client)  # proofs left pending by an earlier session go first, now
         counts = outbox.counts()
-        reporter.event(
+        emit(
             "chain", f"Posting proofs to {client.address} on chain {client.chain_id} as {account.address} "
             f"({counts.pending} pending from before)", contract=client.address, chain_id=client.chain_id,
             address=account.address, pending=counts.pending,
         )  # fmt: skip
-        session = cls(client, outbox, poster, spec.run_id, chain_run, peer_id)
+        session = cls(client, outbox, poster, spec.run_id, chain_run, peer_id, emit)
         poster.after_flush.append(session._post_checkpoints)
         return session
 
-    def on_epoch(self, epoch: int, samples: int, adapter_hash: str, batch_hashes: list[bytes],
-                 reporter: Reporter) -> None:  # fmt: skip
-        """Sign the proof of the epoch this peer just contributed ``samples`` to."""
-        if samples <= 0:
+    def on_epoch(self, record: EpochRecord) -> None:
+        """Sign the proof of the epoch this peer just contributed to (the peer's epoch hook)."""
+        if record.samples <= 0:
             return
-        proof = self.outbox.sign(self.run, epoch, self.peer_id, samples, adapter_hash, merkle_root(batch_hashes))
-        if proof is None:
-            reporter.event("proof_exists", f"Epoch {epoch} was signed before (not signing it twice)", epoch=epoch)
+        proof = proof_of(record, self.run, self.outbox.account.address, deadline=int(time.time() + PROOF_TTL))
+        if self.outbox.sign(proof) is None:
+            self.emit("proof_exists", f"Epoch {record.ended} was signed before (not signing it twice)",
+                      epoch=record.ended)  # fmt: skip
             return
-        reporter.event("proof_signed", "", epoch=epoch, samples=samples)
+        self.emit("proof_signed", "", epoch=record.ended, samples=record.samples)
         self.poster.poke()
 
     def record_checkpoint(self, epoch: int, cid: str) -> None:

@@ -4,6 +4,7 @@
                         keeps a bounded history; counts rejected and forged records
     metrics             the Prometheus text exposition of a snapshot (atlas_* names, labels per run and peer)
     http.serve          GET /health, /metrics, /api/state, / (the dashboard, self-contained: works offline)
+    service             the bootstrap node / monitor process: flags, DHT node (relay), monitor, keeper, HTTP
 """
 
 from atlas_swarm.monitor.state import Monitor

@@ -3,7 +3,7 @@
 
 import sys
 
-from atlas_swarm.bootstrap import main
+from atlas_swarm.monitor.service import main
 
 if __name__ == "__main__":
     sys.exit(main(monitor_only=True))

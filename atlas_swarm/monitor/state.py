@@ -104,7 +104,7 @@ class Monitor:
 
     def poll_once(self) -> None:
         try:
-            if not self.swarm.dht.is_alive():
+            if not self.swarm.is_alive():
                 raise RuntimeError("the DHT process is not running")
             now = time.time()
             announcers = self.swarm.announcers()
@@ -210,7 +210,7 @@ class Monitor:
     # -- reading ------------------------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
         with self._lock:
-            if not self.swarm.dht.is_alive():
+            if not self.swarm.is_alive():
                 return False, "the DHT process is not running"
             if self.last_ok is None:
                 return False, "no successful poll yet" + (f" ({self.last_error})" if self.last_error else "")

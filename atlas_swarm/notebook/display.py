@@ -54,8 +54,8 @@ class Display:
         except ImportError:  # tqdm.notebook needs ipywidgets
             self.bar = None
         try:
-            from matplotlib.figure import Figure  # no pyplot: works whatever backend the kernel has
             from IPython.display import display
+            from matplotlib.figure import Figure  # no pyplot: works whatever backend the kernel has
 
             self.figure = Figure(figsize=(6, 2.5))
             self.axes = self.figure.subplots()

@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from atlas_swarm.checkpoints.vouch import choose
 from atlas_swarm.errors import AtlasError, StorageError
+from atlas_swarm.model.lora import load_adapter_weights, load_base, load_model
 from atlas_swarm.storage import CorruptBlock, IpfsStore, LocalStore, cid_of_folder
 from atlas_swarm.storage.dag import first_good
-from atlas_swarm.storage.vouch import choose
+from atlas_swarm.train.data import Batches, load_examples
+from atlas_swarm.train.steps import evaluate
 
 CHAIN_LOOKBACK = 32  # published epochs asked about on chain, newest first
 
@@ -77,7 +80,6 @@ def load_peft(spec, folder: Path, base_model: Optional[str] = None):
 
     from peft import PeftModel
 
-    from atlas_swarm.model.lora import load_base
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # PEFT's deprecated calls
     base, _ = load_base(spec, base_model)
@@ -89,10 +91,6 @@ def load_peft(spec, folder: Path, base_model: Optional[str] = None):
 
 
 def evaluate_adapter(spec, folder: Path, data: str, base_model: Optional[str], batch_size: int) -> dict:
-    from atlas_swarm.model.lora import load_adapter_weights, load_model
-    from atlas_swarm.train.data import Batches, load_examples
-    from atlas_swarm.train.steps import evaluate
-
     model, tokenizer = load_model(spec, base_model, "cpu")  # the seeded initial adapter: every peer's epoch 0
     examples = load_examples(data, spec)
     batches = Batches(examples, tokenizer, spec)

@@ -16,9 +16,20 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from atlas_swarm.chain.client import StakingClient, eth
+from atlas_swarm.chain.session import verified_bindings
+from atlas_swarm.chain.wallet import load_wallet
+from atlas_swarm.checkpoints.keeper import Keeper
 from atlas_swarm.config import RunSpec, validate_run_id
 from atlas_swarm.errors import AtlasError, ChainUnavailable, ConfigError, SpecError
+from atlas_swarm.identity import Identity
+from atlas_swarm.model.lora import resolve_base_model
+from atlas_swarm.monitor import Monitor
 from atlas_swarm.notebook.contribute import Contribution, peer_args, write_data
+from atlas_swarm.notebook.display import Display
+from atlas_swarm.notebook.fetch import evaluate_adapter, fetch_adapter, load_peft
+from atlas_swarm.proofs import chain_run_id
+from atlas_swarm.swarm import Swarm, quiet_hivemind
 
 # LoRA target modules by transformers model_type, used when create() is given no lora.target_modules
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -85,8 +96,6 @@ class Run:
 
     def _start_keeper(self) -> None:
         """Keep a verified copy of every adapter this run publishes (see storage/keeper.py)."""
-        from atlas_swarm.storage.keeper import Keeper
-
         if self._keeper is None:
             self._keeper = Keeper(self.swarm, self.workdir / "store", lambda: [self.run_id])
             self._keeper.keep_new()  # publishes the keeper record before launch() returns
@@ -128,8 +137,6 @@ class Run:
 
     # -- watching ------------------------------------------------------------------------------------------------
     def _view(self) -> Optional[dict]:
-        from atlas_swarm.monitor import Monitor
-
         self._need_swarm()
         if self._monitor is None:
             self._monitor = Monitor(self.swarm, runs=(self.run_id,))
@@ -158,8 +165,6 @@ class Run:
     def watch(self, until_epoch: Optional[int] = None, timeout: Optional[float] = None, every: float = 2.0):
         """Live progress until the swarm reaches ``until_epoch`` (or ``timeout`` s pass, or the background
         contribution exits, or you interrupt it: that stops the watching, not the run). Returns the last view."""
-        from atlas_swarm.notebook.display import Display
-
         display = Display(until_epoch)
         deadline = None if timeout is None else time.monotonic() + timeout
         view = None
@@ -218,12 +223,9 @@ class Run:
                 timeout: float = 0.0):
         """The published adapter of ``epoch`` (default: the newest), fetched and verified block by block against its
         CID, kept in this notebook's store; a ready ``PeftModel`` or, with ``load=False``, the folder."""
-        from atlas_swarm.notebook.fetch import fetch_adapter
-
         folder = fetch_adapter(self, epoch, timeout)
         if not load:
             return folder
-        from atlas_swarm.notebook.fetch import load_peft
 
         return load_peft(self.spec, folder, base_model)
 
@@ -231,8 +233,6 @@ class Run:
                  batch_size: int = 16) -> dict[str, Any]:
         """The metric (mean loss; accuracy for classification) on ``dataset`` before training (the run's seeded
         initial adapter) and after (the published adapter of ``epoch``, default the newest)."""
-        from atlas_swarm.notebook.fetch import evaluate_adapter, fetch_adapter
-
         folder = fetch_adapter(self, epoch, 0.0)
         data = write_data(dataset, self.workdir / "eval")
         return evaluate_adapter(self.spec, folder, data, base_model, batch_size)
@@ -241,9 +241,6 @@ class Run:
     def connect_chain(self, rpc: str, contract: str, wallet: Optional[str] = None,
                       password: Optional[str] = None) -> None:
         """Use the AtlasStaking contract at ``contract`` on ``rpc`` (``wallet``: a keystore, needed to fund)."""
-        from atlas_swarm.chain.client import StakingClient
-        from atlas_swarm.chain.wallet import load_wallet
-
         account = load_wallet(wallet, password) if wallet else None
         self._chain = StakingClient.connect(StakingClient.web3(rpc), contract, account)
 
@@ -256,8 +253,6 @@ class Run:
         return self._chain
 
     def _chain_run(self) -> bytes:
-        from atlas_swarm.proofs import chain_run_id
-
         if not self.spec.trainer:
             raise ChainUnavailable(f"Run {self.run_id}'s spec names no trainer, so it has no run on chain: create it "
                                    f"with Run.create(..., trainer=YOUR_ADDRESS).")  # fmt: skip
@@ -268,8 +263,6 @@ class Run:
         """Add ``amount_eth`` to the run's reward budget (opening the run on chain first if it is not there yet,
         with the given rate and minimum stake). Returns the run's on-chain record. Funding a run whose spec names
         another trainer is refused unless ``not_mine=True``: what is left at its close goes back to that trainer."""
-        from atlas_swarm.chain.client import eth
-
         chain = self._need_chain(signing=True)
         if amount_eth <= 0:
             raise ConfigError(f"fund({amount_eth}): the amount must be positive (in ETH).")
@@ -292,8 +285,6 @@ class Run:
     def rewards(self):
         """Per-peer ledger of this run from the contract's events: epochs and samples accepted, rewards, slashes
         (with the PeerID where a peer bound its wallet both ways). DataFrame if pandas is installed."""
-        from atlas_swarm.chain.session import verified_bindings
-
         chain = self._need_chain()
         ledger = chain.run_ledger(self._chain_run())
         peer_of = {}
@@ -329,19 +320,12 @@ class Run:
 
 
 def _join(workdir: Path, initial_peers: Sequence[str], host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)):
-    import logging
-
-    from atlas_swarm.identity import Identity
-    from atlas_swarm.swarm import Swarm
-
-    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    quiet_hivemind()
     identity = Identity.load_or_create(workdir / "identity.key")
     return Swarm.join(identity, initial_peers, host_maddrs)
 
 
 def _default_targets(base_model: str) -> list[str]:
-    from atlas_swarm.model.lora import resolve_base_model
-
     config = Path(resolve_base_model(str(base_model))) / "config.json"
     try:
         model_type = json.loads(config.read_text()).get("model_type")

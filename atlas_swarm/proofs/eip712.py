@@ -13,6 +13,8 @@ from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
 from eth_utils import keccak, to_checksum_address
 
+from atlas_swarm.identity import peer_id_bytes
+
 PROOF_FIELDS = [
     {"name": "runId", "type": "bytes32"},
     {"name": "epoch", "type": "uint64"},
@@ -45,9 +47,7 @@ def chain_run_id(run_id: str, trainer: str) -> bytes:
 
 def peer_id_hash(peer_id: str) -> bytes:
     """On-chain id of a libp2p PeerID: keccak256 of its raw multihash bytes (PeerID given in base58)."""
-    from hivemind.p2p import PeerID
-
-    return keccak(PeerID.from_base58(peer_id).to_bytes())
+    return keccak(peer_id_bytes(peer_id))
 
 
 @dataclass(frozen=True)

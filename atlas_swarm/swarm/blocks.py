@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import msgpack
 from hivemind.p2p import P2P, PeerID
@@ -36,15 +36,16 @@ async def _receive(reader: asyncio.StreamReader, limit: int) -> bytes:
     return await reader.readexactly(length)
 
 
-def serve(dht, store_root: str, ipfs_api: Optional[str] = None) -> None:
-    """Answer block requests from the store at ``store_root`` (or the IPFS daemon) until the DHT stops."""
-    dht.run_coroutine(partial(_serve, store_root, ipfs_api))
+GetBlocks = Callable[[list], dict]  # CIDs (binary) -> {cid: block} of those found: a store's get_blocks
 
 
-async def _serve(store_root: str, ipfs_api: Optional[str], _dht, node) -> None:
-    from atlas_swarm.storage import open_store
+def serve(dht, get_blocks: GetBlocks) -> None:
+    """Answer block requests with ``get_blocks`` until the DHT stops. It runs in the DHT's process, so it must
+    pickle (a store's bound ``get_blocks`` does: the store is its folder or its daemon's address)."""
+    dht.run_coroutine(partial(_serve, get_blocks))
 
-    store = open_store(store_root, ipfs_api)
+
+async def _serve(get_blocks: GetBlocks, _dht, node) -> None:
     loop = asyncio.get_running_loop()
 
     async def handle(_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -53,7 +54,7 @@ async def _serve(store_root: str, ipfs_api: Optional[str], _dht, node) -> None:
             if not isinstance(wanted, list) or not all(isinstance(c, bytes) for c in wanted):
                 return
             wanted = wanted[:MAX_PER_REQUEST]
-            found = await loop.run_in_executor(None, store.get_blocks, wanted)  # disk or daemon: off the event loop
+            found = await loop.run_in_executor(None, get_blocks, wanted)  # disk or daemon: off the event loop
             await P2P.send_raw_data(msgpack.packb([found.get(c) for c in wanted]), writer)
         except Exception:
             pass  # a bad request costs the asker its answer, never the server

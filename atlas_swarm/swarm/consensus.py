@@ -9,10 +9,10 @@ priority; the others download that state from them and check the hash. Bounded b
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from atlas_swarm.majority import majority
 from atlas_swarm.swarm.node import Swarm
 
 POLL_EVERY = 0.5
@@ -20,10 +20,7 @@ POLL_EVERY = 0.5
 
 def canonical_hash(hashes: Iterable[str]) -> Optional[str]:
     """The hash held by the most peers; among equally common ones the smallest. None if there are none."""
-    counts = Counter(hashes)
-    if not counts:
-        return None
-    return min(counts, key=lambda h: (-counts[h], h))
+    return majority(hashes)
 
 
 @dataclass(frozen=True)

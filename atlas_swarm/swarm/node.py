@@ -12,19 +12,34 @@ from typing import Optional, Sequence
 
 import hivemind
 import msgpack
-from hivemind.dht.schema import SchemaValidator
+from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import SchemaValidator
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
-from atlas_swarm.identity import Identity
-from atlas_swarm.swarm.records import (ADAPTERS_KEPT, ADAPTERS_TTL, MAX_RECORD_BYTES, SPEC_TTL, STATUS_TTL,
-                                       WALLET_TTL, GlobalRecords, PeerStatus, PublishedAdapter, PublishedAdapters,
-                                       RunAnnouncement, RunRecords, WalletBinding)
+from atlas_swarm.identity import Identity, peer_id_of
+from atlas_swarm.swarm import blocks
+from atlas_swarm.swarm.records import (
+    ADAPTERS_KEPT,
+    ADAPTERS_TTL,
+    MAX_RECORD_BYTES,
+    SPEC_TTL,
+    STATUS_TTL,
+    WALLET_TTL,
+    GlobalRecords,
+    PeerStatus,
+    PublishedAdapter,
+    PublishedAdapters,
+    RunAnnouncement,
+    RunRecords,
+    WalletBinding,
+)
 
 POLL_EVERY = 0.5
 BOOTSTRAP_ATTEMPTS = 3  # see Swarm.join
@@ -57,8 +72,9 @@ async def _drop_keys(_dht, node, key_ids: list) -> None:
 class Swarm:
     """This peer's DHT node. ``Swarm.join(...)`` starts it; ``shutdown()`` stops it and its p2pd."""
 
-    def __init__(self, dht: hivemind.DHT, identity: Identity, signer: RSASignatureValidator):
-        self.dht, self.identity, self.signer = dht, identity, signer
+    def __init__(self, dht: hivemind.DHT, identity: Identity, private_key: RSAPrivateKey):
+        self.dht, self.identity, self.private_key = dht, identity, private_key
+        self.signer = RSASignatureValidator(private_key)
         self._validated_runs: set[str] = set()
         self.forged = 0  # well-signed records whose content names another peer than their signer (dropped)
 
@@ -83,8 +99,8 @@ class Swarm:
         if any("/p2p/" not in a for a in initial_peers):
             bad = next(a for a in initial_peers if "/p2p/" not in a)
             raise ConfigError(f"--initial-peers {bad!r} has no /p2p/<PeerID> part; copy the full address the peer printed.")
-        signer = RSASignatureValidator(identity.private_key)
-        validators = [signer, RunSchemaValidator(GlobalRecords, prefix="atlas")]
+        private_key = hivemind_key(identity)
+        validators = [RSASignatureValidator(private_key), RunSchemaValidator(GlobalRecords, prefix="atlas")]
         if audit:
             from atlas_swarm.swarm.audit import AuditingValidator
 
@@ -124,14 +140,19 @@ class Swarm:
                         f"its own --identity (or --out)."
                     ) from None
                 raise SwarmError(f"The p2p daemon failed to start: {text}") from None
-        return cls(dht, identity, signer)
+        return cls(dht, identity, private_key)
 
     @property
     def peer_id(self) -> str:
-        return self.identity.peer_id.to_base58()
+        return self.identity.peer_id
 
     def visible_maddrs(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+        """This node's multiaddrs, public ones first (loopback last)."""
+        return sorted((str(a) for a in self.dht.get_visible_maddrs()), key=lambda a: "/127." in a or "/::1/" in a)
+
+    def is_alive(self) -> bool:
+        """False once the DHT process has died (or was shut down)."""
+        return self.dht.is_alive()
 
     def _ensure_validators(self, run_id: str) -> None:
         if run_id not in self._validated_runs:
@@ -289,16 +310,12 @@ class Swarm:
         return out
 
     # -- published adapters (content-addressed; blocks served over p2p) -----------------------------------------
-    def serve_blocks(self, store_root: str, ipfs_api: Optional[str] = None) -> None:
-        """Serve the blocks of this store to any peer that asks (see swarm/blocks.py)."""
-        from atlas_swarm.swarm import blocks
+    def serve_blocks(self, get_blocks: blocks.GetBlocks) -> None:
+        """Serve blocks to any peer that asks, from ``get_blocks`` (a store's; see swarm/blocks.py)."""
+        blocks.serve(self.dht, get_blocks)
 
-        blocks.serve(self.dht, store_root, ipfs_api)
-
-    def blocks_from(self, peer_id: str):
+    def blocks_from(self, peer_id: str) -> blocks.GetBlocks:
         """A verified-later ``get_blocks`` that asks ``peer_id``."""
-        from atlas_swarm.swarm import blocks
-
         return blocks.blocks_from(self.dht, peer_id)
 
     def publish_adapters(self, run_id: str, adapters: Sequence[PublishedAdapter], wait: bool = True,
@@ -318,28 +335,27 @@ class Swarm:
         return sorted(pairs, key=lambda pa: (-pa[1].epoch, -pa[1].time))
 
     def shutdown(self) -> None:
-        if self.dht.is_alive():
+        if self.is_alive():
             self.dht.shutdown()
 
 
 def peer_id_of_owner(subkey: bytes) -> Optional[str]:
     """The libp2p PeerID (base58) of the RSA key in an ``[owner:<ssh-rsa key>]`` record subkey, or None."""
-    import hashlib
-
-    from cryptography.hazmat.primitives import serialization
-    from hivemind.p2p import PeerID
-    from hivemind.proto import crypto_pb2
-
     m = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey) if isinstance(subkey, bytes) else None
     if m is None:
         return None
     try:
-        key = serialization.load_ssh_public_key(m.group(1))
-        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return peer_id_of(serialization.load_ssh_public_key(m.group(1)))
     except Exception:
         return None
-    proto = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
-    return PeerID(b"\x12\x20" + hashlib.sha256(proto).digest()).to_base58()  # multihash: sha2-256, 32 bytes
+
+
+def hivemind_key(identity: Identity) -> RSAPrivateKey:
+    """hivemind's key object for our identity. hivemind's RSAPrivateKey has no from-bytes constructor; its
+    unpickling (``__setstate__`` with the DER bytes) is the one way in that its own code uses."""
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": identity.private_der()})
+    return key
 
 
 def _spec_id(raw: bytes) -> Optional[str]:

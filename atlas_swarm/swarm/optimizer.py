@@ -38,8 +38,9 @@ COMPRESSION = {
 
 @dataclass(frozen=True)
 class EpochDone:
+    ended: int  # the epoch this peer's samples went into (its proof's epoch)
     epoch: int  # the epoch the swarm moved to
-    samples: int  # samples this peer accumulated into the step that ended the previous epoch
+    samples: int  # samples this peer accumulated into the step that ended the epoch
     group: tuple[str, ...]  # PeerIDs that averaged gradients together (empty: proceeded with local gradients)
     seconds: float  # wall time of the transition: all-reduce, optimizer step, state averaging when due
 
@@ -120,11 +121,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _update_global_epoch(self, grad_scaler) -> None:
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
+        ended = self.local_epoch
         self._group = ()
         self.state_averager.skip_round = False
         t0 = time.perf_counter()
         super()._update_global_epoch(grad_scaler)
-        self.completed.append(EpochDone(self.local_epoch, samples, self._group, time.perf_counter() - t0))
+        self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0))
         now = time.monotonic()
         if self._epoch_began is not None:
             self._epoch_seconds = now - self._epoch_began
@@ -270,6 +272,34 @@ class SwarmOptimizer(hivemind.Optimizer):
                                 client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
                                 **kwargs)  # fmt: skip
 
+    # -- the public surface peer.py uses (plain values; hivemind's objects stay in here) ---------------------------
+    def take_completed(self) -> list[EpochDone]:
+        """The epoch transitions since the last call, oldest first."""
+        done = list(self.completed)
+        del self.completed[: len(done)]
+        return done
+
+    def resume(self, epoch: int) -> None:
+        """Continue from a local checkpoint of ``epoch`` (before any step)."""
+        self.state_averager.local_epoch = epoch
+
+    def swarm_epoch(self) -> int:
+        """The swarm's epoch as the progress tracker last saw it."""
+        return self.tracker.global_epoch
+
+    def behind(self) -> bool:
+        return self.tracker.global_epoch > self.local_epoch
+
+    def samples_per_second(self) -> float:
+        """This peer's training rate (hivemind's moving average), 0 before the first steps."""
+        return float(self.tracker.performance_ema.samples_per_second)
+
+    def restart_rate_clock(self) -> None:
+        """Count the rate from now. The tracker counts from its creation: a first peer that waited 12 s for company
+        reported half its rate for its first epoch (the estimate weights its first step heavily), and the others
+        planned the epoch's end from it."""
+        self.tracker.performance_ema.reset_timer()
+
     def swarm_progress(self) -> dict:
         p = self.tracker.global_progress
         return {
@@ -321,7 +351,7 @@ def make_optimizer(
         # swarm's progress is fetched at least every 2 s (hivemind: 10 s; a newcomer that saw a slow start trained
         # 10 s on a stale view, ended the epoch alone and cost the next round its group) and every 0.2 s in an
         # epoch's last moments (hivemind: 0.5 s), so peers see the epoch end closer together.
-        tracker_opts={"private_key": swarm.identity.private_key, "default_refresh_period": 1.0,
+        tracker_opts={"private_key": swarm.private_key, "default_refresh_period": 1.0,
                       "max_refresh_period": 2.0, "min_refresh_period": 0.2},
         shutdown_timeout=3.0,
         verbose=verbose,

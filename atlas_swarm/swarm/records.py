@@ -17,10 +17,12 @@ in its DHT process on every store and every get, before a record reaches our cod
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from hivemind.dht.schema import BytesWithPublicKey
 from pydantic.v1 import BaseModel, ConstrainedFloat, StrictBool, conbytes, conint, conlist, constr
+
+from atlas_swarm.majority import strict_majority
 
 SPEC_TTL = 3600.0  # seconds a published spec lives without a refresh
 STATUS_TTL = 60.0  # seconds a peer's status lives without a refresh
@@ -90,12 +92,8 @@ def not_finite(value: Optional[float]) -> bool:
 def other_shapes(statuses, ours: str) -> Optional[str]:
     """The adapter-shapes hash that more than half of ``statuses`` report, if it is not ``ours``; else None. One
     forged status (or a minority of them) must not keep a newcomer out of a run."""
-    counts: dict[str, int] = {}
-    statuses = list(statuses)
-    for s in statuses:
-        counts[s.adapter_shapes] = counts.get(s.adapter_shapes, 0) + 1
-    top = max(counts, key=counts.get, default=None)
-    return top if top is not None and top != ours and counts[top] * 2 > len(statuses) else None
+    top = strict_majority(s.adapter_shapes for s in statuses)
+    return top if top != ours else None
 
 
 class WalletBinding(BaseModel):

@@ -53,7 +53,7 @@ def test_a_first_peer_that_comes_up_after_the_joiner_started_is_still_found(tmp_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{first_id.peer_id.to_base58()}"
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{first_id.peer_id}"
     first, joiner = [], None
     starter = threading.Timer(1.0, lambda: first.append(Swarm.join(first_id, host_maddrs=[address.split("/p2p/")[0]])))
     try:
@@ -158,8 +158,8 @@ def anvil_contract(tmp_path):
     from eth_account import Account
 
     from atlas_swarm.chain import StakingClient
-    from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
     from atlas_swarm.chain.wallet import create_wallet
+    from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 
     anvil = Anvil.start()
     try:
@@ -183,7 +183,7 @@ def test_chain_misconfiguration_is_a_clear_error(capsys, tmp_path, tiny_model, t
                                                  expected):  # fmt: skip
     from eth_account import Account
 
-    from atlas_swarm.chain.anvil import DEV_KEYS
+    from atlas_swarm.devnet.anvil import DEV_KEYS
 
     url, client = anvil_contract
     trainer = "" if case == "no-trainer" else Account.from_key(DEV_KEYS[0]).address

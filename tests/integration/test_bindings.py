@@ -13,8 +13,8 @@ from eth_account import Account
 from hivemind.utils import get_dht_time
 
 from atlas_swarm.chain import ETHER, StakingClient
-from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
 from atlas_swarm.chain.session import verified_bindings
+from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 from atlas_swarm.identity import Identity
 from atlas_swarm.proofs.binding import sign_binding
 from atlas_swarm.swarm import Swarm

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from eth_account import Account
 
-from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
+from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 from atlas_swarm.identity import Identity
 from tests.conftest import write_spec
 

@@ -11,9 +11,9 @@ from eth_account import Account
 from web3 import Web3
 
 from atlas_swarm.chain import ETHER, StakingClient
-from atlas_swarm.chain.anvil import DEV_KEYS, Anvil
 from atlas_swarm.chain.wallet import create_wallet
 from atlas_swarm.config import RunSpec
+from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 from tests.conftest import write_spec
 from tests.peers import PeerProcess, first_maddr, killed_at_exit, wait_until
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 
-import requests
 import pytest
+import requests
 
+from atlas_swarm.devnet.ipfs import IpfsDaemon
 from atlas_swarm.storage import cid_of_file
 from atlas_swarm.storage.cid import CHUNK, MAX_LINKS
-from atlas_swarm.storage.ipfs_daemon import IpfsDaemon
 
 pytestmark = pytest.mark.integration
 SIZES = [0, 1, 1000, CHUNK, CHUNK + 1, 3 * CHUNK + 7, MAX_LINKS * CHUNK, MAX_LINKS * CHUNK + 1]
@@ -70,7 +70,7 @@ def test_folders_get_the_same_cid_from_us_and_from_the_daemon_and_round_trip(tmp
 
 
 def test_an_unreachable_daemon_is_a_clear_error():
-    from atlas_swarm.chain.anvil import free_port
+    from atlas_swarm.devnet.anvil import free_port
     from atlas_swarm.errors import StorageError
     from atlas_swarm.storage import IpfsStore
 

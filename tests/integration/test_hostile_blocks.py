@@ -24,7 +24,7 @@ def test_neither_side_reads_past_its_cap(tmp_path):
     try:
         store = LocalStore(tmp_path / "store")
         cid = parse_cid(store.put_folder(make_folder(tmp_path / "adapter")))
-        honest.serve_blocks(str(store.root))
+        honest.serve_blocks(store.get_blocks)
         attacker = HostileNode(honest.visible_maddrs())
         hostile_id = attacker.dht.peer_id.to_base58()
 

@@ -17,6 +17,7 @@ from atlas_swarm.identity import Identity
 from atlas_swarm.monitor import Monitor
 from atlas_swarm.monitor.http import serve
 from atlas_swarm.swarm import PeerStatus, Swarm
+from tests.doubles import FakeSwarm
 from tests.peers import http_get, scrape
 
 pytestmark = pytest.mark.integration
@@ -111,34 +112,7 @@ def test_history_is_bounded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(state, "MAX_RUNS", 3)
 
-    class FakeSwarm:  # the read methods of Swarm, for the layer above (a DHT is not needed to test bounds)
-        peer_id = "QmFake"
-        dht = type("D", (), {"is_alive": staticmethod(lambda: True)})()
-
-        def __init__(self):
-            self.runs, self.forgotten = set(), set()
-
-        def announcers(self):
-            return {r: 1 for r in self.runs}
-
-        def forget_run(self, run_id):
-            self.forgotten.add(run_id)
-
-        def fetch_spec(self, run_id, timeout):
-            from atlas_swarm.errors import RunNotFound
-
-            raise RunNotFound(run_id)
-
-        def peer_statuses(self, run_id):
-            return {"QmA": status("QmA")}
-
-        def training_progress(self, run_id):
-            return [{"epoch": 3, "samples_accumulated": 7}]
-
-        def rejected_records(self):
-            return {}
-
-    fake = FakeSwarm()
+    fake = FakeSwarm(statuses={"QmA": status("QmA")}, progress=[{"epoch": 3, "samples_accumulated": 7}])
     monitor = Monitor(fake)
     for i in range(state.HISTORY + 50):
         fake.runs = {f"run{i % 5}-0123456789abcdef"}
@@ -152,22 +126,17 @@ def test_history_is_bounded(tmp_path, monkeypatch):
     assert monitor.snapshot()["runs"][0]["samples"] == 7
 
 
-class FloodedSwarm:
-    """Swarm's read methods over a table of runs, each DHT read taking ``latency`` s as on a busy node (a fake for
-    the layer above: the monitor's scheduling, not the DHT, is under test)."""
-
-    peer_id = "QmMonitor"
-    dht = type("D", (), {"is_alive": staticmethod(lambda: True)})()
+class FloodedSwarm(FakeSwarm):
+    """FakeSwarm over a table of runs, each DHT read taking ``latency`` s as on a busy node (the monitor's
+    scheduling, not the DHT, is under test)."""
 
     def __init__(self, runs: dict[str, tuple[int, int]], latency: float = 0.05, junk: frozenset = frozenset()):
+        super().__init__()
         self.runs, self.latency, self.junk = runs, latency, junk  # run -> (announcers, live peers)
-        self.forgotten, self.spec_fetches = set(), 0
+        self.spec_fetches = 0
 
     def announcers(self):
         return {r: a for r, (a, _) in self.runs.items()}
-
-    def announced_runs(self):
-        return set(self.runs)
 
     def fetch_spec(self, run_id, timeout):
         from atlas_swarm.config import RunSpec
@@ -186,12 +155,6 @@ class FloodedSwarm:
     def training_progress(self, run_id):
         time.sleep(self.latency)
         return [{"epoch": 3, "samples_accumulated": 7}] if self.runs[run_id][1] else []
-
-    def rejected_records(self):
-        return {}
-
-    def forget_run(self, run_id):
-        self.forgotten.add(run_id)
 
 
 def test_a_flood_of_announced_runs_keeps_the_live_run_and_health_green():

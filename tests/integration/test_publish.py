@@ -25,7 +25,7 @@ def _publisher(tmp_path, name, spec, peers=()):
     swarm = Swarm.join(Identity.load_or_create(tmp_path / name / "id.key"), list(peers), LOOPBACK)
     swarm.publish_spec(spec)
     store = LocalStore(tmp_path / name / "store")
-    swarm.serve_blocks(str(store.root))
+    swarm.serve_blocks(store.get_blocks)
     return swarm, store
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import psutil
-
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -14,8 +14,9 @@ from atlas_swarm.chain import ETHER, Outbox, StakingClient, decode_revert
 from atlas_swarm.chain.wallet import create_wallet, load_wallet
 from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted, WalletError
 from atlas_swarm.identity import Identity
-from atlas_swarm.proofs import ContributionProof, merkle_root, peer_id_hash, recover_signer, chain_run_id, sign_proof
+from atlas_swarm.proofs import ContributionProof, chain_run_id, merkle_root, peer_id_hash, recover_signer, sign_proof
 from atlas_swarm.proofs.binding import sign_binding, verify_binding
+from tests.doubles import sign_epoch
 
 RUN = "tiny-test-0123456789abcdef"
 RATE = 10**12  # wei per sample
@@ -26,7 +27,7 @@ RUN_KEY = chain_run_id(RUN, TRAINER.address)  # the run's id on chain: derived f
 @pytest.fixture(scope="module")
 def peer_ids(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ids")
-    return [Identity.load_or_create(folder / f"{i}.key").peer_id.to_base58() for i in range(3)]
+    return [Identity.load_or_create(folder / f"{i}.key").peer_id for i in range(3)]
 
 
 @pytest.fixture
@@ -146,8 +147,8 @@ def test_outbox_posts_each_proof_exactly_once_across_restarts(chain, peer_ids, t
     me = staked(client, peer, peer_ids[0])
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     for epoch in range(1, 4):
-        assert box.sign(RUN_KEY, epoch, peer_ids[0], 16, hashlib.sha256(b"%d" % epoch).hexdigest(), bytes(32))
-    assert box.sign(RUN_KEY, 2, peer_ids[0], 99, "00" * 32, bytes(32)) is None  # never a second proof for one epoch
+        assert sign_epoch(box, RUN_KEY, epoch, peer_ids[0], 16, hashlib.sha256(b"%d" % epoch).hexdigest())
+    assert sign_epoch(box, RUN_KEY, 2, peer_ids[0], 99, "00" * 32) is None  # never a second proof for one epoch
 
     # "crash" after epoch 1 was mined but before the outbox wrote it down: a new outbox must not send it again
     first = ContributionProof.from_json(box.records()[0]["proof"])
@@ -174,7 +175,7 @@ def test_outbox_backs_off_while_the_chain_is_down_then_posts(chain, peer_ids, tm
     me = staked(client, peer, peer_ids[0])
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     t0 = time.time()
-    box.sign(RUN_KEY, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    sign_epoch(box, RUN_KEY, 1, peer_ids[0], 16, "11" * 32)
     counts = box.flush(Unreachable(), now=t0)
     assert counts.pending == 1
     rec = box.records()[0]
@@ -191,8 +192,8 @@ def test_outbox_keeps_retryable_reverts_and_rejects_the_rest(chain, peer_ids, tm
     me = as_peer(client, peer)
     me.register_peer(peer_ids[0])  # registered but not staked: InsufficientStake can be fixed by staking
     box = Outbox(tmp_path / "proofs", peer, me.domain)
-    box.sign(RUN_KEY, 1, peer_ids[0], 16, "11" * 32, bytes(32))
-    box.sign(RUN_KEY, 2, peer_ids[0], 5000, "22" * 32, bytes(32))  # above the run's cap: can never pass
+    sign_epoch(box, RUN_KEY, 1, peer_ids[0], 16, "11" * 32)
+    sign_epoch(box, RUN_KEY, 2, peer_ids[0], 5000, "22" * 32)  # above the run's cap: can never pass
     counts = box.flush(me)
     assert counts.pending == 2 and "InsufficientStake" in box.records()[0]["error"]
     me.stake(2 * ETHER)
@@ -239,10 +240,10 @@ def test_connect_refuses_a_wrong_address(chain):
 def test_record_owner_key_derives_the_peer_id(tmp_path):
     from hivemind.dht.crypto import RSASignatureValidator
 
-    from atlas_swarm.swarm.node import peer_id_of_owner
+    from atlas_swarm.swarm.node import hivemind_key, peer_id_of_owner
 
     identity = Identity.load_or_create(tmp_path / "id.key")
-    assert peer_id_of_owner(RSASignatureValidator(identity.private_key).local_public_key) == identity.peer_id.to_base58()
+    assert peer_id_of_owner(RSASignatureValidator(hivemind_key(identity)).local_public_key) == identity.peer_id
     assert peer_id_of_owner(b"[owner:garbage]") is None and peer_id_of_owner(b"no owner") is None
 
 
@@ -252,13 +253,13 @@ def test_outbox_batches_to_save_gas_but_never_holds_a_proof_too_long(chain, peer
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     t0 = time.time()
     for epoch in range(3):
-        box.sign(RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0)
+        sign_epoch(box, RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, now=t0)
     assert box.flush(me, now=t0 + 1, min_batch=4, max_wait=60).pending == 3  # waiting for a 4th
     assert box.flush(me, now=t0 + 61, min_batch=4, max_wait=60).posted == 3  # the oldest waited long enough
     txs = {r["tx"] for r in box.records()}
     assert len(txs) == 1, "the three went out in one transaction"
     for epoch in range(3, 7):
-        box.sign(RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, bytes(32), now=t0 + 70)
+        sign_epoch(box, RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, now=t0 + 70)
     assert box.flush(me, now=t0 + 71, min_batch=4, max_wait=60).posted == 7
 
 
@@ -269,8 +270,8 @@ def test_outbox_never_lets_a_later_proof_overtake_a_waiting_one(chain, peer_ids,
     small = chain_run_id("small-run-0123456789abcdef", TRAINER.address)
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     t0 = time.time()
-    box.sign(small, 1, peer_ids[0], 500, "11" * 32, bytes(32))  # too big for the budget (until it is topped up)
-    box.sign(small, 2, peer_ids[0], 10, "22" * 32, bytes(32))  # would fit, but must not jump the queue
+    sign_epoch(box, small, 1, peer_ids[0], 500, "11" * 32)  # too big for the budget (until it is topped up)
+    sign_epoch(box, small, 2, peer_ids[0], 10, "22" * 32)  # would fit, but must not jump the queue
     assert box.flush(me, now=t0).pending == 2
     assert "BudgetExhausted" in box.records()[0]["error"]
     assert box.flush(me, now=t0 + 1).pending == 2  # the first waits out its backoff; the second waits behind it
@@ -282,7 +283,7 @@ def test_outbox_never_lets_a_later_proof_overtake_a_waiting_one(chain, peer_ids,
 def test_a_corrupted_outbox_file_is_a_clear_error_and_nothing_is_lost(chain, peer_ids, tmp_path):
     w3, client, _, (peer, *_) = chain
     box = Outbox(tmp_path / "proofs", peer, client.domain)
-    box.sign(RUN_KEY, 1, peer_ids[0], 16, "11" * 32, bytes(32))
+    sign_epoch(box, RUN_KEY, 1, peer_ids[0], 16, "11" * 32)
     (tmp_path / "proofs" / "0000000000000000-0000000002.json").write_text("{truncated")
     with pytest.raises(ChainError, match="unreadable.*move it away"):
         Outbox(tmp_path / "proofs", peer, client.domain)
@@ -334,7 +335,7 @@ def test_a_relay_posting_one_proof_first_costs_the_outbox_no_proof(chain, peer_i
     me = staked(client, peer, peer_ids[0])
     box = Outbox(tmp_path / "proofs", peer, me.domain)
     for epoch in range(4):
-        box.sign(RUN_KEY, epoch, peer_ids[0], 16, "11" * 32, bytes(32))
+        sign_epoch(box, RUN_KEY, epoch, peer_ids[0], 16, "11" * 32)
     last = box.records()[-1]
     as_peer(client, attacker).submit_proofs([(ContributionProof.from_json(last["proof"]),
                                               bytes.fromhex(last["signature"][2:]))])  # fmt: skip

@@ -1,6 +1,6 @@
 import signal
 
-from atlas_swarm.peer import GracefulStop
+from atlas_swarm.stopping import GracefulStop
 
 
 def test_uninstall_cancels_the_watchdogs_and_restores_handlers():

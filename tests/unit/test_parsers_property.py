@@ -8,14 +8,14 @@ import math
 import time
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from atlas_swarm.config import MAX_SPEC_BYTES, RunSpec
 from atlas_swarm.errors import SpecError

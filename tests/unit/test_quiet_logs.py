@@ -5,7 +5,7 @@ import logging
 
 from hivemind.averaging.partition import AllreduceException
 
-from atlas_swarm.ui import quiet_hivemind
+from atlas_swarm.swarm.logs import quiet_hivemind
 
 
 def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are():

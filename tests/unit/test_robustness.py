@@ -11,34 +11,18 @@ from eth_account import Account
 
 from atlas_swarm.chain.outbox import Outbox, ProofPoster
 from atlas_swarm.proofs import Domain
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def event(self, kind, text="", **fields):
-        self.seen.append((kind, fields))
+from tests.doubles import Events, FakeSwarm, sign_epoch
 
 
 def test_a_full_disk_costs_one_publication_not_the_training(tmp_path, monkeypatch):
     """L4: an OSError while saving the adapter propagated out of the epoch hook and stopped training."""
-    import atlas_swarm.storage.publish as publish
-
-    class Swarm:
-        peer_id = "QmMe"
-
-        def serve_blocks(self, root, ipfs_api=None):
-            pass
-
-        def publish_adapters(self, *a, **k):
-            pass
+    import atlas_swarm.checkpoints.publish as publish
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(publish, "save_adapter", disk_full)
-    publisher = publish.AdapterPublisher(Swarm(), "run-0123456789abcdef", "base", tmp_path / "store", None, 1)
+    publisher = publish.AdapterPublisher(FakeSwarm(), "run-0123456789abcdef", "base", tmp_path / "store", None, 1)
     events = Events()
     report = type("R", (), {"epoch": 2, "group": (), "adapter_hash": "ab" * 32})()
     assert publisher.on_epoch(object(), report, events) is None
@@ -61,7 +45,7 @@ def test_the_proof_poster_survives_any_error_and_counts_it(tmp_path):
     """M8: any non-chain error killed the poster thread silently; proofs then waited for a restart."""
     account = Account.create()
     box = Outbox(tmp_path / "proofs", account, Domain(1, "0x" + "11" * 20))
-    box.sign(b"\x01" * 32, 1, "QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG", 8, "00" * 32, bytes(32))
+    sign_epoch(box, b"\x01" * 32, 1, "QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG", 8, "00" * 32)
     poster = ProofPoster(box, OddClient(), every=0.05, batch=1, max_wait=0).start()
     deadline = time.monotonic() + 10
     while poster.errors < 3 and time.monotonic() < deadline:
@@ -91,14 +75,14 @@ def test_signing_never_waits_for_a_flush_in_flight(tmp_path):
     account = Account.create()
     box = Outbox(tmp_path / "proofs", account, Domain(1, "0x" + "11" * 20))
     peer = "QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG"
-    box.sign(b"\x01" * 32, 1, peer, 8, "00" * 32, bytes(32))
+    sign_epoch(box, b"\x01" * 32, 1, peer, 8, "00" * 32)
     chain = SlowChain(delay=3.0)
     flusher = threading.Thread(target=box.flush, args=(chain,))
     flusher.start()
     try:
         assert chain.inside.wait(5), "the flush is inside its transaction"
         t0 = time.monotonic()
-        assert box.sign(b"\x01" * 32, 2, peer, 8, "00" * 32, bytes(32)) is not None
+        assert sign_epoch(box, b"\x01" * 32, 2, peer, 8, "00" * 32) is not None
         assert time.monotonic() - t0 < 0.5, "the epoch's proof was signed while the transaction was in flight"
     finally:
         flusher.join(10)

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from atlas_swarm.checkpoints.vouch import choose, majority, vouched
 from atlas_swarm.errors import StorageError
-from atlas_swarm.storage.vouch import choose, majority, vouched
-from atlas_swarm.storage.dag import first_good
 from atlas_swarm.storage import CorruptBlock, LocalStore, cid_of_folder
 from atlas_swarm.storage.cid import CHUNK
-from atlas_swarm.storage.dag import parse_cid
+from atlas_swarm.storage.dag import first_good, parse_cid
+from tests.doubles import FakeSwarm
 
 
 def make_folder(root, big: int = 3 * CHUNK + 5):
@@ -160,32 +160,8 @@ def test_saved_adapter_configs_are_canonical_so_equal_adapters_get_equal_cids(tm
     assert json.loads((tmp_path / "0" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
 
 
-class FakeSwarm:
-    """The Swarm methods a Keeper uses, over in-memory publications and stores (the real ones: test_publish.py)."""
-
-    peer_id = "keeper"
-
-    def __init__(self, publications, stores):
-        self.publications, self.stores, self.records = publications, stores, []
-
-    def serve_blocks(self, root):
-        pass
-
-    def published_adapters(self, run_id):
-        return self.publications
-
-    def peer_statuses(self, run_id):
-        return {}  # a finished run: only the publishers' records vouch
-
-    def blocks_from(self, pid):
-        return self.stores[pid].get_blocks
-
-    def publish_adapters(self, run_id, adapters, wait=True, keeper=False):
-        self.records.append(([a.cid for a in adapters], wait, keeper))
-
-
 def test_keeper_keeps_and_lists_only_what_the_run_vouches_for(tmp_path):
-    from atlas_swarm.storage.keeper import Keeper
+    from atlas_swarm.checkpoints.keeper import Keeper
     from atlas_swarm.swarm.records import PublishedAdapter
 
     stores = {name: LocalStore(tmp_path / name) for name in ("a", "b", "c")}
@@ -193,7 +169,7 @@ def test_keeper_keeps_and_lists_only_what_the_run_vouches_for(tmp_path):
     stores["b"].put_folder(tmp_path / "x")
     y = stores["c"].put_folder(make_folder(tmp_path / "y"))  # c's pre-agreement adapter of the same epoch
     pub = lambda cid: PublishedAdapter(epoch=4, cid=cid, adapter_hash="h", time=1.0)  # noqa: E731
-    swarm = FakeSwarm([], stores)
+    swarm = FakeSwarm(publications=[], stores=stores)
     keeper = Keeper(swarm, tmp_path / "kept", lambda: ["run"])
 
     keeper.keep_new()  # first sight of the run: an empty keeper record, stored before going on
@@ -208,7 +184,7 @@ def test_keeper_keeps_and_lists_only_what_the_run_vouches_for(tmp_path):
 
 def test_keeper_stays_within_its_quota_and_a_failing_cid_blocks_nothing(tmp_path):
     """H3/M2: a bootstrap keeper pinned every CID any announced run listed, and retried a bad one first forever."""
-    from atlas_swarm.storage.keeper import Keeper
+    from atlas_swarm.checkpoints.keeper import Keeper
     from atlas_swarm.swarm.records import PublishedAdapter
 
     stores = {"a": LocalStore(tmp_path / "a"), "gone": LocalStore(tmp_path / "gone")}
@@ -217,12 +193,12 @@ def test_keeper_stays_within_its_quota_and_a_failing_cid_blocks_nothing(tmp_path
     for block in (tmp_path / "gone" / "blocks").iterdir():
         block.unlink()  # its publisher lost it: every fetch of it fails
     pub = lambda epoch, cid: PublishedAdapter(epoch=epoch, cid=cid, adapter_hash="h", time=1.0)  # noqa: E731
-    swarm = FakeSwarm([("a", pub(2, old)), ("a", pub(4, new)), ("gone", pub(4, new))], stores)
+    swarm = FakeSwarm(publications=[("a", pub(2, old)), ("a", pub(4, new)), ("gone", pub(4, new))], stores=stores)
     keeper = Keeper(swarm, tmp_path / "kept", lambda: ["run"], every=60.0)
     keeper.keep_new()
     assert set(keeper.kept["run"]) == {old}, "the failing newer CID did not stop the older one"
     assert new in keeper.errors and keeper._retry[new][1] > time.monotonic() + 60, "tried again only after a backoff"
 
-    tight = Keeper(FakeSwarm([("a", pub(2, old))], stores), tmp_path / "tight", lambda: ["run"], run_quota=100)
+    tight = Keeper(FakeSwarm(publications=[("a", pub(2, old))], stores=stores), tmp_path / "tight", lambda: ["run"], run_quota=100)
     tight.keep_new()
     assert not tight.kept["run"] and "over 100 bytes" in tight.errors[old], "the quota bounds what it stores"

@@ -15,11 +15,7 @@ from collections import Counter
 from typing import Iterable, Mapping, Optional, Sequence
 
 from atlas_swarm.errors import StorageError
-
-
-def majority(votes: Mapping[str, int]) -> Optional[str]:
-    """The value with the most votes; ties go to the smallest, so every reader picks the same. None if no votes."""
-    return min(votes, key=lambda v: (-votes[v], v)) if votes else None
+from atlas_swarm.majority import majority
 
 
 def vouched(published: Iterable[tuple[str, object]], reached: Mapping[str, int]) -> dict[int, str]:

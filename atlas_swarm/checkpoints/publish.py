@@ -17,13 +17,11 @@ from typing import Optional
 from atlas_swarm.errors import AtlasError
 from atlas_swarm.model.lora import save_adapter
 from atlas_swarm.storage.store import Store, open_store
+from atlas_swarm.swarm.records import PublishedAdapter
 
 
 class AdapterPublisher:
     def __init__(self, swarm, run_id: str, base_model: str, store_root: Path, ipfs_api: Optional[str], every: int):
-        from atlas_swarm.swarm.records import PublishedAdapter
-
-        self._record = PublishedAdapter
         self.swarm, self.run_id, self.base_model, self.every = swarm, run_id, base_model, every
         self.store_root = Path(store_root)
         self.store_root.mkdir(parents=True, exist_ok=True)  # publish() stages folders here, whatever the backend
@@ -31,7 +29,7 @@ class AdapterPublisher:
         self.published: list = []
         self.failures = 0  # publications that failed (a full disk, a daemon down): counted, never the training's end
         self.on_published = None  # (epoch, cid) -> None: the chain session records it on chain
-        swarm.serve_blocks(str(self.store_root), ipfs_api)
+        swarm.serve_blocks(self.store.get_blocks)
 
     def elected(self, group: tuple[str, ...]) -> bool:
         """The group's smallest PeerID publishes; a peer that averaged alone publishes its own adapter."""
@@ -77,7 +75,7 @@ class AdapterPublisher:
             shutil.rmtree(tmp, ignore_errors=True)
         # a finisher that downloaded the agreed adapter replaces what it published for this epoch before agreeing
         self.published = [p for p in self.published if p.epoch != epoch]
-        self.published.append(self._record(epoch=epoch, cid=cid, adapter_hash=adapter_hash, time=time.time()))
+        self.published.append(PublishedAdapter(epoch=epoch, cid=cid, adapter_hash=adapter_hash, time=time.time()))
         self.swarm.publish_adapters(self.run_id, self.published, wait=False)
         if self.on_published is not None:
             self.on_published(epoch, cid)

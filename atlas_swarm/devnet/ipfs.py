@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas_swarm.chain.anvil import free_port
+from atlas_swarm.devnet.anvil import free_port
 from atlas_swarm.errors import AtlasError
 
 IPFS_DIR = Path(__file__).resolve().parents[2] / "scripts" / "ipfs"

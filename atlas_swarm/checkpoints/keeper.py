@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from atlas_swarm.checkpoints.vouch import vouched
 from atlas_swarm.errors import StorageError
+from atlas_swarm.majority import ranked
 from atlas_swarm.storage.dag import MAX_ADAPTER_BYTES, first_good
 from atlas_swarm.storage.store import LocalStore
-from atlas_swarm.storage.vouch import vouched
+from atlas_swarm.swarm.records import PublishedAdapter
 
 REFRESH_EVERY = 3600.0  # republish the keeper's record (it lives ADAPTERS_TTL = 24 h without a refresh)
 RUN_QUOTA = 2 << 30  # bytes of adapters kept per run
@@ -29,15 +31,13 @@ KEEP_RUNS = 16  # runs a bootstrap keeper keeps adapters of (the most announced;
 
 def most_announced(announcers: dict[str, int], n: int = KEEP_RUNS) -> set[str]:
     """The ``n`` runs announced by the most peers (each key announces one run, so Sybil runs need many keys)."""
-    return set(sorted(announcers, key=lambda r: (-announcers[r], r))[:n])
+    return set(ranked(announcers)[:n])
 
 
 class Keeper:
     def __init__(self, swarm, store_root: str | Path, run_ids: Callable[[], Iterable[str]], every: float = 1.0,
                  run_quota: int = RUN_QUOTA, max_adapter_bytes: int = MAX_ADAPTER_BYTES):  # fmt: skip
-        from atlas_swarm.swarm.records import PublishedAdapter
-
-        self.swarm, self.run_ids, self.every, self._record = swarm, run_ids, every, PublishedAdapter
+        self.swarm, self.run_ids, self.every = swarm, run_ids, every
         self.run_quota, self.max_adapter_bytes = run_quota, max_adapter_bytes
         self.store = LocalStore(store_root)
         self.kept: dict[str, dict[str, object]] = {}  # run id -> cid -> PublishedAdapter
@@ -48,7 +48,7 @@ class Keeper:
         self._listed_cids: dict[str, set] = {}  # run id -> the CIDs that record lists
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        swarm.serve_blocks(str(self.store.root))
+        swarm.serve_blocks(self.store.get_blocks)
         self._thread = threading.Thread(target=self._loop, name="atlas-keeper", daemon=True)
 
     def start(self) -> "Keeper":
@@ -95,7 +95,7 @@ class Keeper:
                 continue
             self.used[run_id] = self.used.get(run_id, 0) + size
             a = next(a for pid, a in published if a.cid == cid)
-            kept[cid] = self._record(epoch=epoch, cid=cid, adapter_hash=a.adapter_hash, time=a.time)
+            kept[cid] = PublishedAdapter(epoch=epoch, cid=cid, adapter_hash=a.adapter_hash, time=a.time)
             self.errors.pop(cid, None)
             self._retry.pop(cid, None)
         # list what the run vouches for now; an epoch nobody claims any more (publishers gone) stays listed, and a
