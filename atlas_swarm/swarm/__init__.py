@@ -1,8 +1,67 @@
-"""The only package that imports hivemind's DHT and optimizer: join a swarm, publish/read run records, train together."""
+"""The only package that imports hivemind: join a swarm, publish/read run records, serve blocks, train together.
+
+    node.Swarm              a DHT node with our identity; signed, schema-checked run records; plain methods only
+    optimizer.SwarmOptimizer  hivemind.Optimizer over the adapter, queuing an EpochDone per epoch transition
+    averagers               the gradient and state averagers: one-buffer all-or-nothing rounds, groups per epoch
+    schedule                when to look for a group, how long the last step is (pure functions, no hivemind)
+    consensus               finishing peers agree on one final adapter
+    records                 the DHT record types (bounded pydantic schemas)
+    blocks / audit / logs   block serving over p2p; rejected-record counts; hivemind's log lines
+
+Every hivemind 1.1.12 method we override, and why (tests/unit/test_hivemind_overrides.py checks that each still
+exists on its hivemind base class with a signature ours accepts, and that none is missing from this list):
+"""
 
 from atlas_swarm.swarm.logs import quiet_hivemind
 from atlas_swarm.swarm.node import Swarm
 from atlas_swarm.swarm.optimizer import EpochDone, SwarmOptimizer, make_optimizer
 from atlas_swarm.swarm.records import PeerStatus
 
-__all__ = ["Swarm", "EpochDone", "SwarmOptimizer", "make_optimizer", "PeerStatus", "quiet_hivemind"]
+# "module.Class.method": why (the base class is found in the class's MRO)
+HIVEMIND_OVERRIDES = {
+    # the optimizer (swarm/optimizer.py)
+    "optimizer.SwarmOptimizer.__init__": "queue of EpochDone; run the optimizer step inline (InlineExecutor)",
+    "optimizer.SwarmOptimizer._update_global_epoch": "record each transition (samples, group); look for next groups",
+    "optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer": "give up a groupless round; note group",
+    "optimizer.SwarmOptimizer._maybe_schedule_gradient_averaging": "look for groups at the transition, not mid-epoch",
+    "optimizer.SwarmOptimizer._begin_averaging_gradients": "no round while alone; every round gathers its epoch",
+    "optimizer.SwarmOptimizer._maybe_schedule_state_averaging": "same schedule for state rounds",
+    "optimizer.SwarmOptimizer._make_state_averager": "our StateAverager",
+    "optimizer.SwarmOptimizer._make_gradient_averager": "our GradAverager",
+    "optimizer.SwarmOptimizer._make_progress_tracker": "our ThrottledTracker",
+    "optimizer.ThrottledTracker.__init__": "the time of the last progress report",
+    "optimizer.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
+    # the averagers (swarm/averagers.py)
+    "averagers.OneBufferAllReduce._run_allreduce_inplace_": "one flat buffer per round; all-or-nothing rounds",
+    "averagers.EpochGroups._step": "group keys carry the round's epoch (rounds of different epochs never meet)",
+    "averagers.EpochKeys.__init__": "knows the matchmaking whose round's epoch goes into the key",
+    "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",
+    "averagers.GradAverager.__init__": "one shared buffer for the averaged gradients; no state donor",
+    "averagers.StateAverager.step": "skip a state round the swarm already had without us",
+    "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",
+    "averagers.StateAverager._declare_for_download_periodically": "store the donor record only when it changes",
+    # record validation (swarm/node.py, swarm/audit.py)
+    "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",
+    "audit.AuditingValidator.merge_with": "validators added later join the audited set",
+    "audit.AuditingValidator.validate": "count what each validator rejects, in hivemind's order",
+    "audit.AuditingValidator.sign_value": "hivemind's CompositeValidator order",
+    "audit.AuditingValidator.strip_value": "hivemind's CompositeValidator order",
+    "audit.AuditingValidator.priority": "hivemind's CompositeValidator priority",
+}
+
+# hivemind internals we read or write without overriding a method: class -> attributes (the test checks that the
+# class's source still names each one)
+HIVEMIND_INTERNALS = {
+    "hivemind.dht.schema.SchemaValidator": ("_schemas", "_key_id_to_field_name", "_allow_extra_keys"),  # merge, forget
+    "hivemind.dht.validation.CompositeValidator": ("_validators",),  # forget a run's schema keys (node._drop_keys)
+    "hivemind.dht.crypto.RSASignatureValidator": ("_PUBLIC_KEY_RE",),  # the signer's key in a record's subkey
+    "hivemind.utils.crypto.RSAPrivateKey": ("__setstate__",),  # our identity's key in hivemind's key type
+    "hivemind.averaging.averager.DecentralizedAverager": ("_matchmaking", "_running_groups", "_state_updated"),
+    "hivemind.averaging.matchmaking.Matchmaking": ("step_control", "group_key_manager"),  # the round's epoch
+    "hivemind.averaging.allreduce.AllReduceRunner": ("tensor_part_container", "banned_senders", "sender_peer_ids"),
+    "hivemind.optim.progress_tracker.ProgressTracker": ("_get_local_progress", "performance_ema"),
+    "hivemind.optim.state_averager.TrainingStateAverager": ("step_executor", "reuse_tensors", "offload_optimizer"),
+}
+
+__all__ = ["EpochDone", "HIVEMIND_INTERNALS", "HIVEMIND_OVERRIDES", "PeerStatus", "Swarm", "SwarmOptimizer", "make_optimizer",
+           "quiet_hivemind"]

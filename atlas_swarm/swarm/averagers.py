@@ -135,9 +135,9 @@ class EpochKeys(GroupKeyManager):
     """The group key of the round being looked for (hivemind's matchmaking looks for one group at a time), with its
     epoch in the prefix: hivemind's keys must match ``prefix.0b[01]*``."""
 
-    def __init__(self, dht, prefix, group_bits, target_group_size, matchmaking, serializer):
-        super().__init__(dht, prefix, group_bits, target_group_size)
-        self.matchmaking, self.serializer = matchmaking, serializer
+    def __init__(self, dht, prefix, initial_group_bits, target_group_size, matchmaking=None, serializer=None):
+        super().__init__(dht, prefix, initial_group_bits, target_group_size)
+        self.matchmaking, self.serializer = matchmaking, serializer  # EpochGroups always passes both
 
     @property
     def current_key(self) -> str:

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable
 
 from atlas_swarm.majority import majority
 from atlas_swarm.swarm.node import Swarm
 
 POLL_EVERY = 0.5
-
-
-def canonical_hash(hashes: Iterable[str]) -> Optional[str]:
-    """The hash held by the most peers; among equally common ones the smallest. None if there are none."""
-    return majority(hashes)
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ def agree_on_final_adapter(
         # a peer at our epoch without a final hash is about to publish one (or trains on: then we time out)
         still_training = any(s.epoch < epoch or (s.epoch == epoch and not s.final_hash) for s in others)
         finals = [s.final_hash for s in others if s.epoch == epoch and s.final_hash]
-        target = canonical_hash(finals + [ours])
+        target = majority(finals + [ours])  # the canonical adapter
         if ours == target:
             if not opt.client_mode:  # client-mode peers cannot serve state (hivemind refuses a priority)
                 opt.state_averager.state_sharing_priority = epoch + 1  # downloaders pick the canonical holders

@@ -23,6 +23,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
 from atlas_swarm.config import RunSpec
+from atlas_swarm.swarm import schedule
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager
 from atlas_swarm.swarm.node import Swarm
 
@@ -131,7 +132,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self._epoch_began is not None:
             self._epoch_seconds = now - self._epoch_began
         self._epoch_began = now
-        # every peer is at this boundary now: look for the next epoch's groups together (see _seconds_to_epoch_end)
+        # every peer is at this boundary now: look for the next epoch's groups together (see _time_to_look)
         self._maybe_schedule_gradient_averaging()
         self._maybe_schedule_state_averaging()
 
@@ -152,35 +153,31 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _alone(self) -> bool:
         return self.tracker.global_progress.num_peers <= 1
 
+    def _peers(self) -> int:
+        return self.tracker.global_progress.num_peers
+
     # hivemind pre-schedules a round once the epoch's estimated end is within matchmaking_time, and the group forms
     # matchmaking_time later. Estimates err by seconds and differ between peers (each sees the others' progress
     # through the DHT, late, and nothing at all between a transition and its next fetch), so in bench_averaging
     # groups formed after the epoch had ended (everyone waited for them), or without a peer that started looking a
     # second or more after the others (4 peers: groups of 3+1 and 2+2; the odd ones out timed out or averaged part
     # of the tensors). Instead, look for the group as early as the round allows: at the transition itself when the
-    # next epoch should end within _schedule_horizon(). Peers leave an epoch within a step of each other, so they all
+    # next epoch should end within schedule.horizon(). Peers leave an epoch within a step of each other, so they all
     # look at once and form one group, which then waits for its members' triggers. Later joiners miss that round
     # (hivemind's window was matchmaking_time) and average from the next one.
     # The state override also drops hivemind's wait for a first timing of a pre-scheduled state round: it only
     # timed pre-scheduled rounds, so it never pre-scheduled one.
-    def _schedule_horizon(self) -> float:
-        return max(self.averaging_timeout / 2, self.matchmaking_time + 1.0)
-
-    def _seconds_to_epoch_end(self) -> float:
-        eta = self.tracker.estimated_next_update_time - get_dht_time()
-        if math.isinf(eta) and self._epoch_began is not None:  # no fetch since the transition: as long as the last
-            length = self._epoch_seconds
-            if math.isinf(length):  # this peer's first transition (a newcomer's too): as if every peer trained at
-                # this peer's rate. Without it, a newcomer looked for its first group mid-epoch, after the others'
-                # group had assembled at the transition, and missed it (late-joiner test: in no group at all)
-                peers = max(1, self.tracker.global_progress.num_peers)
-                rate = self.tracker.performance_ema.samples_per_second * peers
-                length = self.tracker.target_batch_size / rate if rate > 0 else math.inf
-            eta = length - (time.monotonic() - self._epoch_began)
-        return eta
-
+    # Right after a transition the tracker knows nothing until its next fetch: the last epoch's length stands in,
+    # and at this peer's first transition (a newcomer's too) the time every peer at this peer's rate would take.
+    # Without that, a newcomer looked for its first group mid-epoch, after the others' group had assembled at the
+    # transition, and missed it (late-joiner test: in no group at all). The maths: swarm/schedule.py.
     def _time_to_look(self, delay: float = 0.0) -> bool:
-        return not self._alone() and self._seconds_to_epoch_end() + delay <= self._schedule_horizon()
+        since = None if self._epoch_began is None else time.monotonic() - self._epoch_began
+        to_end = schedule.seconds_to_epoch_end(
+            self.tracker.estimated_next_update_time - get_dht_time(), since, self._epoch_seconds, self._peers(),
+            self.tracker.performance_ema.samples_per_second, self.tracker.target_batch_size)  # fmt: skip
+        return schedule.time_to_look(self._peers(), to_end, delay,
+                                     schedule.horizon(self.averaging_timeout, self.matchmaking_time))  # fmt: skip
 
     @staticmethod
     def _free(control) -> bool:  # no pending pre-scheduled round
@@ -224,12 +221,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         """The highest epoch in the peers' progress records in the DHT (-1 if none can be read)."""
         found = self.dht.get(self.tracker.training_progress_key, latest=True)
         records = found.value if found is not None and isinstance(found.value, dict) else {}
-        epochs = [r.value.get("epoch") for r in records.values() if isinstance(r.value, dict)]
-        return max((e for e in epochs if isinstance(e, int)), default=-1)
+        return schedule.highest_epoch(r.value for r in records.values())
 
     def _maybe_schedule_state_averaging(self) -> None:
-        next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
-        if next_epoch % self.average_state_every != 0 or self.state_averager.averaging_in_progress:
+        next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every)
+        if next_epoch is None or self.state_averager.averaging_in_progress:
             return
         delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it
         if self._time_to_look(delay) and self._free(self.scheduled_state):
@@ -248,13 +244,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         each way: the wait for the last peer was 0.10-0.16 s on average (at most 0.49 s) against 0.20-0.21 s (at
         most 0.85 s) with whole batches; the averaging share 3.1-3.5 % against 4.1-4.2 %.
         """
-        if self._alone():
-            return batch_size
-        rate = self.tracker.performance_ema.samples_per_second
         left = self.tracker.estimated_next_update_time - get_dht_time()  # 0 once the epoch is over
-        if not math.isfinite(left) or rate <= 0:
-            return batch_size
-        return max(1, batch_size // 4, min(batch_size, math.ceil(left * rate)))
+        return schedule.last_step_samples(batch_size, self._peers(), self.tracker.performance_ema.samples_per_second,
+                                          left)  # fmt: skip
 
     def _make_state_averager(self, **kwargs) -> StateAverager:  # hivemind 1.1.12's, with our StateAverager
         return StateAverager(dht=self.dht, prefix=f"{self.run_id}_state_averager",
@@ -339,7 +331,7 @@ def make_optimizer(
         # peers). A peer that downloads state (late joiner, out of sync) still gets the moments.
         average_opt_statistics=(),
         # synchronous state averaging: the all-reduce runs inside step() every average_state_every epochs (its group
-        # formed during the epoch, see _schedule_horizon). The background variant (hivemind's default) once left a
+        # formed during the epoch, see schedule.horizon). The background variant (hivemind's default) once left a
         # peer with another adapter after the final agreement (1 run in 3); see README "Known limits". Synchronous
         # also lets the optimizer step run in the training thread (InlineExecutor).
         delay_state_averaging=False,

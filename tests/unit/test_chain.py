@@ -4,6 +4,7 @@ Python verify on chain, rewards are exact, reverts come back as named errors, an
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import pytest
@@ -66,6 +67,27 @@ def test_python_digest_equals_contract_digest_and_signature_recovers(chain, peer
     assert proof.digest(client.domain) == client.proof_digest(proof)
     sig = sign_proof(proof, client.domain, peer.key)
     assert recover_signer(proof, client.domain, sig) == peer.address
+
+
+def test_the_signed_proof_bytes_are_those_of_b101728(tmp_path):
+    """The epoch record -> proofs.proof_of -> outbox path (issue 17) signs exactly the bytes the old path signed:
+    the digest and signature below were computed by b101728's Outbox.sign with the same inputs (eth_account signs
+    deterministically, RFC 6979), and the contract's proofDigest equals our digest (test above)."""
+    from atlas_swarm.chain.outbox import Outbox
+    from atlas_swarm.devnet.anvil import DEV_KEYS
+    from atlas_swarm.proofs import Domain, chain_run_id
+
+    account = Account.from_key(DEV_KEYS[1])
+    domain = Domain(31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+    run = chain_run_id("demo-0123456789abcdef", Account.from_key(DEV_KEYS[0]).address)
+    box = Outbox(tmp_path, account, domain)
+    proof = sign_epoch(box, run, 7, "QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG", 128, "ab" * 32,
+                       batch_hashes=[b"a" * 32, b"b" * 32, b"c" * 32], now=1_700_000_000)  # fmt: skip
+    assert proof.digest(domain).hex() == "4f0c760673e0c429b909de51741fc1f9fec13d0f73f72627f60871224304e284"
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["signature"] == ("0x1e7dbd146f0f872b681c3dfdad6ed864c532d015769563946094dd7b471603aa432b5542a92aeca23b"
+                                   "dc84d7ca1e4bb6f5970faac05dfece43ce3d2730cac9351b")  # fmt: skip
+    assert record["proof"]["deadline"] == 1_700_086_400 and record["proof"]["epoch"] == 7
 
 
 def test_a_proof_signed_for_another_chain_or_contract_is_refused(chain, peer_ids):

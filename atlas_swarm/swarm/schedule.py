@@ -1,0 +1,55 @@
+"""When a peer looks for its averaging groups and how long it makes an epoch's last step: pure functions of numbers
+the optimizer reads from hivemind's tracker (no hivemind, no clock of their own). Why each rule is what it is:
+swarm/optimizer.py, where they are applied."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+
+def horizon(averaging_timeout: float, matchmaking_time: float) -> float:
+    """How far ahead of an epoch's end a peer looks for its group: as early as the round allows."""
+    return max(averaging_timeout / 2, matchmaking_time + 1.0)
+
+
+def seconds_to_epoch_end(eta: float, since_transition: Optional[float], last_epoch_seconds: float, peers: int,
+                         rate: float, target: int) -> float:  # fmt: skip
+    """Seconds until the swarm's epoch ends. ``eta``: the tracker's estimate (inf when it knows nothing, as between
+    a transition and its next fetch); then the last epoch's length stands in, and before any (a first transition, a
+    newcomer) the time ``peers`` peers at this peer's ``rate`` take for ``target`` samples, both counted from the
+    transition ``since_transition`` seconds ago (None: no transition yet, nothing better than ``eta``)."""
+    if not math.isinf(eta) or since_transition is None:
+        return eta
+    length = last_epoch_seconds
+    if math.isinf(length):
+        total = rate * max(1, peers)
+        length = target / total if total > 0 else math.inf
+    return length - since_transition
+
+
+def time_to_look(peers: int, to_epoch_end: float, delay: float, horizon_s: float) -> bool:
+    """Look for a group now? Never alone; with company once the epoch (plus ``delay``, the rounds before this one)
+    ends within the horizon."""
+    return peers > 1 and to_epoch_end + delay <= horizon_s
+
+
+def state_round_epoch(local_epoch: int, swarm_epoch: int, every: int) -> Optional[int]:
+    """The epoch whose start averages the peers' state, if it is the next one (every ``every`` epochs); else None."""
+    next_epoch = max(local_epoch + 1, swarm_epoch)
+    return next_epoch if next_epoch % every == 0 else None
+
+
+def last_step_samples(batch_size: int, peers: int, rate: float, left: float) -> int:
+    """Samples in the next step: ``batch_size``, or what fits in the ``left`` seconds of the epoch at ``rate``
+    samples/s, never below a quarter batch (a slipping estimate must not degrade into one-sample steps). Alone,
+    nobody waits: whole batches."""
+    if peers <= 1 or not math.isfinite(left) or rate <= 0:
+        return batch_size
+    return max(1, batch_size // 4, min(batch_size, math.ceil(left * rate)))
+
+
+def highest_epoch(records: Iterable[object]) -> int:
+    """The highest int ``epoch`` among progress records (dicts); -1 if none has one."""
+    epochs = [r.get("epoch") for r in records if isinstance(r, dict)]
+    return max((e for e in epochs if type(e) is int), default=-1)

@@ -1,0 +1,84 @@
+"""Every hivemind method we override is listed in swarm/__init__.py, still exists on its hivemind base class, and
+takes what hivemind passes it: a hivemind upgrade that renames or re-signs one fails here, not in a swarm."""
+
+import importlib
+import inspect
+
+import pytest
+
+from atlas_swarm.swarm import HIVEMIND_INTERNALS, HIVEMIND_OVERRIDES
+
+MODULES = ["optimizer", "averagers", "node", "audit", "records", "blocks"]
+
+
+def _hivemind_bases(cls):
+    return [c for c in cls.__mro__ if c.__module__.split(".")[0] == "hivemind"]
+
+
+def _ours(key):
+    module, cls_name, name = key.split(".")
+    cls = getattr(importlib.import_module(f"atlas_swarm.swarm.{module}"), cls_name)
+    return cls, name
+
+
+def _users(cls):
+    """Classes of ours that have ``cls`` in their MRO with hivemind below it (a mixin reaches hivemind in them)."""
+    for module in MODULES:
+        for c in vars(importlib.import_module(f"atlas_swarm.swarm.{module}")).values():
+            if inspect.isclass(c) and cls in c.__mro__ and _hivemind_bases(c):
+                yield c
+
+
+def _base_attr(cls, name):
+    for user in _users(cls):
+        for base in _hivemind_bases(user):
+            if name in base.__dict__:
+                return base, base.__dict__[name]
+    return None, None
+
+
+@pytest.mark.parametrize("key", sorted(HIVEMIND_OVERRIDES))
+def test_each_override_still_exists_with_a_compatible_signature(key):
+    cls, name = _ours(key)
+    ours = cls.__dict__[name]
+    base, theirs = _base_attr(cls, name)
+    assert base is not None, f"{key}: hivemind no longer has {name!r}"
+    if isinstance(theirs, property) or isinstance(ours, property):
+        assert isinstance(theirs, property) and isinstance(ours, property), f"{key}: property vs method"
+        return
+    ours_sig, theirs_sig = inspect.signature(ours), inspect.signature(theirs)
+    ours_params = ours_sig.parameters
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in ours_params.values())
+    var_pos = any(p.kind is p.VAR_POSITIONAL for p in ours_params.values())
+    for p in theirs_sig.parameters.values():  # everything hivemind may pass, ours takes
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        assert p.name in ours_params or var_kw or (var_pos and p.kind is p.POSITIONAL_ONLY), \
+            f"{key}: hivemind's {base.__name__}.{name}{theirs_sig} passes {p.name!r}; ours is {name}{ours_sig}"
+    for p in ours_params.values():  # and ours needs nothing hivemind does not pass
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            assert p.name in theirs_sig.parameters, f"{key}: ours requires {p.name!r}, which hivemind never passes"
+
+
+def test_no_override_is_missing_from_the_register():
+    found = set()
+    for module in MODULES:
+        mod = importlib.import_module(f"atlas_swarm.swarm.{module}")
+        for cls in vars(mod).values():
+            if not inspect.isclass(cls) or cls.__module__ != mod.__name__ or not list(_users(cls)):
+                continue
+            for name in cls.__dict__:
+                if (name.startswith("__") and name != "__init__") or name == "_abc_impl":
+                    continue
+                if _base_attr(cls, name)[0] is not None:
+                    found.add(f"{module}.{cls.__name__}.{name}")
+    assert found == set(HIVEMIND_OVERRIDES), (sorted(found - set(HIVEMIND_OVERRIDES)),
+                                              sorted(set(HIVEMIND_OVERRIDES) - found))
+
+
+@pytest.mark.parametrize("qualname", sorted(HIVEMIND_INTERNALS))
+def test_the_internals_we_touch_are_still_there(qualname):
+    module, name = qualname.rsplit(".", 1)
+    source = inspect.getsource(getattr(importlib.import_module(module), name))
+    missing = [a for a in HIVEMIND_INTERNALS[qualname] if f".{a}" not in source and f"def {a}" not in source]
+    assert not missing, f"{qualname} no longer has {missing}"
