@@ -224,6 +224,7 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
         p.epoch, p.samples_total = meta["epoch"], meta["samples_total"]
         p.reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {p.epoch}", epoch=p.epoch)
     p.opt = make_optimizer(swarm, spec, p.params, p.batch_size, verbose=cfg.verbose)
+    p.opt.should_stop = lambda: p.stop.requested
     p.stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
     if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
@@ -294,7 +295,8 @@ def finish_run(p: Progress) -> None:
 
 def leave(p: Progress) -> None:
     """Whatever happened: save the adapter, tell finishing peers not to wait for us, post what proofs we can in the
-    time we have, and stop every process we started."""
+    time we have, and stop every process we started. A peer asked to stop was promised an exit within 10 s: each
+    step then gets what is left of that (stop.budget); a finishing peer waits longer for its last proofs."""
     p.reporter.close()
     try:
         if p.opt is not None:
@@ -306,18 +308,16 @@ def leave(p: Progress) -> None:
                 publish_status(p, leaving=True)  # finishing peers stop waiting for us
             except Exception:
                 pass  # best effort: the record expires on its own
-        if p.chain is not None:
-            # a peer that finished (or hit --max-steps) waits longer for its last proofs than one asked to stop,
-            # which was promised an exit within 10 s; what is left stays in the outbox for the next start
-            counts = p.chain.close(3.0 if p.stop.requested else FINAL_FLUSH)
+        if p.chain is not None:  # what is not posted stays in the outbox for the next start
+            counts = p.chain.close(p.stop.budget(3.0) if p.stop.requested else FINAL_FLUSH)
             p.reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
                              f"next start), {counts.rejected} rejected; checkpoints on chain: "
                              f"{sorted(p.chain.recorded) or 'none'}", **counts.__dict__,
                              checkpoints={str(e): c for e, c in p.chain.recorded.items()})  # fmt: skip
         if p.opt is not None:
-            p.opt.shutdown()
+            p.opt.shutdown(p.stop.budget(1.0) if p.stop.requested else None)
         if p.swarm is not None:
-            p.swarm.shutdown()
+            p.swarm.shutdown(p.stop.budget(3.0) if p.stop.requested else None)
         p.stop.uninstall()
 
 
@@ -340,7 +340,7 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         rounds_averaged=p.rounds_averaged, rounds_failed=p.rounds_failed,
         proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
         rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
-        wait=leaving or final is not None)  # fmt: skip
+        wait=leaving or final is not None, timeout=p.stop.budget(5.0))  # fmt: skip
     if not leaving:
         p.swarm.announce_run(p.spec.run_id)
 

@@ -9,11 +9,13 @@ import _thread
 import os
 import signal
 import threading
+import time
 
 import psutil
 
 STOP_GRACE = 6.0
 STOP_HARD = 9.5
+MARGIN = 1.0  # of the time left before STOP_HARD, kept for what comes after a bounded step of the shutdown
 EXIT_FORCED = 3  # the watchdog ended a hung shutdown: the adapter may not have been saved (a clean stop exits 0)
 
 
@@ -23,6 +25,8 @@ class GracefulStop:
         self.signal_name = ""
         self._previous = {}
         self._timers: list[threading.Timer] = []
+        self._hard_at = float("inf")  # time.monotonic() of the forced exit
+        self._pid = os.getpid()  # child processes forked after install() inherit the handlers: not theirs
 
     @classmethod
     def install(cls) -> "GracefulStop":
@@ -38,15 +42,37 @@ class GracefulStop:
                 self._previous.setdefault(sig, previous)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked child (the DHT, an averager): the signal's default action, as before
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        self._timers = [threading.Timer(STOP_GRACE, _thread.interrupt_main),
+        self._hard_at = time.monotonic() + STOP_HARD
+        self._timers = [threading.Timer(STOP_GRACE, self._interrupt),
                         threading.Timer(STOP_HARD, kill_children_and_exit)]  # fmt: skip
         for timer in self._timers:
             timer.daemon = True
             timer.start()
+
+    def _interrupt(self) -> None:
+        """Interrupt the main thread, even inside a blocking wait (an averaging round). A real signal sent to the main
+        thread makes its wait return (EINTR) and our handler raise KeyboardInterrupt there; _thread.interrupt_main()
+        only sets a flag that a blocked wait never looks at (a peer in a round with a frozen groupmate waited on for
+        the round's 30 s, and the watchdog then killed it)."""
+        if signal.getsignal(signal.SIGTERM) == self._handle:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        else:  # our handlers are not installed (not the main thread): the flag is all there is
+            _thread.interrupt_main()
+
+    def budget(self, seconds: float) -> float:
+        """``seconds`` for one step of the shutdown; once a stop was requested, no more than leaves MARGIN before
+        the forced exit (at least 0.1 s)."""
+        if not self.requested:
+            return seconds
+        return max(0.1, min(seconds, self._hard_at - time.monotonic() - MARGIN))
 
     def uninstall(self) -> None:
         """Restore the previous handlers and cancel the watchdogs: a caller in the same process (a notebook, a test)

@@ -20,8 +20,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,54 +27,43 @@ from pathlib import Path
 import psutil
 
 from atlas_swarm.config import RunSpec
+from atlas_swarm.launch import PeerProcess, first_loopback
 from atlas_swarm.model.lora import load_model
 
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
 
 
-def events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-
-
 def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    common = ["--data", "builtin:chatterbot-topics", "--batch-size", "8", "--threads", "1", "--log-format", "json",
-              "--max-epochs", str(epochs), "--wait-for-peers", str(n), "--join-timeout", "180",
-              "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
-    procs = []
+    common = ["--data", "builtin:chatterbot-topics", "--batch-size", "8", "--max-epochs", str(epochs),
+              "--wait-for-peers", str(n), "--join-timeout", "180", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
+    procs: list[PeerProcess] = []
     try:
-        def launch(i: int, extra: list[str]) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "atlas_swarm.peer", "--out", str(workdir / f"p{i}"),
-                                     "--seed", str(i), *common, *extra], env=env, start_new_session=True,
-                                    stdout=(workdir / f"p{i}.jsonl").open("w"), stderr=subprocess.DEVNULL)  # fmt: skip
+        def launch(i: int, extra: list[str]) -> PeerProcess:
+            return PeerProcess(workdir / f"p{i}", ["--seed", str(i), *common, *extra], threads=1,
+                               env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
 
         procs.append(launch(0, ["--run-spec", str(SPEC)]))
-        log0 = workdir / "p0.jsonl"
-        started = wait(lambda: next((e for e in events(log0) if e["event"] == "started"), None), 180, procs)
-        maddr = next(a for a in started["maddrs"] if "/127.0.0.1/" in a)
+        started = wait(procs, "started", 180)
         for i in range(1, n):
-            procs.append(launch(i, ["--initial-peers", maddr, "--run", started["run_id"]]))
+            procs.append(launch(i, ["--initial-peers", first_loopback(started), "--run", started["run_id"]]))
         # bytes: from peer0's first epoch transition to its stop
-        first = wait(lambda: next((e for e in events(log0) if e["event"] == "epoch"), None), 300, procs)
+        wait(procs, "epoch", 300)
         lo0 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
         # a peer can also reach the last epoch by downloading state (no epoch event then): stop at "stopping"
-        last = wait(lambda: next((e for e in events(log0) if e["event"] == "stopping"), None), 600, procs)
+        wait(procs, "stopping", 600)
         lo1 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
         for p in procs:
-            p.wait(60)
+            p.wait_exit(60)
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            p.kill()
     # each peer's window: from its first epoch transition to its "stopping" event; the share is the mean over peers
     # (a peer that reaches the boundary first waits for the others, so one peer's share can hide another's)
     shares, rounds, epoch_seconds, groups = [], [], [], []
     for i in range(n):
-        ev = events(workdir / f"p{i}.jsonl")
+        ev = procs[i].events()
         start = next(e for e in ev if e["event"] == "epoch")["time"]
         end = next(e for e in ev if e["event"] == "stopping")["time"]
         window = [e for e in ev if e["event"] == "epoch" and start < e["time"] <= end]
@@ -102,17 +89,18 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
     }
 
 
-def wait(probe, timeout: float, procs: list[subprocess.Popen]):
+def wait(procs: list[PeerProcess], kind: str, timeout: float) -> dict:
+    """peer0's first ``kind`` event; exits if any peer fails first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = probe()
-        if found is not None:
-            return found
-        crashed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        found = procs[0].events(kind)
+        if found:
+            return found[0]
+        crashed = [p.name for p in procs if p.process.poll() not in (None, 0)]
         if crashed:
-            raise SystemExit(f"bench_averaging: peer(s) {crashed} exited with an error (run them by hand to see it)")
+            raise SystemExit(f"bench_averaging: {crashed} exited with an error:\n{procs[0].tail()}")
         time.sleep(0.2)
-    raise SystemExit(f"bench_averaging: timed out after {timeout} s")
+    raise SystemExit(f"bench_averaging: no '{kind}' within {timeout} s")
 
 
 def main() -> int:

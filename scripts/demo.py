@@ -25,6 +25,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from atlas_swarm.config import RunSpec
+from atlas_swarm.launch import PeerFailed, PeerProcess
 from atlas_swarm.model.lora import load_adapter_weights, load_model
 from atlas_swarm.train.builtin import chatterbot_topics, shard_non_iid
 from atlas_swarm.train.data import Batches, load_examples
@@ -60,48 +61,50 @@ def main() -> int:
 
     chain = None if args.no_chain else start_chain(out, console)
     procs, boot = [], None
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    common = ["--log-format", "json", "--threads", "1", "--max-epochs", str(args.epochs),
-              "--wait-for-peers", str(len(BATCH_SIZES)), "--join-timeout", "120", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **offline)
+    common = ["--max-epochs", str(args.epochs), "--wait-for-peers", str(len(BATCH_SIZES)), "--join-timeout", "120",
+              "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
     try:
-        def launch(i: int, extra: list[str]) -> subprocess.Popen:
-            log = (out / f"peer{i}.jsonl").open("w")
-            cmd = [sys.executable, "-m", "atlas_swarm.peer", "--out", str(out / f"peer{i}"), "--data", str(shards[i]),
-                   "--batch-size", str(BATCH_SIZES[i]), "--seed", str(i), *common, *extra]  # fmt: skip
+        def launch(i: int, extra: list[str]) -> PeerProcess:
+            args_ = ["--data", str(shards[i]), "--batch-size", str(BATCH_SIZES[i]), "--seed", str(i), *common, *extra]
             if chain is not None:
-                cmd += ["--chain-rpc", chain["anvil"].url, "--staking-contract", chain["client"].address,
-                        "--wallet", str(chain["wallets"][i]), "--wallet-password-file", str(chain["password_file"])]
-            return subprocess.Popen(cmd, stdout=log, stderr=(out / f"peer{i}.err").open("w"), env=env,
-                                    start_new_session=True)  # fmt: skip
+                args_ += ["--chain-rpc", chain["anvil"].url, "--staking-contract", chain["client"].address,
+                          "--wallet", str(chain["wallets"][i]), "--wallet-password-file", str(chain["password_file"])]
+            return PeerProcess(out / f"peer{i}", args_, threads=1, env=offline)
 
         boot, maddr, dashboard = start_bootstrap(out, env)
         console.print(f"bootstrap node {maddr}\n[bold]dashboard: {dashboard}/[/] (also /metrics, /health)")
         spec = SPEC if chain is None else chain["spec"]
         procs.append(launch(0, ["--run-spec", str(spec), "--initial-peers", maddr]))
-        started = wait_for(out / "peer0.jsonl", "started", procs[0], timeout=180)
+        try:
+            started = procs[0].wait_event("started", 180)
+        except PeerFailed as e:
+            raise SystemExit(f"demo: the first peer did not start:\n{e}") from None
         console.print(f"peer0 started run {started['run_id']}; 3 more peers join through the bootstrap node")
         for i in range(1, len(BATCH_SIZES)):
             procs.append(launch(i, ["--initial-peers", maddr, "--run", started["run_id"]]))
         t0 = time.monotonic()
         with console.status("training...") as status:
-            while any(p.poll() is None for p in procs):
-                epochs = [last_epoch(out / f"peer{i}.jsonl") for i in range(len(procs))]
+            while any(p.running for p in procs):
+                epochs = [last_epoch(p) for p in procs]
                 status.update(f"training... epochs per peer {epochs} / {args.epochs} ({time.monotonic() - t0:.0f} s)")
                 if time.monotonic() - t0 > 600:
-                    raise SystemExit("demo: peers did not finish in 10 minutes; see demo-out/peer*.err")
+                    raise SystemExit("demo: peers did not finish in 10 minutes; see demo-out/peer*/stderr.txt")
                 time.sleep(1)
-        codes = [p.returncode for p in procs]
-        if any(codes):
-            for i, c in enumerate(codes):
-                if c:
-                    console.print(f"[red]peer{i} exited {c}[/]:\n" + (out / f"peer{i}.err").read_text()[-2000:])
+        failed = [(i, p) for i, p in enumerate(procs) if p.process.returncode]
+        for i, p in failed:
+            console.print(f"[red]peer{i} exited {p.process.returncode}[/]:\n{p.tail()}")
+        if failed:
             return 1
-        report(console, out, started["run_id"], time.monotonic() - t0, chain)
+        report(console, out, started["run_id"], time.monotonic() - t0, chain, procs)
         return 0
     finally:
-        for p in procs + ([boot] if boot is not None else []):
+        for p in procs:
+            p.kill()
+        if boot is not None:
             try:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(boot.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         if chain is not None:
@@ -164,7 +167,8 @@ def start_chain(out: Path, console: Console) -> dict:
             "spec": spec_path, "run": trainer.run_of(spec.run_id)}
 
 
-def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict | None) -> None:
+def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict | None,
+           peers: list[PeerProcess]) -> None:  # fmt: skip
     spec = RunSpec.from_toml(SPEC)
     model, tokenizer = load_model(spec)
     heldout = Batches(load_examples("builtin:chatterbot-topics-heldout", spec), tokenizer, spec)
@@ -182,7 +186,7 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
         table.add_column(col, justify="right")
     on_chain = {}
     for i, bs in enumerate(BATCH_SIZES):
-        events = _events(out / f"peer{i}.jsonl")
+        events = peers[i].events()
         stopped = next(e for e in events if e["event"] == "stopped")
         losses = [e["loss"] for e in events if e["event"] == "progress"]
         averaged = sum(1 for e in events if e["event"] == "epoch" and len(e["group"]) > 1)
@@ -201,13 +205,12 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
                   f"averaged adapter {after['accuracy']:.1%} (loss {after['loss']:.3f}) on {len(heldout)} dialogs")
     same = "yes" if diff <= 1e-5 else "NO"
     console.print(f"all peers hold the same adapter: {same} (max abs difference {diff:.2e})")
-    finals = sorted({e["cid"] for i in range(len(BATCH_SIZES)) for e in _events(out / f"peer{i}.jsonl")
-                     if e["event"] == "handed_off"})  # fmt: skip
+    finals = sorted({e["cid"] for p in peers for e in p.events("handed_off")})
     for cid in finals:
         line = f"final adapter published as {cid}; kept by the bootstrap node: "
         line += "yes" if (out / "kept" / "blocks" / cid).exists() else "NO"
         if chain is not None:
-            checkpoint = chain["client"].checkpoint_of(chain["run"], last_epoch(out / "peer0.jsonl"))
+            checkpoint = chain["client"].checkpoint_of(chain["run"], last_epoch(peers[0]))
             line += f"; recorded on chain: {'yes' if checkpoint and checkpoint[0] == cid else 'NO'}"
         console.print(line)
     if chain is not None:
@@ -218,26 +221,8 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
         before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff, "chain": on_chain}, indent=2))  # fmt: skip
 
 
-def _events(log: Path) -> list[dict]:
-    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-
-
-def wait_for(log: Path, kind: str, proc: subprocess.Popen, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            if line.startswith("{") and json.loads(line)["event"] == kind:
-                return json.loads(line)
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: the first peer exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
-        time.sleep(0.3)
-    raise SystemExit(f"demo: no '{kind}' from the first peer within {timeout} s")
-
-
-def last_epoch(log: Path) -> int:
-    epochs = [json.loads(line).get("epoch", 0) for line in log.read_text().splitlines()
-              if line.startswith("{") and '"event": "epoch"' in line]  # fmt: skip
-    return max(epochs, default=0)
+def last_epoch(peer: PeerProcess) -> int:
+    return max((e.get("epoch", 0) for e in peer.events("epoch")), default=0)
 
 
 if __name__ == "__main__":

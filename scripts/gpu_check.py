@@ -12,21 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-
-def peer(workdir: Path, name: str, args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "atlas_swarm.peer", "--log-format", "json", "--device", "cuda",
-           "--out", str(workdir / name), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=(workdir / f"{name}.jsonl").open("w"), stderr=(workdir / f"{name}.err").open("w"))
+from atlas_swarm.launch import PeerProcess, first_loopback
 
 
-def events(workdir: Path, name: str) -> list[dict]:
-    return [json.loads(x) for x in (workdir / f"{name}.jsonl").read_text().splitlines() if x.startswith("{")]
+def peer(workdir: Path, name: str, args: list[str]) -> PeerProcess:
+    return PeerProcess(workdir / name, ["--device", "cuda", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args])
 
 
 def main() -> int:
@@ -84,15 +79,15 @@ average_state_every = 2
     for prec in ("bf16", "fp16"):
         p = peer(workdir, prec, ["--run-spec", str(spec_path), "--data", str(data), "--batch-size", "auto",
                                  "--precision", prec, "--max-steps", "400"])  # fmt: skip
-        code = p.wait(300)
-        ev = events(workdir, prec)
+        code = p.wait_exit(300)
+        ev = p.events()
         started = next((e for e in ev if e["event"] == "started"), {})
         losses = [e["loss"] for e in ev if e["event"] == "progress"]
         summary[prec] = {"exit": code, "precision": started.get("precision"), "micro_batch": started.get("micro_batch"),
                          "epochs": sum(e["event"] == "epoch" for e in ev), "first_loss": losses[:1],
                          "last_loss": [next(e for e in ev if e["event"] == "stopped")["last_loss"]] if not code else [],
                          "finite": all(x == x and abs(x) < 1e4 for x in losses),
-                         "stderr_tail": (workdir / f"{prec}.err").read_text()[-600:] if code else ""}  # fmt: skip
+                         "stderr_tail": p.err_path.read_text()[-600:] if code else ""}  # fmt: skip
 
     if args.skip_swarm:
         print(json.dumps(summary, indent=2))
@@ -100,25 +95,19 @@ average_state_every = 2
     # 3. two GPU peers average together
     a = peer(workdir, "swarm0", ["--run-spec", str(spec_path), "--data", str(data), "--batch-size", "32",
                                  "--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"])  # fmt: skip
-    import time
-
-    deadline = time.time() + 120
-    started = None
-    while started is None and time.time() < deadline and a.poll() is None:
-        started = next((e for e in events(workdir, "swarm0") if e["event"] == "started"), None)
-        time.sleep(0.3)
-    b = peer(workdir, "swarm1", ["--initial-peers", next(x for x in started["maddrs"] if "/127.0.0.1/" in x),
+    started = a.wait_event("started", 120)
+    b = peer(workdir, "swarm1", ["--initial-peers", first_loopback(started),
                                  "--run", started["run_id"], "--data", str(data), "--batch-size", "64", "--seed", "1",
                                  "--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"])  # fmt: skip
-    codes = [a.wait(400), b.wait(400)]
+    codes = [a.wait_exit(400), b.wait_exit(400)]
     from safetensors.torch import load_file
 
     ad = [load_file(str(workdir / n / "adapter" / "adapter_model.safetensors")) for n in ("swarm0", "swarm1")]
     summary["two_gpu_peers"] = {
         "exit": codes,
         "max_abs_diff": max((ad[0][k] - ad[1][k]).abs().max().item() for k in ad[0]),
-        "groups": [len(e["group"]) for e in events(workdir, "swarm0") if e["event"] == "epoch"],
-        "averaging_s": [e["averaging_s"] for e in events(workdir, "swarm0") if e["event"] == "epoch"],
+        "groups": [len(e["group"]) for e in a.events("epoch")],
+        "averaging_s": [e["averaging_s"] for e in a.events("epoch")],
     }
     print(json.dumps(summary, indent=2))
     out = os.environ.get("OUT")

@@ -23,9 +23,10 @@ from atlas_swarm.checkpoints.keeper import Keeper
 from atlas_swarm.config import RunSpec, validate_run_id
 from atlas_swarm.errors import AtlasError, ChainUnavailable, ConfigError, SpecError
 from atlas_swarm.identity import Identity
+from atlas_swarm.launch import PeerFailed, PeerProcess
 from atlas_swarm.model.lora import resolve_base_model
 from atlas_swarm.monitor import Monitor
-from atlas_swarm.notebook.contribute import Contribution, peer_args, write_data
+from atlas_swarm.notebook.contribute import peer_args, write_data
 from atlas_swarm.notebook.display import Display
 from atlas_swarm.notebook.fetch import evaluate_adapter, fetch_adapter, load_peft
 from atlas_swarm.proofs import chain_run_id
@@ -44,7 +45,7 @@ class Run:
         self.ipfs_api = ipfs_api
         self.swarm = None
         self._monitor = None
-        self._contributions: list[Contribution] = []
+        self._contributions: list[PeerProcess] = []
         self._chain = None
         self._keeper = None
 
@@ -188,24 +189,23 @@ class Run:
     # -- contributing ----------------------------------------------------------------------------------------------
     def contribute(self, data, *, batch_size: Optional[int] = None, max_epochs: Optional[int] = None,
                    publish_every: int = 1, base_model: Optional[str] = None, threads: Optional[int] = None,
-                   extra_args: Sequence[str] = (), wait_started: float = 120.0) -> Contribution:
+                   extra_args: Sequence[str] = (), wait_started: float = 120.0) -> PeerProcess:
         """Train on ``data`` (a path, 'builtin:NAME', or a list of strings / {"text", "label"} dicts; it stays on
         this machine) as a peer of this run, in a background process; ``run.stop()`` ends it."""
         self._need_swarm()
         out = self.workdir / "peers" / f"peer-{len(self._contributions)}"
         path = write_data(data, out)
         local = [a for a in self.maddrs if "/127.0.0.1/" in a] or self.maddrs
-        c = Contribution(peer_args(self.run_id, local[:1], path, batch_size, max_epochs, publish_every, base_model,
-                                   threads, extra_args), out)  # fmt: skip
+        c = PeerProcess(out, peer_args(self.run_id, local[:1], path, batch_size, max_epochs, publish_every,
+                                       base_model, threads, extra_args))  # fmt: skip
         self._contributions.append(c)
-        deadline = time.monotonic() + wait_started
-        while not c.events("started"):  # bad data or a bad model fail here, with the peer's own message
-            if not c.running:
-                raise AtlasError(f"The contributing peer exited: {c.error()}")
-            if time.monotonic() > deadline:
+        try:
+            c.wait_event("started", wait_started)  # bad data or a bad model fail here, with the peer's own message
+        except PeerFailed:
+            if c.running:
                 c.stop()
                 raise AtlasError(f"The contributing peer did not start within {wait_started:.0f} s: {c.error()}")
-            time.sleep(0.3)
+            raise AtlasError(f"The contributing peer exited: {c.error()}") from None
         return c
 
     def stop(self) -> list[int]:

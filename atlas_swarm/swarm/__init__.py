@@ -29,6 +29,7 @@ HIVEMIND_OVERRIDES = {
     "optimizer.SwarmOptimizer._make_state_averager": "our StateAverager",
     "optimizer.SwarmOptimizer._make_gradient_averager": "our GradAverager",
     "optimizer.SwarmOptimizer._make_progress_tracker": "our ThrottledTracker",
+    "optimizer.SwarmOptimizer.shutdown": "a stopping peer cancels a round in flight instead of waiting it out",
     "optimizer.ThrottledTracker.__init__": "the time of the last progress report",
     "optimizer.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
     # the averagers (swarm/averagers.py)

@@ -172,14 +172,15 @@ class StateAverager(EpochGroups, OneBufferAllReduce, TrainingStateAverager):
     record expires, as hivemind's docstring says (it re-stored it after every tensor of every round).
 
     ``skip_round``: the optimizer sets it when the swarm averaged this epoch without this peer (see
-    SwarmOptimizer._give_up_without_a_group). The state round due at that transition is then skipped, its
+    SwarmOptimizer._give_up_without_a_group), or the peer is stopping. The state round due at that transition is then skipped, its
     pre-scheduled search cancelled: the groupmates it would look for have had that round already, and hivemind
     would look on until averaging_timeout."""
 
     skip_round = False
+    should_stop = staticmethod(lambda: False)  # the optimizer's: a peer asked to stop skips its state round
 
     def step(self, *, averaging_round: bool = False, averaging_control=None, **kwargs):
-        if averaging_round and self.skip_round:
+        if averaging_round and (self.skip_round or self.should_stop()):
             if averaging_control is not None and not averaging_control.done():
                 averaging_control.cancel()
             averaging_round, averaging_control = False, None

@@ -10,10 +10,18 @@ def quiet_hivemind() -> None:
     (group 0, rounds_failed), which hivemind logs as an ERROR with a traceback. Averager processes, forked later,
     inherit this."""
     logging.getLogger("hivemind").setLevel(logging.ERROR)
-    averager = logging.getLogger("hivemind.averaging.averager")
-    if _no_group_is_no_error not in averager.filters:  # main() runs more than once in the tests' process
-        averager.addFilter(_no_group_is_no_error)
+    for name, noise in (("hivemind.averaging.averager", _no_group_is_no_error), ("hivemind.dht.dht", _asker_gone)):
+        logger = logging.getLogger(name)
+        if noise not in logger.filters:  # main() runs more than once in the tests' process
+            logger.addFilter(noise)
 
 
 def _no_group_is_no_error(record: logging.LogRecord) -> bool:
     return "could not find a group" not in record.getMessage()
+
+
+def _asker_gone(record: logging.LogRecord) -> bool:
+    """The DHT process logs a traceback when a request's reply channel is gone: the asking process exited (or shut
+    the DHT down) while a call was in flight, as when a peer is stopped in the middle of an averaging round."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not isinstance(error, (FileNotFoundError, ConnectionRefusedError, EOFError, BrokenPipeError))

@@ -223,10 +223,10 @@ class Swarm:
             time.sleep(POLL_EVERY)
 
     # -- peer status --------------------------------------------------------------------------------------------
-    def publish_status(self, run_id: str, status: PeerStatus, wait: bool = False) -> None:
-        """Non-blocking unless ``wait``: the DHT process stores it in the background."""
+    def publish_status(self, run_id: str, status: PeerStatus, wait: bool = False, timeout: float = 5.0) -> None:
+        """Non-blocking unless ``wait`` (then at most ``timeout`` s): the DHT process stores it in the background."""
         self._ensure_validators(run_id)
-        self._store(f"{run_id}_peers", status.dict(), STATUS_TTL, wait, "this peer's status", timeout=5.0)
+        self._store(f"{run_id}_peers", status.dict(), STATUS_TTL, wait, "this peer's status", timeout=timeout)
 
     def peer_statuses(self, run_id: str) -> dict[str, PeerStatus]:
         """Live peers of ``run_id`` by PeerID (records already signature- and schema-checked by the DHT)."""
@@ -334,7 +334,10 @@ class Swarm:
         pairs = [(r.peer_id, a) for r in self.adapter_records(run_id) for a in r.adapters]
         return sorted(pairs, key=lambda pa: (-pa[1].epoch, -pa[1].time))
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop the DHT process and its p2pd; with ``timeout``, terminate it if it takes longer."""
+        if timeout is not None:
+            self.dht.shutdown_timeout = timeout
         if self.is_alive():
             self.dht.shutdown()
 

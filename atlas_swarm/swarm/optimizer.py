@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import hivemind
 import torch
@@ -112,10 +112,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, **kwargs):
         self.completed: list[EpochDone] = []
+        self.should_stop: Callable[[], bool] = lambda: False  # the peer was asked to stop: abandon rounds at once
         self._group: tuple[str, ...] = ()
         self._epoch_began: Optional[float] = None  # time.monotonic() of the last transition
         self._epoch_seconds = math.inf  # how long the last whole epoch took
         super().__init__(**kwargs)
+        self.state_averager.should_stop = lambda: self.should_stop()
         if not (self.delay_optimizer_step or self.delay_state_averaging):  # the caller would wait anyway: see above
             self.state_averager.step_executor.shutdown()
             self.state_averager.step_executor = InlineExecutor()
@@ -139,6 +141,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         if maybe_step_control is not None:
             self._give_up_without_a_group(maybe_step_control)
+            self._abandon_if_stopping(maybe_step_control)
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if maybe_step_control is not None and maybe_step_control.done() and not maybe_step_control.cancelled():
             try:
@@ -217,6 +220,22 @@ class SwarmOptimizer(hivemind.Optimizer):
                     return
             time.sleep(0.02)
 
+    # A peer asked to stop leaves a round in flight at once: hivemind waits for it up to averaging_timeout (a frozen
+    # groupmate made that 30 s), and catches every exception around that wait, KeyboardInterrupt included, so the
+    # stop watchdog cannot cut it short. The peer steps on its local gradients and skips the state round due now.
+    def _abandon_if_stopping(self, control) -> None:
+        deadline = time.monotonic() + self.averaging_timeout
+        while not control.done() and time.monotonic() < deadline:
+            if self.should_stop():
+                log.log(self.status_loglevel, "Stopping: leaving the averaging round in progress")
+                control.cancel()
+                self.state_averager.skip_round = True
+                return
+            try:
+                control.result(timeout=0.1)
+            except BaseException:
+                pass  # a failed round is hivemind's to report, a timeout is the next check
+
     def _swarm_epoch(self) -> int:
         """The highest epoch in the peers' progress records in the DHT (-1 if none can be read)."""
         found = self.dht.get(self.tracker.training_progress_key, latest=True)
@@ -291,6 +310,21 @@ class SwarmOptimizer(hivemind.Optimizer):
         reported half its rate for its first epoch (the estimate weights its first step heavily), and the others
         planned the epoch's end from it."""
         self.tracker.performance_ema.reset_timer()
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """hivemind's shutdown; with ``timeout`` (a peer asked to stop), no part waits longer than that: a round in
+        flight is cancelled, not finished with zero weight (hivemind waits up to averaging_timeout for it), and the
+        tracker and averager processes get ``timeout`` each before they are terminated."""
+        if timeout is None:
+            return super().shutdown()
+        self.tracker.shutdown(timeout)
+        for control in (self.scheduled_grads, self.scheduled_state):
+            if control is not None and not control.done():
+                control.cancel()
+        for averager in (self.state_averager, self.grad_averager if self.use_gradient_averaging else None):
+            if averager is not None and averager.is_alive():
+                averager.shutdown_timeout = timeout
+                averager.shutdown()
 
     def swarm_progress(self) -> dict:
         p = self.tracker.global_progress

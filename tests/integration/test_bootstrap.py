@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import write_spec
-from tests.peers import PeerProcess, http_get, killed_at_exit, scrape, wait_until
+from tests.peers import http_get, killed_at_exit, scrape, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -82,7 +82,7 @@ def test_same_peer_id_after_restart_and_a_peer_trains_through_it(tmp_path, tiny_
             nodes.append(again)
             assert again.peer_id == first.peer_id
 
-            peer = PeerProcess(tmp_path, "peer", ["--initial-peers", again.maddr, "--run-spec", str(tiny_spec),
+            peer = start_peer(tmp_path, "peer", ["--initial-peers", again.maddr, "--run-spec", str(tiny_spec),
                                                   "--data", str(text_data), "--batch-size", "4", "--max-epochs", "2"])  # fmt: skip
             peers.append(peer)
             assert peer.wait_exit(180) == 0, peer.tail()
@@ -102,12 +102,12 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
             b = Bootstrap(tmp_path, "b", "--initial-peers", a.maddr)
             nodes.append(b)
             # two peers that know only node A; node B's monitor must see them
-            first = PeerProcess(tmp_path, "p0", ["--initial-peers", a.maddr, "--run-spec", str(tiny_spec), "--data",
+            first = start_peer(tmp_path, "p0", ["--initial-peers", a.maddr, "--run-spec", str(tiny_spec), "--data",
                                                  str(text_data), "--batch-size", "4", "--max-epochs", "6",
                                                  "--wait-for-peers", "2", "--join-timeout", "90"])  # fmt: skip
             peers.append(first)
             run_id = first.wait_event("started", 90)["run_id"]
-            peers.append(PeerProcess(tmp_path, "p1", ["--initial-peers", a.maddr, "--run", run_id, "--data",
+            peers.append(start_peer(tmp_path, "p1", ["--initial-peers", a.maddr, "--run", run_id, "--data",
                                                       str(text_data), "--batch-size", "8", "--seed", "1",
                                                       "--max-epochs", "6", "--wait-for-peers", "2"]))  # fmt: skip
 

@@ -14,8 +14,9 @@ from atlas_swarm.chain import ETHER, StakingClient
 from atlas_swarm.chain.wallet import create_wallet
 from atlas_swarm.config import RunSpec
 from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
+from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
-from tests.peers import PeerProcess, first_maddr, killed_at_exit, wait_until
+from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 RATE = 10**9  # wei per sample
@@ -83,7 +84,7 @@ def assert_paid_exactly(chain, peer: PeerProcess, address: str) -> int:
 def start_first_peer(peers, tmp_path, chain, text_data, extra: list[str]) -> tuple[PeerProcess, list[str]]:
     """peer0 starts the run with wallet 0 (added to ``peers`` at once, so it is killed whatever happens); returns it
     and the flags others join with."""
-    first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
+    first = start_peer(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
                                             "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
     peers.append(first)
     started = first.wait_event("started", 90)
@@ -95,7 +96,7 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
         extra = ["--max-epochs", "4", "--wait-for-peers", "3", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         for i, bs in ((1, 4), (2, 8)):
-            peers.append(PeerProcess(tmp_path, f"peer{i}", [*join, "--batch-size", str(bs), "--seed", str(i), *extra,
+            peers.append(start_peer(tmp_path, f"peer{i}", [*join, "--batch-size", str(bs), "--seed", str(i), *extra,
                                                             *chain_flags(chain, i)]))  # fmt: skip
         codes = [p.wait_exit(300) for p in peers]
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
@@ -141,11 +142,11 @@ def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_
     with killed_at_exit([]) as peers:
         extra = ["--max-epochs", "9", "--wait-for-peers", "3", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
-        peers.append(PeerProcess(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
+        peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
                                                      *chain_flags(chain, 1)]))  # fmt: skip
         # --proof-batch 1: post each proof at once (the default waits for 4 to save gas)
         victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2), "--proof-batch", "1"]
-        victim = PeerProcess(tmp_path, "victim", victim_args)
+        victim = start_peer(tmp_path, "victim", victim_args)
         peers.append(victim)
 
         # Prepare: the victim has posted a proof; then its stake drops below the run's minimum, so its next proofs
@@ -156,11 +157,11 @@ def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_
                                for r in outbox(victim)), 120, "a pending proof")  # fmt: skip
 
         # Execute: SIGKILL (no chance to flush), restake, restart with the same --out
-        victim.kill_group()
+        victim.kill()
         pending = [r["proof"]["epoch"] for r in outbox(victim) if r["state"] == "pending"]
         assert pending
         victim_client.stake(2 * ETHER)
-        restarted = PeerProcess(tmp_path, "victim", victim_args)
+        restarted = start_peer(tmp_path, "victim", victim_args)
         peers.append(restarted)
         restarted.wait_event("chain", 120)
 

@@ -85,10 +85,10 @@ def test_peers_publish_one_cid_and_the_notebook_keeps_it_after_they_leave(tmp_pa
     try:
         run.launch(host_maddrs=LOOPBACK)
         with killed_at_exit([]) as peers:
-            from tests.peers import PeerProcess
+            from tests.peers import start_peer
 
             for i, bs in enumerate([4, 8]):
-                peers.append(PeerProcess(tmp_path, f"peer{i}", [
+                peers.append(start_peer(tmp_path, f"peer{i}", [
                     "--initial-peers", run.maddrs[0], "--run", run.run_id, "--data", str(text_data),
                     "--batch-size", str(bs), "--seed", str(i), "--max-epochs", "4", "--publish-every", "2",
                     "--wait-for-peers", "2", "--join-timeout", "90"]))  # fmt: skip

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.peers import PeerProcess, killed_at_exit
+from tests.peers import killed_at_exit, start_peer
 
 pytestmark = pytest.mark.integration
 
@@ -15,14 +15,14 @@ def test_restart_keeps_the_peer_id_and_resumes_from_the_checkpoint(tmp_path, tin
     args = ["--run-spec", str(tiny_spec), "--data", str(text_data), "--batch-size", "8", "--max-steps", "12"]
     with killed_at_exit([]) as peers:
         # Prepare: a first session trains 12 steps (3 epochs of 32 samples) and stops
-        first = PeerProcess(tmp_path, "peer", args)
+        first = start_peer(tmp_path, "peer", args)
         peers.append(first)
         assert first.wait_exit(120) == 0, first.tail()
         before = first.wait_event("stopped", 1)
         saved = json.loads((first.out / "adapter" / "atlas.json").read_text())
         # Execute: the same command again (same --out, so the same identity file and checkpoint)
         first.log_path.rename(first.out / "events-1.jsonl")
-        second = PeerProcess(tmp_path, "peer", args)
+        second = start_peer(tmp_path, "peer", args)
         peers.append(second)
         assert second.wait_exit(120) == 0, second.tail()
         # Assert

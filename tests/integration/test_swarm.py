@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import time
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
-from tests.peers import PeerProcess, first_maddr, killed_at_exit
+from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +43,12 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def start_swarm(peers, tmp_path, spec, data, batch_sizes, extra=()):
     """Start a first peer, then the others through its multiaddr; each is appended to ``peers`` as it starts."""
-    first = PeerProcess(tmp_path, "peer0", ["--run-spec", str(spec), "--data", str(data),
+    first = start_peer(tmp_path, "peer0", ["--run-spec", str(spec), "--data", str(data),
                                             "--batch-size", str(batch_sizes[0]), *extra])  # fmt: skip
     peers.append(first)
     started = first.wait_event("started", 90)
     for i, bs in enumerate(batch_sizes[1:], 1):
-        peers.append(PeerProcess(tmp_path, f"peer{i}", [
+        peers.append(start_peer(tmp_path, f"peer{i}", [
             "--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(data),
             "--batch-size", str(bs), "--seed", str(i), *extra]))  # fmt: skip
     return started
@@ -86,7 +90,7 @@ def test_late_joiner_reaches_the_swarms_epoch_and_parameters(tmp_path, tiny_mode
                               extra=[*run_to, "--wait-for-peers", "2", "--join-timeout", "90"])  # fmt: skip
         peers[0].wait_event("epoch", 120, lambda e: e["epoch"] >= 2)
         # Execute
-        late = PeerProcess(tmp_path, "late", ["--initial-peers", first_maddr(started), "--run", started["run_id"],
+        late = start_peer(tmp_path, "late", ["--initial-peers", first_maddr(started), "--run", started["run_id"],
                                               "--data", str(text_data), "--batch-size", "4", *run_to])  # fmt: skip
         peers.append(late)
         synced = late.wait_event("synced", 120)
@@ -108,7 +112,7 @@ def test_sigkill_of_one_peer_does_not_stop_the_others(tmp_path, tiny_model, text
         victim, survivors = peers[3], peers[:3]
         victim.wait_event("epoch", 150, lambda e: e["epoch"] >= 2 and len(e["group"]) >= 2)
         # Execute
-        victim.kill_group()
+        victim.kill()
         killed_at = max(e["epoch"] for e in victim.events("epoch"))
         for p in survivors:
             p.wait_event("epoch", 120, lambda e: e["epoch"] >= killed_at + 2)
@@ -123,24 +127,61 @@ def test_sigkill_of_one_peer_does_not_stop_the_others(tmp_path, tiny_model, text
             assert all(torch.isfinite(t).all() for t in adapter(p).values())
 
 
-def test_ctrl_c_saves_the_adapter_exits_0_and_leaves_no_processes(tmp_path, tiny_spec, text_data):
+def test_ctrl_c_during_a_round_saves_the_adapter_exits_0_and_leaves_no_processes(tmp_path, tiny_model, text_data):
+    """Two peers average; one is frozen (SIGSTOP, as a peer whose machine hangs), so the other's next round waits
+    for it. Ctrl-C then: the waiting peer gives up the round, saves, reports "stopped" and exits 0 within 10 s."""
     # Prepare
-    peer = PeerProcess(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data), "--batch-size", "4"])
-    try:
-        peer.wait_event("progress", 90, lambda e: e["local_samples"] >= 40)
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=48, averaging_timeout=30.0)
+    with killed_at_exit([]) as peers:
+        start_swarm(peers, tmp_path, spec, text_data, [4, 4], extra=["--wait-for-peers", "2", "--join-timeout", "120"])
+        frozen, peer = peers
+        peer.wait_event("epoch", 150, lambda e: len(e["group"]) == 2)
         children = peer.descendants()
-        assert children, "a peer runs its DHT and p2pd as child processes"
+        os.killpg(frozen.process.pid, signal.SIGSTOP)
+        # in a round: no step (each takes well under a second) for 3 s while the peer runs
+        wait_until(lambda: peer.running and time.time() - peer.events("progress")[-1]["time"] > 3.0, 120,
+                   "the peer to wait in an averaging round")  # fmt: skip
         # Execute
         peer.signal(signal.SIGINT)
         code = peer.wait_exit(10)
         # Assert
         assert code == 0, peer.tail()
-        assert (peer.out / "adapter" / "adapter_model.safetensors").exists()
-        assert peer.wait_event("stopping", 1)["reason"] == "SIGINT"
+        stopped = peer.wait_event("stopped", 1)
+        assert stopped["adapter_dir"] and (peer.out / "adapter" / "adapter_model.safetensors").exists()
+        assert json.loads((peer.out / "adapter" / "atlas.json").read_text())["epoch"] == stopped["epoch"]
+        assert peer.wait_event("stopping", 1)["reason"] in ("SIGINT", "interrupted")
+        assert "Traceback" not in peer.err_path.read_text(), peer.tail()
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+        os.killpg(frozen.process.pid, signal.SIGCONT)
+
+
+def test_ctrl_c_while_fetching_the_spec_stops_cleanly(tmp_path, text_data):
+    """186506a: Ctrl-C before the spec was known ended in a traceback (an unbound ``spec`` after the watchdog's
+    interrupt). A peer waiting for a run nobody publishes is stopped by Ctrl-C: "stopped", exit 0, no traceback."""
+    # Prepare: a swarm (one DHT node) in which nobody publishes the run
+    from atlas_swarm.identity import Identity
+    from atlas_swarm.swarm import Swarm
+
+    swarm = Swarm.join(Identity.load_or_create(tmp_path / "node.key"), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    peer = start_peer(tmp_path, "peer", ["--run", "nobody-0123456789abcdef", "--data", str(text_data),
+                                         "--initial-peers", swarm.visible_maddrs()[-1], "--join-timeout", "60"])  # fmt: skip
+    try:
+        wait_until(lambda: any("p2pd" in c.name() for c in peer.descendants()), 60, "the peer's DHT to start")
+        children = peer.descendants()
+        # Execute
+        peer.signal(signal.SIGINT)
+        code = peer.wait_exit(10)
+        # Assert
+        assert code == 0, peer.tail()
+        stopped = peer.wait_event("stopped", 1)
+        assert stopped["run_id"] is None and stopped["adapter_dir"] is None and stopped["steps"] == 0
+        assert "Traceback" not in peer.err_path.read_text(), peer.tail()
         gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
     finally:
-        peer.kill_group()
+        peer.kill()
+        swarm.shutdown()
 
 
 def test_saved_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_path, tiny_spec, text_data):
@@ -151,11 +192,11 @@ def test_saved_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_path,
     from atlas_swarm.config import RunSpec
     from atlas_swarm.model.lora import load_adapter_weights, load_model
 
-    peer = PeerProcess(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data), "--max-steps", "12"])
+    peer = start_peer(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data), "--max-steps", "12"])
     try:
         assert peer.wait_exit(120) == 0, peer.tail()
     finally:
-        peer.kill_group()
+        peer.kill()
     ours, tokenizer = load_model(RunSpec.from_toml(tiny_spec))
     load_adapter_weights(ours, peer.out / "adapter")
     # Execute

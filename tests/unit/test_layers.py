@@ -16,7 +16,7 @@ LAYERS = [
     "swarm",                                       # the only hivemind user
     "cli",                                         # the entry points' shared wrapper (quiets hivemind)
     "checkpoints", "chain",                        # publish/keep adapters; the staking contract
-    "ui", "stopping",                              # what a peer's user sees; how it stops on a signal
+    "ui", "stopping", "launch",                    # what a peer's user sees; how it stops; starting peer processes
     "monitor", "notebook", "peer", "bootstrap",   # what users run
     "__init__",
 ]
