@@ -31,7 +31,7 @@ def write_spec(path: Path, base: str, trainer: str = "", **averaging) -> Path:
     avg = {"target_batch_size": 32, "matchmaking_time": 2.0, "averaging_timeout": 15.0, "average_state_every": 2}
     avg.update(averaging)
     path.write_text(
-        f"""name = "tiny-test"
+        """name = "tiny-test"
 """
         + (f'trainer = "{trainer}"\n' if trainer else "")
         + f"""[model]
