@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import base58
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from atlas_swarm.encoding import b58decode, b58encode, pb_bytes, pb_fields, pb_uint
 from atlas_swarm.errors import ConfigError
 
 _RSA = 0  # libp2p crypto.proto: KeyType.RSA
@@ -68,55 +68,22 @@ class Identity:
 def peer_id_of(public_key: rsa.RSAPublicKey) -> str:
     """The libp2p PeerID (base58) of an RSA public key: the sha2-256 multihash of its PublicKey protobuf."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base58.b58encode(b"\x12\x20" + hashlib.sha256(_key_proto(_RSA, der)).digest()).decode()
+    return b58encode(b"\x12\x20" + hashlib.sha256(_key_proto(_RSA, der)).digest())
 
 
 def peer_id_bytes(peer_id: str) -> bytes:
     """A base58 PeerID's raw multihash bytes (what the contract hashes); ValueError if it is not base58."""
-    return base58.b58decode(peer_id)
+    return b58decode(peer_id)
 
 
 def _key_proto(key_type: int, data: bytes) -> bytes:
-    """libp2p's PublicKey/PrivateKey protobuf (proto2): field 1 the key type (varint), field 2 the key bytes."""
-    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
+    """libp2p's PublicKey/PrivateKey protobuf (proto2): field 1 the key type, field 2 the key bytes."""
+    return pb_uint(1, key_type) + pb_bytes(2, data)
 
 
 def _parse_key_proto(blob: bytes) -> tuple[int, bytes]:
-    key_type, pos = None, 0
-    data = None
-    while pos < len(blob):
-        tag, pos = _read_varint(blob, pos)
-        if tag == 0x08:
-            key_type, pos = _read_varint(blob, pos)
-        elif tag == 0x12:
-            n, pos = _read_varint(blob, pos)
-            data, pos = blob[pos : pos + n], pos + n
-            if len(data) != n:
-                raise ValueError("truncated key")
-        else:
-            raise ValueError(f"unexpected field tag {tag}")
-    if key_type is None or data is None:
-        raise ValueError("incomplete key")
+    fields = dict(pb_fields(blob))
+    key_type, data = fields.get(1), fields.get(2)
+    if not isinstance(key_type, int) or not isinstance(data, bytes) or set(fields) - {1, 2}:
+        raise ValueError("not a libp2p key")
     return key_type, data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(blob: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if pos >= len(blob) or shift > 63:
-            raise ValueError("bad varint")
-        byte = blob[pos]
-        pos += 1
-        n |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return n, pos

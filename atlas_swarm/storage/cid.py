@@ -22,38 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
 
+from atlas_swarm.encoding import b58encode, pb_bytes, pb_uint
+
 CHUNK = 262_144
 MAX_LINKS = 174
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 DAG_PB, RAW = 0x70, 0x55
 Emit = Optional[Callable[[bytes, bytes], None]]  # (binary CID, block)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:  # length-delimited
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _uint(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
 def _unixfs_file(data: bytes | None, filesize: int, blocksizes: tuple[int, ...] = ()) -> bytes:
-    out = _uint(1, 2)  # Type = File
+    out = pb_uint(1, 2)  # Type = File
     if data:
-        out += _field(2, data)
-    out += _uint(3, filesize)
+        out += pb_bytes(2, data)
+    out += pb_uint(3, filesize)
     for size in blocksizes:
-        out += _uint(4, size)
+        out += pb_uint(4, size)
     return out
 
 
@@ -83,18 +66,18 @@ def _emitted(block: bytes, codec: int, version: int, emit: Emit) -> bytes:
 def _leaf(chunk: bytes, version: int, emit: Emit = None) -> _Node:
     if version == 1:  # raw leaves
         return _Node(_emitted(chunk, RAW, 1, emit), len(chunk), len(chunk))
-    block = _field(1, _unixfs_file(chunk, len(chunk)))
+    block = pb_bytes(1, _unixfs_file(chunk, len(chunk)))
     return _Node(_emitted(block, DAG_PB, 0, emit), len(chunk), len(block))
 
 
 def _links(named: list[tuple[bytes, _Node]]) -> bytes:
-    return b"".join(_field(2, _field(1, c.cid) + _field(2, name) + _uint(3, c.tsize)) for name, c in named)
+    return b"".join(pb_bytes(2, pb_bytes(1, c.cid) + pb_bytes(2, name) + pb_uint(3, c.tsize)) for name, c in named)
 
 
 def _parent(children: list[_Node], version: int, emit: Emit = None) -> _Node:
     filesize = sum(c.filesize for c in children)
     block = _links([(b"", c) for c in children])
-    block += _field(1, _unixfs_file(None, filesize, tuple(c.filesize for c in children)))
+    block += pb_bytes(1, _unixfs_file(None, filesize, tuple(c.filesize for c in children)))
     return _Node(_emitted(block, DAG_PB, version, emit), filesize, len(block) + sum(c.tsize for c in children))
 
 
@@ -116,7 +99,7 @@ def _root(stream: BinaryIO, version: int, emit: Emit = None) -> _Node:
     if not level:  # the empty file: an empty raw block (v1), or one dag-pb node with no data (v0)
         if version == 1:
             return _leaf(b"", 1, emit)
-        block = _field(1, _unixfs_file(None, 0))
+        block = pb_bytes(1, _unixfs_file(None, 0))
         return _Node(_emitted(block, DAG_PB, 0, emit), 0, len(block))
     while len(level) > 1:
         level = [_parent(level[i : i + MAX_LINKS], version, emit) for i in range(0, len(level), MAX_LINKS)]
@@ -133,7 +116,7 @@ def _folder(path: Path, version: int, emit: Emit) -> _Node:
         else:
             with open(entry, "rb") as f:
                 named.append((entry.name.encode(), _root(f, version, emit)))
-    block = _links(named) + _field(1, _uint(1, 1))  # UnixFS Type = Directory
+    block = _links(named) + pb_bytes(1, pb_uint(1, 1))  # UnixFS Type = Directory
     return _Node(_emitted(block, DAG_PB, version, emit), sum(c.filesize for _, c in named),
                  len(block) + sum(c.tsize for _, c in named))  # fmt: skip
 
@@ -142,12 +125,7 @@ def encode(cid: bytes) -> str:
     """CIDv0 as base58btc (Qm…), CIDv1 as multibase base32 lower (b…)."""
     if cid[0] == 1:
         return "b" + base64.b32encode(cid).decode().lower().rstrip("=")
-    n = int.from_bytes(cid, "big")
-    out = ""
-    while n:
-        n, r = divmod(n, 58)
-        out = _B58[r] + out
-    return "1" * (len(cid) - len(cid.lstrip(b"\0"))) + out
+    return b58encode(cid)
 
 
 def _check_version(version: int) -> None:

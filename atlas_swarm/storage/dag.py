@@ -20,10 +20,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
+from atlas_swarm.encoding import b58decode, pb_fields
 from atlas_swarm.errors import StorageError
-from atlas_swarm.storage.cid import _B58, DAG_PB, RAW, encode
+from atlas_swarm.storage.cid import DAG_PB, RAW, encode
 
 GetBlocks = Callable[[list[bytes]], Mapping[bytes, bytes]]  # binary CIDs -> the blocks found (missing ones left out)
 MAX_DEPTH = 64
@@ -44,10 +45,7 @@ def parse_cid(text: str) -> bytes:
             if raw[0] != 1 or raw[1] not in (DAG_PB, RAW):
                 raise ValueError("not a CIDv1 of dag-pb or raw")
         elif text.startswith("Qm") and len(text) == 46:
-            n = 0
-            for ch in text:
-                n = n * 58 + _B58.index(ch)
-            raw = n.to_bytes(34, "big")
+            raw = b58decode(text)
         else:
             raise ValueError("neither CIDv1 base32 (b…) nor CIDv0 (Qm…)")
         if _multihash(raw)[:2] != b"\x12\x20" or len(_multihash(raw)) != 34:
@@ -67,50 +65,20 @@ def verify_block(cid: bytes, block: bytes) -> None:
 
 
 # -- protobuf reading (dag-pb PBNode / PBLink, UnixFS Data): only the fields cid.py writes --------------------------
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return n, i
-        shift += 7
-
-
-def _fields(buf: bytes) -> Iterable[tuple[int, int | bytes]]:
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            if i + size > len(buf):
-                raise ValueError("truncated field")
-            value, i = buf[i : i + size], i + size
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        yield number, value
-
-
 def parse_node(block: bytes) -> tuple[list[tuple[bytes, str]], int, bytes]:
     """dag-pb block → (links as (binary CID, name), UnixFS type, inline data). Type: 1 folder, 2 file. Raises
     ValueError for anything else (a link without a valid sha2-256 CID, a name that is not UTF-8)."""
     links, data = [], b""
-    for number, value in _fields(block):
+    for number, value in pb_fields(block):
         if number == 2 and isinstance(value, bytes):
-            link = dict(_fields(value))
+            link = dict(pb_fields(value))
             cid, name = link.get(1, b""), link.get(2, b"")
             if not isinstance(cid, bytes) or not _valid_cid(cid) or not isinstance(name, bytes):
                 raise ValueError("a link without a valid CID")
             links.append((cid, name.decode()))
         elif number == 1 and isinstance(value, bytes):
             data = value
-    unixfs = dict(_fields(data))
+    unixfs = dict(pb_fields(data))
     kind, inline = unixfs.get(1, -1), unixfs.get(2, b"")
     if not isinstance(kind, int) or not isinstance(inline, bytes):
         raise ValueError("malformed UnixFS data")

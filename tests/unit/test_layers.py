@@ -10,7 +10,7 @@ ROOT = Path(atlas_swarm.__file__).parent
 
 # bottom first: pure definitions, then the pieces that know one thing each, then the network, then what composes them
 LAYERS = [
-    "errors", "majority", "config",                # definitions: no atlas imports but errors/config
+    "errors", "encoding", "majority", "config",    # definitions: no atlas imports but errors/config
     "identity", "proofs", "model", "train", "storage",  # one concern each, no network
     "devnet",                                      # local services for demo/tests/benchmarks
     "swarm",                                       # the only hivemind user

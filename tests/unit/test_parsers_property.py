@@ -151,3 +151,17 @@ def test_validators_stay_one_schema_per_class_however_many_runs_are_watched():
         theirs.merge_with(SchemaValidator(RunRecords, prefix=f"r{i}"))
     assert len(ours._schemas) == 1 and len(theirs._schemas) == 300
     assert len(ours._key_id_to_field_name) == 300 * len(RunRecords.__fields__)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_base58_and_protobuf_round_trip_and_refuse_junk(raw):
+    """encoding.py parses what peers send (PeerIDs, key files, dag-pb blocks): exact round trips, ValueError else."""
+    from atlas_swarm.encoding import b58decode, b58encode, pb_bytes, pb_fields, pb_uint
+
+    assert b58decode(b58encode(raw)) == raw
+    assert list(pb_fields(pb_uint(1, len(raw)) + pb_bytes(2, raw))) == [(1, len(raw)), (2, raw)]
+    try:
+        list(pb_fields(raw))  # junk: fields, or a ValueError, never anything else
+    except ValueError:
+        pass
