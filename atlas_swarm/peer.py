@@ -297,6 +297,7 @@ def leave(p: Progress) -> None:
     """Whatever happened: save the adapter, tell finishing peers not to wait for us, post what proofs we can in the
     time we have, and stop every process we started. A peer asked to stop was promised an exit within 10 s: each
     step then gets what is left of that (stop.budget); a finishing peer waits longer for its last proofs."""
+    p.stop.leaving()
     p.reporter.close()
     try:
         if p.opt is not None:
@@ -340,7 +341,7 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         rounds_averaged=p.rounds_averaged, rounds_failed=p.rounds_failed,
         proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
         rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
-        wait=leaving or final is not None, timeout=p.stop.budget(5.0))  # fmt: skip
+        wait=leaving or final is not None, timeout=p.stop.budget(1.0) if p.stop.requested else 5.0)  # fmt: skip
     if not leaving:
         p.swarm.announce_run(p.spec.run_id)
 

@@ -27,6 +27,7 @@ class GracefulStop:
         self._timers: list[threading.Timer] = []
         self._hard_at = float("inf")  # time.monotonic() of the forced exit
         self._pid = os.getpid()  # child processes forked after install() inherit the handlers: not theirs
+        self._leaving = False  # the peer is shutting down (each step bounded by budget()): no more interrupts
 
     @classmethod
     def install(cls) -> "GracefulStop":
@@ -62,10 +63,19 @@ class GracefulStop:
         thread makes its wait return (EINTR) and our handler raise KeyboardInterrupt there; _thread.interrupt_main()
         only sets a flag that a blocked wait never looks at (a peer in a round with a frozen groupmate waited on for
         the round's 30 s, and the watchdog then killed it)."""
+        if self._leaving:
+            return
         if signal.getsignal(signal.SIGTERM) == self._handle:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         else:  # our handlers are not installed (not the main thread): the flag is all there is
             _thread.interrupt_main()
+
+    def leaving(self) -> None:
+        """The shutdown has begun: the grace interrupt would only cut it short (each step of it is bounded by
+        budget()); the forced exit stays armed, and a second signal from the user still interrupts at once."""
+        self._leaving = True
+        if self._timers:
+            self._timers[0].cancel()
 
     def budget(self, seconds: float) -> float:
         """``seconds`` for one step of the shutdown; once a stop was requested, no more than leaves MARGIN before

@@ -34,6 +34,7 @@ HIVEMIND_OVERRIDES = {
     "optimizer.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
     # the averagers (swarm/averagers.py)
     "averagers.OneBufferAllReduce._run_allreduce_inplace_": "one flat buffer per round; all-or-nothing rounds",
+    "averagers.OneBufferAllReduce._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
     "averagers.EpochGroups._step": "group keys carry the round's epoch (rounds of different epochs never meet)",
     "averagers.EpochKeys.__init__": "knows the matchmaking whose round's epoch goes into the key",
     "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",

@@ -100,6 +100,19 @@ class OneBufferAllReduce:
             raise
 
 
+    async def _shutdown(self, timeout: Optional[float]) -> None:
+        """hivemind 1.1.12's, working with a round in flight: it calls ``finalize`` on each running group's future
+        (``AttributeError: '_asyncio.Future' object has no attribute 'finalize'``, a traceback on the terminal of a
+        peer stopped mid-round) and would add finalize's None to a set. Here each group's all-reduce is cancelled."""
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
+
+
 def _missing_parts(runner) -> Optional[str]:
     """What a finished AllReduceRunner did without, or None when it averaged every part with every sender."""
     lost = []

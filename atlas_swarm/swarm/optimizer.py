@@ -211,6 +211,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _give_up_without_a_group(self, control) -> None:
         next_check = 0.0
         while control.stage == AveragingStage.LOOKING_FOR_GROUP and not control.done():
+            if self.should_stop():
+                return  # _abandon_if_stopping cancels it
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 0.5
                 if self._swarm_epoch() > self.local_epoch:
