@@ -102,11 +102,13 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
     stop = stop or threading.Event()
     monitor = server = keeper = None
     try:
-        monitor = Monitor(swarm, interval=args.poll_interval, runs=tuple(args.run)).start()
+        # the keeper first: its block server is registered from this thread, and hivemind's DHT pipe has no lock,
+        # so a call made while the monitor's poll threads use it can be lost (seen once: no banner within 90 s)
         if args.keep_adapters:
             watched = set(args.run)
             keeper = Keeper(swarm, args.keep_adapters, lambda: watched | most_announced(swarm.announcers()),
                             every=args.poll_interval, run_quota=int(args.keep_quota_gb * 2**30)).start()  # fmt: skip
+        monitor = Monitor(swarm, interval=args.poll_interval, runs=tuple(args.run)).start()
         if listen is not None:
             server = serve(monitor, *listen)
         maddrs = sorted(swarm.visible_maddrs(), key=lambda a: ("/127." in a, "/ip6/" in a))

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlas_swarm.errors import StorageError
 from atlas_swarm.encoding import pb_bytes as _field
 from atlas_swarm.encoding import pb_uint as _uint
+from atlas_swarm.errors import StorageError
 from atlas_swarm.storage.cid import DAG_PB, RAW, _cid, encode
 from atlas_swarm.storage.dag import CorruptBlock, fetch_folder, parse_node
 
