@@ -261,7 +261,8 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
     """An epoch ended: report it, run the hooks (proof, publisher), save every --save-every epochs."""
     tensors = adapter_state(p.model)
     record = EpochRecord(p.spec.run_id, p.swarm.peer_id, done.ended, done.epoch, done.samples, done.group,
-                         tensors_hash(tensors), tuple(_drain(p.batch_hashes)), tensors)  # fmt: skip
+                         tensors_hash(tensors), tuple(p.batch_hashes), tensors)  # fmt: skip
+    p.batch_hashes = []  # the next epoch's batches
     if len(done.group) >= 2:
         p.rounds_averaged += 1
     elif p.opt.swarm_progress()["peers"] > 1:
@@ -379,11 +380,6 @@ def _load_optimizer_state(path: Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"{str(path)!r} is corrupted ({e}); delete it to restart the optimizer state.") from None
 
-
-def _drain(queue: list) -> list:
-    items = list(queue)
-    del queue[: len(items)]
-    return items
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

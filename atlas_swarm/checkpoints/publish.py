@@ -36,7 +36,7 @@ class AdapterPublisher:
         return not group or self.swarm.peer_id == min(group)
 
     def on_epoch(self, model, report, reporter) -> Optional[str]:
-        """The peer's epoch hook (report: peer.EpochReport), for the elected peer every K epochs."""
+        """The peer's epoch hook (report: proofs.EpochRecord), for the elected peer every K epochs."""
         if report.epoch % self.every or not self.elected(report.group):
             return None
         return self._publish_reported(model, report.epoch, report.adapter_hash, f"the epoch-{report.epoch}", reporter)

@@ -96,7 +96,7 @@ class Run:
         return run
 
     def _start_keeper(self) -> None:
-        """Keep a verified copy of every adapter this run publishes (see storage/keeper.py)."""
+        """Keep a verified copy of every adapter this run publishes (see checkpoints/keeper.py)."""
         if self._keeper is None:
             self._keeper = Keeper(self.swarm, self.workdir / "store", lambda: [self.run_id])
             self._keeper.keep_new()  # publishes the keeper record before launch() returns
