@@ -20,6 +20,9 @@ from atlas_swarm.errors import ConfigError, SpecError, SpecMismatch
 TASKS = ("causal-lm", "sequence-classification")
 OPTIMIZERS = ("adamw", "sgd")
 COMPRESSIONS = ("none", "float16", "scaled-float16", "uniform8bit")
+ADMISSIONS = ("open", "allowlist", "staked")
+AGGREGATIONS = ("mean", "centered_clip", "trimmed_mean")  # train/aggregate.py
+_PEER_ID_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{40,60}$")  # base58 (RSA PeerIDs are 46 characters)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}-[0-9a-f]{16}$")
@@ -62,12 +65,30 @@ class AveragingSpec:
 
 
 @dataclass(frozen=True)
+class TrustSpec:
+    """Who may train in the run and how a group's updates are combined (README "Threat model")."""
+
+    admission: str = "open"  # open: anyone; allowlist: the peers below; staked: bound on chain with >= minStake
+    allowlist: tuple[str, ...] = ()  # PeerIDs, or wallet addresses (0x...) whose signed binding names the PeerID
+    aggregation: str = ""  # mean | centered_clip | trimmed_mean; "" = centered_clip (mean in an allowlist run)
+    clip_tau: float = 0.0  # centered_clip's radius; 0 = the median distance of the group's updates from its median
+    trim: float = 0.4  # trimmed_mean drops ceil(trim * n) values at each end of every coordinate (n=4: 1, n=8: 3)
+    max_samples_per_peer: int = 0  # the most samples one peer's update weighs in a round; 0 = target_batch_size
+
+    @property
+    def rule(self) -> str:
+        """The aggregation rule in force."""
+        return self.aggregation or ("mean" if self.admission == "allowlist" else "centered_clip")
+
+
+@dataclass(frozen=True)
 class RunSpec:
     name: str
     model: ModelSpec
     lora: LoraSpec = field(default_factory=LoraSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    trust: TrustSpec = field(default_factory=TrustSpec)  # left out of the canonical JSON when all defaults
     seed: int = 0  # seeds adapter initialisation, so every peer starts from identical parameters
     # The address that opens (and alone can close) the run on a staking contract. The run id commits to it, and the
     # chain's run id is derived from it, so nobody can squat the run or pocket money sent to it. "" = no chain run.
@@ -104,6 +125,23 @@ class RunSpec:
         )
         _check(a.average_state_every >= 1, "averaging.average_state_every", a.average_state_every, "an integer >= 1")
         _check(a.compression in COMPRESSIONS, "averaging.compression", a.compression, f"one of {', '.join(COMPRESSIONS)}")
+        t = self.trust
+        _check(t.admission in ADMISSIONS, "trust.admission", t.admission, f"one of {', '.join(ADMISSIONS)}")
+        _check(t.aggregation in AGGREGATIONS + ("",), "trust.aggregation", t.aggregation,
+               f"one of {', '.join(AGGREGATIONS)}")  # fmt: skip
+        _check(all(_PEER_ID_RE.match(p) or _ADDRESS_RE.match(p) for p in t.allowlist), "trust.allowlist",
+               list(t.allowlist), "PeerIDs (base58) or wallet addresses (0x and 40 hex digits)")  # fmt: skip
+        _check(t.admission != "allowlist" or t.allowlist, "trust.allowlist", [], "at least one peer in an "
+               "allowlist run")  # fmt: skip
+        _check(t.admission == "allowlist" or not t.allowlist, "trust.allowlist", list(t.allowlist),
+               "empty unless trust.admission = \"allowlist\"")  # fmt: skip
+        _check(t.admission != "staked" or self.trainer, "trust.admission", t.admission,
+               "a run with a trainer address (staked admission reads the run's minStake from the chain)")
+        _check(0.0 <= t.clip_tau < 1e30, "trust.clip_tau", t.clip_tau, "a radius >= 0 (0: automatic)")
+        _check(0.0 <= t.trim < 0.5, "trust.trim", t.trim, "a fraction in [0, 0.5)")
+        _check(t.max_samples_per_peer >= 0, "trust.max_samples_per_peer", t.max_samples_per_peer, "an integer >= 0")
+        object.__setattr__(self, "trust", dataclasses.replace(t, allowlist=tuple(
+            p.lower() if p.startswith("0x") else p for p in t.allowlist)))  # fmt: skip
         size = len(self.canonical_bytes())
         _check(size <= MAX_SPEC_BYTES, "(the whole spec)", f"{size} bytes", f"at most {MAX_SPEC_BYTES} bytes of "
                f"canonical JSON, the most a peer accepts from the network (fewer labels or modules)")
@@ -122,6 +160,8 @@ class RunSpec:
         d = _plain(dataclasses.asdict(self))
         if not d["trainer"]:
             del d["trainer"]  # specs without a trainer keep the run ids they had before the field existed
+        if self.trust == TrustSpec():
+            del d["trust"]  # ... and without a [trust] section, too (they get the robust default all the same)
         return d
 
     def canonical_bytes(self) -> bytes:
@@ -132,7 +172,8 @@ class RunSpec:
         if not isinstance(data, dict):
             raise SpecError(f"A run spec must be a table of fields, got {type(data).__name__}.")
         data = dict(data)
-        sections = {"model": ModelSpec, "lora": LoraSpec, "optimizer": OptimizerSpec, "averaging": AveragingSpec}
+        sections = {"model": ModelSpec, "lora": LoraSpec, "optimizer": OptimizerSpec, "averaging": AveragingSpec,
+                    "trust": TrustSpec}  # fmt: skip
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:

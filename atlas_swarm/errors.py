@@ -9,7 +9,8 @@
     ├── CheckpointError         a saved checkpoint/adapter is corrupted or does not match the run
     ├── SwarmError              the peer-to-peer layer failed
     │   ├── PeersUnreachable    none of --initial-peers answered
-    │   └── RunNotFound         no peer in the swarm publishes the requested run id
+    │   ├── RunNotFound         no peer in the swarm publishes the requested run id
+    │   └── NotAdmitted         the run's [trust] admission does not let this peer in (allowlist, stake)
     ├── StorageError            content-addressed storage: a block is missing, or the IPFS daemon failed
     │   └── CorruptBlock        a block does not hash to its CID (corrupted or substituted); in storage/dag.py
     ├── ChainError              the staking contract or its chain said no, or could not be reached
@@ -59,6 +60,10 @@ class PeersUnreachable(SwarmError):
 
 
 class RunNotFound(SwarmError):
+    pass
+
+
+class NotAdmitted(SwarmError):
     pass
 
 

@@ -21,11 +21,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from atlas_swarm.admission import trusted_states
 from atlas_swarm.chain.session import ChainSession
 from atlas_swarm.checkpoints.publish import AdapterPublisher
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import ChainConfig, PeerConfig, RunSpec, check_same_spec
 from atlas_swarm.errors import CheckpointError, ConfigError, DataError, ModelError
+from atlas_swarm.gatekeeper import Gatekeeper
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
@@ -33,7 +35,7 @@ from atlas_swarm.proofs import EpochRecord, batch_hash
 from atlas_swarm.stopping import GracefulStop
 from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
-from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_shapes
+from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_shapes, parse_state, state_claim
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
 from atlas_swarm.ui import Reporter
@@ -66,6 +68,7 @@ class Progress:
     spec: Optional[RunSpec] = None
     swarm: Optional[Swarm] = None
     chain: Optional[ChainSession] = None
+    gatekeeper: Optional[Gatekeeper] = None
     publisher: Optional[AdapterPublisher] = None
     model: Any = None
     params: list = field(default_factory=list)  # the adapter's trainable tensors
@@ -84,6 +87,9 @@ class Progress:
     loss: Optional[float] = None
     rounds_averaged: int = 0
     rounds_failed: int = 0
+    outliers: int = 0  # groupmates' updates our aggregation clipped or trimmed hard
+    last_outliers: tuple[str, ...] = ()
+    states: list = field(default_factory=list)  # "epoch:digest" of our parameters at our last 4 epochs (statuses)
     saved: Optional[Path] = None
 
     def result(self) -> RunResult:
@@ -183,6 +189,8 @@ def open_services(p: Progress) -> None:
     cfg = p.cfg
     if cfg.chain is not None:
         p.chain = ChainSession.open(cfg.chain, p.spec, p.swarm, p.out, p.reporter.event)
+    p.gatekeeper = Gatekeeper(p.spec, p.swarm, p.chain).start()
+    p.gatekeeper.check_self()  # a peer the run would refuse is told so now (exit 2), not left to train alone
     if cfg.publish_every:
         p.publisher = AdapterPublisher(p.swarm, p.spec.run_id, p.spec.model.base, cfg.store_path, cfg.ipfs_api,
                                        cfg.publish_every)  # fmt: skip
@@ -223,8 +231,9 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
                                   f"{spec.run_id!r}. Use another --out for this run.")  # fmt: skip
         p.epoch, p.samples_total = meta["epoch"], meta["samples_total"]
         p.reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {p.epoch}", epoch=p.epoch)
-    p.opt = make_optimizer(swarm, spec, p.params, p.batch_size, verbose=cfg.verbose)
+    p.opt = make_optimizer(swarm, spec, p.params, p.batch_size, verbose=cfg.verbose, gate=p.gatekeeper.gate)
     p.opt.should_stop = lambda: p.stop.requested
+    p.opt.state_averager.expected_states = lambda: expected_states(p)
     p.stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
     if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
@@ -232,8 +241,23 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     if p.opt.behind():
         p.reporter.event("syncing", f"The swarm is at epoch {p.opt.swarm_epoch()}; downloading its state...",
                          epoch=p.opt.swarm_epoch())  # fmt: skip
+        sync(p)
+    note_state(p)
+
+
+def sync(p: Progress) -> None:
+    """Download the swarm's state: only one a strict majority of the run's admitted peers say they hold
+    (expected_states), so a download can fail while their statuses straddle an epoch; retried for --join-timeout."""
+    deadline = time.monotonic() + p.cfg.join_timeout
+    while True:
         p.opt.load_state_from_peers()
-        p.reporter.event("synced", f"Synced to epoch {p.opt.local_epoch}", epoch=p.opt.local_epoch)
+        if not p.opt.behind() or time.monotonic() > deadline or p.stop.requested:
+            break
+        time.sleep(1.0)
+    verified = not p.opt.behind()
+    p.reporter.event("synced", f"Synced to epoch {p.opt.local_epoch}" if verified else "No state that a majority "
+                     f"of the run's peers hold could be downloaded; training from epoch {p.opt.local_epoch}",
+                     epoch=p.opt.local_epoch, verified=verified)  # fmt: skip
 
 
 def announce(p: Progress) -> None:
@@ -263,14 +287,27 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
     record = EpochRecord(p.spec.run_id, p.swarm.peer_id, done.ended, done.epoch, done.samples, done.group,
                          tensors_hash(tensors), tuple(p.batch_hashes), tensors)  # fmt: skip
     p.batch_hashes = []  # the next epoch's batches
+    flagged = done.round.flagged if done.round is not None else ()
+    p.outliers, p.last_outliers = p.outliers + len(flagged), flagged
+    note_state(p)
     if len(done.group) >= 2:
         p.rounds_averaged += 1
     elif p.opt.swarm_progress()["peers"] > 1:
         p.rounds_failed += 1  # others were there, but no group formed (or the all-reduce failed)
     with_whom = f"averaged with {len(done.group)} peers" if done.group else "local gradients only"
+    if flagged:
+        with_whom += f" ({len(flagged)} outlier{'s' if len(flagged) > 1 else ''} clipped: {', '.join(flagged)})"
+    r = done.round
     p.reporter.event("epoch", f"Epoch {done.epoch}: contributed {done.samples} samples, {with_whom}",
                      epoch=done.epoch, samples=done.samples, group=list(done.group),
-                     adapter_hash=record.adapter_hash, averaging_s=round(done.seconds, 3))  # fmt: skip
+                     adapter_hash=record.adapter_hash, averaging_s=round(done.seconds, 3),
+                     rule=r.rule if r else None, weights=dict(zip(r.group, r.weights)) if r else {},
+                     kept=dict(zip(r.group, r.kept)) if r else {}, outliers=list(flagged),
+                     dropped=dict(r.dropped) if r else {})  # fmt: skip
+    if not finite_adapter(tensors):
+        p.reporter.event("nonfinite", f"Epoch {done.epoch}: the adapter holds NaN or infinite values; not proved, "
+                         f"published or saved (the swarm's state is downloaded when there is one)", epoch=done.epoch)
+        return
     for hook in p.hooks:
         hook(record)
     if done.epoch % p.cfg.save_every == 0:
@@ -283,9 +320,15 @@ def finish_run(p: Progress) -> None:
     """--max-epochs reached: the peers stopping at this epoch agree on one adapter (a peer that missed the last
     round downloads it); every finisher of an agreed adapter publishes it (equal adapters, equal CIDs)."""
     epoch = p.opt.local_epoch
+    if not finite_adapter(adapter_state(p.model)):
+        p.opt.load_state_from_peers()  # only a state a majority of the run's admitted peers hold
+        if not finite_adapter(adapter_state(p.model)):
+            p.reporter.event("final", "The final adapter holds NaN or infinite values and no verified state could "
+                             "be downloaded: nothing agreed, published or saved", agreed=False, nonfinite=True)
+            return
     agreement = agree_on_final_adapter(
         p.swarm, p.opt, p.spec.run_id, epoch, lambda: tensors_hash(adapter_state(p.model)),
-        lambda h: publish_status(p, final=h), p.cfg.join_timeout, lambda: p.stop.requested)  # fmt: skip
+        lambda h: (note_state(p), publish_status(p, final=h)), p.cfg.join_timeout, lambda: p.stop.requested)  # fmt: skip
     p.reporter.event(
         "final", f"Final adapter {agreement.adapter_hash[:12]}: "
         + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
@@ -300,8 +343,10 @@ def leave(p: Progress) -> None:
     step then gets what is left of that (stop.budget); a finishing peer waits longer for its last proofs."""
     p.stop.leaving()
     p.reporter.close()
+    if p.gatekeeper is not None:
+        p.gatekeeper.close()
     try:
-        if p.opt is not None:
+        if p.opt is not None and finite_adapter(adapter_state(p.model)):  # a non-finite one is never saved
             p.epoch = p.opt.local_epoch
             save(p)
     finally:
@@ -340,11 +385,36 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         samples_per_second=finite(sps), loss=finite(p.loss, None), loss_nonfinite=not_finite(p.loss),
         time=time.time(), leaving=leaving, final_hash=final,
         rounds_averaged=p.rounds_averaged, rounds_failed=p.rounds_failed,
+        states=p.states, refused=refused(p), outliers=p.outliers,
+        last_outliers=list(p.last_outliers[:8]),
         proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
         rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
         wait=leaving or final is not None, timeout=p.stop.budget(1.0) if p.stop.requested else 5.0)  # fmt: skip
     if not leaving:
         p.swarm.announce_run(p.spec.run_id)
+
+
+def refused(p: Progress) -> int:
+    """Everything this peer refused or ignored so far (swarm/gate.py's counts, records of non-admitted peers)."""
+    return sum(p.opt.trust_counts().values()) + p.swarm.not_admitted
+
+
+def expected_states(p: Progress) -> set:
+    """The (epoch, parameters digest) a state download must match: what a strict majority of the run's admitted
+    peers (this one aside) say they hold; empty (take none) when they do not agree."""
+    claims = {pid: [parse_state(c) for c in s.states] for pid, s in p.swarm.peer_statuses(p.spec.run_id).items()
+              if pid != p.swarm.peer_id and s.states and not s.leaving}  # fmt: skip
+    return trusted_states(claims) - {None}
+
+
+def note_state(p: Progress) -> None:
+    """Remember our parameters' digest at this epoch (statuses carry the last 4; a downloader checks against them)."""
+    claim = state_claim(p.opt.local_epoch, p.opt.state_averager.parameters_digest())
+    p.states = [c for c in p.states if c != claim][-3:] + [claim]
+
+
+def finite_adapter(tensors: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def save(p: Progress, adapter_hash: Optional[str] = None) -> None:

@@ -22,7 +22,7 @@ class _SnapshotCollector:
         rejected = CounterMetricFamily("atlas_dht_records_rejected", "DHT records dropped: bad signature, schema "
                                        "violation, or forged content (signed by one peer, naming another)",
                                        labels=["reason"])  # fmt: skip
-        for reason in ("signature", "schema", "forged"):
+        for reason in ("signature", "schema", "forged", "not_admitted"):
             rejected.add_metric([reason], s["rejected"].get(reason, 0))
         yield rejected
         runs = GaugeMetricFamily("atlas_runs", "runs seen in the DHT")
@@ -51,6 +51,10 @@ class _SnapshotCollector:
                                      "(averaged) or on local gradients while others were there (failed)",
                                      labels=labels + ["result"])  # fmt: skip
         proofs = GaugeMetricFamily("atlas_peer_proofs", "contribution proofs by state", labels=labels + ["state"])
+        refused = CounterMetricFamily("atlas_peer_refused", "requests and records the peer refused or ignored: "
+                                      "non-admitted peers, bad updates, unverified states", labels=labels)  # fmt: skip
+        outliers = CounterMetricFamily("atlas_peer_outliers", "groupmates' updates the peer's robust aggregation "
+                                       "clipped or trimmed hard", labels=labels)  # fmt: skip
         for run in s["runs"]:
             values = dict(run, peers=len(run["peers"]))
             for key, fam in families.items():
@@ -65,10 +69,14 @@ class _SnapshotCollector:
                 rounds.add_metric(lv + ["failed"], p["rounds_failed"])
                 proofs.add_metric(lv + ["posted"], p["proofs_posted"])
                 proofs.add_metric(lv + ["pending"], p["proofs_pending"])
+                refused.add_metric(lv, p.get("refused", 0))
+                outliers.add_metric(lv, p.get("outliers", 0))
         yield from families.values()
         yield from pfam.values()
         yield rounds
         yield proofs
+        yield refused
+        yield outliers
 
 
 def render(snapshot: dict, healthy: bool) -> bytes:

@@ -44,6 +44,9 @@ class PeerView:
     proofs_pending: int
     rewards_eth: float
     last_seen: float
+    refused: int = 0
+    outliers: int = 0
+    last_outliers: tuple = ()
 
 
 @dataclass
@@ -193,7 +196,8 @@ class Monitor:
                 peer_id=pid, device=st.device, client_mode=st.client_mode, epoch=st.epoch,
                 samples_total=st.samples_total, samples_per_second=st.samples_per_second, loss=st.loss,
                 rounds_averaged=st.rounds_averaged, rounds_failed=st.rounds_failed, proofs_posted=st.proofs_posted,
-                proofs_pending=st.proofs_pending, rewards_eth=st.rewards_eth, last_seen=st.time,
+                proofs_pending=st.proofs_pending, rewards_eth=st.rewards_eth, last_seen=st.time, refused=st.refused,
+                outliers=st.outliers, last_outliers=tuple(st.last_outliers),
             )  # fmt: skip
         progress = self.swarm.training_progress(run_id)
         epochs = [p["epoch"] for p in progress] + [p.epoch for p in view.peers.values()]

@@ -2,7 +2,9 @@
 
     node.Swarm              a DHT node with our identity; signed, schema-checked run records; plain methods only
     optimizer.SwarmOptimizer  hivemind.Optimizer over the adapter, queuing an EpochDone per epoch transition
-    averagers               the gradient and state averagers: one-buffer all-or-nothing rounds, groups per epoch
+    averagers               the gradient and state averagers: admitted peers only, groups per epoch, verified state
+    gather                  a round: all-gather of signed updates, each member aggregating them (train/aggregate.py)
+    gate                    the admitted set and refusal counts, shared with the averager processes
     schedule                when to look for a group, how long the last step is (pure functions, no hivemind)
     consensus               finishing peers agree on one final adapter
     records                 the DHT record types (bounded pydantic schemas)
@@ -33,8 +35,8 @@ HIVEMIND_OVERRIDES = {
     "optimizer.ThrottledTracker.__init__": "the time of the last progress report",
     "optimizer.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
     # the averagers (swarm/averagers.py)
-    "averagers.OneBufferAllReduce._run_allreduce_inplace_": "one flat buffer per round; all-or-nothing rounds",
-    "averagers.OneBufferAllReduce._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
+    "averagers.CancelOnShutdown._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
+    "averagers.Admitted.rpc_join_group": "refuse join requests from non-admitted peers (counted)",
     "averagers.EpochGroups._step": "group keys carry the round's epoch (rounds of different epochs never meet)",
     "averagers.EpochKeys.__init__": "knows the matchmaking whose round's epoch goes into the key",
     "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",
@@ -42,6 +44,13 @@ HIVEMIND_OVERRIDES = {
     "averagers.StateAverager.step": "skip a state round the swarm already had without us",
     "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",
     "averagers.StateAverager._declare_for_download_periodically": "store the donor record only when it changes",
+    "averagers.StateAverager.__init__": "the gathering settings (admission gate, rule, signer) before the fork",
+    "averagers.StateAverager.load_state_from_peers": "tell the averager process which states it may accept",
+    "averagers.StateAverager._load_state_from_peers": "admitted donors, capped priority, verified (epoch, digest)",
+    "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
+    # the rounds (swarm/gather.py)
+    "gather.GatherAverage._aggregate_with_group": "all-gather of signed updates + robust aggregate, not all-reduce",
+    "optimizer.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
     # record validation (swarm/node.py, swarm/audit.py)
     "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",
     "audit.AuditingValidator.merge_with": "validators added later join the audited set",

@@ -1,5 +1,6 @@
-"""hivemind's two averagers (hivemind 1.1.12) with cheaper rounds (below), all-or-nothing rounds
-(``OneBufferAllReduce``), and groups only among rounds for the same epoch (``EpochGroups``).
+"""hivemind's two averagers (hivemind 1.1.12) whose rounds are an all-gather of signed updates and a robust aggregate
+(gather.py) among admitted peers only (``Admitted``, ``EpochKeys``), with groups only among rounds for the same epoch
+(``EpochGroups``), and cheaper state declarations (below).
 
 Measured with bench_averaging (4 peers on 2 cores, the demo's MiniLM adapter: 26 tensors, 81k values), the gradient
 round took 0.35 s from the last peer's arrival and the state round 0.6-1.2 s; an all-reduce of one 80k-value tensor
@@ -7,7 +8,7 @@ between 4 idle processes takes 0.04 s. Two causes, fixed here:
 
 - hivemind's all-reduce splits every tensor separately among the peers, so each peer sends, reduces and receives
   about 30 small parts, each with its own compression task in an executor, message and await. One flat buffer
-  makes that one part per peer (``OneBufferAllReduce``);
+  makes that one message per pair of peers (``flat_buffer``; gather.py sends the buffer whole);
 - after every tensor an all-reduce updates, hivemind wakes the loop that declares this peer as a state donor, and
   each wake-up stores the same DHT record again: a lookup across the swarm and a store on each node found, in every
   DHT process while the group is still averaging (``StateAverager``). Nobody downloads the gradient averager's
@@ -19,14 +20,26 @@ With both, the same benchmark measured 0.03-0.07 s per gradient round and 0.06-0
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import math
-from typing import Optional, Sequence
+import random
+from typing import AsyncIterator, Optional, Sequence
 
 import torch
 from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.streaming import combine_from_streaming
+
+from atlas_swarm.swarm.gather import GatherAverage, Settings
+
+logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
 
 
 def flat_buffer(shapes: Sequence[torch.Size], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
@@ -40,70 +53,11 @@ def flat_buffer(shapes: Sequence[torch.Size], dtype: torch.dtype = torch.float32
     return tuple(views)
 
 
-def spanned_buffer(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The 1-D tensor the given tensors tile, in order, when they are consecutive views of one storage; else None."""
-    if not tensors:
-        return None
-    first = tensors[0]
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for t in tensors:
-        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):  # fmt: skip
-            return None
-        offset += t.numel()
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        first.untyped_storage(), first.storage_offset(), (offset - first.storage_offset(),)
-    )
-
-
-class PartialRound(BaseException):
-    """An all-reduce that lost a groupmate's part: the averaged tensors were put back as they were.
-
-    A BaseException, not an Exception, because hivemind logs a traceback for every Exception an all-reduce raises
-    (at ERROR, which a peer shows without --verbose) and this is an expected outcome; hivemind turns it into a
-    MatchmakingException either way, so the round is retried while its deadline allows, and fails after."""
-
-
-class OneBufferAllReduce:
-    """All-reduce the averaged tensors as the one buffer they tile (when they do), not tensor by tensor; and all or
-    nothing.
-
-    Peers split the buffer the same way as long as they all do this (the same code); the averaged values are the
-    same either way. Compression applies to the buffer as a whole (one tensor info instead of one per tensor).
-
-    hivemind counts a round as done when a groupmate's part never arrived: a groupmate that did not send its input
-    within sender_timeout is left out of the part this peer reduces, and a part whose reducer did not answer within
-    reducer_timeout keeps this peer's own values, with only a warning ("received 50.0% of input tensors"). The
-    step still reports the whole group, and the peers go on with different tensors. This happens whenever a
-    groupmate is triggered seconds after the others: its averager joined the group early (a pre-scheduled round)
-    but its training process was late (measured by stopping one of two peers' training process for 10 s in
-    bench_averaging: both logged "Averaged gradients with 2 peers", one had received 0 % of the other's results).
-    Here such a round puts the tensors back and raises ``PartialRound``: hivemind looks for a new group (the late
-    peer is triggered by then) until the round's deadline, then fails the step, and the peer reports no group."""
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        flat = spanned_buffer(tensors)
-        if flat is not None:
-            tensors, kwargs = [flat], dict(kwargs, tensor_infos=None)
-        group_id = group_info.group_id if group_id is None else group_id
-        before = [t.clone() for t in tensors]
-        try:
-            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-            missing = _missing_parts(self._running_groups[group_id].result())
-            if missing:
-                size = len(group_info.peer_ids)
-                raise PartialRound(f"all-reduce in a group of {size} lost {missing}; tensors restored")
-        except BaseException:
-            with torch.no_grad():
-                for tensor, old in zip(tensors, before):
-                    tensor.copy_(old)
-            raise
-
-
+class CancelOnShutdown:
     async def _shutdown(self, timeout: Optional[float]) -> None:
         """hivemind 1.1.12's, working with a round in flight: it calls ``finalize`` on each running group's future
         (``AttributeError: '_asyncio.Future' object has no attribute 'finalize'``, a traceback on the terminal of a
-        peer stopped mid-round) and would add finalize's None to a set. Here each group's all-reduce is cancelled."""
+        peer stopped mid-round) and would add finalize's None to a set. Here each group's round is cancelled."""
         if not self.client_mode:
             await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
         for future in list(self._running_groups.values()):
@@ -113,15 +67,20 @@ class OneBufferAllReduce:
                 future.cancel()
 
 
-def _missing_parts(runner) -> Optional[str]:
-    """What a finished AllReduceRunner did without, or None when it averaged every part with every sender."""
-    lost = []
-    container = runner.tensor_part_container
-    if container.failed_size:
-        lost.append(f"{container.failed_size / container.total_size:.0%} of the results")
-    if runner.banned_senders:
-        lost.append(f"the input of {len(runner.banned_senders)} of {len(runner.sender_peer_ids)} senders")
-    return " and ".join(lost) or None
+class Admitted:
+    """Matchmaking only with admitted peers (swarm/gate.py): a join request from anyone else is refused, and no
+    non-admitted leader is followed. Non-admitted members a leader puts in a group anyway are left out of the round
+    (gather.GatherAverage)."""
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:  # fmt: skip
+        gate = self.gather_settings.gate
+        if gate is not None and not gate.admits(context.remote_id.to_base58()):
+            gate.count("refused_joins")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
 
 
 class EpochGroups:
@@ -140,23 +99,42 @@ class EpochGroups:
         if not isinstance(matchmaking.group_key_manager, EpochKeys):
             plain = matchmaking.group_key_manager
             matchmaking.group_key_manager = EpochKeys(plain.dht, plain.prefix, plain.group_bits,
-                                                      plain.target_group_size, matchmaking, self.serializer)  # fmt: skip
+                                                      plain.target_group_size, matchmaking, self.serializer,
+                                                      self.gather_settings.gate)  # fmt: skip
         return await super()._step(step=step, **kwargs)
 
 
 class EpochKeys(GroupKeyManager):
     """The group key of the round being looked for (hivemind's matchmaking looks for one group at a time), with its
-    epoch in the prefix: hivemind's keys must match ``prefix.0b[01]*``."""
+    epoch in the prefix: hivemind's keys must match ``prefix.0b[01]*``. Only admitted peers are found as leaders."""
 
-    def __init__(self, dht, prefix, initial_group_bits, target_group_size, matchmaking=None, serializer=None):
+    def __init__(self, dht, prefix, initial_group_bits, target_group_size, matchmaking=None, serializer=None,
+                 gate=None):  # fmt: skip
         super().__init__(dht, prefix, initial_group_bits, target_group_size)
-        self.matchmaking, self.serializer = matchmaking, serializer  # EpochGroups always passes both
+        self.matchmaking, self.serializer, self.gate = matchmaking, serializer, gate  # EpochGroups passes all
+
+    async def get_averagers(self, group_key, only_active: bool):
+        found = await super().get_averagers(group_key, only_active)
+        if self.gate is None:
+            return found
+        admitted = [(peer, expiry) for peer, expiry in found if self.gate.admits(peer.to_base58())]
+        if len(admitted) < len(found):
+            self.gate.count("refused_leaders", len(found) - len(admitted))
+        return admitted
 
     @property
     def current_key(self) -> str:
         step = self.matchmaking.step_control
         epoch = None if step is None else round_epoch(step.data_for_gather, self.serializer)
         return super().current_key if epoch is None else f"{self.prefix}_epoch{epoch}.0b{self.group_bits}"
+
+
+def state_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 of the tensors' float32 bytes, in order (32 hex digits): equal parameters, equal digests."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def round_epoch(data_for_gather: bytes, serializer) -> Optional[int]:
@@ -168,18 +146,27 @@ def round_epoch(data_for_gather: bytes, serializer) -> Optional[int]:
     return epoch if type(epoch) is int else None
 
 
-class GradAverager(EpochGroups, OneBufferAllReduce, GradientAverager):
-    """hivemind's GradientAverager over one buffer, and no state donor (late joiners load the state averager's)."""
+class GradAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, GradientAverager):
+    """hivemind's GradientAverager over one buffer, gathering (gather.py), and no state donor (late joiners load the
+    state averager's)."""
 
-    def __init__(self, parameters, *, dht, prefix, averaged_grads: Sequence[torch.Tensor] = (), **kwargs):
+    def __init__(self, parameters, *, dht, prefix, averaged_grads: Sequence[torch.Tensor] = (),
+                 gather_settings: Optional[Settings] = None, **kwargs):  # fmt: skip
+        self.gather_settings = gather_settings or Settings()
+        self._gather_rounds = {}
         parameters = tuple(parameters)
         if not averaged_grads and len({p.dtype for p in parameters}) == 1:
             averaged_grads = flat_buffer([p.shape for p in parameters], parameters[0].dtype)
         kwargs.setdefault("allow_state_sharing", False)
         super().__init__(parameters, dht=dht, prefix=prefix, averaged_grads=averaged_grads, **kwargs)
 
+    def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
+        """Nothing: nobody serves a gradient averager's state (hivemind's optimizer asks for it after the state
+        averager's, and would take it from whoever declared itself a donor under this prefix)."""
+        return None
 
-class StateAverager(EpochGroups, OneBufferAllReduce, TrainingStateAverager):
+
+class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, TrainingStateAverager):
     """hivemind's TrainingStateAverager over one buffer, declaring itself as a state donor only when that
     declaration changes: when sharing is switched on or off, when the priority (the epoch) changes, and before the
     record expires, as hivemind's docstring says (it re-stored it after every tensor of every round).
@@ -192,12 +179,99 @@ class StateAverager(EpochGroups, OneBufferAllReduce, TrainingStateAverager):
     skip_round = False
     should_stop = staticmethod(lambda: False)  # the optimizer's: a peer asked to stop skips its state round
 
+    def __init__(self, *, gather_settings: Optional[Settings] = None, **kwargs):
+        self.gather_settings = gather_settings or Settings()
+        self._gather_rounds = {}
+        super().__init__(**kwargs)
+
     def step(self, *, averaging_round: bool = False, averaging_control=None, **kwargs):
         if averaging_round and (self.skip_round or self.should_stop()):
             if averaging_control is not None and not averaging_control.done():
                 averaging_control.cancel()
             averaging_round, averaging_control = False, None
         return super().step(averaging_round=averaging_round, averaging_control=averaging_control, **kwargs)
+
+    # -- verified state downloads (README "Threat model"): hivemind copies the first donor's tensors and epoch, donors
+    # ranked by the priority they declare themselves (a float, inf allowed). Here only admitted donors are asked, a
+    # priority is capped at the epoch the download expects, and a state is taken only if its (epoch, digest of the
+    # parameters) is one the caller expects (a strict majority of admitted peers' statuses); else the next donor.
+    expected_states = staticmethod(lambda: None)  # the peer's: set of acceptable (epoch, digest); None: take any
+
+    def parameters_digest(self) -> str:
+        """What this peer's statuses claim for its parameters, as a downloader computes it of what it got."""
+        with torch.no_grad():
+            params = [p.detach().cpu() for group in self.optimizer.param_groups for p in group["params"]]
+        return state_digest(params)
+
+    def load_state_from_peers(self, expect=None, **kwargs):
+        expect = self.expected_states() if expect is None else expect
+        count = sum(len(group["params"]) for group in self.optimizer.param_groups) + len(self.extra_tensors)
+        self._outer_pipe.send(("_expect_states", [None if expect is None else sorted(expect), count], {}))
+        return super().load_state_from_peers(**kwargs)
+
+    async def _expect_states(self, expect, count: int) -> None:  # in the averager process, before the download
+        self._expected = (None if expect is None else {tuple(e) for e in expect}, count)
+
+    async def _load_state_from_peers(self, future, timeout: Optional[float] = None):
+        """hivemind 1.1.12's, with donors filtered and ranked as above and each download verified."""
+        expect, count = getattr(self, "_expected", (None, 0))
+        gate = self.gather_settings.gate
+        if timeout is not None:
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            key_manager = self._matchmaking.group_key_manager
+            found = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+            declared = found[0] if isinstance(found[0], dict) else {}
+            top = max((e for e, _ in expect), default=None) if expect else None
+            donors = []
+            for peer_bytes, info in declared.items():
+                try:
+                    peer = PeerID(peer_bytes)
+                except Exception:
+                    continue
+                priority = getattr(info, "value", None)
+                if peer == self.peer_id or not isinstance(priority, (int, float)) or not math.isfinite(priority):
+                    continue
+                if gate is not None and not gate.admits(peer.to_base58()):
+                    gate.count("refused_donors")
+                    continue
+                donors.append((min(float(priority), top) if top is not None else float(priority), random.random(),
+                               peer))  # fmt: skip
+            for _, _, peer in sorted(donors, reverse=True):
+                got = await self._download_state(peer, timeout)
+                if got is None:
+                    continue
+                metadata, tensors = got
+                claim = (metadata.get("epoch"), state_digest(tensors[:count])) if isinstance(metadata, dict) else None
+                if expect is not None and claim not in expect:
+                    if gate is not None:
+                        gate.count("refused_states")
+                    logger.info(f"State from {peer} is not the one the run's peers hold; trying the next donor")
+                    continue
+                future.set_result((metadata, tensors))
+                return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_state(self, peer, timeout):
+        try:
+            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            parts, tensors, metadata = [], [], None
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            return (metadata, tensors) if metadata else None
+        except Exception as e:
+            logger.info(f"Failed to download state from {peer}: {e!r}")
+            return None
 
     def _make_averaged_parameters(self, main_parameters):
         # hivemind copies the parameters to the host (as float32) unless it averages the parameters themselves

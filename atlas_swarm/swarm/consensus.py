@@ -2,8 +2,10 @@
 
 hivemind does not promise that every peer is in the last averaging round: a slow peer can miss it and step on its own
 gradients. So every finishing peer publishes the hash of its final adapter; the *canonical* adapter is the hash most
-of them hold (ties: the smallest hash, so every peer picks the same one). Holders advertise a higher state-sharing
-priority; the others download that state from them and check the hash. Bounded by a timeout.
+of them hold (ties: the smallest hash, so every peer picks the same one). Only admitted peers vote (Swarm.admits),
+and honest peers of one round hold bit-identical adapters (train/aggregate.py), so the vote counts real agreement.
+Holders advertise a higher state-sharing priority; the others download the state the holders' statuses name
+(verified: swarm.averagers.StateAverager) and check the hash. Bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from atlas_swarm.admission import trusted_states
 from atlas_swarm.majority import majority
 from atlas_swarm.swarm.node import Swarm
+from atlas_swarm.swarm.records import parse_state
 
 POLL_EVERY = 0.5
 
@@ -41,7 +45,8 @@ def agree_on_final_adapter(
     publish(ours)
     deadline = time.monotonic() + timeout
     while True:
-        others = [s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving]
+        statuses = {pid: s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving}
+        others = list(statuses.values())  # admitted peers only (Swarm.admits)
         # a peer at our epoch without a final hash is about to publish one (or trains on: then we time out)
         still_training = any(s.epoch < epoch or (s.epoch == epoch and not s.final_hash) for s in others)
         finals = [s.final_hash for s in others if s.epoch == epoch and s.final_hash]
@@ -54,7 +59,10 @@ def agree_on_final_adapter(
         else:
             if not opt.client_mode:
                 opt.state_averager.state_sharing_priority = 0
-            opt.state_averager.load_state_from_peers(timeout=max(1.0, min(15.0, deadline - time.monotonic())))
+            holders = {pid: [s.states[-1]] for pid, s in statuses.items() if s.final_hash == target and s.states}
+            expect = {parse_state(c) for c in trusted_states(holders)}  # the canonical adapter's holders' state
+            opt.state_averager.load_state_from_peers(expect=expect - {None},
+                                                     timeout=max(1.0, min(15.0, deadline - time.monotonic())))
             ours, downloaded = current_hash(), True
             publish(ours)
         if should_stop() or time.monotonic() > deadline:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import hivemind
 import msgpack
@@ -77,6 +77,9 @@ class Swarm:
         self.signer = RSASignatureValidator(private_key)
         self._validated_runs: set[str] = set()
         self.forged = 0  # well-signed records whose content names another peer than their signer (dropped)
+        # the run's admission (swarm/gate.py, set by the peer): run records of non-admitted peers are ignored
+        self.admits: Callable[[str], bool] = lambda _peer_id: True
+        self.not_admitted = 0  # run records read and ignored because their writer is not admitted
 
     @classmethod
     def join(
@@ -231,9 +234,9 @@ class Swarm:
     def peer_statuses(self, run_id: str) -> dict[str, PeerStatus]:
         """Live peers of ``run_id`` by PeerID (records already signature- and schema-checked by the DHT)."""
         self._ensure_validators(run_id)
-        return {status.peer_id: status for status in self._owned_records(f"{run_id}_peers", PeerStatus)}
+        return {s.peer_id: s for s in self._owned_records(f"{run_id}_peers", PeerStatus, admitted=True)}
 
-    def _owned_records(self, key: str, model) -> list:
+    def _owned_records(self, key: str, model, admitted: bool = False) -> list:
         """The entries under ``key`` that parse as ``model`` and name the PeerID of the key that signed them (the
         DHT has already checked signature and schema). Records signed by one peer but naming another are dropped
         and counted in ``forged``."""
@@ -247,6 +250,9 @@ class Swarm:
                     continue
                 if peer_id_of_owner(subkey) != record.peer_id:
                     self.forged += 1
+                    continue
+                if admitted and not self.admits(record.peer_id):
+                    self.not_admitted += 1
                     continue
                 out.append(record)
         return out
@@ -287,6 +293,7 @@ class Swarm:
 
         counts = rejected_counts(self.dht)
         counts["forged"] = self.forged
+        counts["not_admitted"] = self.not_admitted
         return counts
 
     # -- PeerID <-> wallet binding -------------------------------------------------------------------------------
@@ -327,7 +334,7 @@ class Swarm:
 
     def adapter_records(self, run_id: str) -> list[PublishedAdapters]:
         self._ensure_validators(run_id)
-        return self._owned_records(f"{run_id}_adapters", PublishedAdapters)
+        return self._owned_records(f"{run_id}_adapters", PublishedAdapters, admitted=True)
 
     def published_adapters(self, run_id: str) -> list[tuple[str, PublishedAdapter]]:
         """(publisher PeerID, adapter) pairs, newest epoch first."""
@@ -377,3 +384,8 @@ def _check_maddr(flag: str, addr: str) -> None:
             f"{flag} {addr!r} is not a multiaddr. Expected something like /ip4/203.0.113.5/tcp/31337/p2p/12D3Koo..."
         ) from None
 
+
+
+def peer_id_of_key(public_key) -> str:
+    """The libp2p PeerID (base58) of a hivemind RSAPublicKey."""
+    return peer_id_of(serialization.load_ssh_public_key(public_key.to_bytes()))

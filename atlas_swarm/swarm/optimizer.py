@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import hivemind
@@ -22,10 +23,13 @@ from hivemind.compression import Float16Compression, NoCompression, ScaledFloat1
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
+from atlas_swarm.admission import sane_progress
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm import schedule
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager
-from atlas_swarm.swarm.node import Swarm
+from atlas_swarm.swarm.gate import Gate
+from atlas_swarm.swarm.gather import RoundReport, Settings
+from atlas_swarm.swarm.node import Swarm, peer_id_of_owner
 
 log = logging.getLogger("hivemind.optim.optimizer")  # our status lines beside hivemind's (--verbose)
 
@@ -42,8 +46,9 @@ class EpochDone:
     ended: int  # the epoch this peer's samples went into (its proof's epoch)
     epoch: int  # the epoch the swarm moved to
     samples: int  # samples this peer accumulated into the step that ended the epoch
-    group: tuple[str, ...]  # PeerIDs that averaged gradients together (empty: proceeded with local gradients)
-    seconds: float  # wall time of the transition: all-reduce, optimizer step, state averaging when due
+    group: tuple[str, ...]  # PeerIDs whose gradients were aggregated, this peer's too (empty: local gradients)
+    seconds: float  # wall time of the transition: the round, optimizer step, state averaging when due
+    round: Optional[RoundReport] = None  # the gradient round: weights, what was kept, outliers, dropped members
 
 
 class ThrottledTracker(ProgressTracker):
@@ -60,9 +65,30 @@ class ThrottledTracker(ProgressTracker):
 
     report_every = 1.0
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, gate=None, own_peer_id: str = "", sample_cap: float = math.inf, **kwargs):
         self._last_report = 0.0
+        self.gate, self.own_peer_id, self.sample_cap = gate, own_peer_id, sample_cap
+        self.ignored_writers: set[str] = set()  # PeerIDs whose progress records were not followed
         super().__init__(*args, **kwargs)
+
+    def followed_records(self, metadata) -> dict[str, dict]:
+        """The peers' progress records this peer follows (admission.sane_progress): PeerID -> record."""
+        records = {}
+        for subkey, item in (metadata.items() if isinstance(metadata, dict) else ()):
+            pid, value = peer_id_of_owner(subkey), getattr(item, "value", None)
+            if pid is not None and isinstance(value, dict) and type(value.get("epoch")) is int \
+                    and isinstance(value.get("samples_per_second"), float) \
+                    and type(value.get("samples_accumulated")) is int:  # fmt: skip
+                records[pid] = value
+        admits = self.gate.admits if self.gate is not None else (lambda _: True)
+        kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap)
+        self.ignored_writers.update(set(records) - set(kept))
+        return kept
+
+    def _parse_swarm_progress_data(self, metadata):
+        if isinstance(metadata, dict) and metadata:
+            metadata = {pid: SimpleNamespace(value=v) for pid, v in self.followed_records(metadata).items()}
+        return super()._parse_swarm_progress_data(metadata)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         extra = samples_accumulated - self.local_progress.samples_accumulated
@@ -110,10 +136,12 @@ class InlineExecutor:
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that queues an EpochDone per transition (drained by the training loop)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, gather_settings: Optional[Settings] = None, **kwargs):
+        self.gather_settings = gather_settings or Settings()
         self.completed: list[EpochDone] = []
         self.should_stop: Callable[[], bool] = lambda: False  # the peer was asked to stop: abandon rounds at once
         self._group: tuple[str, ...] = ()
+        self._round: Optional[RoundReport] = None
         self._epoch_began: Optional[float] = None  # time.monotonic() of the last transition
         self._epoch_seconds = math.inf  # how long the last whole epoch took
         super().__init__(**kwargs)
@@ -125,11 +153,12 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _update_global_epoch(self, grad_scaler) -> None:
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
         ended = self.local_epoch
-        self._group = ()
+        self._group, self._round = (), None
         self.state_averager.skip_round = False
         t0 = time.perf_counter()
         super()._update_global_epoch(grad_scaler)
-        self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0))
+        self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0,
+                                        self._round))  # fmt: skip
         now = time.monotonic()
         if self._epoch_began is not None:
             self._epoch_seconds = now - self._epoch_began
@@ -145,9 +174,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if maybe_step_control is not None and maybe_step_control.done() and not maybe_step_control.cancelled():
             try:
-                self._group = tuple(sorted(p.to_base58() for p in maybe_step_control.result(0)))
+                result = maybe_step_control.result(0)
+                self._group = tuple(sorted(p.to_base58() for p in result))
+                self._round = getattr(result, "report", None)
             except BaseException:
-                self._group = ()
+                self._group, self._round = (), None
 
     # hivemind pre-schedules an averaging round (matchmaking in the averager and DHT processes) before every epoch's
     # end, even when the tracker sees no other peer, and cancels it at the boundary. A lone peer pays for that in CPU
@@ -239,10 +270,10 @@ class SwarmOptimizer(hivemind.Optimizer):
                 pass  # a failed round is hivemind's to report, a timeout is the next check
 
     def _swarm_epoch(self) -> int:
-        """The highest epoch in the peers' progress records in the DHT (-1 if none can be read)."""
+        """The highest epoch in the progress records this peer follows (-1 if none can be read)."""
         found = self.dht.get(self.tracker.training_progress_key, latest=True)
-        records = found.value if found is not None and isinstance(found.value, dict) else {}
-        return schedule.highest_epoch(r.value for r in records.values())
+        records = self.tracker.followed_records(found.value if found is not None else None)
+        return schedule.highest_epoch(records.values())
 
     def _maybe_schedule_state_averaging(self) -> None:
         next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every)
@@ -275,15 +306,18 @@ class SwarmOptimizer(hivemind.Optimizer):
                              shutdown_timeout=self.shutdown_timeout, offload_optimizer=self.offload_optimizer,
                              custom_gradients=self.offload_optimizer, status_loglevel=self.status_loglevel,
                              next_chunk_timeout=self.next_chunk_timeout, client_mode=self.client_mode,
-                             auxiliary=self.auxiliary, start=True, **kwargs)  # fmt: skip
+                             auxiliary=self.auxiliary, start=True, gather_settings=self.gather_settings,
+                             **kwargs)  # fmt: skip
 
     def _make_gradient_averager(self, factory, **kwargs) -> GradAverager:
-        return super()._make_gradient_averager(factory or GradAverager, **kwargs)
+        factory = factory or partial(GradAverager, gather_settings=self.gather_settings)
+        return super()._make_gradient_averager(factory, **kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        s = self.gather_settings
         return ThrottledTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                 client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
-                                **kwargs)  # fmt: skip
+                                gate=s.gate, own_peer_id=s.own_peer_id, sample_cap=s.cap, **kwargs)  # fmt: skip
 
     # -- the public surface peer.py uses (plain values; hivemind's objects stay in here) ---------------------------
     def take_completed(self) -> list[EpochDone]:
@@ -328,6 +362,11 @@ class SwarmOptimizer(hivemind.Optimizer):
                 averager.shutdown_timeout = timeout
                 averager.shutdown()
 
+    def trust_counts(self) -> dict[str, int]:
+        """What this peer refused or dropped so far (swarm/gate.py's counts), and the progress writers it ignored."""
+        counts = self.gather_settings.gate.counts() if self.gather_settings.gate is not None else {}
+        return dict(counts, ignored_progress_writers=len(self.tracker.ignored_writers))
+
     def swarm_progress(self) -> dict:
         p = self.tracker.global_progress
         return {
@@ -339,9 +378,13 @@ class SwarmOptimizer(hivemind.Optimizer):
 
 
 def make_optimizer(
-    swarm: Swarm, spec: RunSpec, params: Sequence[torch.nn.Parameter], batch_size: int, verbose: bool = False
+    swarm: Swarm, spec: RunSpec, params: Sequence[torch.nn.Parameter], batch_size: int, verbose: bool = False,
+    gate: Optional[Gate] = None,
 ) -> SwarmOptimizer:
-    a, o = spec.averaging, spec.optimizer
+    a, o, t = spec.averaging, spec.optimizer, spec.trust
+    cap = t.max_samples_per_peer or a.target_batch_size
+    settings = Settings(rule=t.rule, tau=t.clip_tau or None, beta=t.trim, cap=float(cap), signer=swarm.private_key,
+                        gate=gate, own_peer_id=swarm.peer_id)  # fmt: skip
     if o.name == "adamw":
         factory = partial(torch.optim.AdamW, lr=o.lr, weight_decay=o.weight_decay)
     else:
@@ -383,5 +426,6 @@ def make_optimizer(
                       "max_refresh_period": 2.0, "min_refresh_period": 0.2},
         shutdown_timeout=3.0,
         verbose=verbose,
+        gather_settings=settings,
     )
 

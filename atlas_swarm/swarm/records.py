@@ -78,6 +78,20 @@ class PeerStatus(BaseModel):
     proofs_pending: Count = 0
     rewards_eth: FiniteFloat = 0.0  # earned on chain (claimable + inside the challenge window)
     loss_nonfinite: StrictBool = False  # the last loss was NaN or infinite (an honest peer says so; loss is None)
+    states: conlist(ShortStr, max_items=4) = []  # "epoch:digest" of its parameters at its last epochs (averagers.state_digest)
+    refused: Count = 0  # requests and records this peer refused or ignored (not admitted, bad updates, bad states)
+    outliers: Count = 0  # groupmates' updates clipped or trimmed hard, over all its rounds
+    last_outliers: conlist(ShortStr, max_items=8) = []  # those of its last round
+
+
+def state_claim(epoch: int, digest: str) -> str:
+    return f"{epoch}:{digest}"
+
+
+def parse_state(claim: str) -> Optional[tuple[int, str]]:
+    """(epoch, digest) of a status's ``states`` entry, or None if it is not one."""
+    epoch, _, digest = claim.partition(":")
+    return (int(epoch), digest) if epoch.isdigit() and len(epoch) < 12 and digest else None
 
 
 def finite(value: Optional[float], default: Optional[float] = 0.0) -> Optional[float]:

@@ -1,58 +1,53 @@
-"""Our averagers over real hivemind DHTs and averager processes: one-buffer all-reduce, state-donor declarations.
+"""Our averagers over real hivemind DHTs and averager processes: gathered, signed rounds; state-donor declarations.
 
-hivemind's all-reduce split every tensor among the peers separately (about 30 parts per peer for the demo's adapter),
-and re-stored the state-donor DHT record after every tensor of every round; see atlas_swarm/swarm/averagers.py.
+Each DHT has its own identity, whose key also signs the averager's updates (as a peer's does: swarm/node.py).
 """
 
 import functools
-import multiprocessing as mp
 import time
 
 import hivemind
-import hivemind.averaging.averager as hivemind_averager
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
 
-from atlas_swarm.swarm.averagers import GradAverager, StateAverager, spanned_buffer
+from atlas_swarm.identity import Identity
+from atlas_swarm.swarm.averagers import GradAverager, StateAverager
+from atlas_swarm.swarm.gather import Settings, spanned_buffer
+from atlas_swarm.swarm.node import hivemind_key
 from tests.peers import wait_until
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
-tensors_per_allreduce = mp.Array("i", 8)  # shared with the (forked) averager processes
-
-
-class RecordingRunner(hivemind_averager.AllReduceRunner):
-    def __init__(self, *, tensors, **kwargs):
-        slot = next(i for i in range(len(tensors_per_allreduce)) if tensors_per_allreduce[i] == 0)
-        tensors_per_allreduce[slot] = len(tensors)
-        super().__init__(tensors=tensors, **kwargs)
 
 
 @pytest.fixture
-def two_dhts():
-    first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    second = None
+def two_dhts(tmp_path):
+    """Two DHTs, each with an identity; ``dht.settings``: what its averagers sign with (mean, as hivemind)."""
+    dhts = []
     try:
-        second = hivemind.DHT(initial_peers=[str(a) for a in first.get_visible_maddrs()],
-                              host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)  # fmt: skip
-        yield first, second
+        for i in range(2):
+            identity = Identity.load_or_create(tmp_path / f"id{i}.key")
+            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
+            dht = hivemind.DHT(initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                               identity_path=str(identity.path), start=True)  # fmt: skip
+            dht.settings = Settings(rule="mean", signer=hivemind_key(identity))
+            dhts.append(dht)
+        yield tuple(dhts)
     finally:
-        for dht in (second, first):
-            if dht is not None:
-                dht.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
 
 
-def test_gradients_are_averaged_as_one_buffer_weighted_by_samples(two_dhts, monkeypatch):
+def test_gradients_are_gathered_and_averaged_weighted_by_signed_samples(two_dhts):
     # Prepare: two gradient averagers with different gradients, weights 1 and 3
-    monkeypatch.setattr(hivemind_averager, "AllReduceRunner", RecordingRunner)  # before the averagers fork
-    tensors_per_allreduce[:] = [0] * len(tensors_per_allreduce)
     grads = [[torch.full(s, float(i + 1)) * (k + 1) for k, s in enumerate(SHAPES)] for i in range(2)]
     averagers = []
     try:
         for dht, local, samples in zip(two_dhts, grads, (1, 3)):
             params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
             averager = GradAverager(params, dht=dht, prefix="grads", target_group_size=2, min_group_size=2,
-                                    min_matchmaking_time=2.0, request_timeout=1.0, start=True)  # fmt: skip
+                                    min_matchmaking_time=2.0, request_timeout=1.0, start=True,
+                                    gather_settings=dht.settings)  # fmt: skip
             averagers.append(averager)
             with averager.get_tensors() as tensors:
                 assert spanned_buffer(tensors) is not None  # the layout the all-reduce relies on
@@ -62,13 +57,16 @@ def test_gradients_are_averaged_as_one_buffer_weighted_by_samples(two_dhts, monk
         # Execute
         rounds = [a.step(wait=False, timeout=30) for a in averagers]
         groups = [r.result(40) for r in rounds]
-        # Assert: both hold the sample-weighted mean; each all-reduce ran on one tensor, not one per parameter
+        # Assert: both hold the sample-weighted mean, bit for bit the same; the report names both and their weights
         assert all(len(g) == 2 for g in groups)
+        held = []
         for averager in averagers:
             with averager.get_tensors() as tensors:
                 for tensor, g1, g2 in zip(tensors, *grads):
                     assert torch.allclose(tensor, (1 * g1 + 3 * g2) / 4)
-        assert sorted(tensors_per_allreduce[:])[-2:] == [1, 1] and sum(tensors_per_allreduce[:]) == 2
+                held.append(b"".join(t.numpy().tobytes() for t in tensors))
+        assert held[0] == held[1]
+        assert sorted(groups[0].report.weights) == [1.0, 3.0] and groups[0].report.flagged == ()
         # nobody downloads a gradient averager's state: it does not declare itself as a donor
         assert two_dhts[0].get("grads.all_averagers", latest=True) is None
     finally:
@@ -89,7 +87,7 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
     dht = two_dhts[0]
     params = [torch.nn.Parameter(torch.ones(s)) for s in SHAPES]
     averager = StateAverager(dht=dht, prefix="state", params=params, start=True, offload_optimizer=True,
-                             optimizer=functools.partial(torch.optim.SGD, lr=0.1))  # fmt: skip
+                             optimizer=functools.partial(torch.optim.SGD, lr=0.1), gather_settings=dht.settings)  # fmt: skip
     try:
         with averager.get_tensors() as tensors:
             assert spanned_buffer(tensors) is not None
@@ -109,8 +107,8 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
         averager.shutdown()
 
 
-def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dhts):
-    # Prepare: a pre-scheduled round between two gradient averagers, with half-second part timeouts
+def test_a_groupmate_triggered_late_is_waited_for(two_dhts):
+    # Prepare: a pre-scheduled round between two gradient averagers
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
     averagers = []
     try:
@@ -118,20 +116,20 @@ def test_a_round_that_loses_a_groupmates_part_is_redone_not_half_applied(two_dht
             own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
             averager = GradAverager(own, dht=dht, prefix="late", target_group_size=2, min_group_size=2,
                                     min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5,
-                                    start=True)  # fmt: skip
+                                    start=True, gather_settings=dht.settings)  # fmt: skip
             averagers.append(averager)
             for param, grad in zip(own, local):
                 param.grad = grad.clone()
             averager.accumulate_grads_(batch_size=1)
         controls = [a.schedule_step(timeout=30) for a in averagers]
         wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group")
-        # Execute: one peer's training process is late, by more than the other waits for its parts (0.5 s / 1 s)
+        # Execute: one peer's training process is late (hivemind's all-reduce lost the late one's parts after 0.5 s
+        # and each kept its own values in the other's half; gather.WAIT is 5 s)
         first = averagers[0].step(control=controls[0], wait=False)
         time.sleep(2.5)  # the lateness under test
         second = averagers[1].step(control=controls[1], wait=False)
         groups = [first.result(40), second.result(40)]
-        # Assert: hivemind would have ended the first round with each peer's own values in the other's half and
-        # "averaged with 2 peers"; here the half-done round was put back and redone once both were there
+        # Assert
         assert all(len(g) == 2 for g in groups)
         assert_all_hold_the_mean(averagers, grads)
     finally:
@@ -149,7 +147,7 @@ def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dht
             own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
             averagers.append(GradAverager(own, dht=dht, prefix="epochs", target_group_size=2, min_group_size=2,
                                           min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5,
-                                          start=True))  # fmt: skip
+                                          start=True, gather_settings=dht.settings))  # fmt: skip
             params.append(own)
 
         def accumulate(i):

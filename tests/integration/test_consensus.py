@@ -1,5 +1,6 @@
 """Final agreement on real hivemind DHTs and averagers (in this process): peers that stop at the same epoch with
-different adapters leave with the canonical one; the odd peer downloads it."""
+different adapters leave with the canonical one; the odd peer downloads it, verified against the state its holders'
+statuses name (as a peer's statuses do)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import tensors_hash
 from atlas_swarm.swarm import PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
+from atlas_swarm.swarm.records import state_claim
 
 pytestmark = pytest.mark.integration
 SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "causal-lm"},
@@ -39,7 +41,8 @@ def test_odd_peer_downloads_the_majority_adapter(tmp_path):
                 swarms[i].publish_status(SPEC.run_id, PeerStatus(
                     peer_id=swarms[i].peer_id, device="cpu", precision="fp32", client_mode=False,
                     adapter_shapes="x", epoch=EPOCH, samples_total=0, samples_per_second=0.0, loss=None,
-                    time=time.time(), final_hash=h), wait=True)  # fmt: skip
+                    time=time.time(), final_hash=h,
+                    states=[state_claim(EPOCH, opts[i].state_averager.parameters_digest())]), wait=True)  # fmt: skip
 
             results[i] = agree_on_final_adapter(swarms[i], opts[i], SPEC.run_id, EPOCH,
                                                 lambda: tensors_hash({"p": params[i]}), publish, 60.0, lambda: False)

@@ -8,7 +8,8 @@ from hivemind.averaging.key_manager import is_valid_group
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.serializer import MSGPackSerializer
 
-from atlas_swarm.swarm.averagers import EpochKeys, StateAverager, flat_buffer, round_epoch, spanned_buffer
+from atlas_swarm.swarm.averagers import EpochKeys, StateAverager, flat_buffer, round_epoch
+from atlas_swarm.swarm.gather import spanned_buffer
 
 
 def test_flat_buffer_views_tile_one_shared_buffer_in_order():

@@ -11,12 +11,13 @@ ROOT = Path(atlas_swarm.__file__).parent
 # bottom first: pure definitions, then the pieces that know one thing each, then the network, then what composes them
 LAYERS = [
     "errors", "encoding", "majority", "config",    # definitions: no atlas imports but errors/config
+    "admission",                                   # who may train, which claims to follow (pure)
     "identity", "proofs", "model", "train", "storage",  # one concern each, no network
     "devnet",                                      # local services for demo/tests/benchmarks
     "swarm",                                       # the only hivemind user
     "cli",                                         # the entry points' shared wrapper (quiets hivemind)
     "checkpoints", "chain",                        # publish/keep adapters; the staking contract
-    "ui", "stopping", "launch",                    # what a peer's user sees; how it stops; starting peer processes
+    "ui", "stopping", "launch", "gatekeeper",      # what a peer's user sees; how it stops; starting peers; admission
     "monitor", "notebook", "peer", "bootstrap",   # what users run
     "__init__",
 ]

@@ -1,0 +1,61 @@
+"""Who may average with us, shared with hivemind's averager processes, and what they refused, counted.
+
+The policy is ``admission.admitted_peers`` (pure); this module only carries its answer across processes: hivemind
+forks an averager process per averager when the optimizer is made, and those processes run matchmaking and rounds.
+The main process refreshes the admitted set (bindings and stakes change) in shared memory; the averagers read it
+on each request. Refusals are counted in shared memory too, for the peer's status and the monitor's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing as mp
+from typing import Iterable, Optional
+
+MAX_SET_BYTES = 1 << 18  # 256 KiB: about 5,000 PeerIDs
+COUNTS = ("refused_joins", "refused_leaders", "refused_members", "refused_updates", "dropped_updates",
+          "refused_records", "refused_donors", "refused_states")  # fmt: skip
+
+
+class Gate:
+    """``admits(peer_id)``: everyone in an open run, else the set the main process last published."""
+
+    def __init__(self, open_run: bool, admitted: Iterable[str] = ()):
+        self.open = open_run
+        self._set = mp.Array(ctypes.c_char, MAX_SET_BYTES, lock=True)
+        self._version = mp.Value(ctypes.c_long, 0, lock=True)
+        self._counts = mp.Array(ctypes.c_long, len(COUNTS), lock=True)
+        self._cache: tuple[int, frozenset] = (-1, frozenset())
+        self.set_admitted(admitted)
+
+    def set_admitted(self, peers: Iterable[str]) -> None:
+        raw = json.dumps(sorted(set(peers))).encode()
+        if len(raw) >= MAX_SET_BYTES:
+            raise ValueError(f"{len(raw)} bytes of admitted PeerIDs do not fit the shared {MAX_SET_BYTES}")
+        with self._set.get_lock():
+            self._set.raw = raw + b"\0" * (MAX_SET_BYTES - len(raw))
+            self._version.value += 1
+
+    def admitted(self) -> Optional[frozenset]:
+        """The admitted PeerIDs, or None in an open run (everyone)."""
+        if self.open:
+            return None
+        version = self._version.value
+        if version != self._cache[0]:
+            with self._set.get_lock():
+                version, raw = self._version.value, self._set.raw.rstrip(b"\0")
+            self._cache = (version, frozenset(json.loads(raw)))
+        return self._cache[1]
+
+    def admits(self, peer_id: str) -> bool:
+        peers = self.admitted()
+        return peers is None or peer_id in peers
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._counts.get_lock():
+            self._counts[COUNTS.index(what)] += n
+
+    def counts(self) -> dict[str, int]:
+        with self._counts.get_lock():
+            return dict(zip(COUNTS, self._counts[:]))
