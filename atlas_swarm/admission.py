@@ -56,20 +56,34 @@ def trusted_states(claims: Mapping[str, Iterable[tuple[int, str]]]) -> set[tuple
     return {pair for pair, n in votes.items() if 2 * n > len(claims)}
 
 
-def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str], bool],
-                  cap: int) -> tuple[dict[str, dict], int]:  # fmt: skip
+def _lower_median(values: Iterable[float]) -> Optional[float]:
+    """The largest value that a strict majority of ``values`` reach (None if empty): one liar cannot raise it."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None
+
+
+def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str], bool], cap: float,
+                  target: int, others_epochs: Mapping[str, int] = {}) -> tuple[dict[str, dict], int]:  # fmt: skip
     """The progress records to follow (PeerID -> record, clamped) and how many were refused.
 
-    A record counts only if its writer is admitted and its epoch is under the ceiling of the *other* admitted
-    records (a newcomer at epoch 0 must still follow the swarm ahead of it); its samples are capped at ``cap`` and
-    its rate at 4x the rate a majority reports at most (an infinite rate would end every epoch at once)."""
+    A record counts only if its writer is admitted and its epoch is under the ceiling of the *other* admitted peers
+    (a newcomer at epoch 0 must still follow a swarm ahead of it). The electorate is every other admitted peer with a
+    progress record or, before its first step, a status (``others_epochs``: PeerID -> its status epoch): a peer
+    waiting for company has no progress record yet, and a lone liar beside it must not be the majority.
+    What one writer can claim is bounded too: its rate at 4x the rate a majority reports at most (an infinite rate
+    ends every epoch at once), its samples at ``cap`` and at twice what a majority at its epoch reports (floor:
+    target / 2n), so one liar can shorten an epoch by at most half, not end every epoch at once."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
-    ceiling = epoch_ceiling(r["epoch"] for p, r in admitted.items() if p != own)
-    rates = sorted(r["samples_per_second"] for p, r in admitted.items() if math.isfinite(r["samples_per_second"]))
-    rate_cap = 4 * rates[(len(rates) - 1) // 2] if rates else 0.0
-    kept = {
-        p: dict(r, samples_accumulated=min(r["samples_accumulated"], cap),
-                samples_per_second=min(r["samples_per_second"], rate_cap))  # fmt: skip
-        for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling
-    }
+    electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
+    electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
+    ceiling = epoch_ceiling(electorate.values())
+    followed = {p: r for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling}
+    rate_cap = 4 * (_lower_median(r["samples_per_second"] for r in followed.values()
+                                  if math.isfinite(r["samples_per_second"])) or 0.0)  # fmt: skip
+    kept = {}
+    for p, r in followed.items():
+        peers_at_epoch = [q["samples_accumulated"] for q in followed.values() if q["epoch"] == r["epoch"]]
+        sample_cap = min(cap, max(2 * _lower_median(peers_at_epoch), target / (2 * len(followed))))
+        kept[p] = dict(r, samples_accumulated=min(r["samples_accumulated"], int(sample_cap)),
+                       samples_per_second=min(r["samples_per_second"], rate_cap))  # fmt: skip
     return kept, len(records) - len(kept)

@@ -55,6 +55,8 @@ class RunResult:
     steps: int
     last_loss: Optional[float]
     adapter_dir: Optional[str]
+    refused: int = 0  # requests and records refused or ignored (peer.refused)
+    outliers: int = 0  # groupmates' updates clipped or trimmed hard
 
 
 @dataclass
@@ -94,8 +96,8 @@ class Progress:
 
     def result(self) -> RunResult:
         return RunResult(self.spec.run_id if self.spec else None, self.swarm.peer_id if self.swarm else None,
-                         self.epoch, self.samples_total, self.steps, self.loss,
-                         str(self.saved) if self.saved else None)  # fmt: skip
+                         self.epoch, self.samples_total, self.steps, self.loss, str(self.saved) if self.saved else None,
+                         refused(self) if self.opt is not None else 0, self.outliers)  # fmt: skip
 
     def next_batch(self, n: int) -> dict:
         batch = self.batches.next(n)
@@ -238,6 +240,7 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
     p.opt.resume(p.epoch)
+    p.opt.note_statuses({pid: s.epoch for pid, s in swarm.peer_statuses(spec.run_id).items() if not s.leaving})
     if p.opt.behind():
         p.reporter.event("syncing", f"The swarm is at epoch {p.opt.swarm_epoch()}; downloading its state...",
                          epoch=p.opt.swarm_epoch())  # fmt: skip
@@ -392,6 +395,8 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         wait=leaving or final is not None, timeout=p.stop.budget(1.0) if p.stop.requested else 5.0)  # fmt: skip
     if not leaving:
         p.swarm.announce_run(p.spec.run_id)
+        p.opt.note_statuses({pid: s.epoch for pid, s in p.swarm.peer_statuses(p.spec.run_id).items()
+                             if not s.leaving})  # fmt: skip
 
 
 def refused(p: Progress) -> int:

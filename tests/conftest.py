@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ def tiny_model(tmp_path_factory, corpus) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), corpus)
 
 
-def write_spec(path: Path, base: str, trainer: str = "", **averaging) -> Path:
+def write_spec(path: Path, base: str, trainer: str = "", trust: dict | None = None, **averaging) -> Path:
     # matchmaking_time: on a loaded 2-core machine peers reach an epoch boundary up to ~1 s apart
     avg = {"target_batch_size": 32, "matchmaking_time": 2.0, "averaging_timeout": 15.0, "average_state_every": 2}
     avg.update(averaging)
@@ -49,6 +50,7 @@ lr = 0.01
 """
         + "\n".join(f"{k} = {v!r}" for k, v in avg.items())
         + "\n"
+        + ("[trust]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in trust.items()) if trust else "")
     )
     return path
 

@@ -14,10 +14,12 @@ first_maddr = first_loopback  # a peer's loopback multiaddr from its started eve
 POLL = 0.2
 
 
-def start_peer(workdir: Path, name: str, args: list[str], threads: int = 1) -> PeerProcess:
-    """A peer process on loopback, offline, in ``workdir/name`` (atlas_swarm.launch, as the notebook starts them)."""
+def start_peer(workdir: Path, name: str, args: list[str], threads: int = 1, attack: str = "") -> PeerProcess:
+    """A peer process on loopback, offline, in ``workdir/name`` (atlas_swarm.launch, as the notebook starts them);
+    with ``attack``, our own peer with that attack patched in (tests/byzantine.py)."""
     return PeerProcess(workdir / name, ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args], threads=threads, name=name,
-                       env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})  # fmt: skip
+                       env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ATLAS_ATTACK": attack},
+                       module="tests.byzantine" if attack else "atlas_swarm.peer")  # fmt: skip
 
 
 @contextmanager

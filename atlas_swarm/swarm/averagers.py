@@ -129,11 +129,14 @@ class EpochKeys(GroupKeyManager):
         return super().current_key if epoch is None else f"{self.prefix}_epoch{epoch}.0b{self.group_bits}"
 
 
-def state_digest(tensors: Sequence[torch.Tensor]) -> str:
-    """sha256 of the tensors' float32 bytes, in order (32 hex digits): equal parameters, equal digests."""
-    h = hashlib.sha256()
+def state_digest(serializer, metadata: dict, tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 of a state averager's state (32 hex digits): its epoch and optimizer settings, then every tensor's
+    dtype, shape and bytes, in order. Equal states, equal digests."""
+    h = hashlib.sha256(serializer.dumps([metadata.get("epoch"), metadata.get("optimizer_metadata")]))
     for t in tensors:
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 
@@ -198,23 +201,27 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
     expected_states = staticmethod(lambda: None)  # the peer's: set of acceptable (epoch, digest); None: take any
 
     def parameters_digest(self) -> str:
-        """What this peer's statuses claim for its parameters, as a downloader computes it of what it got."""
-        with torch.no_grad():
-            params = [p.detach().cpu() for group in self.optimizer.param_groups for p in group["params"]]
-        return state_digest(params)
+        """What this peer's statuses claim for its whole state (parameters, optimizer statistics and settings), as
+        a downloader computes it of what it got: a donor could otherwise serve honest parameters with a learning rate
+        of 1e9 or poisoned Adam moments."""
+        metadata, tensors, _ = self.get_current_state()
+        return state_digest(self.serializer, metadata, tensors)
 
     def load_state_from_peers(self, expect=None, **kwargs):
         expect = self.expected_states() if expect is None else expect
-        count = sum(len(group["params"]) for group in self.optimizer.param_groups) + len(self.extra_tensors)
-        self._outer_pipe.send(("_expect_states", [None if expect is None else sorted(expect), count], {}))
-        return super().load_state_from_peers(**kwargs)
+        self._outer_pipe.send(("_expect_states", [None if expect is None else sorted(expect)], {}))
+        try:
+            return super().load_state_from_peers(**kwargs)
+        except TimeoutError:  # hivemind's optimizer would retry this forever; its callers go on without a state
+            logger.info("No state could be downloaded in time")
+            return None
 
-    async def _expect_states(self, expect, count: int) -> None:  # in the averager process, before the download
-        self._expected = (None if expect is None else {tuple(e) for e in expect}, count)
+    async def _expect_states(self, expect) -> None:  # in the averager process, before the download
+        self._expected = None if expect is None else {tuple(e) for e in expect}
 
     async def _load_state_from_peers(self, future, timeout: Optional[float] = None):
         """hivemind 1.1.12's, with donors filtered and ranked as above and each download verified."""
-        expect, count = getattr(self, "_expected", (None, 0))
+        expect = getattr(self, "_expected", None)
         gate = self.gather_settings.gate
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
@@ -242,7 +249,7 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
                 if got is None:
                     continue
                 metadata, tensors = got
-                claim = (metadata.get("epoch"), state_digest(tensors[:count])) if isinstance(metadata, dict) else None
+                claim = (metadata.get("epoch"), state_digest(self.serializer, metadata, tensors))
                 if expect is not None and claim not in expect:
                     if gate is not None:
                         gate.count("refused_states")
@@ -268,7 +275,7 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
                 parts.append(message.tensor_part)
             if parts:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            return (metadata, tensors) if metadata else None
+            return (metadata, tensors) if isinstance(metadata, dict) else None
         except Exception as e:
             logger.info(f"Failed to download state from {peer}: {e!r}")
             return None

@@ -65,6 +65,8 @@ class ThrottledTracker(ProgressTracker):
 
     report_every = 1.0
 
+    status_epochs: dict = {}  # set by the peer as it reads them: PeerID -> epoch, of admitted peers' statuses
+
     def __init__(self, *args, gate=None, own_peer_id: str = "", sample_cap: float = math.inf, **kwargs):
         self._last_report = 0.0
         self.gate, self.own_peer_id, self.sample_cap = gate, own_peer_id, sample_cap
@@ -81,7 +83,8 @@ class ThrottledTracker(ProgressTracker):
                     and type(value.get("samples_accumulated")) is int:  # fmt: skip
                 records[pid] = value
         admits = self.gate.admits if self.gate is not None else (lambda _: True)
-        kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap)
+        kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap, self.target_batch_size,
+                                self.status_epochs)  # fmt: skip
         self.ignored_writers.update(set(records) - set(kept))
         return kept
 
@@ -361,6 +364,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             if averager is not None and averager.is_alive():
                 averager.shutdown_timeout = timeout
                 averager.shutdown()
+
+    def note_statuses(self, epochs: dict) -> None:
+        """The admitted peers' status epochs (PeerID -> epoch): peers that have not stepped yet count in the
+        electorate that bounds which progress epochs are followed (admission.sane_progress)."""
+        self.tracker.status_epochs = dict(epochs)
 
     def trust_counts(self) -> dict[str, int]:
         """What this peer refused or dropped so far (swarm/gate.py's counts), and the progress writers it ignored."""

@@ -1,0 +1,107 @@
+"""Our own peer with one attack patched in: ``ATLAS_ATTACK=NAME python -m tests.byzantine PEER_ARGS...``.
+
+The attacker is what anyone can run: the project's open-source peer, its own fresh key, the run id and a multiaddr
+that the first peer prints. Each attack patches hivemind's classes (which our peer subclasses), so the same attack
+runs against the code of any commit. ``ATLAS_ATTACK`` may name several, separated by commas.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+
+ATTACKS = {}
+
+
+def attack(fn):
+    ATTACKS[fn.__name__] = fn
+    return fn
+
+
+def _tamper_gradients(transform):
+    """What this peer sends as its gradient: ``transform`` of its honest one (in the shared buffer the averager reads)."""
+    honest = GradientAverager.load_accumulators_into_averager_
+
+    def load_accumulators_into_averager_(self):
+        honest(self)
+        with torch.no_grad(), self.get_tensors() as tensors:
+            for t in tensors:
+                t.copy_(transform(t))
+
+    GradientAverager.load_accumulators_into_averager_ = load_accumulators_into_averager_
+
+
+@attack
+def nan_gradient():
+    _tamper_gradients(lambda t: torch.full_like(t, float("nan")))
+
+
+@attack
+def flip_x1e6_gradient():
+    """The honest gradient sign-flipped and scaled by 1e6."""
+    _tamper_gradients(lambda t: -1e6 * t)
+
+
+@attack
+def lying_weight():
+    """Claim a million times the samples this peer accumulated (hivemind takes each sender's weight as sent)."""
+    honest = GradientAverager.step
+
+    def step(self, weight=None, **kwargs):
+        return honest(self, weight=float(max(1, self.local_samples_accumulated)) * 1e6, **kwargs)
+
+    GradientAverager.step = step
+
+
+@attack
+def poison_state():
+    """Serve parameters of 100.0 to whoever downloads state, and declare the highest donor priority."""
+    honest = TrainingStateAverager.get_current_state
+
+    def get_current_state(self):
+        metadata, tensors, infos = honest(self)
+        count = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        return metadata, [torch.full_like(t, 100.0) if i < count else t for i, t in enumerate(tensors)], infos
+
+    TrainingStateAverager.get_current_state = get_current_state
+    prop = DecentralizedAverager.state_sharing_priority
+    DecentralizedAverager.state_sharing_priority = property(prop.fget, lambda self, _value: prop.fset(self, 1e9))
+
+
+@attack
+def fake_progress():
+    """Progress records a million epochs ahead, with more samples than the whole epoch needs."""
+    honest = ProgressTracker._get_local_progress
+
+    def _get_local_progress(self, local_epoch, samples_accumulated):
+        return honest(self, local_epoch + 10**6, samples_accumulated + 10**9)
+
+    ProgressTracker._get_local_progress = _get_local_progress
+
+
+@attack
+def skip_admission():
+    """Leave out the peer's own check that the run admits it (a stranger in a private run)."""
+    try:
+        from atlas_swarm.gatekeeper import Gatekeeper
+    except ImportError:  # code from before admission existed
+        return
+    Gatekeeper.check_self = lambda self: None
+
+
+def main() -> int:
+    for name in filter(None, os.environ.get("ATLAS_ATTACK", "").split(",")):
+        ATTACKS[name]()
+    from atlas_swarm.peer import main as peer_main
+
+    return peer_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
