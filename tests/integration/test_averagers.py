@@ -13,6 +13,7 @@ from hivemind.averaging.control import AveragingStage
 
 from atlas_swarm.identity import Identity
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager
+from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import Settings, spanned_buffer
 from atlas_swarm.swarm.node import hivemind_key
 from tests.peers import wait_until
@@ -22,10 +23,19 @@ SHAPES = [(3, 4), (5,), (2, 2, 2)]
 
 @pytest.fixture
 def two_dhts(tmp_path):
-    """Two DHTs, each with an identity; ``dht.settings``: what its averagers sign with (mean, as hivemind)."""
+    yield from dhts(tmp_path, 2)
+
+
+@pytest.fixture
+def three_dhts(tmp_path):
+    yield from dhts(tmp_path, 3)
+
+
+def dhts(tmp_path, n):
+    """``n`` DHTs, each with an identity; ``dht.settings``: what its averagers sign with (mean, as hivemind)."""
     dhts = []
     try:
-        for i in range(2):
+        for i in range(n):
             identity = Identity.load_or_create(tmp_path / f"id{i}.key")
             initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
             dht = hivemind.DHT(initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -105,6 +115,36 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
         assert changed[1] > first[1]
     finally:
         averager.shutdown()
+
+
+def test_a_state_download_takes_only_an_expected_state(three_dhts):
+    # Prepare: an honest donor at epoch 5, a poisoned one declaring priority 1e9, and a newcomer that expects the
+    # state a majority of the run's statuses name (the honest one's digest)
+    honest_dht, poison_dht, joiner_dht = three_dhts
+    gate = Gate(open_run=True)
+    averagers = []
+    try:
+        for dht, value, priority in ((honest_dht, 1.0, 1.0), (poison_dht, 100.0, 1e9), (joiner_dht, 0.0, 0.0)):
+            params = [torch.nn.Parameter(torch.full(s, value)) for s in SHAPES]
+            averager = StateAverager(dht=dht, prefix="donors", params=params, start=True,
+                                     optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+                                     gather_settings=Settings(signer=dht.settings.signer, gate=gate))  # fmt: skip
+            averager.local_epoch = 5 if priority else 0
+            averager.state_sharing_priority = priority
+            averager.allow_state_sharing = priority > 0
+            averagers.append(averager)
+        honest, poisoned, joiner = averagers
+        expected = {(5, honest.parameters_digest())}
+        wait_until(lambda: len(joiner_dht.get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        # Execute: the poisoned donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
+        joiner.load_state_from_peers(expect=expected, timeout=30)
+        # Assert: the newcomer holds the honest state; the poisoned one was refused and counted
+        assert all(torch.equal(p, torch.ones(s)) for p, s in zip(joiner.main_parameters, SHAPES))
+        assert joiner.local_epoch == 5
+        assert gate.counts()["refused_states"] == 1
+    finally:
+        for averager in averagers:
+            averager.shutdown()
 
 
 def test_a_groupmate_triggered_late_is_waited_for(two_dhts):

@@ -1,0 +1,72 @@
+"""Who is admitted and which progress claims are followed (admission.py): tables in, sets out."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from atlas_swarm.admission import admitted_peers, epoch_ceiling, sane_progress, trusted_states
+from atlas_swarm.config import TrustSpec
+from atlas_swarm.swarm.records import parse_state
+
+A, B = "Qm" + "a" * 44, "Qm" + "b" * 44
+ADDR = "0x" + "1" * 40
+
+
+def test_open_admits_everyone_and_an_allowlist_its_peers_and_bound_addresses():
+    assert admitted_peers(TrustSpec()) is None
+    allow = TrustSpec(admission="allowlist", allowlist=(A, ADDR))
+    assert admitted_peers(allow, bindings={B: ADDR.upper().replace("0X", "0x"), "Qmc": "0x" + "2" * 40}) == {A, B}
+
+
+def test_staked_admits_bound_peers_at_or_above_min_stake():
+    staked = TrustSpec(admission="staked")
+    bindings = {A: ADDR, B: "0x" + "2" * 40}
+    stakes = {ADDR: (True, 10), "0x" + "2" * 40: (True, 9)}
+    assert admitted_peers(staked, bindings, stakes, min_stake=10) == {A}
+    assert admitted_peers(staked, bindings, {ADDR: (False, 10**20)}, min_stake=10) == frozenset()
+
+
+def test_one_liar_cannot_raise_the_epoch_ceiling():
+    assert epoch_ceiling([5, 5, 10**6]) == 6
+    assert epoch_ceiling([5, 10**6]) == 6  # of two, the lower
+    assert epoch_ceiling([]) is None
+
+
+def record(epoch, samples=8, rate=10.0):
+    return {"epoch": epoch, "samples_accumulated": samples, "samples_per_second": rate, "time": 0.0,
+            "client_mode": False}  # fmt: skip
+
+
+def test_progress_far_ahead_is_not_followed_and_claims_are_capped():
+    records = {"me": record(5), A: record(5, 10), B: record(10**6, 10**9, float("inf"))}
+    kept, refused = sane_progress(records, "me", lambda p: True, cap=96, target=96)
+    assert set(kept) == {"me", A} and refused == 1
+    kept, _ = sane_progress({"me": record(5, 8), B: record(5, 10**9, 1e9)}, "me", lambda p: True, cap=96, target=96)
+    assert kept[B]["samples_accumulated"] == 24 and kept[B]["samples_per_second"] == 40.0  # max(2*8, 96/4); 4x rate
+
+
+def test_a_waiting_peers_status_outvotes_a_lone_liars_progress():
+    records = {"me": record(0), B: record(10**6)}
+    kept, _ = sane_progress(records, "me", lambda p: True, 96, 96, others_epochs={A: 0})
+    assert set(kept) == {"me"}
+
+
+def test_a_newcomer_follows_a_swarm_ahead_of_it():
+    kept, _ = sane_progress({"me": record(0), A: record(7), B: record(7)}, "me", lambda p: True, 96, 96)
+    assert set(kept) == {"me", A, B}
+
+
+def test_non_admitted_writers_are_not_followed():
+    kept, refused = sane_progress({"me": record(1), A: record(1)}, "me", lambda p: p != A, 96, 96)
+    assert set(kept) == {"me"} and refused == 1
+
+
+def test_trusted_states_are_those_a_strict_majority_claims():
+    claims = {A: [(4, "x"), (5, "y")], B: [(5, "y")], "c": [(5, "z")]}
+    assert trusted_states(claims) == {(5, "y")}
+    assert trusted_states({A: [(5, "y")], B: [(5, "z")]}) == set()  # 1-1: nothing to trust
+
+
+@given(st.text(max_size=40))
+def test_any_state_claim_parses_or_is_none(text):
+    parsed = parse_state(text)
+    assert parsed is None or (isinstance(parsed[0], int) and parsed[1])
