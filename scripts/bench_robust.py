@@ -9,7 +9,8 @@ finite, or claim a weight that is not finite or negative, are dropped (not by "h
 check), then train/aggregate.py's rule, then AdamW. The network is not in this benchmark (tests/integration/
 test_byzantine.py runs the same attacks through real peers); the rules and the checks are the production code.
 
-    python scripts/bench_robust.py [--sizes 4:1 8:3] [--epochs 25] [--out bench-out/bench_robust.json]
+    python scripts/bench_robust.py [--sizes 4:1 8:3] [--epochs 12] [--samples-per-epoch 96] [--attacks ...]
+                                   [--out bench-out/bench_robust.json]
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def run(spec: RunSpec, model, tokenizer, init: list, shards, heldout, rule: str,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", nargs="*", default=["4:1", "8:3"], help="peers:attackers")
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--samples-per-epoch", type=int, default=96, help="the swarm's samples per epoch (the demo: 192)")
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS))
     ap.add_argument("--out", default="bench-out/bench_robust.json")
     a = ap.parse_args()
@@ -108,7 +110,7 @@ def main() -> int:
     for size in a.sizes:
         n, bad = map(int, size.split(":"))
         shards = shards_for(spec, n)
-        per_peer = max(1, spec.averaging.target_batch_size // n)
+        per_peer = max(1, a.samples_per_epoch // n)
         for attack in a.attacks:
             for rule in RULES:
                 torch.manual_seed(0)
@@ -121,7 +123,8 @@ def main() -> int:
         clean = next(c for c in results if c["peers"] == r["peers"] and c["rule"] == r["rule"] and c["attack"] == "clean")
         r["loss_vs_clean"] = round(r["loss"] / clean["loss"], 4) if math.isfinite(r["loss"]) else None
     report = {"bench": "robust", "time": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
-              "cpus": torch.get_num_threads(), "epochs": a.epochs, "seconds": round(time.time() - t0),
+              "cpus": torch.get_num_threads(), "epochs": a.epochs, "samples_per_epoch": a.samples_per_epoch,
+              "seconds": round(time.time() - t0),
               "results": results}  # fmt: skip
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))

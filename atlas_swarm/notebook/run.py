@@ -55,11 +55,13 @@ class Run:
                labels: Sequence[str] = (), lora: Optional[dict] = None, target_batch_size: int = 256,
                lr: float = 1e-3, optimizer: str = "adamw", max_length: int = 128, matchmaking_time: float = 3.0,
                averaging_timeout: float = 30.0, average_state_every: int = 4, compression: str = "none",
-               seed: int = 0, trainer: str = "", workdir: str | Path = "atlas-runs/notebook",
-               ipfs_api: Optional[str] = None) -> "Run":
+               seed: int = 0, trainer: str = "", trust: Optional[dict] = None,
+               workdir: str | Path = "atlas-runs/notebook", ipfs_api: Optional[str] = None) -> "Run":
         """Build and validate a run spec (a SpecError names any bad field). ``lora``: r, alpha, dropout,
         target_modules, modules_to_save; target_modules default to the usual attention projections of the model.
-        ``trainer``: the address that will fund the run on a staking contract (the run id commits to it)."""
+        ``trainer``: the address that will fund the run on a staking contract (the run id commits to it).
+        ``trust``: the spec's [trust] section (admission, allowlist, aggregation, clip_tau, trim,
+        max_samples_per_peer; README "Who may train")."""
         lora = dict(lora or {})
         if "target_modules" not in lora:
             lora["target_modules"] = _default_targets(base_model)
@@ -71,6 +73,8 @@ class Run:
             "averaging": {"target_batch_size": target_batch_size, "matchmaking_time": float(matchmaking_time),
                           "averaging_timeout": float(averaging_timeout), "average_state_every": average_state_every,
                           "compression": compression},
+            **({"trust": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in trust.items()}}
+               if trust else {}),
         })  # fmt: skip
         return cls(spec, workdir, ipfs_api)
 

@@ -9,7 +9,7 @@ reductions split by thread count). Members come in the caller's order (sorted Pe
     mean            sum(w_i x_i) / sum(w_i): what hivemind does; one member can move it anywhere
     centered_clip   Karimireddy et al. 2021, as BTARD (Gorbunov et al., ICML 2022) uses it: from a robust start,
                     v <- v + sum(w_i min(1, tau/|x_i - v|) (x_i - v)) / sum(w_i); a member moves v by at most its
-                    weight's share of tau, whatever it sends
+                    weight's share of tau, whatever it sends; members clipped hard are then left out
     trimmed_mean    coordinate-wise: drop the k largest and k smallest values of every coordinate, average the rest
 
 ``bounded_weights`` is the weight rule every rule applies first: a claim is capped by the spec's per-peer cap, and
@@ -69,26 +69,39 @@ def mean(updates: Sequence, weights: Sequence[float], cap: float = math.inf) -> 
     return Aggregate(value.astype(np.float32), tuple(map(float, w)), (1.0,) * n, ())
 
 
+def _clip_iterations(x: np.ndarray, w: np.ndarray, v: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    total = np.add.reduce(w)
+    for _ in range(CLIP_ITERATIONS):
+        diff = x - v
+        keep = np.minimum(1.0, tau / np.maximum(_norms(diff), 1e-300))
+        step = np.add.reduce(diff * (w * keep)[:, None], axis=0) / total
+        v = v + step
+        if float(np.sqrt(np.add.reduce(step * step))) <= 1e-7 * tau:
+            break
+    return v, np.minimum(1.0, tau / np.maximum(_norms(x - v), 1e-300))
+
+
 def centered_clip(updates: Sequence, weights: Sequence[float], tau: Optional[float] = None,
                   cap: float = math.inf) -> Aggregate:  # fmt: skip
     """CenteredClip from the coordinate-wise median. ``tau`` None: the median distance of the updates from that
-    median (a scale only a majority can set); with 2 members that keeps both whole, i.e. the mean."""
+    median (a scale only a majority can set); with 2 members that keeps both whole, i.e. the mean.
+
+    Members it clips hard (more than 2 tau from the result) are then left out and the clipping is run again over
+    the others: a clipped outlier still pulls the result by its weight's share of tau every round, which with a
+    random x100 update cost 10 % of held-out loss on the demo task (bench_robust, 4 peers, 1 attacker); left out,
+    2.x % (README "Measured")."""
     x, w = _stack(updates), bounded_weights(weights, cap, robust=True)
     v = np.median(x, axis=0)
     if tau is None:
         tau = float(np.median(_norms(x - v)))
-    total = np.add.reduce(w)
     keep = np.ones(len(w))
     if tau > 0:
-        for _ in range(CLIP_ITERATIONS):
-            diff = x - v
-            dist = _norms(diff)
-            keep = np.minimum(1.0, tau / np.maximum(dist, 1e-300))
-            step = np.add.reduce(diff * (w * keep)[:, None], axis=0) / total
-            v = v + step
-            if float(np.sqrt(np.add.reduce(step * step))) <= 1e-7 * tau:
-                break
-        keep = np.minimum(1.0, tau / np.maximum(_norms(x - v), 1e-300))
+        v, keep = _clip_iterations(x, w, v, tau)
+        hard = keep < HARD_CLIP
+        if hard.any() and not hard.all():
+            w = np.where(hard, 0.0, w)
+            v, keep = _clip_iterations(x, w, v, tau)
+            keep = np.where(hard, 0.0, keep)
     flagged = tuple(int(i) for i in np.flatnonzero(keep < HARD_CLIP))
     return Aggregate(v.astype(np.float32), tuple(map(float, w)), tuple(map(float, keep)), flagged)
 

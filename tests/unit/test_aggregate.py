@@ -39,7 +39,7 @@ def test_one_liar_in_four_moves_the_robust_rules_little_and_the_mean_a_lot(attac
     for result in (clipped, trimmed):
         assert distance_from_truth(result.value) < 2 * distance_from_truth(clean) + 0.05
         assert result.flagged == (3,)
-    assert clipped.weights[3] == 8.0  # capped at the median claim
+    assert clipped.weights[3] == 0.0 and clipped.kept[3] == 0.0  # clipped hard, then left out
 
 
 def test_honest_groups_are_not_flagged_and_centered_clip_is_close_to_the_mean():

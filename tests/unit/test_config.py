@@ -117,3 +117,30 @@ def test_the_trainer_is_part_of_the_run_id_and_checked():
 def test_a_spec_too_large_to_publish_is_refused_when_it_is_made():
     with pytest.raises(SpecError, match="at most 8192 bytes"):
         spec(model__task="sequence-classification", model__labels=[f"label-{i}" for i in range(3000)])
+
+
+def test_the_trust_section_is_part_of_the_run_id_and_checked():
+    """[trust] commits the run to its admission and aggregation rule; without one a spec keeps its old run id and
+    gets the robust default."""
+    plain = spec()
+    assert "trust" not in plain.to_dict() and plain.trust.rule == "centered_clip"
+    listed = spec(trust__admission="allowlist", trust__allowlist=["Qm" + "a" * 44, "0x" + "Cd" * 20])
+    assert listed.run_id != plain.run_id and listed.trust.rule == "mean"  # a private swarm trusts its peers
+    assert listed.trust.allowlist[1] == "0x" + "cd" * 20  # one canonical form, one run id
+    assert RunSpec.from_canonical_bytes(listed.canonical_bytes()) == listed
+    assert spec(trust__aggregation="trimmed_mean").trust.rule == "trimmed_mean"
+
+
+@pytest.mark.parametrize("trust, field", [
+    ({"admission": "vip"}, "trust.admission"),
+    ({"aggregation": "median"}, "trust.aggregation"),
+    ({"admission": "allowlist"}, "trust.allowlist"),  # a private run with nobody in it
+    ({"allowlist": ["Qm" + "a" * 44]}, "trust.allowlist"),  # a list in an open run means nothing
+    ({"admission": "allowlist", "allowlist": ["not a peer"]}, "trust.allowlist"),
+    ({"admission": "staked"}, "trust.admission"),  # staked needs a trainer (the chain's run)
+    ({"trim": 0.5}, "trust.trim"),
+    ({"max_samples_per_peer": -1}, "trust.max_samples_per_peer"),
+])  # fmt: skip
+def test_invalid_trust_fields_are_named(trust, field):
+    with pytest.raises(SpecError, match=f"'{field}'"):
+        spec(**{f"trust__{k}": v for k, v in trust.items()})

@@ -15,7 +15,7 @@ LAYERS = [
     "identity", "proofs", "model", "train", "storage",  # one concern each, no network
     "devnet",                                      # local services for demo/tests/benchmarks
     "swarm",                                       # the only hivemind user
-    "cli",                                         # the entry points' shared wrapper (quiets hivemind)
+    "cli", "peer_args",                            # the entry points' shared wrapper (quiets hivemind); peer flags
     "checkpoints", "chain",                        # publish/keep adapters; the staking contract
     "ui", "stopping", "launch", "gatekeeper",      # what a peer's user sees; how it stops; starting peers; admission
     "monitor", "notebook", "peer", "bootstrap",   # what users run

@@ -82,3 +82,8 @@ def test_watch_degrades_to_text_lines_outside_jupyter():
     assert lines[1].startswith("epoch 2/5 | 2 peers | 12.5 samples/s | 10/32 samples this epoch | loss 3.2500 ")
     assert len(lines) == 2
     assert sparkline([4.0, 3.5, 3.25]) == "█▃▁" and line(view, None).startswith("epoch 2 |")
+
+
+def test_create_takes_the_trust_section(tiny_model):
+    run = Run.create(tiny_model, "causal-lm", trust={"admission": "allowlist", "allowlist": ["Qm" + "a" * 44]})
+    assert run.spec.trust.admission == "allowlist" and run.spec.trust.rule == "mean"
