@@ -296,7 +296,7 @@ class GatherAverage:
         deadline = time.monotonic() + WAIT
         round_ = self._gather_rounds.get(group_id) if isinstance(group_id, bytes) else None
         while round_ is None and time.monotonic() < deadline and isinstance(group_id, bytes):
-            await asyncio.sleep(0.02)  # the sender may have learned of the group before us
+            await asyncio.sleep(0.005)  # the sender may have learned of the group before us
             round_ = self._gather_rounds.get(group_id)
         if round_ is None or sender not in round_.members:
             return
