@@ -41,6 +41,7 @@ HIVEMIND_OVERRIDES = {
     "averagers.EpochKeys.__init__": "knows the matchmaking whose round's epoch goes into the key",
     "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",
     "averagers.GradAverager.__init__": "one shared buffer for the averaged gradients; no state donor",
+    "averagers.GradAverager.load_state_from_peers": "nothing: nobody serves a gradient averager's state",
     "averagers.StateAverager.step": "skip a state round the swarm already had without us",
     "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",
     "averagers.StateAverager._declare_for_download_periodically": "store the donor record only when it changes",

@@ -182,14 +182,21 @@ class Swarm:
         if size > MAX_RECORD_BYTES:
             raise SwarmError(f"Could not store {what}: the record is {size} bytes, over the {MAX_RECORD_BYTES}-byte "
                              f"limit of a DHT record.")  # fmt: skip
-        future = self.dht.store(key, subkey=self.signer.local_public_key, value=value,
-                                expiration_time=get_dht_time() + ttl, return_future=True)  # fmt: skip
-        if not wait:
-            return
-        try:
-            ok = future.result(timeout=timeout)
-        except TimeoutError:
-            ok = False
+        deadline = time.monotonic() + timeout
+        while True:
+            future = self.dht.store(key, subkey=self.signer.local_public_key, value=value,
+                                    expiration_time=get_dht_time() + ttl, return_future=True)  # fmt: skip
+            if not wait:
+                return
+            try:
+                ok = future.result(timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                ok = False
+            # a store that no node took can succeed a moment later: seen twice in a full test run at a peer's final
+            # status, as its groupmates were leaving (refused within 0.5 s, not timed out)
+            if ok or time.monotonic() + 0.5 >= deadline:
+                break
+            time.sleep(0.5)
         if not ok:
             raise SwarmError(f"Could not store {what} in the DHT: no node accepted it within {timeout:.0f} s.")
 
