@@ -53,33 +53,34 @@ def attacker_id(peers) -> str:
     return peers[-1].wait_event("started", 90)["peer_id"]
 
 
-def test_a_nan_gradient_is_dropped_and_counted(tmp_path, tiny_model, text_data):
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=96)
+def attacked_run(tmp_path, model, data, attack):
+    """Two honest peers and an attacker train 6 epochs; returns the spec, the peers (the attacker last) and the
+    attacker's PeerID once the honest peers have exited 0 holding bit-identical, finite, sane adapters."""
+    spec = write_spec(tmp_path / "spec.toml", str(model), target_batch_size=96)
     with killed_at_exit([]) as peers:
-        start_honest_and_attacker(peers, tmp_path, spec, text_data, "nan_gradient")
+        start_honest_and_attacker(peers, tmp_path, spec, data, attack)
         bad = attacker_id(peers)
-        adapters = finish_honest(peers)
-        assert_honest_agree_and_are_sane(adapters)
-        for p in peers[:2]:  # the attack shows: the attacker's update was dropped, why, and counted
-            dropped = [e["dropped"] for e in p.events("epoch") if bad in e.get("dropped", {})]
-            assert dropped and "non-finite" in dropped[0][bad], p.tail()
-            assert p.wait_event("stopped", 1)["refused"] >= len(dropped)
+        assert_honest_agree_and_are_sane(finish_honest(peers))
+    return spec, peers, bad
+
+
+def test_a_nan_gradient_is_dropped_and_counted(tmp_path, tiny_model, text_data):
+    _, peers, bad = attacked_run(tmp_path, tiny_model, text_data, "nan_gradient")
+    for p in peers[:2]:  # the attack shows: the attacker's update was dropped, why, and counted
+        dropped = [e["dropped"] for e in p.events("epoch") if bad in e.get("dropped", {})]
+        assert dropped and "non-finite" in dropped[0][bad], p.tail()
+        assert p.wait_event("stopped", 1)["refused"] >= len(dropped)
 
 
 def test_a_sign_flipped_x1e6_gradient_with_a_lying_weight_is_clipped(tmp_path, tiny_model, text_data):
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=96)
-    with killed_at_exit([]) as peers:
-        start_honest_and_attacker(peers, tmp_path, spec, text_data, "flip_x1e6_gradient,lying_weight")
-        bad = attacker_id(peers)
-        adapters = finish_honest(peers)
-        assert_honest_agree_and_are_sane(adapters)
-        before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")
-        assert after < before, f"the honest peers' loss did not fall: {before} -> {after}"
-        for p in peers[:2]:  # every round the attacker was in, it was flagged, and weighed no more than the median
-            rounds = [e for e in p.events("epoch") if bad in e["group"]]
-            assert rounds, "the attacker was never in a round"
-            assert all(bad in e["outliers"] for e in rounds), [e["outliers"] for e in rounds]
-            assert all(e["weights"][bad] <= max(w for q, w in e["weights"].items() if q != bad) for e in rounds)
+    spec, peers, bad = attacked_run(tmp_path, tiny_model, text_data, "flip_x1e6_gradient,lying_weight")
+    before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")
+    assert after < before, f"the honest peers' loss did not fall: {before} -> {after}"
+    for p in peers[:2]:  # every round the attacker was in, it was flagged, and weighed no more than the median
+        rounds = [e for e in p.events("epoch") if bad in e["group"]]
+        assert rounds, "the attacker was never in a round"
+        assert all(bad in e["outliers"] for e in rounds), [e["outliers"] for e in rounds]
+        assert all(e["weights"][bad] <= max(w for q, w in e["weights"].items() if q != bad) for e in rounds)
 
 
 def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_model, text_data):
@@ -102,16 +103,12 @@ def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_mode
 
 
 def test_progress_a_million_epochs_ahead_is_not_followed(tmp_path, tiny_model, text_data):
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=96)
-    with killed_at_exit([]) as peers:
-        start_honest_and_attacker(peers, tmp_path, spec, text_data, "fake_progress")
-        adapters = finish_honest(peers)
-        assert_honest_agree_and_are_sane(adapters)
-        for p in peers[:2]:  # the honest pair kept averaging together, and never went to fetch the "newer" state
-            epochs = p.events("epoch")
-            together = [e for e in epochs if len(e["group"]) >= 2]
-            assert len(together) >= len(epochs) - 1, [e["group"] for e in epochs]
-            assert not p.events("syncing"), "an honest peer followed the fake epoch"
+    _, peers, _ = attacked_run(tmp_path, tiny_model, text_data, "fake_progress")
+    for p in peers[:2]:  # the honest pair kept averaging together, and never went to fetch the "newer" state
+        epochs = p.events("epoch")
+        together = [e for e in epochs if len(e["group"]) >= 2]
+        assert len(together) >= len(epochs) - 1, [e["group"] for e in epochs]
+        assert not p.events("syncing"), "an honest peer followed the fake epoch"
 
 
 def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
