@@ -334,11 +334,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.state_averager.local_epoch = epoch
 
     def swarm_epoch(self) -> int:
-        """The swarm's epoch as the progress tracker last saw it."""
-        return self.tracker.global_epoch
+        """The swarm's epoch: the highest in the progress records this peer follows, read now (the tracker's view
+        can be a fetch old, from before the statuses that bound it were known)."""
+        return max(self._swarm_epoch(), self.local_epoch)
 
     def behind(self) -> bool:
-        return self.tracker.global_epoch > self.local_epoch
+        return self.swarm_epoch() > self.local_epoch
 
     def samples_per_second(self) -> float:
         """This peer's training rate (hivemind's moving average), 0 before the first steps."""
