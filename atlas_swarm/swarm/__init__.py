@@ -70,6 +70,7 @@ HIVEMIND_INTERNALS = {
     "hivemind.utils.crypto.RSAPrivateKey": ("__setstate__",),  # our identity's key in hivemind's key type
     "hivemind.averaging.averager.DecentralizedAverager": ("_matchmaking", "_running_groups", "_state_updated"),
     "hivemind.averaging.matchmaking.Matchmaking": ("step_control", "group_key_manager"),  # the round's epoch
+    "hivemind.averaging.control.StepControl": ("_allow_retries",),  # a refused pair round is not retried
     "hivemind.averaging.allreduce.AllReduceRunner": ("tensor_part_container", "banned_senders", "sender_peer_ids"),
     "hivemind.optim.progress_tracker.ProgressTracker": ("_get_local_progress", "performance_ema"),
     "hivemind.optim.state_averager.TrainingStateAverager": ("step_executor", "reuse_tensors", "offload_optimizer"),

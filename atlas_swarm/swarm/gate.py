@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 MAX_SET_BYTES = 1 << 18  # 256 KiB: about 5,000 PeerIDs
 COUNTS = ("refused_joins", "refused_leaders", "refused_members", "refused_updates", "dropped_updates",
-          "refused_records", "refused_donors", "refused_states")  # fmt: skip
+          "refused_records", "refused_donors", "refused_states", "refused_pairs")  # fmt: skip
 
 
 class Gate:
@@ -26,6 +26,7 @@ class Gate:
         self._set = mp.Array(ctypes.c_char, MAX_SET_BYTES, lock=True)
         self._version = mp.Value(ctypes.c_long, 0, lock=True)
         self._counts = mp.Array(ctypes.c_long, len(COUNTS), lock=True)
+        self._peers = mp.Value(ctypes.c_long, 0, lock=False)  # peers the main process follows (itself included)
         self._cache: tuple[int, frozenset] = (-1, frozenset())
         self.set_admitted(admitted)
 
@@ -51,6 +52,13 @@ class Gate:
     def admits(self, peer_id: str) -> bool:
         peers = self.admitted()
         return peers is None or peer_id in peers
+
+    def set_peers(self, n: int) -> None:
+        self._peers.value = n
+
+    def peers(self) -> int:
+        """How many peers' progress this peer follows (itself included), as the main process last counted."""
+        return self._peers.value
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts.get_lock():

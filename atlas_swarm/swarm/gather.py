@@ -48,6 +48,7 @@ from atlas_swarm.train.aggregate import aggregate
 PROTOCOL = b"atlas-gather-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
+PAIR_REFUSED = "a pair has no majority: not averaged while the run has 3 or more peers"
 
 
 @dataclass
@@ -186,6 +187,14 @@ class GatherAverage:
             modes[pid] = mode
             members.append(pid)
         members = tuple(sorted(members))
+        if (self.gather_settings.rule != "mean" and len(members) == 2 and gate is not None and gate.peers() >= 3
+                and self._matchmaking.step_control is not None):  # fmt: skip
+            # A pair has no majority: a robust rule gives the mean of two, so an attacker paired with an honest peer
+            # (matchmaking left the third peer out) would own that round, and then the final vote (seen once in a
+            # full test run). With 3 or more peers in the run, such a round is not averaged: local gradients.
+            gate.count("refused_pairs")
+            self._matchmaking.step_control._allow_retries = False  # a retry would wait out the round's deadline
+            raise MatchmakingException(PAIR_REFUSED)
         async with enter_asynchronously(self.get_tensors()) as tensors:
             report = await self._gather_round(tensors, group_info.group_id, members, modes, kwargs.get("weight", 1.0),
                                               kwargs.get("compression") or NoCompression())  # fmt: skip

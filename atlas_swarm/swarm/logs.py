@@ -17,7 +17,8 @@ def quiet_hivemind() -> None:
 
 
 def _no_group_is_no_error(record: logging.LogRecord) -> bool:
-    return "could not find a group" not in record.getMessage()
+    message = record.getMessage()
+    return "could not find a group" not in message and "a pair has no majority" not in message
 
 
 def _asker_gone(record: logging.LogRecord) -> bool:

@@ -85,6 +85,8 @@ class ThrottledTracker(ProgressTracker):
         admits = self.gate.admits if self.gate is not None else (lambda _: True)
         kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap, self.target_batch_size,
                                 self.status_epochs)  # fmt: skip
+        if self.gate is not None:
+            self.gate.set_peers(len(kept))
         self.ignored_writers.update(set(records) - set(kept))
         return kept
 
