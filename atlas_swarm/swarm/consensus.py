@@ -6,6 +6,11 @@ of them hold (ties: the smallest hash, so every peer picks the same one). Only a
 and honest peers of one round hold bit-identical adapters (train/aggregate.py), so the vote counts real agreement.
 Holders advertise a higher state-sharing priority; the others download the state the holders' statuses name
 (verified: swarm.averagers.StateAverager) and check the hash. Bounded by a timeout.
+
+A download is the one step that cannot be taken back, so a peer acts on the tally only once it is complete (every
+peer it follows at this epoch has published its hash) or half the timeout has passed: acting on a partial tally, a
+peer whose pair-mate had not published yet saw a 1-1 tie, downloaded the odd peer's smaller hash, and the swarm left
+with two adapters (seen once in a full test run).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def agree_on_final_adapter(
     ours, downloaded = current_hash(), False
     publish(ours)
     deadline = time.monotonic() + timeout
+    decide_by = time.monotonic() + timeout / 2  # after this, peers that have not published are not waited for
     while True:
         statuses = {pid: s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving}
         others = list(statuses.values())  # admitted peers only (Swarm.admits)
@@ -56,7 +62,7 @@ def agree_on_final_adapter(
                 opt.state_averager.state_sharing_priority = epoch + 1  # downloaders pick the canonical holders
             if not still_training and all(h == target for h in finals):
                 return Agreement(ours, True, len(finals) + 1, downloaded)
-        else:
+        elif not still_training or time.monotonic() > decide_by:
             if not opt.client_mode:
                 opt.state_averager.state_sharing_priority = 0
             holders = {pid: [s.states[-1]] for pid, s in statuses.items() if s.final_hash == target and s.states}

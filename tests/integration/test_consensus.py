@@ -24,42 +24,65 @@ SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "c
 EPOCH = 3
 
 
-def test_odd_peer_downloads_the_majority_adapter(tmp_path):
-    # Prepare: three peers at the same epoch; two hold one adapter, the third another
+def _finish_together(tmp_path, values: list, late: dict) -> tuple[list, list]:
+    """Peers holding ``values`` (one each) agree at EPOCH; peer i publishes its first final hash ``late[i]`` seconds
+    after the others (its status at EPOCH, without a hash, is published at once)."""
     swarms, opts, params = [], [], []
     try:
-        for i in range(3):
+        for i, value in enumerate(values):
             peers = swarms[0].visible_maddrs() if swarms else []
             swarms.append(Swarm.join(Identity.load_or_create(tmp_path / f"id{i}"), peers, ["/ip4/127.0.0.1/tcp/0"]))
-            params.append(torch.nn.Parameter(torch.full((4, 4), 1.0 if i < 2 else 2.0)))
+            params.append(torch.nn.Parameter(torch.full((4, 4), value)))
             opts.append(make_optimizer(swarms[i], SPEC, [params[i]], batch_size=4))
             opts[i].state_averager.local_epoch = EPOCH
-        results = [None] * 3
+        results = [None] * len(values)
+
+        def publish(i: int, h) -> None:
+            swarms[i].publish_status(SPEC.run_id, PeerStatus(
+                peer_id=swarms[i].peer_id, device="cpu", precision="fp32", client_mode=False,
+                adapter_shapes="x", epoch=EPOCH, samples_total=0, samples_per_second=0.0, loss=None,
+                time=time.time(), final_hash=h,
+                states=[state_claim(EPOCH, opts[i].state_averager.parameters_digest())]), wait=True)  # fmt: skip
 
         def finish(i: int) -> None:
-            def publish(h: str) -> None:
-                swarms[i].publish_status(SPEC.run_id, PeerStatus(
-                    peer_id=swarms[i].peer_id, device="cpu", precision="fp32", client_mode=False,
-                    adapter_shapes="x", epoch=EPOCH, samples_total=0, samples_per_second=0.0, loss=None,
-                    time=time.time(), final_hash=h,
-                    states=[state_claim(EPOCH, opts[i].state_averager.parameters_digest())]), wait=True)  # fmt: skip
-
+            time.sleep(late.get(i, 0.0))
             results[i] = agree_on_final_adapter(swarms[i], opts[i], SPEC.run_id, EPOCH,
-                                                lambda: tensors_hash({"p": params[i]}), publish, 60.0, lambda: False)
+                                                lambda: tensors_hash({"p": params[i]}), lambda h: publish(i, h), 60.0,
+                                                lambda: False)  # fmt: skip
 
-        # Execute
-        threads = [threading.Thread(target=finish, args=(i,)) for i in range(3)]
+        for i in range(len(values)):
+            publish(i, None)
+        threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(values))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(90)
-        # Assert
-        assert all(r is not None and r.agreed for r in results), results
-        assert [r.downloaded for r in results] == [False, False, True]
-        assert len({r.adapter_hash for r in results}) == 1
-        assert torch.equal(params[2].detach(), torch.ones(4, 4))
+        return results, [p.detach().clone() for p in params]
     finally:
         for opt in opts:
             opt.shutdown()
         for swarm in swarms:
             swarm.shutdown()
+
+
+def test_odd_peer_downloads_the_majority_adapter(tmp_path):
+    # Prepare: three peers at the same epoch; two hold one adapter, the third another
+    # Execute
+    results, params = _finish_together(tmp_path, [1.0, 1.0, 2.0], {})
+    # Assert
+    assert all(r is not None and r.agreed for r in results), results
+    assert [r.downloaded for r in results] == [False, False, True]
+    assert len({r.adapter_hash for r in results}) == 1
+    assert torch.equal(params[2], torch.ones(4, 4))
+
+
+def test_a_partial_tally_is_not_acted_on(tmp_path):
+    # Prepare: the odd peer's hash is the smallest (1.0 hashes below 2.0), and one of the majority pair publishes its
+    # hash 3 s late: a peer that acted on the 1-1 tie it sees first would download the odd peer's adapter
+    assert tensors_hash({"p": torch.full((4, 4), 1.0)}) < tensors_hash({"p": torch.full((4, 4), 2.0)})
+    # Execute
+    results, params = _finish_together(tmp_path, [2.0, 2.0, 1.0], {1: 3.0})
+    # Assert
+    assert all(r is not None and r.agreed for r in results), results
+    assert [r.downloaded for r in results] == [False, False, True]
+    assert all(torch.equal(p, torch.full((4, 4), 2.0)) for p in params)
