@@ -251,13 +251,14 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
 def sync(p: Progress) -> None:
     """Download the swarm's state: only one a strict majority of the run's admitted peers say they hold
     (expected_states), so a download can fail while their statuses straddle an epoch; retried for --join-timeout."""
-    deadline = time.monotonic() + p.cfg.join_timeout
+    deadline, before = time.monotonic() + p.cfg.join_timeout, p.opt.local_epoch
     while True:
         p.opt.load_state_from_peers()
         if not p.opt.behind() or time.monotonic() > deadline or p.stop.requested:
             break
         time.sleep(1.0)
-    verified = not p.opt.behind()
+    # verified: a state was downloaded and matched (not merely "nobody is ahead any more": the swarm may have left)
+    verified = not p.opt.behind() and p.opt.local_epoch > before
     p.reporter.event("synced", f"Synced to epoch {p.opt.local_epoch}" if verified else "No state that a majority "
                      f"of the run's peers hold could be downloaded; training from epoch {p.opt.local_epoch}",
                      epoch=p.opt.local_epoch, verified=verified)  # fmt: skip

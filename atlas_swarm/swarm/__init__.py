@@ -51,6 +51,7 @@ HIVEMIND_OVERRIDES = {
     "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
     # the rounds (swarm/gather.py)
     "gather.GatherAverage._aggregate_with_group": "all-gather of signed updates + robust aggregate, not all-reduce",
+    "gather.GatherAverage._step": "the round knows its StepControl (a refused pair is not retried)",
     "optimizer.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
     # record validation (swarm/node.py, swarm/audit.py)
     "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",

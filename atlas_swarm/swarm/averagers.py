@@ -129,11 +129,17 @@ class EpochKeys(GroupKeyManager):
         return super().current_key if epoch is None else f"{self.prefix}_epoch{epoch}.0b{self.group_bits}"
 
 
-def state_digest(serializer, metadata: dict, tensors: Sequence[torch.Tensor]) -> str:
-    """sha256 of a state averager's state (32 hex digits): its epoch and optimizer settings, then every tensor's
-    dtype, shape and bytes, in order. Equal states, equal digests."""
+def state_digest(serializer, metadata: dict, tensors: Sequence[torch.Tensor], parameters: int) -> str:
+    """sha256 of a state averager's state (32 hex digits): its epoch and optimizer settings (learning rate and the
+    rest), then the dtype, shape and bytes of each of its first ``parameters`` tensors (the parameters), in order.
+
+    Not the optimizer's statistics (Adam's moments): peers that averaged the same gradients hold equal parameters,
+    but a peer that once missed a round keeps moments that differ in the last bits for the rest of the run (state
+    rounds average parameters only: moments would triple their bytes). With moments in the digest, honest peers'
+    claims stopped agreeing after one missed round, and a newcomer found no state a majority holds (seen in the
+    adversarial test of a late joiner). A downloader takes the donor's moments unchecked: README, "Still open"."""
     h = hashlib.sha256(serializer.dumps([metadata.get("epoch"), metadata.get("optimizer_metadata")]))
-    for t in tensors:
+    for t in tensors[:parameters]:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -201,11 +207,14 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
     expected_states = staticmethod(lambda: None)  # the peer's: set of acceptable (epoch, digest); None: take any
 
     def parameters_digest(self) -> str:
-        """What this peer's statuses claim for its whole state (parameters, optimizer statistics and settings), as
-        a downloader computes it of what it got: a donor could otherwise serve honest parameters with a learning rate
-        of 1e9 or poisoned Adam moments."""
+        """What this peer's statuses claim for its state (parameters and optimizer settings: state_digest), as a
+        downloader computes it of what it got: a donor could otherwise serve honest parameters with a learning rate
+        of 1e9."""
         metadata, tensors, _ = self.get_current_state()
-        return state_digest(self.serializer, metadata, tensors)
+        return state_digest(self.serializer, metadata, tensors, self._parameter_count())
+
+    def _parameter_count(self) -> int:
+        return sum(len(group["params"]) for group in self.optimizer.param_groups)
 
     def load_state_from_peers(self, expect=None, **kwargs):
         expect = self.expected_states() if expect is None else expect
@@ -249,7 +258,8 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
                 if got is None:
                     continue
                 metadata, tensors = got
-                claim = (metadata.get("epoch"), state_digest(self.serializer, metadata, tensors))
+                claim = (metadata.get("epoch"),
+                         state_digest(self.serializer, metadata, tensors, self._parameter_count()))  # fmt: skip
                 if expect is not None and claim not in expect:
                     if gate is not None:
                         gate.count("refused_states")

@@ -62,15 +62,32 @@ def agree_on_final_adapter(
                 opt.state_averager.state_sharing_priority = epoch + 1  # downloaders pick the canonical holders
             if not still_training and all(h == target for h in finals):
                 return Agreement(ours, True, len(finals) + 1, downloaded)
-        elif not still_training or time.monotonic() > decide_by:
+        elif (not still_training or time.monotonic() > decide_by) and _vouched(finals + [ours], target):
             if not opt.client_mode:
                 opt.state_averager.state_sharing_priority = 0
-            holders = {pid: [s.states[-1]] for pid, s in statuses.items() if s.final_hash == target and s.states}
-            expect = {parse_state(c) for c in trusted_states(holders)}  # the canonical adapter's holders' state
-            opt.state_averager.load_state_from_peers(expect=expect - {None},
-                                                     timeout=max(1.0, min(15.0, deadline - time.monotonic())))
-            ours, downloaded = current_hash(), True
-            publish(ours)
+            expect = _holders_states(statuses, target)
+            if expect:
+                opt.state_averager.load_state_from_peers(expect=expect,
+                                                         timeout=max(1.0, min(15.0, deadline - time.monotonic())))
+                now = current_hash()
+                if now != ours:
+                    ours, downloaded = now, True
+                    publish(ours)
         if should_stop() or time.monotonic() > deadline:
             return Agreement(ours, False, len(finals) + 1, downloaded)
         time.sleep(POLL_EVERY)
+
+
+def _vouched(votes: list, target: str) -> bool:
+    """Whether the canonical hash may be downloaded: held by two or more finishing peers, or the tie of a pair. A
+    hash only its own holder votes for in a tie of three or more is what a liar would publish (the smallest hash
+    there is), so a peer keeps its own adapter then and reports no agreement."""
+    return votes.count(target) >= 2 or len(votes) == 2
+
+
+def _holders_states(statuses: dict, target: str) -> set:
+    """The states a download of ``target`` may take: the one most of its holders claim or, when their claims differ
+    (equal parameters with Adam moments that drifted apart after a missed round), any holder's own."""
+    holders = {pid: [s.states[-1]] for pid, s in statuses.items() if s.final_hash == target and s.states}
+    trusted = trusted_states(holders) or {c for claims in holders.values() for c in claims}
+    return {parse_state(c) for c in trusted} - {None}

@@ -18,47 +18,60 @@ COUNTS = ("refused_joins", "refused_leaders", "refused_members", "refused_update
           "refused_records", "refused_donors", "refused_states", "refused_pairs")  # fmt: skip
 
 
+class SharedSet:
+    """A set of strings the main process publishes and averager processes read (cached per version)."""
+
+    def __init__(self, size: int, items: Iterable[str] = ()):
+        self._raw = mp.Array(ctypes.c_char, size, lock=True)
+        self._version = mp.Value(ctypes.c_long, 0, lock=True)
+        self._cache: tuple[int, frozenset] = (-1, frozenset())
+        self.set(items)
+
+    def set(self, items: Iterable[str]) -> None:
+        raw = json.dumps(sorted(set(items))).encode()
+        if len(raw) >= len(self._raw):
+            raise ValueError(f"{len(raw)} bytes of PeerIDs do not fit the shared {len(self._raw)}")
+        with self._raw.get_lock():
+            if raw != self._raw.value:
+                self._raw.raw = raw + b"\0" * (len(self._raw) - len(raw))
+                self._version.value += 1
+
+    def get(self) -> frozenset:
+        version = self._version.value
+        if version != self._cache[0]:
+            with self._raw.get_lock():
+                version, raw = self._version.value, self._raw.raw.rstrip(b"\0")
+            self._cache = (version, frozenset(json.loads(raw)))
+        return self._cache[1]
+
+
 class Gate:
     """``admits(peer_id)``: everyone in an open run, else the set the main process last published."""
 
     def __init__(self, open_run: bool, admitted: Iterable[str] = ()):
         self.open = open_run
-        self._set = mp.Array(ctypes.c_char, MAX_SET_BYTES, lock=True)
-        self._version = mp.Value(ctypes.c_long, 0, lock=True)
+        self._admitted = SharedSet(MAX_SET_BYTES, admitted)
+        self._at_epoch = SharedSet(MAX_SET_BYTES // 4)  # followed peers near this peer's epoch (itself included)
         self._counts = mp.Array(ctypes.c_long, len(COUNTS), lock=True)
-        self._peers = mp.Value(ctypes.c_long, 0, lock=False)  # peers the main process follows (itself included)
-        self._cache: tuple[int, frozenset] = (-1, frozenset())
-        self.set_admitted(admitted)
 
     def set_admitted(self, peers: Iterable[str]) -> None:
-        raw = json.dumps(sorted(set(peers))).encode()
-        if len(raw) >= MAX_SET_BYTES:
-            raise ValueError(f"{len(raw)} bytes of admitted PeerIDs do not fit the shared {MAX_SET_BYTES}")
-        with self._set.get_lock():
-            self._set.raw = raw + b"\0" * (MAX_SET_BYTES - len(raw))
-            self._version.value += 1
+        self._admitted.set(peers)
 
     def admitted(self) -> Optional[frozenset]:
         """The admitted PeerIDs, or None in an open run (everyone)."""
-        if self.open:
-            return None
-        version = self._version.value
-        if version != self._cache[0]:
-            with self._set.get_lock():
-                version, raw = self._version.value, self._set.raw.rstrip(b"\0")
-            self._cache = (version, frozenset(json.loads(raw)))
-        return self._cache[1]
+        return None if self.open else self._admitted.get()
 
     def admits(self, peer_id: str) -> bool:
         peers = self.admitted()
         return peers is None or peer_id in peers
 
-    def set_peers(self, n: int) -> None:
-        self._peers.value = n
+    def set_at_epoch(self, peers: Iterable[str]) -> None:
+        self._at_epoch.set(peers)
 
-    def peers(self) -> int:
-        """How many peers' progress this peer follows (itself included), as the main process last counted."""
-        return self._peers.value
+    def at_epoch(self) -> frozenset:
+        """The peers whose progress this peer follows within one epoch of its own (itself included), as last
+        fetched: those that could be in this epoch's group."""
+        return self._at_epoch.get()
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts.get_lock():

@@ -23,6 +23,7 @@ under a second on a home uplink for groups up to 8 (README, "Byzantine-tolerant 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import math
 import time
@@ -48,7 +49,8 @@ from atlas_swarm.train.aggregate import aggregate
 PROTOCOL = b"atlas-gather-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
-PAIR_REFUSED = "a pair has no majority: not averaged while the run has 3 or more peers"
+STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
+PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is near this epoch"
 
 
 @dataclass
@@ -161,7 +163,10 @@ def spanned_buffer(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
 class GatherAverage:
     """Averager mixin: rounds are an all-gather of signed updates and a robust aggregate (module docstring)."""
 
-    gather_settings: Settings = Settings()
+    async def _step(self, *, step, **kwargs):
+        # hivemind's matchmaking forgets the step once it has a group: the round below learns it from its context
+        STEP.set(step)
+        return await super()._step(step=step, **kwargs)
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         own_id = self.peer_id.to_base58()
@@ -187,13 +192,16 @@ class GatherAverage:
             modes[pid] = mode
             members.append(pid)
         members = tuple(sorted(members))
-        if (self.gather_settings.rule != "mean" and len(members) == 2 and gate is not None and gate.peers() >= 3
-                and self._matchmaking.step_control is not None):  # fmt: skip
+        if self.gather_settings.rule != "mean" and len(members) == 2 and gate is not None \
+                and gate.at_epoch() - set(members):  # fmt: skip
             # A pair has no majority: a robust rule gives the mean of two, so an attacker paired with an honest peer
-            # (matchmaking left the third peer out) would own that round, and then the final vote (seen once in a
-            # full test run). With 3 or more peers in the run, such a round is not averaged: local gradients.
+            # (matchmaking left a third peer out) would own that round, and then the final vote (seen once in a full
+            # test run). While a third peer is within an epoch of ours (it could have been in the group), such a
+            # round is not averaged: local gradients. A partner that claims another epoch to dodge the count does not
+            # help it: the third peer is counted all the same. A newcomer still syncing does not stop a pair.
             gate.count("refused_pairs")
-            self._matchmaking.step_control._allow_retries = False  # a retry would wait out the round's deadline
+            if STEP.get() is not None:
+                STEP.get()._allow_retries = False  # a retry would wait out the round's deadline
             raise MatchmakingException(PAIR_REFUSED)
         async with enter_asynchronously(self.get_tensors()) as tensors:
             report = await self._gather_round(tensors, group_info.group_id, members, modes, kwargs.get("weight", 1.0),
@@ -235,9 +243,12 @@ class GatherAverage:
             gate.count("dropped_updates", len(round_.dropped))
         peers = sorted(round_.updates)
         if not set(peers) - {own_id}:
-            # hivemind retries the round (a new group) until its deadline, then the peer steps on local gradients
-            raise MatchmakingException(f"no groupmate's update arrived or passed the checks ({len(members) - 1} "
-                                       f"expected)")  # fmt: skip
+            if own_id not in round_.updates:
+                raise MatchmakingException("no update in this round passed the checks, this peer's own included")
+            # Nobody else's update arrived or passed the checks: this round is our own (the tensors are left as they
+            # are) and its report says whom it dropped. Not a failed round: hivemind would retry it until the round's
+            # deadline with the same groupmates (a NaN sender's partner stalled 15 s per epoch), then step alone.
+            return RoundReport((own_id,), settings.rule, (round_.updates[own_id][0],), (1.0,), (), dict(round_.dropped))
         updates = [round_.updates[p][1].numpy() for p in peers]
         claims = [round_.updates[p][0] for p in peers]
         result = await asyncio.get_event_loop().run_in_executor(

@@ -30,7 +30,8 @@ def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, ext
     for i in range(1, honest):
         peers.append(start_peer(tmp_path, f"honest{i}", [*join, "--seed", str(i), *extra]))
     # (an attacker that fakes its progress believes itself behind and tries to sync: 10 s, not 90)
-    peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9", "--join-timeout", "10"], attack=attack))
+    peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9", *extra, "--join-timeout", "10"],
+                            attack=attack))  # fmt: skip
     return started
 
 
@@ -66,36 +67,45 @@ def attacked_run(tmp_path, model, data, attack):
 
 def test_a_nan_gradient_is_dropped_and_counted(tmp_path, tiny_model, text_data):
     _, peers, bad = attacked_run(tmp_path, tiny_model, text_data, "nan_gradient")
-    for p in peers[:2]:  # the attack shows: the attacker's update was dropped, why, and counted
-        dropped = [e["dropped"] for e in p.events("epoch") if bad in e.get("dropped", {})]
-        assert dropped and "non-finite" in dropped[0][bad], p.tail()
+    # the attack shows: the attacker's update never entered an honest round; an honest peer that met it dropped it,
+    # says why, and counted it (which honest peers matchmaking put with the attacker is chance)
+    met = 0
+    for p in peers[:2]:
+        assert not [e for e in p.events("epoch") if bad in e["group"]], "a NaN update was aggregated"
+        dropped = [e["dropped"][bad] for e in p.events("epoch") if bad in e.get("dropped", {})]
+        assert all("non-finite" in why for why in dropped), dropped
         assert p.wait_event("stopped", 1)["refused"] >= len(dropped)
+        met += len(dropped)
+    assert met, "no honest peer met the attacker: " + "\n\n".join(p.tail() for p in peers)
 
 
 def test_a_sign_flipped_x1e6_gradient_with_a_lying_weight_is_clipped(tmp_path, tiny_model, text_data):
     spec, peers, bad = attacked_run(tmp_path, tiny_model, text_data, "flip_x1e6_gradient,lying_weight")
     before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")
     assert after < before, f"the honest peers' loss did not fall: {before} -> {after}"
-    # every round the attacker was in, it was flagged and weighed no more than the median. (In 1 of 7 runs it was in
-    # none: it kept downloading state, and the honest pair refuses to average as a pair while 3 peers are in the
-    # run, gather.PAIR_REFUSED; then only the promises above are checked.)
+    # every round the attacker was in had a majority (it never averaged alone with an honest peer while the other
+    # was near its epoch: gather.PAIR_REFUSED), and in it the attacker was flagged and weighed no more than the
+    # median. (In 1 of 7 runs it was in none: it kept downloading state; then only the promises above are checked.)
     for p in peers[:2]:
         rounds = [e for e in p.events("epoch") if bad in e["group"]]
-        assert all(len(e["group"]) >= 3 for e in p.events("epoch") if e["group"]), "a pair averaged in a 3-peer run"
+        assert all(len(e["group"]) >= 3 for e in rounds), "the attacker averaged as a pair with an honest peer"
         assert all(bad in e["outliers"] for e in rounds), [e["outliers"] for e in rounds]
         assert all(e["weights"][bad] <= max(w for q, w in e["weights"].items() if q != bad) for e in rounds)
 
 
 def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_model, text_data):
     # the attacker declares the highest donor priority and serves parameters of 100.0; a newcomer joins later
-    # (epochs of several seconds, as in test_swarm's late joiner: the swarm must outlive the newcomer's start)
+    # (epochs of 2-3 s: the swarm must outlive the newcomer's start, 15 s on a loaded 2-core machine, and leave it
+    # time to find a state the majority holds: after a round some missed, honest states differ until the next state
+    # round, and a download waits for one)
     spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=960)
     with killed_at_exit([]) as peers:
         started = start_honest_and_attacker(peers, tmp_path, spec, text_data, "poison_state",
-                                            extra=["--max-epochs", "9"])  # fmt: skip
+                                            extra=["--max-epochs", "16"])  # fmt: skip
         peers[0].wait_event("epoch", 120, lambda e: e["epoch"] >= 2)
         late = start_peer(tmp_path, "late", ["--initial-peers", first_maddr(started), "--run", started["run_id"],
-                                              "--data", str(text_data), "--batch-size", "4", "--max-epochs", "9"])
+                                              "--data", str(text_data), "--batch-size", "4", "--max-epochs", "16",
+                                              "--join-timeout", "90"])  # fmt: skip
         peers.insert(2, late)
         synced = late.wait_event("synced", 120)
         adapters = finish_honest(peers, honest=3)

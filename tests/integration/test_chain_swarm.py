@@ -4,6 +4,7 @@ once after a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -16,35 +17,43 @@ from atlas_swarm.config import RunSpec
 from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
+from tests.integration.test_swarm import adapter, max_abs_diff
 from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 RATE = 10**9  # wei per sample
 
 
-@pytest.fixture
-def chain(tmp_path, tiny_model):
-    """anvil + AtlasStaking + a funded run + 3 staked peer wallets (each peer binds its PeerID itself at start)."""
+@contextlib.contextmanager
+def deployed_run(tmp_path, tiny_model, trust=None, stakes=(2, 2, 2)):
+    """anvil + AtlasStaking + a funded run (minStake 1 ETH) + 3 peer wallets staking ``stakes`` ETH (each peer binds
+    its PeerID itself at start)."""
     anvil = Anvil.start()
     try:
         w3 = Web3(Web3.HTTPProvider(anvil.url))
         trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=60)
         # epochs well over matchmaking_time: with very short ones a peer that falls behind skips epochs (state download)
         spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer.account.address,
-                               target_batch_size=960)  # fmt: skip
+                               target_batch_size=960, trust=trust)  # fmt: skip
         spec = RunSpec.from_toml(spec_path)
         trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, 4096, 5 * ETHER)
         (tmp_path / "pw").write_text("test-password")
         wallets = []
-        for i in range(1, 4):
+        for i, stake in zip(range(1, 4), stakes):
             path = tmp_path / f"wallet{i}.json"
             account = create_wallet(str(path), "test-password", bytes.fromhex(DEV_KEYS[i][2:]), kdf="pbkdf2")
-            StakingClient(w3, trainer.address, account).stake(2 * ETHER)
+            StakingClient(w3, trainer.address, account).stake(int(stake * ETHER))
             wallets.append((path, account))
         yield {"anvil": anvil, "trainer": trainer, "spec": spec_path, "run_id": spec.run_id, "wallets": wallets,
                "pw": tmp_path / "pw", "run": trainer.run_of(spec.run_id)}  # fmt: skip
     finally:
         anvil.stop()
+
+
+@pytest.fixture
+def chain(tmp_path, tiny_model):
+    with deployed_run(tmp_path, tiny_model) as deployed:
+        yield deployed
 
 
 def chain_flags(chain, i):
@@ -173,3 +182,27 @@ def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_
         assert set(pending) <= set(accepted_epochs(chain["trainer"], victim_address))
         for p, (_, account) in zip((first, peers[1]), chain["wallets"]):
             assert_paid_exactly(chain, p, account.address)
+
+
+def test_a_staked_run_admits_bound_staked_peers_and_refuses_an_understaked_one(tmp_path, tiny_model, text_data):
+    # Prepare: a staked run (minStake 1 ETH); wallets 0 and 1 stake 2 ETH, wallet 2 only 0.5 ETH. Every peer binds its
+    # PeerID to its wallet at start (both ways: on chain and in a DHT record signed by the PeerID's key)
+    with deployed_run(tmp_path, tiny_model, trust={"admission": "staked"}, stakes=(2, 2, 0.5)) as chain, \
+            killed_at_exit([]) as peers:  # fmt: skip
+        extra = ["--max-epochs", "3", "--wait-for-peers", "2", "--join-timeout", "90"]
+        first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
+        peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
+                                                     *chain_flags(chain, 1)]))  # fmt: skip
+        # Execute: the understaked wallet's peer joins
+        poor = start_peer(tmp_path, "poor", [*join, "--batch-size", "4", "--seed", "2", *extra,
+                                             *chain_flags(chain, 2)])  # fmt: skip
+        # Assert: it is told why (read from the chain: its binding holds, its stake does not), and exits 2
+        assert poor.wait_exit(120) == 2, poor.tail()
+        assert poor.wait_event("registered", 1)["address"] == chain["wallets"][2][1].address
+        assert "stake is below the run's minStake" in poor.wait_event("error", 1)["error"]
+        codes = [p.wait_exit(300) for p in peers]
+        assert codes == [0, 0], "\n\n".join(p.tail() for p in peers)
+        # the staked pair averaged together and left with one adapter
+        for p in peers:
+            assert any(len(e["group"]) == 2 for e in p.events("epoch")), p.tail()
+        assert max_abs_diff(adapter(peers[0]), adapter(peers[1])) == 0.0

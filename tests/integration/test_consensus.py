@@ -24,9 +24,10 @@ SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "c
 EPOCH = 3
 
 
-def _finish_together(tmp_path, values: list, late: dict) -> tuple[list, list]:
+def _finish_together(tmp_path, values: list, late: dict, lies: dict = {}, timeout: float = 60.0) -> tuple[list, list]:
     """Peers holding ``values`` (one each) agree at EPOCH; peer i publishes its first final hash ``late[i]`` seconds
-    after the others (its status at EPOCH, without a hash, is published at once)."""
+    after the others (its status at EPOCH, without a hash, is published at once), and ``lies[i]`` instead of its
+    adapter's hash if given."""
     swarms, opts, params = [], [], []
     try:
         for i, value in enumerate(values):
@@ -47,8 +48,8 @@ def _finish_together(tmp_path, values: list, late: dict) -> tuple[list, list]:
         def finish(i: int) -> None:
             time.sleep(late.get(i, 0.0))
             results[i] = agree_on_final_adapter(swarms[i], opts[i], SPEC.run_id, EPOCH,
-                                                lambda: tensors_hash({"p": params[i]}), lambda h: publish(i, h), 60.0,
-                                                lambda: False)  # fmt: skip
+                                                lambda: lies.get(i) or tensors_hash({"p": params[i]}),
+                                                lambda h: publish(i, h), timeout, lambda: False)  # fmt: skip
 
         for i in range(len(values)):
             publish(i, None)
@@ -86,3 +87,14 @@ def test_a_partial_tally_is_not_acted_on(tmp_path):
     assert all(r is not None and r.agreed for r in results), results
     assert [r.downloaded for r in results] == [False, False, True]
     assert all(torch.equal(p, torch.full((4, 4), 2.0)) for p in params)
+
+
+def test_a_lone_smallest_hash_does_not_win_a_three_way_tie(tmp_path):
+    # Prepare: two honest peers whose adapters differ (one missed a round) and a third that claims the smallest hash
+    # there is for its poisoned adapter (100.0): a 1-1-1 tie, which the smallest hash breaks
+    # Execute
+    results, params = _finish_together(tmp_path, [1.0, 2.0, 100.0], {}, lies={2: "0" * 64}, timeout=8.0)
+    # Assert: no honest peer took a state only its holder vouches for; they say they did not agree
+    assert [r.downloaded for r in results[:2]] == [False, False], results
+    assert not results[0].agreed and not results[1].agreed
+    assert torch.equal(params[0], torch.full((4, 4), 1.0)) and torch.equal(params[1], torch.full((4, 4), 2.0))
