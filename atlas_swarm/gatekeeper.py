@@ -2,7 +2,8 @@
 
 An allowlist of PeerIDs is fixed; wallet addresses in an allowlist admit the PeerIDs their signed bindings name, and
 a staked run admits peers bound on chain both ways with a stake of at least the run's ``minStake``: both change, so
-they are read again every ``REFRESH_EVERY`` seconds in a background thread (a slow chain RPC never stalls training).
+they are read again every ``REFRESH_EVERY`` seconds, and ``REFRESH_SOON`` after a record from a PeerID not yet
+admitted (a newcomer that just bound its wallet), in a background thread (a slow chain RPC never stalls training).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from atlas_swarm.errors import NotAdmitted
 from atlas_swarm.swarm.gate import Gate
 
 REFRESH_EVERY = 30.0
+REFRESH_SOON = 3.0  # a PeerID not yet admitted asks for a refresh this soon (at most this often): a newcomer's binding
 log = logging.getLogger(__name__)
 
 
@@ -27,9 +29,15 @@ class Gatekeeper:
         self.trust = spec.trust
         self.gate = Gate(open_run=self.trust.admission == "open")
         self.refresh_errors = 0
-        self._stop = threading.Event()
+        self._stop, self._soon = threading.Event(), threading.Event()
         self._thread: Optional[threading.Thread] = None
-        swarm.admits = self.gate.admits
+        swarm.admits = self._admits
+
+    def _admits(self, peer_id: str) -> bool:
+        if self.gate.admits(peer_id):
+            return True
+        self._soon.set()  # a newcomer that just bound its wallet should not wait REFRESH_EVERY to be admitted
+        return False
 
     @property
     def dynamic(self) -> bool:
@@ -76,7 +84,11 @@ class Gatekeeper:
         return self
 
     def _loop(self) -> None:
-        while not self._stop.wait(REFRESH_EVERY):
+        while not self._stop.is_set():
+            self._soon.wait(REFRESH_EVERY)
+            if self._stop.wait(REFRESH_SOON):  # also the rate limit of refreshes asked for by refusals
+                return
+            self._soon.clear()
             try:
                 self.refresh()
             except Exception as e:  # the last admitted set stays in force; counted, retried
@@ -85,3 +97,4 @@ class Gatekeeper:
 
     def close(self) -> None:
         self._stop.set()
+        self._soon.set()

@@ -51,7 +51,7 @@ class Gate:
     def __init__(self, open_run: bool, admitted: Iterable[str] = ()):
         self.open = open_run
         self._admitted = SharedSet(MAX_SET_BYTES, admitted)
-        self._at_epoch = SharedSet(MAX_SET_BYTES // 4)  # followed peers near this peer's epoch (itself included)
+        self._followed = SharedSet(MAX_SET_BYTES // 4)  # peers whose progress this peer follows (itself included)
         self._counts = mp.Array(ctypes.c_long, len(COUNTS), lock=True)
 
     def set_admitted(self, peers: Iterable[str]) -> None:
@@ -65,13 +65,12 @@ class Gate:
         peers = self.admitted()
         return peers is None or peer_id in peers
 
-    def set_at_epoch(self, peers: Iterable[str]) -> None:
-        self._at_epoch.set(peers)
+    def set_followed(self, peers: Iterable[str]) -> None:
+        self._followed.set(peers)
 
-    def at_epoch(self) -> frozenset:
-        """The peers whose progress this peer follows within one epoch of its own (itself included), as last
-        fetched: those that could be in this epoch's group."""
-        return self._at_epoch.get()
+    def followed(self) -> frozenset:
+        """The peers whose progress this peer follows (itself included), as last fetched."""
+        return self._followed.get()
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts.get_lock():

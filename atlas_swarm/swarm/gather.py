@@ -50,7 +50,7 @@ PROTOCOL = b"atlas-gather-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
-PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is near this epoch"
+PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
 
 
 @dataclass
@@ -193,12 +193,13 @@ class GatherAverage:
             members.append(pid)
         members = tuple(sorted(members))
         if self.gather_settings.rule != "mean" and len(members) == 2 and gate is not None \
-                and gate.at_epoch() - set(members):  # fmt: skip
+                and gate.followed() - set(members):  # fmt: skip
             # A pair has no majority: a robust rule gives the mean of two, so an attacker paired with an honest peer
-            # (matchmaking left a third peer out) would own that round, and then the final vote (seen once in a full
-            # test run). While a third peer is within an epoch of ours (it could have been in the group), such a
-            # round is not averaged: local gradients. A partner that claims another epoch to dodge the count does not
-            # help it: the third peer is counted all the same. A newcomer still syncing does not stop a pair.
+            # (matchmaking left a third peer out) would own that round, and then the final vote (seen in full test
+            # runs). While this peer follows a third peer's progress, such a round is not averaged: local gradients.
+            # Any third peer counts, whatever its epoch: counting only peers near ours let an attacker pair with one
+            # honest peer while the other lagged an epoch behind (seen in the sign-flip test). A newcomer still
+            # syncing stops pairs too, for as long as it syncs.
             gate.count("refused_pairs")
             if STEP.get() is not None:
                 STEP.get()._allow_retries = False  # a retry would wait out the round's deadline

@@ -86,10 +86,7 @@ class ThrottledTracker(ProgressTracker):
         kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap, self.target_batch_size,
                                 self.status_epochs)  # fmt: skip
         if self.gate is not None:
-            # peers that could be in this epoch's group: within one epoch of ours (a record lags its writer by up to
-            # report_every); a newcomer still syncing, or a peer far behind, is not waited for
-            epoch = self.local_progress.epoch if hasattr(self, "local_progress") else None
-            self.gate.set_at_epoch(p for p, r in kept.items() if epoch is not None and abs(r["epoch"] - epoch) <= 1)
+            self.gate.set_followed(kept)
         self.ignored_writers.update(set(records) - set(kept))
         return kept
 

@@ -230,9 +230,9 @@ def assert_all_hold_the_mean(averagers, grads):
                 assert torch.allclose(tensor, (g1 + g2) / 2)
 
 
-def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_near(two_dhts):
-    # Prepare: two centered_clip gradient averagers; each peer's progress shows a third peer near its epoch (one
-    # that matchmaking left out: the other member of the pair may be an attacker, and a pair has no majority)
+def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followed(two_dhts):
+    # Prepare: two centered_clip gradient averagers; each peer follows a third peer's progress (one that matchmaking
+    # left out: the other member of the pair may be an attacker, and a pair has no majority)
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
     ids = [dht.peer_id.to_base58() for dht in two_dhts]
     gates = [Gate(open_run=True) for _ in two_dhts]
@@ -240,7 +240,7 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_near(tw
     try:
         for dht, gate in zip(two_dhts, gates):
             own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-            gate.set_at_epoch([*ids, "QmThirdPeerNearThisEpoch"])
+            gate.set_followed([*ids, "QmThirdPeerInTheRun"])
             settings = Settings(rule="centered_clip", signer=dht.settings.signer, gate=gate)
             averagers.append(GradAverager(own, dht=dht, prefix="pair", target_group_size=3, min_group_size=2,
                                           min_matchmaking_time=1.0, request_timeout=0.5, start=True,
@@ -254,7 +254,7 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_near(tw
                 averager.accumulate_grads_(batch_size=1)
             return [a.step(wait=False, timeout=10) for a in averagers]
 
-        # Execute: a round while the third peer is near
+        # Execute: a round while the third peer is followed
         refused = round_()
         # Assert: the pair found each other and refused at once (no retry until the deadline), each kept its own
         for control in refused:
@@ -264,9 +264,9 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_near(tw
         for averager, local in zip(averagers, grads):
             with averager.get_tensors() as tensors:
                 assert all(torch.equal(t, g) for t, g in zip(tensors, local))
-        # Execute: the third peer fell behind (a newcomer still syncing, say): the pair is all there is
+        # Execute: the third peer left (its progress record expired): the pair is all there is
         for gate in gates:
-            gate.set_at_epoch(ids)
+            gate.set_followed(ids)
         groups = [c.result(40) for c in round_()]
         # Assert
         assert all(len(g) == 2 for g in groups)

@@ -120,7 +120,9 @@ def test_progress_a_million_epochs_ahead_is_not_followed(tmp_path, tiny_model, t
     for p in peers[:2]:  # the honest pair kept averaging together, and never went to fetch the "newer" state
         epochs = p.events("epoch")
         together = [e for e in epochs if len(e["group"]) >= 2]
-        assert len(together) >= len(epochs) - 1, [e["group"] for e in epochs]
+        # (the first epochs can end before the pair's first group forms: a peer that starts late steps through
+        # them on its partner's samples, 4 samples each, seen once in 3 runs)
+        assert len(together) >= len(epochs) - 2, [e["group"] for e in epochs]
         assert not p.events("syncing"), "an honest peer followed the fake epoch"
 
 

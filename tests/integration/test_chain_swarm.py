@@ -189,7 +189,9 @@ def test_a_staked_run_admits_bound_staked_peers_and_refuses_an_understaked_one(t
     # PeerID to its wallet at start (both ways: on chain and in a DHT record signed by the PeerID's key)
     with deployed_run(tmp_path, tiny_model, trust={"admission": "staked"}, stakes=(2, 2, 0.5)) as chain, \
             killed_at_exit([]) as peers:  # fmt: skip
-        extra = ["--max-epochs", "3", "--wait-for-peers", "2", "--join-timeout", "90"]
+        # (8 epochs: the first peer admits the second only at its next refresh, up to 3 s after the second's first
+        # record, while the second already trains: epochs of 1.5 s alone)
+        extra = ["--max-epochs", "8", "--wait-for-peers", "2", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
                                                      *chain_flags(chain, 1)]))  # fmt: skip
@@ -199,7 +201,7 @@ def test_a_staked_run_admits_bound_staked_peers_and_refuses_an_understaked_one(t
         # Assert: it is told why (read from the chain: its binding holds, its stake does not), and exits 2
         assert poor.wait_exit(120) == 2, poor.tail()
         assert poor.wait_event("registered", 1)["address"] == chain["wallets"][2][1].address
-        assert "stake is below the run's minStake" in poor.wait_event("error", 1)["error"]
+        assert "is below the run's minimum (1 ETH)" in poor.wait_event("error", 1)["error"]
         codes = [p.wait_exit(300) for p in peers]
         assert codes == [0, 0], "\n\n".join(p.tail() for p in peers)
         # the staked pair averaged together and left with one adapter
