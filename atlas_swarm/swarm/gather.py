@@ -76,6 +76,7 @@ class RoundReport:
     kept: tuple[float, ...]  # the share of each member's update the rule kept (aggregate.Aggregate.kept)
     flagged: tuple[str, ...]  # members clipped or trimmed hard
     dropped: dict  # PeerID -> why its update was not used
+    seconds: tuple[float, float] = (0.0, 0.0)  # waiting for the groupmates' updates, then aggregating them
 
 
 class RoundResult(dict):
@@ -227,6 +228,7 @@ class GatherAverage:
         round_.settle(own_id, (float(weight), own_tensor) if finite else "non-finite values (this peer's own)")
         self._gather_rounds[group_id] = round_
         self._running_groups[group_id].set_result(round_)
+        began = time.monotonic()
         try:
             calls = [self._exchange(round_, p) for p in members if p != own_id and _caller(own_id, p, modes)]
             tasks = [asyncio.create_task(c) for c in calls]
@@ -242,14 +244,15 @@ class GatherAverage:
             self._gather_rounds.pop(group_id, None)
         if gate is not None and round_.dropped:
             gate.count("dropped_updates", len(round_.dropped))
-        peers = sorted(round_.updates)
+        peers, gathered = sorted(round_.updates), time.monotonic()
         if not set(peers) - {own_id}:
             if own_id not in round_.updates:
                 raise MatchmakingException("no update in this round passed the checks, this peer's own included")
             # Nobody else's update arrived or passed the checks: this round is our own (the tensors are left as they
             # are) and its report says whom it dropped. Not a failed round: hivemind would retry it until the round's
             # deadline with the same groupmates (a NaN sender's partner stalled 15 s per epoch), then step alone.
-            return RoundReport((own_id,), settings.rule, (round_.updates[own_id][0],), (1.0,), (), dict(round_.dropped))
+            return RoundReport((own_id,), settings.rule, (round_.updates[own_id][0],), (1.0,), (), dict(round_.dropped),
+                               (gathered - began, 0.0))  # fmt: skip
         updates = [round_.updates[p][1].numpy() for p in peers]
         claims = [round_.updates[p][0] for p in peers]
         result = await asyncio.get_event_loop().run_in_executor(
@@ -268,7 +271,8 @@ class GatherAverage:
         self.last_updated = time.time()
         self._state_updated.set()
         return RoundReport(tuple(peers), settings.rule, result.weights, result.kept,
-                           tuple(peers[i] for i in result.flagged), dict(round_.dropped))  # fmt: skip
+                           tuple(peers[i] for i in result.flagged), dict(round_.dropped),
+                           (gathered - began, time.monotonic() - gathered))  # fmt: skip
 
     async def _exchange(self, round_: Round, peer: str) -> None:
         """Send our update to ``peer``; its answer is its own."""
@@ -321,9 +325,15 @@ class GatherAverage:
             round_ = self._gather_rounds.get(group_id)
         if round_ is None or sender not in round_.members:
             return
-        round_.settle(sender, await self._read_update(_prepend(first, stream), round_, sender))
-        async for message in _messages(round_.own, round_.group_id):
-            yield message
+        # both ways at once: our update goes out while theirs comes in (one after the other, each pair's exchange took
+        # two transfer times)
+        reading = asyncio.create_task(self._read_update(_prepend(first, stream), round_, sender))
+        try:
+            async for message in _messages(round_.own, round_.group_id):
+                yield message
+            round_.settle(sender, await reading)
+        finally:
+            reading.cancel()
 
 
 def _caller(own: str, other: str, modes: dict) -> bool:
