@@ -50,12 +50,23 @@ def bounded_weights(claims: Sequence[float], cap: float, robust: bool) -> np.nda
 
 
 def _stack(updates: Sequence) -> np.ndarray:
-    rows = [np.asarray(u, dtype=np.float64).reshape(-1) for u in updates]
+    """The updates as the rows of one float64 array, written in place: np.stack of float64 copies made glibc return
+    and re-map its heap on every call (4 x 81k values: 3-4 ms of page faults, against 0.1 ms for the copy)."""
+    rows = [np.asarray(u).reshape(-1) for u in updates]
     if not rows:
         raise ValueError("nothing to aggregate")
     if len({r.size for r in rows}) != 1:
         raise ValueError(f"updates of different sizes: {sorted({r.size for r in rows})}")
-    return np.stack(rows)
+    x = np.empty((len(rows), rows[0].size), dtype=np.float64)
+    for i, r in enumerate(rows):
+        x[i] = r
+    return x
+
+
+def _median(x: np.ndarray) -> np.ndarray:
+    """np.median(x, axis=0), bit for bit, from one sort of each column (np.median partitions: 1.6x slower here)."""
+    s, n = np.sort(x, axis=0), x.shape[0]
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
@@ -91,7 +102,7 @@ def centered_clip(updates: Sequence, weights: Sequence[float], tau: Optional[flo
     random x100 update cost 10 % of held-out loss on the demo task (bench_robust, 4 peers, 1 attacker); left out,
     2.x % (README "Measured")."""
     x, w = _stack(updates), bounded_weights(weights, cap, robust=True)
-    v = np.median(x, axis=0)
+    v = _median(x)
     if tau is None:
         tau = float(np.median(_norms(x - v)))
     keep = np.ones(len(w))
