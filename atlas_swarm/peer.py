@@ -136,6 +136,10 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
             p.steps, p.samples_total, p.loss, p.epoch = p.steps + 1, p.samples_total + samples, loss, p.opt.local_epoch
 
             ended = p.opt.take_completed()
+            while p.opt.caught_up:
+                caught = p.opt.caught_up.pop(0)
+                reporter.event("synced", f"No state that a majority of the run's peers hold could be downloaded: "
+                               f"moved to epoch {caught} with this peer's own adapter", epoch=caught, verified=False)
             for done in ended:
                 finish_epoch(p, done)
             now = time.monotonic()
@@ -234,6 +238,7 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
         p.epoch, p.samples_total = meta["epoch"], meta["samples_total"]
         p.reporter.event("resumed", f"Resumed from {adapter_dir} at epoch {p.epoch}", epoch=p.epoch)
     p.opt = make_optimizer(swarm, spec, p.params, p.batch_size, verbose=cfg.verbose, gate=p.gatekeeper.gate)
+    p.opt.final_epoch = cfg.max_epochs  # its transition averages the state too (the final vote then agrees)
     p.opt.should_stop = lambda: p.stop.requested
     p.opt.state_averager.expected_states = lambda: expected_states(p)
     p.stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
@@ -253,7 +258,7 @@ def sync(p: Progress) -> None:
     (expected_states), so a download can fail while their statuses straddle an epoch; retried for --join-timeout."""
     deadline, before = time.monotonic() + p.cfg.join_timeout, p.opt.local_epoch
     while True:
-        p.opt.load_state_from_peers()
+        p.opt.load_state_from_peers(catch_up=False)
         if not p.opt.behind() or time.monotonic() > deadline or p.stop.requested:
             break
         time.sleep(1.0)
@@ -326,7 +331,7 @@ def finish_run(p: Progress) -> None:
     round downloads it); every finisher of an agreed adapter publishes it (equal adapters, equal CIDs)."""
     epoch = p.opt.local_epoch
     if not finite_adapter(adapter_state(p.model)):
-        p.opt.load_state_from_peers()  # only a state a majority of the run's admitted peers hold
+        p.opt.load_state_from_peers(catch_up=False)  # only a state a majority of the run's admitted peers hold
         if not finite_adapter(adapter_state(p.model)):
             p.reporter.event("final", "The final adapter holds NaN or infinite values and no verified state could "
                              "be downloaded: nothing agreed, published or saved", agreed=False, nonfinite=True)

@@ -95,6 +95,29 @@ def skip_admission():
     Gatekeeper.check_self = lambda self: None
 
 
+def _drift_moments(factor: float):
+    """Not an attack: the state a missed round leaves behind. After the peer's first optimizer step its Adam second
+    moments are scaled by ``factor``, as if that step's gradient had been its own rather than the group's: an honest
+    peer whose moments differ from its groupmates' for the rest of the run (state rounds average parameters only)."""
+    honest = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = honest(self, *args, **kwargs)
+        moments = [s["exp_avg_sq"] for s in self.state.values() if "exp_avg_sq" in s]
+        if not getattr(self, "_drifted", False) and any(bool(m.any()) for m in moments):  # not hivemind's zero step
+            self._drifted = True
+            with torch.no_grad():
+                for m in moments:
+                    m.mul_(factor)
+        return result
+
+    torch.optim.AdamW.step = step
+
+
+ATTACKS["drifted_moments_x4"] = lambda: _drift_moments(4.0)
+ATTACKS["drifted_moments_x9"] = lambda: _drift_moments(9.0)
+
+
 def main() -> int:
     for name in filter(None, os.environ.get("ATLAS_ATTACK", "").split(",")):
         ATTACKS[name]()

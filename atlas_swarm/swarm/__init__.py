@@ -23,7 +23,10 @@ from atlas_swarm.swarm.records import PeerStatus
 HIVEMIND_OVERRIDES = {
     # the optimizer (swarm/optimizer.py)
     "optimizer.SwarmOptimizer.__init__": "queue of EpochDone; run the optimizer step inline (InlineExecutor)",
-    "optimizer.SwarmOptimizer._update_global_epoch": "record each transition (samples, group); look for next groups",
+    "optimizer.SwarmOptimizer._update_global_epoch": "record each transition (samples, group); look for next groups; "
+    "the final epoch averages the state too",
+    "optimizer.SwarmOptimizer.load_state_from_peers": "no verified state for averaging_timeout: move to the majority's "
+    "epoch with own parameters",
     "optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer": "give up a groupless round; note group",
     "optimizer.SwarmOptimizer._maybe_schedule_gradient_averaging": "look for groups at the transition, not mid-epoch",
     "optimizer.SwarmOptimizer._begin_averaging_gradients": "no round while alone; every round gathers its epoch",

@@ -7,6 +7,11 @@ and honest peers of one round hold bit-identical adapters (train/aggregate.py), 
 Holders advertise a higher state-sharing priority; the others download the state the holders' statuses name
 (verified: swarm.averagers.StateAverager) and check the hash. Bounded by a timeout.
 
+A finishing peer's status is refreshed while it waits, and the hash each peer was last seen finishing with is
+remembered: the statuses live STATUS_TTL (60 s), and in a three-way tie that outlived them every peer saw nobody left
+and reported "agreed by all 1 finishing peers", each with its own adapter (seen with 3 CLI peers whose early rounds
+failed; test_a_tie_is_not_agreement_once_statuses_expire).
+
 A download is the one step that cannot be taken back, so a peer acts on the tally only once it is complete (every
 peer it follows at this epoch has published its hash) or half the timeout has passed: acting on a partial tally, a
 peer whose pair-mate had not published yet saw a 1-1 tie, downloaded the odd peer's smaller hash, and the swarm left
@@ -20,7 +25,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from atlas_swarm.admission import trusted_states
+from atlas_swarm.errors import SwarmError
 from atlas_swarm.majority import majority
+from atlas_swarm.swarm import records
 from atlas_swarm.swarm.node import Swarm
 from atlas_swarm.swarm.records import parse_state
 
@@ -48,14 +55,17 @@ def agree_on_final_adapter(
     """Wait until every live peer of ``run_id`` has reached ``epoch`` and all who stop there hold one adapter."""
     ours, downloaded = current_hash(), False
     publish(ours)
+    published = time.monotonic()
     deadline = time.monotonic() + timeout
     decide_by = time.monotonic() + timeout / 2  # after this, peers that have not published are not waited for
+    seen: dict[str, str] = {}  # PeerID -> the final hash it was last seen with (kept when its status expires)
     while True:
         statuses = {pid: s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving}
         others = list(statuses.values())  # admitted peers only (Swarm.admits)
+        seen.update({pid: s.final_hash for pid, s in statuses.items() if s.epoch == epoch and s.final_hash})
         # a peer at our epoch without a final hash is about to publish one (or trains on: then we time out)
         still_training = any(s.epoch < epoch or (s.epoch == epoch and not s.final_hash) for s in others)
-        finals = [s.final_hash for s in others if s.epoch == epoch and s.final_hash]
+        finals = list(seen.values())
         target = majority(finals + [ours])  # the canonical adapter
         if ours == target:
             if not opt.client_mode:  # client-mode peers cannot serve state (hivemind refuses a priority)
@@ -75,6 +85,12 @@ def agree_on_final_adapter(
                     publish(ours)
         if should_stop() or time.monotonic() > deadline:
             return Agreement(ours, False, len(finals) + 1, downloaded)
+        if time.monotonic() - published >= records.STATUS_TTL / 4:
+            published = time.monotonic()
+            try:
+                publish(ours)  # keep our hash visible to the others while we wait
+            except SwarmError:
+                pass  # no node took it this time: the next refresh tries again
         time.sleep(POLL_EVERY)
 
 

@@ -23,7 +23,7 @@ from hivemind.compression import Float16Compression, NoCompression, ScaledFloat1
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
-from atlas_swarm.admission import sane_progress
+from atlas_swarm.admission import epoch_ceiling, sane_progress
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm import schedule
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager
@@ -149,6 +149,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._round: Optional[RoundReport] = None
         self._epoch_began: Optional[float] = None  # time.monotonic() of the last transition
         self._epoch_seconds = math.inf  # how long the last whole epoch took
+        self.final_epoch: Optional[int] = None  # the peer stops at this epoch (--max-epochs): see _update_global_epoch
+        self.caught_up: list[int] = []  # epochs this peer moved to without a state (_catch_up_without_state)
+        self._behind_since: Optional[float] = None
         super().__init__(**kwargs)
         self.state_averager.should_stop = lambda: self.should_stop()
         if not (self.delay_optimizer_step or self.delay_state_averaging):  # the caller would wait anyway: see above
@@ -161,7 +164,18 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._group, self._round = (), None
         self.state_averager.skip_round = False
         t0 = time.perf_counter()
-        super()._update_global_epoch(grad_scaler)
+        # The transition into a peer's final epoch averages the state too, whatever average_state_every says: the
+        # peers stopping there then hold bit-identical parameters, so their final vote counts real agreement. After
+        # gradient rounds alone, peers whose Adam moments drifted apart (one missed a round and stepped on its own
+        # gradients) step the same averaged gradient to different parameters, and three such peers left the run
+        # with three adapters (test_consensus, drifted moments). hivemind decides on next_epoch % every == 0.
+        every, next_epoch = self.average_state_every, max(self.local_epoch + 1, self.tracker.global_epoch)
+        if next_epoch == self.final_epoch:
+            self.average_state_every = next_epoch
+        try:
+            super()._update_global_epoch(grad_scaler)
+        finally:
+            self.average_state_every = every
         self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0,
                                         self._round))  # fmt: skip
         now = time.monotonic()
@@ -274,6 +288,36 @@ class SwarmOptimizer(hivemind.Optimizer):
             except BaseException:
                 pass  # a failed round is hivemind's to report, a timeout is the next check
 
+    def load_state_from_peers(self, catch_up: bool = True, **kwargs):
+        super().load_state_from_peers(**kwargs)
+        if catch_up:  # the peer's startup sync waits --join-timeout for a verified state instead
+            self._catch_up_without_state()
+
+    # A peer behind the swarm takes only a state that a strict majority of the run's peers hold (verified downloads).
+    # After rounds that failed, honest peers' states can differ with no majority: a peer that fell two epochs behind
+    # (hivemind catches up one epoch by itself) then found nothing to download and stayed behind for good, trying
+    # again at every step, while the pair rule kept its two groupmates-to-be from averaging as a pair (3 CLI peers,
+    # test_consensus: 60 s at epoch 0, 1,200 one-sample steps). After averaging_timeout without a verified state, it
+    # moves to the epoch a strict majority of the other peers it follows have reached (one liar cannot raise that)
+    # with its own parameters; the next state round averages them with the others'.
+    def _catch_up_without_state(self) -> None:
+        found = self.dht.get(self.tracker.training_progress_key, latest=True)
+        records = self.tracker.followed_records(found.value if found is not None else None)
+        epochs = [r["epoch"] for pid, r in records.items() if pid != self.tracker.own_peer_id]
+        target = epoch_ceiling(epochs, slack=0)
+        if target is None or target <= self.local_epoch:
+            self._behind_since = None
+            return
+        now = time.monotonic()
+        if self._behind_since is None:
+            self._behind_since = now
+        elif now - self._behind_since >= self.averaging_timeout:
+            log.log(self.status_loglevel, f"No verified state to download: moving to epoch {target} as we are")
+            self.state_averager.local_epoch = target
+            self.tracker.report_local_progress(local_epoch=target, samples_accumulated=0)
+            self.caught_up.append(target)
+            self._behind_since = None
+
     def _swarm_epoch(self) -> int:
         """The highest epoch in the progress records this peer follows (-1 if none can be read)."""
         found = self.dht.get(self.tracker.training_progress_key, latest=True)
@@ -281,7 +325,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         return schedule.highest_epoch(records.values())
 
     def _maybe_schedule_state_averaging(self) -> None:
-        next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every)
+        next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every,
+                                                self.final_epoch)  # fmt: skip
         if next_epoch is None or self.state_averager.averaging_in_progress:
             return
         delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it

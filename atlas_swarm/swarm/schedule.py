@@ -34,10 +34,11 @@ def time_to_look(peers: int, to_epoch_end: float, delay: float, horizon_s: float
     return peers > 1 and to_epoch_end + delay <= horizon_s
 
 
-def state_round_epoch(local_epoch: int, swarm_epoch: int, every: int) -> Optional[int]:
-    """The epoch whose start averages the peers' state, if it is the next one (every ``every`` epochs); else None."""
+def state_round_epoch(local_epoch: int, swarm_epoch: int, every: int, final: Optional[int] = None) -> Optional[int]:
+    """The epoch whose start averages the peers' state, if it is the next one (every ``every`` epochs, and the
+    peer's ``final`` epoch); else None."""
     next_epoch = max(local_epoch + 1, swarm_epoch)
-    return next_epoch if next_epoch % every == 0 else None
+    return next_epoch if next_epoch % every == 0 or next_epoch == final else None
 
 
 def last_step_samples(batch_size: int, peers: int, rate: float, left: float) -> int:

@@ -16,6 +16,9 @@ from atlas_swarm.model.hashing import tensors_hash
 from atlas_swarm.swarm import PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import state_claim
+from tests.conftest import write_spec
+from tests.integration.test_swarm import adapter, max_abs_diff
+from tests.peers import first_maddr, killed_at_exit, start_peer
 
 pytestmark = pytest.mark.integration
 SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "causal-lm"},
@@ -98,3 +101,39 @@ def test_a_lone_smallest_hash_does_not_win_a_three_way_tie(tmp_path):
     assert [r.downloaded for r in results[:2]] == [False, False], results
     assert not results[0].agreed and not results[1].agreed
     assert torch.equal(params[0], torch.full((4, 4), 1.0)) and torch.equal(params[1], torch.full((4, 4), 2.0))
+
+
+def test_a_tie_is_not_agreement_once_statuses_expire(tmp_path, monkeypatch):
+    # Prepare: three honest peers with three adapters (a 1-1-1 tie nobody may break), statuses that live 3 s, and an
+    # agreement that waits 12 s: the statuses the peers published when they began would expire midway
+    from atlas_swarm.swarm import node, records
+
+    monkeypatch.setattr(records, "STATUS_TTL", 3.0)
+    monkeypatch.setattr(node, "STATUS_TTL", 3.0)
+    # Execute
+    results, _ = _finish_together(tmp_path, [1.0, 2.0, 3.0], {}, timeout=12.0)
+    # Assert: nobody claims an agreement; each still counts the three finishers (before: "agreed by all 1")
+    assert [(r.agreed, r.peers) for r in results] == [(False, 3)] * 3, results
+
+
+def test_peers_whose_moments_drifted_apart_end_bit_identical(tmp_path, tiny_model, text_data):
+    # Three honest CLI peers; two carry Adam moments that differ from the group's (as a missed round leaves them:
+    # tests/byzantine.py, drifted_moments). They average the same gradients every epoch, but step them to different
+    # parameters; no state round is scheduled before the end (average_state_every 100). Before the final epoch
+    # averaged the state too they left with three adapters (a 1-1-1 vote: nobody agreed). Now the transition into
+    # the final epoch averages the state: equal parameters, one adapter, agreed without a download.
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=480, average_state_every=100)
+    common = ["--data", str(text_data), "--batch-size", "4", "--max-epochs", "3", "--wait-for-peers", "3",
+              "--join-timeout", "90"]  # fmt: skip
+    with killed_at_exit([]) as peers:
+        peers.append(start_peer(tmp_path, "peer0", ["--run-spec", str(spec), *common]))
+        started = peers[0].wait_event("started", 90)
+        join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], *common]
+        for i, drift in ((1, "drifted_moments_x4"), (2, "drifted_moments_x9")):
+            peers.append(start_peer(tmp_path, f"peer{i}", [*join, "--seed", str(i)], attack=drift))
+        codes = [p.wait_exit(240) for p in peers]
+        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
+        finals = [p.wait_event("final", 1) for p in peers]
+        assert all(f["agreed"] for f in finals), finals
+        adapters = [adapter(p) for p in peers]
+        assert max_abs_diff(adapters[0], adapters[1]) == 0.0 and max_abs_diff(adapters[0], adapters[2]) == 0.0

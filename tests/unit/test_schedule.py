@@ -51,6 +51,8 @@ def test_state_rounds_only_on_their_epochs():
     assert state_round_epoch(local_epoch=1, swarm_epoch=1, every=2) == 2
     assert state_round_epoch(local_epoch=1, swarm_epoch=1, every=4) is None  # epoch 2 is not a multiple of 4
     assert state_round_epoch(local_epoch=1, swarm_epoch=4, every=4) == 4  # behind: the swarm's epoch counts
+    assert state_round_epoch(local_epoch=5, swarm_epoch=5, every=4, final=6) == 6  # the peer's last epoch
+    assert state_round_epoch(local_epoch=4, swarm_epoch=4, every=4, final=6) is None
 
 
 def test_the_last_step_of_an_epoch_is_cut_to_the_time_left():
