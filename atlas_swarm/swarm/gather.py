@@ -249,6 +249,16 @@ class GatherAverage:
         if gate is not None and round_.dropped:
             gate.count("dropped_updates", len(round_.dropped))
         peers, gathered = sorted(round_.updates), time.monotonic()
+        if settings.rule != "mean" and own_id in peers and len(peers) == 2 and gate is not None \
+                and gate.followed() - set(peers):  # fmt: skip
+            # What a drop left of a larger group is a pair too, under the same rule as a pair from matchmaking: a
+            # group of 3 whose third member's update did not arrive left one honest peer averaging with the
+            # attacker, its x1e6 gradient at 68 % of the weight (the sign-flip test, 1 run in 5)
+            other = peers[1] if peers[0] == own_id else peers[0]
+            round_.dropped[other] = "a pair has no majority (the rest of the group was dropped)"
+            del round_.updates[other]
+            gate.count("refused_pairs")
+            peers = [own_id]
         if not set(peers) - {own_id}:
             if own_id not in round_.updates:
                 raise MatchmakingException("no update in this round passed the checks, this peer's own included")

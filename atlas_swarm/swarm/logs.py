@@ -7,10 +7,12 @@ import logging
 
 def quiet_hivemind() -> None:
     """hivemind's errors only, and not a round that found no group: an expected outcome that the epoch event reports
-    (group 0, rounds_failed), which hivemind logs as an ERROR with a traceback. Averager processes, forked later,
-    inherit this."""
+    (group 0, rounds_failed), which hivemind logs as an ERROR with a traceback, from its averager and from its
+    optimizer (a peer that reloads state "tags along" in the round it had scheduled: seen on a peer's terminal in the
+    adversarial tests). Averager processes, forked later, inherit this."""
     logging.getLogger("hivemind").setLevel(logging.ERROR)
-    for name, noise in (("hivemind.averaging.averager", _no_group_is_no_error), ("hivemind.dht.dht", _asker_gone)):
+    for name, noise in (("hivemind.averaging.averager", _no_group_is_no_error),
+                        ("hivemind.optim.optimizer", _no_group_is_no_error), ("hivemind.dht.dht", _asker_gone)):
         logger = logging.getLogger(name)
         if noise not in logger.filters:  # main() runs more than once in the tests' process
             logger.addFilter(noise)
