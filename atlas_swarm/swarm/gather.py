@@ -196,8 +196,7 @@ class GatherAverage:
             modes[pid] = mode
             members.append(pid)
         members = tuple(sorted(members))
-        if self.gather_settings.rule != "mean" and len(members) == 2 and gate is not None \
-                and gate.followed() - set(members):  # fmt: skip
+        if _pair_refused(self.gather_settings, members):
             # A pair has no majority: a robust rule gives the mean of two, so an attacker paired with an honest peer
             # (matchmaking left a third peer out) would own that round, and then the final vote (seen in full test
             # runs). While this peer follows a third peer's progress, such a round is not averaged: local gradients.
@@ -249,8 +248,7 @@ class GatherAverage:
         if gate is not None and round_.dropped:
             gate.count("dropped_updates", len(round_.dropped))
         peers, gathered = sorted(round_.updates), time.monotonic()
-        if settings.rule != "mean" and own_id in peers and len(peers) == 2 and gate is not None \
-                and gate.followed() - set(peers):  # fmt: skip
+        if own_id in peers and _pair_refused(settings, peers):
             # What a drop left of a larger group is a pair too, under the same rule as a pair from matchmaking: a
             # group of 3 whose third member's update did not arrive left one honest peer averaging with the
             # attacker, its x1e6 gradient at 68 % of the weight (the sign-flip test, 1 run in 5)
@@ -348,6 +346,12 @@ class GatherAverage:
             round_.settle(sender, await reading)
         finally:
             reading.cancel()
+
+
+def _pair_refused(settings: Settings, members) -> bool:
+    """A robust rule's group of two while this peer follows a third peer (_aggregate_with_group says why)."""
+    gate = settings.gate
+    return settings.rule != "mean" and len(members) == 2 and gate is not None and bool(gate.followed() - set(members))
 
 
 @functools.cache

@@ -301,9 +301,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     # moves to the epoch a strict majority of the other peers it follows have reached (one liar cannot raise that)
     # with its own parameters; the next state round averages them with the others'.
     def _catch_up_without_state(self) -> None:
-        found = self.dht.get(self.tracker.training_progress_key, latest=True)
-        records = self.tracker.followed_records(found.value if found is not None else None)
-        epochs = [r["epoch"] for pid, r in records.items() if pid != self.tracker.own_peer_id]
+        epochs = [r["epoch"] for pid, r in self._followed().items() if pid != self.tracker.own_peer_id]
         target = epoch_ceiling(epochs, slack=0)
         if target is None or target <= self.local_epoch:
             self._behind_since = None
@@ -318,11 +316,14 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.caught_up.append(target)
             self._behind_since = None
 
+    def _followed(self) -> dict[str, dict]:
+        """The progress records this peer follows, read now (the tracker's view is frozen during a transition)."""
+        found = self.dht.get(self.tracker.training_progress_key, latest=True)
+        return self.tracker.followed_records(found.value if found is not None else None)
+
     def _swarm_epoch(self) -> int:
         """The highest epoch in the progress records this peer follows (-1 if none can be read)."""
-        found = self.dht.get(self.tracker.training_progress_key, latest=True)
-        records = self.tracker.followed_records(found.value if found is not None else None)
-        return schedule.highest_epoch(records.values())
+        return schedule.highest_epoch(self._followed().values())
 
     def _maybe_schedule_state_averaging(self) -> None:
         next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every,
