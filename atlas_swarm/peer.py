@@ -41,7 +41,7 @@ from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients,
 from atlas_swarm.ui import Reporter
 
 SPEC_REFRESH_EVERY = 300.0
-FINAL_FLUSH = 20.0  # seconds a finishing peer waits for its last proofs to be posted (a stopped one: 3)
+FINAL_FLUSH = 30.0  # seconds a finishing peer waits for its last receipts and vote to settle (a stopped one: 3)
 
 EpochHook = Callable[[EpochRecord], None]
 
@@ -201,7 +201,7 @@ def open_services(p: Progress) -> None:
         p.publisher = AdapterPublisher(p.swarm, p.spec.run_id, p.spec.model.base, cfg.store_path, cfg.ipfs_api,
                                        cfg.publish_every)  # fmt: skip
         if p.chain is not None:  # the contract's run record keeps epoch -> CID too
-            p.publisher.on_published = p.chain.record_checkpoint
+            p.publisher.on_checkpoint = p.chain.on_checkpoint
         p.hooks.append(lambda record: p.publisher.on_epoch(p.model, record, p.reporter))
     if p.chain is not None:
         p.hooks.append(p.chain.on_epoch)
@@ -293,8 +293,11 @@ def announce(p: Progress) -> None:
 def finish_epoch(p: Progress, done: EpochDone) -> None:
     """An epoch ended: report it, run the hooks (proof, publisher), save every --save-every epochs."""
     tensors = adapter_state(p.model)
+    r = done.round
     record = EpochRecord(p.spec.run_id, p.swarm.peer_id, done.ended, done.epoch, done.samples, done.group,
-                         tensors_hash(tensors), tuple(p.batch_hashes), tensors)  # fmt: skip
+                         tensors_hash(tensors), tuple(p.batch_hashes), tensors,
+                         weights=tuple(r.weights) if r else (), flagged=tuple(r.flagged) if r else (),
+                         result_hash=r.result_hash if r else "")  # fmt: skip
     p.batch_hashes = []  # the next epoch's batches
     flagged = done.round.flagged if done.round is not None else ()
     p.outliers, p.last_outliers = p.outliers + len(flagged), flagged
@@ -306,7 +309,6 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
     with_whom = f"averaged with {len(done.group)} peers" if done.group else "local gradients only"
     if flagged:
         with_whom += f" ({len(flagged)} outlier{'s' if len(flagged) > 1 else ''} clipped: {', '.join(flagged)})"
-    r = done.round
     p.reporter.event("epoch", f"Epoch {done.epoch}: contributed {done.samples} samples, {with_whom}",
                      epoch=done.epoch, samples=done.samples, group=list(done.group),
                      adapter_hash=record.adapter_hash, averaging_s=round(done.seconds, 3),
@@ -365,11 +367,13 @@ def leave(p: Progress) -> None:
                 publish_status(p, leaving=True)  # finishing peers stop waiting for us
             except Exception:
                 pass  # best effort: the record expires on its own
-        if p.chain is not None:  # what is not posted stays in the outbox for the next start
+        if p.chain is not None:  # what is not settled stays in the receipt box for the next start
             counts = p.chain.close(p.stop.budget(3.0) if p.stop.requested else FINAL_FLUSH)
-            p.reporter.event("proofs", f"Proofs: {counts.posted} posted, {counts.pending} pending (posted on the "
-                             f"next start), {counts.rejected} rejected; checkpoints on chain: "
-                             f"{sorted(p.chain.recorded) or 'none'}", **counts.__dict__,
+            p.reporter.event("receipts", f"Receipts: {counts.posted} settled, {counts.collecting} still collecting "
+                             f"signatures (settled on the next start), {counts.unpaid} without a majority, "
+                             f"{counts.rejected} rejected, {p.chain.unpaid_solo} solo epochs (not paid); checkpoints "
+                             f"on chain: {sorted(p.chain.recorded) or 'none'}", **counts.__dict__,
+                             solo=p.chain.unpaid_solo,
                              checkpoints={str(e): c for e, c in p.chain.recorded.items()})  # fmt: skip
         if p.opt is not None:
             p.opt.shutdown(p.stop.budget(1.0) if p.stop.requested else None)
@@ -397,7 +401,7 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         rounds_averaged=p.rounds_averaged, rounds_failed=p.rounds_failed,
         states=p.states, refused=refused(p), outliers=p.outliers,
         last_outliers=list(p.last_outliers[:8]),
-        proofs_posted=proofs.get("proofs_posted", 0), proofs_pending=proofs.get("proofs_pending", 0),
+        receipts_posted=proofs.get("receipts_posted", 0), receipts_pending=proofs.get("receipts_pending", 0),
         rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
         wait=leaving or final is not None, timeout=p.stop.budget(1.0) if p.stop.requested else 5.0)  # fmt: skip
     if not leaving:

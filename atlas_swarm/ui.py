@@ -94,7 +94,7 @@ class Reporter:
 
 
 def _chain_text(state: dict) -> str:
-    if "proofs_posted" not in state:
+    if "receipts_posted" not in state:
         return ""
-    return (f"proofs {state['proofs_posted']} posted/{state['proofs_pending']} pending  rewards "
+    return (f"receipts {state['receipts_posted']} settled/{state['receipts_pending']} pending  rewards "
             f"{state['rewards_wei'] / 1e18:.6f} ETH")  # fmt: skip

@@ -211,7 +211,7 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
         line += "yes" if (out / "kept" / "blocks" / cid).exists() else "NO"
         if chain is not None:
             checkpoint = chain["client"].checkpoint_of(chain["run"], last_epoch(peers[0]))
-            line += f"; recorded on chain: {'yes' if checkpoint and checkpoint[0] == cid else 'NO'}"
+            line += f"; recorded on chain: {'yes' if checkpoint and checkpoint['cid'] == cid else 'NO'}"
         console.print(line)
     if chain is not None:
         exact = all(v["rewards_wei"] == v["verified_samples"] * REWARD_PER_SAMPLE for v in on_chain.values())

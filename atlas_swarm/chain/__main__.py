@@ -72,6 +72,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--budget", required=True, help="ether to escrow")
     s.add_argument("--min-stake", default="0", help="ether of stake a peer needs for its proofs to count")
     s.add_argument("--max-samples-per-epoch", type=int, help="per peer [default: 2 x the spec's target batch size]")
+    s.add_argument("--samples-per-epoch", type=int,
+                   help="all peers of one epoch together [default: 2 x the spec's target batch size]")
+    s.add_argument("--min-epoch-seconds", type=int, default=1,
+                   help="epoch e is paid from creation + e x this on: what colluders can claim ahead [default: 1]")
     s = sub.add_parser("fund-run", parents=[common], help="add ether to your run's budget")
     s.add_argument("run_id")
     s.add_argument("amount")
@@ -156,10 +160,14 @@ def run(a: argparse.Namespace) -> None:
                               f"{c.account.address}: add `trainer = \"{c.account.address}\"` to it (peers read the "
                               f"trainer from the spec to find the run on chain; it changes the run id).")
         max_samples = a.max_samples_per_epoch or 2 * spec.averaging.target_batch_size
+        per_epoch = a.samples_per_epoch or 2 * spec.averaging.target_batch_size
+        if a.min_epoch_seconds < 1 or per_epoch < 1:
+            raise ConfigError("--min-epoch-seconds and --samples-per-epoch must be at least 1.")
         r = c.create_run(spec.run_id, spec.spec_hash, eth(a.reward_per_sample), eth(a.min_stake), max_samples,
-                         eth(a.budget))  # fmt: skip
+                         eth(a.budget), per_epoch, a.min_epoch_seconds)  # fmt: skip
         print(f"run {spec.run_id} open with {a.budget} ETH at {a.reward_per_sample} ETH/sample, min stake "
-              f"{a.min_stake} ETH, at most {max_samples} samples per peer per epoch (tx {r.tx_hash})")  # fmt: skip
+              f"{a.min_stake} ETH, at most {max_samples} samples per peer and {per_epoch} per epoch, epochs at "
+              f"least {a.min_epoch_seconds} s apart (tx {r.tx_hash})")  # fmt: skip
     elif cmd == "fund-run":
         if a.trainer and a.trainer.lower() != c.account.address.lower() and not a.not_mine:
             raise ConfigError(f"Run {a.run_id} of trainer {a.trainer} is not yours: what is left at its close goes "

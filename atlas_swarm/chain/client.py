@@ -22,6 +22,7 @@ from web3 import Web3
 
 from atlas_swarm.errors import ChainError, ChainUnreachable, ConfigError, TxReverted
 from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, chain_run_id, peer_id_hash, run_tag
+from atlas_swarm.proofs.receipt import Receipt as GroupReceipt
 from atlas_swarm.storage.cid import encode
 from atlas_swarm.storage.dag import parse_cid
 
@@ -44,6 +45,11 @@ FIXES = {
     "NothingToClaim": "no rewards are past their challenge window yet",
     "UnbondingNotOver": "wait until the unbonding period is over",
     "ProofExpired": "the proof's deadline passed before it was posted",
+    "EpochAhead": "the run's epochs may not advance faster than its minEpochSeconds: wait, it is paid later",
+    "NoQuorum": "more than half of the members listed must sign (each bound to its PeerID and staked)",
+    "CheckpointFinal": "the recorded checkpoint's challenge window is over",
+    "NotMoreVotes": "a recorded checkpoint is replaced only by one with more votes",
+    "NotAVoter": "voters are listed sorted, once each, and each was paid for the epoch before the checkpoint",
 }
 
 
@@ -199,7 +205,7 @@ class StakingClient:
         called closeRun (proofs are paid until ``closes_at``, unix time)."""
         r = self._call(lambda: self.contract.functions.getRun(run).call())
         keys = ("trainer", "max_samples_per_epoch", "closes_at", "spec_hash", "reward_per_sample", "min_stake",
-                "budget", "funded")  # fmt: skip
+                "budget", "funded", "samples_per_epoch", "min_epoch_seconds", "created_at")  # fmt: skip
         out = dict(zip(keys, r))
         if int(out["trainer"], 16) == 0:
             return None
@@ -215,13 +221,13 @@ class StakingClient:
         def row(peer: str) -> dict:
             return ledger.setdefault(peer, {"epochs": 0, "samples": 0, "reward_wei": 0, "slashed_wei": 0, "slashes": 0})
 
-        accepted = self._call(lambda: events.ProofAccepted.get_logs(from_block=from_block,
-                                                                    argument_filters={"runId": rid}))  # fmt: skip
-        for log in accepted:
-            r = row(log.args.peer)
-            r["epochs"] += 1
-            r["samples"] += log.args.samples
-            r["reward_wei"] += log.args.reward
+        for event in (events.ProofAccepted, events.ContributionPaid):
+            accepted = self._call(lambda: event.get_logs(from_block=from_block, argument_filters={"runId": rid}))
+            for log in accepted:
+                r = row(log.args.peer)
+                r["epochs"] += 1
+                r["samples"] += log.args.samples
+                r["reward_wei"] += log.args.reward
         slashed = self._call(lambda: events.Slashed.get_logs(from_block=from_block, argument_filters={"runId": rid}))
         for log in slashed:
             r = row(log.args.peer)
@@ -241,13 +247,30 @@ class StakingClient:
     def binds(self, address: str, peer_id: str) -> bool:
         return self.peer_id_of(address) == peer_id_hash(peer_id)
 
-    def checkpoint_of(self, run: bytes, epoch: int) -> Optional[tuple[str, str]]:
-        """(adapter folder CID, publisher address) recorded on chain for (run, epoch), or None."""
-        digest, publisher = self._call(lambda: self.contract.functions.checkpointOf(run, epoch).call())
+    def checkpoint_of(self, run: bytes, epoch: int) -> Optional[dict]:
+        """The checkpoint recorded on chain for (run, epoch), or None: ``cid`` (the adapter folder's CID),
+        ``publisher``, ``votes``, ``recorded_at`` and ``final`` (its challenge window is over: nothing replaces it)."""
+        fn = self.contract.functions.checkpointOf(run, epoch)
+        digest, publisher, votes, recorded_at = self._call(fn.call)
         if int.from_bytes(digest, "big") == 0:
             return None
+        window = self._call(lambda: self.contract.functions.CHALLENGE_WINDOW().call())
+        now = self._call(lambda: self.w3.eth.get_block("latest")["timestamp"])
+        return {"cid": encode(CID_V1_DAG_PB + digest), "publisher": publisher, "votes": votes,
+                "recorded_at": recorded_at, "final": now >= recorded_at + window}  # fmt: skip
 
-        return encode(CID_V1_DAG_PB + digest), publisher
+    def receipt_digest(self, receipt: GroupReceipt) -> bytes:
+        return self._call(lambda: self.contract.functions.receiptDigest(receipt.as_tuple()).call())
+
+    def checkpoint_digest(self, run: bytes, epoch: int, cid_digest: bytes) -> bytes:
+        return self._call(lambda: self.contract.functions.checkpointDigest(run, epoch, cid_digest).call())
+
+    def epoch_tally(self, run: bytes, epoch: int) -> dict:
+        samples, payees = self._call(lambda: self.contract.functions.epochTally(run, epoch).call())
+        return {"samples": samples, "payees": payees}
+
+    def payable_epoch(self, run: bytes) -> int:
+        return self._call(lambda: self.contract.functions.payableEpoch(run).call())
 
     def has_proof(self, run: bytes, address: str, epoch: int) -> bool:
         return self._call(lambda: self.contract.functions.proofSubmitted(run, address, epoch).call())
@@ -268,22 +291,27 @@ class StakingClient:
     def withdraw(self) -> Receipt:
         return self._send(self.contract.functions.withdraw())
 
-    def record_checkpoint(self, run: bytes, epoch: int, cid: str) -> Receipt:
-        """Record the CIDv1 of the adapter peers hold at ``epoch``; needs this account's proof for ``epoch - 1``."""
-        raw = parse_cid(cid)
-        if raw[:4] != CID_V1_DAG_PB:
-            raise ValueError(f"{cid} is not a CIDv1 of a dag-pb folder")
-        return self._send(self.contract.functions.recordCheckpoint(run, epoch, raw[4:]))
+    def record_checkpoint(self, run: bytes, epoch: int, cid: str, votes: dict[str, bytes]) -> Receipt:
+        """Record the CIDv1 of the adapter peers hold at ``epoch`` with ``votes`` (address -> signature of
+        checkpoint_digest), each voter paid for ``epoch - 1``, more than half of the peers paid for it."""
+        voters = sorted(votes, key=lambda a: int(a, 16))
+        fn = self.contract.functions.recordCheckpoint(run, epoch, cid_digest(cid),
+                                                      [to_checksum_address(v) for v in voters],
+                                                      [votes[v] for v in voters])  # fmt: skip
+        return self._send(fn)
 
     def register_peer(self, peer_id: str) -> Receipt:
         return self._send(self.contract.functions.registerPeer(peer_id_hash(peer_id)))
 
     def create_run(self, run_id: str, spec_hash: bytes, reward_per_sample: int, min_stake: int,
-                   max_samples_per_epoch: int, budget: int) -> Receipt:  # fmt: skip
-        """Open run ``run_id`` with this account as its trainer; its on-chain id is chain_run_id(run_id, account)."""
-        fn = self.contract.functions.createRun(run_tag(run_id), spec_hash, reward_per_sample, min_stake,
-                                               max_samples_per_epoch)  # fmt: skip
-        return self._send(fn, value=budget)
+                   max_samples_per_epoch: int, budget: int, samples_per_epoch: Optional[int] = None,
+                   min_epoch_seconds: int = 1) -> Receipt:  # fmt: skip
+        """Open run ``run_id`` with this account as its trainer; its on-chain id is chain_run_id(run_id, account).
+        All receipts of one epoch are paid at most ``samples_per_epoch`` samples together (default: 8 peers at
+        ``max_samples_per_epoch``), and epoch e is paid from creation + e x ``min_epoch_seconds`` on."""
+        terms = (reward_per_sample, min_stake, max_samples_per_epoch,
+                 samples_per_epoch if samples_per_epoch is not None else 8 * max_samples_per_epoch, min_epoch_seconds)
+        return self._send(self.contract.functions.createRun(run_tag(run_id), spec_hash, terms), value=budget)
 
     def run_of(self, run_id: str, trainer: Optional[str] = None) -> bytes:
         """On-chain id of ``run_id`` opened by ``trainer`` (default: this client's account)."""
@@ -311,6 +339,25 @@ class StakingClient:
             return self._send(self.contract.functions.submitProof(proof.as_tuple(), sig))
         fn = self.contract.functions.submitProofs([p.as_tuple() for p, _ in signed], [s for _, s in signed])
         return self._send(fn)
+
+    def settle_receipts(self, signed: Sequence[tuple[GroupReceipt, Sequence[bytes]]]) -> Receipt:
+        """Settle co-signed receipts (signatures in member order, b"" for a member who did not sign); one receipt:
+        settleReceipt, several: settleReceipts. Members paid before are skipped, never paid twice."""
+        if len(signed) == 1:
+            receipt, sigs = signed[0]
+            return self._send(self.contract.functions.settleReceipt(receipt.as_tuple(), list(sigs)))
+        fn = self.contract.functions.settleReceipts([r.as_tuple() for r, _ in signed], [list(s) for _, s in signed])
+        return self._send(fn)
+
+    def slash_conflicting_receipts(self, a: GroupReceipt, sig_a: bytes, b: GroupReceipt, sig_b: bytes,
+                                   peer: str) -> Receipt:  # fmt: skip
+        return self._send(self.contract.functions.slashConflictingReceipts(a.as_tuple(), sig_a, b.as_tuple(), sig_b,
+                                                                           to_checksum_address(peer)))  # fmt: skip
+
+    def slash_conflicting_votes(self, run: bytes, epoch: int, cid_a: str, sig_a: bytes, cid_b: str, sig_b: bytes,
+                                peer: str) -> Receipt:  # fmt: skip
+        return self._send(self.contract.functions.slashConflictingVotes(
+            run, epoch, cid_digest(cid_a), sig_a, cid_digest(cid_b), sig_b, to_checksum_address(peer)))
 
     def slash_equivocation(self, a: ContributionProof, sig_a: bytes, b: ContributionProof, sig_b: bytes) -> Receipt:
         return self._send(self.contract.functions.slashEquivocation(a.as_tuple(), sig_a, b.as_tuple(), sig_b))
@@ -347,6 +394,14 @@ class StakingClient:
                              "Unknown")  # fmt: skip
         events = tuple(_event_names(self.contract, receipt))
         return Receipt("0x" + bytes(tx_hash).hex().removeprefix("0x"), receipt["gasUsed"], receipt["blockNumber"], events)
+
+
+def cid_digest(cid: str) -> bytes:
+    """The 32 bytes the chain keeps of an adapter folder's CIDv1 (dag-pb, sha2-256)."""
+    raw = parse_cid(cid)
+    if raw[:4] != CID_V1_DAG_PB:
+        raise ValueError(f"{cid} is not a CIDv1 of a dag-pb folder")
+    return raw[4:]
 
 
 def _event_names(contract, receipt) -> Iterable[str]:

@@ -1,12 +1,13 @@
-"""A training peer's chain side: checked once at start, then one signed proof per epoch through the outbox.
+"""A training peer's chain side: checked once at start, then one co-signed receipt per averaged epoch.
 
     ChainSession.open   wallet → contract → the run the spec's trainer opened (same spec hash, not closing) → this
                         wallet bound to our PeerID (registers it if unbound) → stake ≥ the run's minimum → wallet
-                        binding published in the DHT → outbox + poster
-    on_epoch            sign the epoch's proof (samples, adapter hash, data root), queue it, wake the poster
-    record_checkpoint   the CID this peer published for an epoch, recorded on chain by the poster once the proof
-                        that produced it (epoch - 1) is accepted
-    close               last flush (bounded), counts for the final report
+                        binding published in the DHT → receipt box + poster
+    on_epoch            the round's receipt (members with verified bindings, weights, outliers, aggregate hash):
+                        signed once, stored, published for the groupmates; the poster gathers theirs and settles
+    on_checkpoint       a vote for the adapter CID this peer holds at a publishing epoch, published; the poster
+                        records a checkpoint once most peers paid for the epoch before voted for one CID
+    close               last turns (bounded), counts for the final report
 """
 
 from __future__ import annotations
@@ -18,35 +19,43 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
-from atlas_swarm.chain.client import ETHER, StakingClient
-from atlas_swarm.chain.outbox import PROOF_TTL, Counts, Outbox, ProofPoster
+from atlas_swarm.chain.client import ETHER, StakingClient, cid_digest
+from atlas_swarm.chain.receipts import ReceiptBox, ReceiptCounts, ReceiptPoster
 from atlas_swarm.chain.wallet import load_wallet, read_password
 from atlas_swarm.config import ChainConfig, RunSpec
-from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
+from atlas_swarm.errors import ChainError, ChainUnreachable, SwarmError, TxReverted
 from atlas_swarm.proofs.binding import sign_binding
 from atlas_swarm.proofs.eip712 import chain_run_id, peer_id_hash
-from atlas_swarm.proofs.record import EpochRecord, proof_of
+from atlas_swarm.proofs.receipt import checkpoint_digest, receipt_of, recover, sign_digest
+from atlas_swarm.proofs.record import EpochRecord
+from atlas_swarm.swarm.records import CoSignature
 
 Emit = Callable[..., None]  # (kind, message, **fields): the peer's Reporter.event
+BINDINGS_EVERY = 10.0  # seconds between re-reads of the run's wallet bindings when a groupmate's is missing
+VOTES_KEPT = 4  # checkpoint votes this peer keeps publishing
 
 
 @dataclass
 class ChainSession:
     client: StakingClient
-    outbox: Outbox
-    poster: ProofPoster
+    box: ReceiptBox
+    poster: ReceiptPoster
     run_id: str
     run: bytes  # on-chain id: chain_run_id(run_id, spec.trainer)
-    peer_id: str
+    swarm: object
     emit: Emit
-    checkpoints: dict = field(default_factory=dict)  # epoch -> CID, waiting for the producing proof
-    recorded: dict = field(default_factory=dict)  # epoch -> CID on chain (by us, or already by another peer)
+    checkpoints: dict = field(default_factory=dict)  # epoch -> CID this peer voted for, not recorded yet
+    recorded: dict = field(default_factory=dict)  # epoch -> CID on chain (by us, or by another voter)
+    unpaid_solo: int = 0  # epochs averaged alone (or with no bound groupmate): not paid, by design
+    _votes: list = field(default_factory=list)  # this peer's CoSignature votes
+    _bindings: dict = field(default_factory=dict)
+    _bindings_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, cfg: ChainConfig, spec: RunSpec, swarm, out: Path, emit: Emit) -> "ChainSession":
-        """Check everything a proof needs on chain (each problem is a ChainError naming the fix), then start the
-        poster; proofs left pending by an earlier session are posted first."""
+        """Check everything a receipt needs on chain (each problem is a ChainError naming the fix), then start the
+        poster; receipts left by an earlier session are gathered and settled first."""
         account = load_wallet(cfg.wallet, read_password(cfg.password_file))
         client = StakingClient.connect(StakingClient.web3(cfg.rpc), cfg.contract, account)
         if not spec.trainer:
@@ -59,7 +68,7 @@ class ChainSession:
                              f"{spec.trainer} opens it with `python -m atlas_swarm.chain create-run --run-spec SPEC`.")
         if run["closing"]:
             raise ChainError(f"Run {spec.run_id} is closing on the staking contract (its trainer called close-run); "
-                             f"new proofs would not be paid.")  # fmt: skip
+                             f"new receipts would not be paid.")  # fmt: skip
         if run["spec_hash"] != spec.spec_hash:
             raise ChainError(f"The staking contract's run {spec.run_id} has another spec hash than this run's spec.")
         peer_id = swarm.peer_id
@@ -77,72 +86,142 @@ class ChainSession:
                              f"--wallet {cfg.wallet}`.")  # fmt: skip
         swarm.publish_wallet(spec.run_id, account.address, sign_binding(peer_id, account.key))
 
-        outbox = Outbox(out / "proofs", account, client.domain)
-        poster = ProofPoster(outbox, StakingClient(client.w3, client.address, account), batch=cfg.proof_batch,
-                             max_wait=cfg.proof_max_wait).start()  # fmt: skip
-        if outbox.counts().pending:
-            poster.outbox.flush(poster.client)  # proofs left pending by an earlier session go first, now
-        counts = outbox.counts()
-        emit(
-            "chain", f"Posting proofs to {client.address} on chain {client.chain_id} as {account.address} "
-            f"({counts.pending} pending from before)", contract=client.address, chain_id=client.chain_id,
-            address=account.address, pending=counts.pending,
-        )  # fmt: skip
-        session = cls(client, outbox, poster, spec.run_id, chain_run, peer_id, emit)
-        poster.after_flush.append(session._post_checkpoints)
+        box = ReceiptBox(out / "receipts", account, client.domain, batch=cfg.proof_batch, max_wait=cfg.proof_max_wait)
+        poster_client = StakingClient(client.w3, client.address, account)
+        session = cls(client, box, None, spec.run_id, chain_run, swarm, emit)  # type: ignore[arg-type]
+        session.poster = ReceiptPoster(box, poster_client, session._groupmates_signatures).start()
+        session.poster.after_flush.append(session._post_checkpoints)
+        left = box.counts().collecting
+        if left:
+            session._publish_signatures()  # groupmates of an earlier session may still need ours
+        emit("chain", f"Settling co-signed receipts on {client.address} (chain {client.chain_id}) as "
+             f"{account.address} ({left} from before)", contract=client.address, chain_id=client.chain_id,
+             address=account.address, pending=left)  # fmt: skip
         return session
 
+    # -- receipts ---------------------------------------------------------------------------------------------------
     def on_epoch(self, record: EpochRecord) -> None:
-        """Sign the proof of the epoch this peer just contributed to (the peer's epoch hook)."""
-        if record.samples <= 0:
+        """Sign the receipt of the round this peer just averaged in (the peer's epoch hook)."""
+        if len(record.group) < 2 or not record.result_hash:
+            self.unpaid_solo += 1  # a solo epoch has no witnesses: not paid (README, "Rewards")
             return
-        proof = proof_of(record, self.run, self.outbox.account.address, deadline=int(time.time() + PROOF_TTL))
-        if self.outbox.sign(proof) is None:
-            self.emit("proof_exists", f"Epoch {record.ended} was signed before (not signing it twice)",
+        receipt = receipt_of(self.run, record.ended, record.result_hash, record.group, record.weights,
+                             record.flagged, self._wallets(record.group))  # fmt: skip
+        if receipt is None or receipt.index(self.box.account.address) is None:
+            self.unpaid_solo += 1
+            self.emit("receipt_skipped", f"Epoch {record.ended}: fewer than 2 groupmates with a verified wallet "
+                      f"binding; not paid", epoch=record.ended)  # fmt: skip
+            return
+        if self.box.sign(receipt) is None:
+            self.emit("receipt_exists", f"Epoch {record.ended} was signed before (not signing it twice)",
                       epoch=record.ended)  # fmt: skip
             return
-        self.emit("proof_signed", "", epoch=record.ended, samples=record.samples)
+        self._publish_signatures()
+        self.emit("receipt_signed", "", epoch=record.ended, members=len(receipt.members),
+                  weight=receipt.members[receipt.index(self.box.account.address)].weight)  # fmt: skip
         self.poster.poke()
 
-    def record_checkpoint(self, epoch: int, cid: str) -> None:
+    def _wallets(self, group) -> dict[str, str]:
+        """PeerID -> address of the run's verified bindings (both ways), re-read when a groupmate is missing."""
+        missing = set(group) - set(self._bindings)
+        if missing and time.monotonic() - self._bindings_at >= BINDINGS_EVERY or not self._bindings:
+            try:
+                self._bindings = verified_bindings(self.swarm, self.client, self.run_id)
+                self._bindings_at = time.monotonic()
+            except (ChainError, SwarmError):
+                pass  # the old view; a member without a binding is left out of the receipt
+        return self._bindings
+
+    def _publish_signatures(self) -> None:
+        own = [CoSignature(kind="receipt", epoch=e, digest=d, signature=s) for e, d, s in self.box.own_signatures(12)]
         with self._lock:
+            votes = list(self._votes)
+        try:
+            self.swarm.publish_cosignatures(self.run_id, own + votes)
+        except SwarmError:
+            pass  # published again with the next receipt or vote
+
+    def _groupmates_signatures(self) -> list[tuple[int, bytes, bytes]]:
+        """(epoch, digest, signature) of every receipt signature the run's peers publish (the box keeps the ones
+        over its own receipts' digests, from their members)."""
+        return [(s.epoch, s.digest, s.signature) for sigs in self.swarm.cosignatures(self.run_id).values()
+                for s in sigs if s.kind == "receipt"]  # fmt: skip
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def on_checkpoint(self, epoch: int, cid: str) -> None:
+        """Vote for ``cid`` as the run's adapter at ``epoch`` (once per epoch; the publisher's hook)."""
+        with self._lock:
+            if epoch in self.checkpoints or epoch in self.recorded or epoch == 0:
+                return
+            digest = checkpoint_digest(self.run, epoch, cid_digest(cid), self.client.domain)
+            vote = CoSignature(kind="vote", epoch=epoch, digest=digest, cid=cid,
+                               signature=sign_digest(digest, self.box.account.key))
+            self._votes = (self._votes + [vote])[-VOTES_KEPT:]
             self.checkpoints[epoch] = cid
+        self._publish_signatures()
         self.poster.poke()
 
     def _post_checkpoints(self) -> None:
-        """On the poster's thread, after a flush: record each checkpoint whose producing proof is on chain now."""
-        client = self.poster.client
+        """On the poster's thread: record each voted checkpoint once more than half of the peers paid for the epoch
+        before voted for the same CID (each vote checked here: signer, and paid for that epoch)."""
         with self._lock:
             waiting = sorted(self.checkpoints.items())
+        if not waiting:
+            return
+        client = self.poster.client
+        published = [s for sigs in self.swarm.cosignatures(self.run_id).values() for s in sigs if s.kind == "vote"]
         for epoch, cid in waiting:
-            if epoch == 0 or not client.has_proof(self.run, client.account.address, epoch - 1):
-                continue  # the proof is still in the outbox (or this peer contributed nothing to that epoch)
+            digest = checkpoint_digest(self.run, epoch, cid_digest(cid), client.domain)
+            votes = {}
+            for s in published:
+                signer = recover(digest, s.signature) if s.epoch == epoch and s.digest == digest else None
+                if signer is not None and client.has_proof(self.run, signer, epoch - 1):
+                    votes[signer] = s.signature
+            payees = client.epoch_tally(self.run, epoch - 1)["payees"]
+            if len(votes) < 2 or 2 * len(votes) <= payees:
+                continue  # more votes (or more settled receipts) may come
+            outcome = cid
             try:
-                client.record_checkpoint(self.run, epoch, cid)
-                self.recorded[epoch] = cid
+                on_chain = client.checkpoint_of(self.run, epoch)
+                if on_chain is None or (on_chain["cid"] != cid and on_chain["votes"] < len(votes)
+                                        and not on_chain["final"]):  # fmt: skip
+                    client.record_checkpoint(self.run, epoch, cid, votes)
+                elif on_chain["cid"] != cid:
+                    outcome = f"refused: the chain holds {on_chain['cid']} with {on_chain['votes']} votes"
             except TxReverted as e:
-                if e.error == "CheckpointExists":  # another publisher of the group was first
-                    on_chain = client.checkpoint_of(self.run, epoch)
-                    self.recorded[epoch] = on_chain[0] if on_chain else cid
+                if e.error != "CheckpointExists":  # another voter recorded the same CID first: done
+                    outcome = f"refused: {e}"
             except ChainUnreachable:
-                return  # try again after the next flush
-            except (ChainError, ValueError) as e:  # a permanent refusal: say why at exit, don't retry
-                self.recorded[epoch] = f"refused: {e}"
+                return  # again after the next flush
+            except ChainError as e:
+                outcome = f"refused: {e}"
             with self._lock:
+                self.recorded[epoch] = outcome
                 self.checkpoints.pop(epoch, None)
 
+    # -- reporting ------------------------------------------------------------------------------------------------
     def progress(self) -> dict:
         c, r = self.poster.counts, self.poster.rewards
-        return {"proofs_posted": c.posted, "proofs_pending": c.pending, "proofs_rejected": c.rejected,
-                "rewards_wei": r["claimable"] + r["pending"], "poster_errors": self.poster.errors}  # fmt: skip
+        return {"receipts_posted": c.posted, "receipts_pending": c.collecting, "receipts_unpaid": c.unpaid,
+                "receipts_rejected": c.rejected, "rewards_wei": r["claimable"] + r["pending"],
+                "poster_errors": self.poster.errors}  # fmt: skip
 
-    def close(self, timeout: float = 3.0) -> Counts:
-        counts = self.poster.stop(timeout)
+    def close(self, timeout: float = 3.0) -> ReceiptCounts:
+        """Turns until every receipt with a chance is settled and every vote recorded, at most ``timeout`` s; what
+        is left stays on disk for the next start."""
+        deadline = time.monotonic() + timeout
+        self.poster.hurry = True
+        while time.monotonic() < deadline:
+            counts = self.box.counts()
+            if not counts.collecting and not self.checkpoints:
+                break
+            self.poster.poke()
+            time.sleep(0.5)
+        counts = self.poster.stop(max(0.5, deadline - time.monotonic()))
         with self._lock:
-            for epoch in self.checkpoints:  # still waiting: the producing proof was not accepted (yet)
-                self.recorded.setdefault(epoch, "not recorded: this peer's proof of the epoch before is not on chain")
+            for epoch in self.checkpoints:  # not enough votes (yet), or the receipts of the epoch before not settled
+                self.recorded.setdefault(epoch, "not recorded: too few votes from peers paid for the epoch before")
         return counts
-
 
 
 def verified_bindings(swarm, client: StakingClient, run_id: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Optional
 
 from atlas_swarm.errors import AtlasError
 from atlas_swarm.model.lora import save_adapter
+from atlas_swarm.storage.cid import cid_of_folder
 from atlas_swarm.storage.store import Store, open_store
 from atlas_swarm.swarm.records import PublishedAdapter
 
@@ -28,7 +29,7 @@ class AdapterPublisher:
         self.store: Store = open_store(self.store_root, ipfs_api)
         self.published: list = []
         self.failures = 0  # publications that failed (a full disk, a daemon down): counted, never the training's end
-        self.on_published = None  # (epoch, cid) -> None: the chain session records it on chain
+        self.on_checkpoint = None  # (epoch, cid) -> None: the CID this peer holds at a publishing epoch (its vote)
         swarm.serve_blocks(self.store.get_blocks)
 
     def elected(self, group: tuple[str, ...]) -> bool:
@@ -36,10 +37,30 @@ class AdapterPublisher:
         return not group or self.swarm.peer_id == min(group)
 
     def on_epoch(self, model, report, reporter) -> Optional[str]:
-        """The peer's epoch hook (report: proofs.EpochRecord), for the elected peer every K epochs."""
-        if report.epoch % self.every or not self.elected(report.group):
+        """The peer's epoch hook (report: proofs.EpochRecord) every K epochs: the elected peer publishes; the other
+        members only compute the CID of the adapter they hold, for their checkpoint vote."""
+        if report.epoch % self.every:
+            return None
+        if not self.elected(report.group):
+            if self.on_checkpoint is not None:
+                try:
+                    self.on_checkpoint(report.epoch, self.cid_of(model, report.epoch, report.adapter_hash))
+                except (AtlasError, OSError, ValueError) as e:
+                    reporter.event("vote_failed", f"No checkpoint vote for epoch {report.epoch}: {e}",
+                                   epoch=report.epoch)  # fmt: skip
             return None
         return self._publish_reported(model, report.epoch, report.adapter_hash, f"the epoch-{report.epoch}", reporter)
+
+    def cid_of(self, model, epoch: int, adapter_hash: str) -> str:
+        """The CID the folder publish() would store has (nothing stored)."""
+        tmp = Path(tempfile.mkdtemp(prefix="cid-", dir=self.store_root))
+        try:
+            return cid_of_folder(save_adapter(model, tmp / "adapter", self._meta(epoch, adapter_hash)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _meta(self, epoch: int, adapter_hash: str) -> dict:
+        return {"run_id": self.run_id, "epoch": epoch, "adapter_hash": adapter_hash, "base_model": self.base_model}
 
     def finish(self, model, epoch: int, adapter_hash: str, timeout: float, reporter) -> None:
         """A peer stopping at --max-epochs with the agreed adapter: publish it (equal adapters, equal CIDs: every
@@ -69,16 +90,15 @@ class AdapterPublisher:
             return self.published[-1].cid
         tmp = Path(tempfile.mkdtemp(prefix="publish-", dir=self.store_root))
         try:
-            meta = {"run_id": self.run_id, "epoch": epoch, "adapter_hash": adapter_hash, "base_model": self.base_model}
-            cid = self.store.put_folder(save_adapter(model, tmp / "adapter", meta))
+            cid = self.store.put_folder(save_adapter(model, tmp / "adapter", self._meta(epoch, adapter_hash)))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         # a finisher that downloaded the agreed adapter replaces what it published for this epoch before agreeing
         self.published = [p for p in self.published if p.epoch != epoch]
         self.published.append(PublishedAdapter(epoch=epoch, cid=cid, adapter_hash=adapter_hash, time=time.time()))
         self.swarm.publish_adapters(self.run_id, self.published, wait=False)
-        if self.on_published is not None:
-            self.on_published(epoch, cid)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(epoch, cid)
         return cid
 
     def hand_off(self, cid: str, timeout: float) -> Optional[str]:

@@ -50,7 +50,8 @@ class _SnapshotCollector:
         rounds = CounterMetricFamily("atlas_peer_averaging_rounds", "epochs ended by an all-reduce with others "
                                      "(averaged) or on local gradients while others were there (failed)",
                                      labels=labels + ["result"])  # fmt: skip
-        proofs = GaugeMetricFamily("atlas_peer_proofs", "contribution proofs by state", labels=labels + ["state"])
+        receipts = GaugeMetricFamily("atlas_peer_receipts", "co-signed receipts by state (posted: settled on chain)",
+                                     labels=labels + ["state"])  # fmt: skip
         refused = CounterMetricFamily("atlas_peer_refused", "requests and records the peer refused or ignored: "
                                       "non-admitted peers, bad updates, unverified states", labels=labels)  # fmt: skip
         outliers = CounterMetricFamily("atlas_peer_outliers", "groupmates' updates the peer's robust aggregation "
@@ -67,14 +68,14 @@ class _SnapshotCollector:
                         fam.add_metric(lv, float(p[key]))
                 rounds.add_metric(lv + ["averaged"], p["rounds_averaged"])
                 rounds.add_metric(lv + ["failed"], p["rounds_failed"])
-                proofs.add_metric(lv + ["posted"], p["proofs_posted"])
-                proofs.add_metric(lv + ["pending"], p["proofs_pending"])
+                receipts.add_metric(lv + ["posted"], p["receipts_posted"])
+                receipts.add_metric(lv + ["pending"], p["receipts_pending"])
                 refused.add_metric(lv, p.get("refused", 0))
                 outliers.add_metric(lv, p.get("outliers", 0))
         yield from families.values()
         yield from pfam.values()
         yield rounds
-        yield proofs
+        yield receipts
         yield refused
         yield outliers
 

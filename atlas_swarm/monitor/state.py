@@ -40,8 +40,8 @@ class PeerView:
     loss: Optional[float]
     rounds_averaged: int
     rounds_failed: int
-    proofs_posted: int
-    proofs_pending: int
+    receipts_posted: int
+    receipts_pending: int
     rewards_eth: float
     last_seen: float
     refused: int = 0
@@ -195,8 +195,8 @@ class Monitor:
             view.peers[pid] = PeerView(
                 peer_id=pid, device=st.device, client_mode=st.client_mode, epoch=st.epoch,
                 samples_total=st.samples_total, samples_per_second=st.samples_per_second, loss=st.loss,
-                rounds_averaged=st.rounds_averaged, rounds_failed=st.rounds_failed, proofs_posted=st.proofs_posted,
-                proofs_pending=st.proofs_pending, rewards_eth=st.rewards_eth, last_seen=st.time, refused=st.refused,
+                rounds_averaged=st.rounds_averaged, rounds_failed=st.rounds_failed, receipts_posted=st.receipts_posted,
+                receipts_pending=st.receipts_pending, rewards_eth=st.rewards_eth, last_seen=st.time, refused=st.refused,
                 outliers=st.outliers, last_outliers=tuple(st.last_outliers),
             )  # fmt: skip
         progress = self.swarm.training_progress(run_id)

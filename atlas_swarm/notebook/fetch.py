@@ -25,21 +25,27 @@ def on_chain(chain, run: bytes, published: list, epoch: Optional[int]) -> Option
     for e in epochs[:CHAIN_LOOKBACK]:
         recorded = chain.checkpoint_of(run, e)
         if recorded is not None:
-            return e, recorded[0]
+            return e, recorded["cid"]
     return None
 
 
 def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
-    """With a chain, the newest checkpoint recorded on chain; else the newest epoch most of the run's peers vouch
-    for (storage/vouch.py): one publisher's claim (an epoch of 10^6, say) decides nothing."""
+    """With a chain, the newest checkpoint recorded on chain (a quorum of the peers paid for the epoch before voted
+    for it) and nothing else; without one, the newest epoch most of the run's peers vouch for (storage/vouch.py):
+    one publisher's claim (an epoch of 10^6, say) decides nothing."""
     run._need_swarm()
     deadline = time.monotonic() + timeout
     while True:
         published = run.swarm.published_adapters(run.run_id)
         reached = {pid: s.epoch for pid, s in run.swarm.peer_statuses(run.run_id).items()}
         try:
-            recorded = on_chain(run._chain, run._chain_run(), published, epoch) if run._chain is not None else None
-            if recorded is not None:
+            if run._chain is not None:
+                recorded = on_chain(run._chain, run._chain_run(), published, epoch)
+                if recorded is None:
+                    which = f"epoch {epoch}" if epoch is not None else "any published epoch"
+                    raise StorageError(f"No checkpoint of {which} is recorded on chain yet (a quorum of the peers "
+                                       f"paid for the epoch before records it); with a chain configured, nothing "
+                                       f"else is trusted.")  # fmt: skip
                 epoch_, cid = recorded
                 publishers = sorted({pid for pid, a in published if a.cid == cid})
             else:

@@ -155,12 +155,12 @@ class Run:
         installed, else a list of dicts."""
         self._need_swarm()
         columns = ["peer_id", "state", "epoch", "samples", "samples_per_second", "loss", "device", "rounds_averaged",
-                   "rounds_failed", "proofs_posted", "rewards_eth"]  # fmt: skip
+                   "rounds_failed", "receipts_posted", "rewards_eth"]  # fmt: skip
         rows = []
         for pid, st in sorted(self.swarm.peer_statuses(self.run_id).items()):
             rows.append(dict(zip(columns, [pid, "left" if st.leaving else "training", st.epoch, st.samples_total,
                                            round(st.samples_per_second, 2), st.loss, st.device, st.rounds_averaged,
-                                           st.rounds_failed, st.proofs_posted, st.rewards_eth])))  # fmt: skip
+                                           st.rounds_failed, st.receipts_posted, st.rewards_eth])))  # fmt: skip
         try:
             import pandas
         except ImportError:
@@ -281,7 +281,8 @@ class Run:
                 raise ChainUnavailable(f"Run {self.run_id} is not on chain yet; only its trainer can open it.")
             max_samples = max_samples_per_epoch or 2 * self.spec.averaging.target_batch_size
             chain.create_run(self.run_id, self.spec.spec_hash, eth(reward_per_sample_eth), eth(min_stake_eth),
-                             max_samples, eth(amount_eth))  # fmt: skip
+                             max_samples, eth(amount_eth), samples_per_epoch=2 * self.spec.averaging.target_batch_size,
+                             min_epoch_seconds=1)  # fmt: skip
         else:
             chain.fund_run(run, eth(amount_eth))
         return chain.get_run(run)

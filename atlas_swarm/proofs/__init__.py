@@ -4,6 +4,7 @@ binding between a libp2p PeerID and an Ethereum address. Pure functions: no netw
     record.EpochRecord / proof_of   one ended epoch as this peer lived it -> its (unsigned) proof: the one place a
                                     proof is built
     eip712                          the typed proof exactly as the contract hashes it; sign and recover
+    receipt.Receipt / receipt_of    the receipt an averaging group co-signs, and the checkpoint vote (EIP-712)
     commit                          batch hashes and their Merkle root (the proof's data commitment)
     binding                         PeerID <-> address binding signatures
 """
@@ -19,9 +20,11 @@ from atlas_swarm.proofs.eip712 import (
     run_tag,
     sign_proof,
 )
+from atlas_swarm.proofs.receipt import Member, Receipt, checkpoint_digest, receipt_of, recover, sign_digest
 from atlas_swarm.proofs.record import EpochRecord, proof_of
 
 __all__ = [
-    "ContributionProof", "Domain", "EpochRecord", "batch_hash", "binding_message", "chain_run_id", "merkle_root",
-    "peer_id_hash", "proof_of", "recover_signer", "run_tag", "sign_binding", "sign_proof", "verify_binding",
+    "ContributionProof", "Domain", "EpochRecord", "Member", "Receipt", "batch_hash", "binding_message", "chain_run_id",
+    "checkpoint_digest", "merkle_root", "peer_id_hash", "proof_of", "receipt_of", "recover", "recover_signer",
+    "run_tag", "sign_binding", "sign_digest", "sign_proof", "verify_binding",
 ]

@@ -24,6 +24,9 @@ class EpochRecord:
     adapter_hash: str  # hex sha256 of ``adapter`` (model.hashing.tensors_hash)
     batch_hashes: tuple[bytes, ...] = ()  # proofs.commit.batch_hash of each batch trained on in the ended epoch
     adapter: dict = field(repr=False, compare=False, default_factory=dict)  # name -> CPU tensor
+    weights: tuple[float, ...] = ()  # each ``group`` member's weight in the round, after clamping
+    flagged: tuple[str, ...] = ()  # members the robust rule clipped or trimmed hard
+    result_hash: str = ""  # hex sha256 of the round's aggregate (swarm/gather.py): the receipt's resultHash
 
 
 def proof_of(record: EpochRecord, run: bytes, peer: str, deadline: int) -> ContributionProof:

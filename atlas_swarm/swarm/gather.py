@@ -80,6 +80,7 @@ class RoundReport:
     flagged: tuple[str, ...]  # members clipped or trimmed hard
     dropped: dict  # PeerID -> why its update was not used
     seconds: tuple[float, float] = (0.0, 0.0)  # waiting for the groupmates' updates, then aggregating them
+    result_hash: str = ""  # hex sha256 of the aggregate (float32): what the group's receipt names (proofs/receipt.py)
 
 
 class RoundResult(dict):
@@ -282,9 +283,10 @@ class GatherAverage:
                     offset += t.numel()
         self.last_updated = time.time()
         self._state_updated.set()
+        result_hash = hashlib.sha256(value.float().numpy().tobytes()).hexdigest()  # equal on every honest member
         return RoundReport(tuple(peers), settings.rule, result.weights, result.kept,
                            tuple(peers[i] for i in result.flagged), dict(round_.dropped),
-                           (gathered - began, time.monotonic() - gathered))  # fmt: skip
+                           (gathered - began, time.monotonic() - gathered), result_hash)  # fmt: skip
 
     async def _exchange(self, round_: Round, peer: str) -> None:
         """Send our update to ``peer``; its answer is its own."""

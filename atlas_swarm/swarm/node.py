@@ -28,10 +28,14 @@ from atlas_swarm.swarm import blocks
 from atlas_swarm.swarm.records import (
     ADAPTERS_KEPT,
     ADAPTERS_TTL,
+    COSIGNED_KEPT,
+    COSIGNED_TTL,
     MAX_RECORD_BYTES,
     SPEC_TTL,
     STATUS_TTL,
     WALLET_TTL,
+    CoSignature,
+    CoSignatures,
     GlobalRecords,
     PeerStatus,
     PublishedAdapter,
@@ -322,6 +326,19 @@ class Swarm:
             else:
                 self.forged += 1  # the address never agreed to this binding
         return out
+
+    # -- co-signatures of receipts and checkpoint votes ----------------------------------------------------------
+    def publish_cosignatures(self, run_id: str, signatures: Sequence[CoSignature]) -> None:
+        """(Re)publish this peer's last COSIGNED_KEPT signatures (non-blocking), signed by its key."""
+        self._ensure_validators(run_id)
+        record = CoSignatures(peer_id=self.peer_id, signatures=list(signatures)[-COSIGNED_KEPT:])
+        self._store(f"{run_id}_cosigned", record.dict(), COSIGNED_TTL, False, "this peer's co-signatures")
+
+    def cosignatures(self, run_id: str) -> dict[str, list[CoSignature]]:
+        """PeerID -> the signatures it lists (admitted peers only; each signature is checked by its reader
+        against the wallet it must come from)."""
+        self._ensure_validators(run_id)
+        return {r.peer_id: r.signatures for r in self._owned_records(f"{run_id}_cosigned", CoSignatures, admitted=True)}
 
     # -- published adapters (content-addressed; blocks served over p2p) -----------------------------------------
     def serve_blocks(self, get_blocks: blocks.GetBlocks) -> None:

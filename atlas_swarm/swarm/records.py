@@ -7,6 +7,8 @@
                                                         posts proofs; see proofs/binding.py)
     <run_id>_adapters {owner: PublishedAdapters}     the adapters a peer published (epoch → CID), and serves
                                                         over p2p (swarm/blocks.py) from its store
+    <run_id>_cosigned {owner: CoSignatures}            a peer's signatures of its last receipts and checkpoint
+                                                        votes, read by its groupmates (chain/receipts.py)
     atlas_runs       {owner: RunAnnouncement}           the run each live peer is in: how a monitor finds every run
 
 Every field is bounded (string lengths, list lengths, finite non-negative floats: no NaN or Infinity, which would make
@@ -30,6 +32,8 @@ STATUS_EVERY = 5.0  # seconds between status refreshes
 WALLET_TTL = 600.0  # seconds a wallet binding lives without a refresh
 ADAPTERS_TTL = 24 * 3600.0  # seconds a publisher's adapter list lives without a refresh
 ADAPTERS_KEPT = 16  # a publisher lists its last 16 adapters
+COSIGNED_TTL = 600.0  # seconds a peer's co-signatures live without a refresh
+COSIGNED_KEPT = 16  # a peer lists its last 16 signatures (receipts and votes): ~2.5 KB
 # Any one record we store. hivemind hands a store to its DHT process over a pipe that process reads without
 # blocking; CPython sends a message over 16 KiB in two writes, and a read between them kills the DHT process
 # (BlockingIOError, then EOFError; seen with 30 kB and 200 kB records). 8 KiB stays one write with room to spare.
@@ -74,8 +78,8 @@ class PeerStatus(BaseModel):
     final_hash: Optional[ShortStr] = None  # the adapter a peer stopping at --max-epochs leaves with (see consensus)
     rounds_averaged: Count = 0  # epochs that ended in an all-reduce with at least one other peer
     rounds_failed: Count = 0  # epochs that ended on local gradients while others were in the run
-    proofs_posted: Count = 0
-    proofs_pending: Count = 0
+    receipts_posted: Count = 0
+    receipts_pending: Count = 0
     rewards_eth: FiniteFloat = 0.0  # earned on chain (claimable + inside the challenge window)
     loss_nonfinite: StrictBool = False  # the last loss was NaN or infinite (an honest peer says so; loss is None)
     states: conlist(ShortStr, max_items=4) = []  # "epoch:digest" of its parameters at its last epochs (averagers.state_digest)
@@ -116,6 +120,19 @@ class WalletBinding(BaseModel):
     signature: conbytes(strict=True, max_length=65)  # the address's signature of binding_message(peer_id, address)
 
 
+class CoSignature(BaseModel):
+    kind: constr(strict=True, regex="^(receipt|vote)$")
+    epoch: conint(ge=0, le=EPOCH_MAX, strict=True)
+    digest: conbytes(strict=True, min_length=32, max_length=32)  # the EIP-712 digest signed
+    signature: conbytes(strict=True, min_length=65, max_length=65)
+    cid: Optional[CidStr] = None  # a vote's checkpoint CID
+
+
+class CoSignatures(BaseModel):
+    peer_id: ShortStr
+    signatures: conlist(CoSignature, max_items=COSIGNED_KEPT)
+
+
 class PublishedAdapter(BaseModel):
     epoch: conint(ge=0, le=EPOCH_MAX, strict=True)
     cid: CidStr  # CIDv1 (raw leaves) of the adapter folder: adapter_config.json, adapter_model.safetensors, ...
@@ -146,3 +163,4 @@ class RunRecords(BaseModel):
     peers: Dict[BytesWithPublicKey, Optional[PeerStatus]]
     wallets: Dict[BytesWithPublicKey, Optional[WalletBinding]]
     adapters: Dict[BytesWithPublicKey, Optional[PublishedAdapters]]
+    cosigned: Dict[BytesWithPublicKey, Optional[CoSignatures]]

@@ -21,7 +21,19 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         "Proof(bytes32 runId,uint64 epoch,address peer,bytes32 peerIdHash,uint64 samples,bytes32 adapterHash,"
         "bytes32 dataRoot,uint64 deadline)"
     );
+    bytes32 public constant MEMBER_TYPEHASH =
+        keccak256("Member(address wallet,bytes32 peerIdHash,uint64 weight,bool flagged)");
+    bytes32 public constant RECEIPT_TYPEHASH = keccak256(
+        "Receipt(bytes32 runId,uint64 epoch,bytes32 resultHash,Member[] members)"
+        "Member(address wallet,bytes32 peerIdHash,uint64 weight,bool flagged)"
+    );
+    bytes32 public constant CHECKPOINT_TYPEHASH = keccak256("Checkpoint(bytes32 runId,uint64 epoch,bytes32 cidDigest)");
+    /// @notice The largest group a receipt may list (signers are counted in one 256-bit word).
+    uint256 public constant MAX_MEMBERS = 64;
     uint256 private constant BPS = 10_000;
+    /// @dev What a slash punishes: two accounts of one epoch's work (proofs, receipts), or two checkpoint votes.
+    uint8 private constant WORK = 0;
+    uint8 private constant VOTE = 1;
 
     /// @notice Seconds between requestUnstake and withdraw; at least two challenge windows.
     uint32 public immutable UNBONDING_PERIOD;
@@ -60,18 +72,15 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     mapping(bytes32 => Run) private _runs;
     /// @dev runId => peer => epoch / 256 => bitmap of accepted proofs
     mapping(bytes32 => mapping(address => mapping(uint256 => uint256))) private _submitted;
-    /// @dev keccak256(runId, peer, epoch) => slashed already
+    /// @dev keccak256(runId, peer, epoch, WORK or VOTE) => slashed already
     mapping(bytes32 => bool) private _slashed;
     /// @inheritdoc IAtlasStaking
     uint256 public burned;
 
-    struct Checkpoint {
-        bytes32 cidDigest;
-        address publisher;
-    }
-
     /// @dev runId => epoch => the published adapter's CID digest
     mapping(bytes32 => mapping(uint64 => Checkpoint)) private _checkpoints;
+    /// @dev runId => epoch => samples and members paid by receipts
+    mapping(bytes32 => mapping(uint64 => EpochTally)) private _tallies;
 
     // ------------------------------------------------------------ constructor
     constructor(uint32 unbondingPeriod, uint32 challengeWindow, uint16 slashBps, uint16 bountyBps)
@@ -137,9 +146,43 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     }
 
     /// @inheritdoc IAtlasStaking
-    function checkpointOf(bytes32 runId, uint64 epoch) external view returns (bytes32 cidDigest, address publisher) {
-        Checkpoint memory c = _checkpoints[runId][epoch];
-        return (c.cidDigest, c.publisher);
+    function checkpointOf(bytes32 runId, uint64 epoch) external view returns (Checkpoint memory) {
+        return _checkpoints[runId][epoch];
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function receiptDigest(Receipt calldata receipt) public view returns (bytes32) {
+        uint256 n = receipt.members.length;
+        bytes32[] memory hashes = new bytes32[](n);
+        for (uint256 i = 0; i < n; ++i) {
+            Member calldata m = receipt.members[i];
+            hashes[i] = keccak256(abi.encode(MEMBER_TYPEHASH, m.wallet, m.peerIdHash, m.weight, m.flagged));
+        }
+        return _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    RECEIPT_TYPEHASH, receipt.runId, receipt.epoch, receipt.resultHash,
+                    keccak256(abi.encodePacked(hashes))
+                )
+            )
+        );
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function checkpointDigest(bytes32 runId, uint64 epoch, bytes32 cidDigest) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(CHECKPOINT_TYPEHASH, runId, epoch, cidDigest)));
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function epochTally(bytes32 runId, uint64 epoch) external view returns (EpochTally memory) {
+        return _tallies[runId][epoch];
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function payableEpoch(bytes32 runId) public view returns (uint64) {
+        Run storage run = _runs[runId];
+        if (run.trainer == address(0)) revert UnknownRun(runId);
+        return uint64((block.timestamp - run.createdAt) / run.minEpochSeconds);
     }
 
     // --------------------------------------------------------------- mutative
@@ -183,22 +226,28 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     }
 
     /// @inheritdoc IAtlasStaking
-    function createRun(bytes32 runTag, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
-        uint64 maxSamplesPerEpoch) external payable returns (bytes32 runId) {
-        if (runTag == bytes32(0) || maxSamplesPerEpoch == 0) revert InvalidParameters();
+    function createRun(bytes32 runTag, bytes32 specHash, RunTerms calldata terms) external payable
+        returns (bytes32 runId)
+    {
+        if (runTag == bytes32(0) || terms.maxSamplesPerEpoch == 0 || terms.samplesPerEpoch == 0
+            || terms.minEpochSeconds == 0) revert InvalidParameters();
         runId = runIdOf(msg.sender, runTag); // another caller's createRun lands elsewhere: no squatting
         if (_runs[runId].trainer != address(0)) revert RunExists(runId);
         _runs[runId] = Run({
             trainer: msg.sender,
-            maxSamplesPerEpoch: maxSamplesPerEpoch,
+            maxSamplesPerEpoch: terms.maxSamplesPerEpoch,
             closesAt: 0,
             specHash: specHash,
-            rewardPerSample: rewardPerSample,
-            minStake: minStake,
+            rewardPerSample: terms.rewardPerSample,
+            minStake: terms.minStake,
             budget: msg.value,
-            funded: msg.value
+            funded: msg.value,
+            samplesPerEpoch: terms.samplesPerEpoch,
+            minEpochSeconds: terms.minEpochSeconds,
+            createdAt: uint32(block.timestamp)
         });
-        emit RunCreated(runId, msg.sender, specHash, rewardPerSample, minStake, maxSamplesPerEpoch, msg.value);
+        emit RunCreated(runId, msg.sender, specHash, terms.rewardPerSample, terms.minStake, terms.maxSamplesPerEpoch,
+            msg.value);
     }
 
     /// @inheritdoc IAtlasStaking
@@ -265,18 +314,77 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         }
         _checkSigner(digestA, sigA, peer);
         _checkSigner(digestB, sigB, peer);
-        _slash(proofA.runId, proofA.epoch, peer);
+        _slash(proofA.runId, proofA.epoch, peer, WORK);
     }
 
     /// @inheritdoc IAtlasStaking
-    function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest) external {
+    function settleReceipt(Receipt calldata receipt, bytes[] calldata signatures) external {
+        _settle(receipt, signatures);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function settleReceipts(Receipt[] calldata receipts, bytes[][] calldata signatures) external {
+        if (receipts.length != signatures.length || receipts.length == 0) {
+            revert LengthMismatch(receipts.length, signatures.length);
+        }
+        for (uint256 i = 0; i < receipts.length; ++i) {
+            _settle(receipts[i], signatures[i]);
+        }
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function slashConflictingReceipts(Receipt calldata a, bytes calldata sigA, Receipt calldata b,
+        bytes calldata sigB, address peer) external
+    {
+        bytes32 digestA = receiptDigest(a);
+        bytes32 digestB = receiptDigest(b);
+        if (a.runId != b.runId || a.epoch != b.epoch || digestA == digestB) revert NotEquivocation();
+        _checkSigner(digestA, sigA, peer);
+        _checkSigner(digestB, sigB, peer);
+        _slash(a.runId, a.epoch, peer, WORK);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function slashConflictingVotes(bytes32 runId, uint64 epoch, bytes32 cidA, bytes calldata sigA, bytes32 cidB,
+        bytes calldata sigB, address peer) external
+    {
+        if (cidA == cidB) revert NotEquivocation();
+        _checkSigner(checkpointDigest(runId, epoch, cidA), sigA, peer);
+        _checkSigner(checkpointDigest(runId, epoch, cidB), sigB, peer);
+        _slash(runId, epoch, peer, VOTE);
+    }
+
+    /// @inheritdoc IAtlasStaking
+    function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest, address[] calldata voters,
+        bytes[] calldata signatures) external
+    {
         if (_runs[runId].trainer == address(0)) revert UnknownRun(runId);
-        if (cidDigest == bytes32(0)) revert InvalidParameters();
-        if (epoch == 0 || !proofSubmitted(runId, msg.sender, epoch - 1)) revert NoProofForEpoch(runId, epoch, msg.sender);
+        if (cidDigest == bytes32(0) || epoch == 0) revert InvalidParameters();
+        if (voters.length != signatures.length) revert LengthMismatch(voters.length, signatures.length);
+        bytes32 digest = checkpointDigest(runId, epoch, cidDigest);
+        address previous;
+        for (uint256 i = 0; i < voters.length; ++i) {
+            address v = voters[i];
+            if (v <= previous || !proofSubmitted(runId, v, epoch - 1)) revert NotAVoter(v);
+            _checkSigner(digest, signatures[i], v);
+            previous = v;
+        }
+        uint256 payees = _tallies[runId][epoch - 1].payees;
+        if (voters.length < 2 || 2 * voters.length <= payees) revert NoQuorum(voters.length, payees);
         Checkpoint storage c = _checkpoints[runId][epoch];
-        if (c.cidDigest != bytes32(0)) revert CheckpointExists(runId, epoch, c.cidDigest);
-        c.cidDigest = cidDigest;
-        c.publisher = msg.sender;
+        bytes32 old = c.cidDigest;
+        if (old == cidDigest) revert CheckpointExists(runId, epoch, old);
+        if (old != bytes32(0)) {
+            if (block.timestamp >= uint256(c.recordedAt) + CHALLENGE_WINDOW) revert CheckpointFinal(runId, epoch, old);
+            if (voters.length <= c.votes) revert NotMoreVotes(voters.length, c.votes);
+            emit CheckpointReplaced(runId, epoch, old, cidDigest, voters.length);
+        }
+        _checkpoints[runId][epoch] = Checkpoint({
+            cidDigest: cidDigest,
+            publisher: msg.sender,
+            votes: uint32(voters.length),
+            recordedAt: uint32(block.timestamp)
+        });
         emit CheckpointRecorded(runId, epoch, msg.sender, cidDigest);
     }
 
@@ -292,6 +400,69 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     }
 
     // --------------------------------------------------------------- internal
+    /// @dev One receipt: quorum first (signatures of bound, staked members), then each such signer is paid once.
+    function _settle(Receipt calldata receipt, bytes[] calldata signatures) private {
+        Run storage run = _openRun(receipt.runId);
+        uint256 n = receipt.members.length;
+        if (n < 2 || n > MAX_MEMBERS) revert InvalidGroup(n);
+        if (signatures.length != n) revert LengthMismatch(n, signatures.length);
+        uint64 payable_ = uint64((block.timestamp - run.createdAt) / run.minEpochSeconds);
+        if (receipt.epoch > payable_) revert EpochAhead(receipt.runId, receipt.epoch, payable_);
+        bytes32 digest = receiptDigest(receipt);
+        uint128 minStake = run.minStake;
+        uint256 counted; // bit i: member i signed, is bound and staked
+        uint256 votes;
+        address previous;
+        for (uint256 i = 0; i < n; ++i) {
+            Member calldata m = receipt.members[i];
+            if (m.wallet <= previous) revert InvalidGroup(n); // sorted: nobody is listed (and counted) twice
+            previous = m.wallet;
+            if (signatures[i].length == 0) continue;
+            _checkSigner(digest, signatures[i], m.wallet);
+            if (_peerIdOf[m.wallet] != m.peerIdHash || _stakes[m.wallet].active < minStake) continue;
+            counted |= 1 << i;
+            ++votes;
+        }
+        if (2 * votes <= n) revert NoQuorum(votes, n);
+        (uint256 paid, uint256 samples) = _payMembers(run, receipt, counted);
+        emit ReceiptSettled(receipt.runId, receipt.epoch, digest, paid, samples);
+    }
+
+    /// @dev Pays each counted, unflagged member not yet paid for the epoch, within the per-peer cap and what is
+    ///      left of the epoch's samples.
+    function _payMembers(Run storage run, Receipt calldata receipt, uint256 counted)
+        private
+        returns (uint256 paid, uint256 samples)
+    {
+        EpochTally memory tally = _tallies[receipt.runId][receipt.epoch];
+        uint256 left = run.samplesPerEpoch - tally.samples;
+        uint256 cap = run.maxSamplesPerEpoch;
+        uint256 rate = run.rewardPerSample;
+        for (uint256 i = 0; counted >> i != 0; ++i) {
+            if ((counted >> i) & 1 == 0) continue;
+            Member calldata m = receipt.members[i];
+            if (m.flagged || proofSubmitted(receipt.runId, m.wallet, receipt.epoch)) continue;
+            uint256 s = m.weight < cap ? m.weight : cap;
+            if (s > left) s = left;
+            if (s == 0) continue;
+            left -= s;
+            _markPaid(receipt.runId, m.wallet, receipt.epoch, uint64(s));
+            uint256 reward = s * rate;
+            uint256 budget = run.budget;
+            if (reward > budget) revert BudgetExhausted(receipt.runId, budget, reward);
+            run.budget = budget - reward;
+            if (reward != 0) _accrue(m.wallet, reward);
+            emit ContributionPaid(receipt.runId, receipt.epoch, m.wallet, uint64(s), reward);
+            ++paid;
+            samples += s;
+        }
+        if (paid != 0) {
+            tally.samples += uint64(samples);
+            tally.payees += uint32(paid);
+            _tallies[receipt.runId][receipt.epoch] = tally;
+        }
+    }
+
     function _accept(Proof calldata proof, bytes calldata signature) private {
         Run storage run = _checkProof(proof, signature);
         _markSubmitted(proof);
@@ -319,26 +490,30 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         }
     }
 
-    /// @dev Replay protection (one proof per run, peer and epoch: no global nonce a relay could race) and counters.
+    /// @dev Replay protection (one payment per run, peer and epoch: no global nonce a relay could race) and counters.
     function _markSubmitted(Proof calldata proof) private {
-        Stats memory st = _stats[proof.peer];
-        mapping(uint256 => uint256) storage bits = _submitted[proof.runId][proof.peer];
-        uint256 word = bits[proof.epoch >> 8];
-        uint256 bit = 1 << (proof.epoch & 0xff);
-        if (word & bit != 0) revert ProofAlreadySubmitted(proof.runId, proof.epoch, proof.peer);
-        bits[proof.epoch >> 8] = word | bit;
-        st.verifiedSamples += proof.samples;
+        _markPaid(proof.runId, proof.peer, proof.epoch, proof.samples);
+    }
+
+    function _markPaid(bytes32 runId, address peer, uint64 epoch, uint64 samples) private {
+        Stats memory st = _stats[peer];
+        mapping(uint256 => uint256) storage bits = _submitted[runId][peer];
+        uint256 word = bits[epoch >> 8];
+        uint256 bit = 1 << (epoch & 0xff);
+        if (word & bit != 0) revert ProofAlreadySubmitted(runId, epoch, peer);
+        bits[epoch >> 8] = word | bit;
+        st.verifiedSamples += samples;
         st.epochsContributed += 1;
-        _stats[proof.peer] = st;
+        _stats[peer] = st;
     }
 
     /// @dev The slash itself, once two conflicting signatures of `peer` are verified.
-    function _slash(bytes32 runId, uint64 epoch, address peer) private {
+    function _slash(bytes32 runId, uint64 epoch, address peer, uint8 kind) private {
         // Only a run someone paid into counts: made-up runs would let a peer report itself at will.
         Run storage run = _runs[runId];
         if (run.trainer == address(0)) revert UnknownRun(runId);
         if (run.funded == 0) revert RunNotFunded(runId);
-        bytes32 key = keccak256(abi.encode(runId, peer, epoch));
+        bytes32 key = keccak256(abi.encode(runId, peer, epoch, kind));
         if (_slashed[key]) revert AlreadySlashed(runId, epoch, peer);
 
         _slashed[key] = true;

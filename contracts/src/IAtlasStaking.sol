@@ -23,6 +23,31 @@ interface IAtlasStaking {
         uint64 deadline; // unix time after which the proof can no longer be submitted
     }
 
+    /// @notice One member of an averaging group, as its groupmates saw it in the round.
+    struct Member {
+        address wallet; // the address bound to the member's PeerID; paid if it signed the receipt
+        bytes32 peerIdHash; // keccak256 of the member's libp2p PeerID bytes; must match registerPeer
+        uint64 weight; // samples the member's update counted for in the round, after clamping
+        bool flagged; // clipped or trimmed hard by the robust aggregation: paid nothing for this epoch
+    }
+
+    /// @notice What the members of one averaging group co-sign after their round (EIP-712, see RECEIPT_TYPEHASH).
+    struct Receipt {
+        bytes32 runId;
+        uint64 epoch; // the swarm epoch whose samples the round averaged
+        bytes32 resultHash; // sha256 of what the round produced (the aggregate), equal on every honest member
+        Member[] members; // sorted by wallet, strictly increasing; at least two (solo epochs are not paid)
+    }
+
+    /// @notice What the trainer fixes when opening a run.
+    struct RunTerms {
+        uint128 rewardPerSample; // wei
+        uint128 minStake; // wei of active stake a member needs for its signature and pay to count
+        uint64 maxSamplesPerEpoch; // per peer and epoch; a larger receipt weight is paid this much
+        uint64 samplesPerEpoch; // the whole run's pay per epoch, shared by every receipt of that epoch
+        uint32 minEpochSeconds; // epoch e is paid only from createdAt + e * minEpochSeconds on
+    }
+
     struct Run {
         address trainer;
         uint64 maxSamplesPerEpoch; // per peer; a proof above it is rejected
@@ -32,6 +57,23 @@ interface IAtlasStaking {
         uint128 minStake; // wei of active stake a peer needs for its proofs to count
         uint256 budget; // wei left in escrow
         uint256 funded; // wei ever put into the run; only a funded run's equivocations can be slashed
+        uint64 samplesPerEpoch; // all receipts of one epoch together are paid at most this many samples
+        uint32 minEpochSeconds; // the run's epochs advance no faster than this (receipts ahead of it wait)
+        uint32 createdAt; // unix time of createRun: epoch e is payable from createdAt + e * minEpochSeconds
+    }
+
+    /// @notice What was paid for one epoch of a run, over all its receipts.
+    struct EpochTally {
+        uint64 samples; // samples paid (at most the run's samplesPerEpoch)
+        uint32 payees; // members paid
+    }
+
+    /// @notice A checkpoint: the adapter the run holds at an epoch, voted by peers paid for the epoch before.
+    struct Checkpoint {
+        bytes32 cidDigest; // sha2-256 digest inside the adapter folder's CIDv1 (dag-pb)
+        address publisher; // who recorded it (anyone may relay the votes)
+        uint32 votes; // signatures of peers paid for epoch - 1
+        uint32 recordedAt; // a conflicting checkpoint with more votes replaces it until recordedAt + CHALLENGE_WINDOW
     }
 
     /// @notice Everything known about a peer, in one call.
@@ -75,6 +117,12 @@ interface IAtlasStaking {
     error TransferFailed(address to, uint256 amount);
     error NoProofForEpoch(bytes32 runId, uint64 epoch, address publisher);
     error CheckpointExists(bytes32 runId, uint64 epoch, bytes32 cidDigest);
+    error InvalidGroup(uint256 members); // fewer than 2 members, more than MAX_MEMBERS, or not sorted by wallet
+    error NoQuorum(uint256 signatures, uint256 members); // signatures of bound, staked members <= half the members
+    error EpochAhead(bytes32 runId, uint64 epoch, uint64 payableUpTo);
+    error CheckpointFinal(bytes32 runId, uint64 epoch, bytes32 cidDigest);
+    error NotMoreVotes(uint256 votes, uint256 recorded);
+    error NotAVoter(address voter); // not paid for the epoch before the checkpoint, unsorted, or duplicated
 
     // ----------------------------------------------------------------- events
     event Staked(address indexed peer, uint256 amount, uint256 stake);
@@ -94,6 +142,14 @@ interface IAtlasStaking {
         uint256 slashed, uint256 bounty, uint256 burned);
     event Claimed(address indexed account, uint256 amount);
     event CheckpointRecorded(bytes32 indexed runId, uint64 indexed epoch, address indexed publisher, bytes32 cidDigest);
+    /// @notice One member paid by a receipt (samples after the per-peer cap and the epoch's share).
+    event ContributionPaid(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, uint64 samples,
+        uint256 reward);
+    /// @notice A receipt was settled: `paid` of its members were paid now (0: all of them were already).
+    event ReceiptSettled(bytes32 indexed runId, uint64 indexed epoch, bytes32 indexed digest, uint256 paid,
+        uint256 samples);
+    event CheckpointReplaced(bytes32 indexed runId, uint64 indexed epoch, bytes32 oldCidDigest, bytes32 cidDigest,
+        uint256 votes);
 
     // ------------------------------------------------------------------ views
     /// @notice EIP-712 digest a peer signs for `proof` (domain: name "AtlasStaking", version "1", this chain + address).
@@ -118,9 +174,21 @@ interface IAtlasStaking {
     /// @notice Wei burned by slashing (slashed stake less bounties, and forfeited rewards); held here forever.
     function burned() external view returns (uint256);
 
-    /// @notice The published adapter of (`runId`, `epoch`): the sha2-256 digest of its CIDv1 (dag-pb) and who
-    ///         recorded it (zeros if none).
-    function checkpointOf(bytes32 runId, uint64 epoch) external view returns (bytes32 cidDigest, address publisher);
+    /// @notice The published adapter of (`runId`, `epoch`): the sha2-256 digest of its CIDv1 (dag-pb), who
+    ///         recorded it, its votes and when (zeros if none). It is final once CHALLENGE_WINDOW has passed.
+    function checkpointOf(bytes32 runId, uint64 epoch) external view returns (Checkpoint memory);
+
+    /// @notice EIP-712 digest each member signs for `receipt`.
+    function receiptDigest(Receipt calldata receipt) external view returns (bytes32);
+
+    /// @notice EIP-712 digest a voter signs for checkpoint (`runId`, `epoch`, `cidDigest`).
+    function checkpointDigest(bytes32 runId, uint64 epoch, bytes32 cidDigest) external view returns (bytes32);
+
+    /// @notice Samples and members paid so far for (`runId`, `epoch`).
+    function epochTally(bytes32 runId, uint64 epoch) external view returns (EpochTally memory);
+
+    /// @notice The highest epoch of `runId` that receipts can be paid for now.
+    function payableEpoch(bytes32 runId) external view returns (uint64);
 
     // --------------------------------------------------------------- mutative
     /// @notice Add `msg.value` to the caller's active stake.
@@ -137,8 +205,8 @@ interface IAtlasStaking {
     function registerPeer(bytes32 peerIdHash) external;
 
     /// @notice Open the run runIdOf(msg.sender, runTag) with `msg.value` as its reward budget.
-    function createRun(bytes32 runTag, bytes32 specHash, uint128 rewardPerSample, uint128 minStake,
-        uint64 maxSamplesPerEpoch) external payable returns (bytes32 runId);
+    function createRun(bytes32 runTag, bytes32 specHash, RunTerms calldata terms) external payable
+        returns (bytes32 runId);
 
     /// @notice Add `msg.value` to an open run's budget. Anyone may fund; only its trainer can take back what is left.
     function fundRun(bytes32 runId) external payable;
@@ -162,11 +230,33 @@ interface IAtlasStaking {
     function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
         external;
 
-    /// @notice Record the CID of the adapter peers hold at `epoch` (after `epoch` optimizer steps), once per epoch.
-    ///         The caller must have an accepted proof for `epoch - 1`, the epoch that produced it.
+    /// @notice Pay the members of an averaging group for one epoch. Valid only when more than half of the listed
+    ///         members signed it and are bound (registerPeer) and staked (minStake); `signatures[i]` is member i's
+    ///         (empty: did not sign). Each signer that is bound, staked, not flagged and not yet paid for this epoch
+    ///         is paid min(weight, maxSamplesPerEpoch, what is left of samplesPerEpoch) x rewardPerSample. Members
+    ///         who did not sign are paid nothing by it. Anyone may relay; settling a receipt again pays nobody twice.
+    function settleReceipt(Receipt calldata receipt, bytes[] calldata signatures) external;
+
+    /// @notice settleReceipt for several receipts in one transaction (one per group and epoch).
+    function settleReceipts(Receipt[] calldata receipts, bytes[][] calldata signatures) external;
+
+    /// @notice Slash a peer that signed two different receipts for the same (run, epoch). Permissionless, with the
+    ///         same bounty rules as slashEquivocation.
+    function slashConflictingReceipts(Receipt calldata a, bytes calldata sigA, Receipt calldata b,
+        bytes calldata sigB, address peer) external;
+
+    /// @notice Slash a peer that voted for two different checkpoints of the same (run, epoch). Permissionless.
+    function slashConflictingVotes(bytes32 runId, uint64 epoch, bytes32 cidA, bytes calldata sigA, bytes32 cidB,
+        bytes calldata sigB, address peer) external;
+
+    /// @notice Record the CID of the adapter peers hold at `epoch` (after `epoch` optimizer steps). `voters`
+    ///         (sorted, strictly increasing) each signed checkpointDigest and each was paid for `epoch - 1`; they
+    ///         must be more than half of the peers paid for `epoch - 1` so far. Within CHALLENGE_WINDOW of its
+    ///         recording, a different CID with more votes replaces it; after that it is final.
     /// @param cidDigest the sha2-256 digest inside the adapter folder's CIDv1 (dag-pb): the CID is 0x01 0x70 0x12 0x20
     ///        followed by it
-    function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest) external;
+    function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest, address[] calldata voters,
+        bytes[] calldata signatures) external;
 
     /// @notice Pay out the caller's rewards that are past their challenge window (and any bounties).
     function claim() external;

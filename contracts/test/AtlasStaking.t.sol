@@ -3,7 +3,7 @@ pragma solidity ^0.8.24;
 
 import {AtlasStaking} from "../src/AtlasStaking.sol";
 import {IAtlasStaking} from "../src/IAtlasStaking.sol";
-import {Fixture} from "./utils/Fixture.sol";
+import {Fixture, termsOf} from "./utils/Fixture.sol";
 
 /// @dev Rejects ether, or re-enters claim() (or withdraw()) when paid.
 contract Payee {
@@ -176,47 +176,6 @@ contract AtlasStakingTest is Fixture {
         attacker.claim(); // re-entering claim() inside receive() hits the guard, so the whole payout reverts
     }
 
-    function testFuzz_CheckpointRecordedOnceByAPeerWithTheProducingProof(uint64 epoch, bytes32 digest, bytes32 other)
-        public
-    {
-        epoch = uint64(bound(epoch, 1, type(uint64).max));
-        vm.assume(digest != bytes32(0) && other != bytes32(0));
-        _submit(_proof(epoch - 1, 1));
-        vm.expectEmit(true, true, true, true);
-        emit IAtlasStaking.CheckpointRecorded(RUN, epoch, peer, digest);
-        vm.prank(peer);
-        staking.recordCheckpoint(RUN, epoch, digest);
-        (bytes32 stored, address publisher) = staking.checkpointOf(RUN, epoch);
-        assertEq(stored, digest, "digest");
-        assertEq(publisher, peer, "publisher");
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.CheckpointExists.selector, RUN, epoch, digest));
-        vm.prank(peer);
-        staking.recordCheckpoint(RUN, epoch, other);
-    }
-
-    function testFuzz_RevertCheckpointWithoutProofOrRun(address who, uint64 epoch, bytes32 runId) public {
-        vm.assume(who != peer && runId != RUN);
-        epoch = uint64(bound(epoch, 1, type(uint64).max));
-        _submit(_proof(epoch - 1, 1));
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, epoch, who));
-        vm.prank(who); // someone else's proof does not entitle `who`
-        staking.recordCheckpoint(RUN, epoch, bytes32(uint256(1)));
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, uint64(0), peer));
-        vm.prank(peer); // epoch 0 is the seeded start, produced by no proof
-        staking.recordCheckpoint(RUN, 0, bytes32(uint256(1)));
-        if (epoch < type(uint64).max) {
-            vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoProofForEpoch.selector, RUN, epoch + 1, peer));
-            vm.prank(peer); // the proof of epoch - 1 does not cover epoch + 1
-            staking.recordCheckpoint(RUN, epoch + 1, bytes32(uint256(1)));
-        }
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, runId));
-        vm.prank(peer);
-        staking.recordCheckpoint(runId, epoch, bytes32(uint256(1)));
-        vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
-        vm.prank(peer);
-        staking.recordCheckpoint(RUN, epoch, bytes32(0));
-    }
-
     function test_CloseRunRefundsUnspentBudgetAfterItsWindow() public {
         _submit(_proof(0, 1000));
         vm.prank(trainer);
@@ -290,11 +249,11 @@ contract AtlasStakingTest is Fixture {
         vm.assume(runId != TAG && runId != bytes32(0));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunExists.selector, RUN));
         vm.prank(trainer);
-        staking.createRun(TAG, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+        staking.createRun(TAG, SPEC, termsOf(RATE, MIN_STAKE, MAX_SAMPLES));
         vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
-        staking.createRun(runId, SPEC, RATE, MIN_STAKE, 0);
+        staking.createRun(runId, SPEC, termsOf(RATE, MIN_STAKE, 0));
         vm.expectRevert(IAtlasStaking.InvalidParameters.selector);
-        staking.createRun(bytes32(0), SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+        staking.createRun(bytes32(0), SPEC, termsOf(RATE, MIN_STAKE, MAX_SAMPLES));
     }
 
     function testFuzz_RevertFundOrCloseUnknownRun(bytes32 runId) public {
@@ -415,7 +374,7 @@ contract AtlasStakingTest is Fixture {
     function testFuzz_RevertBudgetExhausted(uint128 rate) public {
         rate = uint128(bound(rate, 10 ether / MAX_SAMPLES + 1, 1e30));
         vm.prank(trainer);
-        bytes32 run2 = staking.createRun{value: 10 ether}(keccak256("expensive"), SPEC, rate, 0, MAX_SAMPLES);
+        bytes32 run2 = staking.createRun{value: 10 ether}(keccak256("expensive"), SPEC, termsOf(rate, 0, MAX_SAMPLES));
         IAtlasStaking.Proof memory p = _proof(0, MAX_SAMPLES);
         p.runId = run2;
         bytes memory sig = _sign(PEER_KEY, p);

@@ -2,7 +2,7 @@
 pragma solidity ^0.8.24;
 
 import {IAtlasStaking} from "../src/IAtlasStaking.sol";
-import {Fixture} from "./utils/Fixture.sol";
+import {Fixture, termsOf} from "./utils/Fixture.sol";
 
 /// @dev Each test is an attack that worked on 186506a (shared/reviews/security-186506a.md), told as a story: the
 ///      honest setup from Fixture, the attacker's one move, and the promise that must still hold.
@@ -33,7 +33,7 @@ contract AtlasStakingAttacksTest is Fixture {
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.UnknownRun.selector, keccak256("made up")));
         this.callSlash(keccak256("made up"), 0);
         vm.prank(peer);
-        bytes32 own = staking.createRun(keccak256("own"), SPEC, RATE, 0, MAX_SAMPLES);
+        bytes32 own = staking.createRun(keccak256("own"), SPEC, termsOf(RATE, 0, MAX_SAMPLES));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunNotFunded.selector, own));
         this.callSlash(own, 0);
 
@@ -81,9 +81,9 @@ contract AtlasStakingAttacksTest is Fixture {
         vm.deal(victim, 10 ether);
         bytes32 tag = keccak256("victim-run-0123456789abcdef");
         vm.prank(squatter);
-        bytes32 squatted = staking.createRun(tag, SPEC, RATE, 0, MAX_SAMPLES);
+        bytes32 squatted = staking.createRun(tag, SPEC, termsOf(RATE, 0, MAX_SAMPLES));
         vm.prank(victim);
-        bytes32 real = staking.createRun(tag, SPEC, RATE, 0, MAX_SAMPLES); // not blocked: the id names the trainer
+        bytes32 real = staking.createRun(tag, SPEC, termsOf(RATE, 0, MAX_SAMPLES)); // not blocked: the id names the trainer
         assertTrue(real != squatted, "two trainers, two runs");
         assertEq(real, staking.runIdOf(victim, tag), "the victim's run id is derived from the victim");
         vm.prank(victim);

@@ -4,6 +4,7 @@ pragma solidity ^0.8.24;
 import {AtlasStaking} from "../src/AtlasStaking.sol";
 import {IAtlasStaking} from "../src/IAtlasStaking.sol";
 import {TestBase} from "./utils/Vm.sol";
+import {termsOf} from "./utils/Fixture.sol";
 
 /// @dev What forge's invariant fuzzer calls, in random order with random arguments: every call that moves money,
 ///      by three peers who are also trainers, reporters and funders of two runs each. It keeps ghost books of what
@@ -78,7 +79,7 @@ contract Handler is TestBase {
         budget = bound(budget, 0, 20 ether);
         rate = uint128(bound(rate, 0, 1e15));
         vm.prank(a);
-        runs.push(staking.createRun{value: budget}(keccak256(abi.encode(runs.length)), bytes32(0), rate, 0, 1000));
+        runs.push(staking.createRun{value: budget}(keccak256(abi.encode(runs.length)), bytes32(0), termsOf(rate, 0, 1000)));
         putIn[a] += budget;
     }
 
@@ -170,6 +171,71 @@ contract Handler is TestBase {
         vm.prank(rep);
         try staking.slashEquivocation(x, sx, y, sy) {
             // A reporter is owed the bounty and nothing else, whoever it is (the peer itself included).
+            IAtlasStaking.Reputation memory after_ = staking.reputationOf(a);
+            credited[rep] += (stakeBefore - after_.stake - after_.unbonding) * staking.BOUNTY_BPS() / 10_000;
+        } catch {} // AlreadySlashed for that (run, epoch): fine
+    }
+
+    /// @dev A receipt of all three actors (sorted by address) with random weights, flags and signers.
+    function _receipt(bytes32 run, uint64 epoch, uint64 weights, uint8 flags)
+        internal
+        view
+        returns (IAtlasStaking.Receipt memory r, uint256[3] memory order)
+    {
+        order = [uint256(0), 1, 2];
+        for (uint256 i = 0; i < 3; ++i) {
+            for (uint256 j = i + 1; j < 3; ++j) {
+                if (actors[order[j]] < actors[order[i]]) (order[i], order[j]) = (order[j], order[i]);
+            }
+        }
+        r.runId = run;
+        r.epoch = epoch;
+        r.members = new IAtlasStaking.Member[](3);
+        for (uint256 i = 0; i < 3; ++i) {
+            uint256 k = order[i];
+            r.members[i] = IAtlasStaking.Member({wallet: actors[k], peerIdHash: keccak256(abi.encode("peer", k)),
+                weight: uint64(bound(weights >> (16 * i) & 0xffff, 0, 2000)), flagged: (flags >> i) & 1 == 1});
+        }
+    }
+
+    function settleReceipt(uint256 run, uint64 epoch, uint64 weights, uint8 flags, uint8 signers) external {
+        if (runs.length == 0) return;
+        bytes32 id = runs[run % runs.length];
+        epoch = uint64(bound(epoch, 0, 20));
+        (IAtlasStaking.Receipt memory r, uint256[3] memory order) = _receipt(id, epoch, weights, flags);
+        bytes32 digest = staking.receiptDigest(r);
+        bytes[] memory sigs = new bytes[](3);
+        for (uint256 i = 0; i < 3; ++i) {
+            if ((signers >> i) & 1 == 0) continue;
+            sigs[i] = _sigOf(order[i], digest);
+        }
+        uint256[3] memory before;
+        for (uint256 i = 0; i < 3; ++i) before[i] = _earned(actors[i]);
+        try staking.settleReceipt(r, sigs) {
+            for (uint256 i = 0; i < 3; ++i) _credit(actors[i], before[i]);
+        } catch {} // no quorum, epoch ahead of the clock, run closed, budget short: nothing moved
+    }
+
+    function _sigOf(uint256 i, bytes32 digest) internal returns (bytes memory) {
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(keys[i], digest);
+        return abi.encodePacked(r, s, v);
+    }
+
+    function slashReceipts(uint256 who, uint256 reporter, uint256 run, uint64 epoch) external {
+        if (runs.length == 0) return;
+        (uint256 i, address a) = _actor(who);
+        (, address rep) = _actor(reporter);
+        bytes32 id = runs[run % runs.length];
+        IAtlasStaking.Reputation memory r = staking.reputationOf(a);
+        if (staking.getRun(id).funded == 0 || r.stake + r.unbonding == 0) return;
+        epoch = uint64(bound(epoch, 0, 20));
+        (IAtlasStaking.Receipt memory x,) = _receipt(id, epoch, 1, 0);
+        (IAtlasStaking.Receipt memory y,) = _receipt(id, epoch, 2, 0);
+        bytes memory sx = _sigOf(i, staking.receiptDigest(x));
+        bytes memory sy = _sigOf(i, staking.receiptDigest(y));
+        uint256 stakeBefore = r.stake + r.unbonding;
+        vm.prank(rep);
+        try staking.slashConflictingReceipts(x, sx, y, sy, a) {
             IAtlasStaking.Reputation memory after_ = staking.reputationOf(a);
             credited[rep] += (stakeBefore - after_.stake - after_.unbonding) * staking.BOUNTY_BPS() / 10_000;
         } catch {} // AlreadySlashed for that (run, epoch): fine

@@ -22,6 +22,7 @@ from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 RATE = 10**9  # wei per sample
+CAP = 4096  # samples per peer per epoch
 
 
 @contextlib.contextmanager
@@ -36,7 +37,7 @@ def deployed_run(tmp_path, tiny_model, trust=None, stakes=(2, 2, 2)):
         spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer.account.address,
                                target_batch_size=960, trust=trust)  # fmt: skip
         spec = RunSpec.from_toml(spec_path)
-        trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, 4096, 5 * ETHER)
+        trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, CAP, 5 * ETHER)
         (tmp_path / "pw").write_text("test-password")
         wallets = []
         for i, stake in zip(range(1, 4), stakes):
@@ -61,33 +62,36 @@ def chain_flags(chain, i):
             "--wallet", str(chain["wallets"][i][0]), "--wallet-password-file", str(chain["pw"])]  # fmt: skip
 
 
-def outbox(peer: PeerProcess) -> list[dict]:
-    folder = peer.out / "proofs"
+def receipts(peer: PeerProcess) -> list[dict]:
+    folder = peer.out / "receipts"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
 
 
+def paid_epochs(client: StakingClient, peer: str) -> dict[int, int]:
+    """epoch -> samples the contract paid ``peer`` for (its ContributionPaid events)."""
+    logs = client.contract.events.ContributionPaid().get_logs(from_block=0, argument_filters={"peer": peer})
+    return {log["args"]["epoch"]: log["args"]["samples"] for log in logs}
 
 
-def accepted_epochs(client: StakingClient, peer: str) -> list[int]:
-    logs = client.contract.events.ProofAccepted().get_logs(from_block=0, argument_filters={"peer": peer})
-    return [log["args"]["epoch"] for log in logs]
-
-
-def assert_paid_exactly(chain, peer: PeerProcess, address: str) -> int:
-    """Every proof in the peer's outbox is on chain once, and its rewards are samples x rate to the wei."""
+def assert_paid_exactly(chain, peer: PeerProcess, address: str, earlier: list = ()) -> int:
+    """Every receipt the peer co-signed is settled, and the chain paid it exactly its weight in each x rate, once
+    per epoch; each weight is the one its round's aggregation gave it (its own epoch event)."""
     client = chain["trainer"]
-    records = outbox(peer)
+    records = receipts(peer)
     assert records and all(r["state"] == "posted" for r in records), records
-    epochs = accepted_epochs(client, address)
-    assert sorted(epochs) == sorted(r["proof"]["epoch"] for r in records)  # each epoch once, none missing
-    samples = sum(r["proof"]["samples"] for r in records)
+    mine = {r["receipt"]["epoch"]: next(m for m in r["receipt"]["members"] if m["wallet"] == address) for r in records}
+    expected = {e: min(m["weight"], CAP) for e, m in mine.items() if not m["flagged"] and m["weight"] > 0}
+    assert paid_epochs(client, address) == expected
     rep = client.reputation(address)
-    assert rep["verified_samples"] == samples and rep["epochs_contributed"] == len(records)
-    assert rep["claimable"] + rep["pending"] == samples * RATE
-    # what it was credited with is what it trained on in those epochs (the peer's own epoch reports)
-    reported = {e["epoch"] - 1: e["samples"] for e in peer.events("epoch") if e["samples"] > 0}
-    assert all(reported.get(r["proof"]["epoch"], r["proof"]["samples"]) == r["proof"]["samples"] for r in records)
-    return samples
+    assert rep["verified_samples"] == sum(expected.values()) and rep["epochs_contributed"] == len(expected)
+    assert rep["claimable"] + rep["pending"] == sum(expected.values()) * RATE
+    own = peer.wait_event("started", 1)["peer_id"]
+    events = [*earlier, *peer.events("epoch")]  # ``earlier``: its epoch events before a restart
+    reported = {e["epoch"] - 1: e["weights"].get(own) for e in events}
+    assert all(reported[e] == m["weight"] for e, m in mine.items()), (reported, mine)
+    for r in records:  # signed by more than half of the group, each signature from a member's wallet
+        assert 2 * len(r["signatures"]) > len(r["receipt"]["members"])
+    return sum(expected.values())
 
 
 def start_first_peer(peers, tmp_path, chain, text_data, extra: list[str]) -> tuple[PeerProcess, list[str]]:
@@ -100,7 +104,8 @@ def start_first_peer(peers, tmp_path, chain, text_data, extra: list[str]) -> tup
     return first, ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
 
 
-def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain, text_data):
+def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_final_checkpoint(tmp_path, chain,
+                                                                                            text_data):
     with killed_at_exit([]) as peers:
         extra = ["--max-epochs", "4", "--wait-for-peers", "3", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
@@ -112,21 +117,26 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
         total = 0
         for p, (_, account) in zip(peers, chain["wallets"]):
             assert p.wait_event("registered", 1)["address"] == account.address
-            final = p.wait_event("proofs", 1)
-            took_part = [e for e in p.events("epoch") if e["samples"] > 0]
-            # one proof per epoch it took part in, all posted (an epoch it skipped by downloading state earns none)
-            assert final["pending"] == 0 and final["rejected"] == 0 and final["posted"] == len(took_part), p.tail()
-            assert final["posted"] >= 2, p.tail()
+            final = p.wait_event("receipts", 1)
+            grouped = [e for e in p.events("epoch") if len(e["group"]) >= 2]
+            # one receipt per epoch it averaged in with others, all settled (a solo epoch earns nothing)
+            assert final["collecting"] == final["unpaid"] == final["rejected"] == 0, p.tail()
+            assert final["posted"] == len(grouped) >= 2, p.tail()
             total += assert_paid_exactly(chain, p, account.address)
         assert chain["trainer"].get_run(chain["run"])["budget"] == 5 * ETHER - total * RATE
+        # one transaction per group and epoch: the receipts were settled by one member each (its tx), not by three
+        txs: dict[int, set] = {}
+        for r in (r for p in peers for r in receipts(p)):
+            txs.setdefault(r["receipt"]["epoch"], set()).update([r["tx"]] if r["tx"].startswith("0x") else [])
+        assert all(len(t) == 1 for t in txs.values()), txs
 
-        # the finishers' agreed adapter is on chain as the run's epoch-4 checkpoint, recorded by one of them
+        # the finishers' agreed adapter is on chain as the run's epoch-4 checkpoint, voted by the peers paid for 3
         finals = {p.wait_event("handed_off", 1)["cid"] for p in peers}
-        recorded = [p.wait_event("proofs", 1)["checkpoints"] for p in peers]
+        recorded = [p.wait_event("receipts", 1)["checkpoints"] for p in peers]
         on_chain = chain["trainer"].checkpoint_of(chain["run"], 4)
-        assert len(finals) == 1 and on_chain is not None and on_chain[0] in finals, (finals, on_chain, recorded)
-        assert on_chain[1] in [a.address for _, a in chain["wallets"]]
-        assert any(r.get("4") == on_chain[0] for r in recorded), recorded
+        assert len(finals) == 1 and on_chain is not None and on_chain["cid"] in finals, (finals, on_chain, recorded)
+        assert 2 * on_chain["votes"] > chain["trainer"].epoch_tally(chain["run"], 3)["payees"]
+        assert any(r.get("4") == on_chain["cid"] for r in recorded), recorded
         assert not any(str(v).startswith("refused") for r in recorded for v in r.values()), recorded
 
     # the trainer's notebook view of the same chain: the per-peer ledger, and funding
@@ -145,41 +155,44 @@ def test_three_peers_post_proofs_and_are_paid_samples_times_rate(tmp_path, chain
     assert run.fund(0.5)["budget"] == budget + ETHER // 2
 
 
-def test_sigkilled_peer_posts_its_pending_proofs_exactly_once_after_restart(tmp_path, chain, text_data):
+def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(tmp_path, chain, text_data):
     victim_address = chain["wallets"][2][1].address
     victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, chain["wallets"][2][1])
     with killed_at_exit([]) as peers:
-        extra = ["--max-epochs", "9", "--wait-for-peers", "3", "--join-timeout", "90"]
+        # --proof-batch 1: settle each receipt at once (the default waits for 4 to save gas). 40 epochs of ~2 s: the
+        # swarm must outlive the victim's unpaid receipt (BACKUP_DELAY after its quorum) and its restart
+        extra = ["--max-epochs", "40", "--wait-for-peers", "3", "--join-timeout", "90", "--proof-batch", "1"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
                                                      *chain_flags(chain, 1)]))  # fmt: skip
-        # --proof-batch 1: post each proof at once (the default waits for 4 to save gas)
-        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2), "--proof-batch", "1"]
+        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2)]
         victim = start_peer(tmp_path, "victim", victim_args)
         peers.append(victim)
 
-        # Prepare: the victim has posted a proof; then its stake drops below the run's minimum, so its next proofs
-        # are signed and kept pending (InsufficientStake is retried, not dropped)
-        wait_until(lambda: any(r["state"] == "posted" for r in outbox(victim)), 180, "the victim's first proof")
+        # Prepare: the victim was paid once; then its stake drops below the run's minimum, so its signature stops
+        # counting and the groupmates' settlements pass it by: its receipts wait (retried, not dropped)
+        wait_until(lambda: paid_epochs(chain["trainer"], victim_address), 180, "the victim's first payment")
         victim_client.request_unstake(2 * ETHER)
-        wait_until(lambda: any(r["state"] == "pending" and "InsufficientStake" in (r["error"] or "")
-                               for r in outbox(victim)), 120, "a pending proof")  # fmt: skip
+        wait_until(lambda: any(r["state"] == "collecting" and "InsufficientStake" in (r["error"] or "")
+                               for r in receipts(victim)), 150, "an unpaid receipt")  # fmt: skip
 
         # Execute: SIGKILL (no chance to flush), restake, restart with the same --out
         victim.kill()
-        pending = [r["proof"]["epoch"] for r in outbox(victim) if r["state"] == "pending"]
-        assert pending
+        before = victim.events("epoch")  # the restart starts a new events file
+        waiting = [r["receipt"]["epoch"] for r in receipts(victim) if r["state"] == "collecting"
+                   and any(m["wallet"] == victim_address and m["weight"] > 0 and not m["flagged"]
+                           for m in r["receipt"]["members"])]  # fmt: skip (a zero-weight tag-along earns nothing)
+        assert waiting
         victim_client.stake(2 * ETHER)
         restarted = start_peer(tmp_path, "victim", victim_args)
         peers.append(restarted)
         restarted.wait_event("chain", 120)
 
-        # Assert: the pending proofs are posted by the restarted peer, once each
-        wait_until(lambda: all(r["state"] == "posted" for r in outbox(restarted)), 120, "the pending proofs posted")
+        # Assert: the restarted peer settles them, and is paid once each
         codes = [p.wait_exit(300) for p in (first, peers[1], restarted)]
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in (first, peers[1], restarted))
-        assert_paid_exactly(chain, restarted, victim_address)
-        assert set(pending) <= set(accepted_epochs(chain["trainer"], victim_address))
+        assert set(waiting) <= set(paid_epochs(chain["trainer"], victim_address))
+        assert_paid_exactly(chain, restarted, victim_address, earlier=before)
         for p, (_, account) in zip((first, peers[1]), chain["wallets"]):
             assert_paid_exactly(chain, p, account.address)
 

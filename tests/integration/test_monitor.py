@@ -27,7 +27,7 @@ RUN = "watched-0123456789abcdef"
 def status(peer_id: str, **kw) -> PeerStatus:
     fields = dict(peer_id=peer_id, device="cpu", precision="fp32", client_mode=False, adapter_shapes="x", epoch=3,
                   samples_total=96, samples_per_second=12.5, loss=1.25, time=time.time(), rounds_averaged=2,
-                  rounds_failed=1, proofs_posted=2, proofs_pending=1, rewards_eth=0.5, refused=3, outliers=2)  # fmt: skip
+                  rounds_failed=1, receipts_posted=2, receipts_pending=1, rewards_eth=0.5, refused=3, outliers=2)  # fmt: skip
     fields.update(kw)
     return PeerStatus(**fields)
 
@@ -86,7 +86,7 @@ def test_monitor_counts_bad_records_and_reports_health(tmp_path):
         assert m[("atlas_peer_samples", labels)] == 96
         assert m[("atlas_peer_samples_per_second", labels)] == 12.5
         assert m[("atlas_peer_averaging_rounds_total", tuple(sorted(labels + (("result", "failed"),))))] == 1
-        assert m[("atlas_peer_proofs", tuple(sorted(labels + (("state", "posted"),))))] == 2
+        assert m[("atlas_peer_receipts", tuple(sorted(labels + (("state", "posted"),))))] == 2
         # what the peer refused and whose updates it clipped: the Byzantine-averaging counts, per peer
         assert m[("atlas_peer_refused_total", labels)] == 3 and m[("atlas_peer_outliers_total", labels)] == 2
         assert m[("atlas_monitor_up", ())] == 1

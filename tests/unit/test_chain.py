@@ -313,32 +313,6 @@ def test_a_corrupted_outbox_file_is_a_clear_error_and_nothing_is_lost(chain, pee
     assert Outbox(tmp_path / "proofs", peer, client.domain).counts().pending == 1  # the good proof is still there
 
 
-def test_checkpoints_are_recorded_once_by_a_peer_with_the_producing_proof(chain, peer_ids, tmp_path):
-    from atlas_swarm.storage import LocalStore
-
-    w3, client, _, (a, b, _) = chain
-    pa, pb = staked(client, a, peer_ids[0]), staked(client, b, peer_ids[1])
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
-    cid = LocalStore(tmp_path / "store").put_folder(folder)
-    for c, acct, pid in ((pa, a, peer_ids[0]), (pb, b, peer_ids[1])):
-        proof = make_proof(acct, pid, epoch=2, samples=8)
-        c.submit_proofs([(proof, sign_proof(proof, client.domain, acct.key))])
-
-    with pytest.raises(TxReverted) as e:
-        pa.record_checkpoint(RUN_KEY, 2, cid)  # the proof of epoch 1 would be needed
-    assert e.value.error == "NoProofForEpoch"
-    assert client.checkpoint_of(RUN_KEY, 3) is None
-    pa.record_checkpoint(RUN_KEY, 3, cid)
-    with pytest.raises(TxReverted) as e:
-        pb.record_checkpoint(RUN_KEY, 3, cid)
-    assert e.value.error == "CheckpointExists"
-    assert client.checkpoint_of(RUN_KEY, 3) == (cid, a.address)
-    with pytest.raises(ValueError, match="not a CIDv1 of a dag-pb folder"):
-        pa.record_checkpoint(RUN_KEY, 3, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
-
-
 def test_ether_amounts_convert_to_wei_exactly():
     """Run.fund(0.5, reward_per_sample_eth=1e-6) passes floats: Decimal(1e-6) would give 999999999999 wei."""
     from atlas_swarm.chain.client import eth

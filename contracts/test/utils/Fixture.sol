@@ -5,6 +5,12 @@ import {AtlasStaking} from "../../src/AtlasStaking.sol";
 import {IAtlasStaking} from "../../src/IAtlasStaking.sol";
 import {TestBase} from "./Vm.sol";
 
+/// @dev Run terms for tests that are not about the per-epoch budget or pace: a large epoch budget, 1 s epochs.
+function termsOf(uint128 rate, uint128 minStake, uint64 maxSamples) pure returns (IAtlasStaking.RunTerms memory) {
+    return IAtlasStaking.RunTerms({rewardPerSample: rate, minStake: minStake, maxSamplesPerEpoch: maxSamples,
+        samplesPerEpoch: 1 << 40, minEpochSeconds: 1});
+}
+
 /// @dev One run (10 ether budget) opened by `trainer`, one staked and registered `peer`, and proof helpers.
 abstract contract Fixture is TestBase {
     uint32 constant UNBONDING = 7 days;
@@ -30,7 +36,7 @@ abstract contract Fixture is TestBase {
         vm.deal(peer, 100 ether);
         vm.deal(trainer, 100 ether);
         vm.prank(trainer);
-        RUN = staking.createRun{value: 10 ether}(TAG, SPEC, RATE, MIN_STAKE, MAX_SAMPLES);
+        RUN = staking.createRun{value: 10 ether}(TAG, SPEC, termsOf(RATE, MIN_STAKE, MAX_SAMPLES));
         vm.startPrank(peer);
         staking.stake{value: 2 ether}();
         staking.registerPeer(PEER_ID);

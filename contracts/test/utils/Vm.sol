@@ -11,6 +11,7 @@ interface Vm {
     function expectRevert(bytes calldata revertData) external;
     function expectRevert(bytes4 selector) external;
     function expectRevert() external;
+    function expectPartialRevert(bytes4 selector) external;
     function expectEmit(bool checkTopic1, bool checkTopic2, bool checkTopic3, bool checkData) external;
     function sign(uint256 privateKey, bytes32 digest) external returns (uint8 v, bytes32 r, bytes32 s);
     function addr(uint256 privateKey) external returns (address);
@@ -32,6 +33,22 @@ abstract contract TestBase {
 
     function assertEq(bytes32 a, bytes32 b, string memory what) internal pure {
         if (a != b) revert(string.concat(what, ": bytes32 differ"));
+    }
+
+    function assertEq(uint256 a, uint256 b) internal pure {
+        assertEq(a, b, "values differ");
+    }
+
+    function assertEq(address a, address b) internal pure {
+        assertEq(a, b, "values differ");
+    }
+
+    function assertEq(bytes32 a, bytes32 b) internal pure {
+        assertEq(a, b, "values differ");
+    }
+
+    function assertLe(uint256 a, uint256 b, string memory what) internal pure {
+        if (a > b) revert(string.concat(what, ": ", _str(a), " > ", _str(b)));
     }
 
     function assertTrue(bool ok, string memory what) internal pure {
