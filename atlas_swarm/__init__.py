@@ -6,7 +6,7 @@ Map of the package, bottom layer first (each imports only what is above it; test
     majority.py   the one rule untrusting peers agree by: most votes win, ties go to the smallest value
     config.py     RunSpec (shared by a run's peers; its hash is the run id) and PeerConfig (one peer's settings)
     identity.py   the persistent libp2p RSA key: fixes the PeerID and signs this peer's DHT records
-    proofs/       the contribution proof: EpochRecord -> proof_of, EIP-712 encoding, data commitment, binding
+    proofs/       what a peer signs: the group's receipt and checkpoint vote (EIP-712), the PeerID binding
     model/        base model + PEFT LoRA: load (hub name or local folder), save as a PEFT folder, canonical hashes
     train/        local data and steps, pure torch: batching, gradient accumulation, autocast, evaluation
     storage/      content addressing: IPFS CIDs computed locally, embedded + IPFS RPC stores, verified DAG walks
@@ -14,7 +14,7 @@ Map of the package, bottom layer first (each imports only what is above it; test
     swarm/        the only hivemind user: DHT join, signed run records, SwarmOptimizer, scheduling maths, blocks
     cli.py        every entry point's wrapper: quiet hivemind, `error: ...` exit 2, Ctrl-C 130
     checkpoints/  publishing the swarm's adapter, choosing the one a run vouches for, keeping copies
-    chain/        the staking contract's client, wallets, proof outbox + poster, the operator CLI
+    chain/        the staking contract's client, wallets, receipt outbox + poster, the operator CLI
     ui.py, stopping.py, launch.py   the peer's display; how it stops; starting peer processes
     monitor/      the bootstrap node / monitor service: DHT poll, /metrics, dashboard
     notebook/     the trainer's API, ``from atlas_swarm import Run``: launch, watch, contribute, fetch, evaluate, fund

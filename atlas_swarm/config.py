@@ -250,33 +250,33 @@ def validate_run_id(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class ChainConfig:
-    """Where a peer posts its contribution proofs (all three flags together, or none)."""
+    """Where a peer settles its group's receipts (all three flags together, or none)."""
 
     rpc: str  # any EVM chain's RPC URL; the chain id comes from the node
     contract: str  # AtlasStaking address
     wallet: str  # encrypted keystore JSON (never a private key on the command line)
     password_file: Optional[str] = None  # else $ATLAS_WALLET_PASSWORD, else a prompt
-    proof_batch: int = 4  # epochs per transaction (submitProofs): ~34k gas per proof at 4 vs ~70k one by one
-    proof_max_wait: float = 120.0  # ... but no proof waits longer than this for the others
+    receipt_batch: int = 4  # epochs per transaction (settleReceipts): ~33k gas per peer in a group of 4, ~53k one by one
+    receipt_max_wait: float = 120.0  # ... but no receipt waits longer than this for the others
 
     def __post_init__(self):
-        if not 1 <= self.proof_batch <= 64:
-            raise ConfigError(f"--proof-batch {self.proof_batch} must be in [1, 64].")
-        if self.proof_max_wait < 0:
-            raise ConfigError(f"--proof-max-wait {self.proof_max_wait} must be >= 0.")
+        if not 1 <= self.receipt_batch <= 64:
+            raise ConfigError(f"--receipt-batch {self.receipt_batch} must be in [1, 64].")
+        if self.receipt_max_wait < 0:
+            raise ConfigError(f"--receipt-max-wait {self.receipt_max_wait} must be >= 0.")
 
     @classmethod
     def from_flags(cls, rpc: Optional[str], contract: Optional[str], wallet: Optional[str],
-                   password_file: Optional[str] = None, proof_batch: int = 4,
-                   proof_max_wait: float = 120.0) -> Optional["ChainConfig"]:  # fmt: skip
+                   password_file: Optional[str] = None, receipt_batch: int = 4,
+                   receipt_max_wait: float = 120.0) -> Optional["ChainConfig"]:  # fmt: skip
         given = {"--chain-rpc": rpc, "--staking-contract": contract, "--wallet": wallet}
         if not any(given.values()):
             return None
         missing = [flag for flag, v in given.items() if not v]
         if missing:
-            raise ConfigError(f"Posting proofs needs --chain-rpc, --staking-contract and --wallet together; missing "
+            raise ConfigError(f"Settling receipts needs --chain-rpc, --staking-contract and --wallet together; missing "
                               f"{', '.join(missing)}.")  # fmt: skip
-        return cls(rpc, contract, wallet, password_file, proof_batch, proof_max_wait)
+        return cls(rpc, contract, wallet, password_file, receipt_batch, receipt_max_wait)
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ class PeerConfig:
     join_timeout: float = 30.0  # seconds to wait for --initial-peers / the run spec / --wait-for-peers
     wait_for_peers: int = 1  # do not train until this many peers (this one included) are in the run
     seed: int = 0  # shuffles this peer's data order
-    chain: Optional[ChainConfig] = None  # post contribution proofs to a staking contract
+    chain: Optional[ChainConfig] = None  # settle co-signed receipts on a staking contract
     publish_every: int = 5  # publish the adapter (content-addressed) every N epochs when elected; 0 = never
     store: Optional[str] = None  # the embedded block store's folder; default: <out>/store
     ipfs_api: Optional[str] = None  # use this IPFS daemon's /api/v0 RPC as the store instead

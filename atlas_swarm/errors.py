@@ -14,7 +14,7 @@
     ├── StorageError            content-addressed storage: a block is missing, or the IPFS daemon failed
     │   └── CorruptBlock        a block does not hash to its CID (corrupted or substituted); in storage/dag.py
     ├── ChainError              the staking contract or its chain said no, or could not be reached
-    │   ├── ChainUnreachable    the RPC endpoint did not answer (transient: the outbox retries)
+    │   ├── ChainUnreachable    the RPC endpoint did not answer (transient: the receipt outbox retries)
     │   ├── TxReverted          the contract reverted; ``.error`` is the decoded custom error name (permanent)
     │   └── WalletError         the keystore file is missing, malformed, or the password is wrong
     └── ChainUnavailable        a notebook call that needs a chain was made on a run without one

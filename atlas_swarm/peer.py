@@ -4,9 +4,9 @@ run() is the whole pipeline, in order, each phase a function below it:
     join: identity → DHT → the run spec (ours or the swarm's)
     open services: chain session (check run, binding, stake), checkpoint publisher — before the model: they fail fast
     load: base model + LoRA → resume the local checkpoint → optimizer → sync with the swarm if it is ahead
-    train: local steps ⇄ decentralized averaging; per ended epoch: sign the contribution proof (posted in the
-           background), publish the adapter every K epochs (elected peer), save
-    leave: save the adapter, say we leave, flush the last proofs, shut down
+    train: local steps ⇄ decentralized averaging; per averaged epoch: co-sign the round's receipt (gathered and
+           settled in the background), publish the adapter every K epochs (elected peer; the others vote), save
+    leave: save the adapter, say we leave, settle the last receipts, shut down
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
 from atlas_swarm.peer_args import config_from_args, parse_args
-from atlas_swarm.proofs import EpochRecord, batch_hash
+from atlas_swarm.proofs import EpochRecord
 from atlas_swarm.stopping import GracefulStop
 from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
@@ -82,7 +82,6 @@ class Progress:
     batch_size: int = 0
     micro: int = 0
     hooks: list[EpochHook] = field(default_factory=list)
-    batch_hashes: list[bytes] = field(default_factory=list)  # of the batches trained on since the last epoch ended
     epoch: int = 0
     samples_total: int = 0
     steps: int = 0
@@ -100,10 +99,7 @@ class Progress:
                          refused(self) if self.opt is not None else 0, self.outliers)  # fmt: skip
 
     def next_batch(self, n: int) -> dict:
-        batch = self.batches.next(n)
-        if self.chain is not None:  # the proof commits to the batches trained on in each epoch (Merkle root)
-            self.batch_hashes.append(batch_hash(batch))
-        return batch
+        return self.batches.next(n)
 
 
 def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) -> RunResult:
@@ -295,10 +291,9 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
     tensors = adapter_state(p.model)
     r = done.round
     record = EpochRecord(p.spec.run_id, p.swarm.peer_id, done.ended, done.epoch, done.samples, done.group,
-                         tensors_hash(tensors), tuple(p.batch_hashes), tensors,
+                         tensors_hash(tensors), tensors,
                          weights=tuple(r.weights) if r else (), flagged=tuple(r.flagged) if r else (),
                          result_hash=r.result_hash if r else "")  # fmt: skip
-    p.batch_hashes = []  # the next epoch's batches
     flagged = done.round.flagged if done.round is not None else ()
     p.outliers, p.last_outliers = p.outliers + len(flagged), flagged
     note_state(p)

@@ -38,12 +38,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--wait-for-peers", type=int, default=1, help="start training once N peers are in the run")
     p.add_argument("--join-timeout", type=float, default=30.0, help="seconds to wait for peers and the run spec")
     p.add_argument("--seed", type=int, default=0, help="seed of this peer's data order")
-    p.add_argument("--chain-rpc", help="post contribution proofs to this EVM chain (RPC URL)")
+    p.add_argument("--chain-rpc", help="co-sign and settle receipts of averaged rounds on this EVM chain (RPC URL)")
     p.add_argument("--staking-contract", help="the AtlasStaking contract's address")
-    p.add_argument("--wallet", help="encrypted keystore JSON that signs proofs (never a raw key on the command line)")
+    p.add_argument("--wallet", help="encrypted keystore JSON that signs receipts (never a raw key on the command line)")
     p.add_argument("--wallet-password-file", help="file with the keystore password [default: $ATLAS_WALLET_PASSWORD]")
-    p.add_argument("--proof-batch", type=int, default=4, help="epochs' proofs per transaction (saves gas)")
-    p.add_argument("--proof-max-wait", type=float, default=120.0, help="seconds a proof waits at most for a batch")
+    p.add_argument("--receipt-batch", type=int, default=4, help="epochs' receipts per transaction (saves gas)")
+    p.add_argument("--receipt-max-wait", type=float, default=120.0, help="seconds a receipt waits at most for a batch")
     p.add_argument("--publish-every", type=int, default=5, help="publish the swarm's adapter (content-addressed, "
                    "served to the swarm) every N epochs when this peer is elected; 0: never")  # fmt: skip
     p.add_argument("--store", help="folder of the embedded block store [default: OUT/store]")
@@ -67,6 +67,6 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,
         chain=ChainConfig.from_flags(a.chain_rpc, a.staking_contract, a.wallet, a.wallet_password_file,
-                                     a.proof_batch, a.proof_max_wait),
+                                     a.receipt_batch, a.receipt_max_wait),
         publish_every=a.publish_every, store=a.store, ipfs_api=a.ipfs_api, verbose=a.verbose,
     )  # fmt: skip

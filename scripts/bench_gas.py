@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Gas and throughput of the staking contract on anvil: gas per stake / register / claim, gas per proof posted one
-per transaction vs batched (submitProofs), and how many proofs per second a peer signs and posts through its outbox.
+"""Gas of the staking contract on anvil, per peer per epoch, against a naive baseline measured in the same run.
 
-    python scripts/bench_gas.py [--peers 4] [--epochs 16] [--json bench-out/gas.json]
+    python scripts/bench_gas.py [--epochs 12] [--json bench-out/gas.json]
 
-Target (issue 3): at most 50k gas per peer per epoch. Steady state is measured (the first proof of a peer pays for
-fresh storage slots once; reported separately).
+- receipts: a group of 2, 4 or 8 members co-signs one receipt per epoch and one member settles it for all; one
+  receipt per transaction, and 4 epochs' receipts per transaction (settleReceipts; the peer's --receipt-batch);
+- naive baseline: contracts/bench/NaiveProof.sol, where every peer posts its own EIP-712 claim for every epoch in its
+  own transaction (signature check, replay flag, reward and sample counters, an event);
+- the run's other calls: deploy, createRun, stake, registerPeer, claim, and a checkpoint recorded with 3 votes.
+Steady state is reported (each peer's first payment pays for fresh storage slots once: shown apart). Target (issue
+19): at most 50k gas per peer per epoch with groups of 4.
 """
 
 from __future__ import annotations
@@ -23,26 +27,75 @@ from eth_account import Account
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlas_swarm.chain import ETHER, Outbox, StakingClient  # noqa: E402
+from atlas_swarm.chain import ETHER, StakingClient  # noqa: E402
+from atlas_swarm.chain.client import cid_digest  # noqa: E402
 from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil  # noqa: E402
 from atlas_swarm.identity import Identity  # noqa: E402
-from atlas_swarm.proofs import ContributionProof, EpochRecord, chain_run_id, peer_id_hash, proof_of, sign_proof  # noqa: E402
+from atlas_swarm.proofs import checkpoint_digest, receipt_of, sign_digest  # noqa: E402
 
 RUN = "bench-0123456789abcdef"
-
-
 TRAINER = Account.from_key(DEV_KEYS[0])
+NAIVE = Path(__file__).resolve().parent.parent / "contracts" / "build" / "NaiveProof.json"
+GROUPS = (2, 4, 8)
 
 
-def proof(account, peer_id, epoch) -> ContributionProof:
-    return ContributionProof(chain_run_id(RUN, TRAINER.address), epoch, account.address, peer_id_hash(peer_id), 128,
-                             hashlib.sha256(b"a%d" % epoch).digest(), hashlib.sha256(b"d%d" % epoch).digest(),
-                             int(time.time()) + 3600)  # fmt: skip
+def funded_accounts(w3, n: int) -> list:
+    out = []
+    for _ in range(n):
+        a = Account.create()
+        nonce = w3.eth.get_transaction_count(TRAINER.address, "pending")
+        tx = {"from": TRAINER.address, "to": a.address, "value": 10 * ETHER, "gas": 21000, "chainId": w3.eth.chain_id,
+              "nonce": nonce, "gasPrice": w3.eth.gas_price}  # fmt: skip
+        w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(TRAINER.sign_transaction(tx).raw_transaction))
+        out.append(a)
+    return out
+
+
+def receipts_gas(w3, trainer: StakingClient, members: list, ids: list, epochs: int, per_tx: int, first_epoch: int):
+    """Per-peer gas of settling ``epochs`` receipts of one group, ``per_tx`` receipts per transaction."""
+    run = trainer.run_of(RUN)
+    wallets = dict(zip(ids, (a.address for a in members)))
+    keys = {a.address: a for a in members}
+    per_peer, first = [], None
+    for start in range(first_epoch, first_epoch + epochs, per_tx):
+        batch = []
+        for epoch in range(start, start + per_tx):
+            r = receipt_of(run, epoch, hashlib.sha256(b"%d" % epoch).hexdigest(), ids, [128.0] * len(ids), (), wallets)
+            digest = r.digest(trainer.domain)
+            batch.append((r, [sign_digest(digest, keys[m.wallet].key) for m in r.members]))
+        gas = trainer.settle_receipts(batch).gas_used / (per_tx * len(members))  # relayed: members pay no gas
+        if first is None:
+            first = gas
+        else:
+            per_peer.append(gas)
+    return round(first), round(statistics.median(per_peer))
+
+
+def naive_gas(w3, peers: list, epochs: int) -> tuple[int, int]:
+    art = json.loads(NAIVE.read_text())
+    factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    deployer = StakingClient(w3, "0x" + "00" * 20, TRAINER)
+    deployed = deployer._send(factory.constructor(), value=ETHER)
+    address = w3.eth.get_transaction_receipt(deployed.tx_hash)["contractAddress"]
+    naive = w3.eth.contract(address=address, abi=art["abi"])
+    client = StakingClient(w3, address, TRAINER)
+    client.contract = naive
+    gas, first = [], None
+    for epoch in range(epochs):
+        for peer in peers:
+            proof = (b"\x01" * 32, epoch, peer.address, 128, hashlib.sha256(b"%d" % epoch).digest())
+            sig = sign_digest(naive.functions.proofDigest(proof).call(), peer.key)
+            g = client._send(naive.functions.submit(proof, sig)).gas_used
+            if epoch == 0:
+                first = g if first is None else first
+            else:
+                gas.append(g)
+    return first, round(statistics.median(gas))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=16, help="proofs per batch size measured")
+    ap.add_argument("--epochs", type=int, default=12, help="epochs per group size measured (a multiple of 4)")
     ap.add_argument("--json", default="bench-out/gas.json")
     args = ap.parse_args()
     anvil = Anvil.start()
@@ -51,72 +104,64 @@ def main() -> int:
         w3 = StakingClient.web3(anvil.url)
         trainer = StakingClient.deploy(w3, TRAINER, 3600, 60)
         deploy_gas = w3.eth.get_transaction_receipt(w3.eth.get_block(1)["transactions"][0])["gasUsed"]
-        r_run = trainer.create_run(RUN, bytes(32), 10**9, ETHER, 4096, 100 * ETHER)
+        r_run = trainer.create_run(RUN, bytes(32), 10**9, ETHER, 4096, 100 * ETHER, samples_per_epoch=10**6)
+        w3.provider.make_request("evm_increaseTime", [100_000])  # epochs up to 100k are payable
+        w3.provider.make_request("evm_mine", [])
         results = {"deploy": deploy_gas, "createRun": r_run.gas_used}
-        peers = []
-        for i, key in enumerate(DEV_KEYS[1:5], 1):
-            acct = Account.from_key(key)
-            c = StakingClient(w3, trainer.address, acct)
-            peer_id = Identity.load_or_create(tmp / f"id{i}.key").peer_id
+        accounts = funded_accounts(w3, 8)
+        ids = []
+        for i, a in enumerate(accounts):
+            c = StakingClient(w3, trainer.address, a)
+            ids.append(Identity.load_or_create(tmp / f"id{i}.key").peer_id)
             results.setdefault("stake", c.stake(2 * ETHER).gas_used)
-            results.setdefault("registerPeer", c.register_peer(peer_id).gas_used)
-            peers.append((acct, c, peer_id))
+            results.setdefault("registerPeer", c.register_peer(ids[-1]).gas_used)
 
-        # gas per proof: one per transaction vs batches of several epochs (one peer per batch size)
-        per_proof = {}
-        for (acct, c, peer_id), batch in zip(peers, (1, 2, 4, 8)):
-            epoch, gas = 0, []
-            first = None
-            while epoch < args.epochs + batch:
-                signed = []
-                for _ in range(batch):
-                    p = proof(acct, peer_id, epoch)
-                    signed.append((p, sign_proof(p, c.domain, acct.key)))
-                    epoch += 1
-                r = trainer.submit_proofs(signed)  # relayed by the trainer: the peer pays no gas
-                if first is None:
-                    first = r.gas_used / batch
-                else:
-                    gas.append(r.gas_used / batch)
-            per_proof[batch] = {"first_tx_per_proof": round(first), "steady_per_proof": round(statistics.median(gas))}
-        results["proof_gas"] = per_proof
+        per_group, epoch = {}, 0
+        for n in GROUPS:
+            row = {}
+            for per_tx in (1, 4):
+                first, steady = receipts_gas(w3, trainer, accounts[:n], ids[:n], args.epochs, per_tx, epoch)
+                epoch += args.epochs
+                row[f"{per_tx}_per_tx"] = {"first_tx_per_peer": first, "steady_per_peer": steady}
+            per_group[n] = row
+        results["receipt_gas_per_peer_epoch"] = per_group
 
-        # claim (after the challenge window)
+        # a checkpoint voted by 3 of the 4 peers paid for the epoch before (the group of 4's first epoch)
+        run, after = trainer.run_of(RUN), 2 * args.epochs + 1
+        cid = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
+        digest = checkpoint_digest(run, after, cid_digest(cid), trainer.domain)
+        votes = {a.address: sign_digest(digest, a.key) for a in accounts[:3]}
+        results["recordCheckpoint_3_votes"] = trainer.record_checkpoint(run, after, cid, votes).gas_used
+
         w3.provider.make_request("evm_increaseTime", [200])
         w3.provider.make_request("evm_mine", [])
-        results["claim"] = peers[0][1].claim().gas_used
+        results["claim"] = StakingClient(w3, trainer.address, accounts[0]).claim().gas_used
 
-        # a peer's outbox: sign + post N proofs (one flush: batches of 8), proofs per second end to end
-        acct = Account.from_key(DEV_KEYS[5])
-        c = StakingClient(w3, trainer.address, acct)
-        peer_id = Identity.load_or_create(tmp / "id5.key").peer_id
-        c.stake(2 * ETHER)
-        c.register_peer(peer_id)
-        box = Outbox(tmp / "outbox", acct, c.domain)
-        n = 64
-        t0 = time.perf_counter()
-        for e in range(n):
-            record = EpochRecord(RUN, peer_id, e, e + 1, 128, (), hashlib.sha256(b"%d" % e).hexdigest())
-            box.sign(proof_of(record, chain_run_id(RUN, TRAINER.address), acct.address, int(time.time()) + 3600))
-        t_sign = time.perf_counter() - t0
-        counts = box.flush(c)
-        t_all = time.perf_counter() - t0
-        assert counts.posted == n, counts
-        results["outbox"] = {"proofs": n, "sign_per_s": round(n / t_sign, 1), "sign_and_post_per_s": round(n / t_all, 1)}
+        first, steady = naive_gas(w3, accounts[:4], max(4, args.epochs // 3))
+        results["naive_per_peer_epoch"] = {"first": first, "steady": steady}
+
+        # how fast a peer signs receipts (EIP-712 digest of a 4-member receipt + ECDSA)
+        r = receipt_of(run, 1, "00" * 32, ids[:4], [128.0] * 4, (), dict(zip(ids, (a.address for a in accounts))))
+        t0, n_sign = time.perf_counter(), 200
+        for _ in range(n_sign):
+            sign_digest(r.digest(trainer.domain), accounts[0].key)
+        results["receipts_signed_per_s"] = round(n_sign / (time.perf_counter() - t0), 1)
     finally:
         anvil.stop()
 
-    naive = 85_000  # issue 3: a naive EIP-712 submitProof measured here
+    naive = results["naive_per_peer_epoch"]["steady"]
     print(f"deploy {results['deploy']:,} gas; createRun {results['createRun']:,}; stake {results['stake']:,}; "
-          f"registerPeer {results['registerPeer']:,}; claim {results['claim']:,}")
-    print("gas per proof (steady state; first tx of a peer in parentheses), vs the naive 85k baseline:")
-    for batch, g in per_proof.items():
-        print(f"  {batch} epoch(s)/tx: {g['steady_per_proof']:>7,}  ({g['first_tx_per_proof']:,})   "
-              f"ratio {g['steady_per_proof'] / naive:.2f}")
-    o = results["outbox"]
-    print(f"outbox: {o['sign_per_s']} proofs/s signed, {o['sign_and_post_per_s']} proofs/s signed + posted on anvil")
+          f"registerPeer {results['registerPeer']:,}; claim {results['claim']:,}; recordCheckpoint (3 votes) "
+          f"{results['recordCheckpoint_3_votes']:,}")
+    print(f"gas per peer per epoch (steady state; a peer's first payment in parentheses), naive baseline "
+          f"{naive:,} (first {results['naive_per_peer_epoch']['first']:,}) measured in this run:")
+    for n, row in per_group.items():
+        for k, g in row.items():
+            print(f"  group of {n}, {k.split('_')[0]} receipt(s)/tx: {g['steady_per_peer']:>7,}  "
+                  f"({g['first_tx_per_peer']:,})   ratio to naive {g['steady_per_peer'] / naive:.2f}")
+    print(f"receipts signed per second: {results['receipts_signed_per_s']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"naive_baseline_gas": naive, **results}, indent=1))
+    Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **results}, indent=1))
     print(f"wrote {args.json}")
     return 0
 

@@ -22,6 +22,8 @@ BUILD = CONTRACTS / "build"
 PACKAGED = ROOT / "atlas_swarm" / "chain" / "artifacts"
 # Contracts whose ABI + bytecode are shipped for the Python client (file stem -> contract name).
 ARTIFACTS = {"AtlasStaking": "AtlasStaking", "IAtlasStaking": "IAtlasStaking"}
+# Benchmark-only contracts (contracts/bench): built into contracts/build/ for scripts/bench_gas.py, not packaged.
+BENCH = {"NaiveProof": "NaiveProof"}
 SETTINGS = {
     "evmVersion": "cancun",
     "optimizer": {"enabled": True, "runs": 1000},
@@ -31,7 +33,8 @@ SETTINGS = {
 
 
 def compile_all() -> dict[str, dict]:
-    sources = {f"src/{p.name}": {"content": p.read_text()} for p in sorted((CONTRACTS / "src").glob("*.sol"))}
+    sources = {f"{d}/{p.name}": {"content": p.read_text()}
+               for d in ("src", "bench") for p in sorted((CONTRACTS / d).glob("*.sol"))}  # fmt: skip
     request = {"language": "Solidity", "sources": sources, "settings": SETTINGS}
     proc = subprocess.run(
         ["node", str(CONTRACTS / "bin" / "solc"), "--standard-json"],
@@ -48,8 +51,8 @@ def compile_all() -> dict[str, dict]:
     version = subprocess.run(["node", str(CONTRACTS / "bin" / "solc"), "--version"], capture_output=True,
                              text=True, check=True).stdout.split("Version: ")[1].strip()
     artifacts = {}
-    for stem, name in ARTIFACTS.items():
-        c = output["contracts"][f"src/{stem}.sol"][name]
+    for stem, name in {**ARTIFACTS, **BENCH}.items():
+        c = output["contracts"][f"{'bench' if stem in BENCH else 'src'}/{stem}.sol"][name]
         artifacts[stem] = {
             "contractName": name,
             "compiler": {"solc": version, "settings": {k: v for k, v in SETTINGS.items() if k != "outputSelection"}},
@@ -72,7 +75,7 @@ def main() -> int:
     stale = []
     for stem, artifact in artifacts.items():
         text = render(artifact)
-        for path in (BUILD / f"{stem}.json", PACKAGED / f"{stem}.json"):
+        for path in (BUILD / f"{stem}.json",) + (() if stem in BENCH else (PACKAGED / f"{stem}.json",)):
             if args.check:
                 if not path.exists() or path.read_text() != text:
                     stale.append(str(path.relative_to(ROOT)))

@@ -152,7 +152,7 @@ def start_chain(out: Path, console: Console) -> dict:
     spec_path.write_text(f'trainer = "{trainer.account.address}"\n' + SPEC.read_text())
     spec = RunSpec.from_toml(spec_path)
     trainer.create_run(spec.run_id, spec.spec_hash, REWARD_PER_SAMPLE, ETHER, 4 * spec.averaging.target_batch_size,
-                       1 * ETHER)  # fmt: skip
+                       1 * ETHER, samples_per_epoch=2 * spec.averaging.target_batch_size)  # fmt: skip
     password_file = out / "wallet-password"
     password_file.write_text("demo-only")
     wallets = []
@@ -181,7 +181,7 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
     table = Table(title=f"run {run_id} — {seconds:.0f} s of training")
     cols = ["peer", "batch", "samples trained", "epochs averaged", "first loss", "final loss"]
     if chain is not None:
-        cols += ["proofs on chain", "verified samples", "rewards ETH"]
+        cols += ["receipts settled", "co-signers", "receipt samples", "paid samples", "rewards ETH"]
     for col in cols:
         table.add_column(col, justify="right")
     on_chain = {}
@@ -196,9 +196,15 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
             address = next(e for e in events if e["event"] == "chain")["address"]
             rep = chain["client"].reputation(address)
             earned = rep["claimable"] + rep["pending"]
-            on_chain[f"peer{i}"] = {"proofs": rep["epochs_contributed"], "verified_samples": rep["verified_samples"],
-                                    "rewards_wei": earned}  # fmt: skip
-            row += [str(rep["epochs_contributed"]), str(rep["verified_samples"]), f"{earned / 10**18:.6f}"]
+            mine = receipts_of(out / f"peer{i}")
+            cosigners = sorted({len(r["signatures"]) - 1 for r in mine})
+            owed = sum(m["weight"] for r in mine for m in r["receipt"]["members"]
+                       if m["wallet"] == address and not m["flagged"] and r["state"] == "posted")  # fmt: skip
+            on_chain[f"peer{i}"] = {"receipts": len(mine), "receipt_samples": owed, "epochs_paid": rep["epochs_contributed"],
+                                    "verified_samples": rep["verified_samples"], "rewards_wei": earned}  # fmt: skip
+            row += [f"{sum(r['state'] == 'posted' for r in mine)}/{len(mine)}",
+                    ",".join(map(str, cosigners)) or "-", str(owed), str(rep["verified_samples"]),
+                    f"{earned / 10**18:.6f}"]  # fmt: skip
         table.add_row(*row)
     console.print(table)
     console.print(f"held-out accuracy: base model {before['accuracy']:.1%} (loss {before['loss']:.3f}) → "
@@ -214,11 +220,17 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
             line += f"; recorded on chain: {'yes' if checkpoint and checkpoint['cid'] == cid else 'NO'}"
         console.print(line)
     if chain is not None:
-        exact = all(v["rewards_wei"] == v["verified_samples"] * REWARD_PER_SAMPLE for v in on_chain.values())
-        console.print(f"rewards = verified samples x {REWARD_PER_SAMPLE / 10**18:g} ETH for every peer: "
-                      f"{'yes' if exact else 'NO'} (claimable after the contract's challenge window)")  # fmt: skip
+        exact = all(v["rewards_wei"] == v["receipt_samples"] * REWARD_PER_SAMPLE for v in on_chain.values())
+        console.print(f"rewards = the samples its co-signed receipts give it x {REWARD_PER_SAMPLE / 10**18:g} ETH, for "
+                      f"every peer: {'yes' if exact else 'NO'} (claimable after the contract's challenge window; "
+                      f"solo epochs are not paid)")  # fmt: skip
     (out / "summary.json").write_text(json.dumps({"run_id": run_id, "seconds": seconds, "accuracy_before":
         before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff, "chain": on_chain}, indent=2))  # fmt: skip
+
+
+def receipts_of(out: Path) -> list[dict]:
+    """The receipts a peer co-signed (its --out/receipts), each with the signatures it gathered."""
+    return [json.loads(p.read_text()) for p in sorted((out / "receipts").glob("*.json"))]
 
 
 def last_epoch(peer: PeerProcess) -> int:

@@ -3,12 +3,6 @@ small builders the unit tests share."""
 
 from __future__ import annotations
 
-import time
-from typing import Optional
-
-from atlas_swarm.chain.outbox import PROOF_TTL
-from atlas_swarm.proofs import EpochRecord, proof_of
-
 
 class Events:
     """A Reporter that records what it is told: (kind, fields) pairs."""
@@ -21,15 +15,6 @@ class Events:
 
     def kinds(self) -> list[str]:
         return [k for k, _ in self.seen]
-
-
-def sign_epoch(box, run: bytes, epoch: int, peer_id: str, samples: int, adapter_hash: str,
-               batch_hashes: tuple = (), now: Optional[float] = None):  # fmt: skip
-    """Sign, into outbox ``box``, the proof of ``epoch`` as a peer builds it (proofs.proof_of of its record)."""
-    record = EpochRecord(run_id="run", peer_id=peer_id, ended=epoch, epoch=epoch + 1, samples=samples, group=(),
-                         adapter_hash=adapter_hash, batch_hashes=tuple(batch_hashes))  # fmt: skip
-    proof = proof_of(record, run, box.account.address, deadline=int((now or time.time()) + PROOF_TTL))
-    return box.sign(proof, now=now)
 
 
 class FakeSwarm:

@@ -1,13 +1,15 @@
-"""The chain side: the staking contract's Python client, wallets, the persistent proof outbox and a local anvil.
+"""The chain side: the staking contract's Python client, wallets and the persistent receipt outbox.
 
-    client.StakingClient   deploy / stake / register / create run / submit proofs / claim / slash / reputation
-    outbox.Outbox          signed proofs on disk, posted exactly once (ProofPoster: the background thread)
-    wallet                 encrypted keystore files
-    anvil.Anvil            a local chain for the demo and tests
-    __main__               the operator CLI: python -m atlas_swarm.chain ...
+    client.StakingClient     deploy / stake / register / create run / settle receipts / record checkpoints / claim /
+                             slash / reputation
+    receipts.ReceiptBox      co-signed receipts on disk, gathered and settled once (ReceiptPoster: the background
+                             thread)
+    session.ChainSession     a training peer's chain side: checks at start, a receipt per round, checkpoint votes
+    wallet                   encrypted keystore files
+    __main__                 the operator CLI: python -m atlas_swarm.chain ...
 """
 
 from atlas_swarm.chain.client import ETHER, StakingClient, decode_revert
-from atlas_swarm.chain.outbox import Outbox, ProofPoster
+from atlas_swarm.chain.receipts import ReceiptBox, ReceiptPoster
 
-__all__ = ["ETHER", "Outbox", "ProofPoster", "StakingClient", "decode_revert"]
+__all__ = ["ETHER", "ReceiptBox", "ReceiptPoster", "StakingClient", "decode_revert"]

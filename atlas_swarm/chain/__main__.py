@@ -6,7 +6,7 @@
     register --identity KEY              bind your libp2p PeerID to your wallet's address
     create-run --run-spec FILE ...       open a run with a funded reward budget (trainers; the spec names you)
     fund-run RUN_ID ETH                  add to your run's budget (someone else's: --trainer ADDR --not-mine)
-    close-run RUN_ID | reclaim-budget RUN_ID   start closing (proofs are paid one more challenge window), then
+    close-run RUN_ID | reclaim-budget RUN_ID   start closing (receipts are paid one more challenge window), then
                                          take back what is left
     status [--address A] [--run RUN_ID [--trainer ADDR]]  stake, reputation, rewards; a run's escrow
     peers --initial-peers M --run ID     a live run's peers: wallet bound both ways (DHT + chain), stake, rewards
@@ -70,7 +70,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--run-spec", required=True, help="the run's TOML spec (the run id and spec hash come from it)")
     s.add_argument("--reward-per-sample", required=True, help="ether per verified sample, e.g. 0.000001")
     s.add_argument("--budget", required=True, help="ether to escrow")
-    s.add_argument("--min-stake", default="0", help="ether of stake a peer needs for its proofs to count")
+    s.add_argument("--min-stake", default="0", help="ether of stake a peer needs for its signature and pay to count")
     s.add_argument("--max-samples-per-epoch", type=int, help="per peer [default: 2 x the spec's target batch size]")
     s.add_argument("--samples-per-epoch", type=int,
                    help="all peers of one epoch together [default: 2 x the spec's target batch size]")
@@ -81,7 +81,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("amount")
     s.add_argument("--trainer", help="the run's trainer, if not you: what is left at the close goes back to it")
     s.add_argument("--not-mine", action="store_true", help="yes, fund a run whose trainer is someone else")
-    s = sub.add_parser("close-run", parents=[common], help="start closing your run (proofs paid one more window)")
+    s = sub.add_parser("close-run", parents=[common], help="start closing your run (receipts paid one more window)")
     s.add_argument("run_id")
     s = sub.add_parser("reclaim-budget", parents=[common], help="after the closing window, refund what is left")
     s.add_argument("run_id")
@@ -180,7 +180,7 @@ def run(a: argparse.Namespace) -> None:
     elif cmd == "close-run":
         run_ = c.run_of(a.run_id)
         c.close_run(run_)
-        print(f"run {a.run_id} closing: proofs are paid until unix time {c.get_run(run_)['closes_at']}; then "
+        print(f"run {a.run_id} closing: receipts are paid until unix time {c.get_run(run_)['closes_at']}; then "
               f"`reclaim-budget {a.run_id}` refunds what is left")  # fmt: skip
     elif cmd == "reclaim-budget":
         run_ = c.run_of(a.run_id)
@@ -230,7 +230,7 @@ def _peers(c: StakingClient, a: argparse.Namespace) -> None:
         line = f"  {pid}  epoch {st.epoch if st else '?'}  samples {st.samples_total if st else '?'}"
         if pid in verified:
             rep = c.reputation(verified[pid])
-            line += (f"  wallet {verified[pid]} (bound both ways)  stake {fmt_eth(rep['stake'])}  proofs "
+            line += (f"  wallet {verified[pid]} (bound both ways)  stake {fmt_eth(rep['stake'])}  paid epochs "
                      f"{rep['epochs_contributed']}  rewards {fmt_eth(rep['claimable'] + rep['pending'])}")  # fmt: skip
         elif pid in claimed:
             line += f"  wallet {claimed[pid]} claimed in the DHT, but that address did not register it (ignored)"

@@ -21,7 +21,8 @@ from eth_utils import function_abi_to_4byte_selector, to_checksum_address
 from web3 import Web3
 
 from atlas_swarm.errors import ChainError, ChainUnreachable, ConfigError, TxReverted
-from atlas_swarm.proofs.eip712 import PROOF_TYPEHASH, ContributionProof, Domain, chain_run_id, peer_id_hash, run_tag
+from atlas_swarm.proofs.eip712 import Domain, chain_run_id, peer_id_hash, run_tag
+from atlas_swarm.proofs.receipt import RECEIPT_TYPEHASH
 from atlas_swarm.proofs.receipt import Receipt as GroupReceipt
 from atlas_swarm.storage.cid import encode
 from atlas_swarm.storage.dag import parse_cid
@@ -37,14 +38,13 @@ FIXES = {
     "PeerNotRegistered": "bind your PeerID first: python -m atlas_swarm.chain register --identity OUT/identity.key",
     "AlreadyRegistered": "this address is already bound to a PeerID (one per address); use another wallet",
     "UnknownRun": "the trainer has not created this run on chain yet (python -m atlas_swarm.chain create-run)",
-    "RunClosed": "the trainer closed this run (proofs were paid until its closing window ended)",
+    "RunClosed": "the trainer closed this run (receipts were paid until its closing window ended)",
     "RunStillClosing": "the run's closing window (one challenge window) is not over yet; reclaim after it",
     "RunNotFunded": "only equivocation in a run that was funded can be slashed",
     "NotTrainer": "only the run's trainer (the address its id was derived from) can do that",
     "BudgetExhausted": "the run's escrow is empty; the trainer can add funds with `fund-run`",
     "NothingToClaim": "no rewards are past their challenge window yet",
     "UnbondingNotOver": "wait until the unbonding period is over",
-    "ProofExpired": "the proof's deadline passed before it was posted",
     "EpochAhead": "the run's epochs may not advance faster than its minEpochSeconds: wait, it is paid later",
     "NoQuorum": "more than half of the members listed must sign (each bound to its PeerID and staked)",
     "CheckpointFinal": "the recorded checkpoint's challenge window is over",
@@ -163,9 +163,9 @@ class StakingClient:
             raise ChainError(f"--staking-contract {address!r} is not an address (0x followed by 40 hex digits).") from None
         client = cls(w3, address, account)
         code = cls._call(lambda: w3.eth.get_code(address))
-        # immutables make the runtime code differ per deployment: identify the contract by its proof type instead
+        # immutables make the runtime code differ per deployment: identify the contract by its receipt type instead
         try:
-            ok = bool(code) and client.contract.functions.PROOF_TYPEHASH().call() == PROOF_TYPEHASH
+            ok = bool(code) and client.contract.functions.RECEIPT_TYPEHASH().call() == RECEIPT_TYPEHASH
         except Exception:
             ok = False
         if not ok:
@@ -202,7 +202,7 @@ class StakingClient:
 
     def get_run(self, run: bytes) -> Optional[dict]:
         """The run with on-chain id ``run`` (chain_run_id(run_id, trainer)), or None. ``closing``: the trainer
-        called closeRun (proofs are paid until ``closes_at``, unix time)."""
+        called closeRun (receipts are paid until ``closes_at``, unix time)."""
         r = self._call(lambda: self.contract.functions.getRun(run).call())
         keys = ("trainer", "max_samples_per_epoch", "closes_at", "spec_hash", "reward_per_sample", "min_stake",
                 "budget", "funded", "samples_per_epoch", "min_epoch_seconds", "created_at")  # fmt: skip
@@ -213,7 +213,7 @@ class StakingClient:
         return out
 
     def run_ledger(self, run: bytes, from_block: int = 0) -> dict[str, dict]:
-        """Per address, from the run's events: epochs and samples accepted, rewards earned, slashes."""
+        """Per address, from the run's events: epochs and samples paid, rewards earned, slashes."""
         rid = run
         events = self.contract.events
         ledger: dict[str, dict] = {}
@@ -221,22 +221,19 @@ class StakingClient:
         def row(peer: str) -> dict:
             return ledger.setdefault(peer, {"epochs": 0, "samples": 0, "reward_wei": 0, "slashed_wei": 0, "slashes": 0})
 
-        for event in (events.ProofAccepted, events.ContributionPaid):
-            accepted = self._call(lambda: event.get_logs(from_block=from_block, argument_filters={"runId": rid}))
-            for log in accepted:
-                r = row(log.args.peer)
-                r["epochs"] += 1
-                r["samples"] += log.args.samples
-                r["reward_wei"] += log.args.reward
+        paid = self._call(lambda: events.ContributionPaid.get_logs(from_block=from_block,
+                                                                   argument_filters={"runId": rid}))  # fmt: skip
+        for log in paid:
+            r = row(log.args.peer)
+            r["epochs"] += 1
+            r["samples"] += log.args.samples
+            r["reward_wei"] += log.args.reward
         slashed = self._call(lambda: events.Slashed.get_logs(from_block=from_block, argument_filters={"runId": rid}))
         for log in slashed:
             r = row(log.args.peer)
             r["slashes"] += 1
             r["slashed_wei"] += log.args.slashed
         return ledger
-
-    def proof_submitted(self, proof: ContributionProof) -> bool:
-        return self._call(lambda: self.contract.functions.proofSubmitted(proof.run_id, proof.peer, proof.epoch).call())
 
     def peer_id_of(self, address: str) -> Optional[bytes]:
         """The PeerID hash ``address`` registered, or None. Several addresses may name one PeerID (the chain cannot
@@ -272,11 +269,9 @@ class StakingClient:
     def payable_epoch(self, run: bytes) -> int:
         return self._call(lambda: self.contract.functions.payableEpoch(run).call())
 
-    def has_proof(self, run: bytes, address: str, epoch: int) -> bool:
-        return self._call(lambda: self.contract.functions.proofSubmitted(run, address, epoch).call())
-
-    def proof_digest(self, proof: ContributionProof) -> bytes:
-        return self._call(lambda: self.contract.functions.proofDigest(proof.as_tuple()).call())
+    def paid_for(self, run: bytes, address: str, epoch: int) -> bool:
+        """Whether ``address`` was paid for (run, epoch) by a receipt."""
+        return self._call(lambda: self.contract.functions.paidFor(run, to_checksum_address(address), epoch).call())
 
     def balance(self, address: Optional[str] = None) -> int:
         return self._call(lambda: self.w3.eth.get_balance(address or self.account.address))
@@ -325,20 +320,11 @@ class StakingClient:
         return self._send(self.contract.functions.fundRun(run), value=wei)
 
     def close_run(self, run: bytes) -> Receipt:
-        """Start closing: proofs are still paid for one challenge window, then reclaim_budget refunds the rest."""
+        """Start closing: receipts are still paid for one challenge window, then reclaim_budget refunds the rest."""
         return self._send(self.contract.functions.closeRun(run))
 
     def reclaim_budget(self, run: bytes) -> Receipt:
         return self._send(self.contract.functions.reclaimBudget(run))
-
-    def submit_proofs(self, signed: Sequence[tuple[ContributionProof, bytes]]) -> Receipt:
-        """One proof: submitProof; several: submitProofs (proofs already on chain are skipped, any other invalid
-        proof reverts the whole batch)."""
-        if len(signed) == 1:
-            proof, sig = signed[0]
-            return self._send(self.contract.functions.submitProof(proof.as_tuple(), sig))
-        fn = self.contract.functions.submitProofs([p.as_tuple() for p, _ in signed], [s for _, s in signed])
-        return self._send(fn)
 
     def settle_receipts(self, signed: Sequence[tuple[GroupReceipt, Sequence[bytes]]]) -> Receipt:
         """Settle co-signed receipts (signatures in member order, b"" for a member who did not sign); one receipt:
@@ -358,9 +344,6 @@ class StakingClient:
                                 peer: str) -> Receipt:  # fmt: skip
         return self._send(self.contract.functions.slashConflictingVotes(
             run, epoch, cid_digest(cid_a), sig_a, cid_digest(cid_b), sig_b, to_checksum_address(peer)))
-
-    def slash_equivocation(self, a: ContributionProof, sig_a: bytes, b: ContributionProof, sig_b: bytes) -> Receipt:
-        return self._send(self.contract.functions.slashEquivocation(a.as_tuple(), sig_a, b.as_tuple(), sig_b))
 
     def claim(self) -> Receipt:
         return self._send(self.contract.functions.claim())

@@ -24,13 +24,13 @@ transaction). The others wait BACKUP_DELAY more and then post it themselves if t
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from atlas_swarm.chain.outbox import MAX_BACKOFF, _write_atomic
 from atlas_swarm.errors import ChainError, TxReverted
 from atlas_swarm.proofs.eip712 import Domain
 from atlas_swarm.proofs.receipt import Receipt, recover, sign_digest
@@ -39,7 +39,8 @@ FULL_WAIT = 10.0  # seconds to wait for the last signatures once a majority sign
 BACKUP_DELAY = 30.0  # seconds after its turn a non-poster member posts the receipt itself if still unpaid
 FINAL_BACKUP = 5.0  # the same, for a peer that is leaving
 GIVE_UP = 600.0  # seconds without a majority of signatures (signature records live as long)
-MAX_BATCH = 8
+MAX_BATCH = 8  # receipts per transaction (settleReceipts)
+MAX_BACKOFF = 60.0
 # Reverts that can pass later: the clock, money, stakes and late signatures (NoQuorum: a signer's stake dropped, or
 # more signatures are on their way) change. NoQuorum gives up with the rest after GIVE_UP.
 RETRYABLE = {"EpochAhead", "BudgetExhausted", "UnknownRun", "InsufficientStake", "PeerNotRegistered", "NoQuorum",
@@ -61,6 +62,7 @@ class ReceiptBox:
         self.account, self.domain = account, domain
         self.batch, self.max_wait = batch, max_wait
         self.bad_signatures = 0  # signatures gathered that did not recover to the member they name
+        self._final_since: Optional[float] = None  # when the peer began leaving (flush(final=True))
         self._lock = threading.Lock()  # the cache and the files, never held across the network
         self._flushing = threading.Lock()
         self._cache = self._load()
@@ -124,6 +126,8 @@ class ReceiptBox:
         """Settle the receipts whose turn has come (see the module docstring). Never raises ChainError: failures
         wait for their next try. ``final``: the peer is leaving, post what has a majority now."""
         now = time.time() if now is None else now
+        if final and self._final_since is None:
+            self._final_since = now
         with self._flushing:
             with self._lock:
                 collecting = sorted((r for r in self._cache.values() if r["state"] == "collecting"), key=_order)
@@ -153,17 +157,15 @@ class ReceiptBox:
             return False
         everyone = len(r["signatures"]) == len(members)
         ready_at = r["quorum_at"] if everyone else r["quorum_at"] + FULL_WAIT
-        if final:  # leaving: post what has a majority now (a non-poster gives the poster a few seconds first)
-            ready_at = r["quorum_at"]
         poster = min(r["signatures"], key=lambda w: int(w, 16)) == self.account.address
-        if not poster:
-            ready_at += FINAL_BACKUP if final else BACKUP_DELAY
-        return now >= ready_at
+        if final:  # leaving: post what has a majority now; a non-poster gives the (leaving too) poster a moment first
+            return poster or now >= max(r["quorum_at"], self._final_since) + FINAL_BACKUP
+        return now >= ready_at + (0.0 if poster else BACKUP_DELAY)
 
     def _post(self, client, due: list[dict], now: float) -> None:
         queue = []
         for r in due:
-            if client.has_proof(_b(r["receipt"]["run_id"]), self.account.address, r["receipt"]["epoch"]):
+            if client.paid_for(_b(r["receipt"]["run_id"]), self.account.address, r["receipt"]["epoch"]):
                 self._mark(r, "posted", tx=r.get("tx") or "settled by a groupmate")
             else:
                 queue.append(r)
@@ -188,7 +190,7 @@ class ReceiptBox:
         """Our transaction settled ``r``: posted, unless the chain did not pay us for a reason time can fix."""
         receipt = Receipt.from_json(r["receipt"])
         me = receipt.members[receipt.index(self.account.address)]
-        if me.flagged or me.weight == 0 or client.has_proof(receipt.run_id, me.wallet, receipt.epoch):
+        if me.flagged or me.weight == 0 or client.paid_for(receipt.run_id, me.wallet, receipt.epoch):
             self._mark(r, "posted", tx=tx.tx_hash, gas=tx.gas_used)
             return
         run, stake = client.get_run(receipt.run_id), client.reputation(me.wallet)["stake"]
@@ -306,3 +308,19 @@ def _b(hex_str: str) -> bytes:
 def _signatures(r: dict) -> list[bytes]:
     return [_b(r["signatures"][m["wallet"]]) if m["wallet"] in r["signatures"] else b""
             for m in r["receipt"]["members"]]  # fmt: skip
+
+
+def _write_atomic(path: Path, record: dict) -> None:
+    """The record on disk for good before this returns: a temporary file, fsync, rename, fsync of the folder."""
+    data = {k: v for k, v in record.items() if not k.startswith("_")}
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -86,7 +86,7 @@ class ChainSession:
                              f"--wallet {cfg.wallet}`.")  # fmt: skip
         swarm.publish_wallet(spec.run_id, account.address, sign_binding(peer_id, account.key))
 
-        box = ReceiptBox(out / "receipts", account, client.domain, batch=cfg.proof_batch, max_wait=cfg.proof_max_wait)
+        box = ReceiptBox(out / "receipts", account, client.domain, batch=cfg.receipt_batch, max_wait=cfg.receipt_max_wait)
         poster_client = StakingClient(client.w3, client.address, account)
         session = cls(client, box, None, spec.run_id, chain_run, swarm, emit)  # type: ignore[arg-type]
         session.poster = ReceiptPoster(box, poster_client, session._groupmates_signatures).start()
@@ -175,7 +175,7 @@ class ChainSession:
             votes = {}
             for s in published:
                 signer = recover(digest, s.signature) if s.epoch == epoch and s.digest == digest else None
-                if signer is not None and client.has_proof(self.run, signer, epoch - 1):
+                if signer is not None and client.paid_for(self.run, signer, epoch - 1):
                     votes[signer] = s.signature
             payees = client.epoch_tally(self.run, epoch - 1)["payees"]
             if len(votes) < 2 or 2 * len(votes) <= payees:
@@ -188,8 +188,12 @@ class ChainSession:
                     client.record_checkpoint(self.run, epoch, cid, votes)
                 elif on_chain["cid"] != cid:
                     outcome = f"refused: the chain holds {on_chain['cid']} with {on_chain['votes']} votes"
-            except TxReverted as e:
-                if e.error != "CheckpointExists":  # another voter recorded the same CID first: done
+            except TxReverted as e:  # another voter may have recorded the same CID first (even in the same block)
+                try:
+                    on_chain = client.checkpoint_of(self.run, epoch)
+                except ChainError:
+                    on_chain = None
+                if on_chain is None or on_chain["cid"] != cid:
                     outcome = f"refused: {e}"
             except ChainUnreachable:
                 return  # again after the next flush

@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
-from eth_utils import to_checksum_address
+from eth_utils import keccak, to_checksum_address
 
 from atlas_swarm.proofs.eip712 import DOMAIN_FIELDS, Domain, peer_id_hash
 
@@ -37,6 +37,9 @@ CHECKPOINT_FIELDS = [
     {"name": "cidDigest", "type": "bytes32"},
 ]
 MAX_MEMBERS = 64  # the contract's MAX_MEMBERS
+_MEMBER_TYPE = "Member(" + ",".join(f"{f['type']} {f['name']}" for f in MEMBER_FIELDS) + ")"
+RECEIPT_TYPEHASH = keccak(text="Receipt(" + ",".join(f"{f['type']} {f['name']}" for f in RECEIPT_FIELDS) + ")"
+                          + _MEMBER_TYPE)  # fmt: skip
 
 
 @dataclass(frozen=True)

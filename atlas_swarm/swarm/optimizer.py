@@ -2,7 +2,7 @@
 
 hivemind averages gradients with weight = samples accumulated, so a peer stepping with batch 16 counts 4x a peer
 with batch 4. After every epoch transition an ``EpochDone`` says how many samples this peer put in and with whom it
-averaged: the seam where contribution proofs (and checkpoints) hook in.
+averaged: the seam where receipts (and checkpoints) hook in.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ COMPRESSION = {
 
 @dataclass(frozen=True)
 class EpochDone:
-    ended: int  # the epoch this peer's samples went into (its proof's epoch)
+    ended: int  # the epoch this peer's samples went into (its receipt's epoch)
     epoch: int  # the epoch the swarm moved to
     samples: int  # samples this peer accumulated into the step that ended the epoch
     group: tuple[str, ...]  # PeerIDs whose gradients were aggregated, this peer's too (empty: local gradients)

@@ -8,19 +8,15 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {IAtlasStaking} from "./IAtlasStaking.sol";
 
 /// @title AtlasStaking
-/// @notice Peers stake, post EIP-712 contribution proofs each epoch, earn from the trainer's escrow, and are slashed
-///         for equivocation. See IAtlasStaking for the interface and NatSpec of every external function.
+/// @notice Peers stake, are paid from the trainer's escrow for the epochs their averaging group co-signed (EIP-712
+///         receipts), and are slashed for signing two receipts (or two checkpoint votes) of one epoch. See IAtlasStaking for the interface and NatSpec of every external function.
 ///         Conservation: this contract's balance always equals active + unbonding stake + run budgets + claimable +
 ///         bucketed rewards + burned (tested as a forge invariant).
-/// @dev Storage is packed so that an accepted proof costs few writes: one bit in an epoch bitmap, one stats slot,
-///      one reward-bucket slot and the run budget. Rewards accrue into time buckets of CHALLENGE_WINDOW seconds; a
+/// @dev Storage is packed so that a paid member costs few writes: one bit in an epoch bitmap, one stats slot and
+///      one reward-bucket slot; a receipt adds the run budget and the epoch's tally. Rewards accrue into time buckets of CHALLENGE_WINDOW seconds; a
 ///      bucket becomes claimable two buckets later, so every reward waits at least one full window.
 contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     // ------------------------------------------------------------------ state
-    bytes32 public constant PROOF_TYPEHASH = keccak256(
-        "Proof(bytes32 runId,uint64 epoch,address peer,bytes32 peerIdHash,uint64 samples,bytes32 adapterHash,"
-        "bytes32 dataRoot,uint64 deadline)"
-    );
     bytes32 public constant MEMBER_TYPEHASH =
         keccak256("Member(address wallet,bytes32 peerIdHash,uint64 weight,bool flagged)");
     bytes32 public constant RECEIPT_TYPEHASH = keccak256(
@@ -31,7 +27,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     /// @notice The largest group a receipt may list (signers are counted in one 256-bit word).
     uint256 public constant MAX_MEMBERS = 64;
     uint256 private constant BPS = 10_000;
-    /// @dev What a slash punishes: two accounts of one epoch's work (proofs, receipts), or two checkpoint votes.
+    /// @dev What a slash punishes: two receipts of one epoch, or two checkpoint votes of one epoch.
     uint8 private constant WORK = 0;
     uint8 private constant VOTE = 1;
 
@@ -70,8 +66,8 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     mapping(address => uint256) private _claimable;
     mapping(address => bytes32) private _peerIdOf;
     mapping(bytes32 => Run) private _runs;
-    /// @dev runId => peer => epoch / 256 => bitmap of accepted proofs
-    mapping(bytes32 => mapping(address => mapping(uint256 => uint256))) private _submitted;
+    /// @dev runId => peer => epoch / 256 => bitmap of paid epochs
+    mapping(bytes32 => mapping(address => mapping(uint256 => uint256))) private _paid;
     /// @dev keccak256(runId, peer, epoch, WORK or VOTE) => slashed already
     mapping(bytes32 => bool) private _slashed;
     /// @inheritdoc IAtlasStaking
@@ -96,18 +92,6 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
 
     // ------------------------------------------------------------------ views
     /// @inheritdoc IAtlasStaking
-    function proofDigest(Proof calldata proof) public view returns (bytes32) {
-        return _hashTypedDataV4(
-            keccak256(
-                abi.encode(
-                    PROOF_TYPEHASH, proof.runId, proof.epoch, proof.peer, proof.peerIdHash, proof.samples,
-                    proof.adapterHash, proof.dataRoot, proof.deadline
-                )
-            )
-        );
-    }
-
-    /// @inheritdoc IAtlasStaking
     function getRun(bytes32 runId) external view returns (Run memory) {
         return _runs[runId];
     }
@@ -131,8 +115,8 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     }
 
     /// @inheritdoc IAtlasStaking
-    function proofSubmitted(bytes32 runId, address peer, uint64 epoch) public view returns (bool) {
-        return _submitted[runId][peer][epoch >> 8] & (1 << (epoch & 0xff)) != 0;
+    function paidFor(bytes32 runId, address peer, uint64 epoch) public view returns (bool) {
+        return _paid[runId][peer][epoch >> 8] & (1 << (epoch & 0xff)) != 0;
     }
 
     /// @inheritdoc IAtlasStaking
@@ -265,7 +249,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         Run storage run = _openRun(runId);
         if (msg.sender != run.trainer) revert NotTrainer(msg.sender, run.trainer);
         if (run.closesAt != 0) revert RunClosed(runId);
-        // Proofs already signed (queued in peers' outboxes) are still paid for a whole challenge window.
+        // Receipts already signed (queued in peers' outboxes) are still paid for a whole challenge window.
         run.closesAt = uint32(block.timestamp + CHALLENGE_WINDOW);
         emit RunClosing(runId, run.closesAt);
     }
@@ -280,41 +264,6 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         run.budget = 0;
         emit RunClosedAndRefunded(runId, msg.sender, refund);
         if (refund != 0) _send(msg.sender, refund);
-    }
-
-    /// @inheritdoc IAtlasStaking
-    function submitProof(Proof calldata proof, bytes calldata signature) external {
-        _accept(proof, signature);
-    }
-
-    /// @inheritdoc IAtlasStaking
-    function submitProofs(Proof[] calldata proofs, bytes[] calldata signatures) external {
-        if (proofs.length != signatures.length || proofs.length == 0) {
-            revert LengthMismatch(proofs.length, signatures.length);
-        }
-        for (uint256 i = 0; i < proofs.length; ++i) {
-            Proof calldata p = proofs[i];
-            // Someone who relayed one of this batch's proofs first must not make the batch (and the proofs in it)
-            // fail: a proof the contract holds already is skipped, nothing else.
-            if (proofSubmitted(p.runId, p.peer, p.epoch)) emit ProofSkipped(p.runId, p.epoch, p.peer);
-            else _accept(p, signatures[i]);
-        }
-    }
-
-    /// @inheritdoc IAtlasStaking
-    function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
-        external
-    {
-        address peer = proofA.peer;
-        bytes32 digestA = proofDigest(proofA);
-        bytes32 digestB = proofDigest(proofB);
-        if (proofA.runId != proofB.runId || proofA.epoch != proofB.epoch || peer != proofB.peer || digestA == digestB)
-        {
-            revert NotEquivocation();
-        }
-        _checkSigner(digestA, sigA, peer);
-        _checkSigner(digestB, sigB, peer);
-        _slash(proofA.runId, proofA.epoch, peer, WORK);
     }
 
     /// @inheritdoc IAtlasStaking
@@ -365,7 +314,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         address previous;
         for (uint256 i = 0; i < voters.length; ++i) {
             address v = voters[i];
-            if (v <= previous || !proofSubmitted(runId, v, epoch - 1)) revert NotAVoter(v);
+            if (v <= previous || !paidFor(runId, v, epoch - 1)) revert NotAVoter(v);
             _checkSigner(digest, signatures[i], v);
             previous = v;
         }
@@ -438,69 +387,40 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         uint256 left = run.samplesPerEpoch - tally.samples;
         uint256 cap = run.maxSamplesPerEpoch;
         uint256 rate = run.rewardPerSample;
+        uint256 budget = run.budget;
+        uint256 spent;
         for (uint256 i = 0; counted >> i != 0; ++i) {
             if ((counted >> i) & 1 == 0) continue;
             Member calldata m = receipt.members[i];
-            if (m.flagged || proofSubmitted(receipt.runId, m.wallet, receipt.epoch)) continue;
+            if (m.flagged || paidFor(receipt.runId, m.wallet, receipt.epoch)) continue;
             uint256 s = m.weight < cap ? m.weight : cap;
             if (s > left) s = left;
             if (s == 0) continue;
             left -= s;
             _markPaid(receipt.runId, m.wallet, receipt.epoch, uint64(s));
             uint256 reward = s * rate;
-            uint256 budget = run.budget;
-            if (reward > budget) revert BudgetExhausted(receipt.runId, budget, reward);
-            run.budget = budget - reward;
+            if (spent + reward > budget) revert BudgetExhausted(receipt.runId, budget, spent + reward);
+            spent += reward;
             if (reward != 0) _accrue(m.wallet, reward);
             emit ContributionPaid(receipt.runId, receipt.epoch, m.wallet, uint64(s), reward);
             ++paid;
             samples += s;
         }
         if (paid != 0) {
+            run.budget = budget - spent; // written once per receipt
             tally.samples += uint64(samples);
             tally.payees += uint32(paid);
             _tallies[receipt.runId][receipt.epoch] = tally;
         }
     }
 
-    function _accept(Proof calldata proof, bytes calldata signature) private {
-        Run storage run = _checkProof(proof, signature);
-        _markSubmitted(proof);
-        uint256 reward = uint256(proof.samples) * run.rewardPerSample;
-        uint256 budget = run.budget;
-        if (reward > budget) revert BudgetExhausted(proof.runId, budget, reward);
-        run.budget = budget - reward;
-        if (reward != 0) _accrue(proof.peer, reward);
-        emit ProofAccepted(proof.runId, proof.epoch, proof.peer, proof.samples, proof.adapterHash, proof.dataRoot,
-            reward);
-    }
-
-    /// @dev Everything about a proof that does not change state: run, deadline, signature, binding, stake, samples.
-    function _checkProof(Proof calldata proof, bytes calldata signature) private view returns (Run storage run) {
-        if (block.timestamp > proof.deadline) revert ProofExpired(proof.deadline);
-        run = _openRun(proof.runId);
-        _checkSigner(proofDigest(proof), signature, proof.peer);
-        bytes32 registered = _peerIdOf[proof.peer];
-        if (registered == bytes32(0)) revert PeerNotRegistered(proof.peer);
-        if (registered != proof.peerIdHash) revert PeerIdMismatch(registered, proof.peerIdHash);
-        uint256 active = _stakes[proof.peer].active;
-        if (active < run.minStake) revert InsufficientStake(active, run.minStake);
-        if (proof.samples == 0 || proof.samples > run.maxSamplesPerEpoch) {
-            revert InvalidSamples(proof.samples, run.maxSamplesPerEpoch);
-        }
-    }
-
     /// @dev Replay protection (one payment per run, peer and epoch: no global nonce a relay could race) and counters.
-    function _markSubmitted(Proof calldata proof) private {
-        _markPaid(proof.runId, proof.peer, proof.epoch, proof.samples);
-    }
-
     function _markPaid(bytes32 runId, address peer, uint64 epoch, uint64 samples) private {
         Stats memory st = _stats[peer];
-        mapping(uint256 => uint256) storage bits = _submitted[runId][peer];
+        mapping(uint256 => uint256) storage bits = _paid[runId][peer];
         uint256 word = bits[epoch >> 8];
         uint256 bit = 1 << (epoch & 0xff);
-        if (word & bit != 0) revert ProofAlreadySubmitted(runId, epoch, peer);
+        if (word & bit != 0) revert AlreadyPaid(runId, epoch, peer);
         bits[epoch >> 8] = word | bit;
         st.verifiedSamples += samples;
         st.epochsContributed += 1;

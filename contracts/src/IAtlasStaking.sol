@@ -2,27 +2,19 @@
 pragma solidity ^0.8.24;
 
 /// @title IAtlasStaking
-/// @notice Staking, run escrow, EIP-712 contribution proofs and equivocation slashing for atlas-swarm.
-/// @dev A peer stakes native currency, binds its libp2p PeerID (hash) to its address, and signs one proof per
-///      swarm epoch it took part in. Anyone may relay a signed proof. Rewards (samples x the run's rate) come out of
-///      the trainer's escrow and become claimable after a challenge window. Two different signed proofs from one
-///      peer for the same (run, epoch) of a funded run let anyone slash that peer's stake; the reporter's bounty
-///      waits a challenge window, and the rest of the slash (with the peer's immature rewards) is burned, so that
-///      reporting oneself is always a loss. A run's id commits to its trainer (runIdOf), so nobody can squat it.
+/// @notice Staking, run escrow, group-co-signed receipts, quorum checkpoints and equivocation slashing for
+///         atlas-swarm.
+/// @dev A peer stakes native currency and binds its libp2p PeerID (hash) to its address. After each averaging
+///      round the group's members sign one receipt (EIP-712) naming every member's weight and outlier flag; a member
+///      is paid (weight x the run's rate, capped) only with signatures of more than half of the members listed,
+///      each bound and staked, and only for epochs the run's clock has reached, within the epoch's shared budget.
+///      Anyone may relay a receipt. Rewards become claimable after a challenge window. Two different receipts (or
+///      checkpoint votes) one peer signed for the same (run, epoch) of a funded run let anyone slash it; the
+///      reporter's bounty waits a challenge window, and the rest of the slash (with the peer's immature rewards) is
+///      burned, so that reporting oneself is always a loss. A run's id commits to its trainer (runIdOf), so nobody
+///      can squat it.
 interface IAtlasStaking {
     // ------------------------------------------------------------------ types
-    /// @notice What a peer signs at the end of an epoch (EIP-712 typed data, see PROOF_TYPEHASH).
-    struct Proof {
-        bytes32 runId; // runIdOf(trainer, keccak256 of the run id string, e.g. "minilm-topics-0123456789abcdef")
-        uint64 epoch; // swarm epoch the samples were averaged in
-        address peer; // the signer and the account that is paid
-        bytes32 peerIdHash; // keccak256 of the libp2p PeerID bytes; must match registerPeer
-        uint64 samples; // samples this peer contributed in this epoch
-        bytes32 adapterHash; // sha256 of the averaged adapter after the epoch (atlas canonical hash)
-        bytes32 dataRoot; // Merkle root of the per-batch data hashes the peer trained on
-        uint64 deadline; // unix time after which the proof can no longer be submitted
-    }
-
     /// @notice One member of an averaging group, as its groupmates saw it in the round.
     struct Member {
         address wallet; // the address bound to the member's PeerID; paid if it signed the receipt
@@ -50,11 +42,11 @@ interface IAtlasStaking {
 
     struct Run {
         address trainer;
-        uint64 maxSamplesPerEpoch; // per peer; a proof above it is rejected
-        uint32 closesAt; // 0 while open; closeRun sets it one challenge window ahead: proofs are paid until then
+        uint64 maxSamplesPerEpoch; // per peer; a larger receipt weight is paid this much
+        uint32 closesAt; // 0 while open; closeRun sets it one challenge window ahead: receipts are paid until then
         bytes32 specHash; // sha256 of the canonical run spec
         uint128 rewardPerSample; // wei
-        uint128 minStake; // wei of active stake a peer needs for its proofs to count
+        uint128 minStake; // wei of active stake a member needs for its signature and pay to count
         uint256 budget; // wei left in escrow
         uint256 funded; // wei ever put into the run; only a funded run's equivocations can be slashed
         uint64 samplesPerEpoch; // all receipts of one epoch together are paid at most this many samples
@@ -97,25 +89,21 @@ interface IAtlasStaking {
     error UnbondingNotOver(uint64 readyAt);
     error AlreadyRegistered(address peer, bytes32 peerIdHash);
     error PeerNotRegistered(address peer);
-    error PeerIdMismatch(bytes32 registered, bytes32 inProof);
     error RunExists(bytes32 runId);
     error UnknownRun(bytes32 runId);
     error RunClosed(bytes32 runId);
     error NotTrainer(address caller, address trainer);
     error InvalidSigner(address signer, address peer);
-    error ProofExpired(uint64 deadline);
     error RunNotFunded(bytes32 runId);
     error RunStillClosing(bytes32 runId, uint32 closesAt);
-    error ProofAlreadySubmitted(bytes32 runId, uint64 epoch, address peer);
-    error InvalidSamples(uint64 samples, uint64 maxSamplesPerEpoch);
+    error AlreadyPaid(bytes32 runId, uint64 epoch, address peer);
     error BudgetExhausted(bytes32 runId, uint256 budget, uint256 reward);
-    error LengthMismatch(uint256 proofs, uint256 signatures);
+    error LengthMismatch(uint256 items, uint256 signatures);
     error NotEquivocation();
     error AlreadySlashed(bytes32 runId, uint64 epoch, address peer);
     error NothingToSlash(address peer);
     error NothingToClaim();
     error TransferFailed(address to, uint256 amount);
-    error NoProofForEpoch(bytes32 runId, uint64 epoch, address publisher);
     error CheckpointExists(bytes32 runId, uint64 epoch, bytes32 cidDigest);
     error InvalidGroup(uint256 members); // fewer than 2 members, more than MAX_MEMBERS, or not sorted by wallet
     error NoQuorum(uint256 signatures, uint256 members); // signatures of bound, staked members <= half the members
@@ -134,10 +122,6 @@ interface IAtlasStaking {
     event RunFunded(bytes32 indexed runId, address indexed funder, uint256 amount, uint256 budget);
     event RunClosing(bytes32 indexed runId, uint32 closesAt);
     event RunClosedAndRefunded(bytes32 indexed runId, address indexed trainer, uint256 refund);
-    event ProofAccepted(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, uint64 samples,
-        bytes32 adapterHash, bytes32 dataRoot, uint256 reward);
-    /// @notice A batch met a proof the contract already holds (e.g. relayed alone by someone else) and went on.
-    event ProofSkipped(bytes32 indexed runId, uint64 indexed epoch, address indexed peer);
     event Slashed(bytes32 indexed runId, uint64 indexed epoch, address indexed peer, address reporter,
         uint256 slashed, uint256 bounty, uint256 burned);
     event Claimed(address indexed account, uint256 amount);
@@ -152,17 +136,14 @@ interface IAtlasStaking {
         uint256 votes);
 
     // ------------------------------------------------------------------ views
-    /// @notice EIP-712 digest a peer signs for `proof` (domain: name "AtlasStaking", version "1", this chain + address).
-    function proofDigest(Proof calldata proof) external view returns (bytes32);
-
     /// @notice The state of a run.
     function getRun(bytes32 runId) external view returns (Run memory);
 
     /// @notice Stake, counters and rewards of `peer`.
     function reputationOf(address peer) external view returns (Reputation memory);
 
-    /// @notice Whether `peer`'s proof for (`runId`, `epoch`) was accepted.
-    function proofSubmitted(bytes32 runId, address peer, uint64 epoch) external view returns (bool);
+    /// @notice Whether `peer` was paid for (`runId`, `epoch`) by a receipt.
+    function paidFor(bytes32 runId, address peer, uint64 epoch) external view returns (bool);
 
     /// @notice The PeerID hash `peer` registered (zero if none). Several addresses may name one PeerID: the chain
     ///         cannot check a libp2p key, so a binding counts only with the PeerID's own signature off chain.
@@ -211,24 +192,12 @@ interface IAtlasStaking {
     /// @notice Add `msg.value` to an open run's budget. Anyone may fund; only its trainer can take back what is left.
     function fundRun(bytes32 runId) external payable;
 
-    /// @notice Start closing a run (trainer only): proofs are still paid for one challenge window, then
+    /// @notice Start closing a run (trainer only): receipts are still paid for one challenge window, then
     ///         reclaimBudget refunds what is left. Accrued rewards stay with the peers.
     function closeRun(bytes32 runId) external;
 
     /// @notice After the closing window, refund the run's unspent budget to its trainer.
     function reclaimBudget(bytes32 runId) external;
-
-    /// @notice Submit one signed proof (anyone may relay it).
-    function submitProof(Proof calldata proof, bytes calldata signature) external;
-
-    /// @notice Submit several signed proofs in one transaction. A proof the contract already holds is skipped
-    ///         (ProofSkipped); any other invalid proof reverts the whole call.
-    function submitProofs(Proof[] calldata proofs, bytes[] calldata signatures) external;
-
-    /// @notice Slash a peer that signed two different proofs for the same epoch of a funded run. Permissionless.
-    ///         The reporter's bounty (BOUNTY_BPS of the slash) matures like a reward; the rest is burned.
-    function slashEquivocation(Proof calldata proofA, bytes calldata sigA, Proof calldata proofB, bytes calldata sigB)
-        external;
 
     /// @notice Pay the members of an averaging group for one epoch. Valid only when more than half of the listed
     ///         members signed it and are bound (registerPeer) and staked (minStake); `signatures[i]` is member i's
@@ -241,7 +210,8 @@ interface IAtlasStaking {
     function settleReceipts(Receipt[] calldata receipts, bytes[][] calldata signatures) external;
 
     /// @notice Slash a peer that signed two different receipts for the same (run, epoch). Permissionless, with the
-    ///         same bounty rules as slashEquivocation.
+    ///         The reporter's bounty (BOUNTY_BPS of the slash) matures like a reward; the rest is burned, with the
+    ///         peer's immature rewards, so that reporting oneself is always a loss.
     function slashConflictingReceipts(Receipt calldata a, bytes calldata sigA, Receipt calldata b,
         bytes calldata sigB, address peer) external;
 

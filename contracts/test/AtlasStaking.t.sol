@@ -26,9 +26,9 @@ contract Payee {
         staking.withdraw();
     }
 
-    function slash(IAtlasStaking.Proof calldata a, bytes calldata sa, IAtlasStaking.Proof calldata b,
-        bytes calldata sb) external {
-        staking.slashEquivocation(a, sa, b, sb);
+    function slash(IAtlasStaking.Receipt calldata a, bytes calldata sa, IAtlasStaking.Receipt calldata b,
+        bytes calldata sb, address who) external {
+        staking.slashConflictingReceipts(a, sa, b, sb, who);
     }
 
     function claim() external {
@@ -47,8 +47,8 @@ contract AtlasStakingTest is Fixture {
     function testFuzz_RewardsEqualSamplesTimesRateAndMatureAfterWindow(uint64 s1, uint64 s2, uint256 wait) public {
         s1 = uint64(bound(s1, 1, MAX_SAMPLES));
         s2 = uint64(bound(s2, 1, MAX_SAMPLES));
-        _submit(_proof(0, s1));
-        _submit(_proof(1, s2));
+        _submit(_receipt(0, s1));
+        _submit(_receipt(1, s2));
         IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
         uint256 expected = (uint256(s1) + s2) * RATE;
         assertEq(r.pending, expected, "pending");
@@ -74,26 +74,6 @@ contract AtlasStakingTest is Fixture {
         staking.claim();
     }
 
-    function testFuzz_RevertProofSignedForAnotherChainOrContract(uint64 otherChain) public {
-        vm.assume(otherChain != block.chainid && otherChain != 0);
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        // the same proof signed for another deployment of the contract
-        AtlasStaking other = new AtlasStaking(UNBONDING, WINDOW, 5_000, 2_000);
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(PEER_KEY, other.proofDigest(p));
-        bytes memory sigOtherContract = abi.encodePacked(r, s, v);
-        vm.expectRevert();
-        staking.submitProof(p, sigOtherContract);
-        // ... and for this contract's address on another chain
-        uint256 here = block.chainid;
-        vm.chainId(otherChain);
-        bytes memory sigOtherChain = _sign(PEER_KEY, p);
-        vm.chainId(here);
-        vm.expectRevert();
-        staking.submitProof(p, sigOtherChain);
-        assertEq(staking.reputationOf(peer).epochsContributed, 0, "nothing recorded");
-        _submit(p); // the right domain still works
-    }
-
     function testFuzz_ReentrantWithdrawGetsNothingExtra(uint256 amount) public {
         amount = bound(amount, 1, 10 ether);
         Payee attacker = new Payee(staking, true);
@@ -107,16 +87,16 @@ contract AtlasStakingTest is Fixture {
 
     function testFuzz_BatchOfEpochs(uint8 n) public {
         n = uint8(bound(n, 1, 16));
-        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](n);
-        bytes[] memory sigs = new bytes[](n);
+        IAtlasStaking.Receipt[] memory rs = new IAtlasStaking.Receipt[](n);
+        bytes[][] memory sigs = new bytes[][](n);
         for (uint64 i = 0; i < n; ++i) {
-            ps[i] = _proof(i, 100 + i);
-            sigs[i] = _sign(PEER_KEY, ps[i]);
+            rs[i] = _receipt(i, 100 + i);
+            sigs[i] = _sigs(rs[i]);
         }
         vm.prank(reporter); // anyone may relay
-        staking.submitProofs(ps, sigs);
+        staking.settleReceipts(rs, sigs);
         assertEq(staking.reputationOf(peer).epochsContributed, n, "epochs");
-        assertTrue(staking.proofSubmitted(RUN, peer, n - 1), "last epoch marked");
+        assertTrue(staking.paidFor(RUN, peer, n - 1), "last epoch marked");
     }
 
     function testFuzz_UnstakeThenWithdraw(uint256 amount) public {
@@ -132,15 +112,16 @@ contract AtlasStakingTest is Fixture {
     }
 
     function testFuzz_EquivocationSlashesStakeAndPaysBounty(uint64 epoch, uint64 samplesB) public {
+        epoch = uint64(bound(epoch, 0, EPOCHS));
         samplesB = uint64(bound(samplesB, 1, MAX_SAMPLES));
         vm.assume(samplesB != 10);
-        IAtlasStaking.Proof memory a = _proof(epoch, 10);
-        IAtlasStaking.Proof memory b = _proof(epoch, samplesB);
+        IAtlasStaking.Receipt memory a = _receipt(epoch, 10);
+        IAtlasStaking.Receipt memory b = _receipt(epoch, samplesB);
         _submit(a); // its reward (pending) is forfeited by the slash
         bytes memory sa = _sign(PEER_KEY, a);
         bytes memory sb = _sign(PEER_KEY, b);
         vm.prank(reporter);
-        staking.slashEquivocation(a, sa, b, sb);
+        staking.slashConflictingReceipts(a, sa, b, sb, peer);
         IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
         assertEq(r.stake, 1 ether, "half the stake is gone");
         assertEq(r.timesSlashed, 1, "counted");
@@ -151,33 +132,34 @@ contract AtlasStakingTest is Fixture {
         staking.claim();
         assertEq(reporter.balance, 0.2 ether, "bounty paid after the window");
         assertEq(staking.burned(), 0.8 ether + 10 * uint256(RATE), "rest and forfeited reward burned");
-        assertEq(staking.getRun(RUN).budget, 10 ether - 10 * uint256(RATE), "budget only paid the proof");
-        assertEq(address(staking).balance, 1 ether + staking.getRun(RUN).budget + staking.burned(), "conserved");
+        assertEq(staking.getRun(RUN).budget, 10 ether - 10 * uint256(RATE), "budget only paid the receipt");
+        assertEq(address(staking).balance, 1 ether + 2 ether + staking.getRun(RUN).budget + staking.burned(),
+            "conserved (peer's and mate's stakes)");
     }
 
     function testFuzz_SlashReachesUnbondingStake(uint256 unstake) public {
         unstake = bound(unstake, 1, 2 ether);
         vm.prank(peer);
         staking.requestUnstake(unstake);
-        IAtlasStaking.Proof memory a = _proof(3, 10);
-        IAtlasStaking.Proof memory b = _proof(3, 11);
-        staking.slashEquivocation(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        IAtlasStaking.Receipt memory a = _receipt(3, 10);
+        IAtlasStaking.Receipt memory b = _receipt(3, 11);
+        staking.slashConflictingReceipts(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b), peer);
         IAtlasStaking.Reputation memory r = staking.reputationOf(peer);
         assertEq(r.stake + r.unbonding, 1 ether, "half of active + unbonding");
     }
 
     function testFuzz_ReentrantClaimGetsNothingExtra(uint64 epoch) public {
         Payee attacker = new Payee(staking, true);
-        IAtlasStaking.Proof memory a = _proof(epoch, 10);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11);
-        attacker.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        IAtlasStaking.Receipt memory a = _receipt(epoch, 10);
+        IAtlasStaking.Receipt memory b = _receipt(epoch, 11);
+        attacker.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b), peer);
         vm.warp(block.timestamp + 2 * uint256(WINDOW)); // the bounty matures like a reward
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(attacker), 0.2 ether));
         attacker.claim(); // re-entering claim() inside receive() hits the guard, so the whole payout reverts
     }
 
     function test_CloseRunRefundsUnspentBudgetAfterItsWindow() public {
-        _submit(_proof(0, 1000));
+        _submit(_receipt(0, 1000));
         vm.prank(trainer);
         staking.closeRun(RUN);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunStillClosing.selector, RUN,
@@ -275,7 +257,8 @@ contract AtlasStakingTest is Fixture {
         staking.closeRun(RUN);
     }
 
-    function testFuzz_RevertProofOnClosedRun(uint64 epoch) public {
+    function testFuzz_RevertReceiptOnClosedRun(uint64 epoch) public {
+        epoch = uint64(bound(epoch, 0, EPOCHS));
         vm.prank(trainer);
         staking.closeRun(RUN);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
@@ -284,171 +267,77 @@ contract AtlasStakingTest is Fixture {
         vm.prank(trainer);
         staking.closeRun(RUN); // closing twice does not move the deadline
         vm.warp(block.timestamp + WINDOW);
-        IAtlasStaking.Proof memory p = _proof(epoch, 1);
-        p.deadline = uint64(block.timestamp + 1 hours);
-        bytes memory sig = _sign(PEER_KEY, p);
+        IAtlasStaking.Receipt memory r = _receipt(epoch, 1);
+        bytes[] memory sigs = _sigs(r);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.RunClosed.selector, RUN));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertExpired(uint256 late) public {
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        bytes memory sig = _sign(PEER_KEY, p);
-        vm.warp(uint256(p.deadline) + bound(late, 1, 365 days));
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofExpired.selector, p.deadline));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertWrongSigner(uint256 key) public {
-        key = bound(key, 1, 2 ** 128);
-        vm.assume(key != PEER_KEY);
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        bytes memory sig = _sign(key, p);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSigner.selector, vm.addr(key), peer));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertTamperedProof(uint64 samples) public {
-        samples = uint64(bound(samples, 2, MAX_SAMPLES));
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        bytes memory sig = _sign(PEER_KEY, p);
-        p.samples = samples; // a relay inflating the samples breaks the signature
-        vm.expectRevert();
-        staking.submitProof(p, sig);
-        assertEq(staking.reputationOf(peer).verifiedSamples, 0, "nothing recorded");
-    }
-
-    function testFuzz_RevertUnregisteredPeer(uint256 key) public {
-        key = bound(key, 1, 2 ** 128);
-        vm.assume(key != PEER_KEY);
-        address other = vm.addr(key);
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        p.peer = other;
-        bytes memory sig = _sign(key, p);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerNotRegistered.selector, other));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertPeerIdMismatch(bytes32 otherId) public {
-        vm.assume(otherId != PEER_ID);
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        p.peerIdHash = otherId;
-        bytes memory sig = _sign(PEER_KEY, p);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.PeerIdMismatch.selector, PEER_ID, otherId));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertStakeBelowMinimum(uint256 unstake) public {
-        unstake = bound(unstake, 1 ether + 1, 2 ether);
-        vm.prank(peer);
-        staking.requestUnstake(unstake);
-        IAtlasStaking.Proof memory p = _proof(0, 1);
-        bytes memory sig = _sign(PEER_KEY, p);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InsufficientStake.selector, 2 ether - unstake, MIN_STAKE));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertInvalidSamples(uint64 samples) public {
-        vm.assume(samples == 0 || samples > MAX_SAMPLES);
-        IAtlasStaking.Proof memory p = _proof(0, samples);
-        bytes memory sig = _sign(PEER_KEY, p);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSamples.selector, samples, MAX_SAMPLES));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertReplay(uint64 epoch) public {
-        vm.assume(epoch != 0);
-        IAtlasStaking.Proof memory p = _proof(epoch, 1);
-        bytes memory sig = _sign(PEER_KEY, p);
-        staking.submitProof(p, sig);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofAlreadySubmitted.selector, RUN, epoch, peer));
-        staking.submitProof(p, sig); // exact replay
-        IAtlasStaking.Proof memory r = _proof(epoch, 2); // same epoch, other samples
-        bytes memory sigR = _sign(PEER_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.ProofAlreadySubmitted.selector, RUN, epoch, peer));
-        staking.submitProof(r, sigR);
-        IAtlasStaking.Proof memory q = _proof(0, 1);
-        staking.submitProof(q, _sign(PEER_KEY, q)); // an older epoch later is fine: there is no nonce order
+        staking.settleReceipt(r, sigs);
     }
 
     function testFuzz_RevertBudgetExhausted(uint128 rate) public {
         rate = uint128(bound(rate, 10 ether / MAX_SAMPLES + 1, 1e30));
         vm.prank(trainer);
         bytes32 run2 = staking.createRun{value: 10 ether}(keccak256("expensive"), SPEC, termsOf(rate, 0, MAX_SAMPLES));
-        IAtlasStaking.Proof memory p = _proof(0, MAX_SAMPLES);
-        p.runId = run2;
-        bytes memory sig = _sign(PEER_KEY, p);
+        IAtlasStaking.Receipt memory r = _receipt(0, MAX_SAMPLES);
+        r.runId = run2;
+        bytes[] memory sigs = _sigs(r);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.BudgetExhausted.selector, run2, 10 ether,
             uint256(MAX_SAMPLES) * rate));
-        staking.submitProof(p, sig);
-    }
-
-    function testFuzz_RevertBatchLengthMismatch(uint8 n, uint8 m) public {
-        n = uint8(bound(n, 0, 4));
-        m = uint8(bound(m, 0, 4));
-        vm.assume(n != m || n == 0);
-        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](n);
-        bytes[] memory sigs = new bytes[](m);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.LengthMismatch.selector, n, m));
-        staking.submitProofs(ps, sigs);
+        staking.settleReceipt(r, sigs);
     }
 
     function testFuzz_RevertBatchIsAtomic(uint8 bad) public {
         bad = uint8(bound(bad, 0, 3));
-        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](4);
-        bytes[] memory sigs = new bytes[](4);
+        IAtlasStaking.Receipt[] memory rs = new IAtlasStaking.Receipt[](4);
+        bytes[][] memory sigs = new bytes[][](4);
         for (uint64 i = 0; i < 4; ++i) {
-            ps[i] = _proof(i, i == bad ? 0 : 5);
-            sigs[i] = _sign(PEER_KEY, ps[i]);
+            rs[i] = _receipt(i, 5);
+            sigs[i] = _sigs(rs[i]);
         }
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSamples.selector, 0, MAX_SAMPLES));
-        staking.submitProofs(ps, sigs);
+        sigs[bad][0] = ""; // one receipt of the batch has a single signature of two: no majority
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoQuorum.selector, 1, 2));
+        staking.settleReceipts(rs, sigs);
         assertEq(staking.reputationOf(peer).epochsContributed, 0, "nothing recorded");
     }
 
     function testFuzz_RevertNotEquivocation(uint64 e1, uint64 e2) public {
-        IAtlasStaking.Proof memory a = _proof(e1, 10);
+        IAtlasStaking.Receipt memory a = _receipt(e1, 10);
         bytes memory sa = _sign(PEER_KEY, a);
         vm.expectRevert(IAtlasStaking.NotEquivocation.selector);
-        staking.slashEquivocation(a, sa, a, sa); // the same proof twice
+        staking.slashConflictingReceipts(a, sa, a, sa, peer); // the same receipt twice
         vm.assume(e1 != e2);
-        IAtlasStaking.Proof memory b = _proof(e2, 11);
+        IAtlasStaking.Receipt memory b = _receipt(e2, 11);
         bytes memory sb = _sign(PEER_KEY, b);
         vm.expectRevert(IAtlasStaking.NotEquivocation.selector);
-        staking.slashEquivocation(a, sa, b, sb); // different epochs are not a conflict
+        staking.slashConflictingReceipts(a, sa, b, sb, peer); // different epochs are not a conflict
     }
 
     function testFuzz_RevertSlashForgedSignature(uint256 key) public {
         key = bound(key, 1, 2 ** 128);
         vm.assume(key != PEER_KEY);
-        IAtlasStaking.Proof memory a = _proof(1, 10);
-        IAtlasStaking.Proof memory b = _proof(1, 11);
+        IAtlasStaking.Receipt memory a = _receipt(1, 10);
+        IAtlasStaking.Receipt memory b = _receipt(1, 11);
         bytes memory sa = _sign(PEER_KEY, a);
         bytes memory forged = _sign(key, b);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.InvalidSigner.selector, vm.addr(key), peer));
-        staking.slashEquivocation(a, sa, b, forged);
+        staking.slashConflictingReceipts(a, sa, b, forged, peer);
     }
 
     function testFuzz_RevertSlashTwiceOrNothing(uint64 epoch) public {
-        IAtlasStaking.Proof memory a = _proof(epoch, 10);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11);
-        IAtlasStaking.Proof memory c = _proof(epoch, 12);
+        IAtlasStaking.Receipt memory a = _receipt(epoch, 10);
+        IAtlasStaking.Receipt memory b = _receipt(epoch, 11);
+        IAtlasStaking.Receipt memory c = _receipt(epoch, 12);
         bytes memory sa = _sign(PEER_KEY, a);
-        staking.slashEquivocation(a, sa, b, _sign(PEER_KEY, b));
+        staking.slashConflictingReceipts(a, sa, b, _sign(PEER_KEY, b), peer);
         bytes memory sc = _sign(PEER_KEY, c);
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.AlreadySlashed.selector, RUN, epoch, peer));
-        staking.slashEquivocation(a, sa, c, sc);
+        staking.slashConflictingReceipts(a, sa, c, sc, peer);
 
-        uint256 key = 0xB0B;
-        address bob = vm.addr(key);
-        IAtlasStaking.Proof memory x = _proof(epoch, 10);
-        x.peer = bob;
-        IAtlasStaking.Proof memory y = _proof(epoch, 11);
-        y.peer = bob;
-        bytes memory sx = _sign(key, x);
-        bytes memory sy = _sign(key, y);
-        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NothingToSlash.selector, bob));
-        staking.slashEquivocation(x, sx, y, sy);
+        uint256 key = 0xCAFE; // signed two receipts, but has no stake
+        address nobody = vm.addr(key);
+        bytes memory sx = _sign(key, a);
+        bytes memory sy = _sign(key, b);
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NothingToSlash.selector, nobody));
+        staking.slashConflictingReceipts(a, sx, b, sy, nobody);
     }
 
     function testFuzz_RevertNothingToClaim(address who) public {
@@ -459,9 +348,9 @@ contract AtlasStakingTest is Fixture {
 
     function testFuzz_RevertTransferToRejectingReceiver(uint64 epoch) public {
         Payee rejecting = new Payee(staking, false);
-        IAtlasStaking.Proof memory a = _proof(epoch, 10);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11);
-        rejecting.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        IAtlasStaking.Receipt memory a = _receipt(epoch, 10);
+        IAtlasStaking.Receipt memory b = _receipt(epoch, 11);
+        rejecting.slash(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b), peer);
         vm.warp(block.timestamp + 2 * uint256(WINDOW));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.TransferFailed.selector, address(rejecting), 0.2 ether));
         rejecting.claim();

@@ -10,21 +10,21 @@ contract AtlasStakingAttacksTest is Fixture {
     address alt = address(0xA17); // a second address of the peer's owner
 
     function _equivocate(bytes32 runId, uint64 epoch) internal {
-        IAtlasStaking.Proof memory a = _proof(epoch, 10);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11);
+        IAtlasStaking.Receipt memory a = _receipt(epoch, 10);
+        IAtlasStaking.Receipt memory b = _receipt(epoch, 11);
         a.runId = runId;
         b.runId = runId;
         bytes memory sa = _sign(PEER_KEY, a);
         bytes memory sb = _sign(PEER_KEY, b);
         vm.prank(alt);
-        staking.slashEquivocation(a, sa, b, sb);
+        staking.slashConflictingReceipts(a, sa, b, sb, peer);
     }
 
     /// C1b: a peer reports itself from a second address to get its (unbonding) stake and unmatured rewards out now.
     function testFuzz_SelfSlashIsAlwaysALoss(uint8 reports, uint64 samples) public {
         reports = uint8(bound(reports, 1, 8));
         samples = uint64(bound(samples, 1, MAX_SAMPLES));
-        _submit(_proof(1000, samples)); // an immature reward the peer would like out early
+        _submit(_receipt(1000, samples)); // an immature reward the peer would like out early
         uint256 earned = uint256(samples) * RATE;
         vm.prank(peer);
         staking.requestUnstake(2 ether); // everything unbonding: 7 days away
@@ -66,11 +66,11 @@ contract AtlasStakingAttacksTest is Fixture {
     }
 
     function callSlash(bytes32 runId, uint64 epoch) external {
-        IAtlasStaking.Proof memory a = _proof(epoch, 10);
-        IAtlasStaking.Proof memory b = _proof(epoch, 11);
+        IAtlasStaking.Receipt memory a = _receipt(epoch, 10);
+        IAtlasStaking.Receipt memory b = _receipt(epoch, 11);
         a.runId = runId;
         b.runId = runId;
-        staking.slashEquivocation(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b));
+        staking.slashConflictingReceipts(a, _sign(PEER_KEY, a), b, _sign(PEER_KEY, b), peer);
     }
 
     /// H1: the attacker opens the public run tag first, the victim funds "the run", the attacker closes it.
@@ -94,20 +94,20 @@ contract AtlasStakingAttacksTest is Fixture {
         assertEq(staking.getRun(real).budget, 5 ether, "the funding stays in the victim's run");
     }
 
-    /// M5: someone relays the last proof of a pending batch alone, first; the batch must still land whole.
-    function test_RelayedProofDoesNotSinkTheBatch() public {
-        IAtlasStaking.Proof[] memory ps = new IAtlasStaking.Proof[](4);
-        bytes[] memory sigs = new bytes[](4);
+    /// M5: someone relays one receipt of a pending batch alone, first; the batch must still land whole.
+    function test_RelayedReceiptDoesNotSinkTheBatch() public {
+        IAtlasStaking.Receipt[] memory rs = new IAtlasStaking.Receipt[](4);
+        bytes[][] memory sigs = new bytes[][](4);
         for (uint64 i = 0; i < 4; ++i) {
-            ps[i] = _proof(5 + i, 100);
-            sigs[i] = _sign(PEER_KEY, ps[i]);
+            rs[i] = _receipt(5 + i, 100);
+            sigs[i] = _sigs(rs[i]);
         }
         vm.prank(alt); // the front-runner
-        staking.submitProof(ps[3], sigs[3]);
+        staking.settleReceipt(rs[3], sigs[3]);
         vm.expectEmit(true, true, true, true);
-        emit IAtlasStaking.ProofSkipped(RUN, 8, peer);
-        staking.submitProofs(ps, sigs);
-        for (uint64 i = 0; i < 4; ++i) assertTrue(staking.proofSubmitted(RUN, peer, 5 + i), "every proof accepted");
+        emit IAtlasStaking.ReceiptSettled(RUN, 8, staking.receiptDigest(rs[3]), 0, 0);
+        staking.settleReceipts(rs, sigs);
+        for (uint64 i = 0; i < 4; ++i) assertTrue(staking.paidFor(RUN, peer, 5 + i), "every receipt settled");
         assertEq(staking.reputationOf(peer).pending, 400 * uint256(RATE), "each paid exactly once");
     }
 
@@ -124,26 +124,28 @@ contract AtlasStakingAttacksTest is Fixture {
         staking.registerPeer(victimPeerId);
         vm.stopPrank();
         assertEq(staking.peerIdOf(victim), victimPeerId, "bound");
-        IAtlasStaking.Proof memory p = _proof(0, 7);
-        p.peer = victim;
-        p.peerIdHash = victimPeerId;
-        staking.submitProof(p, _sign(victimKey, p));
+        IAtlasStaking.Receipt memory r = _receipt(0, 0); // the mate's receipt with the victim in the peer's place
+        uint256 v = r.members[0].wallet == peer ? 0 : 1;
+        r.members[v] = IAtlasStaking.Member(victim, victimPeerId, 7, false);
+        if (r.members[0].wallet > r.members[1].wallet) (r.members[0], r.members[1]) = (r.members[1], r.members[0]);
+        bytes[] memory sigs = new bytes[](2);
+        for (uint256 i = 0; i < 2; ++i) sigs[i] = _sign(r.members[i].wallet == victim ? victimKey : MATE_KEY, r);
+        staking.settleReceipt(r, sigs);
         assertEq(staking.reputationOf(victim).pending, 7 * uint256(RATE), "the victim is paid");
     }
 
-    /// M7: the trainer closes while proofs sit in peers' outboxes; they are still paid for a challenge window.
-    function testFuzz_ProofsQueuedAtCloseArePaidForAWindow(uint256 delay) public {
+    /// M7: the trainer closes while receipts sit in peers' outboxes; they are still paid for a challenge window.
+    function testFuzz_ReceiptsQueuedAtCloseArePaidForAWindow(uint256 delay) public {
         delay = bound(delay, 0, WINDOW - 1);
-        IAtlasStaking.Proof memory p = _proof(3, 50);
-        p.deadline = uint64(block.timestamp + 2 days);
-        bytes memory sig = _sign(PEER_KEY, p);
+        IAtlasStaking.Receipt memory r = _receipt(3, 50);
+        bytes[] memory sigs = _sigs(r);
         vm.prank(trainer);
         staking.closeRun(RUN);
         vm.warp(block.timestamp + delay);
-        vm.expectRevert(); // the trainer cannot take the budget while proofs may still come
+        vm.expectRevert(); // the trainer cannot take the budget while receipts may still come
         vm.prank(trainer);
         staking.reclaimBudget(RUN);
-        staking.submitProof(p, sig);
+        staking.settleReceipt(r, sigs);
         assertEq(staking.reputationOf(peer).pending, 50 * uint256(RATE), "paid after the close");
     }
 }

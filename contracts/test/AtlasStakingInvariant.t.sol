@@ -117,65 +117,6 @@ contract Handler is TestBase {
         tookOut[r.trainer] += r.budget;
     }
 
-    function _proof(uint256 i, bytes32 run, uint64 epoch, uint64 samples)
-        internal
-        view
-        returns (IAtlasStaking.Proof memory)
-    {
-        return IAtlasStaking.Proof({
-            runId: run,
-            epoch: epoch,
-            peer: actors[i],
-            peerIdHash: keccak256(abi.encode("peer", i)),
-            samples: samples,
-            adapterHash: bytes32(0),
-            dataRoot: bytes32(0),
-            deadline: uint64(block.timestamp + 1 hours)
-        });
-    }
-
-    function _sig(uint256 i, IAtlasStaking.Proof memory p) internal returns (bytes memory) {
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(keys[i], staking.proofDigest(p));
-        return abi.encodePacked(r, s, v);
-    }
-
-    function submitProof(uint256 who, uint256 run, uint64 epoch, uint64 samples) external {
-        if (runs.length == 0) return;
-        (uint256 i, address a) = _actor(who);
-        bytes32 id = runs[run % runs.length];
-        IAtlasStaking.Run memory r = staking.getRun(id);
-        epoch = uint64(bound(epoch, 0, 20));
-        samples = uint64(bound(samples, 1, 1000));
-        if ((r.closesAt != 0 && block.timestamp >= r.closesAt) || staking.proofSubmitted(id, a, epoch)) return;
-        if (uint256(samples) * r.rewardPerSample > r.budget) return;
-        IAtlasStaking.Proof memory p = _proof(i, id, epoch, samples);
-        bytes memory sig = _sig(i, p);
-        uint256 before = _earned(a);
-        staking.submitProof(p, sig);
-        _credit(a, before);
-    }
-
-    function slash(uint256 who, uint256 reporter, uint256 run, uint64 epoch) external {
-        if (runs.length == 0) return;
-        (uint256 i, address a) = _actor(who);
-        (, address rep) = _actor(reporter);
-        bytes32 id = runs[run % runs.length];
-        IAtlasStaking.Reputation memory r = staking.reputationOf(a);
-        if (staking.getRun(id).funded == 0 || r.stake + r.unbonding == 0) return;
-        epoch = uint64(bound(epoch, 0, 20));
-        IAtlasStaking.Proof memory x = _proof(i, id, epoch, 1);
-        IAtlasStaking.Proof memory y = _proof(i, id, epoch, 2);
-        bytes memory sx = _sig(i, x);
-        bytes memory sy = _sig(i, y);
-        uint256 stakeBefore = r.stake + r.unbonding;
-        vm.prank(rep);
-        try staking.slashEquivocation(x, sx, y, sy) {
-            // A reporter is owed the bounty and nothing else, whoever it is (the peer itself included).
-            IAtlasStaking.Reputation memory after_ = staking.reputationOf(a);
-            credited[rep] += (stakeBefore - after_.stake - after_.unbonding) * staking.BOUNTY_BPS() / 10_000;
-        } catch {} // AlreadySlashed for that (run, epoch): fine
-    }
-
     /// @dev A receipt of all three actors (sorted by address) with random weights, flags and signers.
     function _receipt(bytes32 run, uint64 epoch, uint64 weights, uint8 flags)
         internal

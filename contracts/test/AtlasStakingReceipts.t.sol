@@ -119,7 +119,7 @@ contract AtlasStakingReceiptsTest is TestBase {
         staking.settleReceipt(r, _sign(r, _all(), 0xF));
         for (uint256 i = 0; i < 4; ++i) {
             assertEq(_earned(wallets[i]), uint256(weight) * RATE, "paid weight x rate");
-            assertTrue(staking.proofSubmitted(RUN, wallets[i], epoch), "marked paid");
+            assertTrue(staking.paidFor(RUN, wallets[i], epoch), "marked paid");
         }
         IAtlasStaking.EpochTally memory t = staking.epochTally(RUN, epoch);
         assertEq(t.samples, 4 * uint256(weight), "tally samples");

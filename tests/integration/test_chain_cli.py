@@ -69,6 +69,6 @@ def test_operator_commands(tmp_path, tiny_model):
         assert "budget now 3 ETH" in cli(env, "fund-run", run_id, "1", "--wallet", w).stdout
         assert "closing" in cli(env, "close-run", run_id, "--wallet", w).stdout
         bad = cli(env, "reclaim-budget", run_id, "--wallet", w)
-        assert bad.returncode == 2 and "RunStillClosing" in bad.stderr  # queued proofs are paid a window first
+        assert bad.returncode == 2 and "RunStillClosing" in bad.stderr  # queued receipts are paid a window first
     finally:
         anvil.stop()

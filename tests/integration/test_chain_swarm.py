@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from eth_account import Account
@@ -23,6 +26,7 @@ from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
 pytestmark = pytest.mark.integration
 RATE = 10**9  # wei per sample
 CAP = 4096  # samples per peer per epoch
+EPOCH_SAMPLES = 2 * 960  # all peers of an epoch together: twice the spec's target batch size
 
 
 @contextlib.contextmanager
@@ -37,7 +41,7 @@ def deployed_run(tmp_path, tiny_model, trust=None, stakes=(2, 2, 2)):
         spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer.account.address,
                                target_batch_size=960, trust=trust)  # fmt: skip
         spec = RunSpec.from_toml(spec_path)
-        trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, CAP, 5 * ETHER)
+        trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, CAP, 5 * ETHER, samples_per_epoch=EPOCH_SAMPLES)
         (tmp_path / "pw").write_text("test-password")
         wallets = []
         for i, stake in zip(range(1, 4), stakes):
@@ -139,6 +143,24 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
         assert any(r.get("4") == on_chain["cid"] for r in recorded), recorded
         assert not any(str(v).startswith("refused") for r in recorded for v in r.values()), recorded
 
+        # an attacker (its own process and keys, a colluding staked pair) tries the drain and a bogus checkpoint
+        budget_before = chain["trainer"].get_run(chain["run"])["budget"]
+        report = tmp_path / "attack.json"
+        subprocess.run([sys.executable, "-m", "tests.chain_attacker", "--rpc", chain["anvil"].url, "--contract",
+                        chain["trainer"].address, "--run", "0x" + chain["run"].hex(), "--funder-key", DEV_KEYS[4],
+                        "--min-stake", str(ETHER), "--last-epoch", "4", "--out", str(report)],
+                       check=True, timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        attack = json.loads(report.read_text())
+        assert attack["drain"] == ["EpochAhead"] and attack["collusion_ahead"] == "EpochAhead", attack
+        # what the pair bought: at most the run's per-epoch samples for each epoch its clock allows, minus what
+        # honest receipts took of those epochs first
+        bound = (attack["payable_epoch"] + 1) * EPOCH_SAMPLES * RATE - total * RATE
+        assert 0 < attack["gained_wei"] <= bound, attack
+        assert budget_before - chain["trainer"].get_run(chain["run"])["budget"] == attack["gained_wei"]
+        assert attack["freeloader"] == "NoQuorum" and attack["freeloader_paid"] == 0, attack
+        assert attack["bogus_checkpoint"] in ("NotAVoter", "NoQuorum"), attack
+        assert attack["checkpoint_after"] == on_chain["cid"], "the honest checkpoint stands"
+
     # the trainer's notebook view of the same chain: the per-peer ledger, and funding
     from atlas_swarm import Run
 
@@ -159,9 +181,9 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
     victim_address = chain["wallets"][2][1].address
     victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, chain["wallets"][2][1])
     with killed_at_exit([]) as peers:
-        # --proof-batch 1: settle each receipt at once (the default waits for 4 to save gas). 40 epochs of ~2 s: the
+        # --receipt-batch 1: settle each receipt at once (the default waits for 4 to save gas). 40 epochs of ~2 s: the
         # swarm must outlive the victim's unpaid receipt (BACKUP_DELAY after its quorum) and its restart
-        extra = ["--max-epochs", "40", "--wait-for-peers", "3", "--join-timeout", "90", "--proof-batch", "1"]
+        extra = ["--max-epochs", "40", "--wait-for-peers", "3", "--join-timeout", "90", "--receipt-batch", "1"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
                                                      *chain_flags(chain, 1)]))  # fmt: skip

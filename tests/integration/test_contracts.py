@@ -37,6 +37,13 @@ def test_forge_suite_passes_with_fuzzing():
                                                    "invariant_NobodyTakesOutMoreThanPutInPlusCredited"}, out[-2000:]
     assert all(int(runs) >= 64 and int(calls) >= 4096 for _, runs, calls in invariants)
     # every attack of the 186506a security review on the contract is a story in AtlasStakingAttacks.t.sol
-    for attack in ("SelfSlashIsAlwaysALoss", "SquatterCannotTakeTheRunOrItsFunding", "RelayedProofDoesNotSinkTheBatch",
-                   "ThirdPartyCannotLockAPeerId", "ProofsQueuedAtCloseArePaidForAWindow"):
+    for attack in ("SelfSlashIsAlwaysALoss", "SquatterCannotTakeTheRunOrItsFunding", "RelayedReceiptDoesNotSinkTheBatch",
+                   "ThirdPartyCannotLockAPeerId", "ReceiptsQueuedAtCloseArePaidForAWindow"):
         assert re.search(rf"\[PASS\] test(Fuzz)?_{attack}\(", out), attack
+    # and every way to be paid without witnessed work (issue 19) is refused in AtlasStakingReceipts.t.sol
+    for refused in ("RevertEpochsAheadOfTheRunsClock", "RevertMinoritySignatures", "RevertNonMembersSignature",
+                    "RevertSignaturesOfAnotherRunChainOrContractOrOtherWeights", "UnstakedOrUnboundMembersNeitherCountNorArePaid",
+                    "FlaggedMemberIsPaidNothing", "ReplayedReceiptPaysNobodyTwice", "ColludingPairIsBoundedByTheRunsPace",
+                    "TwoDifferentReceiptsForOneEpochAreSlashable", "BogusCheckpointIsReplacedByMoreVotesWithinItsWindow",
+                    "CheckpointNeedsAMajorityOfThePeersPaidForTheEpochBefore"):
+        assert re.search(rf"\[PASS\] test(Fuzz)?_{refused}\(", out), refused

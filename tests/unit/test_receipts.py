@@ -1,10 +1,12 @@
 """Co-signed receipts and checkpoint votes from Python, on an in-process EVM (eth-tester + py-evm): the digests
-Python signs are the contract's, a group's receipt pays its members their weights x rate once, and a checkpoint
-needs a majority of the peers paid for the epoch before."""
+Python signs are the contract's, a group's receipt pays its members their weights x rate once, a checkpoint needs a
+majority of the peers paid for the epoch before, and the receipt outbox signs once, settles once (across a crash),
+backs off, batches and gives up as it says."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 from eth_account import Account
@@ -12,7 +14,8 @@ from web3 import EthereumTesterProvider, Web3
 
 from atlas_swarm.chain import ETHER, StakingClient
 from atlas_swarm.chain.client import cid_digest
-from atlas_swarm.errors import TxReverted
+from atlas_swarm.chain.receipts import BACKUP_DELAY, FULL_WAIT, GIVE_UP, ReceiptBox
+from atlas_swarm.errors import ChainError, ChainUnreachable, TxReverted
 from atlas_swarm.identity import Identity
 from atlas_swarm.proofs import chain_run_id, checkpoint_digest, receipt_of, recover, sign_digest
 
@@ -126,3 +129,125 @@ def test_checkpoints_need_votes_of_most_peers_paid_for_the_epoch_before(chain, p
     assert recorded["cid"] == cid and recorded["votes"] == 2 and not recorded["final"]
     with pytest.raises(ValueError, match="not a CIDv1 of a dag-pb folder"):
         client.record_checkpoint(RUN_KEY, 9, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", votes)
+
+
+# -- the receipt outbox (chain/receipts.py) ------------------------------------------------------------------------
+class Unreachable:
+    def __getattr__(self, name):
+        def fail(*a, **k):
+            raise ChainUnreachable("down")
+
+        return fail
+
+
+def boxes(tmp_path, client, peers, peer_ids, n=2, **kw):
+    """A group of ``n`` members' receipt boxes (sorted like the receipt: boxes[0] is the poster) and their clients."""
+    members = sorted(peers[:n], key=lambda a: int(a.address, 16))
+    return [(ReceiptBox(tmp_path / f"box{i}", a, client.domain, **kw), StakingClient(client.w3, client.address, a))
+            for i, a in enumerate(members)]  # fmt: skip
+
+
+def sign_all(group, receipt, now):
+    for box, _ in group:
+        assert box.sign(receipt, now=now) is not None
+    published = [sig for box, _ in group for sig in box.own_signatures()]
+    for box, _ in group:
+        box.gather(published, now=now)
+
+
+def test_the_box_signs_an_epoch_once_and_the_group_settles_it_once_across_a_crash(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, batch=1, max_wait=0)
+    receipt = group_receipt(peers, peer_ids, 2, [50.0, 70.0])
+    t0 = time.time()
+    sign_all(group, receipt, t0)
+    other = group_receipt(peers, peer_ids, 2, [50.0, 71.0])
+    assert group[0][0].sign(other, now=t0) is None, "never a second signature for one (run, epoch)"
+    (poster, pc), (mate, mc) = group
+    assert mate.flush(mc, now=t0 + 1).collecting == 1, "not the poster: it waits"
+    # the poster's transaction is mined, then it crashes before writing that down; its restart settles nothing twice
+    pc.settle_receipts([(receipt, [bytes.fromhex(s[2:]) for s in poster.records()[0]["signatures"].values()])])
+    restarted = ReceiptBox(tmp_path / "box0", poster.account, client.domain, batch=1, max_wait=0)
+    assert restarted.flush(pc, now=t0 + 2).posted == 1
+    assert restarted.records()[0]["tx"] == "settled by a groupmate"
+    assert mate.flush(mc, now=t0 + 2 + FULL_WAIT + BACKUP_DELAY).posted == 1, "paid: no transaction of its own"
+    earned = sum(client.reputation(a.address)["pending"] for a in peers)
+    assert earned == 120 * RATE, "each member paid its weight once"
+
+
+def test_a_non_poster_settles_the_receipt_itself_when_the_poster_does_not(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    (poster, _), (mate, mc) = boxes(tmp_path, client, peers, peer_ids, batch=1, max_wait=0)
+    receipt = group_receipt(peers, peer_ids, 3, [10.0, 20.0])
+    t0 = time.time()
+    sign_all([(poster, None), (mate, mc)], receipt, t0)
+    assert mate.flush(mc, now=t0 + BACKUP_DELAY - 1).collecting == 1
+    assert mate.flush(mc, now=t0 + BACKUP_DELAY + 1).posted == 1  # the poster vanished: the mate posts for both
+    assert all(client.paid_for(RUN_KEY, m.wallet, 3) for m in receipt.members)
+
+
+def test_the_box_backs_off_while_the_chain_is_down_then_settles(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, batch=1, max_wait=0)
+    (box, c) = group[0]
+    t0 = time.time()
+    sign_all(group, group_receipt(peers, peer_ids, 1, [5.0, 5.0]), t0)
+    assert box.flush(Unreachable(), now=t0).collecting == 1
+    rec = box.records()[0]
+    assert rec["attempts"] == 1 and rec["next_try"] == t0 + 2.0 and "down" in rec["error"]
+    box.flush(Unreachable(), now=t0 + 1.0)  # not due yet: untouched
+    assert box.records()[0]["attempts"] == 1
+    assert box.flush(c, now=t0 + 3).posted == 1  # chain back, backoff over
+
+
+def test_retryable_reverts_wait_and_a_receipt_without_a_majority_is_given_up(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, batch=1, max_wait=0)
+    (box, c) = group[0]
+    t0 = time.time()
+    ahead = group_receipt(peers, peer_ids, 400, [5.0, 5.0])  # the run's clock allows ~100 epochs yet
+    sign_all(group, ahead, t0)
+    assert box.flush(c, now=t0).collecting == 1 and "EpochAhead" in box.records()[0]["error"]
+    w3.provider.ethereum_tester.time_travel(w3.eth.get_block("latest")["timestamp"] + 400)
+    w3.provider.ethereum_tester.mine_blocks()
+    assert box.flush(c, now=t0 + 60).posted == 1, "paid once the clock reached it"
+    alone = group_receipt(peers, peer_ids, 5, [5.0, 5.0])
+    box.sign(alone, now=t0)  # nobody else signs: no majority of 2
+    assert box.flush(c, now=t0 + 100).collecting == 1
+    assert box.flush(c, now=t0 + GIVE_UP + 1).unpaid == 1
+    assert "no majority" in next(r for r in box.records() if r["receipt"]["epoch"] == 5)["error"]
+
+
+def test_the_box_batches_receipts_but_never_holds_one_too_long(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, batch=4, max_wait=60)
+    (box, c) = group[0]
+    t0 = time.time()
+    for epoch in range(3):
+        sign_all(group, group_receipt(peers, peer_ids, epoch, [5.0, 5.0]), t0)
+    assert box.flush(c, now=t0 + 1).collecting == 3  # waiting for a 4th
+    assert box.flush(c, now=t0 + 61).posted == 3  # the oldest waited long enough
+    assert len({r["tx"] for r in box.records()}) == 1, "the three went out in one transaction"
+
+
+def test_foreign_signatures_are_counted_and_ignored(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids)
+    (box, _) = group[0]
+    receipt = group_receipt(peers, peer_ids, 7, [5.0, 5.0])
+    box.sign(receipt)
+    digest = receipt.digest(client.domain)
+    outsider = Account.create()
+    assert box.gather([(7, digest, sign_digest(digest, outsider.key)), (7, digest, b"\x01" * 65)]) == 0
+    assert box.bad_signatures == 2 and len(box.records()[0]["signatures"]) == 1
+
+
+def test_a_corrupted_receipt_file_is_a_clear_error_and_nothing_is_lost(chain, peer_ids, tmp_path):
+    w3, client, peers = chain
+    (box, _), _ = boxes(tmp_path, client, peers, peer_ids)
+    box.sign(group_receipt(peers, peer_ids, 1, [5.0, 5.0]))
+    (box.folder / "0000000000000000-0000000002.json").write_text("{truncated")
+    with pytest.raises(ChainError, match="unreadable.*move it away"):
+        ReceiptBox(box.folder, box.account, client.domain)
+    (box.folder / "0000000000000000-0000000002.json").unlink()
+    assert ReceiptBox(box.folder, box.account, client.domain).counts().collecting == 1

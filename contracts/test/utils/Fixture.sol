@@ -11,7 +11,8 @@ function termsOf(uint128 rate, uint128 minStake, uint64 maxSamples) pure returns
         samplesPerEpoch: 1 << 40, minEpochSeconds: 1});
 }
 
-/// @dev One run (10 ether budget) opened by `trainer`, one staked and registered `peer`, and proof helpers.
+/// @dev One run (10 ether budget, 1 s epochs) opened by `trainer`, a staked and registered `peer` and its groupmate
+///      `mate`, and receipt helpers: `_receipt(epoch, samples)` is the pair's receipt in which only `peer` has weight.
 abstract contract Fixture is TestBase {
     uint32 constant UNBONDING = 7 days;
     uint32 constant WINDOW = 1 days;
@@ -21,11 +22,15 @@ abstract contract Fixture is TestBase {
     uint128 constant RATE = 1e12;
     uint128 constant MIN_STAKE = 1 ether;
     uint64 constant MAX_SAMPLES = 1024;
+    uint64 constant EPOCHS = 100_000; // epochs 0..EPOCHS are payable after setUp
 
     AtlasStaking staking;
     uint256 constant PEER_KEY = 0xA11CE;
+    uint256 constant MATE_KEY = 0xB0B;
     address peer;
+    address mate;
     bytes32 constant PEER_ID = keccak256("QmPeer");
+    bytes32 constant MATE_ID = keccak256("QmMate");
     address trainer = address(0x7EA);
     address reporter = address(0xBEEF);
 
@@ -33,37 +38,47 @@ abstract contract Fixture is TestBase {
         vm.warp(1_700_000_000);
         staking = new AtlasStaking(UNBONDING, WINDOW, 5_000, 2_000);
         peer = vm.addr(PEER_KEY);
-        vm.deal(peer, 100 ether);
+        mate = vm.addr(MATE_KEY);
         vm.deal(trainer, 100 ether);
         vm.prank(trainer);
         RUN = staking.createRun{value: 10 ether}(TAG, SPEC, termsOf(RATE, MIN_STAKE, MAX_SAMPLES));
-        vm.startPrank(peer);
-        staking.stake{value: 2 ether}();
-        staking.registerPeer(PEER_ID);
-        vm.stopPrank();
+        _join(peer, PEER_ID);
+        _join(mate, MATE_ID);
+        vm.warp(block.timestamp + EPOCHS);
     }
 
     // ---------------------------------------------------------------- helpers
-    function _proof(uint64 epoch, uint64 samples) internal view returns (IAtlasStaking.Proof memory) {
-        return IAtlasStaking.Proof({
-            runId: RUN,
-            epoch: epoch,
-            peer: peer,
-            peerIdHash: PEER_ID,
-            samples: samples,
-            adapterHash: keccak256(abi.encode("adapter", epoch)),
-            dataRoot: keccak256(abi.encode("data", epoch)),
-            deadline: uint64(block.timestamp + 1 hours)
-        });
+    function _join(address who, bytes32 id) internal {
+        vm.deal(who, 100 ether);
+        vm.startPrank(who);
+        staking.stake{value: 2 ether}();
+        staking.registerPeer(id);
+        vm.stopPrank();
     }
 
-    function _sign(uint256 key, IAtlasStaking.Proof memory p) internal returns (bytes memory) {
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(key, staking.proofDigest(p));
-        return abi.encodePacked(r, s, v);
+    /// @dev The receipt of the pair (peer, mate) for `epoch` in `RUN`: the peer's weight `samples`, the mate's 0.
+    function _receipt(uint64 epoch, uint64 samples) internal view returns (IAtlasStaking.Receipt memory r) {
+        r.runId = RUN;
+        r.epoch = epoch;
+        r.resultHash = keccak256(abi.encode("aggregate", epoch));
+        r.members = new IAtlasStaking.Member[](2);
+        IAtlasStaking.Member memory a = IAtlasStaking.Member(peer, PEER_ID, samples, false);
+        IAtlasStaking.Member memory b = IAtlasStaking.Member(mate, MATE_ID, 0, false);
+        (r.members[0], r.members[1]) = peer < mate ? (a, b) : (b, a);
     }
 
-    function _submit(IAtlasStaking.Proof memory p) internal {
-        staking.submitProof(p, _sign(PEER_KEY, p));
+    function _sign(uint256 key, IAtlasStaking.Receipt memory r) internal returns (bytes memory) {
+        (uint8 v, bytes32 rr, bytes32 ss) = vm.sign(key, staking.receiptDigest(r));
+        return abi.encodePacked(rr, ss, v);
     }
 
+    /// @dev Both members' signatures, in member order.
+    function _sigs(IAtlasStaking.Receipt memory r) internal returns (bytes[] memory sigs) {
+        sigs = new bytes[](2);
+        (sigs[0], sigs[1]) = peer < mate ? (_sign(PEER_KEY, r), _sign(MATE_KEY, r)) : (_sign(MATE_KEY, r), _sign(PEER_KEY, r));
+    }
+
+    function _submit(IAtlasStaking.Receipt memory r) internal {
+        staking.settleReceipt(r, _sigs(r));
+    }
 }
