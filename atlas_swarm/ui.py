@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ class Reporter:
         self.fmt = fmt
         self.stream = stream or sys.stdout
         self._last_progress = 0.0
+        self._lock = threading.RLock()
         self._progress: Optional[Progress] = None
         self._task = None
         if fmt == "rich":
@@ -29,6 +31,10 @@ class Reporter:
             self.console = None
 
     def event(self, kind: str, message: str = "", /, **fields: Any) -> None:
+        with self._lock:  # the chain's poster thread reports too
+            self._event(kind, message, **fields)
+
+    def _event(self, kind: str, message: str = "", /, **fields: Any) -> None:
         if self.fmt == "json":
             self.stream.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}, default=str) + "\n")
             self.stream.flush()

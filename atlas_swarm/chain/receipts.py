@@ -253,7 +253,8 @@ class ReceiptPoster:
         self.rewards = {"claimable": 0, "pending": 0}
         self.errors = 0  # turns that failed with something other than a chain error (a full disk, a DHT error)
         self.last_error: Optional[str] = None
-        self.after_flush: list[Callable[[], None]] = []
+        self.before_turn: list[Callable[[], None]] = []  # run on this thread before each turn (signing rounds)
+        self.after_flush: list[Callable[[], None]] = []  # ... and after each flush (checkpoint votes)
         self._wake = threading.Event()
         self._stopping = False
         self.hurry = False  # the peer is leaving: every turn posts what has a majority (see ReceiptBox._turn)
@@ -280,6 +281,8 @@ class ReceiptPoster:
                 return
 
     def turn(self, final: bool = False) -> None:
+        for hook in self.before_turn:
+            hook()
         self.box.gather(self.gather())
         self.counts = self.box.flush(self.client, final=final)
         try:

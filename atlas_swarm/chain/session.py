@@ -3,8 +3,10 @@
     ChainSession.open   wallet → contract → the run the spec's trainer opened (same spec hash, not closing) → this
                         wallet bound to our PeerID (registers it if unbound) → stake ≥ the run's minimum → wallet
                         binding published in the DHT → receipt box + poster
-    on_epoch            the round's receipt (members with verified bindings, weights, outliers, aggregate hash):
-                        signed once, stored, published for the groupmates; the poster gathers theirs and settles
+    on_epoch            queues the round (group, weights, outliers, aggregate hash) for the poster thread, which
+                        builds its receipt (members with verified bindings), signs it once, stores it, publishes the
+                        signature for the groupmates, gathers theirs and settles: the training thread never waits
+                        on the chain or the DHT for it
     on_checkpoint       a vote for the adapter CID this peer holds at a publishing epoch, published; the poster
                         records a checkpoint once most peers paid for the epoch before voted for one CID
     close               last turns (bounded), counts for the final report
@@ -47,6 +49,7 @@ class ChainSession:
     checkpoints: dict = field(default_factory=dict)  # epoch -> CID this peer voted for, not recorded yet
     recorded: dict = field(default_factory=dict)  # epoch -> CID on chain (by us, or by another voter)
     unpaid_solo: int = 0  # epochs averaged alone (or with no bound groupmate): not paid, by design
+    _rounds: list = field(default_factory=list)  # rounds waiting for the poster to sign their receipts
     _votes: list = field(default_factory=list)  # this peer's CoSignature votes
     _bindings: dict = field(default_factory=dict)
     _bindings_at: float = 0.0
@@ -89,7 +92,9 @@ class ChainSession:
         box = ReceiptBox(out / "receipts", account, client.domain, batch=cfg.receipt_batch, max_wait=cfg.receipt_max_wait)
         poster_client = StakingClient(client.w3, client.address, account)
         session = cls(client, box, None, spec.run_id, chain_run, swarm, emit)  # type: ignore[arg-type]
-        session.poster = ReceiptPoster(box, poster_client, session._groupmates_signatures).start()
+        session.poster = ReceiptPoster(box, poster_client, session._groupmates_signatures)
+        session.poster.before_turn.append(session._sign_rounds)
+        session.poster.start()
         session.poster.after_flush.append(session._post_checkpoints)
         left = box.counts().collecting
         if left:
@@ -101,25 +106,34 @@ class ChainSession:
 
     # -- receipts ---------------------------------------------------------------------------------------------------
     def on_epoch(self, record: EpochRecord) -> None:
-        """Sign the receipt of the round this peer just averaged in (the peer's epoch hook)."""
+        """Queue the round this peer just averaged in for its receipt (the peer's epoch hook; no network here)."""
         if len(record.group) < 2 or not record.result_hash:
-            self.unpaid_solo += 1  # a solo epoch has no witnesses: not paid (README, "Rewards")
+            self.unpaid_solo += 1  # a solo epoch has no witnesses: not paid (README, "Staking, co-signed receipts")
             return
-        receipt = receipt_of(self.run, record.ended, record.result_hash, record.group, record.weights,
-                             record.flagged, self._wallets(record.group))  # fmt: skip
-        if receipt is None or receipt.index(self.box.account.address) is None:
-            self.unpaid_solo += 1
-            self.emit("receipt_skipped", f"Epoch {record.ended}: fewer than 2 groupmates with a verified wallet "
-                      f"binding; not paid", epoch=record.ended)  # fmt: skip
-            return
-        if self.box.sign(receipt) is None:
-            self.emit("receipt_exists", f"Epoch {record.ended} was signed before (not signing it twice)",
-                      epoch=record.ended)  # fmt: skip
-            return
-        self._publish_signatures()
-        self.emit("receipt_signed", "", epoch=record.ended, members=len(receipt.members),
-                  weight=receipt.members[receipt.index(self.box.account.address)].weight)  # fmt: skip
+        with self._lock:  # the fields only: the record also holds the adapter's tensors
+            self._rounds.append((record.ended, record.result_hash, record.group, record.weights, record.flagged))
         self.poster.poke()
+
+    def _sign_rounds(self) -> None:
+        """On the poster's thread: build, sign and publish the receipt of each queued round."""
+        with self._lock:
+            rounds, self._rounds = self._rounds, []
+        signed = False
+        for ended, result_hash, group, weights, flagged in rounds:
+            receipt = receipt_of(self.run, ended, result_hash, group, weights, flagged, self._wallets(group))
+            if receipt is None or receipt.index(self.box.account.address) is None:
+                self.unpaid_solo += 1
+                self.emit("receipt_skipped", f"Epoch {ended}: fewer than 2 groupmates with a verified wallet "
+                          f"binding; not paid", epoch=ended)  # fmt: skip
+                continue
+            if self.box.sign(receipt) is None:
+                self.emit("receipt_exists", f"Epoch {ended} was signed before (not signing it twice)", epoch=ended)
+                continue
+            signed = True
+            self.emit("receipt_signed", "", epoch=ended, members=len(receipt.members),
+                      weight=receipt.members[receipt.index(self.box.account.address)].weight)  # fmt: skip
+        if signed:
+            self._publish_signatures()
 
     def _wallets(self, group) -> dict[str, str]:
         """PeerID -> address of the run's verified bindings (both ways), re-read when a groupmate is missing."""
@@ -217,7 +231,9 @@ class ChainSession:
         self.poster.hurry = True
         while time.monotonic() < deadline:
             counts = self.box.counts()
-            if not counts.collecting and not self.checkpoints:
+            with self._lock:
+                queued = bool(self._rounds)
+            if not queued and not counts.collecting and not self.checkpoints:
                 break
             self.poster.poke()
             time.sleep(0.5)

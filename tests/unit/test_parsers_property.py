@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from atlas_swarm.config import MAX_SPEC_BYTES, RunSpec
 from atlas_swarm.errors import SpecError
 from atlas_swarm.swarm.node import RunSchemaValidator
-from atlas_swarm.swarm.records import PeerStatus, PublishedAdapters, RunAnnouncement, RunRecords, WalletBinding
+from atlas_swarm.swarm.records import (
+    CoSignatures,
+    PeerStatus,
+    PublishedAdapters,
+    RunAnnouncement,
+    RunRecords,
+    WalletBinding,
+)
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 json_values = st.recursive(
@@ -79,7 +86,7 @@ def test_a_real_spec_still_parses_and_huge_ones_are_refused():
 # -- DHT records: what hivemind's SchemaValidator (ours merges it once per schema) accepts from the network ----------
 VALIDATOR = RunSchemaValidator(RunRecords, prefix="tiny-test-0123456789abcdef")
 OWNER = RSASignatureValidator(RSAPrivateKey()).local_public_key
-FIELDS = {"peers": PeerStatus, "wallets": WalletBinding, "adapters": PublishedAdapters}
+FIELDS = {"peers": PeerStatus, "wallets": WalletBinding, "adapters": PublishedAdapters, "cosigned": CoSignatures}
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=30) |
     st.binary(max_size=30),
@@ -106,7 +113,8 @@ def finite_everywhere(obj) -> bool:
 
 @SETTINGS
 @given(st.sampled_from(sorted(FIELDS)), msgpack_values | st.dictionaries(st.sampled_from(
-    sorted(set(PeerStatus.__fields__) | set(PublishedAdapters.__fields__) | {"adapters", "address", "signature"})),
+    sorted(set(PeerStatus.__fields__) | set(PublishedAdapters.__fields__) | {"adapters", "address", "signature"}
+           | {"signatures", "kind", "digest", "cid"})),
     msgpack_values, max_size=20))  # fmt: skip
 def test_a_record_value_is_refused_or_small_finite_and_well_typed(field, value):
     try:
@@ -127,6 +135,20 @@ def test_status_floats_must_be_finite(x):
     full = PeerStatus(**dict(status, samples_per_second=0.0, loss=None)).dict()
     accepted = VALIDATOR.validate(record("peers", dict(full, samples_per_second=x, loss=x)))
     assert accepted == (isinstance(x, float) and math.isfinite(x) and x >= 0)
+
+
+@SETTINGS
+@given(st.lists(st.fixed_dictionaries({"kind": st.sampled_from(["receipt", "vote", "proof", ""]),
+                                       "epoch": st.integers(-1, 2**41), "digest": st.binary(max_size=40),
+                                       "signature": st.binary(max_size=70)}), max_size=20))  # fmt: skip
+def test_co_signatures_are_refused_or_bounded_and_well_formed(entries):
+    """A groupmate's receipt signatures and votes (what a peer's poster reads): any shape is refused or bounded."""
+    value = {"peer_id": "Qm", "signatures": entries}
+    ok = VALIDATOR.validate(record("cosigned", value))
+    well_formed = len(entries) <= 16 and all(
+        e["kind"] in ("receipt", "vote") and 0 <= e["epoch"] <= 2**40 and len(e["digest"]) == 32
+        and len(e["signature"]) == 65 for e in entries)  # fmt: skip
+    assert ok is well_formed
 
 
 def test_an_announcement_is_bounded():
