@@ -17,8 +17,9 @@ Guarantees, also across a crash (SIGKILL) at any point:
   this peer was paid for the epoch already.
 
 Who posts: once more than half of the members signed, and all of them did or FULL_WAIT seconds passed, the signer
-with the smallest wallet settles it for the whole group (one transaction per group, ``max_batch`` receipts per
-transaction). The others wait BACKUP_DELAY more and then post it themselves if the chain still has not paid them.
+with the smallest wallet settles it for the whole group (one transaction per group, up to ``batch`` receipts per
+transaction, none waiting more than ``max_wait``). The k-th smallest signer waits ``max_wait`` + k x BACKUP_DELAY
+more and then posts it itself if the chain still has not paid it (the poster may be gone).
 """
 
 from __future__ import annotations
@@ -151,16 +152,18 @@ class ReceiptBox:
 
     def _turn(self, r: dict, now: float, final: bool) -> bool:
         """A majority signed, and either everyone did or FULL_WAIT passed; then the smallest signing wallet posts
-        at once, the others BACKUP_DELAY later."""
+        at once, the others one after another later."""
         members = r["receipt"]["members"]
         if r["quorum_at"] is None:
             return False
         everyone = len(r["signatures"]) == len(members)
         ready_at = r["quorum_at"] if everyone else r["quorum_at"] + FULL_WAIT
-        poster = min(r["signatures"], key=lambda w: int(w, 16)) == self.account.address
+        # the smallest signing wallet posts; the k-th smallest waits k x the backup delay (after the poster's batching
+        # window), so the group's receipt costs one transaction unless the poster is gone
+        rank = sorted(r["signatures"], key=lambda w: int(w, 16)).index(self.account.address)
         if final:  # leaving: post what has a majority now; a non-poster gives the (leaving too) poster a moment first
-            return poster or now >= max(r["quorum_at"], self._final_since) + FINAL_BACKUP
-        return now >= ready_at + (0.0 if poster else BACKUP_DELAY)
+            return rank == 0 or now >= max(r["quorum_at"], self._final_since) + rank * FINAL_BACKUP
+        return now >= ready_at + (rank and self.max_wait + rank * BACKUP_DELAY)
 
     def _post(self, client, due: list[dict], now: float) -> None:
         queue = []

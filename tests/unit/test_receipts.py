@@ -251,3 +251,19 @@ def test_a_corrupted_receipt_file_is_a_clear_error_and_nothing_is_lost(chain, pe
         ReceiptBox(box.folder, box.account, client.domain)
     (box.folder / "0000000000000000-0000000002.json").unlink()
     assert ReceiptBox(box.folder, box.account, client.domain).counts().collecting == 1
+
+
+def test_backups_wait_out_the_posters_batching_one_after_another(chain, peer_ids, tmp_path):
+    """Two backups posting together while the poster batched made two transactions for one group's epoch (seen in
+    the 3-peer anvil test, 2 runs in 5): a backup waits the poster's max_wait, the k-th k x BACKUP_DELAY more."""
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, n=3, batch=4, max_wait=60)
+    receipt = group_receipt(peers, peer_ids, 2, [5.0, 5.0, 5.0])
+    t0 = time.time()
+    sign_all(group, receipt, t0)
+    (_, _), (first, fc), (second, sc) = group
+    assert first.flush(fc, now=t0 + 60 + BACKUP_DELAY - 1).collecting == 1
+    assert second.flush(sc, now=t0 + 60 + BACKUP_DELAY + 1).collecting == 1, "the second backup waits longer"
+    assert first.flush(fc, now=t0 + 60 + BACKUP_DELAY + 1).posted == 1, "the poster never came: the first backup posts"
+    assert second.flush(sc, now=t0 + 60 + 2 * BACKUP_DELAY + 1).posted == 1
+    assert second.records()[0]["tx"] == "settled by a groupmate", "one transaction for the group's epoch"
