@@ -140,6 +140,7 @@ class StakingClient:
         self.contract = w3.eth.contract(address=self.address, abi=artifact()["abi"])
         self.account = account
         self._chain_id: Optional[int] = None
+        self._window: Optional[int] = None
 
     # -- connecting ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -251,7 +252,9 @@ class StakingClient:
         digest, publisher, votes, recorded_at = self._call(fn.call)
         if int.from_bytes(digest, "big") == 0:
             return None
-        window = self._call(lambda: self.contract.functions.CHALLENGE_WINDOW().call())
+        if self._window is None:  # immutable: read once per client
+            self._window = self._call(lambda: self.contract.functions.CHALLENGE_WINDOW().call())
+        window = self._window
         now = self._call(lambda: self.w3.eth.get_block("latest")["timestamp"])
         return {"cid": encode(CID_V1_DAG_PB + digest), "publisher": publisher, "votes": votes,
                 "recorded_at": recorded_at, "final": now >= recorded_at + window}  # fmt: skip
