@@ -17,7 +17,8 @@ Guarantees, also across a crash (SIGKILL) at any point:
   this peer was paid for the epoch already.
 
 Who posts: once more than half of the members signed, and all of them did or FULL_WAIT seconds passed, the signer
-with the smallest wallet settles it for the whole group (one transaction per group, up to ``batch`` receipts per
+with the smallest wallet among those it pays (unflagged, weight > 0; the others rank after them) settles it for the
+whole group (one transaction per group, up to ``batch`` receipts per
 transaction, none waiting more than ``max_wait``). The k-th smallest signer waits ``max_wait`` + k x BACKUP_DELAY
 more and then posts it itself if the chain still has not paid it (the poster may be gone).
 """
@@ -160,7 +161,9 @@ class ReceiptBox:
         ready_at = r["quorum_at"] if everyone else r["quorum_at"] + FULL_WAIT
         # the smallest signing wallet posts; the k-th smallest waits k x the backup delay (after the poster's batching
         # window), so the group's receipt costs one transaction unless the poster is gone
-        rank = sorted(r["signatures"], key=lambda w: int(w, 16)).index(self.account.address)
+        # (members that the receipt pays nothing, flagged or weight 0, come last: they would post only as a backup)
+        payable = _payable(r)
+        rank = sorted(r["signatures"], key=lambda w: (w not in payable, int(w, 16))).index(self.account.address)
         if final:  # leaving: post what has a majority now; a non-poster gives the (leaving too) poster a moment first
             return rank == 0 or now >= max(r["quorum_at"], self._final_since) + rank * FINAL_BACKUP
         return now >= ready_at + (rank and self.max_wait + rank * BACKUP_DELAY)
@@ -168,7 +171,9 @@ class ReceiptBox:
     def _post(self, client, due: list[dict], now: float) -> None:
         queue = []
         for r in due:
-            if client.paid_for(_b(r["receipt"]["run_id"]), self.account.address, r["receipt"]["epoch"]):
+            if not _payable(r) & set(r["signatures"]):
+                self._mark(r, "posted", tx=r.get("tx") or "pays none of its signers")
+            elif self._on_chain(client, r):
                 self._mark(r, "posted", tx=r.get("tx") or "settled by a groupmate")
             else:
                 queue.append(r)
@@ -188,6 +193,13 @@ class ReceiptBox:
                 continue
             for r in batch:
                 self._settled(client, r, tx, now)
+
+    def _on_chain(self, client, r: dict) -> bool:
+        """Settled already: the chain paid us for the epoch or, when the receipt pays us nothing (flagged, weight 0),
+        one of its signers that it pays."""
+        run, epoch, payable = _b(r["receipt"]["run_id"]), r["receipt"]["epoch"], _payable(r)
+        wallets = [self.account.address] if self.account.address in payable else payable & set(r["signatures"])
+        return any(client.paid_for(run, w, epoch) for w in wallets)
 
     def _settled(self, client, r: dict, tx, now: float) -> None:
         """Our transaction settled ``r``: posted, unless the chain did not pay us for a reason time can fix."""
@@ -309,6 +321,11 @@ def _order(r: dict) -> tuple:
 
 def _b(hex_str: str) -> bytes:
     return bytes.fromhex(hex_str[2:])
+
+
+def _payable(r: dict) -> set[str]:
+    """The members the receipt pays for their work (unflagged, weight > 0)."""
+    return {m["wallet"] for m in r["receipt"]["members"] if not m["flagged"] and m["weight"] > 0}
 
 
 def _signatures(r: dict) -> list[bytes]:
