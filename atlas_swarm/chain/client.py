@@ -214,7 +214,8 @@ class StakingClient:
         return out
 
     def run_ledger(self, run: bytes, from_block: int = 0) -> dict[str, dict]:
-        """Per address, from the run's events: epochs and samples paid, rewards earned, slashes."""
+        """Per address, from the run's events: epochs and samples paid, rewards earned, slashes (an epoch settled
+        at 0 samples, flagged or over the epoch's samples, is no epoch paid)."""
         rid = run
         events = self.contract.events
         ledger: dict[str, dict] = {}
@@ -226,7 +227,7 @@ class StakingClient:
                                                                    argument_filters={"runId": rid}))  # fmt: skip
         for log in paid:
             r = row(log.args.peer)
-            r["epochs"] += 1
+            r["epochs"] += log.args.samples > 0
             r["samples"] += log.args.samples
             r["reward_wei"] += log.args.reward
         slashed = self._call(lambda: events.Slashed.get_logs(from_block=from_block, argument_filters={"runId": rid}))
@@ -273,7 +274,8 @@ class StakingClient:
         return self._call(lambda: self.contract.functions.payableEpoch(run).call())
 
     def paid_for(self, run: bytes, address: str, epoch: int) -> bool:
-        """Whether ``address`` was paid for (run, epoch) by a receipt."""
+        """Whether ``address`` was settled for (run, epoch) by a receipt: paid, or at 0 samples (flagged, or nothing
+        left of the epoch's samples). Settled peers are the epoch's payees and its checkpoint voters."""
         return self._call(lambda: self.contract.functions.paidFor(run, to_checksum_address(address), epoch).call())
 
     def balance(self, address: Optional[str] = None) -> int:

@@ -377,41 +377,67 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         emit ReceiptSettled(receipt.runId, receipt.epoch, digest, paid, samples);
     }
 
-    /// @dev Pays each counted, unflagged member not yet paid for the epoch, within the per-peer cap and what is
-    ///      left of the epoch's samples.
+    /// @dev Settles each counted member not yet settled for the epoch that is flagged or has a weight. An unflagged
+    ///      one is paid min(weight, per-peer cap), scaled down pro rata (rounded down) when these claims exceed what
+    ///      is left of the epoch's samples; a flagged one, and one scaled to 0, is settled at 0 samples. Settled
+    ///      (paidFor) members are the epoch's payees, the witnesses of its rounds that vote on the next checkpoint:
+    ///      colluders who take an epoch's samples first do not silence its honest groups.
     function _payMembers(Run storage run, Receipt calldata receipt, uint256 counted)
         private
         returns (uint256 paid, uint256 samples)
     {
-        EpochTally memory tally = _tallies[receipt.runId][receipt.epoch];
-        uint256 left = run.samplesPerEpoch - tally.samples;
         uint256 cap = run.maxSamplesPerEpoch;
-        uint256 rate = run.rewardPerSample;
-        uint256 budget = run.budget;
+        uint256 claimed;
+        (counted, claimed) = _claims(receipt, counted, cap);
+        uint256 left = run.samplesPerEpoch - _tallies[receipt.runId][receipt.epoch].samples;
+        if (claimed < left) left = claimed; // then every claim is paid in full (s * claimed / claimed)
         uint256 spent;
         for (uint256 i = 0; counted >> i != 0; ++i) {
             if ((counted >> i) & 1 == 0) continue;
-            Member calldata m = receipt.members[i];
-            if (m.flagged || paidFor(receipt.runId, m.wallet, receipt.epoch)) continue;
-            uint256 s = m.weight < cap ? m.weight : cap;
-            if (s > left) s = left;
-            if (s == 0) continue;
-            left -= s;
-            _markPaid(receipt.runId, m.wallet, receipt.epoch, uint64(s));
-            uint256 reward = s * rate;
-            if (spent + reward > budget) revert BudgetExhausted(receipt.runId, budget, spent + reward);
-            spent += reward;
-            if (reward != 0) _accrue(m.wallet, reward);
-            emit ContributionPaid(receipt.runId, receipt.epoch, m.wallet, uint64(s), reward);
+            uint256 s = receipt.members[i].flagged ? 0 : receipt.members[i].weight;
+            if (s != 0) s = (s < cap ? s : cap) * left / claimed;
+            spent = _pay(run, receipt, receipt.members[i].wallet, s, spent);
             ++paid;
             samples += s;
         }
         if (paid != 0) {
-            run.budget = budget - spent; // written once per receipt
+            EpochTally memory tally = _tallies[receipt.runId][receipt.epoch];
+            run.budget -= spent; // written once per receipt
             tally.samples += uint64(samples);
             tally.payees += uint32(paid);
             _tallies[receipt.runId][receipt.epoch] = tally;
         }
+    }
+
+    /// @dev The counted members this receipt settles (flagged or a weight, not settled for the epoch yet) and the
+    ///      sum of the unflagged ones' claims, each within the per-peer cap.
+    function _claims(Receipt calldata receipt, uint256 counted, uint256 cap)
+        private
+        view
+        returns (uint256 settles, uint256 claimed)
+    {
+        for (uint256 i = 0; counted >> i != 0; ++i) {
+            if ((counted >> i) & 1 == 0) continue;
+            Member calldata m = receipt.members[i];
+            if ((!m.flagged && m.weight == 0) || paidFor(receipt.runId, m.wallet, receipt.epoch)) continue;
+            settles |= 1 << i;
+            if (!m.flagged) claimed += m.weight < cap ? m.weight : cap;
+        }
+    }
+
+    /// @dev Settle one member for `s` samples (0 when the epoch's samples ran out: still a witness of the epoch);
+    ///      returns `spent` with its reward added, never past the run's budget.
+    function _pay(Run storage run, Receipt calldata receipt, address wallet, uint256 s, uint256 spent)
+        private
+        returns (uint256)
+    {
+        uint256 reward = s * run.rewardPerSample;
+        spent += reward;
+        if (spent > run.budget) revert BudgetExhausted(receipt.runId, run.budget, spent);
+        _markPaid(receipt.runId, wallet, receipt.epoch, uint64(s));
+        if (reward != 0) _accrue(wallet, reward);
+        emit ContributionPaid(receipt.runId, receipt.epoch, wallet, uint64(s), reward);
+        return spent;
     }
 
     /// @dev Replay protection (one payment per run, peer and epoch: no global nonce a relay could race) and counters.
@@ -423,7 +449,7 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         if (word & bit != 0) revert AlreadyPaid(runId, epoch, peer);
         bits[epoch >> 8] = word | bit;
         st.verifiedSamples += samples;
-        st.epochsContributed += 1;
+        if (samples != 0) st.epochsContributed += 1;
         _stats[peer] = st;
     }
 

@@ -142,7 +142,8 @@ interface IAtlasStaking {
     /// @notice Stake, counters and rewards of `peer`.
     function reputationOf(address peer) external view returns (Reputation memory);
 
-    /// @notice Whether `peer` was paid for (`runId`, `epoch`) by a receipt.
+    /// @notice Whether `peer` was settled for (`runId`, `epoch`) by a receipt: paid, or at 0 samples (flagged, or
+    ///         nothing left of the epoch's samples); settled peers are the epoch's payees and checkpoint voters.
     function paidFor(bytes32 runId, address peer, uint64 epoch) external view returns (bool);
 
     /// @notice The PeerID hash `peer` registered (zero if none). Several addresses may name one PeerID: the chain

@@ -155,9 +155,35 @@ contract AtlasStakingReceiptsTest is TestBase {
         staking.settleReceipt(b, _sign(b, _pair(2, 3), 0x3));
         assertEq(_earned(wallets[2]), 0, "nothing left for epoch 7");
         assertEq(staking.epochTally(RUN, 7).samples, EPOCH_SAMPLES, "never more than samplesPerEpoch");
+        // ... but settled: they witnessed the round (they vote on the next checkpoint), and it is not posted again
+        assertTrue(staking.paidFor(RUN, wallets[2], 7), "settled at 0 samples");
+        assertEq(staking.epochTally(RUN, 7).payees, 4, "a witness of the epoch");
         IAtlasStaking.Receipt memory c = _receipt(8, _pair(2, 3), CAP);
         staking.settleReceipt(c, _sign(c, _pair(2, 3), 0x3));
         assertEq(_earned(wallets[2]), uint256(CAP) * RATE, "the next epoch has its own");
+    }
+
+    function testFuzz_AReceiptOverTheEpochsSamplesIsPaidProRata(uint64 first, uint64 w1, uint64 w2) public {
+        // an earlier group took `first`, then a pair whose claims exceed what is left: each member gets its share of
+        // the rest (rounded down); nobody is left out because of where its wallet sorts
+        first = uint64(bound(first, 0, EPOCH_SAMPLES / 2));
+        uint64[2] memory w = [uint64(bound(w1, 1, CAP)), uint64(bound(w2, 1, CAP))];
+        if (first > 0) {
+            IAtlasStaking.Receipt memory a = _receipt(2, _pair(0, 3), first);
+            staking.settleReceipt(a, _sign(a, _pair(0, 3), 0x3));
+        }
+        uint256 left = EPOCH_SAMPLES - staking.epochTally(RUN, 2).samples;
+        IAtlasStaking.Receipt memory r = _receipt(2, _pair(1, 2), 0);
+        r.resultHash = keccak256("another group");
+        (r.members[0].weight, r.members[1].weight) = (w[0], w[1]);
+        staking.settleReceipt(r, _sign(r, _pair(1, 2), 0x3));
+        uint256 claimed = uint256(w[0]) + w[1];
+        for (uint256 i = 0; i < 2; ++i) {
+            uint256 due = claimed > left ? uint256(w[i]) * left / claimed : w[i];
+            assertEq(_earned(wallets[i + 1]), due * RATE, "its share of what was left");
+            assertTrue(staking.paidFor(RUN, wallets[i + 1], 2), "settled");
+        }
+        assertLe(staking.epochTally(RUN, 2).samples, EPOCH_SAMPLES, "never more than samplesPerEpoch");
     }
 
     function test_BatchSettlesSeveralGroupsInOneTransaction() public {
@@ -272,7 +298,11 @@ contract AtlasStakingReceiptsTest is TestBase {
         staking.settleReceipt(r, _sign(r, _all(), 0xF));
         assertEq(_earned(wallets[1]), 0, "flagged");
         assertEq(_earned(wallets[0]), 100 * RATE);
-        assertEq(staking.epochTally(RUN, 6).payees, 3);
+        // ... but settled at 0 samples: a witness of the round (a payee that votes on the next checkpoint)
+        assertTrue(staking.paidFor(RUN, wallets[1], 6), "settled");
+        assertEq(staking.reputationOf(wallets[1]).epochsContributed, 0, "no epoch contributed");
+        assertEq(staking.epochTally(RUN, 6).payees, 4);
+        assertEq(staking.epochTally(RUN, 6).samples, 300);
     }
 
     function test_ReplayedReceiptPaysNobodyTwice() public {

@@ -85,7 +85,7 @@ def test_a_group_is_paid_its_receipt_weights_once_and_only_its_signers(chain, pe
     client.settle_receipts([(receipt, signatures(receipt, peers, client.domain, everyone))])  # again, with peer 2
     assert client.reputation(peers[2].address)["pending"] == 300 * RATE
     assert client.reputation(peers[0].address)["pending"] == 100 * RATE  # not twice
-    assert client.epoch_tally(RUN_KEY, 3) == {"samples": 600, "payees": 3}
+    assert client.epoch_tally(RUN_KEY, 3) == {"samples": 600, "payees": 4}  # the flagged one: settled at 0
     ledger = client.run_ledger(RUN_KEY)
     assert ledger[peers[1].address] == {"epochs": 1, "samples": 200, "reward_wei": 200 * RATE, "slashed_wei": 0,
                                         "slashes": 0}  # fmt: skip
@@ -267,3 +267,25 @@ def test_backups_wait_out_the_posters_batching_one_after_another(chain, peer_ids
     assert first.flush(fc, now=t0 + 60 + BACKUP_DELAY + 1).posted == 1, "the poster never came: the first backup posts"
     assert second.flush(sc, now=t0 + 60 + 2 * BACKUP_DELAY + 1).posted == 1
     assert second.records()[0]["tx"] == "settled by a groupmate", "one transaction for the group's epoch"
+
+
+def test_a_member_the_receipt_pays_nothing_neither_posts_first_nor_posts_again(chain, peer_ids, tmp_path):
+    """A flagged member was never paid, so asking the chain whether *it* was paid said no: it posted the settled
+    receipt a second time (two transactions for one group's epoch in the 3-peer anvil test, 2 runs in 3). It now
+    ranks after the members the receipt pays and looks at their payments."""
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, n=3, batch=1, max_wait=0)
+    wallets = [box.account.address for box, _ in group]  # sorted: group[0] would be the poster
+    ids = {a.address: pid for a, pid in zip(peers, peer_ids)}
+    receipt = receipt_of(RUN_KEY, 4, RESULT, [ids[w] for w in wallets], [9.0, 9.0, 9.0], [ids[wallets[0]]],
+                         dict(zip(ids.values(), ids.keys())))  # fmt: skip
+    t0 = time.time()
+    sign_all(group, receipt, t0)
+    (flagged, fc), (poster, pc), (mate, mc) = group
+    assert flagged.flush(fc, now=t0 + 1).collecting == 1, "smallest wallet, but flagged: not its turn"
+    assert poster.flush(pc, now=t0 + 1).posted == 1
+    assert poster.records()[0]["tx"].startswith("0x")
+    later = t0 + 10 * BACKUP_DELAY
+    assert flagged.flush(fc, now=later).posted == mate.flush(mc, now=later).posted == 1
+    assert flagged.records()[0]["tx"] == mate.records()[0]["tx"] == "settled by a groupmate"
+    assert client.epoch_tally(RUN_KEY, 4) == {"samples": 18, "payees": 3}, "the flagged member is settled at 0"
