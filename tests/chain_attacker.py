@@ -11,6 +11,11 @@ receipts must stop, and writes what happened to JSON (error names, wei gained) f
    weights, and signs alone;
 4. bogus checkpoint: the pair votes a CID of its own for the last epoch (it was never paid for the epoch before),
    then, after its collusion receipts made it payees, tries again against the honest quorum.
+
+With ``--front-run E`` it does something else, before the honest peers get there: as soon as the run's clock allows,
+the pair settles a receipt for epoch E - 1 claiming half of that epoch's samples each (all of them, so that on
+186506a+receipts the honest groups of E - 1 were paid nothing, were no payees, and could not vote), then records a CID
+of its own as epoch E's checkpoint with its 2 votes (a majority of the 2 payees).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 
 from eth_account import Account
 
@@ -52,6 +58,26 @@ def settle(client: StakingClient, receipt: Receipt, signers: dict) -> str:
         return e.error
 
 
+def front_run(me: StakingClient, run: bytes, epoch: int, pair: list, signers: dict, weight: int) -> dict:
+    out = {"pair": [acct.address for acct in pair]}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # as soon as the clock allows
+        out["settled"] = settle(me, pair_receipt(run, epoch - 1, pair, weight), signers)
+        if out["settled"] != "EpochAhead":
+            break
+        time.sleep(0.5)
+        fund(me.w3, pair[0], pair[0].address, 0)  # anvil mines on demand: a block moves the chain's clock on
+    out["samples"] = me.epoch_tally(run, epoch - 1)["samples"]
+    digest = checkpoint_digest(run, epoch, cid_digest(BOGUS_CID), me.domain)
+    try:
+        me.record_checkpoint(run, epoch, BOGUS_CID, {acct.address: sign_digest(digest, acct.key) for acct in pair})
+        out["checkpoint"] = "recorded"
+    except TxReverted as e:
+        out["checkpoint"] = e.error
+    out["cid"] = BOGUS_CID
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rpc", required=True)
@@ -60,6 +86,7 @@ def main() -> int:
     ap.add_argument("--funder-key", required=True)
     ap.add_argument("--min-stake", type=int, required=True)
     ap.add_argument("--last-epoch", type=int, required=True, help="the run's last checkpoint epoch (public)")
+    ap.add_argument("--front-run", type=int, help="only the front-run of this epoch's checkpoint (see above)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     w3 = StakingClient.web3(a.rpc)
@@ -76,6 +103,13 @@ def main() -> int:
         c._send(c.contract.functions.registerPeer(hashlib.sha256(acct.address.encode()).digest()))
     me = clients[0]
     terms = me.get_run(run)
+    if a.front_run is not None:
+        # half the epoch's samples each (within the cap): all of them, and both paid
+        weight = min(terms["max_samples_per_epoch"], terms["samples_per_epoch"] // 2)
+        out = front_run(me, run, a.front_run, pair, signers, weight)
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+        return 0
     out: dict = {"pair": [acct.address for acct in pair], "terms": {k: terms[k] for k in
                  ("max_samples_per_epoch", "samples_per_epoch", "min_epoch_seconds", "created_at")}}  # fmt: skip
     before = sum(me.reputation(acct.address)["pending"] for acct in pair)

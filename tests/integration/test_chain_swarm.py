@@ -15,6 +15,7 @@ from eth_account import Account
 from web3 import Web3
 
 from atlas_swarm.chain import ETHER, StakingClient
+from atlas_swarm.chain.client import cid_digest
 from atlas_swarm.chain.wallet import create_wallet
 from atlas_swarm.config import RunSpec
 from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
@@ -36,7 +37,7 @@ def deployed_run(tmp_path, tiny_model, trust=None, stakes=(2, 2, 2)):
     anvil = Anvil.start()
     try:
         w3 = Web3(Web3.HTTPProvider(anvil.url))
-        trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=60)
+        trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=600)
         # epochs well over matchmaking_time: with very short ones a peer that falls behind skips epochs (state download)
         spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer.account.address,
                                target_batch_size=960, trust=trust)  # fmt: skip
@@ -77,6 +78,29 @@ def paid_epochs(client: StakingClient, peer: str) -> dict[int, int]:
     return {log["args"]["epoch"]: log["args"]["samples"] for log in logs}
 
 
+def due_to(client: StakingClient, peer: str, mine: dict[int, dict], records: list[dict]) -> dict[int, int]:
+    """epoch -> what the contract owes ``peer`` for its receipt: its weight within CAP, scaled down pro rata with the
+    members paid by the same transaction when their claims exceed what earlier transactions left of EPOCH_SAMPLES
+    (peers overshoot the target batch size)."""
+    logs = client.contract.events.ContributionPaid().get_logs(from_block=0)
+    tx_of = {(log["args"]["epoch"], log["args"]["peer"]): (log["blockNumber"], log["transactionIndex"]) for log in logs}
+    due = {}
+    for e, m in mine.items():
+        tx = tx_of.get((e, peer))
+        if m["flagged"]:  # settled at 0 samples: a witness of the round, paid nothing
+            due[e] = 0
+        if m["flagged"] or m["weight"] == 0:
+            continue
+        members = next(r["receipt"]["members"] for r in records if r["receipt"]["epoch"] == e)
+        claimed = sum(min(x["weight"], CAP) for x in members if tx is not None and tx_of.get((e, x["wallet"])) == tx
+                      and not x["flagged"] and x["weight"] > 0)  # fmt: skip
+        earlier = sum(log["args"]["samples"] for log in logs  # paid by the transactions before ours
+                      if log["args"]["epoch"] == e and tx and (log["blockNumber"], log["transactionIndex"]) < tx)
+        left = min(claimed, EPOCH_SAMPLES - earlier)
+        due[e] = min(m["weight"], CAP) * left // claimed if claimed else 0
+    return due
+
+
 def assert_paid_exactly(chain, peer: PeerProcess, address: str, earlier: list = ()) -> int:
     """Every receipt the peer co-signed is settled, and the chain paid it exactly its weight in each x rate, once
     per epoch; each weight is the one its round's aggregation gave it (its own epoch event)."""
@@ -84,10 +108,11 @@ def assert_paid_exactly(chain, peer: PeerProcess, address: str, earlier: list = 
     records = receipts(peer)
     assert records and all(r["state"] == "posted" for r in records), records
     mine = {r["receipt"]["epoch"]: next(m for m in r["receipt"]["members"] if m["wallet"] == address) for r in records}
-    expected = {e: min(m["weight"], CAP) for e, m in mine.items() if not m["flagged"] and m["weight"] > 0}
-    assert paid_epochs(client, address) == expected
+    expected = due_to(client, address, mine, records)
+    assert paid_epochs(client, address) == expected, (expected, mine)
     rep = client.reputation(address)
-    assert rep["verified_samples"] == sum(expected.values()) and rep["epochs_contributed"] == len(expected)
+    assert rep["verified_samples"] == sum(expected.values())
+    assert rep["epochs_contributed"] == sum(1 for s in expected.values() if s > 0)
     assert rep["claimable"] + rep["pending"] == sum(expected.values()) * RATE
     own = peer.wait_event("started", 1)["peer_id"]
     events = [*earlier, *peer.events("epoch")]  # ``earlier``: its epoch events before a restart
@@ -108,8 +133,23 @@ def start_first_peer(peers, tmp_path, chain, text_data, extra: list[str]) -> tup
     return first, ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
 
 
+def attack(chain, tmp_path, *flags) -> dict:
+    """tests/chain_attacker.py in its own process, with its own keys (funded by a dev account); its JSON report."""
+    report = tmp_path / f"attack{len(list(tmp_path.glob('attack*.json')))}.json"
+    subprocess.run([sys.executable, "-m", "tests.chain_attacker", "--rpc", chain["anvil"].url, "--contract",
+                    chain["trainer"].address, "--run", "0x" + chain["run"].hex(), "--funder-key", DEV_KEYS[4],
+                    "--min-stake", str(ETHER), "--last-epoch", "4", "--out", str(report), *flags],
+                   check=True, timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    return json.loads(report.read_text())
+
+
 def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_final_checkpoint(tmp_path, chain,
                                                                                             text_data):
+    # before the swarm gets there, a colluding pair takes all of epoch 3's samples and records its own epoch-4
+    # checkpoint (on the first receipts contract the honest groups of epoch 3, paid 0, could not outvote it)
+    front = attack(chain, tmp_path, "--front-run", "4")
+    assert front["settled"] == "settled" and front["samples"] == EPOCH_SAMPLES, front
+    assert front["checkpoint"] == "recorded" and chain["trainer"].checkpoint_of(chain["run"], 4)["cid"] == front["cid"]
     with killed_at_exit([]) as peers:
         extra = ["--max-epochs", "4", "--wait-for-peers", "3", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
@@ -127,12 +167,20 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
             assert final["collecting"] == final["unpaid"] == final["rejected"] == 0, p.tail()
             assert final["posted"] == len(grouped) >= 2, p.tail()
             total += assert_paid_exactly(chain, p, account.address)
-        assert chain["trainer"].get_run(chain["run"])["budget"] == 5 * ETHER - total * RATE
+        front_wei = EPOCH_SAMPLES * RATE
+        assert chain["trainer"].get_run(chain["run"])["budget"] == 5 * ETHER - total * RATE - front_wei
+        # the honest members of epoch 3 were paid 0 samples (the pair took them all), yet settled: its witnesses
+        three = next(r["receipt"]["members"] for r in receipts(peers[0]) if r["receipt"]["epoch"] == 3)
+        witnesses = [m["wallet"] for m in three if m["flagged"] or m["weight"] > 0]
+        assert len(witnesses) == 3 and all(paid_epochs(chain["trainer"], w)[3] == 0 for w in witnesses), three
+        assert chain["trainer"].epoch_tally(chain["run"], 3) == {"samples": EPOCH_SAMPLES, "payees": 2 + len(witnesses)}
         # one transaction per group and epoch: the receipts were settled by one member each (its tx), not by three
         txs: dict[int, set] = {}
         for r in (r for p in peers for r in receipts(p)):
             txs.setdefault(r["receipt"]["epoch"], set()).update([r["tx"]] if r["tx"].startswith("0x") else [])
-        assert all(len(t) == 1 for t in txs.values()), txs
+        why = [(p.name, r["receipt"]["epoch"], r["tx"], r["signed_at"], r["quorum_at"], sorted(r["signatures"]))
+               for p in peers for r in receipts(p)]  # fmt: skip
+        assert all(len(t) == 1 for t in txs.values()), (txs, why, [p.tail() for p in peers])
 
         # the finishers' agreed adapter is on chain as the run's epoch-4 checkpoint, voted by the peers paid for 3
         finals = {p.wait_event("handed_off", 1)["cid"] for p in peers}
@@ -142,24 +190,23 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
         assert 2 * on_chain["votes"] > chain["trainer"].epoch_tally(chain["run"], 3)["payees"]
         assert any(r.get("4") == on_chain["cid"] for r in recorded), recorded
         assert not any(str(v).startswith("refused") for r in recorded for v in r.values()), recorded
+        # ... replacing the front-runners' one within its challenge window, by more votes
+        replaced = chain["trainer"].contract.events.CheckpointReplaced().get_logs(from_block=0)
+        assert [(r["args"]["epoch"], r["args"]["oldCidDigest"], r["args"]["votes"]) for r in replaced] == [
+            (4, cid_digest(front["cid"]), on_chain["votes"])]
 
         # an attacker (its own process and keys, a colluding staked pair) tries the drain and a bogus checkpoint
         budget_before = chain["trainer"].get_run(chain["run"])["budget"]
-        report = tmp_path / "attack.json"
-        subprocess.run([sys.executable, "-m", "tests.chain_attacker", "--rpc", chain["anvil"].url, "--contract",
-                        chain["trainer"].address, "--run", "0x" + chain["run"].hex(), "--funder-key", DEV_KEYS[4],
-                        "--min-stake", str(ETHER), "--last-epoch", "4", "--out", str(report)],
-                       check=True, timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
-        attack = json.loads(report.read_text())
-        assert attack["drain"] == ["EpochAhead"] and attack["collusion_ahead"] == "EpochAhead", attack
+        after = attack(chain, tmp_path)
+        assert after["drain"] == ["EpochAhead"] and after["collusion_ahead"] == "EpochAhead", after
         # what the pair bought: at most the run's per-epoch samples for each epoch its clock allows, minus what
-        # honest receipts took of those epochs first
-        bound = (attack["payable_epoch"] + 1) * EPOCH_SAMPLES * RATE - total * RATE
-        assert 0 < attack["gained_wei"] <= bound, attack
-        assert budget_before - chain["trainer"].get_run(chain["run"])["budget"] == attack["gained_wei"]
-        assert attack["freeloader"] == "NoQuorum" and attack["freeloader_paid"] == 0, attack
-        assert attack["bogus_checkpoint"] in ("NotAVoter", "NoQuorum"), attack
-        assert attack["checkpoint_after"] == on_chain["cid"], "the honest checkpoint stands"
+        # honest receipts (and the front-runners) took of those epochs first
+        bound = (after["payable_epoch"] + 1) * EPOCH_SAMPLES * RATE - total * RATE - front_wei
+        assert 0 < after["gained_wei"] <= bound, after
+        assert budget_before - chain["trainer"].get_run(chain["run"])["budget"] == after["gained_wei"]
+        assert after["freeloader"] == "NoQuorum" and after["freeloader_paid"] == 0, after
+        assert after["bogus_checkpoint"] in ("NotAVoter", "NoQuorum"), after
+        assert after["checkpoint_after"] == on_chain["cid"], "the honest checkpoint stands"
 
     # the trainer's notebook view of the same chain: the per-peer ledger, and funding
     from atlas_swarm import Run
