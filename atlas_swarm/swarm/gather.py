@@ -54,6 +54,7 @@ MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
+UNSEEN = ("sent nothing", "exchange failed")  # drops that say nothing about whose fault they were
 
 
 @dataclass
@@ -249,10 +250,14 @@ class GatherAverage:
         if gate is not None and round_.dropped:
             gate.count("dropped_updates", len(round_.dropped))
         peers, gathered = sorted(round_.updates), time.monotonic()
-        if own_id in peers and _pair_refused(settings, peers):
+        unseen = any(why.startswith(UNSEEN) for p, why in round_.dropped.items() if p != own_id)
+        if own_id in peers and unseen and _pair_refused(settings, peers):
             # What a drop left of a larger group is a pair too, under the same rule as a pair from matchmaking: a
             # group of 3 whose third member's update did not arrive left one honest peer averaging with the
-            # attacker, its x1e6 gradient at 68 % of the weight (the sign-flip test, 1 run in 5)
+            # attacker, its x1e6 gradient at 68 % of the weight (the sign-flip test, 1 run in 5). Not when every
+            # drop was of an update that arrived and was refused (non-finite, forged, malformed): that member is
+            # the faulty one, and refusing the honest pair left each honest peer alone every round (2 honest + a
+            # NaN attacker: the peers never averaged and ended with different adapters, 1 full-suite run in 2)
             other = peers[1] if peers[0] == own_id else peers[0]
             round_.dropped[other] = "a pair has no majority (the rest of the group was dropped)"
             del round_.updates[other]
