@@ -87,8 +87,8 @@ def due_to(client: StakingClient, peer: str, mine: dict[int, dict], records: lis
     due = {}
     for e, m in mine.items():
         tx = tx_of.get((e, peer))
-        if m["flagged"]:  # settled at 0 samples: a witness of the round, paid nothing
-            due[e] = 0
+        if m["flagged"] and tx:  # settled at 0 samples: a witness of the round, paid nothing (unsettled when its
+            due[e] = 0  # signature did not count, e.g. while its stake was below the minimum: nothing to gain by it)
         if m["flagged"] or m["weight"] == 0:
             continue
         members = next(r["receipt"]["members"] for r in records if r["receipt"]["epoch"] == e)

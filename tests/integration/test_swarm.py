@@ -81,9 +81,10 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
 
 
 def test_late_joiner_reaches_the_swarms_epoch_and_parameters(tmp_path, tiny_model, text_data):
-    # Prepare: two peers train to epoch 12; a third starts once they are past epoch 2 (epochs of several seconds
-    # leave the swarm alive long enough for the newcomer to start, even on a loaded 2-core machine)
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=960)
+    # Prepare: two peers train to epoch 12; a third starts once they are past epoch 2. Epochs of several seconds
+    # leave the swarm alive long enough for the newcomer to start (~12 s): with 960 samples a faster VM (two peers at
+    # ~1500 samples/s) ran epochs 2-12 in 10 s and finished before the newcomer synced (1 full-suite run)
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=4800)
     run_to = ["--max-epochs", "12"]
     with killed_at_exit([]) as peers:
         started = start_swarm(peers, tmp_path, spec, text_data, [4, 4],
