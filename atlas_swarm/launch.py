@@ -26,14 +26,17 @@ class PeerFailed(AssertionError):
 
 class PeerProcess:
     def __init__(self, out: str | Path, args: Sequence[str], threads: Optional[int] = None, name: Optional[str] = None,
-                 env: Optional[dict] = None, module: str = "atlas_swarm.peer"):  # fmt: skip
-        """``module``: what runs (the peer; the adversarial tests run it with an attack patched in)."""
+                 env: Optional[dict] = None, module: str = "atlas_swarm.peer", netns: Optional[str] = None):  # fmt: skip
+        """``module``: what runs (the peer; the adversarial tests run it with an attack patched in). ``netns``: in
+        that network namespace (``ip netns exec``; devnet/netns.py's hosts)."""
         self.out = Path(out)
         self.name = name or self.out.name
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path, self.err_path = self.out / "events.jsonl", self.out / "stderr.txt"
         cmd = [sys.executable, "-m", module, "--log-format", "json", "--out", str(self.out),
                *(["--threads", str(threads)] if threads else []), *args]  # fmt: skip
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]  # exec()s the command: the same process (and group)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(cmd, stdout=self.log_path.open("w"), stderr=self.err_path.open("w"),
                                         start_new_session=True, env=env)  # fmt: skip
