@@ -451,6 +451,10 @@ def make_optimizer(
     request_timeout = max(0.1, min(3.0, a.matchmaking_time / 2))
     return SwarmOptimizer(
         dht=swarm.dht,
+        # hivemind 1.1.12 inverts its default (`client_mode if client_mode is None else dht.client_mode`): left None,
+        # the optimizer thinks itself reachable while its averagers (which read the DHT's flag) are in client mode,
+        # and its first epoch crashed setting a state-sharing priority (ValueError; a --client-mode peer behind NAT)
+        client_mode=swarm.dht.client_mode,
         run_id=spec.run_id,
         target_batch_size=a.target_batch_size,
         batch_size_per_step=batch_size,
