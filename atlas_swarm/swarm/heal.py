@@ -27,8 +27,6 @@ MAX_BACKOFF = 12.0  # the longest wait before a failing peer is tried again
 DIAL_TIMEOUT = 5.0
 DIALS_PER_TICK = 8
 MAX_KNOWN = 64
-# what the node reports back (its DHT process' copy; Swarm.heal_stats reads it)
-STATS = {"ticks": 0, "dials": 0, "reconnected": 0, "known": 0}
 
 
 class _Peer:
@@ -58,7 +56,6 @@ async def heal_forever(_dht, node, initial_peers: Sequence[str], tick: float = T
 
 
 async def _tick(node, me, known: "OrderedDict[PeerID, _Peer]") -> None:
-    STATS["ticks"] += 1
     connected = {info.peer_id: list(info.addrs) for info in await node.p2p.list_peers()}
     for pid, addrs in connected.items():  # remember where the peers we talk to are (most recent last)
         peer = known.pop(pid, None) or _Peer([])
@@ -71,7 +68,6 @@ async def _tick(node, me, known: "OrderedDict[PeerID, _Peer]") -> None:
         if victim is None:
             break
         known.pop(victim)
-    STATS["known"] = len(known)
     now = time.monotonic()
     table = node.protocol.routing_table
     due = [pid for pid, p in known.items()
@@ -81,7 +77,6 @@ async def _tick(node, me, known: "OrderedDict[PeerID, _Peer]") -> None:
     for pid, ok in zip(due, results):
         peer = known[pid]
         if ok:  # (a client-mode peer answers but never enters a routing table: pinged again only after a while)
-            STATS["reconnected"] += pid not in connected
             peer.fails, peer.next_try = 0, time.monotonic() + MAX_BACKOFF
         else:
             peer.fails += 1
@@ -90,7 +85,6 @@ async def _tick(node, me, known: "OrderedDict[PeerID, _Peer]") -> None:
 
 async def _dial(node, pid: PeerID, addrs: list) -> bool:
     """Connect to ``pid`` (p2pd) and ping it (both routing tables take the other in)."""
-    STATS["dials"] += 1
     try:
         await asyncio.wait_for(node.p2p._client.connect(pid, addrs), DIAL_TIMEOUT)
         return await asyncio.wait_for(node.protocol.call_ping(pid), DIAL_TIMEOUT) is not None
@@ -98,7 +92,3 @@ async def _dial(node, pid: PeerID, addrs: list) -> bool:
         raise
     except Exception:
         return False
-
-
-async def heal_stats(_dht, _node) -> dict:
-    return dict(STATS)

@@ -25,7 +25,7 @@ from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
 from atlas_swarm.identity import Identity, peer_id_of
 from atlas_swarm.swarm import blocks
-from atlas_swarm.swarm.heal import heal_forever, heal_stats
+from atlas_swarm.swarm.heal import heal_forever
 from atlas_swarm.swarm.records import (
     ADAPTERS_KEPT,
     ADAPTERS_TTL,
@@ -152,10 +152,6 @@ class Swarm:
         # keep re-contacting the initial and known peers: hivemind alone never heals a network split (swarm/heal.py)
         dht.run_coroutine(partial(heal_forever, initial_peers=list(initial_peers)), return_future=True)
         return swarm
-
-    def heal_stats(self) -> dict:
-        """The partition healer's counters: ticks, dials, peers reconnected, peers remembered."""
-        return self.dht.run_coroutine(heal_stats)
 
     @property
     def peer_id(self) -> str:
