@@ -9,22 +9,29 @@ makes: the bridge has no uplink and no address outside the lab's subnet, and not
         PeerProcess(..., netns=a.ns)            # a process in a namespace
         lab.partition([a], [b, home])           # the halves' switch ports on two bridges: frames between them vanish
         lab.heal()
+        w, x = lab.wan(["w", "x"], delay_ms=20, loss=0.01, rate_mbit=20)  # hosts on an emulated WAN instead
 
-The kernel here has no netem qdisc (CONFIG_NET_SCH_NETEM is off): delay is not emulated by this module; rates are
-(tbf). Namespaces, links and routers are named after the lab's tag and removed by ``close()`` (also at the start of
+The kernel here has no netem qdisc (CONFIG_NET_SCH_NETEM is off): the switch has no delay or loss (`limit` shapes a
+rate with tbf); hosts that need them join ``lab.wan``, a user-space WAN (devnet/wan.py). Namespaces, links and
+routers are named after the lab's tag and removed by ``close()`` (also at the start of
 a lab with the same tag, for what a killed run left behind).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+import psutil
 
 from atlas_swarm.errors import ConfigError
 
@@ -46,7 +53,7 @@ class Host:
     name: str
     ns: str  # the namespace: `ip netns exec <ns> ...`
     addr: str  # its address (behind a NAT: its private one)
-    port: str  # the host-side veth on the lab's bridge (for a NATed host: its router's)
+    port: Optional[str]  # the host-side veth on the lab's bridge (a NATed host: its router's; a WAN host: none)
     router: Optional[str] = None  # the namespace of its NAT router
     public: Optional[str] = None  # the address others see (its router's), for a NATed host
 
@@ -73,6 +80,8 @@ class Lab:
         self.bridge = f"atl-{self.tag}"
         self._aside: Optional[str] = None  # the second bridge of a partition
         self._routers = 0
+        self._wan: Optional[subprocess.Popen] = None
+        self.wan_counts: dict = {}  # the WAN's counters per host, once it stopped (close())
         self.close()
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"10.{self.net}.0.1/24", "dev", self.bridge)
@@ -151,6 +160,29 @@ table ip filter {
         self.hosts.append(host)
         return host
 
+    def wan(self, names: Sequence[str], delay_ms: float = 20.0, loss: float = 0.01, rate_mbit: float = 20.0,
+            queue_ms: float = 200.0, seed: int = 0) -> list[Host]:  # fmt: skip
+        """Hosts joined to each other (and to nothing else) by an emulated WAN, devnet/wan.py: ``delay_ms`` one way
+        (RTT twice that), ``loss`` per packet, a ``rate_mbit`` uplink each. Addresses 10.<n>.1.2, .3, ...; one WAN
+        per lab; they are not on the switch (no partition)."""
+        if self._wan is not None:
+            raise RuntimeError("one WAN per lab")
+        hosts = [Host(name, self._new_ns(name), f"10.{self.net}.1.{i + 2}", None) for i, name in enumerate(names)]
+        self._wan = subprocess.Popen(
+            [sys.executable, "-m", "atlas_swarm.devnet.wan", "--tag", self.tag, "--delay-ms", str(delay_ms),
+             "--loss", str(loss), "--rate-mbit", str(rate_mbit), "--queue-ms", str(queue_ms), "--seed", str(seed),
+             *(f"{h.ns}={h.addr}" for h in hosts)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        readable, _, _ = select.select([self._wan.stdout], [], [], 30)
+        if not readable or "ready" not in self._wan.stdout.readline():
+            self._wan.kill()
+            raise RuntimeError(f"the lab's WAN did not start: {self._wan.communicate(timeout=10)[1][-2000:]}")
+        for h in hosts:
+            _ip("addr", "add", f"{h.addr}/24", "dev", "wan0", ns=h.ns)
+            _ip("link", "set", "wan0", "up", ns=h.ns)
+        self.hosts += hosts
+        return hosts
+
     # -- faults ---------------------------------------------------------------------------------------------------
     def partition(self, *groups: Sequence[Host]) -> None:
         """Cut the switch in two: the hosts of ``groups[1:]`` move to a second bridge, so frames between the halves
@@ -162,18 +194,23 @@ table ip filter {
         _ip("link", "set", self._aside, "up")
         for group in groups[1:]:
             for host in group:
+                if host.port is None:
+                    raise ValueError(f"{host.name} is on the WAN, not the switch")
                 _ip("link", "set", host.port, "master", self._aside)
 
     def heal(self) -> None:
         if self._aside is None:
             return
         for host in self.hosts:
-            _ip("link", "set", host.port, "master", self.bridge)
+            if host.port is not None:
+                _ip("link", "set", host.port, "master", self.bridge)
         _ip("link", "del", self._aside, check=False)
         self._aside = None
 
     def limit(self, host: Host, rate_mbit: float, burst_kb: int = 64, latency_ms: int = 100) -> None:
         """Shape ``host``'s uplink (its outgoing traffic; a NATed host's router's WAN side) with a token bucket."""
+        if host.port is None:
+            raise ValueError(f"{host.name} is on the WAN: its rate is the WAN's")
         ns, dev = (host.router, "wan") if host.router else (host.ns, "eth0")
         _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
               f"{rate_mbit}mbit", "burst", f"{burst_kb}kb", "latency", f"{latency_ms}ms"])  # fmt: skip
@@ -181,7 +218,22 @@ table ip filter {
     # -- cleanup --------------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Remove every namespace and link of this tag, SIGKILLing what still runs in them (a process left in a
-        deleted namespace would keep it, and its veth, alive)."""
+        deleted namespace would keep it, and its veth, alive), and stop the lab's WAN (also one a killed run left)."""
+        if self._wan is not None:
+            self._wan.terminate()
+            try:
+                out, _ = self._wan.communicate(timeout=10)
+                self.wan_counts = next((json.loads(x)["counts"] for x in out.splitlines() if "counts" in x), {})
+            except subprocess.TimeoutExpired:
+                self._wan.kill()
+            self._wan = None
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "atlas_swarm.devnet.wan" in cmd and cmd[cmd.index("--tag") + 1 : cmd.index("--tag") + 2] == [self.tag]:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
         listed = _run(["ip", "netns", "list"], check=False).stdout.split("\n")
         for ns in (line.split(" ")[0] for line in listed):
             if ns.startswith(f"atl-{self.tag}-"):

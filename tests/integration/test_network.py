@@ -3,6 +3,7 @@ process with its own address on a switch, cut in two halves and healed. Needs ro
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -19,6 +20,54 @@ PARTITION_S = 60.0
 # they can match. Measured: 8.5-14.8 s in isolated runs, 49.3 s in a full-suite run (README, "Running on real
 # networks"). The test bounds what always held; on the code before heal.py no group crossed at all.
 HEAL_WITHIN_S = 90.0
+
+
+ECHO = """
+import socket, sys
+s = socket.socket(); s.bind(("0.0.0.0", 5001)); s.listen(); c, _ = s.accept()
+for _ in range(20):
+    c.sendall(c.recv(1))
+n = 0
+while n < 5_000_000:
+    n += len(c.recv(1 << 16))
+c.sendall(b"d")
+"""
+CLIENT = """
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], 5001), timeout=30); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(20):
+    t = time.perf_counter(); s.sendall(b"p"); s.recv(1); rtts.append(time.perf_counter() - t)
+t = time.perf_counter(); s.sendall(b"x" * 5_000_000); s.recv(1)
+print(json.dumps({"rtt_ms": sorted(rtts)[10] * 1e3, "mbit": 40 / (time.perf_counter() - t)}))
+"""
+
+
+def test_the_lab_wan_has_the_delay_loss_and_rate_it_was_given(tmp_path):
+    """devnet/wan.py measured from inside the hosts: the median RTT of 20 pings over TCP, 5 MB sent at the uplink's
+    rate at most (TCP through 1 % loss at 40 ms gets most of it), about 1 % of the packets lost, and no route out of
+    the WAN's subnet (the gateway of the lab's switch is unreachable from a WAN host)."""
+    import subprocess
+    import sys
+
+    with Lab("wanlab") as lab:
+        a, b = lab.wan(["a", "b"], delay_ms=20, loss=0.01, rate_mbit=20)
+        echo = subprocess.Popen(b.exec(sys.executable, "-c", ECHO))
+        try:
+            time.sleep(1.0)
+            done = subprocess.run(a.exec(sys.executable, "-c", CLIENT, b.addr), capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+            dial_out = f"import socket; socket.create_connection(('{lab.gateway}', 22), timeout=5)"
+            out = subprocess.run(a.exec(sys.executable, "-c", dial_out),
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        finally:
+            echo.kill()
+    figures = json.loads(done.stdout)
+    assert 40 <= figures["rtt_ms"] <= 50, figures
+    assert 10 <= figures["mbit"] <= 20.5, figures
+    sent = lab.wan_counts[a.ns]
+    assert 0.004 <= sent["lost"] / (sent["sent"] + sent["lost"]) <= 0.02, sent
+    assert "Network is unreachable" in out.stderr, out.stderr
 
 
 def lab_peer(tmp_path, host, name: str, args: list[str]) -> PeerProcess:
@@ -100,3 +149,51 @@ def test_a_peer_behind_a_nat_trains_and_averages_in_client_mode(tmp_path, tiny_m
         assert seen, "the public peers never averaged with the NATed one"
         finals = [p.wait_event("final", 1) for p in peers]
         assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
+
+
+def share_of_epoch_time(peer) -> float:
+    """The share of a peer's epochs (first transition to its stop) spent in averaging rounds, as bench_averaging."""
+    events = peer.events()
+    epochs = [e for e in events if e["event"] == "epoch"]
+    end = next(e for e in events if e["event"] == "stopping")["time"]
+    window = [e for e in epochs[1:] if e["time"] <= end]
+    return sum(e["averaging_s"] for e in window) / (end - epochs[0]["time"]) if window else 0.0
+
+
+def test_four_peers_across_a_wan_train_and_agree_with_a_late_joiner(tmp_path, tiny_model, text_data):
+    """Four hosts on an emulated WAN (devnet/wan.py: 40 ms RTT, 1 % loss, a 20 Mbit/s uplink each). Three peers start
+    together and a fourth joins once they have averaged: all four finish and agree on one adapter. The issue asks
+    more, and it does not hold yet (README, "Running on real networks"): that the joiner miss at most the epoch it
+    synced in. In 3 of 5 runs it missed 5 epochs or all of them: after it gives up a round the swarm finished
+    without it, its next round waits behind the cancelled one (hivemind: "Another look_for_group is already in
+    progress") and misses the group again. The figures, with the joiner's start-up phases and every peer's averaging
+    share of epoch time, go to wan.json."""
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=2400)
+    with Lab("wan") as lab, killed_at_exit([]) as peers:
+        hosts = lab.wan(["a", "b", "c", "d"], delay_ms=20, loss=0.01, rate_mbit=20)
+        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "14", "--join-timeout", "90"]
+        peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(spec), "--wait-for-peers", "3", *extra]))
+        started = peers[0].wait_event("started", 90)
+        first = next(m for m in started["maddrs"] if f"/{hosts[0].addr}/" in m)
+        join = ["--initial-peers", first, "--run", started["run_id"]]
+        for i, host in enumerate(hosts[1:3], 1):
+            peers.append(lab_peer(tmp_path, host, host.name, [*join, "--seed", str(i), "--wait-for-peers", "3", *extra]))
+        peers[0].wait_event("epoch", 120, lambda e: len(e["group"]) >= 2)
+        launched = time.time()
+        peers.append(lab_peer(tmp_path, hosts[3], "d", [*join, "--seed", "3", *extra]))
+
+        codes = [p.wait_exit(400) for p in peers]
+        assert codes == [0, 0, 0, 0], "\n\n".join(p.tail() for p in peers)
+        finals = [p.wait_event("final", 1) for p in peers]
+        assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
+        joiner = peers[3].events("epoch")
+        first = next((i for i, e in enumerate(joiner) if len(e["group"]) >= 2), None)
+        solo = {p.name: sum(len(e["group"]) < 2 for e in p.events("epoch")) for p in peers}
+        first_s = round(joiner[first]["time"] - launched, 1) if first is not None else None
+        figures = {"joiner_start_to_first_averaged_epoch_s": first_s,
+                   "joiner_epochs_alone_before_its_first_group": first if first is not None else len(joiner),
+                   "joiner_startup_s": peers[3].wait_event("started", 1)["startup_s"],
+                   "averaging_share": {p.name: round(share_of_epoch_time(p), 3) for p in peers},
+                   "rounds_without_a_group": solo}  # fmt: skip
+        print(json.dumps(figures))
+        (tmp_path / "wan.json").write_text(json.dumps(figures, indent=2))
