@@ -10,16 +10,26 @@ Per swarm size it reports:
 - how many of the peers' rounds averaged with every peer (a warning when some did not: a swarm whose rounds fail
   can look cheap).
 
-    python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--out bench-out/bench_averaging.json]
+``--runs K`` repeats each swarm K times and reports the distribution of the share (one slow round can cost a whole
+run: the median hides it, the maximum does not). ``--wan RTT_MS LOSS MBIT`` puts each peer on a host of its own on an
+emulated WAN (devnet/wan.py; needs root): bytes are then what the hosts' uplinks carried. ``--late-joiner`` starts
+the last peer after the others' first averaged epoch and reports, for it, the time from its process start to its first
+epoch averaged with others, its start-up phases, and the epoch transitions it made alone before that one (the shares
+are then those of the others).
+
+    python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20] [--late-joiner]
+                                      [--out bench-out/bench_averaging.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,42 +37,54 @@ from pathlib import Path
 import psutil
 
 from atlas_swarm.config import RunSpec
-from atlas_swarm.launch import PeerProcess, first_loopback
+from atlas_swarm.devnet.netns import Lab
+from atlas_swarm.launch import PeerProcess
 from atlas_swarm.model.lora import load_model
 
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
 
 
-def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
+def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
+    early = n - 1 if late else n
     common = ["--data", "builtin:chatterbot-topics", "--batch-size", "8", "--max-epochs", str(epochs),
-              "--wait-for-peers", str(n), "--join-timeout", "180", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
+              "--join-timeout", "180"]  # fmt: skip
     procs: list[PeerProcess] = []
-    try:
-        def launch(i: int, extra: list[str]) -> PeerProcess:
-            return PeerProcess(workdir / f"p{i}", ["--seed", str(i), *common, *extra], threads=1,
-                               env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    with (Lab("bench") if wan else contextlib.nullcontext()) as lab:
+        hosts = lab.wan([f"p{i}" for i in range(n)], wan[0] / 2, wan[1], wan[2]) if wan else None
+        try:
+            def launch(i: int, extra: list[str]) -> PeerProcess:
+                where = ["--host-maddrs", hosts[i].maddr() if hosts else "/ip4/127.0.0.1/tcp/0"]
+                return PeerProcess(workdir / f"p{i}", ["--seed", str(i), *common, *where, *extra], threads=1,
+                                   env={"HF_HUB_OFFLINE": "1"}, netns=hosts[i].ns if hosts else None)  # fmt: skip
 
-        procs.append(launch(0, ["--run-spec", str(SPEC)]))
-        started = wait(procs, "started", 180)
-        for i in range(1, n):
-            procs.append(launch(i, ["--initial-peers", first_loopback(started), "--run", started["run_id"]]))
-        # bytes: from peer0's first epoch transition to its stop
-        wait(procs, "epoch", 300)
-        lo0 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
-        # a peer can also reach the last epoch by downloading state (no epoch event then): stop at "stopping"
-        wait(procs, "stopping", 600)
-        lo1 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
-        for p in procs:
-            p.wait_exit(60)
-    finally:
-        for p in procs:
-            p.kill()
+            procs.append(launch(0, ["--run-spec", str(SPEC), "--wait-for-peers", str(early)]))
+            started = wait(procs, "started", 180)
+            mine = f"/{hosts[0].addr}/" if hosts else "/127.0.0.1/"
+            first = next(a for a in started["maddrs"] if mine in a)
+            join = ["--initial-peers", first, "--run", started["run_id"]]
+            for i in range(1, early):
+                procs.append(launch(i, [*join, "--wait-for-peers", str(early)]))
+            # bytes: from peer0's first epoch transition to its stop
+            wait(procs, "epoch", 300)
+            joined_at = None
+            if late:
+                joined_at = time.time()
+                procs.append(launch(n - 1, join))
+            lo0 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
+            # a peer can also reach the last epoch by downloading state (no epoch event then): stop at "stopping"
+            wait(procs, "stopping", 600)
+            lo1 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
+            for p in procs:
+                p.wait_exit(60)
+        finally:
+            for p in procs:
+                p.kill()
     # each peer's window: from its first epoch transition to its "stopping" event; the share is the mean over peers
     # (a peer that reaches the boundary first waits for the others, so one peer's share can hide another's)
     shares, rounds, epoch_seconds, groups = [], [], [], []
-    for i in range(n):
+    for i in range(early):
         ev = procs[i].events()
         start = next(e for e in ev if e["event"] == "epoch")["time"]
         end = next(e for e in ev if e["event"] == "stopping")["time"]
@@ -74,7 +96,10 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
         rounds += spent
         epoch_seconds.append((end - start) / len(window))
         groups.append([len(e["group"]) for e in window])
-    return {
+    # bytes: on a WAN, what the hosts' uplinks carried over the whole run; on loopback, over peer0's window
+    sent = sum(c["bytes"] for c in lab.wan_counts.values()) if wan else lo1 - lo0
+    measured_epochs = max(e["epoch"] for e in procs[0].events("epoch")) if wan else len(groups[0])
+    result = {
         "peers": n,
         "epochs_measured": len(groups[0]) if groups else 0,
         "seconds_per_round": round(sum(rounds) / len(rounds), 3),
@@ -83,9 +108,29 @@ def swarm_round(n: int, epochs: int, workdir: Path) -> dict:
         "epoch_seconds": round(sum(epoch_seconds) / len(epoch_seconds), 2),
         "group_sizes": groups,
         # rounds without every peer (or with none: local gradients) make a share that is not a healthy swarm's
-        "rounds_with_all_peers": sum(g == n for row in groups for g in row),
+        "rounds_with_all_peers": sum(g >= early for row in groups for g in row),  # (with a late joiner: the others)
         "rounds": sum(len(row) for row in groups),
-        "bytes_sent_per_peer_per_epoch": int((lo1 - lo0) / n / len(groups[0])),
+        "bytes_sent_per_peer_per_epoch": int(sent / n / measured_epochs),
+    }
+    if wan:
+        result["wan"] = {"rtt_ms": wan[0], "loss": wan[1], "uplink_mbit": wan[2], "hosts": lab.wan_counts}
+    if late:
+        result["late_joiner"] = joiner_figures(procs[-1], joined_at)
+    return result
+
+
+def joiner_figures(joiner: PeerProcess, launched: float) -> dict:
+    """From the joiner's process start to its first epoch averaged with others, and what it did on the way."""
+    events = joiner.events()
+    epochs = [e for e in events if e["event"] == "epoch"]
+    first = next((i for i, e in enumerate(epochs) if len(e["group"]) >= 2), None)
+    started = next((e for e in events if e["event"] == "started"), {})
+    return {
+        "start_to_first_averaged_epoch_s": round(epochs[first]["time"] - launched, 2) if first is not None else None,
+        "start_to_started_s": round(started["time"] - launched, 2) if started else None,
+        "startup_s": started.get("startup_s"),
+        "epochs_alone_before": first if first is not None else len(epochs),
+        "epochs_alone_after": sum(len(e["group"]) < 2 for e in epochs[first + 1 :]) if first is not None else None,
     }
 
 
@@ -107,6 +152,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=1, help="swarms per size: the share's distribution")
+    ap.add_argument("--wan", type=float, nargs=3, metavar=("RTT_MS", "LOSS", "MBIT"),
+                    help="each peer on its own host of an emulated WAN (root)")  # fmt: skip
+    ap.add_argument("--late-joiner", action="store_true", help="the last peer joins after the first averaged epoch")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -114,24 +163,45 @@ def main() -> int:
     model, _ = load_model(spec)
     full_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    results = []
+    results, summaries = [], []
     for n in args.peers:
-        r = swarm_round(n, args.epochs, out.parent / f"averaging-{n}")
-        full_allreduce = 2 * (n - 1) / n * 4 * full_params
-        r["full_model_allreduce_bytes"] = int(full_allreduce)
-        r["ratio_to_full_allreduce"] = round(r["bytes_sent_per_peer_per_epoch"] / full_allreduce, 5)
-        results.append(r)
-        print(f"{n} peers: {r['seconds_per_round']:.2f} s per averaging round, "
-              f"{r['averaging_share_of_epoch_time']:.1%} of epoch time (mean over peers; per peer "
-              f"{', '.join(f'{x:.1%}' for x in r['share_per_peer'])}; epochs of {r['epoch_seconds']} s), "
-              f"{r['bytes_sent_per_peer_per_epoch'] / 1e6:.2f} MB sent per peer per epoch = "
-              f"{r['ratio_to_full_allreduce']:.4f} of a full-model all-reduce ({full_allreduce / 1e6:.0f} MB)")  # fmt: skip
-        if r["rounds_with_all_peers"] < r["rounds"]:
-            print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all {n} peers "
-                  f"(group sizes per peer: {r['group_sizes']}); the share above is not that of a healthy swarm")
+        shares = []
+        for run in range(args.runs):
+            r = swarm_round(n, args.epochs, out.parent / f"averaging-{n}", args.wan, args.late_joiner)
+            full_allreduce = 2 * (n - 1) / n * 4 * full_params
+            r["run"] = run
+            r["full_model_allreduce_bytes"] = int(full_allreduce)
+            r["ratio_to_full_allreduce"] = round(r["bytes_sent_per_peer_per_epoch"] / full_allreduce, 5)
+            results.append(r)
+            shares.append(r["averaging_share_of_epoch_time"])
+            print(f"{n} peers{f' (run {run + 1}/{args.runs})' if args.runs > 1 else ''}: "
+                  f"{r['seconds_per_round']:.2f} s per averaging round, "
+                  f"{r['averaging_share_of_epoch_time']:.1%} of epoch time (mean over peers; per peer "
+                  f"{', '.join(f'{x:.1%}' for x in r['share_per_peer'])}; epochs of {r['epoch_seconds']} s), "
+                  f"{r['bytes_sent_per_peer_per_epoch'] / 1e6:.2f} MB sent per peer per epoch = "
+                  f"{r['ratio_to_full_allreduce']:.4f} of a full-model all-reduce ({full_allreduce / 1e6:.0f} MB)",
+                  flush=True)  # fmt: skip
+            if r["rounds_with_all_peers"] < r["rounds"]:
+                print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all the peers "
+                      f"(group sizes per peer: {r['group_sizes']}); the share above is not that of a healthy swarm")
+            if "late_joiner" in r:
+                print(f"  late joiner: {json.dumps(r['late_joiner'])}", flush=True)
+        joins = [r["late_joiner"] for r in results if r["peers"] == n and "late_joiner" in r]
+        summary = {"peers": n, "runs": args.runs, "share_min": min(shares), "share_median": statistics.median(shares),
+                   "share_max": max(shares), "runs_over_5_percent": sum(x > 0.05 for x in shares)}  # fmt: skip
+        if joins:
+            times = [j["start_to_first_averaged_epoch_s"] for j in joins]
+            summary["joiner_start_to_first_averaged_epoch_s"] = times
+            summary["joiners_that_never_averaged"] = sum(t is None for t in times)
+            summary["joiners_alone_more_than_one_epoch"] = sum(
+                j["epochs_alone_before"] > 1 or bool(j["epochs_alone_after"]) for j in joins)
+        summaries.append(summary)
+        if args.runs > 1 or joins:
+            print(f"{n} peers over {args.runs} runs: {json.dumps(summary)}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "results": results,
+        "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "summaries": summaries,
+        "results": results, "wan": args.wan, "late_joiner": args.late_joiner,
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
     }, indent=2))  # fmt: skip
     print(f"wrote {out}")
