@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from atlas_swarm.admission import admitted_peers
-from atlas_swarm.chain.session import ChainSession, verified_bindings
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import NotAdmitted
 from atlas_swarm.swarm.gate import Gate
+
+if TYPE_CHECKING:  # web3 takes a second to import: a peer without a chain never does
+    from atlas_swarm.chain.session import ChainSession
 
 REFRESH_EVERY = 30.0
 REFRESH_SOON = 3.0  # a PeerID not yet admitted asks for a refresh this soon (at most this often): a newcomer's binding
@@ -52,6 +54,8 @@ class Gatekeeper:
         if t.admission == "staked" and self.chain is None:
             pass  # nobody can be checked without a chain: check_self says what to do
         elif t.admission == "staked":
+            from atlas_swarm.chain.session import verified_bindings
+
             client = self.chain.client
             bindings = verified_bindings(self.swarm, client, run_id)
             run = client.get_run(self.chain.run)

@@ -16,12 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+import psutil
 import torch
 
 from atlas_swarm.admission import trusted_states
-from atlas_swarm.chain.session import ChainSession
 from atlas_swarm.checkpoints.publish import AdapterPublisher
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
@@ -39,6 +39,9 @@ from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_sh
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
 from atlas_swarm.ui import Reporter
+
+if TYPE_CHECKING:  # web3 takes a second to import: a peer without a chain never does
+    from atlas_swarm.chain.session import ChainSession
 
 SPEC_REFRESH_EVERY = 300.0
 FINAL_FLUSH = 30.0  # seconds a finishing peer waits for its last receipts and vote to settle (a stopped one: 3)
@@ -92,6 +95,14 @@ class Progress:
     last_outliers: tuple[str, ...] = ()
     states: list = field(default_factory=list)  # "epoch:digest" of our parameters at our last 4 epochs (statuses)
     saved: Optional[Path] = None
+    startup: dict = field(default_factory=dict)  # phase -> seconds it took, from the process's start to "started"
+    _mark: float = field(default_factory=lambda: psutil.Process().create_time())
+
+    def phase(self, name: str) -> None:
+        """The phase ``name`` of the start-up ended now (the "started" event reports them)."""
+        now = time.time()
+        self.startup[name] = round(now - self._mark, 2)
+        self._mark = now
 
     def result(self) -> RunResult:
         return RunResult(self.spec.run_id if self.spec else None, self.swarm.peer_id if self.swarm else None,
@@ -110,10 +121,13 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
     local_spec = RunSpec.from_toml(cfg.run_spec) if cfg.run_spec else None
     examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # bad data fails before joining
     p = Progress(cfg, reporter, GracefulStop.install(), Path(cfg.out), device=pick_device(cfg.device))
+    p.phase("imports")  # interpreter, imports, arguments, local data
     try:
         join(p, local_spec)
+        p.phase("join")  # DHT node, bootstrap, the run spec
         open_services(p)
-        load(p, examples if examples is not None else load_examples(cfg.data, p.spec), hooks)
+        p.phase("services")
+        load(p, examples if examples is not None else load_examples(cfg.data, p.spec), hooks)  # phases model, sync
         announce(p)
 
         # The training loop: accumulate a local batch, hand it to hivemind, which averages at epoch boundaries.
@@ -190,6 +204,8 @@ def open_services(p: Progress) -> None:
     model load (a bad --ipfs-api or wallet fails here, fast)."""
     cfg = p.cfg
     if cfg.chain is not None:
+        from atlas_swarm.chain.session import ChainSession
+
         p.chain = ChainSession.open(cfg.chain, p.spec, p.swarm, p.out, p.reporter.event)
     p.gatekeeper = Gatekeeper(p.spec, p.swarm, p.chain).start()
     p.gatekeeper.check_self()  # a peer the run would refuse is told so now (exit 2), not left to train alone
@@ -242,10 +258,12 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
     p.opt.resume(p.epoch)
     p.opt.note_statuses({pid: s.epoch for pid, s in swarm.peer_statuses(spec.run_id).items() if not s.leaving})
+    p.phase("model")  # base model, LoRA, optimizer, averagers
     if p.opt.behind():
         p.reporter.event("syncing", f"The swarm is at epoch {p.opt.swarm_epoch()}; downloading its state...",
                          epoch=p.opt.swarm_epoch())  # fmt: skip
         sync(p)
+        p.phase("sync")
     note_state(p)
 
 
@@ -278,7 +296,7 @@ def announce(p: Progress) -> None:
                   + [f"  {a}" for a in maddrs] + ["Others join with:", f"  {join}"]),
         peer_id=swarm.peer_id, run_id=spec.run_id, maddrs=maddrs, join_command=join, device=p.device,
         precision=str(p.precision), batch_size=p.batch_size, micro_batch=p.micro, examples=len(p.batches),
-        skipped_examples=p.batches.skipped, epoch=p.opt.local_epoch,
+        skipped_examples=p.batches.skipped, epoch=p.opt.local_epoch, startup_s=p.startup,
     )  # fmt: skip
     publish_status(p)
     if cfg.wait_for_peers > 1:  # our status records appear at once (hivemind lists a peer after its first samples)

@@ -7,12 +7,20 @@ and the binding between a libp2p PeerID and an Ethereum address. Pure functions:
     binding                          PeerID <-> address binding signatures
 """
 
-from atlas_swarm.proofs.binding import binding_message, sign_binding, verify_binding
-from atlas_swarm.proofs.eip712 import Domain, chain_run_id, peer_id_hash, run_tag
-from atlas_swarm.proofs.receipt import Member, Receipt, checkpoint_digest, receipt_of, recover, sign_digest
-from atlas_swarm.proofs.record import EpochRecord
+import importlib
 
-__all__ = [
-    "Domain", "EpochRecord", "Member", "Receipt", "binding_message", "chain_run_id", "checkpoint_digest",
-    "peer_id_hash", "receipt_of", "recover", "run_tag", "sign_binding", "sign_digest", "verify_binding",
-]
+# Imported on first use (PEP 562): eth_account takes most of a second, and a peer without a chain needs none of it.
+_WHERE = {
+    "binding": ["binding_message", "sign_binding", "verify_binding"],
+    "eip712": ["Domain", "chain_run_id", "peer_id_hash", "run_tag"],
+    "receipt": ["Member", "Receipt", "checkpoint_digest", "receipt_of", "recover", "sign_digest"],
+    "record": ["EpochRecord"],
+}
+_MODULE = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
