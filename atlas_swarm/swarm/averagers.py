@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import random
+import time
 from typing import AsyncIterator, Optional, Sequence
 
 import torch
@@ -112,6 +113,26 @@ class EpochKeys(GroupKeyManager):
                  gate=None):  # fmt: skip
         super().__init__(dht, prefix, initial_group_bits, target_group_size)
         self.matchmaking, self.serializer, self.gate = matchmaking, serializer, gate  # EpochGroups passes all
+        self._leaving: set[asyncio.Task] = set()
+
+    # hivemind withdraws a finished or cancelled search's DHT declaration (a store of several round trips across the
+    # internet) and awaits it while it still holds the matchmaking lock, so the next round, scheduled at once by a
+    # peer that gave its round up, waited for that store ("Another look_for_group is already in progress") and looked
+    # for its group late. The withdrawal is a courtesy (the declaration expires by itself): it runs on its own here.
+    async def declare_averager(self, group_key, peer_id, expiration_time, looking_for_group: bool = True) -> bool:
+        if looking_for_group:
+            return await super().declare_averager(group_key, peer_id, expiration_time, looking_for_group)
+        began = time.monotonic()
+        task = asyncio.create_task(super().declare_averager(group_key, peer_id, expiration_time, False))
+        self._leaving.add(task)
+        task.add_done_callback(lambda t: self._left(t, began))
+        return True
+
+    def _left(self, task: asyncio.Task, began: float) -> None:
+        self._leaving.discard(task)
+        failed = None if task.cancelled() else task.exception()  # retrieved: no "exception never retrieved" noise
+        logger.debug(f"withdrew a search's declaration in {time.monotonic() - began:.2f} s"
+                     + (f" ({failed!r})" if failed else ""))  # fmt: skip
 
     async def get_averagers(self, group_key, only_active: bool):
         found = await super().get_averagers(group_key, only_active)

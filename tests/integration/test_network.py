@@ -160,15 +160,16 @@ def share_of_epoch_time(peer) -> float:
     return sum(e["averaging_s"] for e in window) / (end - epochs[0]["time"]) if window else 0.0
 
 
-def test_four_peers_across_a_wan_train_and_agree_with_a_late_joiner(tmp_path, tiny_model, text_data):
+def test_four_peers_across_a_wan_agree_and_a_late_joiner_averages_from_its_second_epoch(tmp_path, tiny_model,
+                                                                                       text_data):  # fmt: skip
     """Four hosts on an emulated WAN (devnet/wan.py: 40 ms RTT, 1 % loss, a 20 Mbit/s uplink each). Three peers start
-    together and a fourth joins once they have averaged: all four finish and agree on one adapter. The issue asks
-    more, and it does not hold yet (README, "Running on real networks"): that the joiner miss at most the epoch it
-    synced in. In 3 of 5 runs it missed 5 epochs or all of them: after it gives up a round the swarm finished
-    without it, its next round waits behind the cancelled one (hivemind: "Another look_for_group is already in
-    progress") and misses the group again. The figures, with the joiner's start-up phases and every peer's averaging
-    share of epoch time, go to wan.json."""
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=2400)
+    together and a fourth joins once they have averaged: all four finish and agree on one adapter, and the joiner is
+    in a group from its first or second epoch transition on (its first can end before it could match: the others
+    formed that group at the transition, before its state download ended). The figures, with its start-up phases
+    and every peer's averaging share of epoch time, go to wan.json; start to first averaged epoch is the issue's
+    figure (goal < 15 s), not asserted: on 2 cores shared with three peers training it is mostly imports."""
+    # matchmaking_time as the demo spec's (4 s): at 2 s, groups of three split into a pair and one across this WAN
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=2400, matchmaking_time=4.0)
     with Lab("wan") as lab, killed_at_exit([]) as peers:
         hosts = lab.wan(["a", "b", "c", "d"], delay_ms=20, loss=0.01, rate_mbit=20)
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "14", "--join-timeout", "90"]
@@ -197,3 +198,5 @@ def test_four_peers_across_a_wan_train_and_agree_with_a_late_joiner(tmp_path, ti
                    "rounds_without_a_group": solo}  # fmt: skip
         print(json.dumps(figures))
         (tmp_path / "wan.json").write_text(json.dumps(figures, indent=2))
+        assert first is not None and first <= 1, joiner  # at most the epoch it synced in was not averaged
+        assert all(len(e["group"]) >= 2 for e in joiner[first:]), joiner
