@@ -25,6 +25,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import zlib
@@ -167,6 +168,12 @@ table ip filter {
         per lab; they are not on the switch (no partition)."""
         if self._wan is not None:
             raise RuntimeError("one WAN per lab")
+        if not os.path.exists("/dev/net/tun"):  # a container may lack the node while its kernel has TUN
+            try:
+                os.makedirs("/dev/net", exist_ok=True)
+                os.mknod("/dev/net/tun", stat.S_IFCHR | 0o666, os.makedev(10, 200))
+            except OSError as e:
+                raise ConfigError(f"The lab's WAN needs TUN devices: /dev/net/tun is missing ({e}).") from None
         hosts = [Host(name, self._new_ns(name), f"10.{self.net}.1.{i + 2}", None) for i, name in enumerate(names)]
         self._wan = subprocess.Popen(
             [sys.executable, "-m", "atlas_swarm.devnet.wan", "--tag", self.tag, "--delay-ms", str(delay_ms),
