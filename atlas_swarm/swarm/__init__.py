@@ -52,9 +52,11 @@ HIVEMIND_OVERRIDES = {
     "averagers.StateAverager.load_state_from_peers": "tell the averager process which states it may accept",
     "averagers.StateAverager._load_state_from_peers": "admitted donors, capped priority, verified (epoch, digest)",
     "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
+    "averagers.EpochKeys.declare_averager": "a search's withdrawal runs on its own, not under the matchmaking lock",
     # the rounds (swarm/gather.py)
     "gather.GatherAverage._aggregate_with_group": "all-gather of signed updates + robust aggregate, not all-reduce",
-    "gather.GatherAverage._step": "the round knows its StepControl (a refused pair is not retried)",
+    "gather.GatherAverage._step": "the round knows its StepControl (a refused pair is not retried); a round "
+    "cancelled as it ends is not a traceback",
     "optimizer.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
     # record validation (swarm/node.py, swarm/audit.py)
     "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",

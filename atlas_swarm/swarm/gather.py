@@ -23,6 +23,7 @@ under a second on a home uplink for groups up to 8 (README, "Byzantine-tolerant 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import ctypes
 import ctypes.util
@@ -172,7 +173,16 @@ class GatherAverage:
     async def _step(self, *, step, **kwargs):
         # hivemind's matchmaking forgets the step once it has a group: the round below learns it from its context
         STEP.set(step)
-        return await super()._step(step=step, **kwargs)
+        try:
+            return await super()._step(step=step, **kwargs)
+        except concurrent.futures.InvalidStateError:
+            # The round ended just as its owner cancelled it (Ctrl-C, a round given up): hivemind's set_result on the
+            # cancelled StepControl raises concurrent.futures' InvalidStateError, which its _step does not catch (it
+            # catches asyncio's), and the task's traceback reached the peer's terminal. Nothing is lost: the owner
+            # already moved on without the result.
+            if not step.cancelled():
+                raise
+            return None
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         own_id = self.peer_id.to_base58()

@@ -82,3 +82,32 @@ def test_the_internals_we_touch_are_still_there(qualname):
     source = inspect.getsource(getattr(importlib.import_module(module), name))
     missing = [a for a in HIVEMIND_INTERNALS[qualname] if f".{a}" not in source and f"def {a}" not in source]
     assert not missing, f"{qualname} no longer has {missing}"
+
+
+def test_a_round_cancelled_as_it_ends_is_not_a_traceback():
+    """hivemind's _step sets the result of a StepControl its owner may have just cancelled (Ctrl-C): the
+    concurrent.futures InvalidStateError it then raises (it catches only asyncio's) ended the averager's task with a
+    traceback on the peer's terminal (test_ctrl_c_during_a_round..., 1 full-suite run). Ours ends the round quietly;
+    a step that was not cancelled still raises."""
+    import asyncio
+    import concurrent.futures
+
+    from atlas_swarm.swarm.gather import GatherAverage
+
+    class Hivemind:
+        async def _step(self, *, step, **kwargs):
+            raise concurrent.futures.InvalidStateError("Can't set_result to a future that is CANCELLED")
+
+    class Averager(GatherAverage, Hivemind):
+        pass
+
+    class Step:
+        def __init__(self, cancelled):
+            self._cancelled = cancelled
+
+        def cancelled(self):
+            return self._cancelled
+
+    assert asyncio.run(Averager()._step(step=Step(True))) is None
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        asyncio.run(Averager()._step(step=Step(False)))
