@@ -12,13 +12,14 @@ Per swarm size it reports:
 
 ``--runs K`` repeats each swarm K times and reports the distribution of the share (one slow round can cost a whole
 run: the median hides it, the maximum does not). ``--wan RTT_MS LOSS MBIT`` puts each peer on a host of its own on an
-emulated WAN (devnet/wan.py; needs root): bytes are then what the hosts' uplinks carried. ``--late-joiner`` starts
-the last peer after the others' first averaged epoch and reports, for it, the time from its process start to its first
-epoch averaged with others, its start-up phases, and the epoch transitions it made alone before that one (the shares
-are then those of the others).
+emulated WAN (devnet/wan.py; needs root): bytes are then what the hosts' uplinks carried. ``--straggler MBIT`` (with
+``--wan``) gives one peer that slow an uplink and reports the share of the others and of the straggler, and how many
+groupmates' updates were cut off. ``--late-joiner`` starts the last peer after the others' first averaged epoch and
+reports, for it, the time from its process start to its first epoch averaged with others, its start-up phases, and
+the epoch transitions it made alone before that one (the shares are then those of the others).
 
-    python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20] [--late-joiner]
-                                      [--out bench-out/bench_averaging.json]
+    python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20 [--straggler 2]]
+                                      [--late-joiner] [--out bench-out/bench_averaging.json]
 """
 
 from __future__ import annotations
@@ -44,15 +45,18 @@ from atlas_swarm.model.lora import load_model
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
 
 
-def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False) -> dict:
+def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False,
+                straggler: float | None = None) -> dict:  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
     early = n - 1 if late else n
+    slow = early - 1 if straggler else None  # the peer with the slow uplink
     common = ["--data", "builtin:chatterbot-topics", "--batch-size", "8", "--max-epochs", str(epochs),
               "--join-timeout", "180"]  # fmt: skip
     procs: list[PeerProcess] = []
     with (Lab("bench") if wan else contextlib.nullcontext()) as lab:
-        hosts = lab.wan([f"p{i}" for i in range(n)], wan[0] / 2, wan[1], wan[2]) if wan else None
+        uplinks = {f"p{slow}": straggler} if straggler else None
+        hosts = lab.wan([f"p{i}" for i in range(n)], wan[0] / 2, wan[1], wan[2], uplinks=uplinks) if wan else None
         try:
             def launch(i: int, extra: list[str]) -> PeerProcess:
                 where = ["--host-maddrs", hosts[i].maddr() if hosts else "/ip4/127.0.0.1/tcp/0"]
@@ -83,7 +87,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
                 p.kill()
     # each peer's window: from its first epoch transition to its "stopping" event; the share is the mean over peers
     # (a peer that reaches the boundary first waits for the others, so one peer's share can hide another's)
-    shares, rounds, epoch_seconds, groups = [], [], [], []
+    shares, rounds, epoch_seconds, groups, cut = [], [], [], [], 0
     for i in range(early):
         ev = procs[i].events()
         start = next(e for e in ev if e["event"] == "epoch")["time"]
@@ -92,6 +96,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         if not window:
             continue
         spent = [e["averaging_s"] for e in window]
+        cut += sum(why == "sent nothing in time" for e in window for why in e.get("dropped", {}).values())
         shares.append(sum(spent) / (end - start))
         rounds += spent
         epoch_seconds.append((end - start) / len(window))
@@ -110,10 +115,16 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         # rounds without every peer (or with none: local gradients) make a share that is not a healthy swarm's
         "rounds_with_all_peers": sum(g >= early for row in groups for g in row),  # (with a late joiner: the others)
         "rounds": sum(len(row) for row in groups),
+        # groupmates whose update was not in within gather's grace (or WAIT): each peer's count, summed
+        "groupmates_cut_off": cut,
         "bytes_sent_per_peer_per_epoch": int(sent / n / measured_epochs),
     }
     if wan:
         result["wan"] = {"rtt_ms": wan[0], "loss": wan[1], "uplink_mbit": wan[2], "hosts": lab.wan_counts}
+    if straggler:
+        on_time = [x for i, x in enumerate(shares) if i != slow]
+        result["straggler"] = {"peer": slow, "uplink_mbit": straggler, "share_of_the_others": round(
+            sum(on_time) / len(on_time), 4), "share_of_the_straggler": round(shares[slow], 4)}
     if late:
         result["late_joiner"] = joiner_figures(procs[-1], joined_at)
     return result
@@ -156,8 +167,12 @@ def main() -> int:
     ap.add_argument("--wan", type=float, nargs=3, metavar=("RTT_MS", "LOSS", "MBIT"),
                     help="each peer on its own host of an emulated WAN (root)")  # fmt: skip
     ap.add_argument("--late-joiner", action="store_true", help="the last peer joins after the first averaged epoch")
+    ap.add_argument("--straggler", type=float, metavar="MBIT",
+                    help="with --wan: one peer's uplink is this slow (a straggler in every round)")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
+    if args.straggler and not args.wan:
+        ap.error("--straggler needs --wan (a slow uplink is the WAN's)")
     out = Path(args.out)
     spec = RunSpec.from_toml(SPEC)
     model, _ = load_model(spec)
@@ -167,7 +182,7 @@ def main() -> int:
     for n in args.peers:
         shares = []
         for run in range(args.runs):
-            r = swarm_round(n, args.epochs, out.parent / f"averaging-{n}", args.wan, args.late_joiner)
+            r = swarm_round(n, args.epochs, out.parent / f"averaging-{n}", args.wan, args.late_joiner, args.straggler)
             full_allreduce = 2 * (n - 1) / n * 4 * full_params
             r["run"] = run
             r["full_model_allreduce_bytes"] = int(full_allreduce)
@@ -184,6 +199,8 @@ def main() -> int:
             if r["rounds_with_all_peers"] < r["rounds"]:
                 print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all the peers "
                       f"(group sizes per peer: {r['group_sizes']}); the share above is not that of a healthy swarm")
+            if "straggler" in r:
+                print(f"  straggler: {json.dumps(r['straggler'])}; groupmates cut off: {r['groupmates_cut_off']}")
             if "late_joiner" in r:
                 print(f"  late joiner: {json.dumps(r['late_joiner'])}", flush=True)
         joins = [r["late_joiner"] for r in results if r["peers"] == n and "late_joiner" in r]
@@ -201,7 +218,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "summaries": summaries,
-        "results": results, "wan": args.wan, "late_joiner": args.late_joiner,
+        "results": results, "wan": args.wan, "late_joiner": args.late_joiner, "straggler": args.straggler,
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
     }, indent=2))  # fmt: skip
     print(f"wrote {out}")

@@ -162,10 +162,11 @@ table ip filter {
         return host
 
     def wan(self, names: Sequence[str], delay_ms: float = 20.0, loss: float = 0.01, rate_mbit: float = 20.0,
-            queue_ms: float = 200.0, seed: int = 0) -> list[Host]:  # fmt: skip
+            queue_ms: float = 200.0, seed: int = 0, uplinks: dict[str, float] | None = None) -> list[Host]:  # fmt: skip
         """Hosts joined to each other (and to nothing else) by an emulated WAN, devnet/wan.py: ``delay_ms`` one way
-        (RTT twice that), ``loss`` per packet, a ``rate_mbit`` uplink each. Addresses 10.<n>.1.2, .3, ...; one WAN
-        per lab; they are not on the switch (no partition)."""
+        (RTT twice that), ``loss`` per packet, a ``rate_mbit`` uplink each (``uplinks``: name -> Mbit/s of the hosts
+        whose uplink differs). Addresses 10.<n>.1.2, .3, ...; one WAN per lab; they are not on the switch (no
+        partition)."""
         if self._wan is not None:
             raise RuntimeError("one WAN per lab")
         if not os.path.exists("/dev/net/tun"):  # a container may lack the node while its kernel has TUN
@@ -178,7 +179,7 @@ table ip filter {
         self._wan = subprocess.Popen(
             [sys.executable, "-m", "atlas_swarm.devnet.wan", "--tag", self.tag, "--delay-ms", str(delay_ms),
              "--loss", str(loss), "--rate-mbit", str(rate_mbit), "--queue-ms", str(queue_ms), "--seed", str(seed),
-             *(f"{h.ns}={h.addr}" for h in hosts)],
+             *(f"{h.ns}={h.addr}" + (f"@{uplinks[h.name]}" if h.name in (uplinks or {}) else "") for h in hosts)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         readable, _, _ = select.select([self._wan.stdout], [], [], 30)
         if not readable or "ready" not in self._wan.stdout.readline():

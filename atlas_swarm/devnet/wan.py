@@ -57,12 +57,12 @@ def open_tun(ns: str) -> int:
 
 class Wan:
     def __init__(self, hosts: dict[str, str], delay_ms: float, loss: float, rate_mbit: float, queue_ms: float,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, rates: dict[str, float] | None = None):  # fmt: skip
         self.fds = {ns: open_tun(ns) for ns in hosts}
         self.by_addr = {ipaddress.IPv4Address(addr).packed: self.fds[ns] for ns, addr in hosts.items()}
         self.name = {fd: ns for ns, fd in self.fds.items()}
         self.delay, self.loss = delay_ms / 1000, loss
-        self.byte_s = rate_mbit * 1e6 / 8
+        self.byte_s = {fd: (rates or {}).get(ns, rate_mbit) * 1e6 / 8 for ns, fd in self.fds.items()}
         self.queue = queue_ms / 1000
         self.rng = random.Random(seed)
         self.uplink_free = {fd: 0.0 for fd in self.fds.values()}  # when each sender's uplink is next idle
@@ -91,7 +91,7 @@ class Wan:
             if start - now > self.queue:
                 count["queue_full"] += 1
                 continue
-            self.uplink_free[fd] = start + len(packet) / self.byte_s
+            self.uplink_free[fd] = start + len(packet) / self.byte_s[fd]
             self.seq += 1
             heapq.heappush(self.flight, (self.uplink_free[fd] + self.delay, self.seq, to, packet))
             count["sent"] += 1
@@ -129,10 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-mbit", type=float, default=1000.0, help="each host's uplink")
     ap.add_argument("--queue-ms", type=float, default=200.0, help="uplink backlog before packets are dropped")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("hosts", nargs="+", help="NAMESPACE=IPV4 for each host")
+    ap.add_argument("hosts", nargs="+", help="NAMESPACE=IPV4 for each host, or NAMESPACE=IPV4@MBIT: its own uplink")
     args = ap.parse_args(argv)
-    hosts = dict(h.split("=", 1) for h in args.hosts)
-    wan = Wan(hosts, args.delay_ms, args.loss, args.rate_mbit, args.queue_ms, args.seed)
+    hosts, rates = {}, {}
+    for h in args.hosts:
+        ns, _, rest = h.partition("=")
+        hosts[ns], _, mbit = rest.partition("@")
+        if mbit:
+            rates[ns] = float(mbit)
+    wan = Wan(hosts, args.delay_ms, args.loss, args.rate_mbit, args.queue_ms, args.seed, rates)
 
     def stop(*_):
         wan.stopped = True

@@ -12,7 +12,9 @@ for its slice, different to each victim, and each sender's weight is whatever it
 4. every member aggregates the same updates in the same order (sorted PeerIDs) with the run's rule, on CPU in
    float64 numpy: honest members that received the same updates end with bit-identical tensors.
 
-A member that sends nothing within ``wait`` seconds is dropped too. If a member sends different updates to different
+A member that sends nothing within WAIT seconds is dropped too, and once a majority of the group's updates are in,
+the rest get GRACE seconds (or twice what the majority took, if longer): one late groupmate (a slow uplink, a frozen
+machine, a peer killed after matchmaking) costs the others about a second, not WAIT (README, "A straggler"). If a member sends different updates to different
 members, or sends to some only, honest members' results differ for that round (they no longer hold equal hashes);
 the next state round and the final agreement reconcile them. Receipts (the next issue) make such equivocation
 provable. Cost: each member sends its update to N-1 others, (N-1)/N x 2 of an all-reduce's bytes for N=2 and about
@@ -53,6 +55,7 @@ from atlas_swarm.train.aggregate import aggregate
 PROTOCOL = b"atlas-gather-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
+GRACE = 1.0  # ... and once a majority's updates are in, for the rest (at least; see wait_for_updates)
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
 UNSEEN = ("sent nothing", "exchange failed")  # drops that say nothing about whose fault they were
@@ -101,6 +104,7 @@ class Round:
     updates: dict = field(default_factory=dict)  # PeerID -> (weight, float32 tensor)
     dropped: dict = field(default_factory=dict)  # PeerID -> why
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    majority: asyncio.Event = field(default_factory=asyncio.Event)  # more than half of the members' updates are in
 
     def settle(self, peer: str, result) -> None:
         if peer in self.updates or peer in self.dropped:
@@ -109,11 +113,27 @@ class Round:
             self.dropped[peer] = result
         else:
             self.updates[peer] = result
+        if 2 * len(self.updates) > len(self.members):
+            self.majority.set()
         if len(self.updates) + len(self.dropped) >= len(self.members):
             self.arrived.set()
 
     def finalize(self, cancel: bool = False, exception=None) -> None:  # what hivemind's _shutdown calls on a round
+        self.majority.set()
         self.arrived.set()
+
+    async def wait_for_updates(self, wait: float = WAIT, grace: float = GRACE) -> None:
+        """Until every member's update is settled, or ``wait`` s pass, or a majority's updates are in and then
+        ``max(grace, 2 x the time that took)`` s pass. A straggler gets at least twice what the group's majority
+        needed (a slow link's round is slow for everyone), never more than ``wait`` in all."""
+        began = time.monotonic()
+        deadline = began + wait
+        try:
+            await asyncio.wait_for(self.majority.wait(), timeout=wait)
+            rest = min(max(grace, 2 * (time.monotonic() - began)), deadline - time.monotonic())
+            await asyncio.wait_for(self.arrived.wait(), timeout=max(rest, 0.0))
+        except asyncio.TimeoutError:
+            pass
 
 
 def sign_update(signer, prefix: str, group_id: bytes, peer_id: str, weight: float, serialized) -> bytes:
@@ -247,10 +267,7 @@ class GatherAverage:
         try:
             calls = [self._exchange(round_, p) for p in members if p != own_id and _caller(own_id, p, modes)]
             tasks = [asyncio.create_task(c) for c in calls]
-            try:
-                await asyncio.wait_for(round_.arrived.wait(), timeout=WAIT)
-            except asyncio.TimeoutError:
-                pass
+            await round_.wait_for_updates()
             for task in tasks:
                 task.cancel()
             for p in members:
@@ -355,12 +372,15 @@ class GatherAverage:
         if round_ is None or sender not in round_.members:
             return
         # both ways at once: our update goes out while theirs comes in (one after the other, each pair's exchange took
-        # two transfer times)
-        reading = asyncio.create_task(self._read_update(_prepend(first, stream), round_, sender))
+        # two transfer times); theirs counts as soon as it is in, even while ours is still going out on a slow uplink
+        async def read() -> None:
+            round_.settle(sender, await self._read_update(_prepend(first, stream), round_, sender))
+
+        reading = asyncio.create_task(read())
         try:
             async for message in _messages(round_.own, round_.group_id):
                 yield message
-            round_.settle(sender, await reading)
+            await reading
         finally:
             reading.cancel()
 

@@ -4,11 +4,16 @@ process with its own address on a switch, cut in two halves and healed. Needs ro
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from atlas_swarm.devnet.netns import Lab
+from atlas_swarm.identity import Identity
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
 from tests.peers import killed_at_exit, wait_until
@@ -149,6 +154,58 @@ def test_a_peer_behind_a_nat_trains_and_averages_in_client_mode(tmp_path, tiny_m
         assert seen, "the public peers never averaged with the NATed one"
         finals = [p.wait_event("final", 1) for p in peers]
         assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
+
+
+def test_a_natted_peer_publishes_and_a_keeper_fetches_the_adapter_from_it(tmp_path, tiny_model, text_data):
+    """A keeper (a bootstrap node with --keep-adapters) on a public host is everyone's initial peer; two peers on
+    public hosts, one behind a home router in --client-mode. The NATed peer holds the smallest PeerID, so it is the
+    one its groups elect to publish every 2 epochs. Nobody can dial it, yet the keeper copies what it published,
+    every block verified: the keeper's requests travel over the connection the NATed peer opened to it."""
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1440)
+    keys = sorted((Identity.load_or_create(tmp_path / f"key{i}.key") for i in range(3)), key=lambda k: k.peer_id)
+    with Lab("pub") as lab, killed_at_exit([]) as peers:
+        k, a, b, home = lab.host("k"), lab.host("a"), lab.host("b"), lab.natted("c")
+        kept, log = tmp_path / "kept", tmp_path / "keeper.log"
+        keeper = LabProcess(["ip", "netns", "exec", k.ns, sys.executable, "-m", "atlas_swarm.bootstrap", "--identity",
+                             str(tmp_path / "keeper.key"), "--host-maddrs", k.maddr(), "--poll-interval", "1",
+                             "--keep-adapters", str(kept)], log)  # fmt: skip
+        peers.append(keeper)
+        boot = wait_until(lambda: next((line for line in log.read_text().splitlines()
+                                        if line.startswith(f"/ip4/{k.addr}/tcp/")), None), 90, "the keeper's address")
+        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "6", "--join-timeout", "90",
+                 "--wait-for-peers", "3", "--publish-every", "2", "--initial-peers", boot]  # fmt: skip
+        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), "--identity", str(keys[1].path), *extra]))
+        run_id = peers[-1].wait_event("started", 90)["run_id"]
+        peers.append(lab_peer(tmp_path, b, "b", ["--run", run_id, "--seed", "1", "--identity", str(keys[2].path),
+                                                 *extra]))  # fmt: skip
+        natted = lab_peer(tmp_path, home, "c", ["--run", run_id, "--seed", "2", "--client-mode", "--identity",
+                                                 str(keys[0].path), *extra])  # fmt: skip
+        peers.append(natted)
+
+        codes = [p.wait_exit(300) for p in peers[1:]]
+        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers[1:])
+        # what only the NATed peer published (the final adapter every finisher publishes: left out)
+        by_others = {e["cid"] for p in peers[1:3] for e in p.events("published")}
+        only_there = {e["cid"] for e in natted.events("published")} - by_others
+        assert only_there, f"the NATed peer published nothing of its own:\n{natted.tail()}"
+        wait_until(lambda: all((kept / "blocks" / cid).exists() for cid in only_there), 60,
+                   f"the keeper to copy {sorted(only_there)} from the NATed peer")  # fmt: skip
+
+
+class LabProcess:
+    """A process other than a peer (a bootstrap node) in a lab host, in a session of its own; kill() ends it all."""
+
+    def __init__(self, cmd: list[str], log):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # fmt: skip
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
 
 
 def share_of_epoch_time(peer) -> float:

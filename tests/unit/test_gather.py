@@ -1,6 +1,9 @@
 """What a member checks in each groupmate's update before it aggregates it (swarm/gather.py): one bad update costs its
 sender that round, never the round itself, and no bytes from the network raise."""
 
+import asyncio
+import time
+
 import msgpack
 import pytest
 import torch
@@ -11,7 +14,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atlas_swarm.swarm.gather import check_update, sign_update
+from atlas_swarm.swarm.gather import Round, check_update, sign_update
 from atlas_swarm.swarm.node import peer_id_of_key
 
 KEY = RSAPrivateKey()
@@ -80,3 +83,51 @@ def test_no_bytes_from_a_groupmate_raise(blob, buffer, compression, size):
 def test_no_well_formed_msgpack_of_the_wrong_shape_raises(fields):
     s = serialized(torch.zeros(NUMEL))
     assert isinstance(check(msgpack.packb([msgpack.packb(fields), b"sig"]), s), str)
+
+
+def finished_round(members: int, arrivals: dict, wait: float, grace: float) -> tuple[set, float]:
+    """Who had settled when Round.wait_for_updates returned, and after how long: member i settles after
+    ``arrivals[i]`` s (members absent from ``arrivals`` never do; member 0 is this peer, settled at once)."""
+    names = [f"m{i}" for i in range(members)]
+
+    async def scenario():
+        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [])
+        round_.settle("m0", (1.0, torch.zeros(NUMEL)))
+        loop = asyncio.get_running_loop()
+        for i, delay in arrivals.items():
+            loop.call_later(delay, round_.settle, names[i], (1.0, torch.zeros(NUMEL)))
+        began = time.monotonic()
+        await round_.wait_for_updates(wait=wait, grace=grace)
+        return set(round_.updates), time.monotonic() - began
+
+    return asyncio.run(scenario())
+
+
+def test_a_missing_groupmate_costs_the_others_the_grace_not_the_whole_wait():
+    # Execute: 3 of 4 updates are in at once, the fourth never comes
+    settled, took = finished_round(4, {1: 0.01, 2: 0.02}, wait=60.0, grace=0.3)
+    # Assert
+    assert settled == {"m0", "m1", "m2"}
+    assert took < 30.0, "waited out the whole wait for a straggler"
+
+
+def test_a_groupmate_late_by_less_than_the_grace_is_waited_for():
+    settled, _ = finished_round(4, {1: 0.01, 2: 0.02, 3: 0.2}, wait=60.0, grace=30.0)
+    assert settled == {"m0", "m1", "m2", "m3"}
+
+
+def test_without_a_majority_the_round_waits_for_everyone_up_to_the_wait():
+    # Prepare: half of a group of 4 is in; the grace does not start
+    settled, took = finished_round(4, {1: 0.01, 3: 0.5}, wait=60.0, grace=0.01)
+    assert settled == {"m0", "m1", "m3"}, "the grace started before a majority was in"
+
+
+def test_a_pair_waits_for_its_other_member():
+    settled, _ = finished_round(2, {1: 0.3}, wait=60.0, grace=0.01)
+    assert settled == {"m0", "m1"}
+
+
+def test_the_straggler_gets_twice_what_the_majority_took():
+    # Prepare: the majority of a group of 3 is in after 0.3 s; the third member comes 0.2 s later, within 2 x 0.3 s
+    settled, _ = finished_round(3, {1: 0.3, 2: 0.5}, wait=60.0, grace=0.01)
+    assert settled == {"m0", "m1", "m2"}
