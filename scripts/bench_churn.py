@@ -7,8 +7,9 @@ entry point, and (churn, unless ``--no-chain``) anvil with the staking contract,
 A peer that comes back reuses its ``--out`` (identity, adapter, receipt outbox), as a hobbyist restarting would.
 
 Figures (JSON): rounds averaged with others vs. epoch transitions made; whether the peers still running at the end
-hold one adapter; on the chain, every receipt a peer co-signed settled and each wallet paid exactly what its receipts
-give it, once (no proof lost or paid twice); the bootstrap node's RSS over time. ``--kills``: per kill, how long until
+hold one adapter; on the chain, every receipt a peer co-signed settled (or superseded: its group settled another
+receipt for that epoch, one this peer's diverged round did not match) and each wallet paid exactly what its settled
+receipts give it, once (no proof lost or paid twice); the bootstrap node's RSS over time. ``--kills``: per kill, how long until
 every survivor's round averaged with the other survivors only, what the round it died in cost them, NaN, hangs.
 
     python scripts/bench_churn.py [--minutes 20] [--seed 0] [--no-chain] [--kills K] [--out bench-out/bench_churn]
@@ -50,13 +51,13 @@ class Churn:
         self.log: list[dict] = []  # what the bench did, when
         self.t0 = time.monotonic()
 
-    def start(self, i: int, max_epochs: int = FOREVER) -> PeerProcess:
+    def start(self, i: int, max_epochs: int = FOREVER, extra: tuple = ()) -> PeerProcess:
         if self.procs[i] is not None:
             self.history[i] += self.procs[i].events()
         spec = self.chain["spec"] if self.chain else SPEC
         args = ["--run-spec", str(spec), "--initial-peers", self.boot, "--data", "builtin:chatterbot-topics",
                 "--batch-size", "8", "--seed", str(i), "--max-epochs", str(max_epochs), "--join-timeout", "180",
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # fmt: skip
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *extra]  # fmt: skip
         if self.chain:
             args += ["--chain-rpc", self.chain["anvil"].url, "--staking-contract", self.chain["client"].address,
                      "--wallet", str(self.chain["wallets"][i]), "--wallet-password-file",
@@ -175,7 +176,7 @@ def churn_run(args, out: Path) -> dict:
                     del down_since[i]
                     churn.start(i)
             if now >= next_action:
-                up = churn.running()
+                up = [i for i in churn.running() if churn.procs[i].events("epoch")]  # not one still starting
                 if len(up) > 2:
                     victim = rng.choice(up)
                     churn.kill_mid_round(victim) if rng.random() < 0.5 else churn.leave(victim)
@@ -193,7 +194,7 @@ def churn_run(args, out: Path) -> dict:
             churn.procs[i].wait_exit(60)
         last = max(e["epoch"] for i in range(SLOTS) for e in churn.events(i, "stopped"))
         for i in range(SLOTS):
-            churn.start(i, max_epochs=last + 4)
+            churn.start(i, max_epochs=last + 4, extra=("--wait-for-peers", str(SLOTS)))
         codes = [churn.procs[i].wait_exit(600) for i in range(SLOTS)]
         rss.append([round(time.monotonic() - churn.t0), tree_rss(boot.pid)])
         result = {"exit_codes": codes, "actions": churn.log, "bootstrap_rss_mb": rss}
@@ -219,6 +220,11 @@ def rounds(churn: Churn) -> dict:
 def settlement(out: Path, chain: dict, churn: Churn) -> dict:
     """Each wallet: receipts co-signed, how many settled, the samples they give it, what the chain paid it."""
     rows = {}
+    posted = {}  # epoch -> digests of the receipts someone settled for it
+    for i in range(SLOTS):
+        for r in receipts_of(out / f"peer{i}"):
+            if r["state"] == "posted":
+                posted.setdefault(r["receipt"]["epoch"], set()).add(r["digest"])
     for i in range(SLOTS):
         address = next(e for e in churn.events(i, "chain"))["address"]
         mine = receipts_of(out / f"peer{i}")
@@ -227,6 +233,10 @@ def settlement(out: Path, chain: dict, churn: Churn) -> dict:
         rep = chain["client"].reputation(address)
         rows[f"peer{i}"] = {"receipts": len(mine), "posted": sum(r["state"] == "posted" for r in mine),
                             "unsettled": [r["receipt"]["epoch"] for r in mine if r["state"] != "posted"],
+                            # of those, receipts for an epoch whose group settled another one: this peer's round
+                            # differed from theirs (it was cut off or saw other updates), so nobody else signed it
+                            "superseded": [r["receipt"]["epoch"] for r in mine if r["state"] != "posted" and
+                                           posted.get(r["receipt"]["epoch"], set()) - {r["digest"]}],
                             "receipt_samples": owed, "paid_samples": rep["verified_samples"],
                             "rewards_wei": rep["claimable"] + rep["pending"],
                             "paid_exactly": rep["claimable"] + rep["pending"] == owed * REWARD_PER_SAMPLE}  # fmt: skip

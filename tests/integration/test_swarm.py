@@ -112,9 +112,9 @@ def test_sigkill_of_one_peer_mid_round_leaves_the_others_averaging_with_each_oth
                                extra=["--wait-for-peers", "4", "--join-timeout", "120"])
         victim, survivors = peers[3], peers[:3]
         victim.wait_event("epoch", 150, lambda e: e["epoch"] >= 2 and len(e["group"]) >= 2)
-        # Execute: SIGKILL 70 % into an epoch, when its group for the epoch's round is formed: matchmaking starts
-        # matchmaking_time (2 s) before the estimated end of epochs this short (about 2 s). The others' round then
-        # waits for an update that never comes.
+        # Execute: SIGKILL 70 % of the way from its last epoch event to the next: with this spec about 1.5 s of that
+        # 2 s is the averaging step (matchmaking for matchmaking_time 2 s, then the round), so it dies in its step,
+        # its groupmates' search or round under way
         seen = victim.events("epoch")[-1]
         last = victim.wait_event("epoch", 60, lambda e: e["epoch"] > seen["epoch"])  # a fresh epoch, just begun
         epoch_s = last["time"] - seen["time"]
@@ -131,9 +131,9 @@ def test_sigkill_of_one_peer_mid_round_leaves_the_others_averaging_with_each_oth
         codes = [p.wait_exit(15) for p in survivors]
         # Assert
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in survivors)
-        for p in survivors:  # the round the victim died in cost them at most gather's WAIT, not a hang
-            first = next(e for e in p.events("epoch") if e["time"] > killed_at)
-            assert first["averaging_s"] < 30.0, first
+        for p in survivors:  # the step the victim died in cost them at most matchmaking_time + gather.WAIT (+ 3 s),
+            first = next(e for e in p.events("epoch") if e["time"] > killed_at)  # not averaging_timeout (15 s)
+            assert first["averaging_s"] < 2.0 + 5.0 + 3.0, first
         for p in survivors:
             losses = [e["loss"] for e in p.events("progress")]
             assert all(loss == loss and loss < 1e4 for loss in losses), "NaN or blown-up loss"  # NaN != NaN
