@@ -12,13 +12,15 @@ for its slice, different to each victim, and each sender's weight is whatever it
 4. every member aggregates the same updates in the same order (sorted PeerIDs) with the run's rule, on CPU in
    float64 numpy: honest members that received the same updates end with bit-identical tensors.
 
-A member that sends nothing within WAIT seconds is dropped too, and once a majority of the group's updates are in,
-the rest get GRACE seconds (or twice what the majority took, if longer): one late groupmate (a slow uplink, a frozen
-machine, a peer killed after matchmaking) costs the others about 2 s, not WAIT (README, "A straggler"). If a member sends different updates to different
-members, or sends to some only, honest members' results differ for that round (they no longer hold equal hashes);
-the next state round and the final agreement reconcile them. Receipts (the next issue) make such equivocation
-provable. Cost: each member sends its update to N-1 others, (N-1)/N x 2 of an all-reduce's bytes for N=2 and about
-N/2 times an all-reduce's for larger N; for a LoRA adapter (MiniLM demo: 81k values, 0.33 MB at fp32) that is well
+A member that sends nothing within WAIT seconds is dropped too. In a group of 4 or more, once a quorum's updates are
+in (more than half, and at least 3), the rest get GRACE seconds (or twice what the quorum took, if longer): one late
+groupmate (a slow uplink, a frozen machine) costs the others about 2 s, not WAIT (README, "A straggler"). A group of
+3 or 2 waits for everyone: what a cut-off would leave is a pair, which the robust rule does not average.
+
+If a member sends different updates to different members, or sends to some only, honest members' results differ
+for that round (they no longer hold equal hashes); the next state round and the final agreement reconcile them.
+Receipts (the next issue) make such equivocation provable. Cost: each member sends its update to N-1 others,
+(N-1)/N x 2 of an all-reduce's bytes for N=2 and about N/2 times an all-reduce's for larger N; for a LoRA adapter (MiniLM demo: 81k values, 0.33 MB at fp32) that is well
 under a second on a home uplink for groups up to 8 (README, "Byzantine-tolerant averaging").
 """
 
@@ -55,9 +57,10 @@ from atlas_swarm.train.aggregate import aggregate
 PROTOCOL = b"atlas-gather-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
-# ... and once a majority's updates are in, for the rest (at least; see wait_for_updates). Not less: peers' training
-# processes reach an epoch's end up to ~1 s apart on a loaded 2-core machine, and with 1 s an honest peer that late
-# was cut off at a run's last epoch, which then ended in three different adapters (a full-suite run of the NAT test)
+# ... and once a quorum's updates are in, for the rest (at least; see wait_for_updates). Not less: peers' training
+# processes reach an epoch's end up to ~1 s apart on a loaded 2-core machine. With 1 s, and in groups of 3, an honest
+# peer that late was cut off at a run's last epoch, the pair left refused to average, and the run ended with three
+# different adapters (a full-suite run of the NAT test): hence also the quorum of at least 3
 GRACE = 2.0
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
@@ -107,7 +110,7 @@ class Round:
     updates: dict = field(default_factory=dict)  # PeerID -> (weight, float32 tensor)
     dropped: dict = field(default_factory=dict)  # PeerID -> why
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    majority: asyncio.Event = field(default_factory=asyncio.Event)  # more than half of the members' updates are in
+    quorum: asyncio.Event = field(default_factory=asyncio.Event)  # updates of more than half, and of 3, are in
 
     def settle(self, peer: str, result) -> None:
         if peer in self.updates or peer in self.dropped:
@@ -116,23 +119,24 @@ class Round:
             self.dropped[peer] = result
         else:
             self.updates[peer] = result
-        if 2 * len(self.updates) > len(self.members):
-            self.majority.set()
+        if len(self.updates) >= 3 and 2 * len(self.updates) > len(self.members):
+            self.quorum.set()
         if len(self.updates) + len(self.dropped) >= len(self.members):
+            self.quorum.set()  # nothing left to wait for (a pair has no quorum: it must not wait out WAIT for it)
             self.arrived.set()
 
     def finalize(self, cancel: bool = False, exception=None) -> None:  # what hivemind's _shutdown calls on a round
-        self.majority.set()
+        self.quorum.set()
         self.arrived.set()
 
     async def wait_for_updates(self, wait: float = WAIT, grace: float = GRACE) -> None:
-        """Until every member's update is settled, or ``wait`` s pass, or a majority's updates are in and then
-        ``max(grace, 2 x the time that took)`` s pass. A straggler gets at least twice what the group's majority
-        needed (a slow link's round is slow for everyone), never more than ``wait`` in all."""
+        """Until every member's update is settled, or ``wait`` s pass, or a quorum's updates are in (module
+        docstring) and then ``max(grace, 2 x the time that took)`` s pass. A straggler gets at least twice what the
+        quorum needed (a slow link's round is slow for everyone), never more than ``wait`` in all."""
         began = time.monotonic()
         deadline = began + wait
         try:
-            await asyncio.wait_for(self.majority.wait(), timeout=wait)
+            await asyncio.wait_for(self.quorum.wait(), timeout=wait)
             rest = min(max(grace, 2 * (time.monotonic() - began)), deadline - time.monotonic())
             await asyncio.wait_for(self.arrived.wait(), timeout=max(rest, 0.0))
         except asyncio.TimeoutError:
