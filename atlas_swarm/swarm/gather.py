@@ -20,8 +20,8 @@ groupmate (a slow uplink, a frozen machine) costs the others about 2 s, not WAIT
 If a member sends different updates to different members, or sends to some only, honest members' results differ
 for that round (they no longer hold equal hashes); the next state round and the final agreement reconcile them.
 Receipts (the next issue) make such equivocation provable. Cost: each member sends its update to N-1 others,
-(N-1)/N x 2 of an all-reduce's bytes for N=2 and about N/2 times an all-reduce's for larger N; for a LoRA adapter (MiniLM demo: 81k values, 0.33 MB at fp32) that is well
-under a second on a home uplink for groups up to 8 (README, "Byzantine-tolerant averaging").
+(N-1)/N x 2 of an all-reduce's bytes for N=2 and about N/2 times an all-reduce's for larger N; for a LoRA adapter
+(MiniLM demo: 81k values, 0.33 MB at fp32) that is well under a second on a home uplink for groups up to 8 (README, "Byzantine-tolerant averaging").
 """
 
 from __future__ import annotations
