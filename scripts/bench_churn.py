@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
-from demo import REWARD_PER_SAMPLE, SPEC, receipts_of, start_bootstrap, start_chain  # scripts/demo.py
+from demo import REWARD_PER_SAMPLE, SPEC, receipts_of, shut_down, start_bootstrap, start_chain  # scripts/demo.py
 from safetensors.torch import load_file
 
 from atlas_swarm.launch import PeerFailed, PeerProcess
@@ -141,7 +141,7 @@ def kills(args, out: Path) -> dict:
             churn.leave(i)
         codes = [churn.procs[i].wait_exit(60) for i in range(SLOTS)]
     finally:
-        stop_all(churn, boot)
+        shut_down(churn.procs, boot, None)
     ordinary = [e["averaging_s"] for i in range(SLOTS) for e in churn.events(i, "epoch") if len(e["group"]) == SLOTS]
     return {
         "kills": rows, "exit_codes": codes,
@@ -204,7 +204,7 @@ def churn_run(args, out: Path) -> dict:
             result["chain"] = settlement(out, chain, churn)
         return result
     finally:
-        stop_all(churn, boot, chain)
+        shut_down(churn.procs, boot, chain)
 
 
 def rounds(churn: Churn) -> dict:
@@ -286,18 +286,6 @@ def summary(values: list) -> dict:
         return {}
     return {"n": len(values), "min": round(min(values), 3), "median": round(statistics.median(values), 3),
             "max": round(max(values), 3)}  # fmt: skip
-
-
-def stop_all(churn: Churn, boot, chain: dict | None = None) -> None:
-    for p in churn.procs:
-        if p is not None:
-            p.kill()
-    try:
-        os.killpg(boot.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if chain is not None:
-        chain["anvil"].stop()
 
 
 class _Quiet:

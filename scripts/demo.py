@@ -100,15 +100,21 @@ def main() -> int:
         report(console, out, started["run_id"], time.monotonic() - t0, chain, procs)
         return 0
     finally:
-        for p in procs:
+        shut_down(procs, boot, chain)
+
+
+def shut_down(procs: list, boot: subprocess.Popen | None, chain: dict | None) -> None:
+    """SIGKILL the peers and the bootstrap node (each with its whole session: DHT, averagers, p2pd); stop anvil."""
+    for p in procs:
+        if p is not None:
             p.kill()
-        if boot is not None:
-            try:
-                os.killpg(boot.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if chain is not None:
-            chain["anvil"].stop()
+    if boot is not None:
+        try:
+            os.killpg(boot.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if chain is not None:
+        chain["anvil"].stop()
 
 
 def start_bootstrap(out: Path, env: dict) -> tuple[subprocess.Popen, str, str]:

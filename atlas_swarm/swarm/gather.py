@@ -21,7 +21,8 @@ If a member sends different updates to different members, or sends to some only,
 for that round (they no longer hold equal hashes); the next state round and the final agreement reconcile them.
 Receipts (the next issue) make such equivocation provable. Cost: each member sends its update to N-1 others,
 (N-1)/N x 2 of an all-reduce's bytes for N=2 and about N/2 times an all-reduce's for larger N; for a LoRA adapter
-(MiniLM demo: 81k values, 0.33 MB at fp32) that is well under a second on a home uplink for groups up to 8 (README, "Byzantine-tolerant averaging").
+(MiniLM demo: 81k values, 0.33 MB at fp32) that is well under a second on a home uplink for groups up to 8 (README,
+"Byzantine-tolerant averaging").
 """
 
 from __future__ import annotations
@@ -379,15 +380,13 @@ class GatherAverage:
         if round_ is None or sender not in round_.members:
             return
         # both ways at once: our update goes out while theirs comes in (one after the other, each pair's exchange took
-        # two transfer times); theirs counts as soon as it is in, even while ours is still going out on a slow uplink
-        async def read() -> None:
-            round_.settle(sender, await self._read_update(_prepend(first, stream), round_, sender))
-
-        reading = asyncio.create_task(read())
+        # two transfer times). Theirs is settled only once ours is out: settling it first let this member's round end
+        # (and, at the last epoch, the peer stop) while its update was still going out (suspected in a NAT test run)
+        reading = asyncio.create_task(self._read_update(_prepend(first, stream), round_, sender))
         try:
             async for message in _messages(round_.own, round_.group_id):
                 yield message
-            await reading
+            round_.settle(sender, await reading)
         finally:
             reading.cancel()
 
