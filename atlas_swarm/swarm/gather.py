@@ -14,8 +14,8 @@ for its slice, different to each victim, and each sender's weight is whatever it
 
 A member that sends nothing within WAIT seconds is dropped too. In a group of 4 or more, once a quorum's updates are
 in (more than half, and at least 3), the rest get GRACE seconds (or twice what the quorum took, if longer): one late
-groupmate (a slow uplink, a frozen machine) costs the others about 2 s, not WAIT (README, "A straggler"). A group of
-3 or 2 waits for everyone: what a cut-off would leave is a pair, which the robust rule does not average.
+groupmate (a slow uplink, a frozen machine) holds the others about 2 s past the quorum, not up to WAIT (README, "A
+straggler"). A group of 3 or 2 waits for everyone: what a cut-off would leave is a pair, which the robust rule does not average.
 
 If a member sends different updates to different members, or sends to some only, honest members' results differ
 for that round (they no longer hold equal hashes); the next state round and the final agreement reconcile them.
