@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,16 @@ def killed_at_exit(peers: list[PeerProcess]):
     finally:
         for p in peers:
             p.kill()
+
+
+def kill_session(process) -> None:
+    """SIGKILL a process started with start_new_session=True and everything in its session (a bootstrap node and
+    its p2pd), then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(10)
 
 
 def wait_until(cond: Callable[[], object], timeout: float, what: str, poll: float = 0.3):

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import write_spec
-from tests.peers import http_get, killed_at_exit, scrape, start_peer, wait_until
+from tests.peers import http_get, kill_session, killed_at_exit, scrape, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -54,11 +54,7 @@ class Bootstrap:
         return self.proc.wait(30)
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        kill_session(self.proc)
 
 
 

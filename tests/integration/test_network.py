@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from atlas_swarm.devnet.netns import Lab
 from atlas_swarm.identity import Identity
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
-from tests.peers import killed_at_exit, wait_until
+from tests.peers import kill_session, killed_at_exit, wait_until
 
 pytestmark = pytest.mark.integration
 PARTITION_S = 60.0
@@ -201,11 +200,7 @@ class LabProcess:
                                         start_new_session=True)  # fmt: skip
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
+        kill_session(self.process)
 
 
 def share_of_epoch_time(peer) -> float:
