@@ -25,7 +25,7 @@ from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError, PeersUnreachable, RunNotFound, SpecError, SwarmError
 from atlas_swarm.identity import Identity, peer_id_of
 from atlas_swarm.swarm import blocks
-from atlas_swarm.swarm.heal import heal_forever
+from atlas_swarm.swarm.heal import heal_forever, stop_healing
 from atlas_swarm.swarm.records import (
     ADAPTERS_KEPT,
     ADAPTERS_TTL,
@@ -48,6 +48,7 @@ from atlas_swarm.swarm.records import (
 
 POLL_EVERY = 0.5
 BOOTSTRAP_ATTEMPTS = 3  # see Swarm.join
+STOP_HEALING_TIMEOUT = 2.0  # swarm/heal.py's stop_healing takes at most 1 s in the DHT process
 STORE_TIMEOUT = 30.0  # a blocking store that no node answers in this long fails (hivemind's future can hang)
 
 
@@ -374,6 +375,10 @@ class Swarm:
         if timeout is not None:
             self.dht.shutdown_timeout = timeout
         if self.is_alive():
+            try:  # the healing loop first: a task left pending in the DHT process is reported when it stops
+                self.dht.run_coroutine(stop_healing, return_future=True).result(STOP_HEALING_TIMEOUT)
+            except Exception:  # a DHT process that no longer answers in time is stopped all the same
+                pass
             self.dht.shutdown()
 
 

@@ -154,6 +154,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._behind_since: Optional[float] = None
         super().__init__(**kwargs)
         self.state_averager.should_stop = lambda: self.should_stop()
+        self.state_averager.swarm_epoch = self._swarm_epoch
         if not (self.delay_optimizer_step or self.delay_state_averaging):  # the caller would wait anyway: see above
             self.state_averager.step_executor.shutdown()
             self.state_averager.step_executor = InlineExecutor()

@@ -1,14 +1,21 @@
 """The buffer layout behind OneBufferAllReduce (averaged tensors as consecutive views of one shared buffer), and the
-epoch a round's group key carries (EpochGroups)."""
+epoch a round's group key carries (EpochGroups), and when a state round stops waiting (GivesUp)."""
 
+import threading
+import time
+from concurrent.futures import CancelledError
 from types import SimpleNamespace
 
+import pytest
 import torch
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.key_manager import is_valid_group
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils import get_dht_time
+from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.serializer import MSGPackSerializer
 
-from atlas_swarm.swarm.averagers import EpochKeys, StateAverager, flat_buffer, round_epoch
+from atlas_swarm.swarm.averagers import EpochKeys, GivesUp, StateAverager, flat_buffer, round_epoch
 from atlas_swarm.swarm.gather import spanned_buffer
 
 
@@ -69,3 +76,48 @@ def test_a_state_round_the_swarm_already_had_is_skipped_and_its_search_cancelled
         {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
         {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
     ]
+
+
+def looking_control() -> StepControl:
+    """A StepControl as hivemind's averager makes one: its trigger and cancel futures attached (plain MPFutures first:
+    hivemind's backend set up by a StepControl is its own, and the next plain MPFuture fails)."""
+    trigger, cancel = MPFuture(), MPFuture()
+    control = StepControl(scheduled_time=get_dht_time(), deadline=get_dht_time() + 60, allow_retries=True, weight=1.0,
+                          data_for_gather=packed(4))  # fmt: skip
+    control.attach(trigger, cancel)
+    control.allow_allreduce()  # triggered, as StateAverager._do's round is before it waits for the result
+    control.stage = AveragingStage.LOOKING_FOR_GROUP
+    return control
+
+
+def averager(swarm_epoch: int = 3, stop: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(swarm_epoch=lambda: swarm_epoch, should_stop=lambda: stop)
+
+
+def test_a_state_round_still_looking_when_a_followed_peer_has_finished_its_epoch_is_cancelled():
+    control = looking_control()
+    began = time.monotonic()
+    with pytest.raises(CancelledError):
+        GivesUp(control, 4, averager(swarm_epoch=4)).result(timeout=15)
+    assert control.cancelled() and time.monotonic() - began < 1.0
+
+
+def test_a_state_round_still_looking_while_nobody_has_finished_its_epoch_waits_out_its_timeout():
+    control = looking_control()
+    with pytest.raises(TimeoutError):
+        GivesUp(control, 4, averager(swarm_epoch=3)).result(timeout=0.6)
+    assert not control.done()
+
+
+def test_a_state_round_that_has_its_group_is_not_given_up_and_its_result_comes_through():
+    control = looking_control()
+    control.stage = AveragingStage.RUNNING_ALLREDUCE  # the group is averaging: its round ends by itself (gather.WAIT)
+    threading.Timer(0.4, lambda: control.set_result({"peer": 4})).start()
+    assert GivesUp(control, 4, averager(swarm_epoch=9)).result(timeout=5) == {"peer": 4}
+
+
+def test_a_peer_asked_to_stop_leaves_its_state_round_at_once():
+    control = looking_control()
+    with pytest.raises(CancelledError):
+        GivesUp(control, 4, averager(stop=True)).result(timeout=15)
+    assert control.cancelled()

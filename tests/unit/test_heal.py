@@ -85,3 +85,31 @@ def test_memory_and_dials_per_tick_stay_bounded_and_initial_peers_are_kept(tmp_p
     node.dialled.clear()
     tick(node, known)
     assert len(node.dialled) == heal.DIALS_PER_TICK and first in node.dialled, "initial peers first, 8 at most"
+
+
+def test_the_loop_ends_cleanly_when_stopped_between_ticks_and_mid_dial(tmp_path):
+    me, a = ids(tmp_path, 2)
+    initial = [f"/ip4/10.0.0.9/tcp/1/p2p/{a.to_base58()}"]
+
+    async def stopped_after(node, seconds: float):
+        task = asyncio.create_task(heal.heal_forever(None, node, initial, tick=0.05))
+        await asyncio.sleep(seconds)
+        began = asyncio.get_running_loop().time()
+        await heal.stop_healing(None, node)
+        return task, asyncio.get_running_loop().time() - began
+
+    idle = FakeNode(me)  # between ticks (each tick's dial fails at once)
+    task, took = asyncio.run(stopped_after(idle, 0.3))
+    assert task.done() and not task.cancelled() and task.exception() is None and took < 0.2
+    assert a in idle.dialled, "the loop was running"
+
+    hanging = FakeNode(me)  # a dial that never answers: the tick is cut short, the loop still ends without an error
+
+    async def never(pid, addrs):
+        hanging.dialled.append(pid)
+        await asyncio.sleep(3600)
+
+    hanging.p2p._client.connect = never
+    task, took = asyncio.run(stopped_after(hanging, 0.3))
+    assert task.done() and not task.cancelled() and task.exception() is None and took < 1.5
+    assert hanging.dialled == [a]
