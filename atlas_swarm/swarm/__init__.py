@@ -46,6 +46,7 @@ HIVEMIND_OVERRIDES = {
     "averagers.GradAverager.__init__": "one shared buffer for the averaged gradients; no state donor",
     "averagers.GradAverager.load_state_from_peers": "nothing: nobody serves a gradient averager's state",
     "averagers.StateAverager.step": "skip a state round the swarm already had without us",
+    "averagers.StateAverager._do": "give up a state round's search once the swarm has had that round (GivesUp)",
     "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",
     "averagers.StateAverager._declare_for_download_periodically": "store the donor record only when it changes",
     "averagers.StateAverager.__init__": "the gathering settings (admission gate, rule, signer) before the fork",
