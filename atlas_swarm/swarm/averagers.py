@@ -393,7 +393,7 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
                                            value=state[1] if state[0] else None, expiration_time=expiration_time,
                                            return_future=True)  # fmt: skip
                     # not a task awaiting it: one left pending at shutdown was reported on the peer's stderr ("Task
-                    # was destroyed but it is pending!", 28 of 104 stopped peers in a day's runs)
+                    # was destroyed but it is pending!"; README, Known limits)
                     self._declaration = store  # the latest, held until it resolves (hivemind keeps a weak reference)
                     store.add_done_callback(_retrieve)
                 declared = state

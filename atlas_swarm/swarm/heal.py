@@ -43,7 +43,7 @@ _loop_task: Optional[asyncio.Task] = None
 async def heal_forever(_dht, node, initial_peers: Sequence[str], tick: float = TICK) -> None:
     """The loop (``Swarm.join`` starts it with ``dht.run_coroutine``); ends when stop_healing is run, before the
     DHT process stops (``Swarm.shutdown``). Left pending, the task was destroyed with the DHT's event loop: "Task was
-    destroyed but it is pending!" and hivemind's traceback of it on a stopped peer's stderr (2 of 104 in a day's runs)."""
+    destroyed but it is pending!" and hivemind's traceback of it on a stopped peer's stderr (README, Known limits)."""
     global _stop, _loop_task
     _stop, _loop_task = asyncio.Event(), asyncio.current_task()
     known: OrderedDict[PeerID, _Peer] = OrderedDict()
