@@ -290,7 +290,7 @@ def announce(p: Progress) -> None:
     spec, swarm, cfg = p.spec, p.swarm, p.cfg
     maddrs = swarm.visible_maddrs()
     join = f"python -m atlas_swarm.peer --initial-peers {maddrs[0]} --run {spec.run_id} --data YOUR_DATA"
-    skipped = f"; {p.batches.skipped} of one token left out" if p.batches.skipped else ""
+    skipped = f"; {p.batches.skipped} left out: nothing to predict" if p.batches.skipped else ""
     p.reporter.event(
         "started",
         "\n".join([f"Peer {swarm.peer_id} on run {spec.run_id} ({p.device}, {p.precision}, batch {p.batch_size}, "

@@ -1,6 +1,8 @@
 """Built-in offline data for the demo: topic classification of the English chatterbot-corpus dialogs (PyPI package).
 
-``--data builtin:chatterbot-topics`` (train split) and ``builtin:chatterbot-topics-heldout`` (every 5th dialog).
+``--data builtin:chatterbot-topics`` (train split) and ``builtin:chatterbot-topics-heldout`` (every 5th dialog);
+``builtin:chatterbot-chat`` and ``builtin:chatterbot-chat-heldout``: the same dialogs of two turns or more as chat
+``messages`` (user and assistant taking turns), for causal-LM instruction tuning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ CHATTERBOT_TOPICS = (
 
 def chatterbot_topics(split: str = "train") -> list[dict]:
     """Rows {"text", "label"}; a dialog is held out iff a hash of its text says so, so splits are stable."""
+    return [{"text": " ".join(turns), "label": topic} for topic, turns in _dialogs(split)]
+
+
+def chatterbot_chat(split: str = "train") -> list[dict]:
+    """Rows {"messages"}: the dialogs of two turns or more, user first (the same split as chatterbot_topics)."""
+    return [{"messages": [{"role": ("user", "assistant")[i % 2], "content": turn} for i, turn in enumerate(turns)]}
+            for _, turns in _dialogs(split) if len(turns) >= 2]  # fmt: skip
+
+
+def _dialogs(split: str) -> list[tuple[str, list[str]]]:
     try:
         import chatterbot_corpus
         import yaml
@@ -30,10 +42,10 @@ def chatterbot_topics(split: str = "train") -> list[dict]:
     for topic in CHATTERBOT_TOPICS:
         doc = yaml.safe_load((root / f"{topic}.yml").read_text())
         for dialog in doc.get("conversations", []):
-            text = " ".join(str(turn) for turn in dialog)
-            heldout = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0
+            turns = [str(turn) for turn in dialog]
+            heldout = int(hashlib.sha256(" ".join(turns).encode()).hexdigest(), 16) % 5 == 0
             if heldout == (split == "heldout"):
-                rows.append({"text": text, "label": topic})
+                rows.append((topic, turns))
     return rows
 
 
@@ -54,6 +66,11 @@ def load_builtin(name: str) -> list[tuple[str, dict]]:
         rows = chatterbot_topics("train")
     elif name == "chatterbot-topics-heldout":
         rows = chatterbot_topics("heldout")
+    elif name == "chatterbot-chat":
+        rows = chatterbot_chat("train")
+    elif name == "chatterbot-chat-heldout":
+        rows = chatterbot_chat("heldout")
     else:
-        raise DataError(f"Unknown built-in data {name!r}; known: chatterbot-topics, chatterbot-topics-heldout.")
+        raise DataError(f"Unknown built-in data {name!r}; known: chatterbot-topics, chatterbot-topics-heldout, "
+                        f"chatterbot-chat, chatterbot-chat-heldout.")
     return [(f"builtin:{name}[{i}]", row) for i, row in enumerate(rows)]
