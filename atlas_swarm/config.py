@@ -290,6 +290,9 @@ class PeerConfig:
     batch_size: Optional[int] = None  # samples per optimizer.step(); None = auto
     device: str = "auto"
     precision: str = "auto"  # auto, fp32, bf16, fp16
+    quantize: str = "none"  # none, nf4, int8: this peer's base quantized by bitsandbytes (model/fit.py)
+    gradient_checkpointing: str = "auto"  # auto (on with a quantized base or a GPU micro-batch below 4), on, off
+    max_memory: Optional[float] = None  # GB of the GPU this peer may use; None = the whole card
     identity: Optional[str] = None  # default: <out>/identity.key
     out: str = "atlas-runs/peer"
     base_model: Optional[str] = None  # local folder that overrides the spec's model.base for this peer
@@ -326,6 +329,12 @@ class PeerConfig:
             raise ConfigError(f"--device {self.device!r} is unknown; use one of {', '.join(DEVICES)}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision {self.precision!r} is unknown; use auto, fp32, bf16 or fp16.")
+        if self.quantize not in ("none", "nf4", "int8"):
+            raise ConfigError(f"--quantize {self.quantize!r} is unknown; use none, nf4 or int8.")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError(f"--gradient-checkpointing {self.gradient_checkpointing!r} is unknown; use auto, on or off.")
+        if self.max_memory is not None and not 0.1 <= self.max_memory <= 100_000:
+            raise ConfigError(f"--max-memory {self.max_memory} is out of range; give the GPU memory to use in GB.")
         if self.log_format not in ("rich", "json", "plain"):
             raise ConfigError(f"--log-format {self.log_format!r} is unknown; use rich, json or plain.")
         if self.save_every < 1:

@@ -21,13 +21,19 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import psutil
 import torch
 
-from atlas_swarm.admission import trusted_states
+from atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing
+
+if __name__ == "__main__":  # before peft is imported (below); tests import this module with bitsandbytes in use
+    skip_bitsandbytes_unless_quantizing(sys.argv[1:])
+
+from atlas_swarm.admission import trusted_states  # noqa: E402
 from atlas_swarm.checkpoints.publish import AdapterPublisher
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
 from atlas_swarm.errors import CheckpointError, DataError, ModelError
 from atlas_swarm.gatekeeper import Gatekeeper
 from atlas_swarm.identity import Identity
+from atlas_swarm.model.fit import SMALL_MICRO_BATCH, check_quantize, enable_checkpointing, limit_memory
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
 from atlas_swarm.peer_args import config_from_args, parse_args
@@ -37,7 +43,14 @@ from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_shapes, parse_state, state_claim
 from atlas_swarm.train.data import Batches, load_examples
-from atlas_swarm.train.steps import LossScaler, Precision, accumulate_gradients, find_micro_batch, pick_device
+from atlas_swarm.train.steps import (
+    LossScaler,
+    Precision,
+    accumulate_gradients,
+    find_micro_batch,
+    pick_device,
+    shrink_on_oom,
+)
 from atlas_swarm.ui import Reporter
 
 if TYPE_CHECKING:  # web3 takes a second to import: a peer without a chain never does
@@ -80,6 +93,7 @@ class Progress:
     opt: Any = None  # swarm.SwarmOptimizer
     device: str = "cpu"
     precision: Any = None
+    checkpointing: bool = False  # gradient checkpointing on (--gradient-checkpointing, or auto)
     shapes: str = ""
     batches: Optional[Batches] = None
     batch_size: int = 0
@@ -121,6 +135,8 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
     local_spec = RunSpec.from_toml(cfg.run_spec) if cfg.run_spec else None
     examples = None if local_spec is None else load_examples(cfg.data, local_spec)  # bad data fails before joining
     p = Progress(cfg, reporter, GracefulStop.install(), Path(cfg.out), device=pick_device(cfg.device))
+    check_quantize(cfg.quantize, p.device, cfg.device)  # before joining: a peer that cannot fit says so at once
+    limit_memory(cfg.max_memory, p.device)
     p.phase("imports")  # interpreter, imports, arguments, local data
     try:
         join(p, local_spec)
@@ -136,8 +152,9 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
         scaler = LossScaler() if p.precision.needs_loss_scaling else None
         while not p.stop.requested:
             samples = p.opt.next_step_samples(p.batch_size)  # the last step of an epoch may be shorter
-            loss = accumulate_gradients(p.model, p.next_batch, samples, min(p.micro, samples), p.device, p.precision,
-                                        scale=scaler.scale if scaler else (lambda x: x))  # fmt: skip
+            loss, p.micro = shrink_on_oom(lambda micro: accumulate_gradients(  # noqa: B023 (called at once)
+                p.model, p.next_batch, samples, min(micro, samples), p.device, p.precision,
+                scale=scaler.scale if scaler else (lambda x: x)), p.micro, lambda micro: out_of_memory(p, micro))
             if scaler is not None and not scaler.unscale_(p.params):
                 p.opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
                 continue
@@ -184,6 +201,13 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
     return result
 
 
+def out_of_memory(p: Progress, micro: int) -> None:
+    """The step ran out of device memory: its partial gradients are dropped, and it is redone in smaller pieces."""
+    p.opt.zero_grad(set_to_none=True)
+    p.reporter.event("oom", f"Out of {p.device} memory: micro-batch halved to {micro} (the batch stays "
+                     f"{p.batch_size} samples, accumulated in more pieces)", micro_batch=micro)  # fmt: skip
+
+
 def join(p: Progress, local_spec: Optional[RunSpec]) -> None:
     """A DHT node with our identity, and the run spec: ours (first peer) or the swarm's, agreeing field by field."""
     cfg = p.cfg
@@ -223,7 +247,8 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     """Base model + LoRA, identical on every peer (seeded); refuse adapters the swarm cannot average with ours. Then
     this peer's last checkpoint, the optimizer, and the swarm's state if the swarm is ahead."""
     cfg, spec, swarm = p.cfg, p.spec, p.swarm
-    p.model, tokenizer = load_model(spec, cfg.base_model, p.device)
+    p.checkpointing = cfg.gradient_checkpointing == "on" or cfg.quantize != "none"
+    p.model, tokenizer = load_model(spec, cfg.base_model, p.device, cfg.quantize, p.checkpointing)
     p.model.train()
     named = adapter_parameters(p.model)
     p.params, p.shapes = [param for _, param in named], shapes_hash(dict(named))
@@ -237,6 +262,10 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     p.batches = Batches(examples, tokenizer, spec, seed=cfg.seed)
     p.precision = Precision.for_device(p.device, cfg.precision)
     micro = find_micro_batch(p.model, p.batches.next, p.device, p.precision)
+    if cfg.gradient_checkpointing == "auto" and not p.checkpointing and p.device.startswith("cuda") \
+            and micro < SMALL_MICRO_BATCH:  # recomputing activations costs less than tiny micro-batches
+        enable_checkpointing(p.model)
+        p.checkpointing, micro = True, find_micro_batch(p.model, p.batches.next, p.device, p.precision)
     p.batch_size = cfg.batch_size or micro
     p.micro = min(micro, p.batch_size)
     p.hooks = list(hooks) + p.hooks
@@ -291,13 +320,14 @@ def announce(p: Progress) -> None:
     maddrs = swarm.visible_maddrs()
     join = f"python -m atlas_swarm.peer --initial-peers {maddrs[0]} --run {spec.run_id} --data YOUR_DATA"
     skipped = f"; {p.batches.skipped} left out: nothing to predict" if p.batches.skipped else ""
+    fit = (f", {cfg.quantize} base" if cfg.quantize != "none" else "") + (", checkpointing" if p.checkpointing else "")
     p.reporter.event(
         "started",
-        "\n".join([f"Peer {swarm.peer_id} on run {spec.run_id} ({p.device}, {p.precision}, batch {p.batch_size}, "
+        "\n".join([f"Peer {swarm.peer_id} on run {spec.run_id} ({p.device}, {p.precision}{fit}, batch {p.batch_size}, "
                    f"micro-batch {p.micro}, {len(p.batches)} local examples{skipped})", "Multiaddrs:"]
                   + [f"  {a}" for a in maddrs] + ["Others join with:", f"  {join}"]),
         peer_id=swarm.peer_id, run_id=spec.run_id, maddrs=maddrs, join_command=join, device=p.device,
-        precision=str(p.precision), batch_size=p.batch_size, micro_batch=p.micro, examples=len(p.batches),
+        precision=str(p.precision), quantize=cfg.quantize, checkpointing=p.checkpointing, batch_size=p.batch_size, micro_batch=p.micro, examples=len(p.batches),
         skipped_examples=p.batches.skipped, epoch=p.opt.local_epoch, startup_s=p.startup,
     )  # fmt: skip
     publish_status(p)
@@ -409,7 +439,7 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
     proofs = p.chain.progress() if p.chain is not None else {}
     sps = 0.0 if leaving else p.opt.samples_per_second()
     p.swarm.publish_status(p.spec.run_id, PeerStatus(
-        peer_id=p.swarm.peer_id, device=p.device, precision=str(p.precision), client_mode=p.cfg.client_mode,
+        peer_id=p.swarm.peer_id, device=p.device, precision=str(p.precision) + (f"+{p.cfg.quantize}" if p.cfg.quantize != "none" else ""), client_mode=p.cfg.client_mode,
         adapter_shapes=p.shapes, epoch=p.opt.local_epoch, samples_total=p.samples_total,
         samples_per_second=finite(sps), loss=finite(p.loss, None), loss_nonfinite=not_finite(p.loss),
         time=time.time(), leaving=leaving, final_hash=final,

@@ -22,6 +22,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto (bf16 if the GPU has it, else fp16; fp32 on CPU), fp32, "
                    "bf16 or fp16")  # fmt: skip
+    p.add_argument("--quantize", default="none", help="none, nf4 or int8: load the base quantized (bitsandbytes, CUDA; "
+                   "QLoRA's NF4 with double quantization). The adapter stays fp32, so it averages with full-precision "
+                   "peers")  # fmt: skip
+    p.add_argument("--gradient-checkpointing", default="auto", help="auto (on with --quantize, or when the GPU fits a "
+                   "micro-batch below 4 without it), on or off: recompute activations to save memory")  # fmt: skip
+    p.add_argument("--max-memory", type=float, help="GB of GPU memory this peer may use [default: the whole card]")
     p.add_argument("--identity", help="libp2p key file (created if missing) [default: OUT/identity.key]")
     p.add_argument("--out", default=PeerConfig.out, help="folder for the identity, checkpoints and adapter")
     p.add_argument("--base-model", help="local folder holding the spec's base model (offline copies)")
@@ -62,7 +68,8 @@ def config_from_args(a: argparse.Namespace) -> PeerConfig:
             raise ConfigError(f"--batch-size {a.batch_size!r} is not an integer or 'auto'.") from None
     return PeerConfig(
         run_spec=a.run_spec, run_id=a.run_id, initial_peers=tuple(a.initial_peers), data=a.data, batch_size=batch_size,
-        device=a.device, precision=a.precision, identity=a.identity, out=a.out, base_model=a.base_model, host_maddrs=tuple(a.host_maddrs),
+        device=a.device, precision=a.precision, quantize=a.quantize, gradient_checkpointing=a.gradient_checkpointing,
+        max_memory=a.max_memory, identity=a.identity, out=a.out, base_model=a.base_model, host_maddrs=tuple(a.host_maddrs),
         announce_maddrs=tuple(a.announce_maddrs), client_mode=a.client_mode, auto_relay=a.auto_relay, max_epochs=a.max_epochs,
         max_steps=a.max_steps, save_every=a.save_every, log_format=a.log_format, threads=a.threads,
         join_timeout=a.join_timeout, wait_for_peers=a.wait_for_peers, seed=a.seed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,20 +45,29 @@ def resolve_base_model(base: str, override: Optional[str] = None) -> str:
     return base
 
 
-def load_base(spec: RunSpec, base_model: Optional[str] = None):
-    """The spec's base model (for its task) and tokenizer, with a pad token. Returns (model, tokenizer)."""
+def load_base(spec: RunSpec, base_model: Optional[str] = None, quantize: str = "none", device: str = "cpu"):
+    """The spec's base model (for its task) and tokenizer, with a pad token. Returns (model, tokenizer).
+
+    ``quantize`` (nf4 / int8) loads it quantized by bitsandbytes straight onto ``device`` (model/fit.py)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from atlas_swarm.model.fit import quantization_config
 
     source = resolve_base_model(spec.model.base, base_model)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" warnings are expected here
     hf_logging.disable_progress_bar()
+    quantized = {}
+    if quantize != "none":
+        quantized = {"quantization_config": quantization_config(quantize), "device_map": {"": device},
+                     "dtype": torch.float32}  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if spec.model.task == "sequence-classification":
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(spec.model.labels))
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(spec.model.labels),
+                                                                       **quantized)  # fmt: skip
         else:
-            model = AutoModelForCausalLM.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **quantized)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"Could not load base model {spec.model.base!r} from {source!r}: {str(e).splitlines()[0]} "
@@ -70,13 +80,26 @@ def load_base(spec: RunSpec, base_model: Optional[str] = None):
     return model, tokenizer
 
 
-def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "cpu"):
+def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "cpu", quantize: str = "none",
+               checkpointing: bool = False):
     """Load tokenizer and base model, wrap it with the spec's LoRA adapter. Returns (peft_model, tokenizer).
 
-    The adapter (and any freshly initialised head) is seeded from spec.seed, so every peer starts identical.
+    The adapter (and any freshly initialised head) is seeded from spec.seed, so every peer starts identical, whatever
+    the precision of its base (``quantize``: nf4 or int8, QLoRA-style; the adapter stays fp32). ``checkpointing``
+    recomputes activations in the backward pass (always on with a quantized base, as in QLoRA).
     """
+    from atlas_swarm.model.fit import enable_checkpointing
+
     torch.manual_seed(spec.seed)
-    model, tokenizer = load_base(spec, base_model)
+    model, tokenizer = load_base(spec, base_model, quantize, device)
+    if quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # norms and the head to fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        enable_checkpointing(model)  # as QLoRA does; PEFT's own call is transformers' deprecated alias
+    elif checkpointing:
+        enable_checkpointing(model)
     task_type = TaskType.SEQ_CLS if spec.model.task == "sequence-classification" else TaskType.CAUSAL_LM
     lora = LoraConfig(
         task_type=task_type,
@@ -92,12 +115,27 @@ def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "c
             warnings.simplefilter("ignore")  # PEFT warns that base_model_name_or_path differs from the local folder
             model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = spec.model.base  # the hub name, not our local path
+        _seeded_lora_init(model, spec.seed)
     except ValueError as e:
         raise ModelError(
             f"LoRA cannot be applied to {spec.model.base!r}: {str(e).splitlines()[0]} "
             f"Check lora.target_modules / lora.modules_to_save against the model's module names."
         ) from None
-    return model.to(device), tokenizer
+    return (model if quantize != "none" else model.to(device)), tokenizer  # a quantized base is placed already
+
+
+def _seeded_lora_init(model: PeftModel, seed: int) -> None:
+    """PEFT's default LoRA init (A: kaiming-uniform, B: zeros), redone in fp32 from ``seed`` alone: PEFT draws A in
+    the base layer's dtype (bf16 rounding on a quantized base) after whatever loading the base drew, so peers of
+    different base precision would start from different adapters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapter_parameters(model):
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a (r, fan_in) matrix
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
+            elif ".lora_B." in name:
+                param.zero_()
 
 
 def adapter_parameters(model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
@@ -120,7 +158,8 @@ def save_adapter(model: PeftModel, folder: str | Path, metadata: Optional[dict] 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # save_embedding_layers=False: we never resize the vocabulary, and "auto" looks the base up on the hub
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         _canonical_config(tmp / "adapter_config.json")
         if metadata is not None:
             (tmp / "atlas.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))

@@ -1,4 +1,5 @@
-"""Local training steps, pure torch and no network: device choice, autocast, gradient accumulation, auto batch size."""
+"""Local training steps, pure torch and no network: device choice, autocast, gradient accumulation, auto batch size,
+and recovery from running out of GPU memory."""
 
 from __future__ import annotations
 
@@ -133,6 +134,23 @@ def find_micro_batch(model, next_batch: Callable[[int], dict], device: str, prec
     if fits == 0:
         raise ConfigError("Even a micro-batch of 1 does not fit this GPU's memory; use --device cpu.")
     return fits
+
+
+def shrink_on_oom(attempt: Callable[[int], float], micro: int, shrunk: Callable[[int], None]) -> tuple[float, int]:
+    """``attempt(micro)``; if it runs out of device memory, halve ``micro`` (``shrunk(micro)`` then drops the partial
+    batch's gradients and tells the user), free the allocator's cache and try again. Returns (loss, the micro-batch
+    that fit); a micro-batch of 1 that does not fit is a clear error, not a traceback."""
+    while True:
+        try:
+            return attempt(micro), micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise ConfigError("Out of GPU memory even with a micro-batch of 1. Try --quantize nf4, "
+                                  "--gradient-checkpointing, a run with a smaller model.max_length, or --device cpu.") from None
+        micro //= 2  # outside the except block: the traceback's frames (and their tensors) are gone
+        shrunk(micro)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @torch.no_grad()

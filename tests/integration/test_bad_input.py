@@ -206,3 +206,21 @@ def test_bad_storage_flags(capsys, tmp_path, tiny_spec, text_data, flags, kind, 
     code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(tmp_path / "p"),
                          *flags)  # fmt: skip
     assert code == 2 and err["kind"] == kind and message in err["error"], err
+
+
+# -- fitting a GPU: each impossible request is named before the peer joins ------------------------------------------
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quantize", "nf4"], "--quantize nf4 needs a CUDA GPU (bitsandbytes); this peer would train on cpu"),
+        (["--device", "cpu", "--quantize", "int8"], "--quantize int8 needs a CUDA GPU"),
+        (["--max-memory", "6"], "--max-memory caps GPU memory; this peer trains on cpu"),
+        (["--quantize", "nf3"], "--quantize 'nf3' is unknown"),
+        (["--gradient-checkpointing", "yes"], "--gradient-checkpointing 'yes' is unknown"),
+    ],
+)
+def test_gpu_only_flags_on_a_cpu_machine_are_clear_errors(capsys, tmp_path, tiny_spec, text_data, flags, message):
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(tmp_path / "p"),
+                         *flags)  # fmt: skip
+    assert code == 2 and err["kind"] == "ConfigError" and message in err["error"], err
+    assert not (tmp_path / "p" / "identity.key").exists()  # refused before joining anything
