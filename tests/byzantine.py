@@ -121,6 +121,9 @@ ATTACKS["drifted_moments_x9"] = lambda: _drift_moments(9.0)
 def main() -> int:
     for name in filter(None, os.environ.get("ATLAS_ATTACK", "").split(",")):
         ATTACKS[name]()
+    from atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing
+
+    skip_bitsandbytes_unless_quantizing(sys.argv[1:])  # as `python -m atlas_swarm.peer` does
     from atlas_swarm.peer import main as peer_main
 
     return peer_main(sys.argv[1:])

@@ -32,6 +32,9 @@ def main() -> int:
     if fault:
         name, *args = fault.split(":")
         FAULTS[name](*args)
+    from atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing
+
+    skip_bitsandbytes_unless_quantizing(sys.argv[1:])  # as `python -m atlas_swarm.peer` does
     from atlas_swarm.peer import main as peer_main
 
     return peer_main(sys.argv[1:])

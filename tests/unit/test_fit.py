@@ -3,6 +3,9 @@ checkpointing, the memory cap, and recovery from running out of memory mid-step.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -137,3 +140,14 @@ def test_out_of_memory_with_a_micro_batch_of_1_is_a_clear_error():
     with pytest.raises(ConfigError, match="even with a micro-batch of 1"):
         shrink_on_oom(lambda m: accumulate_gradients(model, lambda n: batch, 1, m, "cpu", Precision.for_device("cpu")),
                       1, lambda m: None)  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, hidden", [(["--data", "x"], True), (["--quantize", "none"], True),
+                                          (["--quantize=nf4"], False), (["--device", "cpu", "--quantize", "nf4"], False)])
+def test_a_peer_imports_bitsandbytes_only_when_its_command_line_quantizes(argv, hidden):
+    # a fresh interpreter: what `python -m atlas_swarm.peer ARGV` does before peft is imported
+    code = ("import sys\nfrom atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing as skip\n"
+            f"print(skip({argv!r}))\nimport peft\nprint(sys.modules.get('bitsandbytes') is not None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(hidden), str(not hidden)]
