@@ -53,17 +53,20 @@ def check_quantize(quantize: str, device: str, device_requested: str) -> Optiona
     return bitsandbytes.__version__
 
 
-def quantization_config(quantize: str):
+def quantization_config(quantize: str, trained: Sequence[str] = ()):
     """transformers' BitsAndBytesConfig for ``quantize`` (QLoRA's recipe for nf4: double quantization, bf16
-    compute where the card has it), or None."""
+    compute where the card has it), or None. ``trained``: the spec's modules_to_save, kept in full precision with
+    the output head: transformers' own guess of the head misses a classifier whose last parameter is its bias, and a
+    4-bit copy of a module cannot be trained."""
     if quantize == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    keep = sorted(set(trained) | {"lm_head"})
     if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype())  # fmt: skip
+                              bnb_4bit_compute_dtype=compute_dtype(), llm_int8_skip_modules=keep)  # fmt: skip
 
 
 def compute_dtype() -> torch.dtype:

@@ -151,3 +151,22 @@ def test_a_peer_imports_bitsandbytes_only_when_its_command_line_quantizes(argv, 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(hidden), str(not hidden)]
+
+
+def test_a_4bit_classifier_run_keeps_its_trained_head_in_full_precision():
+    # transformers' own guess of what not to quantize misses BERT's classifier (its last parameter is a bias); a
+    # 4-bit copy of it as a module to save crashed the first step (found by scripts/bench_quantized.py)
+    import bitsandbytes as bnb
+
+    spec = RunSpec.from_toml("atlas_swarm/specs/demo-minilm-topics.toml")
+    full, tokenizer = load_model(spec)
+    nf4, _ = load_model(spec, quantize="nf4")
+    assert not [n for n, m in nf4.named_modules() if "classifier" in n and isinstance(m, bnb.nn.Linear4bit)]
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in nf4.modules()) == 37  # 6 layers x 6 Linear + the pooler
+    ours, theirs = adapter_state(full), adapter_state(nf4)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the head's fresh init too
+    batch = Batches(load_examples("builtin:chatterbot-topics", spec)[:8], tokenizer, spec).next(8)
+    nf4.train()
+    loss = accumulate_gradients(nf4, lambda n: batch, 8, 8, "cpu", Precision.for_device("cpu"))
+    assert torch.isfinite(torch.tensor(loss))
+    assert all(p.grad is not None for n, p in adapter_parameters(nf4) if "classifier" in n)
