@@ -431,7 +431,9 @@ def report_progress(p: Progress) -> None:
     swarm = p.opt.swarm_progress()
     p.reporter.progress(epoch=p.opt.local_epoch, swarm_samples=swarm["samples"], target=swarm["target"],
                         peers=swarm["peers"], loss=round(p.loss, 5), samples_per_second=round(p.opt.samples_per_second(), 2),
-                        local_samples=p.samples_total, **(p.chain.progress() if p.chain else {}))  # fmt: skip
+                        local_samples=p.samples_total, **(p.chain.progress() if p.chain else {}),
+                        **({"gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                           if p.device.startswith("cuda") else {}))  # fmt: skip
 
 
 def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = None) -> None:

@@ -11,6 +11,12 @@ is stopped its helpers are stopped too, so none of its background work lands in 
 
     python scripts/bench_peer.py [--batch-size 8] [--threads 2] [--windows 24] [--window-s 3]
                                  [--out bench-out/bench_peer.json]
+
+Consumer GPUs (issue 21): ``--shape 1b|7b --quantize nf4 --device cuda`` runs both on a random-weight Llama of that
+shape (TinyLlama-1.1B's or Llama-2-7B's; random weights of the real shape measure memory and speed honestly),
+sequences of ``--seq-len`` tokens, LoRA r=16 on q/k/v/o. The baseline is then the QLoRA recipe written with
+transformers, bitsandbytes and peft alone (no atlas code but the data); each side also reports its peak GPU memory.
+``--shape tiny`` checks the same path on a CPU (bitsandbytes' CPU backend) in a minute.
 """
 
 from __future__ import annotations
@@ -30,9 +36,96 @@ from pathlib import Path
 
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
 WARMUP = 5  # steps before measuring (first steps allocate, and the peer's DHT starts up)
+SHAPES = {  # LlamaConfig fields: TinyLlama-1.1B, Llama-2-7B, and the tests' tiny model for a CPU check
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+}  # fmt: skip
 
 
-def plain_worker(batch_size: int, threads: int) -> None:
+def build_shape(shape: str, folder: Path, seq_len: int) -> tuple[Path, Path, Path]:
+    """A random-weight Llama of ``shape`` (bf16, built on the GPU when there is one), a tokenizer trained on the
+    corpus, a causal-lm spec for it, and a .txt file whose every line fills ``seq_len`` tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from atlas_swarm.devnet.tiny_model import build_tiny_model
+    from atlas_swarm.train.builtin import chatterbot_topics
+
+    texts = [r["text"] for r in chatterbot_topics("train")]
+    model_dir = folder / f"llama-{shape}"
+    if not (model_dir / "config.json").exists() or not any(model_dir.glob("*.safetensors")):
+        build_tiny_model(model_dir, texts)  # the tokenizer (and a tiny model, replaced below unless shape is tiny)
+        if shape != "tiny":
+            config = LlamaConfig(vocab_size=32000, max_position_embeddings=max(seq_len, 256), **SHAPES[shape],
+                                 pad_token_id=0, eos_token_id=1, bos_token_id=1)  # fmt: skip
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            with torch.device(device):
+                model = LlamaForCausalLM(config).to(torch.bfloat16)
+            for f in model_dir.glob("*.safetensors"):
+                f.unlink()
+            model.save_pretrained(model_dir, safe_serialization=True)
+            del model
+    spec = folder / f"llama-{shape}.toml"
+    spec.write_text(f'''name = "bench-{shape}"
+[model]
+base = "{model_dir}"
+task = "causal-lm"
+max_length = {seq_len}
+[lora]
+r = 16
+alpha = 32
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[averaging]
+target_batch_size = 100000
+''')
+    data = folder / f"long-{seq_len}.txt"
+    long_line = " ".join(texts)[: seq_len * 8]  # far more than seq_len tokens: every example is cut to seq_len
+    data.write_text("\n".join([long_line] * 64) + "\n")
+    return spec, model_dir, data
+
+
+def qlora_worker(spec_path: Path, data: str, batch_size: int, device: str, quantize: str) -> None:
+    """The baseline on a GPU: the QLoRA recipe as its tutorials write it (transformers + bitsandbytes + peft)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from atlas_swarm.config import RunSpec
+    from atlas_swarm.train.data import Batches, load_examples
+
+    spec = RunSpec.from_toml(spec_path)
+    compute = torch.bfloat16
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=compute) if quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(spec.model.base, quantization_config=q, device_map={"": device},
+                                                 dtype=compute)  # fmt: skip
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=spec.lora.r, lora_alpha=spec.lora.alpha,
+                                             target_modules=list(spec.lora.target_modules)))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.base)
+    batches = Batches(load_examples(data, spec), tokenizer, spec)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
+    model.train()
+    done = 0
+    while True:
+        batch = {k: v.to(device) for k, v in batches.next(batch_size).items()}
+        with torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=compute):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done += batch_size
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done,
+                          "gpu_peak_gb": peak}), flush=True)  # fmt: skip
+
+
+def plain_worker(spec_path: Path, data: str, batch_size: int, threads: int, device: str) -> None:
     """The baseline: the training step every PEFT tutorial writes, one JSON line per step, until killed."""
     import torch
 
@@ -42,19 +135,21 @@ def plain_worker(batch_size: int, threads: int) -> None:
     from atlas_swarm.train.steps import Precision, accumulate_gradients
 
     torch.set_num_threads(threads)
-    spec = RunSpec.from_toml(SPEC)
-    model, tokenizer = load_model(spec)
+    spec = RunSpec.from_toml(spec_path)
+    model, tokenizer = load_model(spec, device=device)
     model.train()
-    batches = Batches(load_examples("builtin:chatterbot-topics", spec), tokenizer, spec)
+    batches = Batches(load_examples(data, spec), tokenizer, spec)
     opt = torch.optim.AdamW([p for _, p in adapter_parameters(model)], lr=spec.optimizer.lr)
-    precision = Precision.for_device("cpu")
+    precision = Precision.for_device(device)
     done = 0
     while True:
-        accumulate_gradients(model, batches.next, batch_size, batch_size, "cpu", precision)
+        accumulate_gradients(model, batches.next, batch_size, batch_size, device, precision)
         opt.step()
         opt.zero_grad(set_to_none=True)
         done += batch_size
-        print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done}), flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done,
+                          "gpu_peak_gb": peak}), flush=True)  # fmt: skip
 
 
 class Contender:
@@ -66,6 +161,13 @@ class Contender:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)  # fmt: skip
+
+    def peak_gb(self):
+        """The last peak GPU memory it reported (None off a GPU)."""
+        peaks = [json.loads(line).get("gpu_peak_gb") for line in self.log.read_text().splitlines()
+                 if line.startswith("{")]  # fmt: skip
+        peaks = [x for x in peaks if x is not None]
+        return round(peaks[-1], 2) if peaks else None
 
     def points(self) -> list[tuple[float, int]]:
         out = []
@@ -125,25 +227,40 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=24, help="running windows per contender")
     ap.add_argument("--window-s", type=float, default=3.0, help="seconds per window")
     ap.add_argument("--out", default="bench-out/bench_peer.json")
+    ap.add_argument("--shape", default="minilm", choices=["minilm", *SHAPES], help="minilm: the demo's model and "
+                    "data; else a random-weight Llama of that shape on sequences of --seq-len tokens")  # fmt: skip
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default=str(SPEC), help=argparse.SUPPRESS)
+    ap.add_argument("--data", default="builtin:chatterbot-topics", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain_worker:
-        plain_worker(args.batch_size, args.threads)
+        if args.quantize != "none":
+            qlora_worker(Path(args.spec), args.data, args.batch_size, args.device, args.quantize)
+        else:
+            plain_worker(Path(args.spec), args.data, args.batch_size, args.threads, args.device)
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    spec, data = SPEC, "builtin:chatterbot-topics"
+    if args.shape != "minilm":
+        spec, _, data = build_shape(args.shape, out.parent / "shapes", args.seq_len)
+        data = str(data)
+    same = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device,
+            "--quantize", args.quantize]  # fmt: skip
     peer_dir = out.parent / "bench_peer-peer"
     shutil.rmtree(peer_dir, ignore_errors=True)  # a fresh peer (an old --out would be resumed)
     warm = WARMUP * args.batch_size
-    plain = Contender("plain loop", [sys.executable, __file__, "--plain-worker", "--batch-size", str(args.batch_size),
-                                     "--threads", str(args.threads)], out.parent / "bench_peer-plain.log")  # fmt: skip
+    plain = Contender("plain loop", [sys.executable, __file__, "--plain-worker", "--spec", str(spec), "--data", data,
+                                     *same], out.parent / "bench_peer-plain.log")  # fmt: skip
     peer = None
     try:
         plain.wait_for_samples(warm, 300)
         plain.signal(signal.SIGSTOP)
         peer = Contender("swarm peer", [
-            sys.executable, "-m", "atlas_swarm.peer", "--run-spec", str(SPEC), "--data", "builtin:chatterbot-topics",
-            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--log-format", "json",
+            sys.executable, "-m", "atlas_swarm.peer", "--run-spec", str(spec), "--data", data, *same, "--log-format", "json",
             "--out", str(peer_dir), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
         ], out.parent / "bench_peer-peer.log")  # fmt: skip
         peer.wait_for_samples(warm, 300)
@@ -173,6 +290,9 @@ def main() -> int:
         "ratio": round(peer_rate / plain_rate, 3),
         "samples_measured": {"plain": plain_n, "peer": peer_n},
         "window_pair_ratio_quartiles": [round(q, 3) for q in quart],
+        "gpu_peak_gb": {"plain": plain.peak_gb(), "peer": peer.peak_gb()},
+        "shape": args.shape, "seq_len": args.seq_len if args.shape != "minilm" else None, "quantize": args.quantize,
+        "device": args.device,
         "windows": args.windows, "window_s": args.window_s, "batch_size": args.batch_size, "threads": args.threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {version('torch')}",
         "date": time.strftime("%Y-%m-%d"),

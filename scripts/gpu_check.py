@@ -3,8 +3,10 @@
 1. --batch-size auto probes micro-batches on the GPU; under an artificially small memory cap it backs off on OOM.
 2. A peer trains with --precision bf16 and with --precision fp16 (dynamic loss scaling); losses stay finite.
 3. Two peers on the GPU average together and end with the same adapter.
+4. (--qlora-shapes 1b,7b) a lone 4-bit peer against the plain QLoRA recipe on random-weight Llamas of those shapes:
+   samples/s ratio (goal >= 0.97) and each side's peak GPU memory (scripts/bench_peer.py --quantize nf4).
 
-    python scripts/gpu_check.py [--workdir /tmp/gpu-check]
+    python scripts/gpu_check.py [--workdir /tmp/gpu-check] [--skip-swarm] [--qlora-shapes 1b,7b]
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def peer(workdir: Path, name: str, args: list[str]) -> PeerProcess:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/gpu-check")
-    ap.add_argument("--skip-swarm", action="store_true", help="only checks 1 and 2")
+    ap.add_argument("--skip-swarm", action="store_true", help="skip check 3")
+    ap.add_argument("--qlora-shapes", default="", help="comma-separated shapes for check 4 (1b, 7b); none by default")
     args = ap.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +92,15 @@ average_state_every = 2
                          "finite": all(x == x and abs(x) < 1e4 for x in losses),
                          "stderr_tail": p.err_path.read_text()[-600:] if code else ""}  # fmt: skip
 
+    # 4. a 4-bit peer against the plain QLoRA loop, per shape
+    for shape in filter(None, args.qlora_shapes.split(",")):
+        out = workdir / f"qlora-{shape}" / "bench.json"
+        import subprocess
+
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_peer.py"), "--shape", shape,
+                               "--quantize", "nf4", "--device", "cuda", "--batch-size", "4", "--windows", "10",
+                               "--window-s", "3", "--out", str(out)], capture_output=True, text=True, timeout=900)
+        summary[f"qlora_{shape}"] = json.loads(out.read_text()) if proc.returncode == 0 else proc.stdout[-1500:]
     if args.skip_swarm:
         print(json.dumps(summary, indent=2))
         return 0
