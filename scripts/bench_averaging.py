@@ -17,9 +17,12 @@ emulated WAN (devnet/wan.py; needs root): bytes are then what the hosts' uplinks
 groupmates' updates were cut off. ``--late-joiner`` starts the last peer after the others' first averaged epoch and
 reports, for it, the time from its process start to its first epoch averaged with others, its start-up phases, and
 the epoch transitions it made alone before that one (the shares are then those of the others).
+``--compression none float16 uniform8bit`` runs each swarm once per compression (the spec's
+``averaging.compression``; one run id each), side by side, and adds the held-out loss and accuracy of peer 0's final
+adapter (512 dialogs) and its ratio to the first compression's.
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20 [--straggler 2]]
-                                      [--late-joiner] [--out bench-out/bench_averaging.json]
+                                      [--late-joiner] [--compression none ...] [--out bench-out/bench_averaging.json]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-
 
 
 def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False,
-                straggler: float | None = None) -> dict:  # fmt: skip
+                straggler: float | None = None, spec_path: Path = SPEC) -> dict:  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
     early = n - 1 if late else n
@@ -63,7 +66,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
                 return PeerProcess(workdir / f"p{i}", ["--seed", str(i), *common, *where, *extra], threads=1,
                                    env={"HF_HUB_OFFLINE": "1"}, netns=hosts[i].ns if hosts else None)  # fmt: skip
 
-            procs.append(launch(0, ["--run-spec", str(SPEC), "--wait-for-peers", str(early)]))
+            procs.append(launch(0, ["--run-spec", str(spec_path), "--wait-for-peers", str(early)]))
             started = wait(procs, "started", 180)
             mine = f"/{hosts[0].addr}/" if hosts else "/127.0.0.1/"
             first = next(a for a in started["maddrs"] if mine in a)
@@ -145,6 +148,33 @@ def joiner_figures(joiner: PeerProcess, launched: float) -> dict:
     }
 
 
+def compression_spec(compression: str, folder: Path) -> Path:
+    """The demo spec with ``averaging.compression`` set (a run of its own: the run id commits to it)."""
+    text = SPEC.read_text()
+    assert 'compression = "none"' in text
+    path = folder / f"spec-{compression}.toml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace('compression = "none"', f'compression = "{compression}"'))
+    RunSpec.from_toml(path)  # a name the spec does not know fails here, not in four peers
+    return path
+
+
+def heldout_batches(spec: RunSpec):
+    from atlas_swarm.train.data import Batches, load_examples
+
+    _, tokenizer = load_model(spec)
+    return Batches(load_examples("builtin:chatterbot-topics-heldout", spec), tokenizer, spec)
+
+
+def heldout_scores(spec: RunSpec, batches, adapter_dir: Path) -> dict:
+    from atlas_swarm.model.lora import load_adapter_weights
+    from atlas_swarm.train.steps import evaluate
+
+    model, _ = load_model(spec)
+    load_adapter_weights(model, adapter_dir)
+    return {k: round(v, 4) for k, v in evaluate(model, batches, "cpu", spec.model.task).items()}
+
+
 def wait(procs: list[PeerProcess], kind: str, timeout: float) -> dict:
     """peer0's first ``kind`` event; exits if any peer fails first."""
     deadline = time.monotonic() + timeout
@@ -169,6 +199,8 @@ def main() -> int:
     ap.add_argument("--late-joiner", action="store_true", help="the last peer joins after the first averaged epoch")
     ap.add_argument("--straggler", type=float, metavar="MBIT",
                     help="with --wan: one peer's uplink is this slow (a straggler in every round)")
+    ap.add_argument("--compression", nargs="+", default=[], help="one swarm per compression (none, float16, "
+                    "scaled-float16, uniform8bit), with held-out scores")  # fmt: skip
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
     if args.straggler and not args.wan:
@@ -179,17 +211,25 @@ def main() -> int:
     full_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     results, summaries = [], []
-    for n in args.peers:
+    variants = [(c, compression_spec(c, out.parent)) for c in args.compression] or [(spec.averaging.compression, SPEC)]
+    heldout = None
+    for n, (compression, spec_path) in [(n, v) for n in args.peers for v in variants]:
         shares = []
         for run in range(args.runs):
-            r = swarm_round(n, args.epochs, out.parent / f"averaging-{n}", args.wan, args.late_joiner, args.straggler)
+            workdir = out.parent / (f"averaging-{n}" + (f"-{compression}" if args.compression else ""))
+            r = swarm_round(n, args.epochs, workdir, args.wan, args.late_joiner, args.straggler, spec_path)
             full_allreduce = 2 * (n - 1) / n * 4 * full_params
-            r["run"] = run
+            r["run"], r["compression"] = run, compression
+            if args.compression:
+                heldout = heldout or heldout_batches(spec)
+                r["heldout"] = heldout_scores(spec, heldout, workdir / "p0" / "adapter")
+                first = next(x for x in results + [r] if x["peers"] == n and x["run"] == run and "heldout" in x)
+                r["heldout_loss_ratio_to_first"] = round(r["heldout"]["loss"] / first["heldout"]["loss"], 4)
             r["full_model_allreduce_bytes"] = int(full_allreduce)
             r["ratio_to_full_allreduce"] = round(r["bytes_sent_per_peer_per_epoch"] / full_allreduce, 5)
             results.append(r)
             shares.append(r["averaging_share_of_epoch_time"])
-            print(f"{n} peers{f' (run {run + 1}/{args.runs})' if args.runs > 1 else ''}: "
+            print(f"{n} peers{f' (run {run + 1}/{args.runs})' if args.runs > 1 else ''}, {compression}: "
                   f"{r['seconds_per_round']:.2f} s per averaging round, "
                   f"{r['averaging_share_of_epoch_time']:.1%} of epoch time (mean over peers; per peer "
                   f"{', '.join(f'{x:.1%}' for x in r['share_per_peer'])}; epochs of {r['epoch_seconds']} s), "
@@ -199,12 +239,16 @@ def main() -> int:
             if r["rounds_with_all_peers"] < r["rounds"]:
                 print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all the peers "
                       f"(group sizes per peer: {r['group_sizes']}); the share above is not that of a healthy swarm")
+            if "heldout" in r:
+                print(f"  held-out {json.dumps(r['heldout'])}, loss ratio to {args.compression[0]}: "
+                      f"{r['heldout_loss_ratio_to_first']}", flush=True)
             if "straggler" in r:
                 print(f"  straggler: {json.dumps(r['straggler'])}; groupmates cut off: {r['groupmates_cut_off']}")
             if "late_joiner" in r:
                 print(f"  late joiner: {json.dumps(r['late_joiner'])}", flush=True)
-        joins = [r["late_joiner"] for r in results if r["peers"] == n and "late_joiner" in r]
-        summary = {"peers": n, "runs": args.runs, "share_min": min(shares), "share_median": statistics.median(shares),
+        joins = [r["late_joiner"] for r in results
+                 if r["peers"] == n and r["compression"] == compression and "late_joiner" in r]  # fmt: skip
+        summary = {"peers": n, "compression": compression, "runs": args.runs, "share_min": min(shares), "share_median": statistics.median(shares),
                    "share_max": max(shares), "runs_over_5_percent": sum(x > 0.05 for x in shares)}  # fmt: skip
         if joins:
             times = [j["start_to_first_averaged_epoch_s"] for j in joins]

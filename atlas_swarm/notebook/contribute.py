@@ -13,18 +13,24 @@ from atlas_swarm.errors import ConfigError, DataError
 
 
 def write_data(data, folder: Path) -> str:
-    """A path is used as is; a list of strings or {"text", "label"} dicts is written to a .jsonl file first."""
+    """A path is used as is; a list of strings or row dicts ({"text", "label"}, {"prompt", "completion"} or chat
+    {"messages"}: train/data.py checks them) is written to a .jsonl file first."""
     if isinstance(data, (str, os.PathLike)):
         return str(data)
     if not isinstance(data, (list, tuple)) or not data:
         raise DataError("contribute(data=...) takes a file path, 'builtin:NAME', or a non-empty list of strings or "
-                        "{'text': ..., 'label': ...} dicts.")  # fmt: skip
+                        "{'text': ..., 'label': ...} dicts (or prompt/completion or chat 'messages' dicts).")  # fmt: skip
     rows = [{"text": row} if isinstance(row, str) else row for row in data]
-    if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-        raise DataError("Every row of contribute(data=[...]) must be a string or a dict with a 'text' string.")
+    if not all(isinstance(r, dict) and ({"text", "prompt", "messages"} & set(r)) for r in rows):
+        raise DataError("Every row of contribute(data=[...]) must be a string or a dict with 'text' (or 'prompt' and "
+                        "'completion', or chat 'messages').")  # fmt: skip
+    try:
+        lines = "".join(json.dumps(r) + "\n" for r in rows)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"A row of contribute(data=[...]) is not JSON: {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text(lines)
     return str(path)
 
 

@@ -62,9 +62,20 @@ def test_data_lists_become_jsonl_and_bad_rows_are_refused(tmp_path):
     path = write_data(["first text", {"text": "second", "label": "x"}], tmp_path)
     assert [json.loads(x) for x in open(path)] == [{"text": "first text"}, {"text": "second", "label": "x"}]
     assert write_data("builtin:chatterbot-topics", tmp_path) == "builtin:chatterbot-topics"
-    for bad in ([], [3], [{"label": "no text"}], 42):
+    for bad in ([], [3], [{"label": "no text"}], 42, [{"text": "x", "when": object()}]):
         with pytest.raises(DataError):
             write_data(bad, tmp_path)
+
+
+def test_a_causal_lm_run_takes_chat_and_prompt_completion_rows_from_the_notebook(tiny_model, tmp_path):
+    from atlas_swarm.train.data import load_examples
+
+    run = Run.create(tiny_model, "causal-lm", name="nb-chat")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"prompt": "2+2=", "completion": "4"}, "plain text"]  # fmt: skip
+    examples = load_examples(write_data(rows, tmp_path), run.spec)
+    assert [e.messages is not None for e in examples] == [True, False, False]
+    assert (examples[1].prompt, examples[1].text, examples[2].text) == ("2+2=", "4", "plain text")
 
 
 def test_watch_degrades_to_text_lines_outside_jupyter():
