@@ -54,6 +54,8 @@ HIVEMIND_OVERRIDES = {
     "averagers.StateAverager._load_state_from_peers": "admitted donors, capped priority, verified (epoch, digest)",
     "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
     "averagers.EpochKeys.declare_averager": "a search's withdrawal runs on its own, not under the matchmaking lock",
+    # tensors on the wire (swarm/codec.py)
+    "codec.Uniform8Bit.extract": "numpy 2 refuses hivemind's int() of a 1-element array (every 8-bit round failed)",
     # the rounds (swarm/gather.py)
     "gather.GatherAverage._aggregate_with_group": "all-gather of signed updates + robust aggregate, not all-reduce",
     "gather.GatherAverage._step": "the round knows its StepControl (a refused pair is not retried); a round "

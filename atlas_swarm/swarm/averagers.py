@@ -31,7 +31,6 @@ import torch
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.key_manager import GroupKeyManager
-from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
@@ -40,6 +39,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
+from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.gather import GatherAverage, Settings
 
 logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
@@ -361,11 +361,11 @@ class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Trai
                 if message.metadata:
                     metadata = self.serializer.loads(message.metadata)
                 if message.tensor_part.dtype and parts:
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    tensors.append(deserialize(combine_from_streaming(parts)))
                     parts = []
                 parts.append(message.tensor_part)
             if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                tensors.append(deserialize(combine_from_streaming(parts)))
             return (metadata, tensors) if isinstance(metadata, dict) else None
         except Exception as e:
             logger.info(f"Failed to download state from {peer}: {e!r}")

@@ -43,7 +43,7 @@ import msgpack
 import torch
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.compression import NoCompression, deserialize_torch_tensor
+from hivemind.compression import NoCompression
 from hivemind.compression.base import CompressionInfo
 from hivemind.p2p import P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
@@ -52,6 +52,7 @@ from hivemind.utils.asyncio import enter_asynchronously
 from hivemind.utils.crypto import RSAPublicKey
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.node import peer_id_of_key
 from atlas_swarm.train.aggregate import aggregate
 
@@ -169,7 +170,7 @@ def check_update(blob: bytes, serialized, prefix: str, group_id: bytes, sender: 
     if serialized.compression != compression or size != numel or hashlib.sha256(serialized.buffer).digest() != digest:
         return "wrong size, compression or digest"
     try:
-        tensor = deserialize_torch_tensor(serialized).detach().reshape(-1).float()
+        tensor = deserialize(serialized).detach().reshape(-1).float()
     except Exception:
         return "undecodable tensor"
     if tensor.numel() != numel:
@@ -264,7 +265,7 @@ class GatherAverage:
         local = flat if flat is not None else torch.cat([t.detach().reshape(-1) for t in tensors])
         local = local.detach().cpu().float()
         serialized = compression.compress(local, CompressionInfo.from_tensor(local), allow_inplace=False)
-        own_tensor = deserialize_torch_tensor(serialized).reshape(-1).float()  # what the others will hold of ours
+        own_tensor = deserialize(serialized).reshape(-1).float()  # what the others will hold of ours
         blob = sign_update(settings.signer, self.prefix, group_id, own_id, weight, serialized)
         round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized])
         finite = math.isfinite(weight) and weight >= 0 and bool(torch.isfinite(own_tensor).all())

@@ -19,7 +19,6 @@ from typing import Callable, Optional, Sequence
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
-from hivemind.compression import Float16Compression, NoCompression, ScaledFloat16Compression, Uniform8BitQuantization
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
@@ -27,19 +26,12 @@ from atlas_swarm.admission import epoch_ceiling, sane_progress
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm import schedule
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager
+from atlas_swarm.swarm.codec import COMPRESSION
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import RoundReport, Settings
 from atlas_swarm.swarm.node import Swarm, peer_id_of_owner
 
 log = logging.getLogger("hivemind.optim.optimizer")  # our status lines beside hivemind's (--verbose)
-
-COMPRESSION = {
-    "none": NoCompression,
-    "float16": Float16Compression,
-    "scaled-float16": ScaledFloat16Compression,
-    "uniform8bit": Uniform8BitQuantization,
-}
-
 
 @dataclass(frozen=True)
 class EpochDone:

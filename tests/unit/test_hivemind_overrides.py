@@ -8,7 +8,7 @@ import pytest
 
 from atlas_swarm.swarm import HIVEMIND_INTERNALS, HIVEMIND_OVERRIDES
 
-MODULES = ["optimizer", "averagers", "gather", "node", "audit", "records", "blocks"]
+MODULES = ["optimizer", "averagers", "gather", "codec", "node", "audit", "records", "blocks"]
 
 
 def _hivemind_bases(cls):
