@@ -1,6 +1,8 @@
-"""Our own peer with a fault of its machine patched in: ``ATLAS_FAULT=oom_above:ROWS:AFTER python -m tests.faults
-PEER_ARGS...`` makes every forward pass of more than ROWS rows raise torch's OutOfMemoryError once AFTER forward
-passes have run, as CUDA's caching allocator does when a card fills up mid-run."""
+"""Our own peer with a fault patched in: ``ATLAS_FAULT=NAME:ARGS python -m tests.faults PEER_ARGS...``.
+
+``oom_above:ROWS:AFTER``: every forward pass of more than ROWS rows raises torch's OutOfMemoryError once AFTER
+forward passes have run, as CUDA's caching allocator does when a card fills up mid-run. ``rounds_fail:N``: this
+peer's first N gradient rounds raise after their group formed."""
 
 from __future__ import annotations
 
@@ -24,7 +26,36 @@ def oom_above(rows: str, after: str) -> None:
     torch.nn.Embedding.forward = forward
 
 
-FAULTS = {"oom_above": oom_above}
+def rounds_fail(count: str) -> None:
+    """The first ``count`` gradient rounds raise once their group has formed (a groupmate's bug, a broken stream):
+    the peer must then step on its own gradients, as hivemind's optimizer says it does."""
+    from atlas_swarm.swarm.averagers import GradAverager
+
+    left, honest = [int(count)], GradAverager._aggregate_with_group
+
+    async def _aggregate_with_group(self, *args, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            raise RuntimeError("fault: this round breaks after its group formed")
+        return await honest(self, *args, **kwargs)
+
+    GradAverager._aggregate_with_group = _aggregate_with_group
+
+    # and report the gradient the optimizer then steps on (stderr), so that a test can see it was not zeros
+    from hivemind.optim.optimizer import Optimizer
+
+    fallback = Optimizer._load_local_gradients_into_optimizer
+
+    def _load_local_gradients_into_optimizer(self):
+        fallback(self)
+        params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
+        norm = sum(float(p.grad.norm()) ** 2 for p in params if p.grad is not None) ** 0.5
+        print(f"fault: stepping on local gradients of norm {norm:.6g}", file=sys.stderr, flush=True)
+
+    Optimizer._load_local_gradients_into_optimizer = _load_local_gradients_into_optimizer
+
+
+FAULTS = {"oom_above": oom_above, "rounds_fail": rounds_fail}
 
 
 def main() -> int:
