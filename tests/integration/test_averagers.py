@@ -210,7 +210,9 @@ def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dht
         assert AveragingStage.AWAITING_TRIGGER not in stages and not next_epoch.done()
         with averagers[0].get_tensors() as tensors:
             assert all(torch.equal(t, g) for t, g in zip(tensors, grads[0]))
-        # and the epoch-6 rounds of both still make one group and average (A's step used up its accumulators)
+        # and the epoch-6 rounds of both still make one group and average (A's transition resets its accumulators,
+        # as the optimizer's does after its step; GradAverager.step keeps them for a failed round's fallback)
+        averagers[0].reset_accumulated_grads_()
         accumulate(0)
         mine = averagers[0].schedule_step(gather=6, timeout=60)
         wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in (mine, next_epoch)), 30, "a group")
@@ -249,6 +251,7 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followe
 
         def round_():
             for averager, own, local in zip(averagers, params, grads):
+                averager.reset_accumulated_grads_()  # each round is an epoch: its transition resets them
                 for param, grad in zip(own, local):
                     param.grad = grad.clone()
                 averager.accumulate_grads_(batch_size=1)
