@@ -45,7 +45,6 @@ HIVEMIND_OVERRIDES = {
     "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",
     "averagers.GradAverager.__init__": "one shared buffer for the averaged gradients; no state donor",
     "averagers.GradAverager.load_state_from_peers": "nothing: nobody serves a gradient averager's state",
-    "averagers.GradAverager.step": "keep the local gradients until the transition: a failed round stepped on zeros",
     "averagers.StateAverager.step": "skip a state round the swarm already had without us",
     "averagers.StateAverager._do": "give up a state round's search once the swarm has had that round (GivesUp)",
     "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",

@@ -238,16 +238,6 @@ class GradAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Gradi
         averager's, and would take it from whoever declared itself a donor under this prefix)."""
         return None
 
-    def step(self, weight: Optional[float] = None, reset_accumulators: bool = True, control=None,
-             timeout: Optional[float] = None, wait: bool = True, **kwargs):  # fmt: skip
-        """The round, with the local gradients kept until the epoch's transition resets them (it always does,
-        after the optimizer step). hivemind's optimizer asks for them to be zeroed as the round starts; a round that
-        then fails (no group in time, given up, cancelled, a broken stream) falls back to "local gradients" that it
-        reloads from the zeroed accumulators: the peer stepped on zeros and its epoch of training was lost
-        (tests/faults.py rounds_fail: a gradient norm of 0.0 after each failed round)."""
-        return super().step(weight=weight, reset_accumulators=False, control=control, timeout=timeout, wait=wait,
-                            **kwargs)  # fmt: skip
-
 
 class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, TrainingStateAverager):
     """hivemind's TrainingStateAverager over one buffer, declaring itself as a state donor only when that

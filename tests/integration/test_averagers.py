@@ -211,7 +211,7 @@ def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dht
         with averagers[0].get_tensors() as tensors:
             assert all(torch.equal(t, g) for t, g in zip(tensors, grads[0]))
         # and the epoch-6 rounds of both still make one group and average (A's transition resets its accumulators,
-        # as the optimizer's does after its step; GradAverager.step keeps them for a failed round's fallback)
+        # as the optimizer's does after its step; hivemind's step() has zeroed them already)
         averagers[0].reset_accumulated_grads_()
         accumulate(0)
         mine = averagers[0].schedule_step(gather=6, timeout=60)
