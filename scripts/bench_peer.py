@@ -88,6 +88,18 @@ target_batch_size = 100000
     return spec, model_dir, data
 
 
+def step_and_report(opt, done: int, device: str) -> int:
+    """The optimizer step, then one JSON line: samples so far and the peak GPU memory (None off a GPU)."""
+    import torch
+
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done, "gpu_peak_gb": peak}),
+          flush=True)  # fmt: skip
+    return done
+
+
 def qlora_worker(spec_path: Path, data: str, batch_size: int, device: str, quantize: str) -> None:
     """The baseline on a GPU: the QLoRA recipe as its tutorials write it (transformers + bitsandbytes + peft)."""
     import torch
@@ -117,12 +129,7 @@ def qlora_worker(spec_path: Path, data: str, batch_size: int, device: str, quant
         with torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=compute):
             loss = model(**batch).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += batch_size
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done,
-                          "gpu_peak_gb": peak}), flush=True)  # fmt: skip
+        done = step_and_report(opt, done + batch_size, device)
 
 
 def plain_worker(spec_path: Path, data: str, batch_size: int, threads: int, device: str) -> None:
@@ -144,12 +151,7 @@ def plain_worker(spec_path: Path, data: str, batch_size: int, threads: int, devi
     done = 0
     while True:
         accumulate_gradients(model, batches.next, batch_size, batch_size, device, precision)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += batch_size
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        print(json.dumps({"event": "step", "time": round(time.time(), 3), "local_samples": done,
-                          "gpu_peak_gb": peak}), flush=True)  # fmt: skip
+        done = step_and_report(opt, done + batch_size, device)
 
 
 class Contender:
