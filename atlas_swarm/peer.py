@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import psutil
 import torch
 
-from atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing
+from atlas_swarm.model.fit import (
+    SMALL_MICRO_BATCH,
+    check_quantize,
+    enable_checkpointing,
+    limit_memory,
+    skip_bitsandbytes_unless_quantizing,
+)
 
 if __name__ == "__main__":  # before peft is imported (below); tests import this module with bitsandbytes in use
     skip_bitsandbytes_unless_quantizing(sys.argv[1:])
@@ -33,7 +39,6 @@ from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
 from atlas_swarm.errors import CheckpointError, DataError, ModelError
 from atlas_swarm.gatekeeper import Gatekeeper
 from atlas_swarm.identity import Identity
-from atlas_swarm.model.fit import SMALL_MICRO_BATCH, check_quantize, enable_checkpointing, limit_memory
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
 from atlas_swarm.peer_args import config_from_args, parse_args

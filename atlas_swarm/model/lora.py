@@ -59,8 +59,8 @@ def load_base(spec: RunSpec, base_model: Optional[str] = None, quantize: str = "
     hf_logging.disable_progress_bar()
     quantized = {}
     if quantize != "none":
-        quantized = {"quantization_config": quantization_config(quantize, spec.lora.modules_to_save), "device_map": {"": device},
-                     "dtype": torch.float32}  # fmt: skip
+        quantized = {"quantization_config": quantization_config(quantize, spec.lora.modules_to_save),
+                     "device_map": {"": device}, "dtype": torch.float32}  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if spec.model.task == "sequence-classification":
