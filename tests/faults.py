@@ -41,17 +41,28 @@ def rounds_fail(count: str) -> None:
 
     GradAverager._aggregate_with_group = _aggregate_with_group
 
-    # and report the gradient the optimizer then steps on (stderr), so that a test can see it was not zeros
+    # and report the gradient the optimizer then steps on (stderr) beside the local mean gradient hivemind computed
+    # from its accumulators as the round began (before it zeroed them), so that a test can compare the two
+    from hivemind.optim.grad_averager import GradientAverager
     from hivemind.optim.optimizer import Optimizer
 
-    fallback = Optimizer._load_local_gradients_into_optimizer
+    means, honest_step, fallback = [], GradientAverager.step, Optimizer._load_local_gradients_into_optimizer
+
+    def step(self, *args, **kwargs):
+        scale = 1.0 / self.local_times_accumulated if self.local_times_accumulated else 0.0
+        means[:] = [acc.detach().clone() * scale for acc in self._grad_accumulators()]
+        return honest_step(self, *args, **kwargs)
 
     def _load_local_gradients_into_optimizer(self):
         fallback(self)
         params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
         norm = sum(float(p.grad.norm()) ** 2 for p in params if p.grad is not None) ** 0.5
-        print(f"fault: stepping on local gradients of norm {norm:.6g}", file=sys.stderr, flush=True)
+        mean = sum(float(m.norm()) ** 2 for m in means) ** 0.5
+        diff = max((float((p.grad - m).abs().max()) for p, m in zip(params, means)), default=float("nan"))
+        print(f"fault: stepping on local gradients of norm {norm:.6g} (local mean {mean:.6g}, max diff {diff:.3g})",
+              file=sys.stderr, flush=True)
 
+    GradientAverager.step = step
     Optimizer._load_local_gradients_into_optimizer = _load_local_gradients_into_optimizer
 
 

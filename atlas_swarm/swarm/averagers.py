@@ -233,6 +233,25 @@ class GradAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Gradi
         kwargs.setdefault("allow_state_sharing", False)
         super().__init__(parameters, dht=dht, prefix=prefix, averaged_grads=averaged_grads, **kwargs)
 
+    # hivemind's optimizer starts a round with step(reset_accumulators=True), which zeroes the accumulators as the
+    # round starts; when the round then fails, its fallback "Proceeding with local gradients" reloads them, zeros,
+    # and the peer stepped on a zero gradient (tests/faults.py rounds_fail: norm 0.0). Keep the local mean gradient
+    # each load computes until the optimizer's transition ends (SwarmOptimizer clears it), and give the fallback
+    # that. The accumulators themselves stay hivemind's: keeping them un-reset instead changed the rounds.
+    local_mean: Optional[list[torch.Tensor]] = None
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self):
+        if self.local_times_accumulated == 0 and self.local_mean is not None:
+            with self.get_tensors() as averaged:
+                for buf, mean in zip(averaged, self.local_mean):
+                    buf.copy_(mean)
+            return
+        super().load_accumulators_into_averager_()
+        if self.local_times_accumulated:
+            with self.get_tensors() as averaged:
+                self.local_mean = [buf.clone() for buf in averaged]
+
     def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
         """Nothing: nobody serves a gradient averager's state (hivemind's optimizer asks for it after the state
         averager's, and would take it from whoever declared itself a donor under this prefix)."""

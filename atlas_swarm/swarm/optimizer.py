@@ -169,6 +169,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             super()._update_global_epoch(grad_scaler)
         finally:
             self.average_state_every = every
+            if self.grad_averager is not None:
+                self.grad_averager.local_mean = None  # the fallback's gradient, for this transition only
         self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0,
                                         self._round))  # fmt: skip
         now = time.monotonic()

@@ -140,6 +140,34 @@ def test_sigkill_of_one_peer_mid_round_leaves_the_others_averaging_with_each_oth
             assert all(torch.isfinite(t).all() for t in adapter(p).values())
 
 
+def test_a_failed_round_steps_on_the_peers_own_gradients_not_zeros(tmp_path, tiny_model, text_data):
+    # Prepare: two CLI peers; the second one's first 2 gradient rounds raise once their group has formed
+    # (tests/faults.py rounds_fail), so it falls back to "local gradients" twice. hivemind had zeroed its
+    # accumulators as each round began, and it stepped on zeros (norm 0.0, four times out of four).
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=240)
+    common = ["--data", str(text_data), "--batch-size", "4", "--max-epochs", "5", "--wait-for-peers", "2",
+              "--join-timeout", "90"]  # fmt: skip
+    with killed_at_exit([]) as peers:
+        peers.append(start_peer(tmp_path, "peer0", ["--run-spec", str(spec), *common]))
+        started = peers[0].wait_event("started", 90)
+        peers.append(PeerProcess(tmp_path / "faulty", ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers",
+                                                       first_maddr(started), "--run", started["run_id"], "--seed", "1",
+                                                       *common],
+                                 threads=1, env={"ATLAS_FAULT": "rounds_fail:2", "HF_HUB_OFFLINE": "1"},
+                                 module="tests.faults"))  # fmt: skip
+        # Execute
+        codes = [p.wait_exit(240) for p in peers]
+        # Assert: each fallback stepped on exactly the local mean gradient hivemind computed as the round began
+        assert codes == [0, 0], "\n\n".join(p.tail() for p in peers)
+        lines = [line for line in peers[1].err_path.read_text().splitlines() if "stepping on local gradients" in line]
+        assert len(lines) >= 2, peers[1].tail()
+        for line in lines:
+            norm = float(line.split("norm ")[1].split(" ")[0])
+            diff = float(line.split("max diff ")[1].rstrip(")"))
+            assert norm > 0 and diff == 0.0, line
+        assert all(torch.isfinite(t).all() for t in adapter(peers[1]).values())
+
+
 def test_ctrl_c_during_a_round_saves_the_adapter_exits_0_and_leaves_no_processes(tmp_path, tiny_model, text_data):
     """Two peers average; one is frozen (SIGSTOP, as a peer whose machine hangs), so the other's next round waits
     for it. Ctrl-C then: the waiting peer gives up the round, saves, reports "stopped" and exits 0 within 10 s."""
