@@ -24,7 +24,7 @@ HIVEMIND_OVERRIDES = {
     # the optimizer (swarm/optimizer.py)
     "optimizer.SwarmOptimizer.__init__": "queue of EpochDone; run the optimizer step inline (InlineExecutor)",
     "optimizer.SwarmOptimizer._update_global_epoch": "record each transition (samples, group); look for next groups; "
-    "the final epoch averages the state too",
+    "the final epoch averages the state too; drop the fallback gradient",
     "optimizer.SwarmOptimizer.load_state_from_peers": "no verified state for averaging_timeout: move to the majority's "
     "epoch with own parameters",
     "optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer": "give up a groupless round; note group",
@@ -45,6 +45,8 @@ HIVEMIND_OVERRIDES = {
     "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",
     "averagers.GradAverager.__init__": "one shared buffer for the averaged gradients; no state donor",
     "averagers.GradAverager.load_state_from_peers": "nothing: nobody serves a gradient averager's state",
+    "averagers.GradAverager.load_accumulators_into_averager_": "keep the local mean gradient a round starts with: a "
+    "failed round's fallback steps on it, not on the accumulators hivemind zeroed",
     "averagers.StateAverager.step": "skip a state round the swarm already had without us",
     "averagers.StateAverager._do": "give up a state round's search once the swarm has had that round (GivesUp)",
     "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",

@@ -19,6 +19,7 @@ LAYERS = [
     "checkpoints", "chain",                        # publish/keep adapters; the staking contract
     "ui", "stopping", "launch", "gatekeeper",      # what a peer's user sees; how it stops; starting peers; admission
     "monitor", "notebook", "peer", "bootstrap",   # what users run
+    "serve",                                       # serving a run's adapters (uses the notebook's Run)
     "__init__",
 ]
 
