@@ -3,9 +3,9 @@ that serves the same requests one at a time, on the same model and adapter, in o
 
     .venv/bin/python scripts/bench_serve.py [--clients 64] [--seconds 60] [--max-tokens 32] [--out FILE]
 
-The load: --clients threads, each sending a completion request (greedy, --max-tokens new tokens, prompts from the
-chatterbot corpus) as soon as its previous one returns, for --seconds. The baseline: one process, one request at a
-time (PEFT model, `generate()`), the same prompts, for --seconds. Both on the tiny random Llama (or --base-model with
+The load: --clients threads, each sending a completion request (greedy, exactly --max-tokens new tokens on both
+sides, prompts from the chatterbot corpus) as soon as its previous one returns, for --seconds. The baseline: one process, one request at a
+time (PEFT model, `generate()`), the same prompts, for --seconds. Both on a random Llama of --shape (or the base of
 --run-spec); random weights of a given shape cost what real ones do. On a 2-core machine the clients share the CPU
 with the server, as they would on a laptop; the baseline has the CPU to itself.
 """
@@ -36,13 +36,33 @@ def prompts() -> list[str]:
     return [row["text"][:80] for row in chatterbot_topics("train")][:512]
 
 
-def prepare(workdir: Path, spec_path: str | None):
-    from atlas_swarm.config import RunSpec
+# SmolLM2-135M's shape (the shipped chat spec's base), random weights; the tiny BPE tokenizer (ids it lacks decode
+# to nothing, so text is shorter than the token counts, which are what is measured)
+SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def build_model(workdir: Path, shape: str) -> Path:
     from atlas_swarm.devnet.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(workdir / "tiny", prompts())
+    if shape == "smol":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig.from_pretrained(folder)
+        for k, v in SMOL.items():
+            setattr(config, k, v)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prepare(workdir: Path, spec_path: str | None, shape: str = "tiny"):
+    from atlas_swarm.config import RunSpec
     from atlas_swarm.model.lora import load_model, save_adapter
 
     if spec_path is None:
-        model_dir = build_tiny_model(workdir / "tiny", prompts())
+        model_dir = build_model(workdir, shape)
         spec_path = workdir / "spec.toml"
         spec_path.write_text(f'name = "bench-serve"\n[model]\nbase = "{model_dir}"\ntask = "causal-lm"\n'
                              f'max_length = 128\n[lora]\nr = 8\nalpha = 16\ntarget_modules = ["q_proj", "v_proj"]\n')
@@ -78,7 +98,7 @@ def load_server(url: str, model: str, texts: list[str], clients: int, seconds: f
         k = i
         while time.monotonic() < end:
             body = json.dumps({"model": model, "prompt": texts[k % len(texts)], "max_tokens": max_tokens,
-                               "temperature": 0})  # fmt: skip
+                               "temperature": 0, "ignore_eos": True})  # fmt: skip
             k += clients
             t0 = time.monotonic()
             try:
@@ -92,7 +112,7 @@ def load_server(url: str, model: str, texts: list[str], clients: int, seconds: f
                     errors[0] += 1
                 continue
             with lock:
-                if r.status == 200 and time.monotonic() <= end + 300:
+                if r.status == 200:
                     latencies.append(time.monotonic() - t0)
                     tokens[0] += data["usage"]["completion_tokens"]
                 else:
@@ -122,7 +142,8 @@ def baseline(spec, adapter: Path, texts: list[str], seconds: float, max_tokens: 
         while time.monotonic() - began < seconds:
             t0 = time.monotonic()
             ids = tok(texts[k % len(texts)], return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
             tokens += out.shape[1] - ids["input_ids"].shape[1]
             latencies.append(time.monotonic() - t0)
             k += 1
@@ -135,13 +156,15 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
-    p.add_argument("--run-spec", help="a causal-LM spec (default: the tiny random Llama)")
+    p.add_argument("--shape", choices=("tiny", "smol"), default="tiny",
+                   help="tiny: the tests' 2-layer Llama; smol: SmolLM2-135M's shape (random weights)")
+    p.add_argument("--run-spec", help="a causal-LM spec instead of --shape")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
-        spec_path, spec, adapter = prepare(work, args.run_spec)
+        spec_path, spec, adapter = prepare(work, args.run_spec, args.shape)
         texts = prompts()
         base = baseline(spec, adapter, texts, args.seconds, args.max_tokens)
         log = (work / "serve.log").open("w+")
@@ -164,7 +187,7 @@ def main() -> int:
             server.terminate()
             server.wait(30)
     result = {"clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "base": spec.model.base if args.run_spec else "tiny random Llama",
+              "max_batch": args.max_batch, "base": spec.model.base if args.run_spec else f"random Llama, {args.shape} shape",
               "threads": torch.get_num_threads(), "server": served, "one_at_a_time": base,
               "tokens_per_s_ratio": round(served["tokens_per_s"] / base["tokens_per_s"], 2)}  # fmt: skip
     text = json.dumps(result, indent=2)

@@ -2,7 +2,8 @@
 for topic classification on chatterbot-corpus, offline. A local chain (anvil) holds the staking contract: the demo
 deploys it, funds the run, stakes each peer, and the peers post a signed contribution proof per epoch. The peers join
 through a bootstrap node whose dashboard URL is printed (watch the run live). Ends with a
-table of contributions, proofs accepted and rewards earned, and the held-out accuracy.
+table of contributions, proofs accepted and rewards earned, and the held-out accuracy; then serves the final adapter
+(`python -m atlas_swarm.serve`, the checkpoint on chain) and classifies three held-out dialogs through its HTTP.
 
     python scripts/demo.py [--epochs N] [--out demo-out] [--no-chain]
 """
@@ -98,7 +99,7 @@ def main() -> int:
         if failed:
             return 1
         report(console, out, started["run_id"], time.monotonic() - t0, chain, procs)
-        return 0
+        return serve_final(console, out, started["run_id"], maddr, chain, env)
     finally:
         shut_down(procs, boot, chain)
 
@@ -115,6 +116,46 @@ def shut_down(procs: list, boot: subprocess.Popen | None, chain: dict | None) ->
             pass
     if chain is not None:
         chain["anvil"].stop()
+
+
+def serve_final(console: Console, out: Path, run_id: str, maddr: str, chain: dict | None, env: dict) -> int:
+    """`python -m atlas_swarm.serve` on the run's final adapter (the checkpoint on chain, else what the run vouches
+    for; fetched through the bootstrap node, every block verified), then three held-out dialogs through its HTTP."""
+    import re
+    import urllib.request
+
+    log = out / "serve.log"
+    cmd = [sys.executable, "-m", "atlas_swarm.serve", "--run", run_id, "--initial-peers", maddr, "--http",
+           "127.0.0.1:0", "--workdir", str(out / "serve")]  # fmt: skip
+    if chain is not None:
+        cmd += ["--chain-rpc", chain["anvil"].url, "--contract", chain["client"].address]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline, url = time.monotonic() + 180, None
+        while url is None:
+            found = re.search(r"listening on (http://\S+)/v1", log.read_text())
+            url = found.group(1) if found else None
+            if proc.poll() is not None or time.monotonic() > deadline:
+                console.print(f"[red]demo: the server did not start[/]:\n{log.read_text()[-2000:]}")
+                return 1
+            time.sleep(0.3)
+        served = re.search(r"serving (\S+)", log.read_text()).group(1)
+        rows = chatterbot_topics("heldout")[::170][:3]
+        body = json.dumps({"model": run_id, "input": [r["text"] for r in rows]}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/classify", data=body), timeout=60) as r:
+            answer = json.loads(r.read())
+        console.print(f"serving {served} at {url}/v1 (OpenAI-compatible; POST /v1/classify):")
+        for row, got in zip(rows, answer["data"]):
+            mark = "[green]right[/]" if got["label"] == row["label"] else "[red]wrong[/]"
+            console.print(f"  {row['text'][:70]!r:74} → {got['label']} ({got['probabilities'][got['label']]:.0%}; "
+                          f"true: {row['label']}) {mark}")  # fmt: skip
+        return 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def start_bootstrap(out: Path, env: dict) -> tuple[subprocess.Popen, str, str]:

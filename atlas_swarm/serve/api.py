@@ -13,6 +13,7 @@ Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}, 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -95,7 +96,8 @@ class Api:
         endpoint, began = request.path if request.path.startswith("/v1/") else "other", time.monotonic()
         try:
             if self.api_key and request.path.startswith("/v1/"):
-                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+                if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                     raise ApiError(401, "Missing or wrong API key (Authorization: Bearer KEY).", code="invalid_api_key")
             response = await handler(request)
         except ApiError as e:
