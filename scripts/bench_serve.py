@@ -1,13 +1,14 @@
 """Serving throughput: `python -m atlas_swarm.serve` under a bounded load beside a plain transformers generate() loop
 that serves the same requests one at a time, on the same model and adapter, in one run. Prints JSON.
 
-    .venv/bin/python scripts/bench_serve.py [--clients 64] [--seconds 60] [--max-tokens 32] [--out FILE]
+    .venv/bin/python scripts/bench_serve.py [--shape tiny|smol] [--clients 64] [--seconds 60] [--max-tokens 32]
+                                            [--max-batch 64] [--out FILE]
 
 The load: --clients threads, each sending a completion request (greedy, exactly --max-tokens new tokens on both
-sides, prompts from the chatterbot corpus) as soon as its previous one returns, for --seconds. The baseline: one process, one request at a
-time (PEFT model, `generate()`), the same prompts, for --seconds. Both on a random Llama of --shape (or the base of
---run-spec); random weights of a given shape cost what real ones do. On a 2-core machine the clients share the CPU
-with the server, as they would on a laptop; the baseline has the CPU to itself.
+sides, prompts from the chatterbot corpus) as soon as its previous one returns, for --seconds. The baseline: one
+process, one request at a time (PEFT model, `generate()`), the same prompts, for --seconds. Both on a random Llama
+of --shape (or the base of --run-spec); random weights of a given shape cost what real ones do. On a 2-core machine
+the clients share the CPU with the server, as they would on a laptop; the baseline has the CPU to itself.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def main() -> int:
             server.terminate()
             server.wait(30)
     result = {"clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "base": spec.model.base if args.run_spec else f"random Llama, {args.shape} shape",
+              "max_batch": args.max_batch,
+              "base": spec.model.base if args.run_spec else f"random Llama, {args.shape} shape",
               "threads": torch.get_num_threads(), "server": served, "one_at_a_time": base,
               "tokens_per_s_ratio": round(served["tokens_per_s"] / base["tokens_per_s"], 2)}  # fmt: skip
     text = json.dumps(result, indent=2)

@@ -222,7 +222,7 @@ class Api:
         adapter = self._acquire(body, "causal-lm")
         try:
             try:
-                ids = self.engine.encode_prompt(prompt, sampling["max_tokens"])
+                ids = self.engine.encode_prompt(prompt, sampling["max_tokens"], chat)
             except BadRequest as e:
                 raise ApiError(400, str(e), "messages" if chat else "prompt", "context_length_exceeded") from None
             self.metrics.prompt_tokens.inc(len(ids))

@@ -198,8 +198,10 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    def encode_prompt(self, prompt: str, max_tokens: int, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; a chat prompt is the template's rendering, which carries its own special tokens
+        (a BOS added again would be a second one)."""
+        ids = self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         if not ids:
             raise BadRequest("The prompt is empty after tokenization.")
         if len(ids) > self.max_prompt_tokens:

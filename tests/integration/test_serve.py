@@ -91,13 +91,31 @@ def chat_run(tmp_path, tiny_model):
     return spec_path, spec, make_adapter(spec, tmp_path / "a1", 1), make_adapter(spec, tmp_path / "a2", 2)
 
 
-def reference(spec: RunSpec, folder: Path, prompt: str, max_tokens: int) -> str:
-    """Greedy text from plain transformers generate() with PEFT, one request alone."""
+def at_once(count: int, call) -> list:
+    """``call()``'s results from ``count`` threads started together."""
+    results, lock = [], threading.Lock()
+
+    def one():
+        value = call()
+        with lock:
+            results.append(value)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def reference(spec: RunSpec, folder: Path, prompt: str, max_tokens: int, chat: bool = False) -> str:
+    """Greedy text from plain transformers generate() with PEFT, one request alone (``chat``: ``prompt`` is the
+    template's rendering, special tokens included)."""
     from peft import PeftModel
 
     base, tok = load_base(spec)
     model = PeftModel.from_pretrained(base, str(folder)).eval()
-    ids = tok(prompt, return_tensors="pt")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=not chat)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -150,7 +168,7 @@ def test_completions_chat_and_streams_match_plain_peft_one_request_at_a_time(tmp
         chat = c.chat.completions.create(model=run, messages=messages, max_tokens=8, temperature=0)
         assert chat.model == f"{run}@2" and chat.choices[0].message.role == "assistant"
         prompt = load_base(spec)[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert chat.choices[0].message.content == reference(spec, a2, prompt, 8)
+        assert chat.choices[0].message.content == reference(spec, a2, prompt, 8, chat=True)
         streamed = c.chat.completions.create(model=run, messages=messages, max_tokens=8, temperature=0, stream=True)
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == chat.choices[0].message.content
     finally:
@@ -237,26 +255,18 @@ def test_a_flood_beyond_the_queue_gets_429_and_the_server_goes_on(tmp_path, chat
     server = Server(tmp_path, ["--run-spec", str(spec_path), "--adapter", str(a1), "--max-queue", "2",
                                "--max-batch", "1"])  # fmt: skip
     try:
-        codes, lock = [], threading.Lock()
-
         def one():
             try:
                 server.client.completions.create(model=spec.run_id, prompt="hello there", max_tokens=60,
                                                  temperature=0)  # fmt: skip
-                code = 200
-            except openai.RateLimitError as e:
-                assert e.body["type"] == "rate_limit_error" and e.body["code"] == "queue_full"
-                code = 429
-            with lock:
-                codes.append(code)
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code, e.body["type"], e.body["code"]
 
-        threads = [threading.Thread(target=one) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        full = (429, "rate_limit_error", "queue_full")
+        codes = [c if c == 200 else 429 if c == full else c for c in at_once(16, one)]
         # one runs, 2 wait: of 16 at once, most are turned away at once, and every admitted one is served
-        assert len(codes) == 16 and codes.count(429) >= 8 and codes.count(200) >= 3, codes
+        assert set(codes) == {200, 429} and codes.count(429) >= 8 and codes.count(200) >= 3, codes
         metrics = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
         assert f'atlas_serve_rejected_total{{reason="429"}} {float(codes.count(429))}' in metrics
         assert server.client.completions.create(model=spec.run_id, prompt="hi", max_tokens=2).choices
@@ -406,3 +416,54 @@ def test_serving_a_live_run_follows_its_vouched_adapters_and_refuses_tampered_bl
             server.close()
         for s in swarms:
             s.shutdown()
+
+
+def test_an_adapter_by_cid_from_an_ipfs_daemon(tmp_path, chat_run):
+    from atlas_swarm.devnet.ipfs import IpfsDaemon
+    from atlas_swarm.storage import IpfsStore
+
+    spec_path, spec, a1, _ = chat_run
+    daemon, server = IpfsDaemon.start(tmp_path / "repo"), None
+    try:
+        cid = IpfsStore(daemon.api).put_folder(a1)
+        server = Server(tmp_path, ["--run-spec", str(spec_path), "--adapter", cid, "--ipfs-api", daemon.api])
+        r = server.client.completions.create(model=spec.run_id, prompt="hello there", max_tokens=12, temperature=0)
+        assert r.model == f"{spec.run_id}@1" and r.choices[0].text == reference(spec, a1, "hello there", 12)
+        assert (tmp_path / "serve" / "adapters" / cid).is_dir()  # kept, verified, under its CID
+    finally:
+        if server is not None:
+            server.close()
+        daemon.stop()
+
+
+def test_timeouts_and_clients_that_leave_free_their_requests(tmp_path, chat_run):
+    import socket
+
+    spec_path, spec, a1, _ = chat_run
+    server = Server(tmp_path, ["--run-spec", str(spec_path), "--adapter", str(a1), "--max-batch", "1",
+                               "--request-timeout", "1", "--max-tokens", "200"])  # fmt: skip
+    try:
+        run = spec.run_id
+
+        def one():
+            try:
+                server.client.completions.create(model=run, prompt="tell me", max_tokens=200, temperature=0,
+                                                 extra_body={"ignore_eos": True})  # fmt: skip
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code, e.body["type"]
+
+        # Execute: 8 long requests one at a time, each allowed 1 s; then a stream whose client leaves at once
+        codes = [c if c == 200 else 504 if c == (504, "timeout_error") else c for c in at_once(8, one)]
+        host, port = server.url.split("//")[1].split(":")
+        body = json.dumps({"model": run, "prompt": "hi", "max_tokens": 200, "stream": True, "ignore_eos": True})
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())  # fmt: skip
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+        # Assert: the late ones timed out, and nothing stays held: every request released its adapter
+        assert len(codes) == 8 and set(codes) == {200, 504}, codes
+        wait_until(lambda: server.raw("/health")[1]["in_flight"] == {f"{run}@1": 0}, 30, "requests to be released")
+        assert server.client.completions.create(model=run, prompt="hi", max_tokens=2).choices
+    finally:
+        server.close()
