@@ -98,8 +98,8 @@ def main() -> int:
             console.print(f"[red]peer{i} exited {p.process.returncode}[/]:\n{p.tail()}")
         if failed:
             return 1
-        report(console, out, started["run_id"], time.monotonic() - t0, chain, procs)
-        return serve_final(console, out, started["run_id"], maddr, chain, env)
+        accuracy = report(console, out, started["run_id"], time.monotonic() - t0, chain, procs)
+        return serve_final(console, out, started["run_id"], maddr, chain, env, accuracy)
     finally:
         shut_down(procs, boot, chain)
 
@@ -118,9 +118,12 @@ def shut_down(procs: list, boot: subprocess.Popen | None, chain: dict | None) ->
         chain["anvil"].stop()
 
 
-def serve_final(console: Console, out: Path, run_id: str, maddr: str, chain: dict | None, env: dict) -> int:
+def serve_final(console: Console, out: Path, run_id: str, maddr: str, chain: dict | None, env: dict,
+                accuracy: float) -> int:  # fmt: skip
     """`python -m atlas_swarm.serve` on the run's final adapter (the checkpoint on chain, else what the run vouches
-    for; fetched through the bootstrap node, every block verified), then three held-out dialogs through its HTTP."""
+    for; fetched through the bootstrap node, every block verified), then three held-out dialogs through its HTTP,
+    and all of them: the served accuracy must be ``accuracy``, the held-out accuracy evaluated in this process
+    (within one dialog)."""
     import re
     import urllib.request
 
@@ -140,17 +143,24 @@ def serve_final(console: Console, out: Path, run_id: str, maddr: str, chain: dic
                 return 1
             time.sleep(0.3)
         served = re.search(r"serving (\S+)", log.read_text()).group(1)
+        def classify(texts: list[str]) -> list[dict]:
+            body = json.dumps({"model": run_id, "input": texts}).encode()
+            with urllib.request.urlopen(urllib.request.Request(url + "/v1/classify", data=body), timeout=60) as r:
+                return json.loads(r.read())["data"]
+
         heldout = chatterbot_topics("heldout")
         rows = [next(r for r in heldout if r["label"] == label) for label in ("greetings", "science", "sports")]
-        body = json.dumps({"model": run_id, "input": [r["text"] for r in rows]}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url + "/v1/classify", data=body), timeout=60) as r:
-            answer = json.loads(r.read())
         console.print(f"serving {served} at {url}/v1 (OpenAI-compatible; POST /v1/classify):")
-        for row, got in zip(rows, answer["data"]):
+        for row, got in zip(rows, classify([r["text"] for r in rows])):
             mark = "[green]right[/]" if got["label"] == row["label"] else "[red]wrong[/]"
             console.print(f"  {row['text'][:70]!r:74} → {got['label']} ({got['probabilities'][got['label']]:.0%}; "
                           f"true: {row['label']}) {mark}")  # fmt: skip
-        return 0
+        answers = [a for i in range(0, len(heldout), 64) for a in classify([r["text"] for r in heldout[i:i + 64]])]
+        served_accuracy = sum(a["label"] == r["label"] for a, r in zip(answers, heldout)) / len(heldout)
+        same = abs(served_accuracy - accuracy) * len(heldout) <= 1.0  # one near-tie may round the other way
+        console.print(f"served accuracy on all {len(heldout)} held-out dialogs: {served_accuracy:.1%} (evaluated in "
+                      f"this process: {accuracy:.1%}; {'the same' if same else 'NOT the same'})")  # fmt: skip
+        return 0 if same else 1
     finally:
         proc.terminate()
         try:
@@ -216,7 +226,7 @@ def start_chain(out: Path, console: Console) -> dict:
 
 
 def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict | None,
-           peers: list[PeerProcess]) -> None:  # fmt: skip
+           peers: list[PeerProcess]) -> float:  # fmt: skip
     spec = RunSpec.from_toml(SPEC)
     model, tokenizer = load_model(spec)
     heldout = Batches(load_examples("builtin:chatterbot-topics-heldout", spec), tokenizer, spec)
@@ -274,6 +284,7 @@ def report(console: Console, out: Path, run_id: str, seconds: float, chain: dict
                       f"solo epochs are not paid)")  # fmt: skip
     (out / "summary.json").write_text(json.dumps({"run_id": run_id, "seconds": seconds, "accuracy_before":
         before["accuracy"], "accuracy_after": after["accuracy"], "max_abs_diff": diff, "chain": on_chain}, indent=2))  # fmt: skip
+    return after["accuracy"]
 
 
 def receipts_of(out: Path) -> list[dict]:
