@@ -143,11 +143,14 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
         started = first.wait_event("started", 90)
         join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data),
                 "--batch-size", "4", *EPOCHS, "--join-timeout", "90"]  # fmt: skip
-        peers.append(start_peer(tmp_path, "honest1", [*join, "--identity", str(ids[1].path), "--seed", "1"]))
-        # Execute: an honest stranger, and one that skips its own check and sends a poisoned gradient
+        # Execute: an honest stranger, and one that skips its own check and sends a poisoned gradient, both in the
+        # swarm before the second listed peer (training starts with it): with the attacker started last, the listed
+        # peers once finished their 6 short epochs before reading any of its records (once in a full suite: refused 0)
         stranger = start_peer(tmp_path, "stranger", join)
         peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9"],
                                 attack="skip_admission,flip_x1e6_gradient,lying_weight"))  # fmt: skip
+        peers[-1].wait_event("started", 90)
+        peers.insert(1, start_peer(tmp_path, "honest1", [*join, "--identity", str(ids[1].path), "--seed", "1"]))
         # Assert: the honest stranger is told why, and exits 2
         assert stranger.wait_exit(120) == 2, stranger.tail()
         assert "not in its allowlist" in stranger.wait_event("error", 1)["error"]
