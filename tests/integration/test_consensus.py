@@ -122,7 +122,10 @@ def test_peers_whose_moments_drifted_apart_end_bit_identical(tmp_path, tiny_mode
     # parameters; no state round is scheduled before the end (average_state_every 100). Before the final epoch
     # averaged the state too they left with three adapters (a 1-1-1 vote: nobody agreed). Now the transition into
     # the final epoch averages the state: equal parameters, one adapter, agreed without a download.
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=480, average_state_every=100)
+    # 1920 samples an epoch: at 480, on 2026-12-03 the VM ran epochs of under a second, shorter than matchmaking_time
+    # (2 s): two peers paired up without the third, the pair rule refused every pair, no group formed in any epoch,
+    # and the vote went 1-1-1 (2 of 5 runs, with or without the failed-round fix)
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1920, average_state_every=100)
     common = ["--data", str(text_data), "--batch-size", "4", "--max-epochs", "3", "--wait-for-peers", "3",
               "--join-timeout", "90"]  # fmt: skip
     with killed_at_exit([]) as peers:
