@@ -42,6 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--http", default="127.0.0.1:8000", help="HOST:PORT to listen on (port 0: any free one)")
     p.add_argument("--api-key-file", help="require 'Authorization: Bearer KEY' with the key in this file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none",
+                   help="load the base quantized by bitsandbytes (a ~7B base on an 8 GB card in nf4); CUDA, or nf4 "
+                   "on CPU (slower, less memory)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, help="requests sharing one forward pass at most")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get HTTP 429")
     p.add_argument("--max-tokens", type=int, default=512, help="max_tokens a request may ask for at most")
@@ -177,6 +180,9 @@ def serve(args: argparse.Namespace, ready: Optional[threading.Event] = None,
             raise ConfigError(f"Cannot read --api-key-file {args.api_key_file!r}: {e.strerror}") from None
         if not api_key:
             raise ConfigError(f"--api-key-file {args.api_key_file!r} is empty.")
+    from atlas_swarm.model.fit import check_quantize
+
+    check_quantize(args.quantize, args.device, args.device)  # before joining anything
     workdir = Path(args.workdir)
     run = follower = None
     stop = stop or threading.Event()
@@ -193,7 +199,7 @@ def serve(args: argparse.Namespace, ready: Optional[threading.Event] = None,
         else:
             spec = RunSpec.from_toml(args.run_spec)
         engine = Engine(spec, args.base_model, args.device, args.max_batch, args.max_queue, args.max_tokens,
-                        args.max_prompt_tokens)  # fmt: skip
+                        args.max_prompt_tokens, args.quantize)  # fmt: skip
         try:
             if run is not None:
                 from atlas_swarm.notebook.fetch import fetch_adapter
@@ -256,5 +262,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 if __name__ == "__main__":
     from atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing
 
-    skip_bitsandbytes_unless_quantizing([])  # PEFT imports bitsandbytes if present: 1 s, and a warning, for nothing
+    skip_bitsandbytes_unless_quantizing(sys.argv[1:])  # PEFT imports bitsandbytes if present: 1 s and a warning
     sys.exit(main())

@@ -74,13 +74,16 @@ class Stats:
 
 class Engine:
     def __init__(self, spec: RunSpec, base_model: Optional[str] = None, device: str = "cpu", max_batch: int = 32,
-                 max_queue: int = 256, max_tokens: int = 512, max_prompt_tokens: Optional[int] = None):  # fmt: skip
+                 max_queue: int = 256, max_tokens: int = 512, max_prompt_tokens: Optional[int] = None,
+                 quantize: str = "none"):  # fmt: skip
         from atlas_swarm.model.lora import load_base
 
         self.spec, self.device, self.max_batch, self.max_queue = spec, device, max_batch, max_queue
-        self.task = spec.model.task
-        self.base, self.tokenizer = load_base(spec, base_model, device=device)
-        self.base.to(device).eval()
+        self.task, self.quantize = spec.model.task, quantize
+        self.base, self.tokenizer = load_base(spec, base_model, quantize, device)  # a quantized base is placed
+        if quantize == "none":
+            self.base.to(device)
+        self.base.eval()
         # generation appends to every row at the right end; a classifier (absolute positions, BERT) pads on the right
         self.tokenizer.padding_side = "left" if self.task == "causal-lm" else "right"
         context = getattr(self.base.config, "max_position_embeddings", None) or 2048
@@ -146,7 +149,13 @@ class Engine:
                 self.model = PeftModel.from_pretrained(self.base, str(adapter.path), adapter_name=adapter.name)
             else:
                 self.model.load_adapter(str(adapter.path), adapter_name=adapter.name)
-        self.model.to(self.device).eval()
+        if self.quantize == "none":
+            self.model.to(self.device)
+        else:  # the base stays where bitsandbytes put it; only the adapter's weights move
+            for name, param in self.model.named_parameters():
+                if adapter.name in name and param.device != self.base.device:
+                    param.data = param.data.to(self.base.device)
+        self.model.eval()
 
     def retire(self, name: str, after: float = 0.0) -> None:
         """No new request gets ``name`` after ``after`` s; it is deleted once the last request on it finishes."""

@@ -108,12 +108,13 @@ def at_once(count: int, call) -> list:
     return results
 
 
-def reference(spec: RunSpec, folder: Path, prompt: str, max_tokens: int, chat: bool = False) -> str:
+def reference(spec: RunSpec, folder: Path, prompt: str, max_tokens: int, chat: bool = False,
+              quantize: str = "none") -> str:  # fmt: skip
     """Greedy text from plain transformers generate() with PEFT, one request alone (``chat``: ``prompt`` is the
-    template's rendering, special tokens included)."""
+    template's rendering, special tokens included; ``quantize``: the base loaded so by bitsandbytes, on CPU)."""
     from peft import PeftModel
 
-    base, tok = load_base(spec)
+    base, tok = load_base(spec, quantize=quantize)
     model = PeftModel.from_pretrained(base, str(folder)).eval()
     ids = tok(prompt, return_tensors="pt", add_special_tokens=not chat)
     with torch.no_grad():
@@ -351,7 +352,8 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, chat_run):
     cases = [(["--adapter", str(a1)], "--run-spec"),
              (["--run-spec", str(spec_path), "--adapter", str(tmp_path / "missing")], "error: "),
              (["--run-spec", str(spec_path), "--adapter", "bafy-not-a-cid"], "error: "),
-             (["--run-spec", str(spec_path), "--adapter", str(a1), "--http", "nonsense"], "--http")]  # fmt: skip
+             (["--run-spec", str(spec_path), "--adapter", str(a1), "--http", "nonsense"], "--http"),
+             (["--run-spec", str(spec_path), "--adapter", str(a1), "--quantize", "int8"], "needs a CUDA GPU")]  # fmt: skip
     for args, expect in cases:
         done = subprocess.run([sys.executable, "-m", "atlas_swarm.serve", "--workdir", str(tmp_path / "w"), *args],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -465,5 +467,29 @@ def test_timeouts_and_clients_that_leave_free_their_requests(tmp_path, chat_run)
         assert len(codes) == 8 and set(codes) == {200, 504}, codes
         wait_until(lambda: server.raw("/health")[1]["in_flight"] == {f"{run}@1": 0}, 30, "requests to be released")
         assert server.client.completions.create(model=run, prompt="hi", max_tokens=2).choices
+    finally:
+        server.close()
+
+
+def test_a_4bit_base_serves_what_plain_peft_on_the_same_4bit_base_generates(tmp_path, chat_run):
+    # bitsandbytes' real NF4 kernels (its CPU backend; on a GPU, the same flag fits a ~7B base on an 8 GB card)
+    spec_path, spec, a1, a2 = chat_run
+    server = Server(tmp_path, ["--run-spec", str(spec_path), "--adapter", str(a1), "--adapter", str(a2),
+                               "--device", "cpu", "--quantize", "nf4"])  # fmt: skip
+    try:
+        got = {}
+
+        def ask(prompt, epoch):
+            got[(prompt, epoch)] = server.client.completions.create(
+                model=f"{spec.run_id}@{epoch}", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(p, e)) for p in PROMPTS[:2] for e in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(got) == 4
+        for (prompt, epoch), text in got.items():
+            assert text == reference(spec, a1 if epoch == 1 else a2, prompt, 8, quantize="nf4"), (prompt, epoch)
     finally:
         server.close()
