@@ -181,7 +181,7 @@ class Api:
         body = await self._body(request)
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not texts or len(texts) > MAX_ITEMS or not all(isinstance(t, str) for t in texts):
+        if not (isinstance(texts, list) and 0 < len(texts) <= MAX_ITEMS and all(isinstance(t, str) for t in texts)):
             raise ApiError(400, f"'input' must be a string or a list of 1 to {MAX_ITEMS} strings.", "input")
         adapter = self._acquire(body, "sequence-classification")
         try:
