@@ -29,7 +29,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--run", help="the run id whose adapters to serve (joins its swarm)")
     p.add_argument("--initial-peers", nargs="*", default=[], help="with --run: multiaddrs of the run's peers")
-    p.add_argument("--epoch", default="latest", help="with --run: this epoch only, or 'latest' (and follow newer)")
+    p.add_argument("--epoch", action="append", default=[], metavar="N|latest",
+                   help="with --run: serve this epoch (repeatable, to compare epochs), and with 'latest' (the default) "
+                   "the newest one, following newer ones")  # fmt: skip
     p.add_argument("--run-spec", help="with --adapter: the run's spec (TOML): base model, task, labels")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR|CID",
                    help="serve this adapter folder (or CID, fetched from --ipfs-api and verified); repeatable")
@@ -71,8 +73,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("max_batch", "max_queue", "max_tokens", "max_body_kb"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.epoch != "latest" and not args.epoch.isdigit():
+    args.epoch = args.epoch or ["latest"]
+    if not all(e == "latest" or e.isdigit() for e in args.epoch):
         p.error("--epoch must be a number or 'latest'")
+    if args.epoch != ["latest"] and not args.run:
+        p.error("--epoch goes with --run (an --adapter folder says its own epoch)")
     return args
 
 
@@ -137,8 +142,9 @@ class Follower:
     """Serves the newest adapter ``source()`` gives, and every --poll s looks for a newer one (hot swap): the newer
     one is loaded beside the current one, requests move to it, the old one is retired --keep-old s later."""
 
-    def __init__(self, args, engine, run_id: str, source):
+    def __init__(self, args, engine, run_id: str, source, pinned: frozenset = frozenset()):
         self.args, self.engine, self.run_id, self.source = args, engine, run_id, source
+        self.pinned = pinned  # epochs asked for by number: never retired
         self.stop = threading.Event()
         self.current = None
         self.last_warning = ""
@@ -152,7 +158,7 @@ class Follower:
         previous, self.current = self.current, adapter
         print(f"serving {adapter.name} from {folder}" + (f" (replaces {previous.name}, listed {self.args.keep_old:g} s "
                                                         f"more)" if previous else ""), flush=True)  # fmt: skip
-        if previous is not None:
+        if previous is not None and previous.epoch not in self.pinned:
             self.engine.retire(previous.name, after=self.args.keep_old)
 
     def follow(self) -> None:
@@ -204,14 +210,18 @@ def serve(args: argparse.Namespace, ready: Optional[threading.Event] = None,
             if run is not None:
                 from atlas_swarm.notebook.fetch import fetch_adapter
 
-                epoch = None if args.epoch == "latest" else int(args.epoch)
-                follower = Follower(args, engine, run.run_id, lambda t: fetch_adapter(run, epoch, t))
-                follower.once(args.fetch_timeout)
+                pinned = frozenset(int(e) for e in args.epoch if e != "latest")
+                for epoch in sorted(pinned):
+                    adapter = engine.add_adapter(run.run_id, epoch, fetch_adapter(run, epoch, args.fetch_timeout))
+                    print(f"serving {adapter.name} (--epoch {epoch})", flush=True)
+                if "latest" in args.epoch:
+                    follower = Follower(args, engine, run.run_id, lambda t: fetch_adapter(run, None, t), pinned)
+                    follower.once(args.fetch_timeout)
             elif args.follow:
                 folder = Path(args.adapter[0])
                 follower = Follower(args, engine, spec.run_id, lambda t: snapshot(folder, workdir))
                 follower.once(args.fetch_timeout)
-            if follower is not None and args.epoch == "latest":
+            if follower is not None:
                 threading.Thread(target=follower.follow, name="atlas-serve-follow", daemon=True).start()
             for source in ([] if args.follow else args.adapter):
                 folder = Path(source) if Path(source).is_dir() else fetch_cid(source, args.ipfs_api, workdir)

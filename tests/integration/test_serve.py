@@ -385,7 +385,7 @@ def test_serving_a_live_run_follows_its_vouched_adapters_and_refuses_tampered_bl
         swarms.append(a)
         publish(a, store_a, (1, a1))
         server = Server(tmp_path, ["--run", spec.run_id, "--initial-peers", a.visible_maddrs()[0], "--poll", "0.5",
-                                   "--keep-old", "60"])  # fmt: skip
+                                   "--keep-old", "0", "--epoch", "1", "--epoch", "latest"])  # fmt: skip
         server._wait_for(rf"serving {spec.run_id}@1", 60)
         # Execute (attack): B publishes epoch 2 and serves a tampered block of it; A reached epoch 2, so the run
         # vouches for epoch 2 and B is its only publisher
@@ -412,7 +412,12 @@ def test_serving_a_live_run_follows_its_vouched_adapters_and_refuses_tampered_bl
         server._wait_for(rf"serving {spec.run_id}@3", 60)
         r = server.client.completions.create(model=spec.run_id, prompt="hello there", max_tokens=12, temperature=0)
         assert r.model == f"{spec.run_id}@3" and r.choices[0].text == reference(spec, a3, "hello there", 12)
+        # epoch 1 was asked for by number (--epoch 1): still served, though --keep-old is 0
+        time.sleep(1.5)  # the engine sweeps retired adapters at least once a second
         assert sorted(m.id for m in server.client.models.list().data) == [f"{spec.run_id}@1", f"{spec.run_id}@3"]
+        r = server.client.completions.create(model=f"{spec.run_id}@1", prompt="hello there", max_tokens=12,
+                                             temperature=0)  # fmt: skip
+        assert r.choices[0].text == reference(spec, a1, "hello there", 12)
     finally:
         if server is not None:
             server.close()
