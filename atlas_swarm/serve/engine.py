@@ -59,16 +59,11 @@ class Request:
     seed: Optional[int] = None
     ignore_eos: bool = False
     cancelled: bool = False
-    queued: float = field(default_factory=time.monotonic)
-    started: Optional[float] = None
 
 
 @dataclass
 class Stats:
-    tokens: int = 0  # generated
-    batches: int = 0
-    rows: int = 0
-    last_batch: int = 0
+    last_batch: int = 0  # rows
     fetch_failures: int = 0  # looks for a newer adapter that found none or refused one (serve/__main__.py)
 
 
@@ -276,8 +271,6 @@ class Engine:
             live = [r for r in batch if not r.cancelled]
             if not live:
                 continue
-            for r in live:
-                r.started = time.monotonic()
             try:
                 with torch.inference_mode():
                     if live[0].kind == "classify":
@@ -288,8 +281,6 @@ class Engine:
                 log.exception("batch failed")
                 for r in live:
                     r.emit("error", f"The batch failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            self.stats.batches += 1
-            self.stats.rows += len(live)
             self.stats.last_batch = len(live)
 
     def _classify(self, batch: list[Request]) -> None:
@@ -330,7 +321,6 @@ class Engine:
                 if row.finished is None:
                     token = _sample(logits[i], row.request, gens[i])
                     row.add(token, token in self.end_ids and not row.request.ignore_eos)
-                    self.stats.tokens += 1
                 nxt.append(row.last if row.last is not None else pad)
             if all(row.finished is not None for row in rows):
                 break

@@ -4,6 +4,7 @@ checked against plain PEFT on the same base and adapter, one request at a time."
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -91,21 +92,25 @@ def chat_run(tmp_path, tiny_model):
     return spec_path, spec, make_adapter(spec, tmp_path / "a1", 1), make_adapter(spec, tmp_path / "a2", 2)
 
 
-def at_once(count: int, call) -> list:
-    """``call()``'s results from ``count`` threads started together."""
+def concurrently(calls: list) -> list:
+    """The results of ``calls`` (callables), each run in its own thread, all started together."""
     results, lock = [], threading.Lock()
 
-    def one():
+    def one(call):
         value = call()
         with lock:
             results.append(value)
 
-    threads = [threading.Thread(target=one) for _ in range(count)]
+    threads = [threading.Thread(target=one, args=(call,)) for call in calls]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     return results
+
+
+def at_once(count: int, call) -> list:
+    return concurrently([call] * count)
 
 
 def reference(spec: RunSpec, folder: Path, prompt: str, max_tokens: int, chat: bool = False,
@@ -131,17 +136,11 @@ def test_completions_chat_and_streams_match_plain_peft_one_request_at_a_time(tmp
         # models: both epochs; the bare run id is the newest
         assert sorted(m.id for m in c.models.list().data) == [f"{run}@1", f"{run}@2"]
         # Execute: concurrent requests of different lengths on two adapters, batched by the server
-        results = {}
-
         def ask(prompt, epoch):
-            r = c.completions.create(model=f"{run}@{epoch}", prompt=prompt, max_tokens=12, temperature=0)
-            results[(prompt, epoch)] = r
+            return (prompt, epoch), c.completions.create(model=f"{run}@{epoch}", prompt=prompt, max_tokens=12,
+                                                         temperature=0)  # fmt: skip
 
-        threads = [threading.Thread(target=ask, args=(p, e)) for p in PROMPTS for e in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        results = dict(concurrently([functools.partial(ask, p, e) for p in PROMPTS for e in (1, 2)]))
         # Assert: each equals plain PEFT generate() of its own adapter, alone
         assert len(results) == 8
         for (prompt, epoch), r in results.items():
@@ -482,17 +481,11 @@ def test_a_4bit_base_serves_what_plain_peft_on_the_same_4bit_base_generates(tmp_
     server = Server(tmp_path, ["--run-spec", str(spec_path), "--adapter", str(a1), "--adapter", str(a2),
                                "--device", "cpu", "--quantize", "nf4"])  # fmt: skip
     try:
-        got = {}
-
         def ask(prompt, epoch):
-            got[(prompt, epoch)] = server.client.completions.create(
+            return (prompt, epoch), server.client.completions.create(
                 model=f"{spec.run_id}@{epoch}", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
 
-        threads = [threading.Thread(target=ask, args=(p, e)) for p in PROMPTS[:2] for e in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        got = dict(concurrently([functools.partial(ask, p, e) for p in PROMPTS[:2] for e in (1, 2)]))
         assert len(got) == 4
         for (prompt, epoch), text in got.items():
             assert text == reference(spec, a1 if epoch == 1 else a2, prompt, 8, quantize="nf4"), (prompt, epoch)
