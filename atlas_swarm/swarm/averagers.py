@@ -237,7 +237,7 @@ class GradAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Gradi
     # round starts; when the round then fails, its fallback "Proceeding with local gradients" reloads them, zeros,
     # and the peer stepped on a zero gradient (tests/faults.py rounds_fail: norm 0.0). Keep the local mean gradient
     # each load computes until the optimizer's transition ends (SwarmOptimizer clears it), and give the fallback
-    # that. The accumulators themselves stay hivemind's: keeping them un-reset instead changed the rounds.
+    # that. The accumulators themselves stay as hivemind leaves them.
     local_mean: Optional[list[torch.Tensor]] = None
 
     @torch.no_grad()
