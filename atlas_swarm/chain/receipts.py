@@ -3,6 +3,7 @@ groupmates' signatures are gathered from their DHT records, and the group settle
 
     OUT/receipts/<run-hash>-<epoch>.json   {receipt, digest, signatures: {wallet: sig}, state, signed_at, quorum_at,
                                             attempts, next_try, tx, error}
+    OUT/receipts/votes/<run-hash>-<epoch>.json   {epoch, cid, digest, signature}: this peer's checkpoint vote
 
     state   collecting   signed; waiting for signatures, or for its turn to post
             posted       settled on chain with this peer's signature (paid, or flagged / over the epoch's budget)
@@ -11,7 +12,7 @@ groupmates' signatures are gathered from their DHT records, and the group settle
 
 Guarantees, also across a crash (SIGKILL) at any point:
 - never two signatures for one (run, epoch): an epoch that has a file is never signed again, so a restarted peer
-  cannot sign two receipts for one epoch (which anyone could report, and slash);
+  cannot sign two receipts for one epoch (which anyone could report, and slash); nor two checkpoint votes;
 - never lost: the file is written (fsync + rename) before the signature is published or posted;
 - never paid twice: the contract pays each member once per epoch, and before posting, the contract is asked whether
   this peer was paid for the epoch already.
@@ -87,6 +88,25 @@ class ReceiptBox:
                       "_file": path.name}  # fmt: skip
             _write_atomic(path, record)
             self._cache[path.name] = record
+            return signature
+
+    def sign_vote(self, run: bytes, epoch: int, cid: str, digest: bytes) -> Optional[bytes]:
+        """This peer's checkpoint vote for ``cid`` at ``epoch`` (``digest``: its checkpointDigest), on disk before it
+        is returned; None if this peer voted for another CID at that epoch before (also before a restart): two
+        votes for one epoch are slashable, and recordCheckpoint slashes them itself when one replaces the other."""
+        path = self.folder / "votes" / f"{run.hex()[:16]}-{epoch:010d}.json"
+        with self._lock:
+            try:
+                earlier = json.loads(path.read_text())
+                return _b(earlier["signature"]) if earlier["cid"] == cid else None
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError):
+                return None  # unreadable: it may hold a vote, so never sign another
+            signature = sign_digest(digest, self.account.key)
+            path.parent.mkdir(exist_ok=True)
+            _write_atomic(path, {"epoch": epoch, "cid": cid, "digest": "0x" + digest.hex(),
+                                 "signature": "0x" + signature.hex()})  # fmt: skip
             return signature
 
     def own_signatures(self, last: int = 16) -> list[tuple[int, bytes, bytes]]:

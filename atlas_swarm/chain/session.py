@@ -28,7 +28,7 @@ from atlas_swarm.config import ChainConfig, RunSpec
 from atlas_swarm.errors import ChainError, ChainUnreachable, SwarmError, TxReverted
 from atlas_swarm.proofs.binding import sign_binding
 from atlas_swarm.proofs.eip712 import chain_run_id, peer_id_hash
-from atlas_swarm.proofs.receipt import checkpoint_digest, receipt_of, recover, sign_digest
+from atlas_swarm.proofs.receipt import checkpoint_digest, receipt_of, recover
 from atlas_swarm.proofs.record import EpochRecord
 from atlas_swarm.swarm.records import CoSignature
 
@@ -168,8 +168,11 @@ class ChainSession:
             if epoch in self.checkpoints or epoch in self.recorded or epoch == 0:
                 return
             digest = checkpoint_digest(self.run, epoch, cid_digest(cid), self.client.domain)
-            vote = CoSignature(kind="vote", epoch=epoch, digest=digest, cid=cid,
-                               signature=sign_digest(digest, self.box.account.key))
+            signature = self.box.sign_vote(self.run, epoch, cid, digest)
+            if signature is None:  # it voted for another CID at this epoch before a restart: never two votes
+                self.recorded[epoch] = "not voted: this peer voted for another adapter at this epoch before"
+                return
+            vote = CoSignature(kind="vote", epoch=epoch, digest=digest, cid=cid, signature=signature)
             self._votes = (self._votes + [vote])[-VOTES_KEPT:]
             self.checkpoints[epoch] = cid
         self._publish_signatures()

@@ -77,6 +77,8 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
     mapping(bytes32 => mapping(uint64 => Checkpoint)) private _checkpoints;
     /// @dev runId => epoch => samples and members paid by receipts
     mapping(bytes32 => mapping(uint64 => EpochTally)) private _tallies;
+    /// @dev runId => epoch => voter => the CID digest of the last recorded checkpoint it voted for
+    mapping(bytes32 => mapping(uint64 => mapping(address => bytes32))) private _votes;
 
     // ------------------------------------------------------------ constructor
     constructor(uint32 unbondingPeriod, uint32 challengeWindow, uint16 slashBps, uint16 bountyBps)
@@ -335,6 +337,15 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
             recordedAt: uint32(block.timestamp)
         });
         emit CheckpointRecorded(runId, epoch, msg.sender, cidDigest);
+        // A voter of the checkpoint this one replaces signed both CIDs (each signature was checked when its
+        // checkpoint was recorded): slashed here, the relayer of the replacement earning the bounty.
+        mapping(address => bytes32) storage votes = _votes[runId][epoch];
+        for (uint256 i = 0; i < voters.length; ++i) {
+            bytes32 prior = votes[voters[i]];
+            if (prior == cidDigest) continue;
+            votes[voters[i]] = cidDigest;
+            if (prior != bytes32(0)) _slashDoubleVote(runId, epoch, voters[i]);
+        }
     }
 
     /// @inheritdoc IAtlasStaking
@@ -474,6 +485,15 @@ contract AtlasStaking is IAtlasStaking, EIP712, ReentrancyGuard {
         emit Slashed(runId, epoch, peer, msg.sender, amount, bounty, gone);
     }
 
+
+    /// @dev A double vote seen by recordCheckpoint: slashed unless it already was, or nothing is left to take, or
+    ///      nobody ever paid into the run (then _slash would revert, and the replacement with it).
+    function _slashDoubleVote(bytes32 runId, uint64 epoch, address peer) private {
+        StakeInfo memory s = _stakes[peer];
+        if (_slashed[keccak256(abi.encode(runId, peer, epoch, VOTE))] || uint256(s.active) + s.unbonding == 0
+            || _runs[runId].funded == 0) return;
+        _slash(runId, epoch, peer, VOTE);
+    }
 
     /// @dev Takes SLASH_BPS of the peer's stake, active first, then unbonding.
     function _takeStake(address peer) private returns (uint256 amount) {

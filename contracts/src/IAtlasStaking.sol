@@ -210,7 +210,7 @@ interface IAtlasStaking {
     /// @notice settleReceipt for several receipts in one transaction (one per group and epoch).
     function settleReceipts(Receipt[] calldata receipts, bytes[][] calldata signatures) external;
 
-    /// @notice Slash a peer that signed two different receipts for the same (run, epoch). Permissionless, with the
+    /// @notice Slash a peer that signed two different receipts for the same (run, epoch). Permissionless.
     ///         The reporter's bounty (BOUNTY_BPS of the slash) matures like a reward; the rest is burned, with the
     ///         peer's immature rewards, so that reporting oneself is always a loss.
     function slashConflictingReceipts(Receipt calldata a, bytes calldata sigA, Receipt calldata b,
@@ -223,7 +223,9 @@ interface IAtlasStaking {
     /// @notice Record the CID of the adapter peers hold at `epoch` (after `epoch` optimizer steps). `voters`
     ///         (sorted, strictly increasing) each signed checkpointDigest and each was paid for `epoch - 1`; they
     ///         must be more than half of the peers paid for `epoch - 1` so far. Within CHALLENGE_WINDOW of its
-    ///         recording, a different CID with more votes replaces it; after that it is final.
+    ///         recording, a different CID with more votes replaces it; after that it is final. A voter that voted
+    ///         for an earlier recorded checkpoint of this epoch signed two CIDs for it: it is slashed as
+    ///         slashConflictingVotes would, and the caller gets the bounty.
     /// @param cidDigest the sha2-256 digest inside the adapter folder's CIDv1 (dag-pb): the CID is 0x01 0x70 0x12 0x20
     ///        followed by it
     function recordCheckpoint(bytes32 runId, uint64 epoch, bytes32 cidDigest, address[] calldata voters,

@@ -182,6 +182,62 @@ contract Handler is TestBase {
         } catch {} // AlreadySlashed for that (run, epoch): fine
     }
 
+    /// @dev A checkpoint voted by a random subset of the actors for one of three CIDs: replacements happen, and
+    ///      with them double votes, which recordCheckpoint slashes (the relayer earns the bounties).
+    function recordCheckpoint(uint256 run, uint64 epoch, uint8 voters, uint256 cid, uint256 relayer) external {
+        if (runs.length == 0) return;
+        bytes32 id = runs[run % runs.length];
+        (, uint256[3] memory order) = _receipt(id, 0, 0, 0); // the actors sorted by address
+        // the first epoch from a random one on after an epoch at least two actors were paid for (voters must be)
+        epoch = uint64(bound(epoch, 1, 21));
+        for (uint256 k = 0; k < 21; ++k) {
+            uint64 e = uint64((epoch - 1 + k) % 21 + 1);
+            uint256 paid;
+            for (uint256 i = 0; i < 3; ++i) if (staking.paidFor(id, actors[i], e - 1)) ++paid;
+            if (paid >= 2) {
+                epoch = e;
+                break;
+            }
+        }
+        if (voters & 8 != 0) voters = 7; // half the time everyone paid votes: the most votes, which can replace
+        for (uint256 i = 0; i < 3; ++i) { // only those paid for the epoch before vote (others would be NotAVoter)
+            if (!staking.paidFor(id, actors[order[i]], epoch - 1)) voters &= ~uint8(1 << i);
+        }
+        bytes32 digest = keccak256(abi.encode("cid", cid % 3));
+        uint256 n;
+        for (uint256 i = 0; i < 3; ++i) if ((voters >> i) & 1 == 1) ++n;
+        address[] memory v = new address[](n);
+        bytes[] memory sigs = new bytes[](n);
+        n = 0;
+        for (uint256 i = 0; i < 3; ++i) {
+            if ((voters >> i) & 1 == 0) continue;
+            v[n] = actors[order[i]];
+            sigs[n++] = _sigOf(order[i], staking.checkpointDigest(id, epoch, digest));
+        }
+        (, address rel) = _actor(relayer);
+        uint256[3] memory before;
+        for (uint256 i = 0; i < 3; ++i) {
+            IAtlasStaking.Reputation memory r = staking.reputationOf(actors[i]);
+            before[i] = r.stake + r.unbonding;
+        }
+        vm.prank(rel);
+        try staking.recordCheckpoint(id, epoch, digest, v, sigs) {
+            for (uint256 i = 0; i < 3; ++i) {
+                IAtlasStaking.Reputation memory r = staking.reputationOf(actors[i]);
+                credited[rel] += (before[i] - r.stake - r.unbonding) * staking.BOUNTY_BPS() / 10_000;
+            }
+        } catch {} // no quorum, not voters, the same CID, fewer votes, final: nothing moved
+    }
+
+    /// @dev What random calls rarely line up: all three paid for one epoch, a checkpoint of two votes, then one of
+    ///      all three for another CID (it replaces the first, and slashes the first two voters).
+    function doubleVote(uint256 run, uint64 epoch, uint64 weights, uint256 relayer) external {
+        epoch = uint64(bound(epoch, 0, 20)); // settleReceipt's epoch; recordCheckpoint's argument for epoch + 1
+        this.settleReceipt(run, epoch, weights, 0, 7);
+        this.recordCheckpoint(run, epoch, 3, 0, relayer);
+        this.recordCheckpoint(run, epoch, 8, 1, relayer);
+    }
+
     function claim(uint256 who) external {
         (, address a) = _actor(who);
         uint256 amount = staking.reputationOf(a).claimable;

@@ -425,11 +425,20 @@ contract AtlasStakingReceiptsTest is TestBase {
         (address[] memory hv, bytes[] memory hs) = _votes(31, keccak256("real"), three);
         vm.expectEmit(true, true, false, true);
         emit IAtlasStaking.CheckpointReplaced(RUN, 31, keccak256("bogus"), keccak256("real"), 3);
+        // who voted for both is slashed by the replacement itself (half its 2 ether), its relayer earning the bounty
+        vm.expectEmit(true, true, true, true);
+        emit IAtlasStaking.Slashed(RUN, 31, wallets[1], address(0x5EED), 1 ether, 0.2 ether, 0.8 ether + 100 * RATE);
+        vm.prank(address(0x5EED));
         staking.recordCheckpoint(RUN, 31, keccak256("real"), hv, hs);
         assertEq(staking.checkpointOf(RUN, 31).cidDigest, keccak256("real"));
-        // who voted for both is slashable
-        staking.slashConflictingVotes(RUN, 31, keccak256("bogus"), bs[1], keccak256("real"), hs[0], wallets[1]);
         assertEq(staking.reputationOf(wallets[1]).timesSlashed, 1);
+        assertEq(staking.reputationOf(wallets[1]).stake, 1 ether);
+        assertEq(staking.reputationOf(address(0x5EED)).pending, 0.2 ether);
+        for (uint256 i = 2; i < 4; ++i) assertEq(staking.reputationOf(wallets[i]).timesSlashed, 0); // one vote each
+        assertEq(staking.reputationOf(wallets[0]).timesSlashed, 0); // voted once, for the replaced CID
+        // ... once: reporting the same double vote again is refused
+        vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.AlreadySlashed.selector, RUN, 31, wallets[1]));
+        staking.slashConflictingVotes(RUN, 31, keccak256("bogus"), bs[1], keccak256("real"), hs[0], wallets[1]);
         // no more than the recorded votes, or after the window: refused
         (address[] memory again, bytes[] memory as_) = _votes(31, keccak256("bogus"), _pair(0, 1));
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.NoQuorum.selector, 2, 4));
@@ -442,6 +451,31 @@ contract AtlasStakingReceiptsTest is TestBase {
         (address[] memory all4, bytes[] memory s4) = _votes(31, keccak256("late"), _all());
         vm.expectRevert(abi.encodeWithSelector(IAtlasStaking.CheckpointFinal.selector, RUN, 31, keccak256("real")));
         staking.recordCheckpoint(RUN, 31, keccak256("late"), all4, s4);
+    }
+
+    /// A double voter with nothing left to slash, or one slashed for it already, does not block the replacement.
+    function test_ReplacementGoesThroughWhenADoubleVoterHasNothingLeftOrWasSlashedAlready() public {
+        IAtlasStaking.Receipt memory own = _receipt(50, _pair(0, 1), 100);
+        staking.settleReceipt(own, _sign(own, _pair(0, 1), 0x3));
+        vm.prank(wallets[0]); // wallet 0 leaves with all its stake, after unbonding
+        staking.requestUnstake(2 ether);
+        vm.warp(block.timestamp + 7 days);
+        vm.prank(wallets[0]);
+        staking.withdraw();
+        (address[] memory bv, bytes[] memory bs) = _votes(51, keccak256("bogus"), _pair(0, 1));
+        staking.recordCheckpoint(RUN, 51, keccak256("bogus"), bv, bs);
+        IAtlasStaking.Receipt memory honest = _receipt(50, _pair(2, 3), 100);
+        honest.resultHash = keccak256("honest");
+        staking.settleReceipt(honest, _sign(honest, _pair(2, 3), 0x3));
+        (address[] memory hv, bytes[] memory hs) = _votes(51, keccak256("real"), _all());
+        // wallet 1's double vote is reported by hand first
+        staking.slashConflictingVotes(RUN, 51, keccak256("bogus"), bs[1], keccak256("real"), hs[1], wallets[1]);
+        staking.recordCheckpoint(RUN, 51, keccak256("real"), hv, hs);
+        assertEq(staking.checkpointOf(RUN, 51).cidDigest, keccak256("real"));
+        assertEq(staking.reputationOf(wallets[0]).timesSlashed, 0); // nothing to take
+        assertEq(staking.reputationOf(wallets[1]).timesSlashed, 1); // not twice
+        assertEq(staking.reputationOf(wallets[2]).timesSlashed, 0);
+        assertEq(staking.reputationOf(wallets[3]).timesSlashed, 0);
     }
 
     function test_RevertUnsortedOrForgedVotes() public {

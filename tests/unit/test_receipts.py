@@ -130,6 +130,20 @@ def test_checkpoints_need_votes_of_most_peers_paid_for_the_epoch_before(chain, p
     with pytest.raises(ValueError, match="not a CIDv1 of a dag-pb folder"):
         client.record_checkpoint(RUN_KEY, 9, "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", votes)
 
+    # three votes for another CID replace it, and the replacement slashes the two voters that signed both CIDs
+    (folder / "adapter_model.safetensors").write_bytes(b"other weights")
+    other = LocalStore(tmp_path / "store").put_folder(folder)
+    digest2 = checkpoint_digest(RUN_KEY, 9, cid_digest(other), client.domain)
+    double, once = list(votes)[:2], list(votes)[2]  # the first two voted for ``cid`` above
+    relayer = StakingClient(w3, client.address, peers[3])
+    relayer.record_checkpoint(RUN_KEY, 9, other, {a.address: sign_digest(digest2, a.key) for a in peers[:3]})
+    assert client.checkpoint_of(RUN_KEY, 9)["cid"] == other
+    slashed = client.contract.events.Slashed().get_logs(from_block=0)
+    assert sorted((e["args"]["peer"], e["args"]["reporter"]) for e in slashed) == sorted(
+        (d, peers[3].address) for d in double)
+    assert all(client.reputation(d)["stake"] == ETHER and client.reputation(d)["times_slashed"] == 1 for d in double)
+    assert client.reputation(once)["times_slashed"] == 0
+
 
 # -- the receipt outbox (chain/receipts.py) ------------------------------------------------------------------------
 class Unreachable:
@@ -153,6 +167,21 @@ def sign_all(group, receipt, now):
     published = [sig for box, _ in group for sig in box.own_signatures()]
     for box, _ in group:
         box.gather(published, now=now)
+
+
+def test_the_box_votes_for_one_checkpoint_per_epoch_also_after_a_restart(chain, tmp_path):
+    w3, client, peers = chain
+    box = ReceiptBox(tmp_path / "box", peers[0], client.domain)
+    cid_a, cid_b = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi", "bafybeihdwdcefgh4dqkjv67uzcmw7o"
+    digest = checkpoint_digest(RUN_KEY, 4, b"a" * 32, client.domain)
+    vote = box.sign_vote(RUN_KEY, 4, cid_a, digest)
+    assert recover(digest, vote) == peers[0].address
+    again = ReceiptBox(tmp_path / "box", peers[0], client.domain)  # restarted: its receipts load beside the votes
+    assert again.sign_vote(RUN_KEY, 4, cid_a, digest) == vote  # the same vote, not a second one
+    assert again.sign_vote(RUN_KEY, 4, cid_b, checkpoint_digest(RUN_KEY, 4, b"b" * 32, client.domain)) is None
+    assert again.sign_vote(RUN_KEY, 5, cid_b, digest) is not None  # another epoch
+    (tmp_path / "box" / "votes" / f"{RUN_KEY.hex()[:16]}-{6:010d}.json").write_text("{trunc")
+    assert again.sign_vote(RUN_KEY, 6, cid_a, digest) is None  # unreadable: it may hold a vote
 
 
 def test_the_box_signs_an_epoch_once_and_the_group_settles_it_once_across_a_crash(chain, peer_ids, tmp_path):
