@@ -95,6 +95,24 @@ def skip_admission():
     Gatekeeper.check_self = lambda self: None
 
 
+@attack
+def freeload():
+    """Take the groupmates' updates and give none (the issue's "downloads state without contributing"): each exchange
+    of our gather protocol (atlas_swarm/swarm/gather.py, so not for commits before it) carries this peer's signed
+    header but no tensor. Its groupmates still send it theirs, both when it calls them and when they call it, and it
+    averages them into its own adapter; with a wallet, it signs the receipt of what its round saw (everyone) as any
+    peer does."""
+    from hivemind.proto import averaging_pb2, runtime_pb2
+
+    from atlas_swarm.swarm import gather
+
+    async def _messages(own: list, group_id: bytes):
+        blob, _serialized = own
+        yield averaging_pb2.DownloadData(metadata=blob, tensor_part=runtime_pb2.Tensor())
+
+    gather._messages = _messages
+
+
 def _drift_moments(factor: float):
     """Not an attack: the state a missed round leaves behind. After the peer's first optimizer step its Adam second
     moments are scaled by ``factor``, as if that step's gradient had been its own rather than the group's: an honest

@@ -150,14 +150,24 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
     front = attack(chain, tmp_path, "--front-run", "4")
     assert front["settled"] == "settled" and front["samples"] == EPOCH_SAMPLES, front
     assert front["checkpoint"] == "recorded" and chain["trainer"].checkpoint_of(chain["run"], 4)["cid"] == front["cid"]
-    with killed_at_exit([]) as peers:
+    with killed_at_exit([]) as peers, killed_at_exit([]) as attackers:
         extra = ["--max-epochs", "4", "--wait-for-peers", "3", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         for i, bs in ((1, 4), (2, 8)):
             peers.append(start_peer(tmp_path, f"peer{i}", [*join, "--batch-size", str(bs), "--seed", str(i), *extra,
                                                             *chain_flags(chain, i)]))  # fmt: skip
+        # a fourth peer, staked and bound like the others, takes its groupmates' updates and gives none of its own
+        fl_wallet = tmp_path / "wallet-freeloader.json"
+        fl = create_wallet(str(fl_wallet), "test-password", bytes.fromhex(DEV_KEYS[5][2:]), kdf="pbkdf2")
+        StakingClient(chain["trainer"].w3, chain["trainer"].address, fl).stake(2 * ETHER)
+        freeloader = start_peer(tmp_path, "freeloader", [*join, "--batch-size", "4", "--seed", "9", *extra,
+                                                          *chain_flags(chain, 0)[:4], "--wallet", str(fl_wallet),
+                                                          "--wallet-password-file", str(chain["pw"])],
+                                attack="freeload")  # fmt: skip
+        attackers.append(freeloader)
         codes = [p.wait_exit(300) for p in peers]
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
+        assert freeloader.wait_exit(120) == 0, freeloader.tail()
         total = 0
         for p, (_, account) in zip(peers, chain["wallets"]):
             assert p.wait_event("registered", 1)["address"] == account.address
@@ -181,6 +191,18 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
         why = [(p.name, r["receipt"]["epoch"], r["tx"], r["signed_at"], r["quorum_at"], sorted(r["signatures"]))
                for p in peers for r in receipts(p)]  # fmt: skip
         assert all(len(t) == 1 for t in txs.values()), (txs, why, [p.tail() for p in peers])
+
+        # the freeloader averaged its groupmates' updates into its own adapter, and theirs refused its empty ones: it
+        # is in no honest receipt and was paid nothing; its own receipts (listing everyone) found no majority
+        fl_id = freeloader.wait_event("started", 1)["peer_id"]
+        took = [e["epoch"] for e in freeloader.events("epoch") if len(e["group"]) >= 2]
+        refused = [e["dropped"][fl_id] for p in peers for e in p.events("epoch") if fl_id in e["dropped"]]
+        assert took and refused, (freeloader.tail(), [p.tail() for p in peers])
+        assert not [r for p in peers for r in receipts(p) if fl.address in {m["wallet"] for m in r["receipt"]["members"]}]
+        assert paid_epochs(chain["trainer"], fl.address) == {}
+        rep = chain["trainer"].reputation(fl.address)
+        assert rep["verified_samples"] == rep["pending"] == rep["claimable"] == 0, rep
+        assert receipts(freeloader) and all(r["state"] == "collecting" for r in receipts(freeloader))
 
         # the finishers' agreed adapter is on chain as the run's epoch-4 checkpoint, voted by the peers paid for 3
         finals = {p.wait_event("handed_off", 1)["cid"] for p in peers}
