@@ -299,7 +299,6 @@ class PeerConfig:
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()
     client_mode: bool = False
-    auto_relay: bool = False  # behind NAT: become reachable through a relay (a bootstrap node runs one)
     max_epochs: Optional[int] = None  # stop once the swarm reaches this epoch
     max_steps: Optional[int] = None  # stop after this many local optimizer steps
     save_every: int = 1  # write the adapter folder every N epochs

@@ -218,7 +218,7 @@ def join(p: Progress, local_spec: Optional[RunSpec]) -> None:
     cfg = p.cfg
     identity = Identity.load_or_create(cfg.identity_path)
     p.swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
-                         startup_timeout=cfg.join_timeout, **({"use_auto_relay": True} if cfg.auto_relay else {}))  # fmt: skip
+                         startup_timeout=cfg.join_timeout)
     if cfg.run_id is not None and (local_spec is None or local_spec.run_id != cfg.run_id):
         p.spec = p.swarm.fetch_spec(cfg.run_id, timeout=cfg.join_timeout)
         if local_spec is not None:

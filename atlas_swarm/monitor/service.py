@@ -115,8 +115,8 @@ def run(args: argparse.Namespace, monitor_only: bool = False, ready: Optional[th
         kind = "monitor" if monitor_only else "bootstrap node"
         print(f"atlas-swarm {kind} {swarm.peer_id} (identity {identity.path})")
         if not monitor_only:
-            print("relay: " + ("ON: peers behind NAT can be reached through this node (they run the peer with "
-                               "--auto-relay)" if relay else "off (--no-relay)"))  # fmt: skip
+            print("relay: " + ("ON (libp2p circuit relay service; atlas peers behind NAT use --client-mode, not "
+                               "relays)" if relay else "off (--no-relay)"))  # fmt: skip
         if server is not None:
             host, port = server.server_address[:2]
             print(f"monitor: http://{host}:{port}/  (/health, /metrics)")

@@ -224,3 +224,9 @@ def test_gpu_only_flags_on_a_cpu_machine_are_clear_errors(capsys, tmp_path, tiny
                          *flags)  # fmt: skip
     assert code == 2 and err["kind"] == "ConfigError" and message in err["error"], err
     assert not (tmp_path / "p" / "identity.key").exists()  # refused before joining anything
+
+
+def test_the_removed_auto_relay_flag_says_why_and_what_to_use(capsys, tmp_path, tiny_spec, text_data):
+    code, err = run_peer(capsys, "--run-spec", str(tiny_spec), "--data", str(text_data), "--out", str(tmp_path / "p"),
+                         "--auto-relay")  # fmt: skip
+    assert code == 2 and err["kind"] == "ConfigError" and "use --client-mode" in err["error"], err
