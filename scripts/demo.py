@@ -25,12 +25,16 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from atlas_swarm.config import RunSpec
-from atlas_swarm.launch import PeerFailed, PeerProcess
-from atlas_swarm.model.lora import load_adapter_weights, load_model
-from atlas_swarm.train.builtin import chatterbot_topics, shard_non_iid
-from atlas_swarm.train.data import Batches, load_examples
-from atlas_swarm.train.steps import evaluate
+from atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing
+
+skip_bitsandbytes_unless_quantizing([])  # before peft imports it: the demo never quantizes (and on CPU it warns)
+
+from atlas_swarm.config import RunSpec  # noqa: E402
+from atlas_swarm.launch import PeerFailed, PeerProcess  # noqa: E402
+from atlas_swarm.model.lora import load_adapter_weights, load_model  # noqa: E402
+from atlas_swarm.train.builtin import chatterbot_topics, shard_non_iid  # noqa: E402
+from atlas_swarm.train.data import Batches, load_examples  # noqa: E402
+from atlas_swarm.train.steps import evaluate  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-minilm-topics.toml"
 BATCH_SIZES = (4, 4, 8, 16)

@@ -49,19 +49,20 @@ class Anvil:
     url: str
 
     @classmethod
-    def start(cls, block_time: float | None = None, timeout: float = 20.0) -> "Anvil":
+    def start(cls, block_time: float | None = None, timeout: float = 20.0, host: str = "127.0.0.1") -> "Anvil":
+        """anvil on a free port of ``host`` (loopback; a lab's gateway for peers in network namespaces)."""
         port = free_port()
-        cmd = [find_anvil(), "--host", "127.0.0.1", "--port", str(port), "--silent", "--accounts", str(len(DEV_KEYS))]
+        cmd = [find_anvil(), "--host", host, "--port", str(port), "--silent", "--accounts", str(len(DEV_KEYS))]
         if block_time:
             cmd += ["--block-time", str(block_time)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ChainError(f"anvil exited at start: {proc.stderr.read().decode(errors='replace')[-500:]}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                with socket.create_connection((host, port), timeout=0.5):
                     return cls(proc, url)
             except OSError:
                 time.sleep(0.05)

@@ -31,21 +31,21 @@ EPOCH_SAMPLES = 2 * 960  # all peers of an epoch together: twice the spec's targ
 
 
 @contextlib.contextmanager
-def deployed_run(tmp_path, tiny_model, trust=None, stakes=(2, 2, 2)):
-    """anvil + AtlasStaking + a funded run (minStake 1 ETH) + 3 peer wallets staking ``stakes`` ETH (each peer binds
-    its PeerID itself at start)."""
-    anvil = Anvil.start()
+def deployed_run(tmp_path, tiny_model, trust=None, stakes=(2, 2, 2), host="127.0.0.1", target_batch_size=960):
+    """anvil on ``host`` + AtlasStaking + a funded run (minStake 1 ETH) + a peer wallet per stake, staking it in ETH
+    (each peer binds its PeerID itself at start)."""
+    anvil = Anvil.start(host=host)
     try:
         w3 = Web3(Web3.HTTPProvider(anvil.url))
         trainer = StakingClient.deploy(w3, Account.from_key(DEV_KEYS[0]), unbonding_period=3600, challenge_window=600)
         # epochs well over matchmaking_time: with very short ones a peer that falls behind skips epochs (state download)
         spec_path = write_spec(tmp_path / "spec.toml", str(tiny_model), trainer=trainer.account.address,
-                               target_batch_size=960, trust=trust)  # fmt: skip
+                               target_batch_size=target_batch_size, trust=trust)  # fmt: skip
         spec = RunSpec.from_toml(spec_path)
         trainer.create_run(spec.run_id, spec.spec_hash, RATE, ETHER, CAP, 5 * ETHER, samples_per_epoch=EPOCH_SAMPLES)
         (tmp_path / "pw").write_text("test-password")
         wallets = []
-        for i, stake in zip(range(1, 4), stakes):
+        for i, stake in zip(range(1, 5), stakes):
             path = tmp_path / f"wallet{i}.json"
             account = create_wallet(str(path), "test-password", bytes.fromhex(DEV_KEYS[i][2:]), kdf="pbkdf2")
             StakingClient(w3, trainer.address, account).stake(int(stake * ETHER))
@@ -198,7 +198,8 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
         took = [e["epoch"] for e in freeloader.events("epoch") if len(e["group"]) >= 2]
         refused = [e["dropped"][fl_id] for p in peers for e in p.events("epoch") if fl_id in e["dropped"]]
         assert took and refused, (freeloader.tail(), [p.tail() for p in peers])
-        assert not [r for p in peers for r in receipts(p) if fl.address in {m["wallet"] for m in r["receipt"]["members"]}]
+        listed = [r for p in peers for r in receipts(p) if fl.address in {m["wallet"] for m in r["receipt"]["members"]}]
+        assert not listed, listed
         assert paid_epochs(chain["trainer"], fl.address) == {}
         rep = chain["trainer"].reputation(fl.address)
         assert rep["verified_samples"] == rep["pending"] == rep["claimable"] == 0, rep

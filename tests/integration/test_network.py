@@ -15,6 +15,7 @@ from atlas_swarm.devnet.netns import Lab
 from atlas_swarm.identity import Identity
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
+from tests.integration.test_chain_swarm import chain_flags, deployed_run, due_to, paid_epochs, receipts
 from tests.peers import kill_session, killed_at_exit, wait_until
 
 pytestmark = pytest.mark.integration
@@ -89,18 +90,22 @@ def test_a_partitioned_swarm_heals_into_one_and_agrees_on_one_adapter(tmp_path, 
     """Four peers on four hosts, the first the others' only initial peer. The switch is cut into {a, b} and {c, d}
     for 60 s: each half trains on alone. Healed, groups span both halves again (HEAL_WITHIN_S says how soon), and at
     the end all four agree on one adapter. (hivemind pings its initial peers once, at start: before swarm/heal.py
-    no group spanned the halves in the 60 s after the heal.)"""
+    no group spanned the halves in the 60 s after the heal.) Each peer has a staked wallet and settles its co-signed
+    receipts on anvil, which listens on the lab's gateway: the half cut off from it retries until the heal, and every
+    receipt that gathered a majority is settled, each wallet paid exactly once per epoch."""
     # epochs of ~5 s with four peers on 2 cores (10 s for a half): the run outlasts the partition and the heal
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=2400)
-    with Lab("heal") as lab, killed_at_exit([]) as peers:
+    with Lab("heal") as lab, killed_at_exit([]) as peers, \
+            deployed_run(tmp_path, tiny_model, stakes=(2, 2, 2, 2), host=lab.gateway, target_batch_size=2400) as chain:
         hosts = [lab.host(n) for n in "abcd"]
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "40", "--join-timeout", "90"]
-        peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(spec), "--wait-for-peers", "4", *extra]))
+        peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(chain["spec"]), "--wait-for-peers", "4",
+                                                         *extra, *chain_flags(chain, 0)]))  # fmt: skip
         started = peers[0].wait_event("started", 90)
         first = next(m for m in started["maddrs"] if f"/{hosts[0].addr}/" in m)
         for i, host in enumerate(hosts[1:], 1):
             peers.append(lab_peer(tmp_path, host, host.name, ["--initial-peers", first, "--run", started["run_id"],
-                                                                "--seed", str(i), "--wait-for-peers", "4", *extra]))  # fmt: skip
+                                                                "--seed", str(i), "--wait-for-peers", "4", *extra,
+                                                                *chain_flags(chain, i)]))  # fmt: skip
         ids = [p.wait_event("started", 90)["peer_id"] for p in peers]
         halves = (set(ids[:2]), set(ids[2:]))
         spans = lambda group: bool(group & halves[0]) and bool(group & halves[1])  # noqa: E731
@@ -126,6 +131,29 @@ def test_a_partitioned_swarm_heals_into_one_and_agrees_on_one_adapter(tmp_path, 
         assert codes == [0, 0, 0, 0], "\n\n".join(p.tail() for p in peers)
         finals = [p.wait_event("final", 1) for p in peers]
         assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
+        settled = [assert_settled_exactly_once(chain, p, account.address) for p, (_, account) in
+                   zip(peers, chain["wallets"])]  # fmt: skip
+        print(f"receipts settled per peer: {settled}")
+
+
+def assert_settled_exactly_once(chain, peer, address: str) -> int:
+    """Nothing lost, nothing paid twice: every receipt the peer co-signed that a majority of its members signed is
+    settled, and the chain paid the wallet once per epoch, exactly what those receipts give it (its weight, scaled
+    down pro rata where an epoch's claims exceeded the run's samples per epoch). A receipt without a majority (a
+    round whose members saw different updates, e.g. at the cut) is signed by too few to be paid, by design."""
+    client = chain["trainer"]
+    records = receipts(peer)
+    posted = [r for r in records if r["state"] == "posted"]
+    assert records and posted, peer.tail()
+    lost = [r["receipt"]["epoch"] for r in records if r["state"] != "posted"
+            and 2 * len(r["signatures"]) > len(r["receipt"]["members"])]  # fmt: skip
+    assert not lost, (lost, peer.tail())
+    logs = client.contract.events.ContributionPaid().get_logs(from_block=0, argument_filters={"peer": address})
+    epochs = [log["args"]["epoch"] for log in logs]
+    assert len(epochs) == len(set(epochs)), epochs  # once per epoch
+    mine = {r["receipt"]["epoch"]: next(m for m in r["receipt"]["members"] if m["wallet"] == address) for r in posted}
+    assert paid_epochs(client, address) == due_to(client, address, mine, posted), (mine, peer.tail())
+    return len(posted)
 
 
 def test_a_peer_behind_a_nat_trains_and_averages_in_client_mode(tmp_path, tiny_model, text_data):
