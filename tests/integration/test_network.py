@@ -91,8 +91,9 @@ def test_a_partitioned_swarm_heals_into_one_and_agrees_on_one_adapter(tmp_path, 
     for 60 s: each half trains on alone. Healed, groups span both halves again (HEAL_WITHIN_S says how soon), and at
     the end all four agree on one adapter. (hivemind pings its initial peers once, at start: before swarm/heal.py
     no group spanned the halves in the 60 s after the heal.) Each peer has a staked wallet and settles its co-signed
-    receipts on anvil, which listens on the lab's gateway: the half cut off from it retries until the heal, and every
-    receipt that gathered a majority is settled, each wallet paid exactly once per epoch."""
+    receipts on anvil, which listens on the lab's gateway (one half is cut off from it too, and settles what it signed
+    before the cut after the heal): every receipt that gathered a majority is settled, each wallet paid exactly once
+    per epoch."""
     # epochs of ~5 s with four peers on 2 cores (10 s for a half): the run outlasts the partition and the heal
     with Lab("heal") as lab, killed_at_exit([]) as peers, \
             deployed_run(tmp_path, tiny_model, stakes=(2, 2, 2, 2), host=lab.gateway, target_batch_size=2400) as chain:
