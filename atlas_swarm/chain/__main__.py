@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from atlas_swarm.chain.client import ETHER, StakingClient, eth
-from atlas_swarm.chain.session import verified_bindings
 from atlas_swarm.chain.wallet import create_wallet, load_wallet, read_password
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import ConfigError
 from atlas_swarm.identity import Identity
-from atlas_swarm.swarm import Swarm
 
 
 def fmt_eth(wei: int) -> str:
@@ -216,6 +214,10 @@ def run(a: argparse.Namespace) -> None:
 
 
 def _peers(c: StakingClient, a: argparse.Namespace) -> None:
+    from atlas_swarm.chain.session import verified_bindings  # hivemind and torch: ~5 s of imports only this needs
+    from atlas_swarm.swarm import Swarm, quiet_hivemind
+
+    quiet_hivemind()  # again: hivemind sets its log level when first imported
     with tempfile.TemporaryDirectory() as tmp:  # a throwaway identity: this is a read-only visitor
         swarm = Swarm.join(Identity.load_or_create(Path(tmp) / "id.key"), a.initial_peers, client_mode=True)
         try:

@@ -35,6 +35,7 @@ from atlas_swarm.swarm.records import CoSignature
 Emit = Callable[..., None]  # (kind, message, **fields): the peer's Reporter.event
 BINDINGS_EVERY = 10.0  # seconds between re-reads of the run's wallet bindings when a groupmate's is missing
 VOTES_KEPT = 4  # checkpoint votes this peer keeps publishing
+QUIET = 8.0  # seconds a leaving peer waits on receipts without a majority and on votes while nothing changes
 
 
 @dataclass
@@ -228,16 +229,25 @@ class ChainSession:
                 "poster_errors": self.poster.errors}  # fmt: skip
 
     def close(self, timeout: float = 3.0) -> ReceiptCounts:
-        """Turns until every receipt with a chance is settled and every vote recorded, at most ``timeout`` s; what
-        is left stays on disk for the next start."""
+        """Turns until every receipt with a chance is settled and every vote recorded, at most ``timeout`` s, and no
+        longer than QUIET s without any change while no receipt has a majority to post (a groupmate that left with
+        its signature unpublished, or a vote with too few voters, would hold every leaving peer for the whole
+        timeout); what is left stays on disk for the next start."""
         deadline = time.monotonic() + timeout
         self.poster.hurry = True
+        seen, changed = None, time.monotonic()
         while time.monotonic() < deadline:
-            counts = self.box.counts()
             with self._lock:
-                queued = bool(self._rounds)
-            if not queued and not counts.collecting and not self.checkpoints:
+                state = (bool(self._rounds), len(self.checkpoints), len(self.recorded))
+            records = [r for r in self.box.records() if r["state"] == "collecting"]
+            if not state[0] and not records and not self.checkpoints:
                 break
+            now = time.monotonic()
+            state += (len(records), sum(len(r["signatures"]) for r in records), self.box.counts().posted)
+            if state != seen:
+                seen, changed = state, now
+            elif now - changed >= QUIET and not state[0] and not any(r["quorum_at"] for r in records):
+                break  # nothing moved, and nothing this peer holds can be posted: a longer wait would not help
             self.poster.poke()
             time.sleep(0.5)
         counts = self.poster.stop(max(0.5, deadline - time.monotonic()))

@@ -14,10 +14,21 @@ Every hivemind 1.1.12 method we override, and why (tests/unit/test_hivemind_over
 exists on its hivemind base class with a signature ours accepts, and that none is missing from this list):
 """
 
+import importlib
+
 from atlas_swarm.swarm.logs import quiet_hivemind
-from atlas_swarm.swarm.node import Swarm
-from atlas_swarm.swarm.optimizer import EpochDone, SwarmOptimizer, make_optimizer
-from atlas_swarm.swarm.records import PeerStatus
+
+# imported on first use (PEP 562): hivemind and torch take ~5 s to import, and `python -m atlas_swarm.chain` (through
+# atlas_swarm.cli's quiet_hivemind) needs neither
+_LAZY = {"Swarm": "node", "EpochDone": "optimizer", "SwarmOptimizer": "optimizer", "make_optimizer": "optimizer",
+         "PeerStatus": "records"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # "module.Class.method": why (the base class is found in the class's MRO)
 HIVEMIND_OVERRIDES = {

@@ -94,11 +94,12 @@ def test_a_partitioned_swarm_heals_into_one_and_agrees_on_one_adapter(tmp_path, 
     receipts on anvil, which listens on the lab's gateway (one half is cut off from it too, and settles what it signed
     before the cut after the heal): every receipt that gathered a majority is settled, each wallet paid exactly once
     per epoch."""
-    # epochs of ~5 s with four peers on 2 cores (10 s for a half): the run outlasts the partition and the heal
+    # epochs of ~4 s with four peers on 2 cores (~8 s for a half): 32 of them outlast the partition (~10) and a heal
+    # of up to ~60 s, and leave the whole swarm a dozen epochs together after it (40 took ~100 s more)
     with Lab("heal") as lab, killed_at_exit([]) as peers, \
             deployed_run(tmp_path, tiny_model, stakes=(2, 2, 2, 2), host=lab.gateway, target_batch_size=2400) as chain:
         hosts = [lab.host(n) for n in "abcd"]
-        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "40", "--join-timeout", "90"]
+        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "32", "--join-timeout", "90"]
         peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(chain["spec"]), "--wait-for-peers", "4",
                                                          *extra, *chain_flags(chain, 0)]))  # fmt: skip
         started = peers[0].wait_event("started", 90)

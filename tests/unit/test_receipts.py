@@ -318,3 +318,40 @@ def test_a_member_the_receipt_pays_nothing_neither_posts_first_nor_posts_again(c
     assert flagged.flush(fc, now=later).posted == mate.flush(mc, now=later).posted == 1
     assert flagged.records()[0]["tx"] == mate.records()[0]["tx"] == "settled by a groupmate"
     assert client.epoch_tally(RUN_KEY, 4) == {"samples": 18, "payees": 3}, "the flagged member is settled at 0"
+
+
+class _Poster:
+    """ChainSession.close's view of the poster thread: pokes and the final stop (the box is the real one)."""
+
+    def __init__(self, box):
+        self.box, self.hurry, self.pokes = box, False, 0
+
+    def poke(self):
+        self.pokes += 1
+
+    def stop(self, timeout):
+        return self.box.counts()
+
+
+def test_a_leaving_peer_waits_for_receipts_it_can_post_not_for_ones_nobody_will_sign(chain, peer_ids, tmp_path,
+                                                                                      monkeypatch):
+    """Every finishing peer of a chain run once waited its whole FINAL_FLUSH (30 s) for a receipt a groupmate never
+    signed or for a vote too few peers cast; it now gives up on those after QUIET s without a change, and still
+    waits for a receipt with a majority (its turn to post may be seconds away)."""
+    from atlas_swarm.chain import session as s
+
+    monkeypatch.setattr(s, "QUIET", 1.0)
+    w3, client, peers = chain
+    (box, _), _ = boxes(tmp_path, client, peers, peer_ids, n=2)
+    session = s.ChainSession(client, box, _Poster(box), RUN, RUN_KEY, None, lambda *a, **k: None)
+    box.sign(group_receipt(peers, peer_ids, 3, [8.0, 8.0, 8.0]))  # 1 of 3 signatures: no majority
+    session.checkpoints[5] = "bafy-a-vote-too-few-peers-cast"
+    t0 = time.monotonic()
+    assert session.close(timeout=20).collecting == 1
+    assert 1.0 <= time.monotonic() - t0 < 4, "gave up after QUIET s of no change, not after the timeout"
+    assert session.recorded[5].startswith("not recorded")
+
+    box.records()[0]["quorum_at"] = time.time()  # a majority signed: the peer waits on, up to its timeout
+    t0 = time.monotonic()
+    s.ChainSession(client, box, _Poster(box), RUN, RUN_KEY, None, lambda *a, **k: None).close(timeout=3)
+    assert time.monotonic() - t0 >= 3
