@@ -189,6 +189,8 @@ class ChainSession:
         client = self.poster.client
         published = [s for sigs in self.swarm.cosignatures(self.run_id).values() for s in sigs if s.kind == "vote"]
         for epoch, cid in waiting:
+            if self._recorded_by_another(client, epoch, cid):
+                continue
             digest = checkpoint_digest(self.run, epoch, cid_digest(cid), client.domain)
             votes = {}
             for s in published:
@@ -221,6 +223,19 @@ class ChainSession:
                 self.recorded[epoch] = outcome
                 self.checkpoints.pop(epoch, None)
 
+    def _recorded_by_another(self, client: StakingClient, epoch: int, cid: str) -> bool:
+        """Whether the chain holds ``cid`` at ``epoch`` already (then it is this peer's recorded checkpoint too)."""
+        try:
+            on_chain = client.checkpoint_of(self.run, epoch)
+        except ChainError:
+            return False
+        if on_chain is None or on_chain["cid"] != cid:
+            return False
+        with self._lock:
+            self.recorded[epoch] = cid
+            self.checkpoints.pop(epoch, None)
+        return True
+
     # -- reporting ------------------------------------------------------------------------------------------------
     def progress(self) -> dict:
         c, r = self.poster.counts, self.poster.rewards
@@ -237,6 +252,10 @@ class ChainSession:
         self.poster.hurry = True
         seen, changed = None, time.monotonic()
         while time.monotonic() < deadline:
+            with self._lock:
+                pending = sorted(self.checkpoints.items())
+            for epoch, cid in pending:  # recorded by another voter? (the poster's turn may be held up by the DHT)
+                self._recorded_by_another(self.client, epoch, cid)
             with self._lock:
                 state = (bool(self._rounds), len(self.checkpoints), len(self.recorded))
             records = [r for r in self.box.records() if r["state"] == "collecting"]

@@ -101,11 +101,16 @@ def due_to(client: StakingClient, peer: str, mine: dict[int, dict], records: lis
     return due
 
 
-def assert_paid_exactly(chain, peer: PeerProcess, address: str, earlier: list = ()) -> int:
+def assert_paid_exactly(chain, peer: PeerProcess, address: str, earlier: list = (), minority_ok: bool = False) -> int:
     """Every receipt the peer co-signed is settled, and the chain paid it exactly its weight in each x rate, once
-    per epoch; each weight is the one its round's aggregation gave it (its own epoch event)."""
+    per epoch; each weight is the one its round's aggregation gave it (its own epoch event). ``minority_ok``: a
+    receipt only a minority of its members signed may stay unsettled (and unpaid), as by design after a round whose
+    members aggregated different updates (a groupmate killed mid-round)."""
     client = chain["trainer"]
     records = receipts(peer)
+    if minority_ok:
+        records = [r for r in records
+                   if r["state"] == "posted" or 2 * len(r["signatures"]) > len(r["receipt"]["members"])]
     assert records and all(r["state"] == "posted" for r in records), records
     mine = {r["receipt"]["epoch"]: next(m for m in r["receipt"]["members"] if m["wallet"] == address) for r in records}
     expected = due_to(client, address, mine, records)
@@ -287,8 +292,10 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in (first, peers[1], restarted))
         assert set(waiting) <= set(paid_epochs(chain["trainer"], victim_address))
         assert_paid_exactly(chain, restarted, victim_address, earlier=before)
+        # (the groupmates may hold a receipt of the round the victim died in that only one of them signed: one saw
+        # the victim's update and the other did not, so their aggregates and receipts differ; seen in 1 full run)
         for p, (_, account) in zip((first, peers[1]), chain["wallets"]):
-            assert_paid_exactly(chain, p, account.address)
+            assert_paid_exactly(chain, p, account.address, minority_ok=True)
 
 
 def test_a_staked_run_admits_bound_staked_peers_and_refuses_an_understaked_one(tmp_path, tiny_model, text_data):

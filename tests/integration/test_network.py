@@ -282,4 +282,8 @@ def test_four_peers_across_a_wan_agree_and_a_late_joiner_averages_in_every_epoch
         (tmp_path / "wan.json").write_text(json.dumps(figures, indent=2))
         assert first is not None, joiner
         assert all(len(e["group"]) >= 2 for e in joiner[first:]), joiner
+        # it started behind the swarm and took a state a majority holds (a verified download)
+        synced = peers[3].wait_event("synced", 1)
+        assert synced["epoch"] >= 2 and synced["verified"], synced
+        assert {p.wait_event("stopped", 1)["epoch"] for p in peers} == {14}
 
