@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence
 from eth_abi import decode as abi_decode
 from eth_utils import function_abi_to_4byte_selector, to_checksum_address
 from web3 import Web3
+from web3.exceptions import MethodUnavailable
 
 from atlas_swarm.errors import ChainError, ChainUnreachable, ConfigError, TxReverted
 from atlas_swarm.proofs.eip712 import Domain, chain_run_id, peer_id_hash, run_tag
@@ -367,7 +368,7 @@ class StakingClient:
             raise ChainError("This command sends a transaction: pass --wallet KEYFILE.")
         sender = self.account.address
         try:
-            gas = fn.estimate_gas({"from": sender, "value": value})
+            gas = _estimate(fn, {"from": sender, "value": value})
             tx = fn.build_transaction({
                 "from": sender, "value": value, "gas": int(gas * 1.2) + 10_000, "chainId": self.chain_id,
                 "nonce": self.w3.eth.get_transaction_count(sender, "pending"),
@@ -382,6 +383,17 @@ class StakingClient:
                              "Unknown")  # fmt: skip
         events = tuple(_event_names(self.contract, receipt))
         return Receipt("0x" + bytes(tx_hash).hex().removeprefix("0x"), receipt["gasUsed"], receipt["blockNumber"], events)
+
+
+def _estimate(fn, tx: dict) -> int:
+    """Gas, estimated against the pending block: the one the transaction joins, at the current time. The default,
+    "latest", is the last mined block, whose timestamp on a chain that mines only on demand (anvil) stops while
+    nobody sends a transaction: every receipt then looked EpochAhead and none was ever sent (the partition test, 2
+    runs in a row). eth-tester has no estimate for a given block: the default there."""
+    try:
+        return fn.estimate_gas(tx, block_identifier="pending")
+    except MethodUnavailable:
+        return fn.estimate_gas(tx)
 
 
 def cid_digest(cid: str) -> bytes:

@@ -104,15 +104,15 @@ def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_mode
     # (epochs of 2-3 s: the swarm must outlive the newcomer's start and leave it time to find a state the majority
     # holds: after a round some missed, honest states differ until the next state round, and a download waits for
     # one. Launched at epoch 2, the newcomer began its download at epochs 8-15 in 5 local runs (20-30 s of start-up
-    # beside three training peers on 2 cores); with 16 epochs, CI's slower machine once had it arrive after the
-    # others had left: it finished alone, on its own adapter)
+    # beside three training peers on 2 cores) and once took it at epoch 18 (a sync of 11 s); with 16 epochs, CI's
+    # slower machine once had it arrive after the others had left: it finished alone, on its own adapter)
     spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=960)
     with killed_at_exit([]) as peers:
         started = start_honest_and_attacker(peers, tmp_path, spec, text_data, "poison_state",
-                                            extra=["--max-epochs", "22"])  # fmt: skip
+                                            extra=["--max-epochs", "26"])  # fmt: skip
         peers[0].wait_event("epoch", 120, lambda e: e["epoch"] >= 2)
         late = start_peer(tmp_path, "late", ["--initial-peers", first_maddr(started), "--run", started["run_id"],
-                                              "--data", str(text_data), "--batch-size", "4", "--max-epochs", "22",
+                                              "--data", str(text_data), "--batch-size", "4", "--max-epochs", "26",
                                               "--join-timeout", "90"])  # fmt: skip
         peers.insert(2, late)
         synced = late.wait_event("synced", 120)
