@@ -16,6 +16,10 @@ A download is the one step that cannot be taken back, so a peer acts on the tall
 peer it follows at this epoch has published its hash) or half the timeout has passed: acting on a partial tally, a
 peer whose pair-mate had not published yet saw a 1-1 tie, downloaded the odd peer's smaller hash, and the swarm left
 with two adapters (seen once in a full test run).
+
+A peer left with no connection (the others agreed and left first; it is behind a NAT and held no records itself)
+reads only its own copy of their last statuses, which said they were still finishing: it waited for them to expire
+(60 s, the NAT client-mode test). After ALONE_FOR without a connection it stops waiting for anyone.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from atlas_swarm.swarm.node import Swarm
 from atlas_swarm.swarm.records import parse_state
 
 POLL_EVERY = 0.5
+ALONE_FOR = 3.0  # s without a connection to any peer, after which the statuses read are not waited on
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,16 @@ def agree_on_final_adapter(
     deadline = time.monotonic() + timeout
     decide_by = time.monotonic() + timeout / 2  # after this, peers that have not published are not waited for
     seen: dict[str, str] = {}  # PeerID -> the final hash it was last seen with (kept when its status expires)
+    alone = None  # since when no peer is connected to us
     while True:
         statuses = {pid: s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving}
         others = list(statuses.values())  # admitted peers only (Swarm.admits)
         seen.update({pid: s.final_hash for pid, s in statuses.items() if s.epoch == epoch and s.final_hash})
         # a peer at our epoch without a final hash is about to publish one (or trains on: then we time out)
         still_training = any(s.epoch < epoch or (s.epoch == epoch and not s.final_hash) for s in others)
+        alone = None if swarm.connected() else (alone or time.monotonic())
+        if alone is not None and time.monotonic() - alone >= ALONE_FOR:
+            still_training = False  # what we read is our own copy of their last records: nothing will change it
         finals = list(seen.values())
         target = majority(finals + [ours])  # the canonical adapter
         if ours == target:

@@ -75,6 +75,10 @@ async def _drop_keys(_dht, node, key_ids: list) -> None:
                 validator._key_id_to_field_name.pop(key_id, None)
 
 
+async def _connections(_dht, node) -> int:
+    return len(await node.p2p.list_peers())
+
+
 class Swarm:
     """This peer's DHT node. ``Swarm.join(...)`` starts it; ``shutdown()`` stops it and its p2pd."""
 
@@ -161,6 +165,13 @@ class Swarm:
     def visible_maddrs(self) -> list[str]:
         """This node's multiaddrs, public ones first (loopback last)."""
         return sorted((str(a) for a in self.dht.get_visible_maddrs()), key=lambda a: "/127." in a or "/::1/" in a)
+
+    def connected(self) -> bool:
+        """Whether any peer holds a connection to this one (if none, every record read is this node's own copy)."""
+        try:
+            return self.dht.run_coroutine(_connections) > 0
+        except (ConnectionError, OSError):  # our p2pd is gone: nobody can reach us
+            return False
 
     def is_alive(self) -> bool:
         """False once the DHT process has died (or was shut down)."""

@@ -296,20 +296,32 @@ class SwarmOptimizer(hivemind.Optimizer):
     # moves to the epoch a strict majority of the other peers it follows have reached (one liar cannot raise that)
     # with its own parameters; the next state round averages them with the others'.
     def _catch_up_without_state(self) -> None:
-        epochs = [r["epoch"] for pid, r in self._followed().items() if pid != self.tracker.own_peer_id]
-        target = epoch_ceiling(epochs, slack=0)
-        if target is None or target <= self.local_epoch:
+        if self._majority_epoch() is None:
             self._behind_since = None
             return
         now = time.monotonic()
         if self._behind_since is None:
             self._behind_since = now
         elif now - self._behind_since >= self.averaging_timeout:
+            self.move_to_majority_epoch()
+            self._behind_since = None
+
+    def _majority_epoch(self) -> Optional[int]:
+        """The epoch a strict majority of the other followed peers has reached, if above ours."""
+        epochs = [r["epoch"] for pid, r in self._followed().items() if pid != self.tracker.own_peer_id]
+        target = epoch_ceiling(epochs, slack=0)
+        return target if target is not None and target > self.local_epoch else None
+
+    def move_to_majority_epoch(self) -> Optional[int]:
+        """Move to the majority's epoch with this peer's own parameters (no state to download); the epoch, or None
+        if no majority is ahead."""
+        target = self._majority_epoch()
+        if target is not None:
             log.log(self.status_loglevel, f"No verified state to download: moving to epoch {target} as we are")
             self.state_averager.local_epoch = target
             self.tracker.report_local_progress(local_epoch=target, samples_accumulated=0)
             self.caught_up.append(target)
-            self._behind_since = None
+        return target
 
     def _followed(self) -> dict[str, dict]:
         """The progress records this peer follows, read now (the tracker's view is frozen during a transition)."""

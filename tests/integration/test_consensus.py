@@ -18,7 +18,7 @@ from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import state_claim
 from tests.conftest import write_spec
 from tests.integration.test_swarm import adapter, max_abs_diff
-from tests.peers import first_maddr, killed_at_exit, start_peer
+from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "causal-lm"},
@@ -140,3 +140,35 @@ def test_peers_whose_moments_drifted_apart_end_bit_identical(tmp_path, tiny_mode
         assert all(f["agreed"] for f in finals), finals
         adapters = [adapter(p) for p in peers]
         assert max_abs_diff(adapters[0], adapters[1]) == 0.0 and max_abs_diff(adapters[0], adapters[2]) == 0.0
+
+
+def test_a_finisher_left_alone_stops_waiting_for_statuses_nobody_can_refresh(tmp_path):
+    # Prepare: two peers at EPOCH; the other one publishes that it is still finishing (no final hash) and leaves,
+    # its status record still alive (STATUS_TTL, 60 s) in this peer's own copy
+    swarms, opt = [], None
+    try:
+        swarms.append(Swarm.join(Identity.load_or_create(tmp_path / "id0"), [], ["/ip4/127.0.0.1/tcp/0"]))
+        swarms.append(Swarm.join(Identity.load_or_create(tmp_path / "id1"), swarms[0].visible_maddrs(),
+                                 ["/ip4/127.0.0.1/tcp/0"]))  # fmt: skip
+        param = torch.nn.Parameter(torch.ones(4, 4))
+        opt = make_optimizer(swarms[0], SPEC, [param], batch_size=4)
+        opt.state_averager.local_epoch = EPOCH
+        swarms[1].publish_status(SPEC.run_id, PeerStatus(
+            peer_id=swarms[1].peer_id, device="cpu", precision="fp32", client_mode=False, adapter_shapes="x",
+            epoch=EPOCH, samples_total=0, samples_per_second=0.0, loss=None, time=time.time()), wait=True)  # fmt: skip
+        left = swarms[1].peer_id
+        assert wait_until(lambda: left in swarms[0].peer_statuses(SPEC.run_id), 10, "its status")
+        swarms.pop().shutdown()
+        # Execute
+        began = time.monotonic()
+        result = agree_on_final_adapter(swarms[0], opt, SPEC.run_id, EPOCH, lambda: tensors_hash({"p": param}),
+                                        lambda h: None, 40.0, lambda: False)  # fmt: skip
+        # Assert: it still holds the other's status, yet left after ALONE_FOR, not at the 40 s timeout
+        assert swarms[0].peer_statuses(SPEC.run_id)[left].epoch == EPOCH
+        assert time.monotonic() - began < 15, result
+        assert (result.agreed, result.downloaded) == (True, False), result
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        for swarm in swarms:
+            swarm.shutdown()
