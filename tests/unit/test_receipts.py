@@ -298,6 +298,24 @@ def test_backups_wait_out_the_posters_batching_one_after_another(chain, peer_ids
     assert second.records()[0]["tx"] == "settled by a groupmate", "one transaction for the group's epoch"
 
 
+def test_a_leaving_backup_sees_at_once_that_the_poster_settled(chain, peer_ids, tmp_path):
+    """A leaving backup learned that the poster had settled a receipt only at its own turn, rank x FINAL_BACKUP
+    after it began leaving, and its exit waited for that (7-18 s of the partition test's 26-28 s exit waits)."""
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, n=3, batch=4, max_wait=60)
+    receipt = group_receipt(peers, peer_ids, 2, [5.0, 5.0, 5.0])
+    t0 = time.time()
+    sign_all(group, receipt, t0)
+    (poster, pc), (_, _), (last, lc) = group
+    assert last.flush(lc, now=t0 + 1, final=True).collecting == 1, "not its turn, and nobody settled it yet"
+    assert poster.flush(pc, now=t0 + 1, final=True).posted == 1
+    # Execute: the last backup's next turn of the loop, a second later (its own turn: 2 x FINAL_BACKUP later)
+    counts = last.flush(lc, now=t0 + 2.5, final=True)
+    # Assert
+    assert counts.posted == 1 and counts.collecting == 0
+    assert last.records()[0]["tx"] == "settled by a groupmate"
+
+
 def test_a_member_the_receipt_pays_nothing_neither_posts_first_nor_posts_again(chain, peer_ids, tmp_path):
     """A flagged member was never paid, so asking the chain whether *it* was paid said no: it posted the settled
     receipt a second time (two transactions for one group's epoch in the 3-peer anvil test, 2 runs in 3). It now
