@@ -282,14 +282,19 @@ def test_a_corrupted_receipt_file_is_a_clear_error_and_nothing_is_lost(chain, pe
     assert ReceiptBox(box.folder, box.account, client.domain).counts().collecting == 1
 
 
+def three_signed(chain, peer_ids, tmp_path) -> tuple[list, float]:
+    """Three members' boxes (batch 4, max_wait 60) that all signed one receipt of epoch 2, and when they did."""
+    w3, client, peers = chain
+    group = boxes(tmp_path, client, peers, peer_ids, n=3, batch=4, max_wait=60)
+    t0 = time.time()
+    sign_all(group, group_receipt(peers, peer_ids, 2, [5.0, 5.0, 5.0]), t0)
+    return group, t0
+
+
 def test_backups_wait_out_the_posters_batching_one_after_another(chain, peer_ids, tmp_path):
     """Two backups posting together while the poster batched made two transactions for one group's epoch (seen in
     the 3-peer anvil test, 2 runs in 5): a backup waits the poster's max_wait, the k-th k x BACKUP_DELAY more."""
-    w3, client, peers = chain
-    group = boxes(tmp_path, client, peers, peer_ids, n=3, batch=4, max_wait=60)
-    receipt = group_receipt(peers, peer_ids, 2, [5.0, 5.0, 5.0])
-    t0 = time.time()
-    sign_all(group, receipt, t0)
+    group, t0 = three_signed(chain, peer_ids, tmp_path)
     (_, _), (first, fc), (second, sc) = group
     assert first.flush(fc, now=t0 + 60 + BACKUP_DELAY - 1).collecting == 1
     assert second.flush(sc, now=t0 + 60 + BACKUP_DELAY + 1).collecting == 1, "the second backup waits longer"
@@ -301,11 +306,7 @@ def test_backups_wait_out_the_posters_batching_one_after_another(chain, peer_ids
 def test_a_leaving_backup_sees_at_once_that_the_poster_settled(chain, peer_ids, tmp_path):
     """A leaving backup learned that the poster had settled a receipt only at its own turn, rank x FINAL_BACKUP
     after it began leaving, and its exit waited for that (7-18 s of the partition test's 26-28 s exit waits)."""
-    w3, client, peers = chain
-    group = boxes(tmp_path, client, peers, peer_ids, n=3, batch=4, max_wait=60)
-    receipt = group_receipt(peers, peer_ids, 2, [5.0, 5.0, 5.0])
-    t0 = time.time()
-    sign_all(group, receipt, t0)
+    group, t0 = three_signed(chain, peer_ids, tmp_path)
     (poster, pc), (_, _), (last, lc) = group
     assert last.flush(lc, now=t0 + 1, final=True).collecting == 1, "not its turn, and nobody settled it yet"
     assert poster.flush(pc, now=t0 + 1, final=True).posted == 1
