@@ -419,15 +419,18 @@ def leave(p: Progress) -> None:
         p.gatekeeper.close()
     try:
         if p.opt is not None and finite_adapter(adapter_state(p.model)):  # a non-finite one is never saved
+            p.stop.step = "saving the adapter"
             p.epoch = p.opt.local_epoch
             save(p)
     finally:
         if p.opt is not None:
+            p.stop.step = "publishing its leaving status"
             try:
                 publish_status(p, leaving=True)  # finishing peers stop waiting for us
             except Exception:
                 pass  # best effort: the record expires on its own
         if p.chain is not None:  # what is not settled stays in the receipt box for the next start
+            p.stop.step = "settling receipts"
             counts = p.chain.close(p.stop.budget(3.0) if p.stop.requested else FINAL_FLUSH)
             p.reporter.event("receipts", f"Receipts: {counts.posted} settled, {counts.collecting} still collecting "
                              f"signatures (settled on the next start), {counts.unpaid} without a majority, "
@@ -436,8 +439,10 @@ def leave(p: Progress) -> None:
                              solo=p.chain.unpaid_solo,
                              checkpoints={str(e): c for e, c in p.chain.recorded.items()})  # fmt: skip
         if p.opt is not None:
+            p.stop.step = "stopping the averagers"
             p.opt.shutdown(p.stop.budget(1.0) if p.stop.requested else None)
         if p.swarm is not None:
+            p.stop.step = "stopping the DHT and its p2p daemon"
             p.swarm.shutdown(p.stop.budget(3.0) if p.stop.requested else None)
         p.stop.uninstall()
 

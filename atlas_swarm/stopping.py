@@ -8,6 +8,7 @@ from __future__ import annotations
 import _thread
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -28,6 +29,7 @@ class GracefulStop:
         self._hard_at = float("inf")  # time.monotonic() of the forced exit
         self._pid = os.getpid()  # child processes forked after install() inherit the handlers: not theirs
         self._leaving = False  # the peer is shutting down (each step bounded by budget()): no more interrupts
+        self.step = ""  # the step of the shutdown under way (leave() names them): what a forced exit reports
 
     @classmethod
     def install(cls) -> "GracefulStop":
@@ -53,7 +55,7 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
         self._hard_at = time.monotonic() + STOP_HARD
         self._timers = [threading.Timer(STOP_GRACE, self._interrupt),
-                        threading.Timer(STOP_HARD, kill_children_and_exit)]  # fmt: skip
+                        threading.Timer(STOP_HARD, self._force)]  # fmt: skip
         for timer in self._timers:
             timer.daemon = True
             timer.start()
@@ -69,6 +71,12 @@ class GracefulStop:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         else:  # our handlers are not installed (not the main thread): the flag is all there is
             _thread.interrupt_main()
+
+    def _force(self) -> None:
+        where = f" while {self.step}" if self.step else ""
+        print(f"error: the peer did not stop within {STOP_HARD:.1f} s{where}; its processes were killed and the "
+              f"adapter may not have been saved (exit code {EXIT_FORCED})", file=sys.stderr, flush=True)
+        kill_children_and_exit()
 
     def leaving(self) -> None:
         """The shutdown has begun: the grace interrupt would only cut it short (each step of it is bounded by

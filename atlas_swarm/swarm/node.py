@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import hivemind
 import msgpack
+import psutil
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
@@ -382,15 +383,35 @@ class Swarm:
         return sorted(pairs, key=lambda pa: (-pa[1].epoch, -pa[1].time))
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Stop the DHT process and its p2pd; with ``timeout``, terminate it if it takes longer."""
-        if timeout is not None:
-            self.dht.shutdown_timeout = timeout
-        if self.is_alive():
-            try:  # the healing loop first: a task left pending in the DHT process is reported when it stops
-                self.dht.run_coroutine(stop_healing, return_future=True).result(STOP_HEALING_TIMEOUT)
-            except Exception:  # a DHT process that no longer answers in time is stopped all the same
-                pass
-            self.dht.shutdown()
+        """Stop the DHT process and its p2pd. With ``timeout`` (a peer asked to stop), all of it within about that
+        long: what still runs then is killed. p2pd closes its connections when it stops, and with a groupmate that
+        no longer reads (a frozen machine) that took over 5 s while the DHT process waited for it (test_swarm,
+        Ctrl-C during a round)."""
+        if not self.is_alive():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = (lambda: None) if deadline is None else (lambda: max(0.1, deadline - time.monotonic()))  # noqa: E731
+        try:
+            dht = psutil.Process(self.dht.pid)
+            processes = [dht, *dht.children(recursive=True)]  # with its p2pd
+        except psutil.Error:
+            processes = []
+        try:  # the healing loop first: a task left pending in the DHT process is reported when it stops
+            wait = STOP_HEALING_TIMEOUT if deadline is None else min(STOP_HEALING_TIMEOUT, timeout / 4)
+            self.dht.run_coroutine(stop_healing, return_future=True).result(wait)
+        except Exception:  # a DHT process that no longer answers in time is stopped all the same
+            pass
+        if deadline is not None:
+            self.dht.shutdown_timeout = 0.7 * left()  # then terminated; the rest of the time for its p2pd to end
+        self.dht.shutdown()
+        if deadline is not None:
+            _gone, alive = psutil.wait_procs(processes, timeout=left())
+            for process in alive:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=0.2)
 
 
 def peer_id_of_owner(subkey: bytes) -> Optional[str]:

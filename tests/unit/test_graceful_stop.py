@@ -22,6 +22,7 @@ import atlas_swarm.stopping as stopping
 stopping.STOP_GRACE, stopping.STOP_HARD = 0.2, 0.8
 stop = stopping.GracefulStop.install()
 os.kill(os.getpid(), signal.SIGTERM)
+stop.step = "doing what hangs"
 deadline = time.monotonic() + 30
 while time.monotonic() < deadline:  # a shutdown that hangs, and swallows the watchdog's interrupt as hivemind does
     try:
@@ -38,9 +39,86 @@ def test_the_watchdog_exit_code_tells_a_forced_exit_from_a_clean_one():
     from atlas_swarm.stopping import EXIT_FORCED
 
     # Execute
-    forced = subprocess.run([sys.executable, "-c", HUNG], timeout=30)
+    forced = subprocess.run([sys.executable, "-c", HUNG], timeout=30, capture_output=True, text=True)
     clean = subprocess.run([sys.executable, "-c", HUNG.replace("deadline = time.monotonic() + 30", "stop.uninstall()"
                                                                 "; deadline = 0")], timeout=30)  # fmt: skip
     # Assert
     assert forced.returncode == EXIT_FORCED != 0
+    assert "did not stop within 0.8 s while doing what hangs" in forced.stderr, forced.stderr
     assert clean.returncode == 0
+
+
+STUCK_DHT = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, lambda *_: None)  # a DHT process waiting on a p2pd stuck closing its connections
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(60)"])
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+class _StuckDHT:
+    """hivemind.DHT's shutdown contract (ask, wait shutdown_timeout, terminate) over a process that answers nothing."""
+
+    def __init__(self):
+        import concurrent.futures
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-c", STUCK_DHT], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "up"
+        self.pid, self.shutdown_timeout = self.process.pid, 30.0
+        self.never = concurrent.futures.Future()
+
+    def is_alive(self):
+        return self.process.poll() is None
+
+    def run_coroutine(self, _coro, return_future=False):
+        return self.never
+
+    def shutdown(self):
+        import subprocess
+
+        try:
+            self.process.wait(self.shutdown_timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+
+
+def test_a_swarm_asked_to_stop_within_a_time_stops_its_processes_within_it():
+    """A shutdown given a time (a peer asked to stop) ends within it, however stuck the DHT process and its p2pd are:
+    the p2pd is killed. Before, the healer's stop and the DHT's shutdown each had their own wait (2 s + the time),
+    and a peer stopped with Ctrl-C beside a frozen groupmate was killed by the 9.5 s watchdog (exit 3)."""
+    import time
+
+    import psutil
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from atlas_swarm.swarm import Swarm
+
+    # Prepare
+    dht = _StuckDHT()
+    process = psutil.Process(dht.pid)
+    child = process.children()[0]
+    swarm = Swarm(dht, None, RSAPrivateKey())
+    try:
+        # Execute
+        began = time.monotonic()
+        swarm.shutdown(1.5)
+        took = time.monotonic() - began
+        # Assert
+        assert took < 2.0, took
+        def running(p):
+            try:
+                return p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        assert not running(child) and not running(process), "left running"
+    finally:
+        for p in (child, process):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
