@@ -100,13 +100,15 @@ def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], d
     def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
         found: dict[bytes, bytes] = {}
         bad: dict[bytes, str] = {}
+        failed: list[str] = []
         for name, source in sources:
             missing = [c for c in cids if c not in found]
             if not missing:
                 break
             try:
                 answer = source(missing)
-            except StorageError:
+            except StorageError as e:
+                failed.append(str(e))
                 continue  # a peer that left, a daemon that is down: try the next source
             for cid, block in answer.items():
                 try:
@@ -118,6 +120,9 @@ def first_good(sources: list[tuple[str, Callable]]) -> Callable[[list[bytes]], d
             if cid not in found:
                 raise CorruptBlock(f"Block {encode(cid)} was corrupted or substituted by {name}, and no other source "
                                    f"had a good copy; refusing the adapter.")  # fmt: skip
+        if failed and any(c not in found for c in cids):  # say why, not only that a block is missing
+            raise StorageError(f"{sum(c not in found for c in cids)} of {len(cids)} blocks are not available: "
+                               f"{' '.join(failed)}")  # fmt: skip
         return found
 
     return get_blocks

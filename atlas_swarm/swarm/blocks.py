@@ -11,6 +11,7 @@ Wire format: a length-prefixed msgpack list of binary CIDs; the answer, a msgpac
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 from typing import Callable, Optional
 
@@ -25,6 +26,7 @@ MAX_BLOCK = (1 << 20) + 1024  # storage.dag.MAX_BLOCK (storage sits above this p
 MAX_REQUEST_BYTES = MAX_PER_REQUEST * 64 + 64  # a msgpack list of binary CIDs (36 bytes each)
 MAX_ANSWER_BYTES = MAX_PER_REQUEST * (MAX_BLOCK + 8) + 64  # about 16 MiB
 REQUEST_TIMEOUT = 30.0
+RETRY_PAUSES = (0.5, 1.5)  # a request that fails (no answer) is tried again after each of these
 
 
 async def _receive(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -70,7 +72,11 @@ def blocks_from(dht, peer_id: str):
     def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         for i in range(0, len(cids), MAX_PER_REQUEST):
-            blocks, error = dht.run_coroutine(partial(_ask, peer_id, cids[i : i + MAX_PER_REQUEST]))
+            for pause in (*RETRY_PAUSES, None):  # a peer not yet reachable from here (just met) is asked again
+                blocks, error = dht.run_coroutine(partial(_ask, peer_id, cids[i : i + MAX_PER_REQUEST]))
+                if error is None or pause is None:
+                    break
+                time.sleep(pause)
             if error is not None:
                 raise StorageError(f"Peer {peer_id} did not serve the blocks ({error}); it may have left the swarm.")
             out.update(blocks)

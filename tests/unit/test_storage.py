@@ -104,6 +104,32 @@ def test_first_good_skips_bad_and_failing_sources(tmp_path):
     assert fresh.fetch_folder(cid, tmp_path / "out").is_dir()
     with pytest.raises(CorruptBlock, match="liar"):
         LocalStore(tmp_path / "fresh2").pin(first_good([("down", down), ("liar", corrupt)]), cid)
+    # nobody had it: the error says why the sources that failed did (a notebook once reported only "not available")
+    with pytest.raises(StorageError, match="1 of 1 blocks are not available: peer left"):
+        LocalStore(tmp_path / "fresh3").pin(first_good([("down", down), ("empty", lambda cids: {})]), cid)
+
+
+def test_a_peer_that_does_not_answer_at_once_is_asked_again(monkeypatch):
+    """A notebook that had just met a publisher could not reach it yet (seen once in a full run): each request is
+    tried again after RETRY_PAUSES, and a peer that never answers is still reported with the reason."""
+    from atlas_swarm.swarm import blocks
+
+    monkeypatch.setattr(blocks, "RETRY_PAUSES", (0.01, 0.01))
+
+    class Dht:
+        def __init__(self, answers):
+            self.answers, self.asked = list(answers), 0
+
+        def run_coroutine(self, _coro):
+            self.asked += 1
+            return self.answers.pop(0)
+
+    late = Dht([({}, "P2PDaemonError: failed to dial"), ({b"c": b"block"}, None)])
+    assert blocks.blocks_from(late, "QmPeer")([b"c"]) == {b"c": b"block"} and late.asked == 2
+    gone = Dht([({}, "P2PDaemonError: failed to dial")] * 3)
+    with pytest.raises(StorageError, match="Peer QmPeer did not serve the blocks .P2PDaemonError: failed to dial"):
+        blocks.blocks_from(gone, "QmPeer")([b"c"])
+    assert gone.asked == 3
 
 
 @pytest.mark.parametrize("bad", ["", "hello", "Qm123", "bafy" + "a" * 10, "zb2rhe5P4gXftAwvA4eXQ5HJwsER2owDyS9sKaQRRVQPn93bA"])
