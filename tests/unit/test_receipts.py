@@ -374,3 +374,23 @@ def test_a_leaving_peer_waits_for_receipts_it_can_post_not_for_ones_nobody_will_
     t0 = time.monotonic()
     s.ChainSession(client, box, _Poster(box), RUN, RUN_KEY, None, lambda *a, **k: None).close(timeout=3)
     assert time.monotonic() - t0 >= 3
+
+
+def test_a_leaving_peer_does_not_wait_for_votes_older_than_a_recorded_checkpoint(chain, peer_ids, tmp_path):
+    """Votes at epochs where the peers held different adapters never gather a quorum; once a newer checkpoint is
+    recorded (the one a notebook takes), a leaving peer stops waiting for them at once, not after QUIET s."""
+    from atlas_swarm.chain import session as s
+
+    # Prepare
+    w3, client, peers = chain
+    (box, _), _ = boxes(tmp_path, client, peers, peer_ids, n=2)
+    session = s.ChainSession(client, box, _Poster(box), RUN, RUN_KEY, None, lambda *a, **k: None)
+    session.checkpoints.update({25: "bafy-a-vote-too-few-peers-cast", 45: "bafy-another"})
+    session.recorded[48] = "bafy-the-final-checkpoint"
+    # Execute
+    t0 = time.monotonic()
+    session.close(timeout=20)
+    # Assert
+    assert time.monotonic() - t0 < 1.0
+    assert session.recorded[25].startswith("not recorded") and "epoch 48's checkpoint" in session.recorded[45]
+    assert session.recorded[48] == "bafy-the-final-checkpoint"
