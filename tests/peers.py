@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,19 @@ from typing import Callable
 from atlas_swarm.launch import PeerProcess, first_loopback
 
 first_maddr = first_loopback  # a peer's loopback multiaddr from its started event
+
+
+def planned_first(workdir: Path, name: str, host: str = "127.0.0.1") -> tuple[list[str], str]:
+    """The first peer's address, fixed before it runs (its identity made here in ``workdir/name``, a free port), so
+    the others start with it at once instead of after its start-up (imports alone take 8-15 s on 2 cores); they try
+    its address until --join-timeout. Returns the first peer's --host-maddrs flags and its /p2p/ multiaddr."""
+    from atlas_swarm.identity import Identity
+
+    identity = Identity.load_or_create(workdir / name / "identity.key")
+    with socket.socket() as s:
+        s.bind((host, 0))  # in a lab host's own namespace any port is free; on loopback, one nobody holds now
+        port = s.getsockname()[1]
+    return ["--host-maddrs", f"/ip4/{host}/tcp/{port}"], f"/ip4/{host}/tcp/{port}/p2p/{identity.peer_id}"
 
 POLL = 0.2
 

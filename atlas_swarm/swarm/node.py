@@ -48,7 +48,7 @@ from atlas_swarm.swarm.records import (
 )
 
 POLL_EVERY = 0.5
-BOOTSTRAP_ATTEMPTS = 3  # see Swarm.join
+BOOTSTRAP_PAUSE = 3.0  # at most this long between two tries to reach the initial peers (Swarm.join)
 STOP_HEALING_TIMEOUT = 2.0  # swarm/heal.py's stop_healing takes at most 1 s in the DHT process
 STORE_TIMEOUT = 30.0  # a blocking store that no node answers in this long fails (hivemind's future can hang)
 
@@ -119,8 +119,9 @@ class Swarm:
             from atlas_swarm.swarm.audit import AuditingValidator
 
             validators = [AuditingValidator(validators)]
-        # p2pd gives up on the initial peers after one round of dials, which a busy machine (or a peer just
-        # starting) can fail once: try a few times, a second or two apart, within startup_timeout
+        # p2pd gives up on the initial peers after one round of dials: try again, a few seconds apart, until
+        # startup_timeout (--join-timeout), so that peers started with their bootstrap node (a script, a reboot)
+        # join once it is up instead of exiting
         deadline, attempt = time.monotonic() + startup_timeout, 0
         while True:
             attempt += 1
@@ -139,12 +140,14 @@ class Swarm:
                 break
             except P2PDaemonError as e:
                 text = str(e)
-                if "bootstrap" in text and attempt < BOOTSTRAP_ATTEMPTS and time.monotonic() + attempt < deadline:
-                    time.sleep(attempt)
+                pause = min(attempt, BOOTSTRAP_PAUSE)
+                if "bootstrap" in text and time.monotonic() + pause < deadline:
+                    time.sleep(pause)
                     continue
                 if "bootstrap" in text:
                     raise PeersUnreachable(
-                        f"None of --initial-peers answered ({', '.join(initial_peers)}; tried {attempt}x). Check "
+                        f"None of --initial-peers answered ({', '.join(initial_peers)}; tried {attempt}x in "
+                        f"{startup_timeout:.0f} s, --join-timeout). Check "
                         f"that the address is current (a peer prints new ones when it restarts without --identity), "
                         f"that its port is open, and that you can reach its host."
                     ) from None

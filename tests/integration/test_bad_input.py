@@ -42,9 +42,10 @@ def other_peer(tmp_path, tiny_spec):
 def test_unreachable_initial_peers(capsys, tmp_path, text_data):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/QmVSvfcGh76o4bQtUnKLYSmJuf7J5LkmYxkhkfskTzVYyG"
     code, err = run_peer(capsys, "--initial-peers", dead, "--run", "tiny-test-0123456789abcdef",
-                         "--data", str(text_data), "--out", str(tmp_path / "p"))  # fmt: skip
+                         "--data", str(text_data), "--out", str(tmp_path / "p"), "--join-timeout", "4")  # fmt: skip
     assert code == 2
     assert err["kind"] == "PeersUnreachable" and "None of --initial-peers answered" in err["error"]
+    assert "in 4 s, --join-timeout" in err["error"]
 
 
 def test_a_first_peer_that_comes_up_after_the_joiner_started_is_still_found(tmp_path):

@@ -9,30 +9,32 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atlas_swarm.config import RunSpec
 from atlas_swarm.identity import Identity
 from tests.conftest import write_spec
 from tests.integration.test_swarm import adapter, eval_loss, max_abs_diff
-from tests.peers import first_maddr, killed_at_exit, start_peer
+from tests.peers import first_maddr, killed_at_exit, planned_first, start_peer
 
 pytestmark = pytest.mark.integration
 EPOCHS = ["--max-epochs", "6"]
 
 
 def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, extra=()):
-    """``honest`` honest peers and one attacker, all with batch 4; returns the first peer's started event."""
-    first = start_peer(tmp_path, "honest0", ["--run-spec", str(spec), "--data", str(data), "--batch-size", "4",
-                                             *EPOCHS, "--wait-for-peers", str(honest + 1), "--join-timeout", "90",
+    """``honest`` honest peers and one attacker, all with batch 4, started at once (the first peer's address is
+    planned; the attacker knows what anyone would: the run id and that address); returns the first's started event."""
+    listen, address = planned_first(tmp_path, "honest0")
+    first = start_peer(tmp_path, "honest0", [*listen, "--run-spec", str(spec), "--data", str(data), "--batch-size",
+                                             "4", *EPOCHS, "--wait-for-peers", str(honest + 1), "--join-timeout", "90",
                                              *extra])  # fmt: skip
     peers.append(first)
-    started = first.wait_event("started", 90)
-    join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(data),
+    join = ["--initial-peers", address, "--run", RunSpec.from_toml(spec).run_id, "--data", str(data),
             "--batch-size", "4", *EPOCHS, "--join-timeout", "90", "--wait-for-peers", str(honest + 1)]  # fmt: skip
     for i in range(1, honest):
         peers.append(start_peer(tmp_path, f"honest{i}", [*join, "--seed", str(i), *extra]))
     # (an attacker that fakes its progress believes itself behind and tries to sync: 10 s, not 90)
     peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9", *extra, "--join-timeout", "10"],
                             attack=attack))  # fmt: skip
-    return started
+    return first.wait_event("started", 90)
 
 
 def finish_honest(peers, honest=2):

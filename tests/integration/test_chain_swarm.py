@@ -22,7 +22,7 @@ from atlas_swarm.devnet.anvil import DEV_KEYS, Anvil
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
 from tests.integration.test_swarm import adapter, max_abs_diff
-from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
+from tests.peers import killed_at_exit, planned_first, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 RATE = 10**9  # wei per sample
@@ -130,12 +130,13 @@ def assert_paid_exactly(chain, peer: PeerProcess, address: str, earlier: list = 
 
 def start_first_peer(peers, tmp_path, chain, text_data, extra: list[str]) -> tuple[PeerProcess, list[str]]:
     """peer0 starts the run with wallet 0 (added to ``peers`` at once, so it is killed whatever happens); returns it
-    and the flags others join with."""
-    first = start_peer(tmp_path, "peer0", ["--run-spec", str(chain["spec"]), "--data", str(text_data),
+    and the flags others join with (its planned address: they can start at once)."""
+    listen, address = planned_first(tmp_path, "peer0")
+    first = start_peer(tmp_path, "peer0", [*listen, "--run-spec", str(chain["spec"]), "--data", str(text_data),
                                             "--batch-size", "4", *extra, *chain_flags(chain, 0)])  # fmt: skip
     peers.append(first)
-    started = first.wait_event("started", 90)
-    return first, ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data)]
+    return first, ["--initial-peers", address, "--run", RunSpec.from_toml(chain["spec"]).run_id, "--data",
+                   str(text_data)]  # fmt: skip
 
 
 def attack(chain, tmp_path, *flags) -> dict:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from atlas_swarm.config import RunSpec
 from atlas_swarm.devnet.netns import Lab
 from atlas_swarm.identity import Identity
 from atlas_swarm.launch import PeerProcess
@@ -19,12 +20,12 @@ from tests.integration.test_chain_swarm import chain_flags, deployed_run, due_to
 from tests.peers import kill_session, killed_at_exit, wait_until
 
 pytestmark = pytest.mark.integration
-PARTITION_S = 60.0
+PARTITION_S = 40.0  # each half makes 4-5 epochs alone; its peers drop the other half from their routing tables
 # The issue's goal is 30 s. Reconnecting takes a few seconds (swarm/heal.py); what follows depends on how far apart
 # the halves' epochs drifted: the peers behind must see the other half's progress and download its state before
 # they can match. Measured: 8.5-14.8 s in isolated runs, 49.3 s in a full-suite run (README, "Running on real
 # networks"). The test bounds what always held; on the code before heal.py no group crossed at all.
-HEAL_WITHIN_S = 90.0
+HEAL_WITHIN_S = 60.0
 
 
 ECHO = """
@@ -75,9 +76,18 @@ def test_the_lab_wan_has_the_delay_loss_and_rate_it_was_given(tmp_path):
     assert "Network is unreachable" in out.stderr, out.stderr
 
 
-def lab_peer(tmp_path, host, name: str, args: list[str]) -> PeerProcess:
-    return PeerProcess(tmp_path / name, ["--host-maddrs", host.maddr(), *args], threads=1, name=name, netns=host.ns,
-                       env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})  # fmt: skip
+def lab_peer(tmp_path, host, name: str, args: list[str], port: int = 0) -> PeerProcess:
+    return PeerProcess(tmp_path / name, ["--host-maddrs", host.maddr(port), *args], threads=1, name=name,
+                       netns=host.ns, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})  # fmt: skip
+
+
+FIRST_PORT = 31337  # the first peer's, on its own host (a namespace of its own: nothing else listens there)
+
+
+def planned_lab_first(tmp_path, host, name: str) -> str:
+    """The first peer's address on ``host`` before it runs (its identity made here; it listens on FIRST_PORT): the
+    others start at once and reach it once it is up (within --join-timeout)."""
+    return f"{host.maddr(FIRST_PORT)}/p2p/{Identity.load_or_create(tmp_path / name / 'identity.key').peer_id}"
 
 
 def grouped_after(peers, since: float) -> list[tuple[float, set]]:
@@ -88,24 +98,25 @@ def grouped_after(peers, since: float) -> list[tuple[float, set]]:
 
 def test_a_partitioned_swarm_heals_into_one_and_agrees_on_one_adapter(tmp_path, tiny_model, text_data):
     """Four peers on four hosts, the first the others' only initial peer. The switch is cut into {a, b} and {c, d}
-    for 60 s: each half trains on alone. Healed, groups span both halves again (HEAL_WITHIN_S says how soon), and at
+    for 40 s: each half trains on alone. Healed, groups span both halves again (HEAL_WITHIN_S says how soon), and at
     the end all four agree on one adapter. (hivemind pings its initial peers once, at start: before swarm/heal.py
     no group spanned the halves in the 60 s after the heal.) Each peer has a staked wallet and settles its co-signed
     receipts on anvil, which listens on the lab's gateway (one half is cut off from it too, and settles what it signed
     before the cut after the heal): every receipt that gathered a majority is settled, each wallet paid exactly once
     per epoch."""
-    # epochs of ~4 s with four peers on 2 cores (~8 s for a half): 32 of them outlast the partition (~10) and a heal
-    # of up to ~60 s, and leave the whole swarm a dozen epochs together after it (40 took ~100 s more)
+    # epochs of ~4.5 s with four peers on 2 cores (~9 s for a half): the cut comes after epoch 1 and the heal after
+    # epoch 6 or so; 24 epochs leave ~80 s after the heal, for a heal of up to HEAL_WITHIN_S and the agreement (32
+    # epochs and a 60 s cut left the whole swarm 20 epochs together after a 3 s heal, and took 230 s)
     with Lab("heal") as lab, killed_at_exit([]) as peers, \
             deployed_run(tmp_path, tiny_model, stakes=(2, 2, 2, 2), host=lab.gateway, target_batch_size=2400) as chain:
         hosts = [lab.host(n) for n in "abcd"]
-        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "32", "--join-timeout", "90"]
+        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "24", "--join-timeout", "90"]
+        first = planned_lab_first(tmp_path, hosts[0], "a")
         peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(chain["spec"]), "--wait-for-peers", "4",
-                                                         *extra, *chain_flags(chain, 0)]))  # fmt: skip
-        started = peers[0].wait_event("started", 90)
-        first = next(m for m in started["maddrs"] if f"/{hosts[0].addr}/" in m)
+                                                         *extra, *chain_flags(chain, 0)], port=FIRST_PORT))  # fmt: skip
+        run_id = RunSpec.from_toml(chain["spec"]).run_id
         for i, host in enumerate(hosts[1:], 1):
-            peers.append(lab_peer(tmp_path, host, host.name, ["--initial-peers", first, "--run", started["run_id"],
+            peers.append(lab_peer(tmp_path, host, host.name, ["--initial-peers", first, "--run", run_id,
                                                                 "--seed", str(i), "--wait-for-peers", "4", *extra,
                                                                 *chain_flags(chain, i)]))  # fmt: skip
         ids = [p.wait_event("started", 90)["peer_id"] for p in peers]
@@ -167,10 +178,9 @@ def test_a_peer_behind_a_nat_trains_and_averages_in_client_mode(tmp_path, tiny_m
         a, b, home = lab.host("a"), lab.host("b"), lab.natted("c")
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "6", "--join-timeout", "90",
                  "--wait-for-peers", "3"]  # fmt: skip
-        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *extra]))
-        started = peers[0].wait_event("started", 90)
-        first = next(m for m in started["maddrs"] if f"/{a.addr}/" in m)
-        join = ["--initial-peers", first, "--run", started["run_id"]]
+        first = planned_lab_first(tmp_path, a, "a")
+        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *extra], port=FIRST_PORT))
+        join = ["--initial-peers", first, "--run", RunSpec.from_toml(spec).run_id]
         peers.append(lab_peer(tmp_path, b, "b", [*join, "--seed", "1", *extra]))
         peers.append(lab_peer(tmp_path, home, "c", [*join, "--seed", "2", "--client-mode", *extra]))
         natted = peers[2].wait_event("started", 90)["peer_id"]
@@ -213,9 +223,11 @@ def test_a_natted_peer_publishes_and_a_keeper_fetches_the_adapter_from_it(tmp_pa
 
         codes = [p.wait_exit(300) for p in peers[1:]]
         assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers[1:])
-        # what only the NATed peer published (the final adapter every finisher publishes: left out)
-        by_others = {e["cid"] for p in peers[1:3] for e in p.events("published")}
-        only_there = {e["cid"] for e in natted.events("published")} - by_others
+        # what only the NATed peer published, at epochs nobody else published (the final adapter every finisher
+        # publishes: left out; so is an epoch whose round failed, at which every peer published its own adapter and
+        # the keeper keeps the one the run vouches for: seen once, c's not being it)
+        by_others = {e["epoch"] for p in peers[1:3] for e in p.events("published")}
+        only_there = {e["cid"] for e in natted.events("published") if e["epoch"] not in by_others}
         assert only_there, f"the NATed peer published nothing of its own:\n{natted.tail()}"
         wait_until(lambda: all((kept / "blocks" / cid).exists() for cid in only_there), 60,
                    f"the keeper to copy {sorted(only_there)} from the NATed peer")  # fmt: skip
@@ -255,10 +267,10 @@ def test_four_peers_across_a_wan_agree_and_a_late_joiner_keeps_averaging_after_i
     with Lab("wan") as lab, killed_at_exit([]) as peers:
         hosts = lab.wan(["a", "b", "c", "d"], delay_ms=20, loss=0.01, rate_mbit=20)
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "14", "--join-timeout", "90"]
-        peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(spec), "--wait-for-peers", "3", *extra]))
-        started = peers[0].wait_event("started", 90)
-        first = next(m for m in started["maddrs"] if f"/{hosts[0].addr}/" in m)
-        join = ["--initial-peers", first, "--run", started["run_id"]]
+        first = planned_lab_first(tmp_path, hosts[0], "a")
+        peers.append(lab_peer(tmp_path, hosts[0], "a", ["--run-spec", str(spec), "--wait-for-peers", "3", *extra],
+                              port=FIRST_PORT))  # fmt: skip
+        join = ["--initial-peers", first, "--run", RunSpec.from_toml(spec).run_id]
         for i, host in enumerate(hosts[1:3], 1):
             peers.append(lab_peer(tmp_path, host, host.name, [*join, "--seed", str(i), "--wait-for-peers", "3", *extra]))
         peers[0].wait_event("epoch", 120, lambda e: len(e["group"]) >= 2)

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atlas_swarm.config import RunSpec
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
-from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
+from tests.peers import first_maddr, killed_at_exit, planned_first, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +43,17 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 
 def start_swarm(peers, tmp_path, spec, data, batch_sizes, extra=()):
-    """Start a first peer, then the others through its multiaddr; each is appended to ``peers`` as it starts."""
-    first = start_peer(tmp_path, "peer0", ["--run-spec", str(spec), "--data", str(data),
+    """Start a first peer and, at once, the others through its (planned) multiaddr; each is appended to ``peers``
+    as it starts. Returns the first peer's started event."""
+    listen, address = planned_first(tmp_path, "peer0")
+    first = start_peer(tmp_path, "peer0", [*listen, "--run-spec", str(spec), "--data", str(data),
                                             "--batch-size", str(batch_sizes[0]), *extra])  # fmt: skip
     peers.append(first)
-    started = first.wait_event("started", 90)
     for i, bs in enumerate(batch_sizes[1:], 1):
         peers.append(start_peer(tmp_path, f"peer{i}", [
-            "--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(data),
+            "--initial-peers", address, "--run", RunSpec.from_toml(spec).run_id, "--data", str(data),
             "--batch-size", str(bs), "--seed", str(i), *extra]))  # fmt: skip
-    return started
+    return first.wait_event("started", 90)
 
 
 def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_path, tiny_model, text_data):
