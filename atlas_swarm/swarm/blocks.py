@@ -72,9 +72,11 @@ def blocks_from(dht, peer_id: str):
     def get_blocks(cids: list[bytes]) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         for i in range(0, len(cids), MAX_PER_REQUEST):
-            for pause in (*RETRY_PAUSES, None):  # a peer not yet reachable from here (just met) is asked again
+            # a peer not yet reachable from here (just met) is asked again; one that stalled to REQUEST_TIMEOUT is
+            # not (a publisher that never answers would cost three times as long)
+            for pause in (*RETRY_PAUSES, None):
                 blocks, error = dht.run_coroutine(partial(_ask, peer_id, cids[i : i + MAX_PER_REQUEST]))
-                if error is None or pause is None:
+                if error is None or pause is None or error.startswith("TimeoutError"):
                     break
                 time.sleep(pause)
             if error is not None:

@@ -130,6 +130,11 @@ def test_a_peer_that_does_not_answer_at_once_is_asked_again(monkeypatch):
     with pytest.raises(StorageError, match="Peer QmPeer did not serve the blocks .P2PDaemonError: failed to dial"):
         blocks.blocks_from(gone, "QmPeer")([b"c"])
     assert gone.asked == 3
+    # one that accepts the request and never answers costs REQUEST_TIMEOUT once, not three times
+    stalls = Dht([({}, "TimeoutError: ")] * 3)
+    with pytest.raises(StorageError, match="TimeoutError"):
+        blocks.blocks_from(stalls, "QmPeer")([b"c"])
+    assert stalls.asked == 1
 
 
 @pytest.mark.parametrize("bad", ["", "hello", "Qm123", "bafy" + "a" * 10, "zb2rhe5P4gXftAwvA4eXQ5HJwsER2owDyS9sKaQRRVQPn93bA"])
