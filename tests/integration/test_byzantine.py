@@ -20,8 +20,10 @@ EPOCHS = ["--max-epochs", "6"]
 
 
 def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, extra=()):
-    """``honest`` honest peers and one attacker, all with batch 4, started at once (the first peer's address is
-    planned; the attacker knows what anyone would: the run id and that address); returns the first's started event."""
+    """``honest`` honest peers, started at once (the first peer's address is planned), then one attacker once they
+    have started (it knows what anyone would: the run id and that address), all with batch 4; returns the first's
+    started event. (Started with them, a progress liar was the only other peer the honest ones saw while they synced,
+    so they followed it, and each waited out --join-timeout: README, "Known limits".)"""
     listen, address = planned_first(tmp_path, "honest0")
     first = start_peer(tmp_path, "honest0", [*listen, "--run-spec", str(spec), "--data", str(data), "--batch-size",
                                              "4", *EPOCHS, "--wait-for-peers", str(honest + 1), "--join-timeout", "90",
@@ -31,10 +33,11 @@ def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, ext
             "--batch-size", "4", *EPOCHS, "--join-timeout", "90", "--wait-for-peers", str(honest + 1)]  # fmt: skip
     for i in range(1, honest):
         peers.append(start_peer(tmp_path, f"honest{i}", [*join, "--seed", str(i), *extra]))
+    started = [p.wait_event("started", 90) for p in peers[peers.index(first):]][0]
     # (an attacker that fakes its progress believes itself behind and tries to sync: 10 s, not 90)
     peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9", *extra, "--join-timeout", "10"],
                             attack=attack))  # fmt: skip
-    return first.wait_event("started", 90)
+    return started
 
 
 def finish_honest(peers, honest=2):
