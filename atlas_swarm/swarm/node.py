@@ -393,7 +393,10 @@ class Swarm:
         if not self.is_alive():
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        left = (lambda: None) if deadline is None else (lambda: max(0.1, deadline - time.monotonic()))  # noqa: E731
+
+        def left() -> float:  # (with a deadline)
+            return max(0.1, deadline - time.monotonic())
+
         try:
             dht = psutil.Process(self.dht.pid)
             processes = [dht, *dht.children(recursive=True)]  # with its p2pd
