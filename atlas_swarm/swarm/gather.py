@@ -67,6 +67,11 @@ GRACE = 2.0
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
 UNSEEN = ("sent nothing", "exchange failed")  # drops that say nothing about whose fault they were
+# A call whose answer was lost is made again (at most TRIES in all, PAUSE apart), and a member keeps each round it
+# ended for KEPT seconds to answer such calls: a groupmate's stream now and then ended empty 12 ms after the call
+# although the callee had sent its update (its round had ended just then; 1 run in 5 of the 4-peer chain test). In a
+# 3-peer state round that left two members each with a pair (refused), and three adapters left the run.
+TRIES, PAUSE, KEPT = 3, 0.05, WAIT
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Round:
     dropped: dict = field(default_factory=dict)  # PeerID -> why
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     quorum: asyncio.Event = field(default_factory=asyncio.Event)  # updates of more than half, and of 3, are in
+    ended: Optional[float] = None  # time.monotonic() when this member's round ended (then kept KEPT s)
 
     def settle(self, peer: str, result) -> None:
         if peer in self.updates or peer in self.dropped:
@@ -270,6 +276,7 @@ class GatherAverage:
         round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized])
         finite = math.isfinite(weight) and weight >= 0 and bool(torch.isfinite(own_tensor).all())
         round_.settle(own_id, (float(weight), own_tensor) if finite else "non-finite values (this peer's own)")
+        _forget_ended(self._gather_rounds)
         self._gather_rounds[group_id] = round_
         self._running_groups[group_id].set_result(round_)
         began = time.monotonic()
@@ -282,7 +289,7 @@ class GatherAverage:
             for p in members:
                 round_.settle(p, "sent nothing in time")
         finally:
-            self._gather_rounds.pop(group_id, None)
+            round_.ended = time.monotonic()  # kept a while: a groupmate whose answer was lost asks again
         if gate is not None and round_.dropped:
             gate.count("dropped_updates", len(round_.dropped))
         peers, gathered = sorted(round_.updates), time.monotonic()
@@ -330,15 +337,20 @@ class GatherAverage:
                            (gathered - began, time.monotonic() - gathered), result_hash)  # fmt: skip
 
     async def _exchange(self, round_: Round, peer: str) -> None:
-        """Send our update to ``peer``; its answer is its own."""
-        try:
-            stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
-            stream = await stub.rpc_gather_update(_messages(round_.own, round_.group_id))
-            round_.settle(peer, await self._read_update(stream, round_, peer))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            round_.settle(peer, f"exchange failed: {type(e).__name__}")
+        """Send our update to ``peer``; its answer is its own. A call that got no answer is made again (TRIES)."""
+        for attempt in range(TRIES):
+            try:
+                stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+                stream = await stub.rpc_gather_update(_messages(round_.own, round_.group_id))
+                got = await self._read_update(stream, round_, peer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                got = f"exchange failed: {type(e).__name__}"
+            if not (isinstance(got, str) and got.startswith(UNSEEN)) or attempt == TRIES - 1 or round_.ended:
+                break
+            await asyncio.sleep(PAUSE)
+        round_.settle(peer, got)
 
     async def _read_update(self, stream: AsyncIterator, round_: Round, sender: str):
         limit = round_.numel * 4 + 4096  # float32 is the widest compression we accept
@@ -387,9 +399,19 @@ class GatherAverage:
         try:
             async for message in _messages(round_.own, round_.group_id):
                 yield message
-            round_.settle(sender, await reading)
+            # a caller that never ends its update holds this handler WAIT, no longer
+            round_.settle(sender, await asyncio.wait_for(reading, timeout=WAIT))
+        except asyncio.TimeoutError:
+            round_.settle(sender, "sent nothing in time")
         finally:
             reading.cancel()
+
+
+def _forget_ended(rounds: dict) -> None:
+    """Drop the rounds that ended more than KEPT seconds ago."""
+    now = time.monotonic()
+    for group_id in [g for g, r in rounds.items() if r.ended is not None and now - r.ended > KEPT]:
+        del rounds[group_id]
 
 
 def _pair_refused(settings: Settings, members) -> bool:
