@@ -291,7 +291,10 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
     p.opt.resume(p.epoch)
-    p.opt.note_statuses({pid: s.epoch for pid, s in swarm.peer_statuses(spec.run_id).items() if not s.leaving})
+    # our status goes out before we decide whether to sync: newcomers loading beside one another see each other's
+    # statuses, which bound the epochs they follow (admission.sane_progress). Before, a progress liar that was a
+    # newcomer's only company held it syncing until --join-timeout (test_a_progress_liar_that_came_first…)
+    publish_status(p)
     p.phase("model")  # base model, LoRA, optimizer, averagers
     if p.opt.behind():
         p.reporter.event("syncing", f"The swarm is at epoch {p.opt.swarm_epoch()}; downloading its state...",
@@ -308,6 +311,7 @@ def sync(p: Progress) -> None:
     unheld, moved = None, False  # since when no state has a majority (the others' states differ: they trained apart)
     while True:
         p.opt.load_state_from_peers(catch_up=False)
+        note_statuses(p)  # the other newcomers' statuses, published as they load, may end what we follow
         if not p.opt.behind() or time.monotonic() > deadline or p.stop.requested:
             break
         # Nobody may give us a state then, and while we sync, a pair of the others does not average (the pair rule
@@ -473,8 +477,12 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         wait=leaving or final is not None, timeout=p.stop.budget(1.0) if p.stop.requested else 5.0)  # fmt: skip
     if not leaving:
         p.swarm.announce_run(p.spec.run_id)
-        p.opt.note_statuses({pid: s.epoch for pid, s in p.swarm.peer_statuses(p.spec.run_id).items()
-                             if not s.leaving})  # fmt: skip
+        note_statuses(p)
+
+
+def note_statuses(p: Progress) -> None:
+    """The other peers' status epochs, for the progress rule's electorate (SwarmOptimizer.note_statuses)."""
+    p.opt.note_statuses({pid: s.epoch for pid, s in p.swarm.peer_statuses(p.spec.run_id).items() if not s.leaving})
 
 
 def refused(p: Progress) -> int:

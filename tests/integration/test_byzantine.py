@@ -17,6 +17,7 @@ from tests.peers import first_maddr, killed_at_exit, planned_first, start_peer
 
 pytestmark = pytest.mark.integration
 EPOCHS = ["--max-epochs", "6"]
+SHORT = ["--max-epochs", "3"]  # what a test of joining needs
 
 
 def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, extra=()):
@@ -137,6 +138,33 @@ def test_progress_a_million_epochs_ahead_is_not_followed(tmp_path, tiny_model, t
         # them on its partner's samples, 4 samples each, seen once in 3 runs)
         assert len(together) >= len(epochs) - 2, [e["group"] for e in epochs]
         assert not p.events("syncing"), "an honest peer followed the fake epoch"
+
+
+def test_a_progress_liar_that_came_first_does_not_hold_newcomers_in_sync(tmp_path, tiny_model, text_data):
+    # Prepare: the liar starts the run; two honest peers join it at once, each seeing only the liar's progress (10^6
+    # epochs ahead) while it loads. Before honest peers published a status ahead of their sync, each followed the
+    # liar (the only other writer) and synced until --join-timeout (90 s), finding no state to take
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1920)
+    with killed_at_exit([]) as peers:
+        listen, address = planned_first(tmp_path, "attacker")
+        liar = start_peer(tmp_path, "attacker", [*listen, "--run-spec", str(spec), "--data", str(text_data),
+                                                 "--batch-size", "4", *SHORT, "--join-timeout", "10"],
+                          attack="fake_progress")  # fmt: skip
+        liar.wait_event("syncing", 90)  # its progress record is out (it believes itself behind, 10 s)
+        join = ["--initial-peers", address, "--run", RunSpec.from_toml(spec).run_id, "--data", str(text_data),
+                "--batch-size", "4", *SHORT, "--join-timeout", "90", "--wait-for-peers", "3"]  # fmt: skip
+        peers.extend(start_peer(tmp_path, f"honest{i}", [*join, "--seed", str(i)]) for i in range(2))
+        peers.append(liar)
+        # Execute
+        started = [p.wait_event("started", 120) for p in peers[:2]]
+        adapters = finish_honest(peers)
+    # Assert: neither waited out --join-timeout (each saw the other's status and stopped following the liar), neither
+    # took the liar's epoch, and they trained together
+    for p, s in zip(peers[:2], started):
+        assert s["startup_s"].get("sync", 0.0) < 20.0, s["startup_s"]
+        assert all(e["epoch"] < 10 for e in p.events("synced")), p.events("synced")
+        assert [e for e in p.events("epoch") if len(e["group"]) >= 2], "the honest peers never averaged together"
+    assert_honest_agree_and_are_sane(adapters, peers[:2])
 
 
 def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
