@@ -23,8 +23,7 @@ SHORT = ["--max-epochs", "3"]  # what a test of joining needs
 def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, extra=()):
     """``honest`` honest peers, started at once (the first peer's address is planned), then one attacker once they
     have started (it knows what anyone would: the run id and that address), all with batch 4; returns the first's
-    started event. (Started with them, a progress liar was the only other peer the honest ones saw while they synced,
-    so they followed it, and each waited out --join-timeout: README, "Known limits".)"""
+    started event. An attacker that is there first: test_a_progress_liar_that_came_first…"""
     listen, address = planned_first(tmp_path, "honest0")
     first = start_peer(tmp_path, "honest0", [*listen, "--run-spec", str(spec), "--data", str(data), "--batch-size",
                                              "4", *EPOCHS, "--wait-for-peers", str(honest + 1), "--join-timeout", "90",

@@ -158,7 +158,7 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
     assert front["checkpoint"] == "recorded" and chain["trainer"].checkpoint_of(chain["run"], 4)["cid"] == front["cid"]
     with killed_at_exit([]) as peers, killed_at_exit([]) as attackers:
         # all four start training together: a freeloader that came up 5 s after the others was in none of their groups
-        # (1 run in 25: it caught up by downloads and looked for each group too late), and the test is about its part
+        # for three epochs (1 run in 25, why not known: README, "Known limits"), and the test is about its part
         extra = ["--max-epochs", "4", "--wait-for-peers", "4", "--join-timeout", "90"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         for i, bs in ((1, 4), (2, 8)):
