@@ -9,6 +9,7 @@
     consensus               finishing peers agree on one final adapter
     records                 the DHT record types (bounded pydantic schemas)
     blocks / audit / logs   block serving over p2p; rejected-record counts; hivemind's log lines
+    tasks                   hivemind's processes keep their tasks until they end (none lost to the garbage collector)
 
 Every hivemind 1.1.12 method we override, and why (tests/unit/test_hivemind_overrides.py checks that each still
 exists on its hivemind base class with a signature ours accepts, and that none is missing from this list):
@@ -67,6 +68,9 @@ HIVEMIND_OVERRIDES = {
     "averagers.StateAverager._load_state_from_peers": "admitted donors, capped priority, verified (epoch, digest)",
     "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
     "averagers.EpochKeys.declare_averager": "a search's withdrawal runs on its own, not under the matchmaking lock",
+    # every process of hivemind's (swarm/tasks.py)
+    "tasks.PinsTasks.run": "the DHT's and averagers' event loops keep each task until it ends (hivemind keeps no "
+    "reference: a garbage collection destroyed calls waiting on p2pd, and their callers hung)",
     # tensors on the wire (swarm/codec.py)
     "codec.Uniform8Bit.extract": "numpy 2 refuses hivemind's int() of a 1-element array (every 8-bit round failed)",
     # the rounds (swarm/gather.py)
@@ -83,14 +87,17 @@ HIVEMIND_OVERRIDES = {
     "audit.AuditingValidator.priority": "hivemind's CompositeValidator priority",
 }
 
-# hivemind internals we read or write without overriding a method: class -> attributes (the test checks that the
-# class's source still names each one)
+# hivemind internals we read or write without overriding a method: class -> attributes, or module functions it calls
+# (swarm/tasks.py replaces switch_to_uvloop in its child processes); the test checks that the class's source still
+# names each one
 HIVEMIND_INTERNALS = {
     "hivemind.dht.schema.SchemaValidator": ("_schemas", "_key_id_to_field_name", "_allow_extra_keys"),  # merge, forget
     "hivemind.dht.validation.CompositeValidator": ("_validators",),  # forget a run's schema keys (node._drop_keys)
     "hivemind.dht.crypto.RSASignatureValidator": ("_PUBLIC_KEY_RE",),  # the signer's key in a record's subkey
     "hivemind.utils.crypto.RSAPrivateKey": ("__setstate__",),  # our identity's key in hivemind's key type
-    "hivemind.averaging.averager.DecentralizedAverager": ("_matchmaking", "_running_groups", "_state_updated"),
+    "hivemind.averaging.averager.DecentralizedAverager": ("_matchmaking", "_running_groups", "_state_updated",
+                                                          "switch_to_uvloop"),  # swarm/tasks.py
+    "hivemind.dht.dht.DHT": ("switch_to_uvloop",),  # swarm/tasks.py: the loop of the DHT's process
     "hivemind.averaging.matchmaking.Matchmaking": ("step_control", "group_key_manager"),  # the round's epoch
     "hivemind.averaging.control.StepControl": ("_allow_retries",),  # a refused pair round is not retried
     "hivemind.averaging.allreduce.AllReduceRunner": ("tensor_part_container", "banned_senders", "sender_peer_ids"),

@@ -41,6 +41,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.gather import GatherAverage, Settings
+from atlas_swarm.swarm.tasks import PinsTasks
 
 logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
 
@@ -219,7 +220,7 @@ class GivesUp:
         return control.result(timeout=0)  # the round's result, or why it has none (hivemind's caller logs it)
 
 
-class GradAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, GradientAverager):
+class GradAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShutdown, GradientAverager):
     """hivemind's GradientAverager over one buffer, gathering (gather.py), and no state donor (late joiners load the
     state averager's)."""
 
@@ -258,7 +259,7 @@ class GradAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, Gradi
         return None
 
 
-class StateAverager(EpochGroups, Admitted, GatherAverage, CancelOnShutdown, TrainingStateAverager):
+class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShutdown, TrainingStateAverager):
     """hivemind's TrainingStateAverager over one buffer, declaring itself as a state donor only when that
     declaration changes: when sharing is switched on or off, when the priority (the epoch) changes, and before the
     record expires, as hivemind's docstring says (it re-stored it after every tensor of every round).

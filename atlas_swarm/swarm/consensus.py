@@ -65,8 +65,13 @@ def agree_on_final_adapter(
     decide_by = time.monotonic() + timeout / 2  # after this, peers that have not published are not waited for
     seen: dict[str, str] = {}  # PeerID -> the final hash it was last seen with (kept when its status expires)
     alone = None  # since when no peer is connected to us
+    statuses: dict = {}
     while True:
-        statuses = {pid: s for pid, s in swarm.peer_statuses(run_id).items() if pid != swarm.peer_id and not s.leaving}
+        try:
+            statuses = {pid: s for pid, s in swarm.peer_statuses(run_id).items()
+                        if pid != swarm.peer_id and not s.leaving}  # fmt: skip
+        except SwarmError:
+            pass  # this read went unanswered: decide on the last one (the deadline still bounds the wait)
         others = list(statuses.values())  # admitted peers only (Swarm.admits)
         seen.update({pid: s.final_hash for pid, s in statuses.items() if s.epoch == epoch and s.final_hash})
         # a peer at our epoch without a final hash is about to publish one (or trains on: then we time out)

@@ -46,11 +46,13 @@ from atlas_swarm.swarm.records import (
     RunRecords,
     WalletBinding,
 )
+from atlas_swarm.swarm.tasks import PinsTasks
 
 POLL_EVERY = 0.5
 BOOTSTRAP_PAUSE = 3.0  # at most this long between two tries to reach the initial peers (Swarm.join)
 STOP_HEALING_TIMEOUT = 2.0  # swarm/heal.py's stop_healing takes at most 1 s in the DHT process
 STORE_TIMEOUT = 30.0  # a blocking store that no node answers in this long fails (hivemind's future can hang)
+READ_TIMEOUT = 30.0  # a read the DHT process does not answer in this long fails (its lookups end in a few seconds)
 
 
 class RunSchemaValidator(SchemaValidator):
@@ -78,6 +80,10 @@ async def _drop_keys(_dht, node, key_ids: list) -> None:
 
 async def _connections(_dht, node) -> int:
     return len(await node.p2p.list_peers())
+
+
+class PinnedDHT(PinsTasks, hivemind.DHT):
+    """hivemind's DHT, whose process keeps every call's task until it ends (swarm/tasks.py)."""
 
 
 class Swarm:
@@ -126,7 +132,7 @@ class Swarm:
         while True:
             attempt += 1
             try:
-                dht = hivemind.DHT(
+                dht = PinnedDHT(
                     initial_peers=list(initial_peers),
                     host_maddrs=list(host_maddrs),
                     announce_maddrs=list(announce_maddrs) or None,
@@ -173,9 +179,18 @@ class Swarm:
     def connected(self) -> bool:
         """Whether any peer holds a connection to this one (if none, every record read is this node's own copy)."""
         try:
-            return self.dht.run_coroutine(_connections) > 0
-        except (ConnectionError, OSError):  # our p2pd is gone: nobody can reach us
+            return self.dht.run_coroutine(_connections, return_future=True).result(READ_TIMEOUT) > 0
+        except (ConnectionError, OSError):  # our p2pd is gone (or the DHT process does not answer): nobody can reach us
             return False
+
+    def _read(self, key: str):
+        """hivemind's ``get(key, latest=True)``, bounded: a DHT process that stopped answering is an error here, not
+        a caller that waits forever."""
+        try:
+            return self.dht.get(key, latest=True, return_future=True).result(READ_TIMEOUT)
+        except TimeoutError:
+            raise SwarmError(f"This peer's DHT process did not answer a read within {READ_TIMEOUT:.0f} s; restart "
+                             f"the peer if it keeps happening.") from None
 
     def is_alive(self) -> bool:
         """False once the DHT process has died (or was shut down)."""
@@ -243,7 +258,7 @@ class Swarm:
         self._ensure_validators(run_id)
         deadline = time.monotonic() + timeout
         while True:
-            found = self.dht.get(f"{run_id}_spec", latest=True)
+            found = self._read(f"{run_id}_spec")
             if found is not None and isinstance(found.value, dict):
                 for entry in found.value.values():  # one junk entry must not hide a good one
                     raw = entry.value
@@ -271,7 +286,7 @@ class Swarm:
         """The entries under ``key`` that parse as ``model`` and name the PeerID of the key that signed them (the
         DHT has already checked signature and schema). Records signed by one peer but naming another are dropped
         and counted in ``forged``."""
-        found = self.dht.get(key, latest=True)
+        found = self._read(key)
         out = []
         if found is not None and isinstance(found.value, dict):
             for subkey, entry in found.value.items():
@@ -308,7 +323,7 @@ class Swarm:
         if run_id + ":progress" not in self._validated_runs:
             self.dht.add_validators([RunSchemaValidator(TrainingProgressSchema, prefix=run_id)])
             self._validated_runs.add(run_id + ":progress")
-        found = self.dht.get(f"{run_id}_progress", latest=True)
+        found = self._read(f"{run_id}_progress")
         out = []
         if found is not None and isinstance(found.value, dict):
             for entry in found.value.values():

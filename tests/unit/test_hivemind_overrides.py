@@ -8,7 +8,7 @@ import pytest
 
 from atlas_swarm.swarm import HIVEMIND_INTERNALS, HIVEMIND_OVERRIDES
 
-MODULES = ["optimizer", "averagers", "gather", "codec", "node", "audit", "records", "blocks"]
+MODULES = ["optimizer", "averagers", "gather", "codec", "node", "audit", "records", "blocks", "tasks"]
 
 
 def _hivemind_bases(cls):
@@ -80,7 +80,8 @@ def test_no_override_is_missing_from_the_register():
 def test_the_internals_we_touch_are_still_there(qualname):
     module, name = qualname.rsplit(".", 1)
     source = inspect.getsource(getattr(importlib.import_module(module), name))
-    missing = [a for a in HIVEMIND_INTERNALS[qualname] if f".{a}" not in source and f"def {a}" not in source]
+    missing = [a for a in HIVEMIND_INTERNALS[qualname] if f".{a}" not in source and f"def {a}" not in source
+               and f" {a}()" not in source]  # an attribute, a method, or a module function it calls
     assert not missing, f"{qualname} no longer has {missing}"
 
 
