@@ -260,10 +260,11 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
     victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, chain["wallets"][2][1])
     with killed_at_exit([]) as peers:
         # --receipt-batch 1 --receipt-max-wait 0: settle each receipt at once (the default batches 4 to save gas, and
-        # a backup signer waits out the poster's batching window). 48 epochs of ~2 s: the swarm must outlive the
+        # a backup signer waits out the poster's batching window). 40 epochs of 3-4 s: the swarm must outlive the
         # victim's unpaid receipt (up to 2 x BACKUP_DELAY after its quorum: it is the third signer) and its restart
-        # (killed at epochs 20-31 in 6 runs; its sync takes 15-16 s, its waiting receipts were posted 10 s after)
-        extra = ["--max-epochs", "48", "--wait-for-peers", "3", "--join-timeout", "90", "--receipt-batch", "1",
+        # (killed at epochs 20-31 in 6 runs of 2026-11; at 15 and 16, back at epochs 17 and 21, in 2 full runs of
+        # 2026-12-03; its waiting receipts were posted 5-10 s after its restart). 48 epochs spent ~110 s after that
+        extra = ["--max-epochs", "40", "--wait-for-peers", "3", "--join-timeout", "90", "--receipt-batch", "1",
                  "--receipt-max-wait", "0"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
