@@ -55,7 +55,7 @@ def test_calls_waiting_on_p2pd_survive_a_garbage_collection(tmp_path):
     swarm = Swarm.join(Identity.load_or_create(tmp_path / "node"), [], ["/ip4/127.0.0.1/tcp/0"])
     try:
         collecting = swarm.dht.run_coroutine(partial(_collect_for, seconds=3.0), return_future=True)
-        lost, calls = _lost_while_collecting(collecting, lambda: swarm.dht.run_coroutine(_connections, return_future=True))
+        lost, calls = _lost_while_collecting(collecting, partial(swarm.dht.run_coroutine, _connections, True))
         assert len(calls) > 50
         assert lost == 0, f"{lost} of {len(calls)} calls into the DHT process were lost"
         assert swarm.connected() is False  # and the node still answers
@@ -84,7 +84,7 @@ def test_an_averager_process_keeps_calls_that_wait_on_p2pd(tmp_path):
     try:
         averager = ProbedAverager([torch.nn.Parameter(torch.zeros(3))], dht=swarm.dht, prefix="probe", start=True,
                                   gather_settings=Settings(rule="mean", signer=swarm.private_key))  # fmt: skip
-        lost, calls = _lost_while_collecting(averager.call("_collect", seconds=3.0), lambda: averager.call("_probe"))
+        lost, calls = _lost_while_collecting(averager.call("_collect", seconds=3.0), partial(averager.call, "_probe"))
         assert len(calls) > 50
         assert lost == 0, f"{lost} of {len(calls)} calls into the averager process were lost"
     finally:
