@@ -34,8 +34,8 @@ def start_peer(workdir: Path, name: str, args: list[str], threads: int = 1, atta
     """A peer process on loopback, offline, in ``workdir/name`` (atlas_swarm.launch, as the notebook starts them);
     with ``attack``, our own peer with that attack patched in (tests/byzantine.py)."""
     verbose = ["--verbose"] if os.environ.get("ATLAS_TEST_VERBOSE") else []  # hivemind's logs on each peer's stderr
-    return PeerProcess(workdir / name, ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args, *verbose], threads=threads,
-                       name=name,
+    args = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", *args, *verbose]
+    return PeerProcess(workdir / name, args, threads=threads, name=name,
                        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ATLAS_ATTACK": attack},
                        module="tests.byzantine" if attack else "atlas_swarm.peer")  # fmt: skip
 

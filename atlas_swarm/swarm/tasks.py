@@ -22,7 +22,7 @@ _LOOP_MAKERS = ("hivemind.dht.dht", "hivemind.averaging.averager")  # modules wh
 
 
 def _pinned_task(loop, coro, context=None):
-    task = asyncio.Task(coro, loop=loop) if context is None else asyncio.Task(coro, loop=loop, context=context)
+    task = asyncio.Task(coro, loop=loop, context=context)  # (None: a copy of the current context, as by default)
     _PINNED.add(task)
     task.add_done_callback(_PINNED.discard)
     return task
