@@ -156,6 +156,11 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
         last_status = last_spec = time.monotonic()
         scaler = LossScaler() if p.precision.needs_loss_scaling else None
         while not p.stop.requested:
+            if cfg.max_epochs is not None and p.opt.local_epoch >= cfg.max_epochs and not p.steps:
+                reporter.event("stopping", f"At epoch {p.opt.local_epoch} on joining, --max-epochs "
+                               f"{cfg.max_epochs}: nothing to train; the adapter is the one synced at start",
+                               reason="max_epochs", trained=False)  # fmt: skip
+                break  # not a finisher of its epoch: the others train on, so there is no final vote to wait for
             samples = p.opt.next_step_samples(p.batch_size)  # the last step of an epoch may be shorter
             loss, p.micro = shrink_on_oom(lambda micro: accumulate_gradients(  # noqa: B023 (called at once)
                 p.model, p.next_batch, samples, min(micro, samples), p.device, p.precision,

@@ -276,6 +276,16 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
         # Prepare: the victim was paid once; then its stake drops below the run's minimum, so its signature stops
         # counting and the groupmates' settlements pass it by: its receipts wait (retried, not dropped)
         wait_until(lambda: paid_epochs(chain["trainer"], victim_address), 180, "the victim's first payment")
+        # a CLI peer, staked and bound like the others, that only downloads the state: it joins a run already past
+        # its --max-epochs, syncs, and leaves without training (checked at the end: no receipt, paid nothing)
+        dl_wallet = tmp_path / "wallet-downloader.json"
+        dl = create_wallet(str(dl_wallet), "test-password", bytes.fromhex(DEV_KEYS[4][2:]), kdf="pbkdf2")
+        StakingClient(chain["trainer"].w3, chain["trainer"].address, dl).stake(2 * ETHER)
+        downloader = start_peer(tmp_path, "downloader", [*join, "--batch-size", "4", "--max-epochs", "1",
+                                                          "--join-timeout", "90", *chain_flags(chain, 0)[:4],
+                                                          "--wallet", str(dl_wallet), "--wallet-password-file",
+                                                          str(chain["pw"])])  # fmt: skip
+        peers.append(downloader)
         victim_client.request_unstake(2 * ETHER)
         wait_until(lambda: any(r["state"] == "collecting" and "InsufficientStake" in (r["error"] or "")
                                for r in receipts(victim)), 150, "an unpaid receipt")  # fmt: skip
@@ -301,6 +311,22 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
         # the victim's update and the other did not, so their aggregates and receipts differ; seen in 1 full run)
         for p, (_, account) in zip((first, peers[1]), chain["wallets"]):
             assert_paid_exactly(chain, p, account.address, minority_ok=True)
+
+        # the download-only peer: a verified state, no step, no round, no receipt, nothing paid
+        assert downloader.wait_exit(60) == 0, downloader.tail()
+        assert downloader.wait_event("registered", 1)["address"] == dl.address
+        synced = downloader.events("synced")
+        assert synced and synced[-1]["verified"] and synced[-1]["epoch"] >= 1, downloader.tail()
+        stop = downloader.wait_event("stopping", 1)
+        assert stop["reason"] == "max_epochs" and stop["trained"] is False, stop
+        assert not downloader.events("epoch") and not receipts(downloader)
+        assert downloader.wait_event("receipts", 1)["posted"] == 0
+        listed = [r for p in (first, peers[1], restarted) for r in receipts(p)
+                  if dl.address in {m["wallet"] for m in r["receipt"]["members"]}]  # fmt: skip
+        assert not listed, listed
+        assert paid_epochs(chain["trainer"], dl.address) == {}
+        rep = chain["trainer"].reputation(dl.address)
+        assert rep["verified_samples"] == rep["pending"] == rep["claimable"] == 0, rep
 
 
 def test_a_staked_run_admits_bound_staked_peers_and_refuses_an_understaked_one(tmp_path, tiny_model, text_data):
