@@ -97,15 +97,17 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
             nodes.append(a)
             b = Bootstrap(tmp_path, "b", "--initial-peers", a.maddr)
             nodes.append(b)
-            # two peers that know only node A; node B's monitor must see them
+            # two peers that know only node A; node B's monitor must see them. 10 epochs (~3 s each): the dashboard
+            # is rendered once both are at epoch 2, and a peer that has left is no longer listed; with 6 epochs both
+            # had left before a loaded full suite's Chromium fetched the state, and the DOM named one of them
             first = start_peer(tmp_path, "p0", ["--initial-peers", a.maddr, "--run-spec", str(tiny_spec), "--data",
-                                                 str(text_data), "--batch-size", "4", "--max-epochs", "6",
+                                                 str(text_data), "--batch-size", "4", "--max-epochs", "10",
                                                  "--wait-for-peers", "2", "--join-timeout", "90"])  # fmt: skip
             peers.append(first)
             run_id = first.wait_event("started", 90)["run_id"]
             peers.append(start_peer(tmp_path, "p1", ["--initial-peers", a.maddr, "--run", run_id, "--data",
                                                       str(text_data), "--batch-size", "8", "--seed", "1",
-                                                      "--max-epochs", "6", "--wait-for-peers", "2"]))  # fmt: skip
+                                                      "--max-epochs", "10", "--wait-for-peers", "2"]))  # fmt: skip
 
             def two_peers_at_epoch_2():
                 m = scrape(b.url)
@@ -133,8 +135,9 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
             run_section = next(r for r in state["runs"] if r["run_id"] == run_id)
             assert len(run_section["history"]) >= 2
             dom = shot["dom"]
-            for pid in final:
-                assert f'data-peer="{pid}"' in dom, "peer missing from the rendered dashboard"
+            for p in peers:  # (a peer that had stopped before the rendering ended says it: the test's timing, not the page)
+                pid, left = p.wait_event("started", 1)["peer_id"], p.wait_event("stopping", 1)["time"]
+                assert f'data-peer="{pid}"' in dom, f"peer missing from the rendered dashboard ({left - shot['at']:+.1f} s)"
             assert dom.count('class="series"') >= 3 and "healthy" in dom
             assert shot["png"].stat().st_size > 10_000
 
@@ -158,10 +161,11 @@ def screenshot(url: str, tmp_path: Path) -> dict:
     common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=4000",
               f"--user-data-dir={tmp_path / 'chromium-profile'}"]  # fmt: skip
     dom = subprocess.run([*common, "--dump-dom", url + "/"], capture_output=True, text=True, timeout=120).stdout
+    at = time.time()  # when the DOM was dumped
     ARTIFACTS.mkdir(exist_ok=True)
     png = ARTIFACTS / "dashboard.png"
     png.unlink(missing_ok=True)
     subprocess.run([*common, f"--screenshot={png}", "--window-size=1400,1000", url + "/"], capture_output=True,
                    timeout=120)  # fmt: skip
     assert png.exists(), "chromium wrote no screenshot"
-    return {"dom": dom, "png": png}
+    return {"dom": dom, "png": png, "at": at}
