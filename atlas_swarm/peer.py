@@ -14,11 +14,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import psutil
 import torch
 
 from atlas_swarm.model.fit import (
@@ -32,7 +30,6 @@ from atlas_swarm.model.fit import (
 if __name__ == "__main__":  # before peft is imported (below); tests import this module with bitsandbytes in use
     skip_bitsandbytes_unless_quantizing(sys.argv[1:])
 
-from atlas_swarm.admission import trusted_states  # noqa: E402
 from atlas_swarm.checkpoints.publish import AdapterPublisher
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
@@ -42,11 +39,21 @@ from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
 from atlas_swarm.peer_args import config_from_args, parse_args
+from atlas_swarm.peer_state import (
+    EpochHook,
+    Progress,
+    RunResult,
+    expected_states,
+    note_state,
+    note_statuses,
+    publish_status,
+    report_progress,
+)
 from atlas_swarm.proofs import EpochRecord
 from atlas_swarm.stopping import GracefulStop
-from atlas_swarm.swarm import EpochDone, PeerStatus, Swarm, make_optimizer
+from atlas_swarm.swarm import EpochDone, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
-from atlas_swarm.swarm.records import STATUS_EVERY, finite, not_finite, other_shapes, parse_state, state_claim
+from atlas_swarm.swarm.records import STATUS_EVERY, other_shapes
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import (
     LossScaler,
@@ -58,78 +65,8 @@ from atlas_swarm.train.steps import (
 )
 from atlas_swarm.ui import Reporter
 
-if TYPE_CHECKING:  # web3 takes a second to import: a peer without a chain never does
-    from atlas_swarm.chain.session import ChainSession
-
 SPEC_REFRESH_EVERY = 300.0
 FINAL_FLUSH = 30.0  # seconds a finishing peer waits for its last receipts and vote to settle (a stopped one: 3)
-
-EpochHook = Callable[[EpochRecord], None]
-
-
-@dataclass
-class RunResult:
-    run_id: Optional[str]  # None: stopped before the run spec was known
-    peer_id: Optional[str]
-    epoch: int
-    samples_total: int
-    steps: int
-    last_loss: Optional[float]
-    adapter_dir: Optional[str]
-    refused: int = 0  # requests and records refused or ignored (peer.refused)
-    outliers: int = 0  # groupmates' updates clipped or trimmed hard
-
-
-@dataclass
-class Progress:
-    """One peer's run: its settings, the services each phase opens (None until opened) and what it has done."""
-
-    cfg: PeerConfig
-    reporter: Reporter
-    stop: GracefulStop
-    out: Path
-    spec: Optional[RunSpec] = None
-    swarm: Optional[Swarm] = None
-    chain: Optional[ChainSession] = None
-    gatekeeper: Optional[Gatekeeper] = None
-    publisher: Optional[AdapterPublisher] = None
-    model: Any = None
-    params: list = field(default_factory=list)  # the adapter's trainable tensors
-    opt: Any = None  # swarm.SwarmOptimizer
-    device: str = "cpu"
-    precision: Any = None
-    checkpointing: bool = False  # gradient checkpointing on (--gradient-checkpointing, or auto)
-    shapes: str = ""
-    batches: Optional[Batches] = None
-    batch_size: int = 0
-    micro: int = 0
-    hooks: list[EpochHook] = field(default_factory=list)
-    epoch: int = 0
-    samples_total: int = 0
-    steps: int = 0
-    loss: Optional[float] = None
-    rounds_averaged: int = 0
-    rounds_failed: int = 0
-    outliers: int = 0  # groupmates' updates our aggregation clipped or trimmed hard
-    last_outliers: tuple[str, ...] = ()
-    states: list = field(default_factory=list)  # "epoch:digest" of our parameters at our last 4 epochs (statuses)
-    saved: Optional[Path] = None
-    startup: dict = field(default_factory=dict)  # phase -> seconds it took, from the process's start to "started"
-    _mark: float = field(default_factory=lambda: psutil.Process().create_time())
-
-    def phase(self, name: str) -> None:
-        """The phase ``name`` of the start-up ended now (the "started" event reports them)."""
-        now = time.time()
-        self.startup[name] = round(now - self._mark, 2)
-        self._mark = now
-
-    def result(self) -> RunResult:
-        return RunResult(self.spec.run_id if self.spec else None, self.swarm.peer_id if self.swarm else None,
-                         self.epoch, self.samples_total, self.steps, self.loss, str(self.saved) if self.saved else None,
-                         refused(self) if self.opt is not None else 0, self.outliers)  # fmt: skip
-
-    def next_batch(self, n: int) -> dict:
-        return self.batches.next(n)
 
 
 def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) -> RunResult:
@@ -454,59 +391,6 @@ def leave(p: Progress) -> None:
             p.stop.step = "stopping the DHT and its p2p daemon"
             p.swarm.shutdown(p.stop.budget(3.0) if p.stop.requested else None)
         p.stop.uninstall()
-
-
-def report_progress(p: Progress) -> None:
-    swarm = p.opt.swarm_progress()
-    p.reporter.progress(epoch=p.opt.local_epoch, swarm_samples=swarm["samples"], target=swarm["target"],
-                        peers=swarm["peers"], loss=round(p.loss, 5), samples_per_second=round(p.opt.samples_per_second(), 2),
-                        local_samples=p.samples_total, **(p.chain.progress() if p.chain else {}),
-                        **({"gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-                           if p.device.startswith("cuda") else {}))  # fmt: skip
-
-
-def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = None) -> None:
-    """Our signed status record in the run (what monitors and finishing peers read)."""
-    proofs = p.chain.progress() if p.chain is not None else {}
-    sps = 0.0 if leaving else p.opt.samples_per_second()
-    p.swarm.publish_status(p.spec.run_id, PeerStatus(
-        peer_id=p.swarm.peer_id, device=p.device, precision=str(p.precision) + (f"+{p.cfg.quantize}" if p.cfg.quantize != "none" else ""), client_mode=p.cfg.client_mode,
-        adapter_shapes=p.shapes, epoch=p.opt.local_epoch, samples_total=p.samples_total,
-        samples_per_second=finite(sps), loss=finite(p.loss, None), loss_nonfinite=not_finite(p.loss),
-        time=time.time(), leaving=leaving, final_hash=final,
-        rounds_averaged=p.rounds_averaged, rounds_failed=p.rounds_failed,
-        states=p.states, refused=refused(p), outliers=p.outliers,
-        last_outliers=list(p.last_outliers[:8]),
-        receipts_posted=proofs.get("receipts_posted", 0), receipts_pending=proofs.get("receipts_pending", 0),
-        rewards_eth=proofs.get("rewards_wei", 0) / 1e18),
-        wait=leaving or final is not None, timeout=p.stop.budget(1.0) if p.stop.requested else 5.0)  # fmt: skip
-    if not leaving:
-        p.swarm.announce_run(p.spec.run_id)
-        note_statuses(p)
-
-
-def note_statuses(p: Progress) -> None:
-    """The other peers' status epochs, for the progress rule's electorate (SwarmOptimizer.note_statuses)."""
-    p.opt.note_statuses({pid: s.epoch for pid, s in p.swarm.peer_statuses(p.spec.run_id).items() if not s.leaving})
-
-
-def refused(p: Progress) -> int:
-    """Everything this peer refused or ignored so far (swarm/gate.py's counts, records of non-admitted peers)."""
-    return sum(p.opt.trust_counts().values()) + p.swarm.not_admitted
-
-
-def expected_states(p: Progress) -> set:
-    """The (epoch, parameters digest) a state download must match: what a strict majority of the run's admitted
-    peers (this one aside) say they hold; empty (take none) when they do not agree."""
-    claims = {pid: [parse_state(c) for c in s.states] for pid, s in p.swarm.peer_statuses(p.spec.run_id).items()
-              if pid != p.swarm.peer_id and s.states and not s.leaving}  # fmt: skip
-    return trusted_states(claims) - {None}
-
-
-def note_state(p: Progress) -> None:
-    """Remember our parameters' digest at this epoch (statuses carry the last 4; a downloader checks against them)."""
-    claim = state_claim(p.opt.local_epoch, p.opt.state_averager.parameters_digest())
-    p.states = [c for c in p.states if c != claim][-3:] + [claim]
 
 
 def finite_adapter(tensors: dict) -> bool:

@@ -18,7 +18,7 @@ LAYERS = [
     "cli", "peer_args",                            # the entry points' shared wrapper (quiets hivemind); peer flags
     "checkpoints", "chain",                        # publish/keep adapters; the staking contract
     "ui", "stopping", "launch", "gatekeeper",      # what a peer's user sees; how it stops; starting peers; admission
-    "monitor", "notebook", "peer", "bootstrap",   # what users run
+    "monitor", "notebook", "peer_state", "peer", "bootstrap",  # what users run (peer_state: the peer's shared state)
     "serve",                                       # serving a run's adapters (uses the notebook's Run)
     "__init__",
 ]
