@@ -30,7 +30,7 @@ from atlas_swarm.model.fit import (
 if __name__ == "__main__":  # before peft is imported (below); tests import this module with bitsandbytes in use
     skip_bitsandbytes_unless_quantizing(sys.argv[1:])
 
-from atlas_swarm.checkpoints.publish import AdapterPublisher
+from atlas_swarm.checkpoints.publish import AdapterPublisher  # noqa: E402
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
 from atlas_swarm.errors import CheckpointError, DataError, ModelError

@@ -38,7 +38,7 @@ class RunResult:
     steps: int
     last_loss: Optional[float]
     adapter_dir: Optional[str]
-    refused: int = 0  # requests and records refused or ignored (peer.refused)
+    refused: int = 0  # requests and records refused or ignored (refused, below)
     outliers: int = 0  # groupmates' updates clipped or trimmed hard
 
 

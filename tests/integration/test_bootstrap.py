@@ -135,9 +135,9 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
             run_section = next(r for r in state["runs"] if r["run_id"] == run_id)
             assert len(run_section["history"]) >= 2
             dom = shot["dom"]
-            for p in peers:  # (a peer that had stopped before the rendering ended says it: the test's timing, not the page)
+            for p in peers:  # a missing peer that had stopped before the DOM was dumped: the test's timing
                 pid, left = p.wait_event("started", 1)["peer_id"], p.wait_event("stopping", 1)["time"]
-                assert f'data-peer="{pid}"' in dom, f"peer missing from the rendered dashboard ({left - shot['at']:+.1f} s)"
+                assert f'data-peer="{pid}"' in dom, f"peer not on the dashboard (stopped {left - shot['at']:+.1f} s)"
             assert dom.count('class="series"') >= 3 and "healthy" in dom
             assert shot["png"].stat().st_size > 10_000
 

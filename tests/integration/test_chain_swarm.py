@@ -75,6 +75,14 @@ def chain_flags(chain, i):
             "--wallet", str(chain["wallets"][i][0]), "--wallet-password-file", str(chain["pw"])]  # fmt: skip
 
 
+def staked_wallet(chain, tmp_path, name: str, key: int):
+    """One more wallet (dev account ``key``), staking 2 ETH; its account and the peer flags that use it."""
+    path = tmp_path / f"wallet-{name}.json"
+    account = create_wallet(str(path), "test-password", bytes.fromhex(DEV_KEYS[key][2:]), kdf="pbkdf2")
+    StakingClient(chain["trainer"].w3, chain["trainer"].address, account).stake(2 * ETHER)
+    return account, [*chain_flags(chain, 0)[:4], "--wallet", str(path), "--wallet-password-file", str(chain["pw"])]
+
+
 def receipts(peer: PeerProcess) -> list[dict]:
     folder = peer.out / "receipts"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
@@ -174,12 +182,8 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
             peers.append(start_peer(tmp_path, f"peer{i}", [*join, "--batch-size", str(bs), "--seed", str(i), *extra,
                                                             *chain_flags(chain, i)]))  # fmt: skip
         # a fourth peer, staked and bound like the others, takes its groupmates' updates and gives none of its own
-        fl_wallet = tmp_path / "wallet-freeloader.json"
-        fl = create_wallet(str(fl_wallet), "test-password", bytes.fromhex(DEV_KEYS[5][2:]), kdf="pbkdf2")
-        StakingClient(chain["trainer"].w3, chain["trainer"].address, fl).stake(2 * ETHER)
-        freeloader = start_peer(tmp_path, "freeloader", [*join, "--batch-size", "4", "--seed", "9", *extra,
-                                                          *chain_flags(chain, 0)[:4], "--wallet", str(fl_wallet),
-                                                          "--wallet-password-file", str(chain["pw"])],
+        fl, fl_flags = staked_wallet(chain, tmp_path, "freeloader", 5)
+        freeloader = start_peer(tmp_path, "freeloader", [*join, "--batch-size", "4", "--seed", "9", *extra, *fl_flags],
                                 attack="freeload")  # fmt: skip
         attackers.append(freeloader)
         codes = [p.wait_exit(300) for p in peers]
@@ -287,13 +291,9 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
         wait_until(lambda: paid_epochs(chain["trainer"], victim_address), 180, "the victim's first payment")
         # a CLI peer, staked and bound like the others, that only downloads the state: it joins a run already past
         # its --max-epochs, syncs, and leaves without training (checked at the end: no receipt, paid nothing)
-        dl_wallet = tmp_path / "wallet-downloader.json"
-        dl = create_wallet(str(dl_wallet), "test-password", bytes.fromhex(DEV_KEYS[4][2:]), kdf="pbkdf2")
-        StakingClient(chain["trainer"].w3, chain["trainer"].address, dl).stake(2 * ETHER)
+        dl, dl_flags = staked_wallet(chain, tmp_path, "downloader", 4)
         downloader = start_peer(tmp_path, "downloader", [*join, "--batch-size", "4", "--max-epochs", "1",
-                                                          "--join-timeout", "90", *chain_flags(chain, 0)[:4],
-                                                          "--wallet", str(dl_wallet), "--wallet-password-file",
-                                                          str(chain["pw"])])  # fmt: skip
+                                                          "--join-timeout", "90", *dl_flags])  # fmt: skip
         peers.append(downloader)
         victim_client.request_unstake(2 * ETHER)
         wait_until(lambda: any(r["state"] == "collecting" and "InsufficientStake" in (r["error"] or "")
