@@ -32,3 +32,26 @@ def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are(name)
         assert logger.filters.count(logger.filters[0]) == 1
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("gone", [ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "x"),
+                                  ConnectionRefusedError(111, "x"), EOFError(), FileNotFoundError(2, "x")])
+def test_the_dht_process_does_not_show_a_call_whose_asker_is_gone_other_errors_it_does(gone):
+    # Prepare: what hivemind's DHT process logs when it cannot read a call (its dht.py, `_run`)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("hivemind.dht.dht")
+    logger.addHandler(handler)
+    try:
+        quiet_hivemind()
+        # Execute
+        for error in (gone, RuntimeError("a real fault")):
+            try:
+                raise error
+            except Exception as e:
+                logger.exception(e)
+        # Assert
+        assert [r.getMessage() for r in seen] == ["a real fault"]
+    finally:
+        logger.removeHandler(handler)
