@@ -56,6 +56,7 @@ from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY, other_shapes
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import (
+    FINE_MICRO_BATCH,
     LossScaler,
     Precision,
     accumulate_gradients,
@@ -98,10 +99,14 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
                                f"{cfg.max_epochs}: nothing to train; the adapter is the one synced at start",
                                reason="max_epochs", trained=False)  # fmt: skip
                 break  # not a finisher of its epoch: the others train on, so there is no final vote to wait for
-            samples = p.opt.next_step_samples(p.batch_size)  # the last step of an epoch may be shorter
-            loss, p.micro = shrink_on_oom(lambda micro: accumulate_gradients(  # noqa: B023 (called at once)
-                p.model, p.next_batch, samples, min(micro, samples), p.device, p.precision,
-                scale=scaler.scale if scaler else (lambda x: x)), p.micro, lambda micro: out_of_memory(p, micro))
+            samples, fine = p.opt.next_step(p.batch_size)  # an epoch's last step may be shorter, and end early
+
+            def attempt(micro: int, samples=samples, fine=fine) -> tuple[float, int]:
+                piece = min(micro, FINE_MICRO_BATCH if fine else micro, samples)
+                return accumulate_gradients(p.model, p.next_batch, samples, piece, p.device, p.precision,
+                                            scale=scaler.scale if scaler else (lambda x: x), stop=p.opt.epoch_over)
+
+            (loss, samples), p.micro = shrink_on_oom(attempt, p.micro, lambda micro: out_of_memory(p, micro))
             if scaler is not None and not scaler.unscale_(p.params):
                 p.opt.zero_grad(set_to_none=True)  # fp16 overflow: drop this batch, retry at half the scale
                 continue

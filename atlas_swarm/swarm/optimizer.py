@@ -342,21 +342,28 @@ class SwarmOptimizer(hivemind.Optimizer):
             log.log(self.status_loglevel, "Pre-scheduling state averaging round")
             self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch, timeout=self.averaging_timeout)
 
-    def next_step_samples(self, batch_size: int) -> int:
-        """How many samples to put into the next step: ``batch_size``, or fewer when the swarm's epoch should end
-        before a whole batch would.
+    def next_step(self, batch_size: int) -> tuple[int, bool]:
+        """The next step's samples, and whether it runs in fine micro-batches that end it as soon as the swarm's
+        epoch is over (``epoch_over``): ``batch_size``, or fewer when the swarm's epoch should end before a whole
+        batch would.
 
-        A peer notices the end of an epoch only when a step ends, so the group waits for the peer whose last batch
-        ends last. Sized to the estimated time left (the swarm's samples/s against the target, from the tracker),
-        the last step ends near the boundary for everyone. Never below a quarter batch, so a slipping estimate
-        cannot degrade into one-sample steps. hivemind weights each step by its samples, so a short step counts
-        for what it holds. bench_averaging, 4 CPU peers sharing 2 cores (batch 8, about 1 s per step), two runs
-        each way: the wait for the last peer was 0.10-0.16 s on average (at most 0.49 s) against 0.20-0.21 s (at
-        most 0.85 s) with whole batches; the averaging share 3.1-3.5 % against 4.1-4.2 %.
+        A peer notices the end of an epoch only between its micro-batches, so the group waits for the peer whose
+        last micro-batch ends last. Sized to the estimated time left (the swarm's samples/s against the target,
+        from the tracker), the last step ends near the boundary for everyone. Never below a quarter batch, so a
+        slipping estimate cannot degrade into one-sample steps. hivemind weights each step by its samples, so a
+        short step counts for what it holds. bench_averaging, 4 CPU peers sharing 2 cores (batch 8, about 1 s per
+        step), two runs each way: the wait for the last peer was 0.10-0.16 s on average (at most 0.49 s) against
+        0.20-0.21 s (at most 0.85 s) with whole batches; the averaging share 3.1-3.5 % against 4.1-4.2 %. Steps
+        near the end then run in micro-batches of 2 (schedule.fine_step) and stop once the epoch is over.
         """
         left = self.tracker.estimated_next_update_time - get_dht_time()  # 0 once the epoch is over
-        return schedule.last_step_samples(batch_size, self._peers(), self.tracker.performance_ema.samples_per_second,
-                                          left)  # fmt: skip
+        rate = self.tracker.performance_ema.samples_per_second
+        return (schedule.last_step_samples(batch_size, self._peers(), rate, left),
+                schedule.fine_step(batch_size, self._peers(), rate, left))  # fmt: skip
+
+    def epoch_over(self) -> bool:
+        """With company: has the swarm's epoch ended (the step in progress should end now)?"""
+        return self._peers() > 1 and self.tracker.ready_to_update_epoch
 
     def _make_state_averager(self, **kwargs) -> StateAverager:  # hivemind 1.1.12's, with our StateAverager
         return StateAverager(dht=self.dht, prefix=f"{self.run_id}_state_averager",

@@ -50,6 +50,14 @@ def last_step_samples(batch_size: int, peers: int, rate: float, left: float) -> 
     return max(1, batch_size // 4, min(batch_size, math.ceil(left * rate)))
 
 
+def fine_step(batch_size: int, peers: int, rate: float, left: float) -> bool:
+    """Does the next step run in fine micro-batches (train.steps.FINE_MICRO_BATCH), asking after each whether the
+    swarm's epoch is over?
+    With company, when the epoch's estimated end is less than two whole steps away (estimates err by a step or so
+    either way). The rest of the epoch keeps the peer's own micro-batch."""
+    return peers > 1 and math.isfinite(left) and rate > 0 and left < 2 * batch_size / rate
+
+
 def highest_epoch(records: Iterable[object]) -> int:
     """The highest int ``epoch`` among progress records (dicts); -1 if none has one."""
     epochs = [r.get("epoch") for r in records if isinstance(r, dict)]

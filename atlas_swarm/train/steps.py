@@ -13,6 +13,10 @@ from atlas_swarm.errors import ConfigError
 
 CPU_MICRO_BATCH = 8  # on CPU larger micro-batches buy nothing but memory
 MAX_AUTO_MICRO_BATCH = 64
+# A step that may reach the swarm's epoch end runs in micro-batches this small and ends once the epoch does, so that
+# the group does not wait for a whole step (swarm.schedule.fine_step). On CPU they cost nothing: the demo's MiniLM,
+# 1 thread, took 24-25 ms a sample in micro-batches of 2 against 28-31 ms in micro-batches of 8.
+FINE_MICRO_BATCH = 2
 
 
 def pick_device(requested: str) -> str:
@@ -98,13 +102,19 @@ def accumulate_gradients(
     device: str,
     precision: Precision,
     scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-) -> float:
-    """Forward/backward ``batch_size`` samples in micro-batches; leaves the *mean* gradient in .grad; returns mean loss.
+    stop: Optional[Callable[[], bool]] = None,
+) -> tuple[float, int]:
+    """Forward/backward ``batch_size`` samples in micro-batches; leaves the *mean* gradient in .grad; returns the
+    mean loss and the samples done.
 
-    Each micro-batch's loss is weighted by its share of the batch, so accumulation equals one big batch.
+    Each micro-batch's loss is weighted by its share of the batch, so accumulation equals one big batch. ``stop`` is
+    asked between micro-batches: when it says so, the step ends there with the samples done so far, and their
+    gradient is rescaled to their mean (a step that the swarm's epoch end cuts short).
     """
     total, done = 0.0, 0
     while done < batch_size:
+        if done and stop is not None and stop():
+            break
         n = min(micro_batch, batch_size - done)
         batch = {k: v.to(device, non_blocking=True) for k, v in next_batch(n).items()}
         with precision.autocast():
@@ -112,7 +122,12 @@ def accumulate_gradients(
         scale(loss.float() * (n / batch_size)).backward()
         total += loss.item() * n
         done += n
-    return total / batch_size
+    if done < batch_size:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(batch_size / done)
+    return total / done, done
 
 
 def find_micro_batch(model, next_batch: Callable[[int], dict], device: str, precision: Precision) -> int:

@@ -66,7 +66,7 @@ def test_a_4bit_base_trains_the_same_fp32_adapter_from_the_same_start(tiny_model
     losses = []
     for model in (full, nf4):
         model.train()
-        losses.append(accumulate_gradients(model, lambda n: batch, 8, 4, "cpu", Precision.for_device("cpu")))
+        losses.append(accumulate_gradients(model, lambda n: batch, 8, 4, "cpu", Precision.for_device("cpu"))[0])
     # Assert: a 4-bit base is a close, not equal, model: the losses and gradient directions agree
     assert abs(losses[0] - losses[1]) < 0.05 * losses[0]
     g_full = torch.cat([p.grad.flatten() for _, p in adapter_parameters(full)])
@@ -120,10 +120,10 @@ def test_out_of_memory_halves_the_micro_batch_and_the_step_equals_the_full_batch
         seen.clear()
 
     # Execute
-    loss, micro = shrink_on_oom(lambda m: accumulate_gradients(model, next_batch, 16, m, "cpu",
-                                                               Precision.for_device("cpu")), 16, shrunk)  # fmt: skip
+    (loss, done), micro = shrink_on_oom(lambda m: accumulate_gradients(model, next_batch, 16, m, "cpu",
+                                                                       Precision.for_device("cpu")), 16, shrunk)  # fmt: skip
     # Assert: 16 -> 8 -> 4 -> 2, one call each; the step that fit took 16 samples in 8 pieces of 2 ...
-    assert events == [8, 4, 2] and micro == 2
+    assert events == [8, 4, 2] and micro == 2 and done == 16
     assert model.sizes == [16, 8, 4] + [2] * 8
     taken = [i for piece in seen for i in piece]
     assert len(taken) == 16
@@ -167,6 +167,6 @@ def test_a_4bit_classifier_run_keeps_its_trained_head_in_full_precision():
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the head's fresh init too
     batch = Batches(load_examples("builtin:chatterbot-topics", spec)[:8], tokenizer, spec).next(8)
     nf4.train()
-    loss = accumulate_gradients(nf4, lambda n: batch, 8, 8, "cpu", Precision.for_device("cpu"))
+    loss, _ = accumulate_gradients(nf4, lambda n: batch, 8, 8, "cpu", Precision.for_device("cpu"))
     assert torch.isfinite(torch.tensor(loss))
     assert all(p.grad is not None for n, p in adapter_parameters(nf4) if "classifier" in n)

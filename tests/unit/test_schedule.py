@@ -4,6 +4,7 @@ functions, with numbers (the rounds themselves run in the multi-peer tests)."""
 import math
 
 from atlas_swarm.swarm.schedule import (
+    fine_step,
     highest_epoch,
     horizon,
     last_step_samples,
@@ -65,6 +66,15 @@ def test_the_last_step_of_an_epoch_is_cut_to_the_time_left():
     assert last_step_samples(16, peers=2, rate=8.0, left=math.inf) == 16  # no estimate (right after a transition)
     assert last_step_samples(16, peers=2, rate=0.0, left=1.0) == 16  # no speed measured yet
     assert last_step_samples(16, peers=1, rate=8.0, left=1.0) == 16  # alone: nobody waits for this peer
+
+
+def test_steps_near_the_epochs_end_run_in_fine_micro_batches():
+    # 8 samples/s: a batch of 16 takes 2 s; fine within two steps (4 s) of the estimated end
+    assert not fine_step(16, peers=2, rate=8.0, left=30.0)
+    assert fine_step(16, peers=2, rate=8.0, left=3.9) and fine_step(16, peers=2, rate=8.0, left=0.0)
+    assert not fine_step(16, peers=2, rate=8.0, left=math.inf)  # no estimate
+    assert not fine_step(16, peers=2, rate=0.0, left=1.0)  # no speed measured yet
+    assert not fine_step(16, peers=1, rate=8.0, left=1.0)  # alone: nobody waits for this peer
 
 
 def test_the_swarms_epoch_is_the_highest_in_the_peers_progress_records():

@@ -44,3 +44,45 @@ def test_accumulation_equals_one_big_batch():
     model.zero_grad()
     forward(data).loss.backward()
     assert torch.allclose(accumulated, model.weight.grad, atol=1e-6)
+
+
+def test_a_step_stopped_between_micro_batches_holds_the_mean_gradient_of_what_it_did():
+    # the swarm's epoch ended during the step (peer.py: stop=SwarmOptimizer.epoch_over)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(8, 4)
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    class Wrapped(torch.nn.Module):  # what accumulate_gradients needs of a model: a loss, and its parameters
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return Out(model(x).pow(2).mean())
+
+    wrapped = Wrapped()
+
+    pieces = iter([data[:2], data[2:4], data[4:6], data[6:8]])
+    asked = []
+
+    def stop():
+        asked.append(True)
+        return len(asked) == 2  # asked before the 2nd and the 3rd micro-batch: stop before the 3rd
+
+    loss, done = accumulate_gradients(wrapped, lambda n: {"x": next(pieces)}, 8, 2, "cpu",
+                                      Precision.for_device("cpu"), stop=stop)  # fmt: skip
+    assert done == 4 and len(asked) == 2
+    stopped = model.weight.grad.clone()
+    model.zero_grad()
+    reference = wrapped(data[:4]).loss
+    reference.backward()
+    assert torch.allclose(stopped, model.weight.grad, atol=1e-6) and abs(loss - reference.item()) < 1e-6
+    # never asked before the first micro-batch, nor when there is only one
+    model.zero_grad()
+    loss, done = accumulate_gradients(wrapped, lambda n: {"x": data[:n]}, 2, 2, "cpu", Precision.for_device("cpu"),
+                                      stop=lambda: True)  # fmt: skip
+    assert done == 2
