@@ -22,50 +22,38 @@ def test_precision_choices_off_gpu():
         Precision.for_device("cpu", "fp16")
 
 
+class _Out:
+    def __init__(self, loss):
+        self.loss = loss
+
+
+class _Squared(torch.nn.Module):
+    """What accumulate_gradients needs of a model: an output with a loss, and parameters (a seeded Linear(4, 1))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return _Out(self.linear(x).pow(2).mean())
+
+
 def test_accumulation_equals_one_big_batch():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
+    model = _Squared()
     data = torch.randn(8, 4)
-
-    class Out:
-        def __init__(self, loss):
-            self.loss = loss
-
-    def forward(x):
-        return Out(model(x).pow(2).mean())
-
     batches = iter([data[:2], data[2:4], data[4:6], data[6:8]])
-
-    def wrapped(**batch):
-        return forward(batch["x"])
-
-    accumulate_gradients(wrapped, lambda n: {"x": next(batches)}, 8, 2, "cpu", Precision.for_device("cpu"))
-    accumulated = model.weight.grad.clone()
+    accumulate_gradients(model, lambda n: {"x": next(batches)}, 8, 2, "cpu", Precision.for_device("cpu"))
+    accumulated = model.linear.weight.grad.clone()
     model.zero_grad()
-    forward(data).loss.backward()
-    assert torch.allclose(accumulated, model.weight.grad, atol=1e-6)
+    model(data).loss.backward()
+    assert torch.allclose(accumulated, model.linear.weight.grad, atol=1e-6)
 
 
 def test_a_step_stopped_between_micro_batches_holds_the_mean_gradient_of_what_it_did():
     # the swarm's epoch ended during the step (peer.py: stop=SwarmOptimizer.epoch_over)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
+    model = _Squared()
     data = torch.randn(8, 4)
-
-    class Out:
-        def __init__(self, loss):
-            self.loss = loss
-
-    class Wrapped(torch.nn.Module):  # what accumulate_gradients needs of a model: a loss, and its parameters
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x):
-            return Out(model(x).pow(2).mean())
-
-    wrapped = Wrapped()
-
     pieces = iter([data[:2], data[2:4], data[4:6], data[6:8]])
     asked = []
 
@@ -73,16 +61,16 @@ def test_a_step_stopped_between_micro_batches_holds_the_mean_gradient_of_what_it
         asked.append(True)
         return len(asked) == 2  # asked before the 2nd and the 3rd micro-batch: stop before the 3rd
 
-    loss, done = accumulate_gradients(wrapped, lambda n: {"x": next(pieces)}, 8, 2, "cpu",
+    loss, done = accumulate_gradients(model, lambda n: {"x": next(pieces)}, 8, 2, "cpu",
                                       Precision.for_device("cpu"), stop=stop)  # fmt: skip
     assert done == 4 and len(asked) == 2
-    stopped = model.weight.grad.clone()
+    stopped = model.linear.weight.grad.clone()
     model.zero_grad()
-    reference = wrapped(data[:4]).loss
+    reference = model(data[:4]).loss
     reference.backward()
-    assert torch.allclose(stopped, model.weight.grad, atol=1e-6) and abs(loss - reference.item()) < 1e-6
+    assert torch.allclose(stopped, model.linear.weight.grad, atol=1e-6) and abs(loss - reference.item()) < 1e-6
     # never asked before the first micro-batch, nor when there is only one
     model.zero_grad()
-    loss, done = accumulate_gradients(wrapped, lambda n: {"x": data[:n]}, 2, 2, "cpu", Precision.for_device("cpu"),
+    loss, done = accumulate_gradients(model, lambda n: {"x": data[:n]}, 2, 2, "cpu", Precision.for_device("cpu"),
                                       stop=lambda: True)  # fmt: skip
     assert done == 2
