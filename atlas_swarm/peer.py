@@ -102,7 +102,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
             samples, fine = p.opt.next_step(p.batch_size)  # an epoch's last step may be shorter, and end early
 
             def attempt(micro: int, samples=samples, fine=fine) -> tuple[float, int]:
-                piece = min(micro, FINE_MICRO_BATCH if fine else micro, samples)
+                piece = min(micro, max(FINE_MICRO_BATCH, micro // 4) if fine else micro, samples)
                 return accumulate_gradients(p.model, p.next_batch, samples, piece, p.device, p.precision,
                                             scale=scaler.scale if scaler else (lambda x: x), stop=p.opt.epoch_over)
 

@@ -27,7 +27,7 @@ def _asker_gone(record: logging.LogRecord) -> bool:
     """The DHT process logs a traceback when a request's reply channel is gone: the asking process exited (or shut
     the DHT down) while a call was in flight, as when a peer is stopped in the middle of an averaging round. A call
     carries its reply pipe, which the DHT process fetches from the asker's process as it reads the call: when that
-    process has just exited (an averager process, as the peer leaves), the fetch fails with ECONNRESET (seen on 16
+    process has just exited (most likely an averager process, as the peer leaves), the fetch fails with ECONNRESET (seen on 16
     peers' stderr in a day's test runs, and it failed test_compression's "no traceback" once)."""
     error = record.exc_info[1] if record.exc_info else None
     return not isinstance(error, (FileNotFoundError, ConnectionError, EOFError))

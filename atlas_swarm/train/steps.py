@@ -13,9 +13,10 @@ from atlas_swarm.errors import ConfigError
 
 CPU_MICRO_BATCH = 8  # on CPU larger micro-batches buy nothing but memory
 MAX_AUTO_MICRO_BATCH = 64
-# A step that may reach the swarm's epoch end runs in micro-batches this small and ends once the epoch does, so that
-# the group does not wait for a whole step (swarm.schedule.fine_step). On CPU they cost nothing: the demo's MiniLM,
-# 1 thread, took 24-25 ms a sample in micro-batches of 2 against 28-31 ms in micro-batches of 8.
+# A step that may reach the swarm's epoch end runs in micro-batches this small (or a quarter of the peer's own
+# micro-batch, if larger: a GPU's, whose small batches cost more per sample; not measured) and ends once the epoch
+# does, so that the group does not wait for a whole step (swarm.schedule.fine_step). On CPU they cost nothing: the
+# demo's MiniLM, 1 thread, took 24-25 ms a sample in micro-batches of 2 against 28-31 ms in micro-batches of 8.
 FINE_MICRO_BATCH = 2
 
 
