@@ -49,13 +49,14 @@ SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-
 
 
 def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False,
-                straggler: float | None = None, spec_path: Path = SPEC) -> dict:  # fmt: skip
+                straggler: float | None = None, spec_path: Path = SPEC, verbose: bool = False,
+                own_core: bool = False) -> dict:  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
     early = n - 1 if late else n
     slow = early - 1 if straggler else None  # the peer with the slow uplink
     common = ["--data", "builtin:chatterbot-topics", "--batch-size", "8", "--max-epochs", str(epochs),
-              "--join-timeout", "180"]  # fmt: skip
+              "--join-timeout", "180", *(["--verbose"] if verbose else [])]  # fmt: skip
     procs: list[PeerProcess] = []
     with (Lab("bench") if wan else contextlib.nullcontext()) as lab:
         uplinks = {f"p{slow}": straggler} if straggler else None
@@ -63,8 +64,11 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         try:
             def launch(i: int, extra: list[str]) -> PeerProcess:
                 where = ["--host-maddrs", hosts[i].maddr() if hosts else "/ip4/127.0.0.1/tcp/0"]
-                return PeerProcess(workdir / f"p{i}", ["--seed", str(i), *common, *where, *extra], threads=1,
+                peer = PeerProcess(workdir / f"p{i}", ["--seed", str(i), *common, *where, *extra], threads=1,
                                    env={"HF_HUB_OFFLINE": "1"}, netns=hosts[i].ns if hosts else None)  # fmt: skip
+                if own_core:  # before it starts its DHT, averagers and p2pd, which inherit the core
+                    os.sched_setaffinity(peer.process.pid, {1} if late and i == n - 1 else {0})
+                return peer
 
             procs.append(launch(0, ["--run-spec", str(spec_path), "--wait-for-peers", str(early)]))
             started = wait(procs, "started", 180)
@@ -201,8 +205,13 @@ def main() -> int:
                     help="with --wan: one peer's uplink is this slow (a straggler in every round)")
     ap.add_argument("--compression", nargs="+", default=[], help="one swarm per compression (none, float16, "
                     "scaled-float16, uniform8bit), with held-out scores")  # fmt: skip
+    ap.add_argument("--own-core", action="store_true", help="with --late-joiner: the joiner runs on CPU 1 alone and the "
+                    "others share CPU 0 (a joiner on a machine of its own; the others' epochs get longer)")
+    ap.add_argument("--verbose", action="store_true", help="hivemind's logs on each peer's stderr (in its folder)")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
+    if args.own_core and not (args.late_joiner and len(os.sched_getaffinity(0)) >= 2):
+        ap.error("--own-core needs --late-joiner and 2 CPUs")
     if args.straggler and not args.wan:
         ap.error("--straggler needs --wan (a slow uplink is the WAN's)")
     out = Path(args.out)
@@ -216,8 +225,10 @@ def main() -> int:
     for n, (compression, spec_path) in [(n, v) for n in args.peers for v in variants]:
         shares = []
         for run in range(args.runs):
-            workdir = out.parent / (f"averaging-{n}" + (f"-{compression}" if args.compression else ""))
-            r = swarm_round(n, args.epochs, workdir, args.wan, args.late_joiner, args.straggler, spec_path)
+            # each run's peers (events, adapters, stderr) stay there until the next bench
+            workdir = out.parent / (f"averaging-{n}" + (f"-{compression}" if args.compression else "") + f"-run{run}")
+            r = swarm_round(n, args.epochs, workdir, args.wan, args.late_joiner, args.straggler, spec_path,
+                            args.verbose, args.own_core)
             full_allreduce = 2 * (n - 1) / n * 4 * full_params
             r["run"], r["compression"] = run, compression
             if args.compression:
