@@ -99,7 +99,8 @@ HIVEMIND_INTERNALS = {
                                                           "switch_to_uvloop"),  # swarm/tasks.py
     "hivemind.dht.dht.DHT": ("switch_to_uvloop",),  # swarm/tasks.py: the loop of the DHT's process
     "hivemind.averaging.matchmaking.Matchmaking": ("step_control", "group_key_manager"),  # the round's epoch
-    "hivemind.averaging.control.StepControl": ("_allow_retries",),  # a refused pair round is not retried
+    # a refused pair round is not retried; cancel_round sets the state before cancel()'s message to the averager
+    "hivemind.averaging.control.StepControl": ("_allow_retries", "_cancel"),
     "hivemind.averaging.allreduce.AllReduceRunner": ("tensor_part_container", "banned_senders", "sender_peer_ids"),
     "hivemind.optim.progress_tracker.ProgressTracker": ("_get_local_progress", "performance_ema"),
     "hivemind.optim.state_averager.TrainingStateAverager": ("step_executor", "reuse_tensors", "offload_optimizer"),

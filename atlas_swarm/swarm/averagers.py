@@ -37,6 +37,7 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 
 from atlas_swarm.swarm.codec import deserialize
@@ -177,6 +178,23 @@ def state_digest(serializer, metadata: dict, tensors: Sequence[torch.Tensor], pa
     return h.hexdigest()[:32]
 
 
+def cancel_round(control) -> bool:
+    """Cancel a round (a StepControl) from the process that scheduled it: hivemind's ``StepControl.cancel``, with the
+    round's cancelled state set before the averager process is told.
+
+    hivemind's sends the averager its cancel message first and marks the round cancelled last. The averager's round
+    wakes on the message and reads that state: read too early, the round is not cancelled, and it goes on looking
+    for a group until its deadline (averaging_timeout) while holding the matchmaking, so every round after it waited
+    ("Another look_for_group is already in progress"), missed its group and was given up in turn. Seen as a late
+    joiner in none of the swarm's groups for 4-8 epochs, with the two others refusing to average as a pair beside it
+    (bench_averaging --late-joiner, 3 of 10 runs; the search of the cancelled round's epoch went on for 20 s after
+    the cancel in its averager's log)."""
+    control = getattr(control, "_control", control)  # (a GivesUp wraps one)
+    cancelled = MPFuture.cancel(control)  # the state every process reads (shared memory), first
+    control.cancel()  # hivemind's: the trigger, the averager's cancel message (and the state again: a no-op)
+    return cancelled
+
+
 def round_epoch(data_for_gather: bytes, serializer) -> Optional[int]:
     """The epoch a round's step gathers (hivemind packs it as [bandwidth, mode, serialized gather]), or None."""
     try:
@@ -205,13 +223,13 @@ class GivesUp:
         while not control.done() and time.monotonic() < deadline:
             if averager.should_stop():
                 logger.info("Stopping: leaving the state round in progress")
-                control.cancel()
+                cancel_round(control)
                 break
             if control.stage == AveragingStage.LOOKING_FOR_GROUP and time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.CHECK_EVERY
                 if averager.swarm_epoch() >= self._epoch:
                     logger.info(f"The swarm averaged the state of epoch {self._epoch} without us: not averaged")
-                    control.cancel()
+                    cancel_round(control)
                     break
             try:
                 return control.result(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
@@ -281,7 +299,7 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
     def step(self, *, averaging_round: bool = False, averaging_control=None, **kwargs):
         if averaging_round and (self.skip_round or self.should_stop()):
             if averaging_control is not None and not averaging_control.done():
-                averaging_control.cancel()
+                cancel_round(averaging_control)
             averaging_round, averaging_control = False, None
         return super().step(averaging_round=averaging_round, averaging_control=averaging_control, **kwargs)
 

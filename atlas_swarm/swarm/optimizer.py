@@ -25,7 +25,7 @@ from hivemind.utils import get_dht_time
 from atlas_swarm.admission import epoch_ceiling, sane_progress
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm import schedule
-from atlas_swarm.swarm.averagers import GradAverager, StateAverager
+from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
 from atlas_swarm.swarm.codec import COMPRESSION
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import RoundReport, Settings
@@ -262,7 +262,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                 next_check = time.monotonic() + 0.5
                 if self._swarm_epoch() > self.local_epoch:
                     log.log(self.status_loglevel, "The swarm averaged this epoch without us: local gradients")
-                    control.cancel()
+                    cancel_round(control)
                     self.state_averager.skip_round = True  # and its state round too, if one is due
                     return
             time.sleep(0.02)
@@ -275,7 +275,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         while not control.done() and time.monotonic() < deadline:
             if self.should_stop():
                 log.log(self.status_loglevel, "Stopping: leaving the averaging round in progress")
-                control.cancel()
+                cancel_round(control)
                 self.state_averager.skip_round = True
                 return
             try:
@@ -422,7 +422,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.tracker.shutdown(timeout)
         for control in (self.scheduled_grads, self.scheduled_state):
             if control is not None and not control.done():
-                control.cancel()
+                cancel_round(control)
         for averager in (self.state_averager, self.grad_averager if self.use_gradient_averaging else None):
             if averager is not None and averager.is_alive():
                 averager.shutdown_timeout = timeout

@@ -12,7 +12,7 @@ import torch
 from hivemind.averaging.control import AveragingStage
 
 from atlas_swarm.identity import Identity
-from atlas_swarm.swarm.averagers import GradAverager, StateAverager
+from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import Settings, spanned_buffer
 from atlas_swarm.swarm.node import hivemind_key
@@ -274,6 +274,35 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followe
         # Assert
         assert all(len(g) == 2 for g in groups)
         assert_all_hold_the_mean(averagers, grads)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_a_cancelled_round_stops_looking_at_once_and_the_next_round_finds_its_group(two_dhts):
+    # Prepare: peer A's round for epoch 2 looks for a group alone (a newcomer's first round: the others averaged that
+    # epoch already), triggered, and is cancelled (the optimizer's give-up), as A moves to epoch 3 with B
+    averagers, params = [], []
+    try:
+        for dht in two_dhts:
+            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+            averagers.append(GradAverager(own, dht=dht, prefix="cancel", min_matchmaking_time=2.0,
+                                          request_timeout=1.0, next_chunk_timeout=1.0, start=True,
+                                          gather_settings=dht.settings))  # fmt: skip
+            params.append(own)
+        alone = averagers[0].schedule_step(gather=2, timeout=30)
+        time.sleep(0.5)
+        averagers[0].step(control=alone, wait=False)  # the transition triggers it
+        time.sleep(0.5)
+        cancel_round(alone)  # as the optimizer gives a round up
+        began = time.monotonic()
+        # Execute: both schedule their epoch-3 rounds at once
+        rounds = [a.schedule_step(gather=3, timeout=30) for a in averagers]
+        wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in rounds), 25, "a group of both")
+        # Assert: within the matchmaking time and a little more, not at the cancelled round's deadline (30 s)
+        assert time.monotonic() - began < 8, time.monotonic() - began
+        for c in rounds:
+            c.cancel()
     finally:
         for averager in averagers:
             averager.shutdown()
