@@ -54,6 +54,7 @@ from atlas_swarm.stopping import GracefulStop
 from atlas_swarm.swarm import EpochDone, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY, other_shapes
+from atlas_swarm.swarm.schedule import unheld_state_wait
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import (
     FINE_MICRO_BATCH,
@@ -263,10 +264,10 @@ def sync(p: Progress) -> None:
             break
         # Nobody may give us a state then, and while we sync, a pair of the others does not average (the pair rule
         # counts us), so their states stay apart: 36-52 s in the SIGKILL-and-restart test until our progress
-        # record expired. After averaging_timeout we move to the majority's epoch as we are and train.
+        # record expired. After schedule.unheld_state_wait we move to the majority's epoch as we are and train.
         unheld = None if expected_states(p) else (unheld or time.monotonic())
-        moved = unheld is not None and time.monotonic() - unheld >= p.spec.averaging.averaging_timeout \
-            and p.opt.move_to_majority_epoch() is not None
+        wait = unheld_state_wait(p.spec.averaging.averaging_timeout, STATUS_EVERY)
+        moved = unheld is not None and time.monotonic() - unheld >= wait and p.opt.move_to_majority_epoch() is not None
         if moved:
             p.opt.caught_up.clear()  # reported below
             break

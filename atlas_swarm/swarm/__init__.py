@@ -37,8 +37,8 @@ HIVEMIND_OVERRIDES = {
     "optimizer.SwarmOptimizer.__init__": "queue of EpochDone; run the optimizer step inline (InlineExecutor)",
     "optimizer.SwarmOptimizer._update_global_epoch": "record each transition (samples, group); look for next groups; "
     "the final epoch averages the state too; drop the fallback gradient",
-    "optimizer.SwarmOptimizer.load_state_from_peers": "no verified state for averaging_timeout: move to the majority's "
-    "epoch with own parameters",
+    "optimizer.SwarmOptimizer.load_state_from_peers": "no verified state for schedule.unheld_state_wait: move to the "
+    "majority's epoch with own parameters",
     "optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer": "give up a groupless round; note group",
     "optimizer.SwarmOptimizer._maybe_schedule_gradient_averaging": "look for groups at the transition, not mid-epoch",
     "optimizer.SwarmOptimizer._begin_averaging_gradients": "no round while alone; every round gathers its epoch",

@@ -30,6 +30,7 @@ from atlas_swarm.swarm.codec import COMPRESSION
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import RoundReport, Settings
 from atlas_swarm.swarm.node import Swarm, peer_id_of_owner
+from atlas_swarm.swarm.records import STATUS_EVERY
 
 log = logging.getLogger("hivemind.optim.optimizer")  # our status lines beside hivemind's (--verbose)
 
@@ -292,9 +293,10 @@ class SwarmOptimizer(hivemind.Optimizer):
     # After rounds that failed, honest peers' states can differ with no majority: a peer that fell two epochs behind
     # (hivemind catches up one epoch by itself) then found nothing to download and stayed behind for good, trying
     # again at every step, while the pair rule kept its two groupmates-to-be from averaging as a pair (3 CLI peers,
-    # test_consensus: 60 s at epoch 0, 1,200 one-sample steps). After averaging_timeout without a verified state, it
-    # moves to the epoch a strict majority of the other peers it follows have reached (one liar cannot raise that)
-    # with its own parameters; the next state round averages them with the others'.
+    # test_consensus: 60 s at epoch 0, 1,200 one-sample steps). After schedule.unheld_state_wait (10 s, or
+    # averaging_timeout if shorter) without a verified state, it moves to the epoch a strict majority of the other
+    # peers it follows have reached (one liar cannot raise that) with its own parameters; the next state round
+    # averages them with the others'.
     def _catch_up_without_state(self) -> None:
         if self._majority_epoch() is None:
             self._behind_since = None
@@ -302,7 +304,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         now = time.monotonic()
         if self._behind_since is None:
             self._behind_since = now
-        elif now - self._behind_since >= self.averaging_timeout:
+        elif now - self._behind_since >= schedule.unheld_state_wait(self.averaging_timeout, STATUS_EVERY):
             self.move_to_majority_epoch()
             self._behind_since = None
 

@@ -58,6 +58,17 @@ def fine_step(batch_size: int, peers: int, rate: float, left: float) -> bool:
     return peers > 1 and math.isfinite(left) and rate > 0 and left < 2 * batch_size / rate
 
 
+def unheld_state_wait(averaging_timeout: float, status_every: float) -> float:
+    """How long a peer behind the swarm waits for a state that a strict majority of the others hold before it moves
+    to the majority's epoch with its own parameters: two status refreshes (peers publish the states they hold at each
+    epoch's end and every ``status_every`` seconds, so a majority that exists is seen by then), at most
+    ``averaging_timeout``. Waiting longer only helps if a majority averages its state meanwhile, and while a peer
+    waits, a pair of the others does not average (the pair rule counts it): after a partition whose halves were
+    pairs, no two peers held the same state, and the peers behind waited averaging_timeout (15 s in the tests) for
+    nothing before the groups could span the halves again."""
+    return min(averaging_timeout, 2 * status_every)
+
+
 def highest_epoch(records: Iterable[object]) -> int:
     """The highest int ``epoch`` among progress records (dicts); -1 if none has one."""
     epochs = [r.get("epoch") for r in records if isinstance(r, dict)]

@@ -20,7 +20,9 @@ from tests.integration.test_chain_swarm import chain_flags, deployed_run, due_to
 from tests.peers import kill_session, killed_at_exit, wait_until
 
 pytestmark = pytest.mark.integration
-PARTITION_S = 40.0  # each half makes 4-5 epochs alone; its peers drop the other half from their routing tables
+# each half makes 4-5 epochs alone; its peers drop the other half from their routing tables. The issue's cut is 60 s:
+# ATLAS_TEST_PARTITION_S=60 measures that (the suite keeps 40 s, 20 s shorter)
+PARTITION_S = float(os.environ.get("ATLAS_TEST_PARTITION_S", "40"))
 # The issue's goal is 30 s. Reconnecting takes a few seconds (swarm/heal.py); what follows depends on how far apart
 # the halves' epochs drifted: the peers behind must see the other half's progress and download its state before
 # they can match. Measured: 8.5-14.8 s in isolated runs, 49.3 s in a full-suite run (README, "Running on real

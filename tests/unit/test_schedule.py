@@ -11,6 +11,7 @@ from atlas_swarm.swarm.schedule import (
     seconds_to_epoch_end,
     state_round_epoch,  # fmt: skip
     time_to_look,
+    unheld_state_wait,
 )
 
 H = horizon(averaging_timeout=20.0, matchmaking_time=4.0)
@@ -80,3 +81,8 @@ def test_steps_near_the_epochs_end_run_in_fine_micro_batches():
 def test_the_swarms_epoch_is_the_highest_in_the_peers_progress_records():
     assert highest_epoch([{"epoch": 3, "samples_accumulated": 5}, {"epoch": 4}, None, {"epoch": "9"}]) == 4
     assert highest_epoch([]) == -1 and highest_epoch([{"samples": 1}]) == -1
+
+
+def test_a_peer_behind_waits_two_status_refreshes_for_a_held_state_at_most_the_averaging_timeout():
+    assert unheld_state_wait(averaging_timeout=20.0, status_every=5.0) == 10.0
+    assert unheld_state_wait(averaging_timeout=6.0, status_every=5.0) == 6.0
