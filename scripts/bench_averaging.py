@@ -16,13 +16,16 @@ emulated WAN (devnet/wan.py; needs root): bytes are then what the hosts' uplinks
 ``--wan``) gives one peer that slow an uplink and reports the share of the others and of the straggler, and how many
 groupmates' updates were cut off. ``--late-joiner`` starts the last peer after the others' first averaged epoch and
 reports, for it, the time from its process start to its first epoch averaged with others, its start-up phases, and
-the epoch transitions it made alone before that one (the shares are then those of the others).
+the epoch transitions it made alone before that one (the shares are then those of the others); with ``--own-core``
+the joiner runs on CPU 1 alone and the others share CPU 0 (a joiner on a machine of its own). Each run's peers
+(events, adapters, stderr: hivemind's log with ``--verbose``) stay in ``averaging-N-runK/`` beside the JSON.
 ``--compression none float16 uniform8bit`` runs each swarm once per compression (the spec's
 ``averaging.compression``; one run id each), side by side, and adds the held-out loss and accuracy of peer 0's final
 adapter (512 dialogs) and its ratio to the first compression's.
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20 [--straggler 2]]
-                                      [--late-joiner] [--compression none ...] [--out bench-out/bench_averaging.json]
+                                      [--late-joiner [--own-core]] [--compression none ...] [--verbose]
+                                      [--out bench-out/bench_averaging.json]
 """
 
 from __future__ import annotations
@@ -205,8 +208,8 @@ def main() -> int:
                     help="with --wan: one peer's uplink is this slow (a straggler in every round)")
     ap.add_argument("--compression", nargs="+", default=[], help="one swarm per compression (none, float16, "
                     "scaled-float16, uniform8bit), with held-out scores")  # fmt: skip
-    ap.add_argument("--own-core", action="store_true", help="with --late-joiner: the joiner runs on CPU 1 alone and the "
-                    "others share CPU 0 (a joiner on a machine of its own; the others' epochs get longer)")
+    ap.add_argument("--own-core", action="store_true", help="with --late-joiner: the joiner runs on CPU 1 alone "
+                    "and the others share CPU 0 (a joiner on a machine of its own; the others' epochs get longer)")
     ap.add_argument("--verbose", action="store_true", help="hivemind's logs on each peer's stderr (in its folder)")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
