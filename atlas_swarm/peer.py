@@ -267,7 +267,8 @@ def sync(p: Progress) -> None:
         # record expired. After schedule.unheld_state_wait we move to the majority's epoch as we are and train.
         unheld = None if expected_states(p) else (unheld or time.monotonic())
         wait = unheld_state_wait(p.spec.averaging.averaging_timeout, STATUS_EVERY)
-        moved = unheld is not None and time.monotonic() - unheld >= wait and p.opt.move_to_majority_epoch() is not None
+        moved = unheld is not None and time.monotonic() - unheld >= wait \
+            and p.opt.move_to_majority_epoch() is not None
         if moved:
             p.opt.caught_up.clear()  # reported below
             break
