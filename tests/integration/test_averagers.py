@@ -282,14 +282,13 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followe
 def test_a_cancelled_round_stops_looking_at_once_and_the_next_round_finds_its_group(two_dhts):
     # Prepare: peer A's round for epoch 2 looks for a group alone (a newcomer's first round: the others averaged that
     # epoch already), triggered, and is cancelled (the optimizer's give-up), as A moves to epoch 3 with B
-    averagers, params = [], []
+    averagers = []
     try:
         for dht in two_dhts:
             own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
             averagers.append(GradAverager(own, dht=dht, prefix="cancel", min_matchmaking_time=2.0,
                                           request_timeout=1.0, next_chunk_timeout=1.0, start=True,
                                           gather_settings=dht.settings))  # fmt: skip
-            params.append(own)
         alone = averagers[0].schedule_step(gather=2, timeout=30)
         time.sleep(0.5)
         averagers[0].step(control=alone, wait=False)  # the transition triggers it
