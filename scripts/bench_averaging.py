@@ -106,7 +106,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         if not window:
             continue
         spent = [e["averaging_s"] for e in window]
-        cut += sum(why == "sent nothing in time" for e in window for why in e.get("dropped", {}).values())
+        cut += sum(why.startswith("sent nothing in time") for e in window for why in e.get("dropped", {}).values())
         shares.append(sum(spent) / (end - start))
         rounds += spent
         epoch_seconds.append((end - start) / len(window))
