@@ -85,14 +85,13 @@ def test_no_well_formed_msgpack_of_the_wrong_shape_raises(fields):
     assert isinstance(check(msgpack.packb([msgpack.packb(fields), b"sig"]), s), str)
 
 
-def finished_round(members: int, arrivals: dict, wait: float, grace: float, waived=()) -> tuple[set, float]:
+def finished_round(members: int, arrivals: dict, wait: float, grace: float) -> tuple[set, float]:
     """Who had settled when Round.wait_for_updates returned, and after how long: member i settles after
-    ``arrivals[i]`` s (members absent from ``arrivals`` never do; member 0 is this peer, settled at once); the
-    members numbered in ``waived`` are not waited for past the quorum (swarm/stragglers.py)."""
+    ``arrivals[i]`` s (members absent from ``arrivals`` never do; member 0 is this peer, settled at once)."""
     names = [f"m{i}" for i in range(members)]
 
     async def scenario():
-        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [], waived=frozenset(names[i] for i in waived))
+        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [])
         round_.settle("m0", (1.0, torch.zeros(NUMEL)))
         loop = asyncio.get_running_loop()
         for i, delay in arrivals.items():
@@ -136,19 +135,3 @@ def test_the_straggler_gets_twice_what_the_quorum_took():
     # Prepare: a quorum of a group of 5 (3 updates) is in after 0.3 s; the fourth comes 0.2 s later, within 2 x 0.3 s
     settled, _ = finished_round(5, {1: 0.3, 2: 0.3, 3: 0.5}, wait=60.0, grace=0.01)
     assert settled == {"m0", "m1", "m2", "m3"}
-
-
-def test_a_waived_straggler_is_not_waited_for_past_the_quorum():
-    # Prepare: member 3 was cut off in its last round (waived); it would arrive 0.5 s after the quorum, within the grace
-    settled, took = finished_round(4, {1: 0.01, 2: 0.02, 3: 0.5}, wait=60.0, grace=30.0, waived=[3])
-    assert settled == {"m0", "m1", "m2"}
-    assert took < 0.4, "waited past the quorum for a waived member"
-
-
-def test_a_waived_member_is_still_waited_for_when_the_quorum_needs_it():
-    # a group of 4 with one update missing and one waived: without the waived one's update there is no quorum
-    settled, _ = finished_round(4, {1: 0.01, 3: 0.3}, wait=60.0, grace=0.01, waived=[3])
-    assert settled == {"m0", "m1", "m3"}
-    # a group of 3: the quorum is everyone, so waiving changes nothing
-    settled, _ = finished_round(3, {1: 0.01, 2: 0.3}, wait=60.0, grace=0.01, waived=[2])
-    assert settled == {"m0", "m1", "m2"}
