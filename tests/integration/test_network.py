@@ -27,7 +27,7 @@ PARTITION_S = float(os.environ.get("ATLAS_TEST_PARTITION_S", "40"))
 # then the peers behind must see the other half's progress and download its state, or, when no state has a
 # majority (the halves were pairs, which do not average), move to the majority's epoch after 10 s
 # (schedule.unheld_state_wait), before they can match. Measured before those two were shortened: 3.8-27.2 s in 8
-# full-suite runs, but 35-49 s in 3 earlier ones; after: 5.2-21.3 s in 5 runs, 2 of them with a 60 s cut (README,
+# full-suite runs, but 35-49 s in 3 earlier ones; after: 3.9-28.0 s in 9 runs, 6 of them with a 60 s cut (README,
 # "Running on real networks").
 HEAL_WITHIN_S = 30.0
 
