@@ -63,27 +63,49 @@ def _lower_median(values: Iterable[float]) -> Optional[float]:
 
 
 def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str], bool], cap: float,
-                  target: int, others_epochs: Mapping[str, int] = {}) -> tuple[dict[str, dict], int]:  # fmt: skip
+                  target: int, others_epochs: Mapping[str, int] = {}, began: Optional[tuple[int, float]] = None,
+                  now: float = math.inf) -> tuple[dict[str, dict], int]:  # fmt: skip
     """The progress records to follow (PeerID -> record, clamped) and how many were refused.
 
     A record counts only if its writer is admitted and its epoch is under the ceiling of the *other* admitted peers
     (a newcomer at epoch 0 must still follow a swarm ahead of it). The electorate is every other admitted peer with a
     progress record or, before its first step, a status (``others_epochs``: PeerID -> its status epoch): a peer
     waiting for company has no progress record yet, and a lone liar beside it must not be the majority.
-    What one writer can claim is bounded too: its rate at 4x the rate a majority reports at most (an infinite rate
-    ends every epoch at once), its samples at ``cap`` and at twice what a majority at its epoch reports (floor:
-    target / 2n), so one liar can shorten an epoch by at most half, not end every epoch at once."""
+
+    What one writer can claim is bounded too, so that one liar can shorten an epoch by a bounded share, not end every
+    epoch at once. ``began``: (epoch, time) this peer entered its epoch in a transition (None: it did not, it started
+    or synced into it). A record at that epoch then counts at most twice the rate a majority reports (an infinite
+    rate ends every epoch at once), and at most the samples that rate gives from ``began`` to the record's time (not
+    after ``now``). A capped record so still grows with time as an honest one does, and the estimate of the epoch's
+    end (each record's samples plus its rate times its age) is the same from a fresh copy as from a stale one. Capped
+    at a constant instead (twice the samples a majority reports), a fast peer's fresh records stopped adding while a
+    stale copy of them went on adding its rate: three peers on two cores, one doing nine tenths of the work, ended an
+    epoch 5.6 s apart (the fast one last: it read its own records fresh), missed each other's rounds and left the run
+    with three adapters. Without ``began``, that constant cap is what there is: samples at twice what a majority at
+    the record's epoch reports (floor: target / 2n), rates at 4x."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
     ceiling = epoch_ceiling(electorate.values())
     followed = {p: r for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling}
-    rate_cap = 4 * (_lower_median(r["samples_per_second"] for r in followed.values()
-                                  if math.isfinite(r["samples_per_second"])) or 0.0)  # fmt: skip
+    median_rate = _lower_median(r["samples_per_second"] for r in followed.values()
+                                if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
     kept = {}
     for p, r in followed.items():
+        if began is not None and r["epoch"] == began[0] and median_rate > 0:
+            rate = min(r["samples_per_second"], 2 * median_rate)
+            seconds = max(0.0, min(_time(r, now), now) - began[1])
+            kept[p] = dict(r, samples_accumulated=min(r["samples_accumulated"], int(min(cap, rate * seconds))),
+                           samples_per_second=rate)  # fmt: skip
+            continue
         peers_at_epoch = [q["samples_accumulated"] for q in followed.values() if q["epoch"] == r["epoch"]]
         sample_cap = min(cap, max(2 * _lower_median(peers_at_epoch), target / (2 * len(followed))))
         kept[p] = dict(r, samples_accumulated=min(r["samples_accumulated"], int(sample_cap)),
-                       samples_per_second=min(r["samples_per_second"], rate_cap))  # fmt: skip
+                       samples_per_second=min(r["samples_per_second"], 4 * median_rate))  # fmt: skip
     return kept, len(records) - len(kept)
+
+
+def _time(record: dict, default: float) -> float:
+    """A progress record's own time (hivemind's get_dht_time() when it was written); ``default`` if it has none."""
+    t = record.get("time")
+    return float(t) if type(t) in (int, float) and math.isfinite(t) else default

@@ -53,7 +53,7 @@ SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-
 
 def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False,
                 straggler: float | None = None, spec_path: Path = SPEC, verbose: bool = False,
-                own_core: bool = False) -> dict:  # fmt: skip
+                own_core: bool = False, starved: int | None = None) -> dict:  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
     early = n - 1 if late else n
@@ -71,6 +71,10 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
                                    env={"HF_HUB_OFFLINE": "1"}, netns=hosts[i].ns if hosts else None)  # fmt: skip
                 if own_core:  # before it starts its DHT, averagers and p2pd, which inherit the core
                     os.sched_setaffinity(peer.process.pid, {1} if late and i == n - 1 else {0})
+                if starved is not None:  # every peer on CPU 0, all but p0 in a session (autogroup) of lower weight
+                    os.sched_setaffinity(peer.process.pid, {0})
+                    if i > 0:
+                        Path(f"/proc/{peer.process.pid}/autogroup").write_text(str(starved))
                 return peer
 
             procs.append(launch(0, ["--run-spec", str(spec_path), "--wait-for-peers", str(early)]))
@@ -98,6 +102,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
     # each peer's window: from its first epoch transition to its "stopping" event; the share is the mean over peers
     # (a peer that reaches the boundary first waits for the others, so one peer's share can hide another's)
     shares, rounds, epoch_seconds, groups, cut = [], [], [], [], 0
+    boundaries: dict[int, list[float]] = {}  # epoch -> when each peer began the round that ended it
     for i in range(early):
         ev = procs[i].events()
         start = next(e for e in ev if e["event"] == "epoch")["time"]
@@ -106,6 +111,8 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         if not window:
             continue
         spent = [e["averaging_s"] for e in window]
+        for e in window:
+            boundaries.setdefault(e["epoch"], []).append(e["time"] - e["averaging_s"])
         cut += sum(why.startswith("sent nothing in time") for e in window for why in e.get("dropped", {}).values())
         shares.append(sum(spent) / (end - start))
         rounds += spent
@@ -128,6 +135,10 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         # groupmates whose update was not in within gather's grace (or WAIT): each peer's count, summed
         "groupmates_cut_off": cut,
         "bytes_sent_per_peer_per_epoch": int(sent / n / measured_epochs),
+        # per epoch, how far apart the peers reached its end (began the round that ended it): the views of the
+        # swarm's progress that agree, or not
+        "boundary_skew_s": [round(max(t) - min(t), 2) for _, t in sorted(boundaries.items()) if len(t) == early],
+        "final_adapters": len({e["adapter_hash"] for p in procs for e in p.events("final")}),
     }
     if wan:
         result["wan"] = {"rtt_ms": wan[0], "loss": wan[1], "uplink_mbit": wan[2], "hosts": lab.wan_counts}
@@ -210,11 +221,15 @@ def main() -> int:
                     "scaled-float16, uniform8bit), with held-out scores")  # fmt: skip
     ap.add_argument("--own-core", action="store_true", help="with --late-joiner: the joiner runs on CPU 1 alone "
                     "and the others share CPU 0 (a joiner on a machine of its own; the others' epochs get longer)")
+    ap.add_argument("--starved", type=int, metavar="NICE", help="every peer on CPU 0, all but the first in an "
+                    "autogroup of this nice (10: the first does about 9x the others' samples): unequal peers")
     ap.add_argument("--verbose", action="store_true", help="hivemind's logs on each peer's stderr (in its folder)")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
     if args.own_core and not (args.late_joiner and len(os.sched_getaffinity(0)) >= 2):
         ap.error("--own-core needs --late-joiner and 2 CPUs")
+    if args.starved is not None and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+        ap.error("--starved needs the kernel's autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled)")
     if args.straggler and not args.wan:
         ap.error("--straggler needs --wan (a slow uplink is the WAN's)")
     out = Path(args.out)
@@ -231,7 +246,7 @@ def main() -> int:
             # each run's peers (events, adapters, stderr) stay there until the next bench
             workdir = out.parent / (f"averaging-{n}" + (f"-{compression}" if args.compression else "") + f"-run{run}")
             r = swarm_round(n, args.epochs, workdir, args.wan, args.late_joiner, args.straggler, spec_path,
-                            args.verbose, args.own_core)
+                            args.verbose, args.own_core, args.starved)
             full_allreduce = 2 * (n - 1) / n * 4 * full_params
             r["run"], r["compression"] = run, compression
             if args.compression:
@@ -256,6 +271,7 @@ def main() -> int:
             if "heldout" in r:
                 print(f"  held-out {json.dumps(r['heldout'])}, loss ratio to {args.compression[0]}: "
                       f"{r['heldout_loss_ratio_to_first']}", flush=True)
+            print(f"  epoch-end skew between peers (s): {r['boundary_skew_s']}; final adapters: {r['final_adapters']}")
             if "straggler" in r:
                 print(f"  straggler: {json.dumps(r['straggler'])}; groupmates cut off: {r['groupmates_cut_off']}")
             if "late_joiner" in r:

@@ -59,6 +59,7 @@ class ThrottledTracker(ProgressTracker):
     report_every = 1.0
 
     status_epochs: dict = {}  # set by the peer as it reads them: PeerID -> epoch, of admitted peers' statuses
+    began = None  # (epoch, get_dht_time()) of this peer's last transition (SwarmOptimizer): admission.sane_progress
 
     def __init__(self, *args, gate=None, own_peer_id: str = "", sample_cap: float = math.inf, **kwargs):
         self._last_report = 0.0
@@ -77,7 +78,7 @@ class ThrottledTracker(ProgressTracker):
                 records[pid] = value
         admits = self.gate.admits if self.gate is not None else (lambda _: True)
         kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap, self.target_batch_size,
-                                self.status_epochs)  # fmt: skip
+                                self.status_epochs, self.began, get_dht_time())  # fmt: skip
         if self.gate is not None:
             self.gate.set_followed(kept)
         self.ignored_writers.update(set(records) - set(kept))
@@ -89,6 +90,13 @@ class ThrottledTracker(ProgressTracker):
         return super()._parse_swarm_progress_data(metadata)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        # Between fetches hivemind adds this peer's new samples to its view of the swarm's, uncapped. The others count
+        # them capped (admission.sane_progress), and the estimated end that the last fetch gave already grows with
+        # this peer's rate: a peer doing most of the work added them twice and ended epochs seconds before the others
+        # (3 peers on 2 cores, one at 5x the others' rate: 4.5 s early). In an epoch it entered with the others, its
+        # view changes only at fetches, as everyone's does.
+        if self.began is not None and self.began[0] == local_epoch:
+            update_global_samples = False
         extra = samples_accumulated - self.local_progress.samples_accumulated
         now = time.monotonic()
         due = (
@@ -172,6 +180,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.average_state_every = every
             if self.grad_averager is not None:
                 self.grad_averager.local_mean = None  # the fallback's gradient, for this transition only
+        self.tracker.began = (self.local_epoch, get_dht_time())  # the others' records at this epoch count from here
         self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0,
                                         self._round))  # fmt: skip
         now = time.monotonic()

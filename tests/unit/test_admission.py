@@ -70,3 +70,26 @@ def test_trusted_states_are_those_a_strict_majority_claims():
 def test_any_state_claim_parses_or_is_none(text):
     parsed = parse_state(text)
     assert parsed is None or (isinstance(parsed[0], int) and parsed[1])
+
+
+def test_a_capped_record_gives_the_same_epoch_end_fresh_or_stale():
+    """A fast peer's record is capped at twice the median rate from the transition on (``began``): the estimate of
+    the swarm's samples (each record's samples plus its rate times its age, as hivemind's tracker makes it) is then
+    the same whether a reader's copy of it is fresh or seconds old. With a constant cap it was not: the fast peer,
+    reading its own record fresh, saw the epoch end seconds after the others did (3 peers on 2 cores)."""
+    def estimate(now, fast_age):
+        records = {"me": dict(record(5, int(450 * (now - fast_age)), 450.0), time=now - fast_age),
+                   A: dict(record(5, int(56 * 2.3), 56.0), time=2.3), B: dict(record(5, int(93 * 2.3), 93.0), time=2.3)}
+        kept, _ = sane_progress(records, "me", lambda p: True, 10**6, 1440, began=(5, 0.0), now=now)
+        return sum(r["samples_accumulated"] + (now - r["time"]) * r["samples_per_second"] for r in kept.values())
+
+    for now in (3.0, 5.0, 8.0):
+        fresh = estimate(now, 0.0)
+        assert abs(estimate(now, 1.0) - fresh) <= 2 and abs(estimate(now, 2.0) - fresh) <= 2, now
+    kept, _ = sane_progress({"me": record(5, 10**6, 1e6), A: record(5, 10, 10.0)}, "me", lambda p: True, 10**9, 96,
+                            began=(5, 100.0), now=104.0)  # fmt: skip
+    assert kept["me"]["samples_per_second"] == 20.0 and kept["me"]["samples_accumulated"] == 0  # its time: 0.0
+    future = dict(record(5, 10**6, 1e6), time=10**9)  # a record from the future counts up to now
+    kept, _ = sane_progress({"me": future, A: record(5, 10, 10.0)}, "me", lambda p: True, 10**9, 96,
+                            began=(5, 100.0), now=104.0)  # fmt: skip
+    assert kept["me"]["samples_accumulated"] == 80  # 2 x 10/s x 4 s
