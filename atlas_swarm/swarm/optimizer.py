@@ -85,18 +85,29 @@ class ThrottledTracker(ProgressTracker):
         return kept
 
     def _parse_swarm_progress_data(self, metadata):
-        if isinstance(metadata, dict) and metadata:
-            metadata = {pid: SimpleNamespace(value=v) for pid, v in self.followed_records(metadata).items()}
-        return super()._parse_swarm_progress_data(metadata)
+        kept = self.followed_records(metadata) if isinstance(metadata, dict) and metadata else {}
+        if kept:
+            metadata = {pid: SimpleNamespace(value=v) for pid, v in kept.items()}
+        progress = super()._parse_swarm_progress_data(metadata)
+        own = kept.get(self.own_peer_id)
+        self._others = (progress.samples_accumulated - (own["samples_accumulated"] if own and own["epoch"] == progress.epoch
+                                                        else 0)) if kept else 0  # fmt: skip
+        rates = sorted(r["samples_per_second"] for r in kept.values() if math.isfinite(r["samples_per_second"]))
+        median = rates[(len(rates) - 1) // 2] if rates else 0.0
+        self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
+        return progress
+
+    _others = 0  # at the last fetch: the samples the other followed records count toward the swarm's epoch
+    _own_rate_cap = math.inf
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
-        # Between fetches hivemind adds this peer's new samples to its view of the swarm's, uncapped. The others count
-        # them capped (admission.sane_progress), and the estimated end that the last fetch gave already grows with
-        # this peer's rate: a peer doing most of the work added them twice and ended epochs seconds before the others
-        # (3 peers on 2 cores, one at 5x the others' rate: 4.5 s early). In an epoch it entered with the others, its
-        # view changes only at fetches, as everyone's does.
-        if self.began is not None and self.began[0] == local_epoch:
-            update_global_samples = False
+        # Between fetches hivemind adds this peer's new samples to its view of the swarm's, uncapped, while the others
+        # count them capped (admission.sane_progress): a peer doing most of the work ended epochs seconds before the
+        # others (3 peers on 2 cores, one at 5x the others' rate: 4.5 s early). In an epoch it entered in a
+        # transition, its own samples count in its view as they do in the others': at most twice the median rate
+        # since the transition (alone, never less than it did).
+        counted = update_global_samples and self.began is not None \
+            and self.began[0] == local_epoch == self.local_progress.epoch == self.global_progress.epoch  # fmt: skip
         extra = samples_accumulated - self.local_progress.samples_accumulated
         now = time.monotonic()
         due = (
@@ -108,12 +119,18 @@ class ThrottledTracker(ProgressTracker):
         )
         if due:
             self._last_report = now
-            return super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
-        # the rest of hivemind 1.1.12's report_local_progress, without waking the reporter
-        if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
-            self.global_progress.samples_accumulated += extra
-        self.performance_ema.update(task_size=extra)
-        self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
+            super().report_local_progress(local_epoch, samples_accumulated, update_global_samples and not counted)
+        else:  # the rest of hivemind 1.1.12's report_local_progress, without waking the reporter
+            if update_global_samples and not counted and local_epoch == self.local_progress.epoch == \
+                    self.global_progress.epoch:  # fmt: skip
+                self.global_progress.samples_accumulated += extra
+            self.performance_ema.update(task_size=extra)
+            self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
+        if counted:
+            seconds = max(0.0, get_dht_time() - self.began[1])
+            own = samples_accumulated if math.isinf(self._own_rate_cap) else \
+                min(samples_accumulated, int(self._own_rate_cap * seconds))  # fmt: skip
+            self.global_progress.samples_accumulated = self._others + own
 
 
 class InlineExecutor:
