@@ -85,8 +85,9 @@ class ThrottledTracker(ProgressTracker):
         return kept
 
     def _parse_swarm_progress_data(self, metadata):
-        kept = self.followed_records(metadata) if isinstance(metadata, dict) and metadata else {}
-        if kept:
+        kept = {}
+        if isinstance(metadata, dict) and metadata:  # none followed: hivemind's own "no active peers" view
+            kept = self.followed_records(metadata)
             metadata = {pid: SimpleNamespace(value=v) for pid, v in kept.items()}
         progress = super()._parse_swarm_progress_data(metadata)
         own = kept.get(self.own_peer_id)
