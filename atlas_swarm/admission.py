@@ -56,7 +56,7 @@ def trusted_states(claims: Mapping[str, Iterable[tuple[int, str]]]) -> set[tuple
     return {pair for pair, n in votes.items() if 2 * n > len(claims)}
 
 
-def _lower_median(values: Iterable[float]) -> Optional[float]:
+def lower_median(values: Iterable[float]) -> Optional[float]:
     """The largest value that a strict majority of ``values`` reach (None if empty): one liar cannot raise it."""
     ordered = sorted(values)
     return ordered[(len(ordered) - 1) // 2] if ordered else None
@@ -88,7 +88,7 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
     ceiling = epoch_ceiling(electorate.values())
     followed = {p: r for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling}
-    median_rate = _lower_median(r["samples_per_second"] for r in followed.values()
+    median_rate = lower_median(r["samples_per_second"] for r in followed.values()
                                 if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
     kept = {}
     for p, r in followed.items():
@@ -99,7 +99,7 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
                            samples_per_second=rate)  # fmt: skip
             continue
         peers_at_epoch = [q["samples_accumulated"] for q in followed.values() if q["epoch"] == r["epoch"]]
-        sample_cap = min(cap, max(2 * _lower_median(peers_at_epoch), target / (2 * len(followed))))
+        sample_cap = min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * len(followed))))
         kept[p] = dict(r, samples_accumulated=min(r["samples_accumulated"], int(sample_cap)),
                        samples_per_second=min(r["samples_per_second"], 4 * median_rate))  # fmt: skip
     return kept, len(records) - len(kept)

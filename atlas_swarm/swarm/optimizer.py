@@ -22,7 +22,7 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
-from atlas_swarm.admission import epoch_ceiling, sane_progress
+from atlas_swarm.admission import epoch_ceiling, lower_median, sane_progress
 from atlas_swarm.config import RunSpec
 from atlas_swarm.swarm import schedule
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
@@ -91,10 +91,11 @@ class ThrottledTracker(ProgressTracker):
             metadata = {pid: SimpleNamespace(value=v) for pid, v in kept.items()}
         progress = super()._parse_swarm_progress_data(metadata)
         own = kept.get(self.own_peer_id)
-        self._others = (progress.samples_accumulated - (own["samples_accumulated"] if own and own["epoch"] == progress.epoch
-                                                        else 0)) if kept else 0  # fmt: skip
-        rates = sorted(r["samples_per_second"] for r in kept.values() if math.isfinite(r["samples_per_second"]))
-        median = rates[(len(rates) - 1) // 2] if rates else 0.0
+        counted_own = own["samples_accumulated"] if own and own["epoch"] == progress.epoch else 0
+        self._others = progress.samples_accumulated - counted_own if kept else 0
+        # capping at 2x the median leaves the (lower) median where it was: the one sane_progress capped with
+        median = lower_median(r["samples_per_second"] for r in kept.values()
+                              if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
         self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
         return progress
 
