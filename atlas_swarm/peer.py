@@ -48,6 +48,8 @@ from atlas_swarm.peer_state import (
     note_statuses,
     publish_status,
     report_progress,
+    state_claims,
+    until_new_states,
 )
 from atlas_swarm.proofs import EpochRecord
 from atlas_swarm.stopping import GracefulStop
@@ -257,7 +259,9 @@ def sync(p: Progress) -> None:
     (expected_states), so a download can fail while their statuses straddle an epoch; retried for --join-timeout."""
     deadline, before = time.monotonic() + p.cfg.join_timeout, p.opt.local_epoch
     unheld, moved = None, False  # since when no state has a majority (the others' states differ: they trained apart)
+    tries = 0
     while True:
+        tries += 1
         p.opt.load_state_from_peers(catch_up=False)
         note_statuses(p)  # the other newcomers' statuses, published as they load, may end what we follow
         if not p.opt.behind() or time.monotonic() > deadline or p.stop.requested:
@@ -265,21 +269,24 @@ def sync(p: Progress) -> None:
         # Nobody may give us a state then, and while we sync, a pair of the others does not average (the pair rule
         # counts us), so their states stay apart: 36-52 s in the SIGKILL-and-restart test until our progress
         # record expired. After schedule.unheld_state_wait we move to the majority's epoch as we are and train.
-        unheld = None if expected_states(p) else (unheld or time.monotonic())
+        held = expected_states(p)
+        unheld = None if held else (unheld or time.monotonic())
         wait = unheld_state_wait(p.spec.averaging.averaging_timeout, STATUS_EVERY)
         moved = unheld is not None and time.monotonic() - unheld >= wait \
             and p.opt.move_to_majority_epoch() is not None
         if moved:
             p.opt.caught_up.clear()  # reported below
             break
-        time.sleep(1.0)
+        until_new_states(p, held, 1.0)
     # verified: a state was downloaded (only one that matched is ever taken), not merely "nobody is ahead any more"
     # (the swarm may have left). Not "and no longer behind": the swarm could end the epoch between the loop's check
     # and this one, and a verified download was reported unverified (test_a_poisoned_state..., 1 full-suite run).
     verified = p.opt.local_epoch > before and not moved
+    # unverified: what the others claimed to hold then (epoch:digest, a few each), for whoever must find out why
+    seen = {} if verified else {pid: [c[:14] for c in states] for pid, states in state_claims(p).items()}
     p.reporter.event("synced", f"Synced to epoch {p.opt.local_epoch}" if verified else "No state that a majority "
                      f"of the run's peers hold could be downloaded; training from epoch {p.opt.local_epoch}",
-                     epoch=p.opt.local_epoch, verified=verified)  # fmt: skip
+                     epoch=p.opt.local_epoch, verified=verified, tries=tries, moved=moved, claims=seen)  # fmt: skip
 
 
 def announce(p: Progress) -> None:

@@ -136,12 +136,32 @@ def refused(p: Progress) -> int:
 def expected_states(p: Progress) -> set:
     """The (epoch, parameters digest) a state download must match: what a strict majority of the run's admitted
     peers (this one aside) say they hold; empty (take none) when they do not agree."""
-    claims = {pid: [parse_state(c) for c in s.states] for pid, s in p.swarm.peer_statuses(p.spec.run_id).items()
-              if pid != p.swarm.peer_id and s.states and not s.leaving}  # fmt: skip
+    claims = {pid: [parse_state(c) for c in states] for pid, states in state_claims(p).items()}
     return trusted_states(claims) - {None}
+
+
+def state_claims(p: Progress) -> dict[str, list[str]]:
+    """PeerID -> the states (epoch:digest) its status says it holds, for every other peer of the run not leaving."""
+    return {pid: list(s.states) for pid, s in p.swarm.peer_statuses(p.spec.run_id).items()
+            if pid != p.swarm.peer_id and s.states and not s.leaving}  # fmt: skip
 
 
 def note_state(p: Progress) -> None:
     """Remember our parameters' digest at this epoch (statuses carry the last 4; a downloader checks against them)."""
     claim = state_claim(p.opt.local_epoch, p.opt.state_averager.parameters_digest())
     p.states = [c for c in p.states if c != claim][-3:] + [claim]
+
+
+def until_new_states(p: Progress, tried: set, timeout: float) -> None:
+    """Wait up to ``timeout`` s, returning as soon as the others' statuses show a held state newer than ``tried``.
+    A donor serves its state from the moment it enters an epoch; the others' statuses say they hold it a moment later
+    (after the epoch's report), and that state can be taken only until the donors leave the epoch, 2-3 s in the
+    tests. A download tried at a fixed 1 s pace often came in that gap and was refused: donors at epoch 13, the
+    statuses at 12 (a late joiner's log, test_a_poisoned_state...). Trying again once the statuses move lands early in
+    the window."""
+    newest = max((e for e, _ in tried), default=-1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not p.stop.requested:
+        time.sleep(0.2)
+        if any(e > newest for e, _ in expected_states(p)):
+            return

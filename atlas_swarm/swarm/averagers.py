@@ -386,7 +386,9 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
                 if expect is not None and claim not in expect:
                     if gate is not None:
                         gate.count("refused_states")
-                    logger.info(f"State from {peer} is not the one the run's peers hold; trying the next donor")
+                    held = sorted({e for e, _ in expect})
+                    why = "its parameters differ" if claim[0] in held else f"epoch {claim[0]}, they hold {held}"
+                    logger.info(f"State from {peer} is not the one the run's peers hold ({why}); trying the next donor")
                     continue
                 future.set_result((metadata, tensors))
                 return
