@@ -86,6 +86,19 @@ def fake_progress():
 
 
 @attack
+def inflate_progress():
+    """Progress records at the peer's own epoch that claim 10^6 samples more than it did, at 10^6 times its rate: each
+    would end every epoch the moment it is read, if counted as written."""
+    honest = ProgressTracker._get_local_progress
+
+    def _get_local_progress(self, local_epoch, samples_accumulated):
+        real = honest(self, local_epoch, samples_accumulated + 10**6)
+        return real.copy(update={"samples_per_second": real.samples_per_second * 10**6 + 10**6})
+
+    ProgressTracker._get_local_progress = _get_local_progress
+
+
+@attack
 def skip_admission():
     """Leave out the peer's own check that the run admits it (a stranger in a private run)."""
     try:
