@@ -364,7 +364,9 @@ def finish_run(p: Progress) -> None:
     p.reporter.event(
         "final", f"Final adapter {agreement.adapter_hash[:12]}: "
         + ("agreed by all " if agreement.agreed else "NOT agreed by all ") + f"{agreement.peers} finishing peers"
-        + (" (downloaded)" if agreement.downloaded else ""), **agreement.__dict__)  # fmt: skip
+        + (" (downloaded)" if agreement.downloaded else "")
+        + (f" (each held its own; one more state round of {agreement.reaveraged})" if agreement.reaveraged else ""),
+        **agreement.__dict__)  # fmt: skip
     if p.publisher is not None and agreement.agreed:
         p.publisher.finish(p.model, epoch, agreement.adapter_hash, p.cfg.join_timeout, p.reporter)
 

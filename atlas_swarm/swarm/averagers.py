@@ -285,9 +285,9 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
     record expires, as hivemind's docstring says (it re-stored it after every tensor of every round).
 
     ``skip_round``: the optimizer sets it when the swarm averaged this epoch without this peer (see
-    SwarmOptimizer._give_up_without_a_group), or the peer is stopping. The state round due at that transition is then skipped, its
-    pre-scheduled search cancelled: the groupmates it would look for have had that round already, and hivemind
-    would look on until averaging_timeout."""
+    SwarmOptimizer._give_up_without_a_group), or the peer is stopping. The state round due at that transition is then
+    skipped, its pre-scheduled search cancelled: the groupmates it would look for have had that round already, and
+    hivemind would look on until averaging_timeout."""
 
     skip_round = False
     should_stop = staticmethod(lambda: False)  # the optimizer's: a peer asked to stop skips its state round
@@ -320,6 +320,34 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
             averaging_control = GivesUp(averaging_control, self.local_epoch, self)
         return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
                            timeout=timeout, **kwargs)  # fmt: skip
+
+    def average_once(self, timeout: float, should_stop=lambda: False) -> tuple[str, ...]:
+        """One state round at this peer's epoch outside the schedule, its result applied at once (hivemind applies a
+        round's at the next step): the finishers' fallback when each holds a different final adapter
+        (swarm/consensus.py). The group's PeerIDs, or () if no group formed (or the peer was asked to stop)."""
+        with self.lock_averaging:
+            if not self.reuse_tensors:
+                self._load_local_tensors_into_averager_()
+            control = DecentralizedAverager.step(self, gather=self.local_epoch, timeout=timeout, wait=False)
+            while not control.done():
+                if should_stop():
+                    cancel_round(control)
+                    return ()
+                time.sleep(0.1)
+            try:
+                result = control.result(timeout=0)
+            except Exception as e:  # hivemind's reasons a round failed (no group, a timeout, a refused pair)
+                logger.info(f"The finishers' extra state round failed: {e!r}")
+                return ()
+        report = getattr(result, "report", None)
+        if report is None:
+            return ()
+        with torch.no_grad():
+            if not self.reuse_tensors:
+                self._apply_averaging_results_()
+            if self.offload_optimizer:
+                self._apply_optimizer_parameters_()
+        return tuple(report.group)
 
     # -- verified state downloads (README "Threat model"): hivemind copies the first donor's tensors and epoch, donors
     # ranked by the priority they declare themselves (a float, inf allowed). Here only admitted donors are asked, a

@@ -17,6 +17,12 @@ peer it follows at this epoch has published its hash) or half the timeout has pa
 peer whose pair-mate had not published yet saw a 1-1 tie, downloaded the odd peer's smaller hash, and the swarm left
 with two adapters (seen once in a full test run).
 
+When every finisher holds a different adapter (three or more: a pair's tie is broken by the smallest hash), no hash
+may be downloaded (see _vouched), and the run used to end with as many adapters as finishers (the NAT test's three-way
+split, README "Known limits"). Once the tally is complete the finishers then run one more state round together (the
+robust rule of every round: one liar among three or more moves it a bounded amount), publish the hash they hold after
+it, and vote again: those that were in its group hold one adapter. Tried once; if no group forms, nothing changes.
+
 A peer left with no connection (the others agreed and left first; it is behind a NAT and held no records itself)
 reads only its own copy of their last statuses, which said they were still finishing: it waited for them to expire
 (60 s, the NAT client-mode test). After ALONE_FOR without a connection it stops waiting for anyone.
@@ -45,6 +51,7 @@ class Agreement:
     agreed: bool  # every finishing peer of this epoch holds it
     peers: int  # finishing peers seen (this one included)
     downloaded: bool  # this peer replaced its adapter with the canonical one
+    reaveraged: int = 0  # the group of the extra state round after a split (0: none was run or none formed)
 
 
 def agree_on_final_adapter(
@@ -58,7 +65,7 @@ def agree_on_final_adapter(
     should_stop: Callable[[], bool],
 ) -> Agreement:
     """Wait until every live peer of ``run_id`` has reached ``epoch`` and all who stop there hold one adapter."""
-    ours, downloaded = current_hash(), False
+    ours, downloaded, reaveraged = current_hash(), False, None  # reaveraged: the extra round's group size, once run
     publish(ours)
     published = time.monotonic()
     deadline = time.monotonic() + timeout
@@ -80,12 +87,20 @@ def agree_on_final_adapter(
         if alone is not None and time.monotonic() - alone >= ALONE_FOR:
             still_training = False  # what we read is our own copy of their last records: nothing will change it
         finals = list(seen.values())
+        split = len(set(finals + [ours])) == len(finals) + 1 >= 3  # every finisher holds its own adapter
+        if split and reaveraged is None and not still_training and alone is None:
+            left = max(1.0, min(opt.averaging_timeout, deadline - time.monotonic()))
+            reaveraged = len(opt.average_final_state(left, should_stop))  # one more round, together
+            if current_hash() != ours:
+                ours, published = current_hash(), time.monotonic()
+                publish(ours)
+            continue
         target = majority(finals + [ours])  # the canonical adapter
         if ours == target:
             if not opt.client_mode:  # client-mode peers cannot serve state (hivemind refuses a priority)
                 opt.state_averager.state_sharing_priority = epoch + 1  # downloaders pick the canonical holders
             if not still_training and all(h == target for h in finals):
-                return Agreement(ours, True, len(finals) + 1, downloaded)
+                return Agreement(ours, True, len(finals) + 1, downloaded, reaveraged or 0)
         elif (not still_training or time.monotonic() > decide_by) and _vouched(finals + [ours], target):
             if not opt.client_mode:
                 opt.state_averager.state_sharing_priority = 0
@@ -98,7 +113,7 @@ def agree_on_final_adapter(
                     ours, downloaded = now, True
                     publish(ours)
         if should_stop() or time.monotonic() > deadline:
-            return Agreement(ours, False, len(finals) + 1, downloaded)
+            return Agreement(ours, False, len(finals) + 1, downloaded, reaveraged or 0)
         if time.monotonic() - published >= records.STATUS_TTL / 4:
             published = time.monotonic()
             try:

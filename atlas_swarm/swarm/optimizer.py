@@ -362,7 +362,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         """The highest epoch in the progress records this peer follows (-1 if none can be read)."""
         return schedule.highest_epoch(self._followed().values())
 
+    def average_final_state(self, timeout: float, should_stop: Callable[[], bool]) -> tuple[str, ...]:
+        """The finishers' extra state round (swarm/consensus.py); its group's PeerIDs. A state round pre-scheduled
+        for the epoch after this one is cancelled first: an averager looks for one group at a time."""
+        if self.scheduled_state is not None and not self.scheduled_state.done():
+            cancel_round(self.scheduled_state)
+        self.scheduled_state = None
+        return self.state_averager.average_once(timeout, should_stop)
+
     def _maybe_schedule_state_averaging(self) -> None:
+        if self.final_epoch is not None and self.local_epoch >= self.final_epoch:
+            return  # no epoch follows the last (the finishers' extra round, if any, is average_final_state)
         next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every,
                                                 self.final_epoch)  # fmt: skip
         if next_epoch is None or self.state_averager.averaging_in_progress:

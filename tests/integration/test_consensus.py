@@ -14,6 +14,7 @@ from atlas_swarm.config import RunSpec
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import tensors_hash
 from atlas_swarm.swarm import PeerStatus, Swarm, make_optimizer
+from atlas_swarm.swarm.averagers import StateAverager
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import state_claim
 from tests.conftest import write_spec
@@ -92,15 +93,29 @@ def test_a_partial_tally_is_not_acted_on(tmp_path):
     assert all(torch.equal(p, torch.full((4, 4), 2.0)) for p in params)
 
 
+def test_three_finishers_with_three_adapters_average_once_more_and_agree(tmp_path):
+    # Prepare: three honest peers whose adapters all differ (rounds some of them missed): a 1-1-1 tie, and no hash
+    # may be downloaded (only its own holder vouches for it). Before, each left with its own adapter
+    # Execute
+    results, params = _finish_together(tmp_path, [1.0, 2.0, 3.0], {})
+    # Assert: one more state round of all three, and one adapter, the robust average of the three
+    assert [(r.agreed, r.peers, r.reaveraged, r.downloaded) for r in results] == [(True, 3, 3, False)] * 3, results
+    assert len({r.adapter_hash for r in results}) == 1
+    assert all(torch.equal(p, params[0]) for p in params) and 1.0 < params[0].mean().item() < 3.0, params
+
+
 def test_a_lone_smallest_hash_does_not_win_a_three_way_tie(tmp_path):
     # Prepare: two honest peers whose adapters differ (one missed a round) and a third that claims the smallest hash
     # there is for its poisoned adapter (100.0): a 1-1-1 tie, which the smallest hash breaks
     # Execute
     results, params = _finish_together(tmp_path, [1.0, 2.0, 100.0], {}, lies={2: "0" * 64}, timeout=8.0)
-    # Assert: no honest peer took a state only its holder vouches for; they say they did not agree
+    # Assert: no honest peer took a state only its holder vouches for. The extra round of the three (a split) left
+    # the honest two with one adapter, the poisoned one left out by the robust rule; the liar's hash is not theirs,
+    # so they say they did not agree
     assert [r.downloaded for r in results[:2]] == [False, False], results
     assert not results[0].agreed and not results[1].agreed
-    assert torch.equal(params[0], torch.full((4, 4), 1.0)) and torch.equal(params[1], torch.full((4, 4), 2.0))
+    assert [r.reaveraged for r in results[:2]] == [3, 3], results
+    assert torch.equal(params[0], params[1]) and 1.0 <= params[0].min() and params[0].max() <= 2.0, params[:2]
 
 
 def test_a_tie_is_not_agreement_once_statuses_expire(tmp_path, monkeypatch):
@@ -110,10 +125,12 @@ def test_a_tie_is_not_agreement_once_statuses_expire(tmp_path, monkeypatch):
 
     monkeypatch.setattr(records, "STATUS_TTL", 3.0)
     monkeypatch.setattr(node, "STATUS_TTL", 3.0)
+    # the finishers' extra state round forms no group (the tie stays)
+    monkeypatch.setattr(StateAverager, "average_once", lambda self, timeout, should_stop: ())
     # Execute
     results, _ = _finish_together(tmp_path, [1.0, 2.0, 3.0], {}, timeout=12.0)
     # Assert: nobody claims an agreement; each still counts the three finishers (before: "agreed by all 1")
-    assert [(r.agreed, r.peers) for r in results] == [(False, 3)] * 3, results
+    assert [(r.agreed, r.peers, r.reaveraged) for r in results] == [(False, 3, 0)] * 3, results
 
 
 def test_peers_whose_moments_drifted_apart_end_bit_identical(tmp_path, tiny_model, text_data):
