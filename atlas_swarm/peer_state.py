@@ -75,6 +75,7 @@ class Progress:
     outliers: int = 0  # groupmates' updates our aggregation clipped or trimmed hard
     last_outliers: tuple[str, ...] = ()
     states: list = field(default_factory=list)  # "epoch:digest" of our parameters at our last 4 epochs (statuses)
+    final_hash: Optional[str] = None  # the final adapter's hash we published (our leaving status repeats it)
     saved: Optional[Path] = None
     startup: dict = field(default_factory=dict)  # phase -> seconds it took, from the process's start to "started"
     _mark: float = field(default_factory=lambda: psutil.Process().create_time())
@@ -104,7 +105,10 @@ def report_progress(p: Progress) -> None:
 
 
 def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = None) -> None:
-    """Our signed status record in the run (what monitors and finishing peers read)."""
+    """Our signed status record in the run (what monitors and finishing peers read). A finisher's leaving status
+    repeats its final hash: the others' final vote counts it (swarm/consensus.py)."""
+    p.final_hash = final or p.final_hash
+    final = p.final_hash if final is None and leaving else final
     proofs = p.chain.progress() if p.chain is not None else {}
     sps = 0.0 if leaving else p.opt.samples_per_second()
     p.swarm.publish_status(p.spec.run_id, PeerStatus(

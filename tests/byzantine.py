@@ -145,6 +145,24 @@ def _drift_moments(factor: float):
     torch.optim.AdamW.step = step
 
 
+@attack
+def no_final_state_round():
+    """Not an attack: the transition into the peer's last epoch does not average the state (as it did before
+    2026-12-03, and as when that round forms no group), so peers whose parameters differ finish with them."""
+    from atlas_swarm.swarm.optimizer import SwarmOptimizer
+
+    honest = SwarmOptimizer._update_global_epoch
+
+    def _update_global_epoch(self, grad_scaler):
+        final, self.final_epoch = self.final_epoch, None
+        try:
+            return honest(self, grad_scaler)
+        finally:
+            self.final_epoch = final
+
+    SwarmOptimizer._update_global_epoch = _update_global_epoch
+
+
 ATTACKS["drifted_moments_x4"] = lambda: _drift_moments(4.0)
 ATTACKS["drifted_moments_x9"] = lambda: _drift_moments(9.0)
 
