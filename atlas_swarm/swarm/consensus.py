@@ -94,8 +94,9 @@ def agree_on_final_adapter(
         if split and reaveraged is None and not still_training and alone is None:
             left = max(1.0, min(opt.averaging_timeout, deadline - time.monotonic()))
             reaveraged = len(opt.average_final_state(left, should_stop))  # one more round, together
-            if current_hash() != ours:
-                ours, published = current_hash(), time.monotonic()
+            now = current_hash()
+            if now != ours:
+                ours, published = now, time.monotonic()
                 publish(ours)
             continue
         target = majority(finals + [ours])  # the canonical adapter
