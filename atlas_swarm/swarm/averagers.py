@@ -33,7 +33,7 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2PContext, P2PDaemonError, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
@@ -71,7 +71,10 @@ class CancelOnShutdown:
         (``AttributeError: '_asyncio.Future' object has no attribute 'finalize'``, a traceback on the terminal of a
         peer stopped mid-round) and would add finalize's None to a set. Here each group's round is cancelled."""
         if not self.client_mode:
-            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            try:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            except (OSError, P2PDaemonError) as e:  # p2pd already gone: Ctrl-C in a terminal signals it too
+                logger.debug(f"p2pd gone before our handlers were removed ({type(e).__name__}); nothing to remove")
         for future in list(self._running_groups.values()):
             if future.done() and not future.cancelled() and future.exception() is None:
                 future.result().finalize(cancel=True)

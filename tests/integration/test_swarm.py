@@ -206,6 +206,30 @@ def test_ctrl_c_while_fetching_the_spec_stops_cleanly(tmp_path, text_data):
         swarm.shutdown()
 
 
+def test_ctrl_c_in_a_terminal_stops_the_peer_and_its_p2pd_together_without_a_traceback(tmp_path, tiny_spec, text_data):
+    """Ctrl-C in a terminal signals the whole foreground process group: the peer and its p2pd at once (found on a
+    GPU, where bench_peer stops peers by group). p2pd could then be gone before the averagers removed their handlers
+    from it, and each averager's thread printed a FileNotFoundError traceback. A training peer's group gets SIGINT:
+    "stopped", exit 0, its adapter saved, no traceback, no process left."""
+    # Prepare
+    peer = start_peer(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data)])
+    try:
+        peer.wait_event("progress", 120)
+        children = peer.descendants()
+        assert any("p2pd" in c.name() for c in children), [c.name() for c in children]
+        # Execute
+        os.killpg(peer.process.pid, signal.SIGINT)
+        code = peer.wait_exit(20)
+        # Assert
+        assert code == 0, peer.tail()
+        assert peer.wait_event("stopped", 1)["adapter_dir"]
+        assert "Traceback" not in peer.err_path.read_text(), peer.tail()
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        peer.kill()
+
+
 def test_saved_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_path, tiny_spec, text_data):
     # Prepare
     from peft import PeftModel
