@@ -60,6 +60,7 @@ from atlas_swarm.swarm.schedule import unheld_state_wait
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import (
     FINE_MICRO_BATCH,
+    MAX_AUTO_MICRO_BATCH,
     LossScaler,
     Precision,
     accumulate_gradients,
@@ -216,11 +217,14 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
         )
     p.batches = Batches(examples, tokenizer, spec, seed=cfg.seed)
     p.precision = Precision.for_device(p.device, cfg.precision)
-    micro = find_micro_batch(p.model, p.batches.next, p.device, p.precision)
+    limit = cfg.batch_size or MAX_AUTO_MICRO_BATCH  # no use probing past the batch
+    micro = find_micro_batch(p.model, p.batches.next, p.device, p.precision, limit)
     if cfg.gradient_checkpointing == "auto" and not p.checkpointing and p.device.startswith("cuda") \
-            and micro < SMALL_MICRO_BATCH:  # recomputing activations costs less than tiny micro-batches
+            and micro < min(SMALL_MICRO_BATCH, limit):  # recomputing activations costs less than tiny micro-batches
         enable_checkpointing(p.model)
-        p.checkpointing, micro = True, find_micro_batch(p.model, p.batches.next, p.device, p.precision)
+        p.checkpointing, micro = True, find_micro_batch(p.model, p.batches.next, p.device, p.precision, limit)
+    if p.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # progress events' gpu_peak_gb: training's peak, not the probe's
     p.batch_size = cfg.batch_size or micro
     p.micro = min(micro, p.batch_size)
     p.hooks = list(hooks) + p.hooks

@@ -131,13 +131,14 @@ def accumulate_gradients(
     return total / done, done
 
 
-def find_micro_batch(model, next_batch: Callable[[int], dict], device: str, precision: Precision) -> int:
-    """Largest power-of-two micro-batch (<= 64) whose forward+backward fits the device's memory."""
+def find_micro_batch(model, next_batch: Callable[[int], dict], device: str, precision: Precision,
+                     limit: int = MAX_AUTO_MICRO_BATCH) -> int:
+    """Largest power-of-two micro-batch (<= ``limit``, at most 64) whose forward+backward fits the device's memory."""
     if not device.startswith("cuda"):
         return CPU_MICRO_BATCH
     fits = 0
     size = 1
-    while size <= MAX_AUTO_MICRO_BATCH:
+    while size <= min(limit, MAX_AUTO_MICRO_BATCH):
         try:
             accumulate_gradients(model, next_batch, size, size, device, precision)
             fits = size
