@@ -142,6 +142,29 @@ def test_out_of_memory_with_a_micro_batch_of_1_is_a_clear_error():
                       1, lambda m: None)  # fmt: skip
 
 
+@pytest.mark.parametrize("fits, limit, tried, chosen", [(64, 64, [1, 2, 4, 8, 16, 32, 64], 64),
+                                                      (5, 64, [1, 2, 4, 8], 4), (64, 4, [1, 2, 4], 4),
+                                                      (64, 12, [1, 2, 4, 8], 8)])
+def test_the_micro_batch_probe_stops_at_what_fits_and_at_the_batch_size(monkeypatch, fits, limit, tried, chosen):
+    """On a GPU the probe doubles the micro-batch until out of memory; with an explicit --batch-size it stops there
+    too (a 7B peer asked for batches of 4 no longer probes 8 to 64 first)."""
+    from atlas_swarm.train import steps
+
+    sizes = []
+
+    def attempt(model, next_batch, batch_size, micro, device, precision):
+        sizes.append(micro)
+        if micro > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake allocator failure)")
+        return 0.0, micro
+
+    monkeypatch.setattr(steps, "accumulate_gradients", attempt)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = torch.nn.Linear(2, 2)
+    assert steps.find_micro_batch(model, lambda n: {}, "cuda", Precision.for_device("cpu"), limit) == chosen
+    assert sizes == tried
+
+
 @pytest.mark.parametrize("argv, hidden", [(["--data", "x"], True), (["--quantize", "none"], True),
                                           (["--quantize=nf4"], False), (["--device", "cpu", "--quantize", "nf4"], False)])
 def test_a_peer_imports_bitsandbytes_only_when_its_command_line_quantizes(argv, hidden):
