@@ -2,7 +2,8 @@
 that serves the same requests one at a time, on the same model and adapter, in one run. Prints JSON.
 
     .venv/bin/python scripts/bench_serve.py [--shape tiny|smol] [--clients 64] [--seconds 60] [--max-tokens 32]
-                                            [--max-batch 64] [--out FILE]
+                                            [--max-batch 64] [--device cpu|cuda] [--quantize none|nf4|int8]
+                                            [--out FILE]
 
 The load: --clients threads, each sending a completion request (greedy, exactly --max-tokens new tokens on both
 sides, prompts from the chatterbot corpus) as soon as its previous one returns, for --seconds. The baseline: one
@@ -130,19 +131,22 @@ def load_server(url: str, model: str, texts: list[str], clients: int, seconds: f
     return out
 
 
-def baseline(spec, adapter: Path, texts: list[str], seconds: float, max_tokens: int) -> dict:
+def baseline(spec, adapter: Path, texts: list[str], seconds: float, max_tokens: int, device: str = "cpu",
+             quantize: str = "none") -> dict:
     from peft import PeftModel
 
     from atlas_swarm.model.lora import load_base
 
-    base, tok = load_base(spec)
+    base, tok = load_base(spec, quantize=quantize, device=device)  # the server's loader: the same weights and dtype
+    if quantize == "none":
+        base.to(device)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     latencies, tokens, k = [], 0, 0
     began = time.monotonic()
     with torch.inference_mode():
         while time.monotonic() - began < seconds:
             t0 = time.monotonic()
-            ids = tok(texts[k % len(texts)], return_tensors="pt")
+            ids = tok(texts[k % len(texts)], return_tensors="pt").to(device)
             out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             tokens += out.shape[1] - ids["input_ids"].shape[1]
@@ -160,6 +164,8 @@ def main() -> int:
     p.add_argument("--shape", choices=("tiny", "smol"), default="tiny",
                    help="tiny: the tests' 2-layer Llama; smol: SmolLM2-135M's shape (random weights)")
     p.add_argument("--run-spec", help="a causal-LM spec instead of --shape")
+    p.add_argument("--device", default="cpu", help="both sides on this device (cpu, cuda)")
+    p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"), help="both sides' base (CUDA)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -167,11 +173,12 @@ def main() -> int:
         work = Path(tmp)
         spec_path, spec, adapter = prepare(work, args.run_spec, args.shape)
         texts = prompts()
-        base = baseline(spec, adapter, texts, args.seconds, args.max_tokens)
+        base = baseline(spec, adapter, texts, args.seconds, args.max_tokens, args.device, args.quantize)
         log = (work / "serve.log").open("w+")
         server = subprocess.Popen([sys.executable, "-m", "atlas_swarm.serve", "--run-spec", str(spec_path),
                                    "--adapter", str(adapter), "--http", "127.0.0.1:0", "--workdir", str(work / "w"),
-                                   "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)],
+                                   "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients),
+                                   "--device", args.device, "--quantize", args.quantize],
                                   stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)  # fmt: skip
         try:
             deadline, url = time.monotonic() + 120, None
@@ -190,6 +197,7 @@ def main() -> int:
     result = {"clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
               "max_batch": args.max_batch,
               "base": spec.model.base if args.run_spec else f"random Llama, {args.shape} shape",
+              "device": args.device, "quantize": args.quantize, "date": time.strftime("%Y-%m-%d"),
               "threads": torch.get_num_threads(), "server": served, "one_at_a_time": base,
               "tokens_per_s_ratio": round(served["tokens_per_s"] / base["tokens_per_s"], 2)}  # fmt: skip
     text = json.dumps(result, indent=2)

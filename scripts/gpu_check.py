@@ -7,6 +7,8 @@
    samples/s ratio (goal >= 0.97) and each side's peak GPU memory (scripts/bench_peer.py --quantize nf4).
 5. card: a 4-bit peer of the 7b shape on an 8 GB card's budget (--max-memory 7.5, --batch-size 16): the micro-batch
    it probes within the cap, its peak memory and samples/s over a few steps, any out-of-memory events.
+6. serve: `python -m atlas_swarm.serve` on the GPU beside a one-at-a-time generate() loop (scripts/bench_serve.py,
+   SmolLM2-135M's shape), with a full-precision base and with an NF4 one.
 
     python scripts/gpu_check.py [--workdir /tmp/gpu-check] [--checks probe,precision,swarm,qlora,card]
                                 [--qlora-shapes 1b,7b] [--windows 10] [--window-s 3]
@@ -45,7 +47,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/gpu-check")
     ap.add_argument("--checks", default="probe,precision,swarm", help="comma-separated: probe, precision, swarm, qlora, "
-                    "card")  # fmt: skip
+                    "card, serve")  # fmt: skip
     ap.add_argument("--qlora-shapes", default="1b,7b", help="shapes for the qlora check")
     ap.add_argument("--windows", type=int, default=10, help="bench_peer's windows per side (qlora)")
     ap.add_argument("--window-s", type=float, default=3.0, help="bench_peer's seconds per window (qlora)")
@@ -146,6 +148,15 @@ average_state_every = 2
             "local_samples": progress[-1]["local_samples"] if progress else 0, "wall_s": round(time.time() - t0, 1),
             "stderr_tail": p.err_path.read_text()[-1500:] if code else "",
         }  # fmt: skip
+        save(summary)
+
+    for quantize in ("none", "nf4") if "serve" in checks else ():  # 6. serving on the GPU
+        out = workdir / f"serve-{quantize}.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_serve.py"), "--shape", "smol",
+                               "--device", "cuda", "--quantize", quantize, "--seconds", "20", "--clients", "64",
+                               "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+        summary[f"serve_smol_{quantize}"] = json.loads(out.read_text()) if proc.returncode == 0 else \
+            (proc.stdout + proc.stderr)[-2500:]
         save(summary)
 
     if "swarm" in checks:  # 3. two GPU peers average together
