@@ -49,6 +49,8 @@ HIVEMIND_OVERRIDES = {
     "optimizer.SwarmOptimizer.shutdown": "a stopping peer cancels a round in flight instead of waiting it out",
     "optimizer.ThrottledTracker.__init__": "the time of the last progress report",
     "optimizer.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
+    "optimizer.ThrottledTracker.run": "end the loop's leftover tasks (a pending shutdown watcher printed \"Task was "
+    "destroyed but it is pending!\" at exit)",
     # the averagers (swarm/averagers.py)
     "averagers.CancelOnShutdown._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
     "averagers.Admitted.rpc_join_group": "refuse join requests from non-admitted peers (counted)",
