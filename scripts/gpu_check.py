@@ -10,7 +10,7 @@
 6. serve: `python -m atlas_swarm.serve` on the GPU beside a one-at-a-time generate() loop (scripts/bench_serve.py,
    SmolLM2-135M's shape), with a full-precision base and with an NF4 one.
 
-    python scripts/gpu_check.py [--workdir /tmp/gpu-check] [--checks probe,precision,swarm,qlora,card]
+    python scripts/gpu_check.py [--workdir /tmp/gpu-check] [--checks probe,precision,swarm,qlora,card,serve]
                                 [--qlora-shapes 1b,7b] [--windows 10] [--window-s 3]
 
 The summary is printed and, after every check, written to $OUT/gpu_check.json when OUT is set (the device tool's
@@ -46,8 +46,8 @@ def save(summary: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/gpu-check")
-    ap.add_argument("--checks", default="probe,precision,swarm", help="comma-separated: probe, precision, swarm, qlora, "
-                    "card, serve")  # fmt: skip
+    ap.add_argument("--checks", default="probe,precision,swarm",
+                    help="comma-separated: probe, precision, swarm, qlora, card, serve")
     ap.add_argument("--qlora-shapes", default="1b,7b", help="shapes for the qlora check")
     ap.add_argument("--windows", type=int, default=10, help="bench_peer's windows per side (qlora)")
     ap.add_argument("--window-s", type=float, default=3.0, help="bench_peer's seconds per window (qlora)")
@@ -160,12 +160,11 @@ average_state_every = 2
         save(summary)
 
     if "swarm" in checks:  # 3. two GPU peers average together
-        a = peer(workdir, "swarm0", ["--run-spec", str(spec_path), "--data", str(data), "--batch-size", "32",
-                                     "--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"])  # fmt: skip
+        both = ["--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"]
+        a = peer(workdir, "swarm0", ["--run-spec", str(spec_path), "--data", str(data), "--batch-size", "32", *both])
         started = a.wait_event("started", 120)
-        b = peer(workdir, "swarm1", ["--initial-peers", first_loopback(started),
-                                     "--run", started["run_id"], "--data", str(data), "--batch-size", "64", "--seed", "1",
-                                     "--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "120"])  # fmt: skip
+        b = peer(workdir, "swarm1", ["--initial-peers", first_loopback(started), "--run", started["run_id"],
+                                     "--data", str(data), "--batch-size", "64", "--seed", "1", *both])  # fmt: skip
         codes = [a.wait_exit(400), b.wait_exit(400)]
         from safetensors.torch import load_file
 

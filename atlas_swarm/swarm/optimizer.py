@@ -103,8 +103,8 @@ class ThrottledTracker(ProgressTracker):
     def run(self):
         """hivemind's, and then the loop's leftover tasks are ended before the thread does. Its fetcher's shutdown
         watcher (a task waiting on an executor) is often still pending when both loops return, and the loop is never
-        run again: at exit Python printed "Task was destroyed but it is pending!" on about one peer in six (13 of 80
-        in a full test run; source found with PYTHONASYNCIODEBUG=1)."""
+        run again: at exit Python printed "Task was destroyed but it is pending!" on about one peer in six (14 of 77
+        stderr files of a full test run; source found with PYTHONASYNCIODEBUG=1)."""
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:

@@ -60,7 +60,7 @@ def test_the_dht_process_does_not_show_a_call_whose_asker_is_gone_other_errors_i
 def test_the_progress_trackers_thread_leaves_no_pending_task_behind():
     """hivemind's tracker thread returns once its reporter and fetcher return, while the fetcher's shutdown watcher (a
     task waiting on an executor) can still be pending; the loop never runs again and, at exit, Python printed "Task was
-    destroyed but it is pending!" (13 of about 80 peers' stderr in a full test run). Ours ends the loop's tasks."""
+    destroyed but it is pending!" (14 of 77 peers' stderr files in a full test run). Ours ends the loop's tasks."""
     import asyncio
     import threading
 
