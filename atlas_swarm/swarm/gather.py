@@ -34,6 +34,7 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.node import peer_id_of_key
 from atlas_swarm.train.aggregate import aggregate
+
+logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
 
 PROTOCOL = b"atlas-gather-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
@@ -217,6 +220,15 @@ class GatherAverage:
             # already moved on without the result.
             if not step.cancelled():
                 raise
+            return None
+        except asyncio.TimeoutError:
+            # The round outlived its allreduce_timeout (a 7B-sized adapter's aggregate on a busy CPU: 22 s against
+            # 20). hivemind's _step gives the step that TimeoutError, then re-raises it (it is not one it catches),
+            # and the task's exception was "never retrieved": a traceback on the peer's terminal for a round the
+            # peer already counts as failed. The step's own exception is the answer; only an unset step raises.
+            if not step.done():
+                raise
+            logger.debug("a round outlived its allreduce timeout; the step ends with that TimeoutError")
             return None
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
