@@ -33,7 +33,7 @@ if __name__ == "__main__":  # before peft is imported (below); tests import this
 from atlas_swarm.checkpoints.publish import AdapterPublisher  # noqa: E402
 from atlas_swarm.cli import run_cli
 from atlas_swarm.config import PeerConfig, RunSpec, check_same_spec
-from atlas_swarm.errors import CheckpointError, DataError, ModelError
+from atlas_swarm.errors import CheckpointError, DataError, ModelError, SwarmError
 from atlas_swarm.gatekeeper import Gatekeeper
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
@@ -52,7 +52,7 @@ from atlas_swarm.peer_state import (
     until_new_states,
 )
 from atlas_swarm.proofs import EpochRecord
-from atlas_swarm.stopping import GracefulStop
+from atlas_swarm.stopping import GracefulStop, watch
 from atlas_swarm.swarm import EpochDone, Swarm, make_optimizer
 from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import STATUS_EVERY, other_shapes
@@ -143,14 +143,18 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
                 reporter.event("stopping", f"Did {p.steps} steps (--max-steps)", reason="max_steps")
                 break
         if p.stop.requested:
-            reporter.event("stopping", f"Stopping on {p.stop.signal_name}", reason=p.stop.signal_name)
+            reporter.event("stopping", p.stop.failure or f"Stopping on {p.stop.signal_name}", reason=p.stop.signal_name)
     except KeyboardInterrupt:
         if not p.stop.requested:
             raise
-        # the stop watchdog interrupted a blocking call: an averaging round, or joining / fetching the spec
-        reporter.event("stopping", "Abandoned what was in progress (averaging round, joining)", reason="interrupted")
+        # the stop watchdog interrupted a blocking call: an averaging round, or joining / fetching the spec; or a
+        # process of ours died (stopping.watch), and what was waiting for it was interrupted
+        reporter.event("stopping", p.stop.failure or "Abandoned what was in progress (averaging round, joining)",
+                       reason="failure" if p.stop.failure else "interrupted")  # fmt: skip
     finally:
         leave(p)
+    if p.stop.failure:
+        raise SwarmError(p.stop.failure)  # after leave(): the adapter is saved and every process stopped
     result = p.result()
     reporter.event("stopped", f"Stopped at epoch {result.epoch}; adapter saved to {result.adapter_dir}",
                    **result.__dict__)  # fmt: skip
@@ -242,6 +246,8 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     p.opt.should_stop = lambda: p.stop.requested
     p.opt.state_averager.expected_states = lambda: expected_states(p)
     p.stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
+    watch(p.stop, {name: process for name, process in (("DHT", swarm.dht), ("gradient averager", p.opt.grad_averager),
+                                                       ("state averager", p.opt.state_averager)) if process})
     if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
     p.opt.resume(p.epoch)

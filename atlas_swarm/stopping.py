@@ -1,7 +1,8 @@
 """How a peer stops: SIGINT/SIGTERM ask the training loop to stop after the current step; a blocking call (an
 averaging round, joining, fetching the spec) is interrupted after STOP_GRACE seconds; if shutdown still hangs, the
 peer's children are killed and it exits with EXIT_FORCED at STOP_HARD (the user was promised an exit within 10 s).
-A second signal interrupts at once."""
+A second signal interrupts at once. ``watch`` stops the peer the same way when a process it cannot train without (an
+averager, the DHT) dies under it, and the peer then exits with an error instead of waiting forever."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class GracefulStop:
         self._pid = os.getpid()  # child processes forked after install() inherit the handlers: not theirs
         self._leaving = False  # the peer is shutting down (each step bounded by budget()): no more interrupts
         self.step = ""  # the step of the shutdown under way (leave() names them): what a forced exit reports
+        self.failure = ""  # why the peer stops when a process of its own died (watch): it then exits with an error
 
     @classmethod
     def install(cls) -> "GracefulStop":
@@ -51,8 +53,11 @@ class GracefulStop:
             return
         if self.requested:
             raise KeyboardInterrupt
+        self._request(signal.Signals(signum).name)
+
+    def _request(self, name: str) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = name
         self._hard_at = time.monotonic() + STOP_HARD
         self._timers = [threading.Timer(STOP_GRACE, self._interrupt),
                         threading.Timer(STOP_HARD, self._force)]  # fmt: skip
@@ -71,6 +76,19 @@ class GracefulStop:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         else:  # our handlers are not installed (not the main thread): the flag is all there is
             _thread.interrupt_main()
+
+    def fail(self, why: str) -> None:
+        """A process the peer cannot go on without died: stop as on a signal, and interrupt the main thread now, as
+        a second signal would. It may be waiting for that process for ever: an averager killed by the kernel's
+        out-of-memory killer in the middle of a state round held the lock on the averaged tensors, and the peer's
+        next read of them waited on it (bench_averaging --as-7b: one peer hung, the others stopped)."""
+        if self.failure or self._leaving:
+            return
+        self.failure = why
+        if not self.requested:
+            self._request("failure")
+        if signal.getsignal(signal.SIGTERM) == self._handle:  # (else the loop sees `requested` after its step)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # our handler raises there
 
     def _force(self) -> None:
         where = f" while {self.step}" if self.step else ""
@@ -100,6 +118,36 @@ class GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
+
+
+def watch(stop: GracefulStop, processes: dict, every: float = 0.5) -> threading.Thread:
+    """A daemon thread that calls ``stop.fail`` when one of ``processes`` (what each is -> a multiprocessing
+    Process of this one) is no longer alive before the peer began to leave; it ends when the peer leaves."""
+
+    def run() -> None:
+        while not stop._leaving and not stop.failure:
+            for name, process in processes.items():
+                if not process.is_alive() and not stop._leaving:
+                    stop.fail(f"this peer's {name} process died ({how_it_ended(process.exitcode)}), so the peer "
+                              f"stopped; start it again to rejoin the run (it resumes from its saved adapter)")
+                    return
+            time.sleep(every)
+
+    thread = threading.Thread(target=run, name="watch-processes", daemon=True)
+    thread.start()
+    return thread
+
+
+def how_it_ended(exitcode) -> str:
+    if exitcode is None:
+        return "no exit status"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}" + (": the system's out-of-memory killer sends it" if name == "SIGKILL" else "")
+    return f"exit code {exitcode}"
 
 
 def kill_children_and_exit(code: int = EXIT_FORCED) -> None:

@@ -230,6 +230,34 @@ def test_ctrl_c_in_a_terminal_stops_the_peer_and_its_p2pd_together_without_a_tra
         peer.kill()
 
 
+def test_a_peer_whose_averager_process_is_killed_stops_with_a_clear_error(tmp_path, tiny_spec, text_data):
+    """The kernel's out-of-memory killer picks a peer's largest process: its averager, during a big aggregate. One
+    killed in a state round held the lock on the averaged tensors, and the peer waited for it for ever (bench_averaging
+    --as-7b: 1 of 4 peers hung after the others stopped; py-spy: MainThread in SemLock.__enter__). The peer now stops
+    within seconds with one error line that says which process died and how, its adapter saved, nothing left."""
+    # Prepare
+    peer = start_peer(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data)])
+    try:
+        peer.wait_event("progress", 120)
+        children = peer.descendants()
+        pythons = [c for c in children if c.ppid() == peer.process.pid and "python" in c.name()]
+        averagers = [c for c in pythons if not any("p2pd" in g.name() for g in c.children())]  # the DHT runs p2pd
+        assert len(averagers) == 2, [(c.pid, c.name()) for c in pythons]
+        # Execute
+        averagers[-1].kill()
+        code = peer.wait_exit(30)
+        # Assert
+        assert code == 2, peer.tail()
+        error = peer.wait_event("error", 1)["error"]
+        assert "averager process died (killed by SIGKILL" in error and "start it again" in error, error
+        assert peer.events("saved") or (peer.out / "adapter").exists(), peer.tail()
+        assert "Traceback" not in peer.err_path.read_text(), peer.tail()
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        peer.kill()
+
+
 def test_saved_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_path, tiny_spec, text_data):
     # Prepare
     from peft import PeftModel

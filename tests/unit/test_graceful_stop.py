@@ -122,3 +122,39 @@ def test_a_swarm_asked_to_stop_within_a_time_stops_its_processes_within_it():
                 p.kill()
             except psutil.Error:
                 pass
+
+
+LOCK_HOLDER_KILLED = """
+import multiprocessing as mp, os, signal, time
+from atlas_swarm.stopping import GracefulStop, watch
+
+def hold(lock):
+    lock.acquire()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    lock = mp.get_context("fork").Lock()
+    averager = mp.get_context("fork").Process(target=hold, args=(lock,), daemon=True)
+    averager.start()
+    time.sleep(0.5)  # it holds the lock
+    stop = GracefulStop.install()
+    watch(stop, {"state averager": averager}, every=0.1)
+    os.kill(averager.pid, signal.SIGKILL)  # as the out-of-memory killer does, in the middle of a round
+    try:
+        lock.acquire()  # what the peer's next read of the averaged tensors does
+        print("acquired")
+    except KeyboardInterrupt:
+        print("interrupted:", stop.failure)
+    stop.uninstall()
+"""
+
+
+def test_a_killed_process_that_held_a_lock_does_not_leave_the_peer_waiting_for_it():
+    import subprocess
+    import sys
+
+    # Execute: without watch, the acquire waits for ever (timeout below)
+    done = subprocess.run([sys.executable, "-c", LOCK_HOLDER_KILLED], timeout=30, capture_output=True, text=True)
+    # Assert
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("interrupted: this peer's state averager process died (killed by SIGKILL"), done.stdout
