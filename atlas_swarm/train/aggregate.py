@@ -69,10 +69,6 @@ def _median(x: np.ndarray) -> np.ndarray:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def _norms(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.add.reduce(x * x, axis=1))
-
-
 def mean(updates: Sequence, weights: Sequence[float], cap: float = math.inf) -> Aggregate:
     x, w = _stack(updates), bounded_weights(weights, cap, robust=False)
     value = np.add.reduce(x * w[:, None], axis=0) / np.add.reduce(w)
@@ -80,16 +76,28 @@ def mean(updates: Sequence, weights: Sequence[float], cap: float = math.inf) -> 
     return Aggregate(value.astype(np.float32), tuple(map(float, w)), (1.0,) * n, ())
 
 
-def _clip_iterations(x: np.ndarray, w: np.ndarray, v: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+def _clip_iterations(g: np.ndarray, w: np.ndarray, c: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """CenteredClip's iterations on coefficients: v = m + sum_i c_i d_i, where d_i = x_i - m are the members'
+    deviations from the median m and ``g`` their Gram matrix (g_ij = d_i . d_j). Every iterate stays in that span
+    (v <- v + sum_i a_i (x_i - v)), so |x_i - v|^2 = g_ii - 2 (g c)_i + c.g.c: each iteration costs O(n^2), not
+    passes over the updates (a 7B-sized adapter's 4 x 16.8M values: 13 iterations of 4 passes took 4-6 s here and
+    2 GB of temporaries; the averager was the process the out-of-memory killer took). Small sums in np.add.reduce,
+    never BLAS: the same bits on every member. Returns the final coefficients and each member's kept share."""
     total = np.add.reduce(w)
+
+    def distances(c: np.ndarray) -> np.ndarray:
+        gc = np.add.reduce(g * c[None, :], axis=1)
+        return np.sqrt(np.maximum(np.diagonal(g) - 2 * gc + np.add.reduce(c * gc), 0.0))
+
     for _ in range(CLIP_ITERATIONS):
-        diff = x - v
-        keep = np.minimum(1.0, tau / np.maximum(_norms(diff), 1e-300))
-        step = np.add.reduce(diff * (w * keep)[:, None], axis=0) / total
-        v = v + step
-        if float(np.sqrt(np.add.reduce(step * step))) <= 1e-7 * tau:
+        keep = np.minimum(1.0, tau / np.maximum(distances(c), 1e-300))
+        a = w * keep / total
+        delta = a - np.add.reduce(a) * c  # v' - v = sum_i a_i (d_i - sum_j c_j d_j)
+        c = c + delta
+        step = float(np.sqrt(max(np.add.reduce(delta * np.add.reduce(g * delta[None, :], axis=1)), 0.0)))
+        if step <= 1e-7 * tau:
             break
-    return v, np.minimum(1.0, tau / np.maximum(_norms(x - v), 1e-300))
+    return c, np.minimum(1.0, tau / np.maximum(distances(c), 1e-300))
 
 
 def centered_clip(updates: Sequence, weights: Sequence[float], tau: Optional[float] = None,
@@ -102,17 +110,27 @@ def centered_clip(updates: Sequence, weights: Sequence[float], tau: Optional[flo
     random x100 update cost 10 % of held-out loss on the demo task (bench_robust, 4 peers, 1 attacker); left out,
     2.x % (README "Measured")."""
     x, w = _stack(updates), bounded_weights(weights, cap, robust=True)
-    v = _median(x)
+    m = _median(x)
+    x -= m  # the deviations d_i, in place (the stack is ours)
+    n = len(w)
+    g = np.empty((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = np.add.reduce(x[i] * x[j])
     if tau is None:
-        tau = float(np.median(_norms(x - v)))
-    keep = np.ones(len(w))
+        tau = float(np.median(np.sqrt(np.diagonal(g))))
+    keep, c = np.ones(n), np.zeros(n)
     if tau > 0:
-        v, keep = _clip_iterations(x, w, v, tau)
+        c, keep = _clip_iterations(g, w, c, tau)
         hard = keep < HARD_CLIP
         if hard.any() and not hard.all():
             w = np.where(hard, 0.0, w)
-            v, keep = _clip_iterations(x, w, v, tau)
+            c, keep = _clip_iterations(g, w, c, tau)
             keep = np.where(hard, 0.0, keep)
+    v = m
+    for i in range(n):
+        if c[i] != 0.0:
+            v += c[i] * x[i]
     flagged = tuple(int(i) for i in np.flatnonzero(keep < HARD_CLIP))
     return Aggregate(v.astype(np.float32), tuple(map(float, w)), tuple(map(float, keep)), flagged)
 

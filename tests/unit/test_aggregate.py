@@ -108,3 +108,51 @@ def test_the_sorted_median_is_numpys_bit_for_bit(n, d, seed, ties):
     if ties:
         x = np.round(x, 0)
     assert _median(x).tobytes() == np.median(x, axis=0).tobytes()
+
+
+def iterated_centered_clip(updates, weights, tau=None):
+    """CenteredClip as the module docstring writes it, on the vectors themselves (the implementation before the Gram
+    matrix): the reference the coefficient form must agree with."""
+    from atlas_swarm.train.aggregate import CLIP_ITERATIONS, HARD_CLIP, _median
+
+    x = np.stack([np.asarray(u, dtype=np.float64) for u in updates])
+    w = bounded_weights(weights, np.inf, robust=True)
+    v = _median(x)
+    tau = float(np.median(np.linalg.norm(x - v, axis=1))) if tau is None else tau
+
+    def run(w, v):
+        for _ in range(CLIP_ITERATIONS):
+            keep = np.minimum(1.0, tau / np.maximum(np.linalg.norm(x - v, axis=1), 1e-300))
+            step = ((x - v) * (w * keep)[:, None]).sum(axis=0) / w.sum()
+            v = v + step
+            if np.linalg.norm(step) <= 1e-7 * tau:
+                break
+        return v, np.minimum(1.0, tau / np.maximum(np.linalg.norm(x - v, axis=1), 1e-300))
+
+    keep = np.ones(len(w))
+    if tau > 0:
+        v, keep = run(w, v)
+        hard = keep < HARD_CLIP
+        if hard.any() and not hard.all():
+            v, keep = run(np.where(hard, 0.0, w), v)
+            keep = np.where(hard, 0.0, keep)
+    return v, keep
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.integers(2, 8), st.integers(1, 300), st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 2]))
+def test_centered_clip_on_coefficients_is_the_iteration_on_vectors(n, d, seed, liars):
+    # Prepare: honest updates around a common direction, and up to 2 outliers (x100, sign-flipped x1e4)
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(d)
+    updates = [(base + rng.uniform(0.1, 1.0) * rng.standard_normal(d)).astype(np.float32) for _ in range(n)]
+    for i in range(min(liars, n - 1)):
+        updates[i] = updates[i] * (100 if i == 0 else -1e4)
+    weights = list(rng.integers(1, 64, n).astype(float))
+    # Execute
+    ours = centered_clip(updates, weights)
+    value, keep = iterated_centered_clip(updates, weights)
+    # Assert: equal up to float32 rounding of the result, the same members clipped and flagged
+    assert np.abs(ours.value - value).max() <= 1e-6 * max(np.abs(value).max(), 1e-30)
+    assert np.allclose(ours.kept, keep, atol=1e-6)
+    assert ours.flagged == tuple(int(i) for i in np.flatnonzero(keep < 0.5))
