@@ -19,7 +19,7 @@ from atlas_swarm.errors import ConfigError, SpecError, SpecMismatch
 
 TASKS = ("causal-lm", "sequence-classification")
 OPTIMIZERS = ("adamw", "sgd")
-COMPRESSIONS = ("none", "float16", "scaled-float16", "uniform8bit")
+COMPRESSIONS = ("none", "float16", "scaled-float16", "uniform8bit", "blockwise4bit")
 ADMISSIONS = ("open", "allowlist", "staked")
 AGGREGATIONS = ("mean", "centered_clip", "trimmed_mean")  # train/aggregate.py
 _PEER_ID_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{40,60}$")  # base58 (RSA PeerIDs are 46 characters)

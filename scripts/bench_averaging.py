@@ -19,12 +19,16 @@ reports, for it, the time from its process start to its first epoch averaged wit
 the epoch transitions it made alone before that one (the shares are then those of the others); with ``--own-core``
 the joiner runs on CPU 1 alone and the others share CPU 0 (a joiner on a machine of its own). Each run's peers
 (events, adapters, stderr: hivemind's log with ``--verbose``) stay in ``averaging-N-runK/`` beside the JSON.
-``--compression none float16 uniform8bit`` runs each swarm once per compression (the spec's
+``--compression none float16 uniform8bit blockwise4bit`` runs each swarm once per compression (the spec's
 ``averaging.compression``; one run id each), side by side, and adds the held-out loss and accuracy of peer 0's final
-adapter (512 dialogs) and its ratio to the first compression's.
+adapter (512 dialogs) and its ratio to the first compression's. ``--as-7b`` gives the demo's adapter the size of a
+7B one (LoRA r=397 on every linear layer of MiniLM: 16,776,980 values; Llama-2-7B with LoRA r=16 on q/k/v/o has
+16,777,216) and compares each peer's bytes with a full-model all-reduce of Llama-2-7B's 6,738,415,616 parameters:
+what a peer of a 7B run sends per epoch, measured with the real protocol (a MiniLM base trains in its place;
+rounds get 90 s).
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20 [--straggler 2]]
-                                      [--late-joiner [--own-core]] [--compression none ...] [--verbose]
+                                      [--late-joiner [--own-core]] [--compression none ...] [--as-7b] [--verbose]
                                       [--out bench-out/bench_averaging.json]
 """
 
@@ -166,13 +170,23 @@ def joiner_figures(joiner: PeerProcess, launched: float) -> dict:
     }
 
 
-def compression_spec(compression: str, folder: Path) -> Path:
-    """The demo spec with ``averaging.compression`` set (a run of its own: the run id commits to it)."""
+LLAMA2_7B_PARAMS = 6_738_415_616
+# rounds get 90 s: centered_clip of 4 x 16.8M values took 4-6 s on a quiet core of this VM and 22 s with 4 peers
+# training on its 2 cores, past the demo's 20 s (every round failed)
+AS_7B = (("r = 8\n", "r = 397\n"), ('["query", "value"]', '["query", "key", "value", "dense"]'),
+         ("averaging_timeout = 20.0", "averaging_timeout = 90.0"))
+
+
+def compression_spec(compression: str, folder: Path, as_7b: bool = False) -> Path:
+    """The demo spec with ``averaging.compression`` set (a run of its own: the run id commits to it), and with
+    ``as_7b`` an adapter of a 7B one's size (--as-7b)."""
     text = SPEC.read_text()
-    assert 'compression = "none"' in text
-    path = folder / f"spec-{compression}.toml"
+    for old, new in (('compression = "none"', f'compression = "{compression}"'),) + (AS_7B if as_7b else ()):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = folder / f"spec-{compression}{'-as-7b' if as_7b else ''}.toml"
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace('compression = "none"', f'compression = "{compression}"'))
+    path.write_text(text)
     RunSpec.from_toml(path)  # a name the spec does not know fails here, not in four peers
     return path
 
@@ -218,11 +232,13 @@ def main() -> int:
     ap.add_argument("--straggler", type=float, metavar="MBIT",
                     help="with --wan: one peer's uplink is this slow (a straggler in every round)")
     ap.add_argument("--compression", nargs="+", default=[], help="one swarm per compression (none, float16, "
-                    "scaled-float16, uniform8bit), with held-out scores")  # fmt: skip
+                    "scaled-float16, uniform8bit, blockwise4bit), with held-out scores")  # fmt: skip
     ap.add_argument("--own-core", action="store_true", help="with --late-joiner: the joiner runs on CPU 1 alone "
                     "and the others share CPU 0 (a joiner on a machine of its own; the others' epochs get longer)")
     ap.add_argument("--starved", type=int, metavar="NICE", help="every peer on CPU 0, all but the first in an "
                     "autogroup of this nice (10: the first does about 9x the others' samples): unequal peers")
+    ap.add_argument("--as-7b", action="store_true", help="an adapter of a 7B one's size (16.8M values), bytes "
+                    "compared with a full-model all-reduce of Llama-2-7B")  # fmt: skip
     ap.add_argument("--verbose", action="store_true", help="hivemind's logs on each peer's stderr (in its folder)")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
@@ -233,12 +249,15 @@ def main() -> int:
     if args.straggler and not args.wan:
         ap.error("--straggler needs --wan (a slow uplink is the WAN's)")
     out = Path(args.out)
-    spec = RunSpec.from_toml(SPEC)
+    spec = RunSpec.from_toml(compression_spec("none", out.parent, True) if args.as_7b else SPEC)
     model, _ = load_model(spec)
     full_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.parameters() if p.requires_grad)
+    full_params = LLAMA2_7B_PARAMS if args.as_7b else full_params
     adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     results, summaries = [], []
-    variants = [(c, compression_spec(c, out.parent)) for c in args.compression] or [(spec.averaging.compression, SPEC)]
+    variants = ([(c, compression_spec(c, out.parent, args.as_7b)) for c in args.compression]
+                or [(spec.averaging.compression, compression_spec(spec.averaging.compression, out.parent, True)
+                     if args.as_7b else SPEC)])
     heldout = None
     for n, (compression, spec_path) in [(n, v) for n in args.peers for v in variants]:
         shares = []
@@ -263,7 +282,8 @@ def main() -> int:
                   f"{r['averaging_share_of_epoch_time']:.1%} of epoch time (mean over peers; per peer "
                   f"{', '.join(f'{x:.1%}' for x in r['share_per_peer'])}; epochs of {r['epoch_seconds']} s), "
                   f"{r['bytes_sent_per_peer_per_epoch'] / 1e6:.2f} MB sent per peer per epoch = "
-                  f"{r['ratio_to_full_allreduce']:.4f} of a full-model all-reduce ({full_allreduce / 1e6:.0f} MB)",
+                  f"{r['ratio_to_full_allreduce']:.5f} (1/{1 / r['ratio_to_full_allreduce']:.0f}) of a full-model "
+                  f"all-reduce{' of Llama-2-7B' if args.as_7b else ''} ({full_allreduce / 1e6:.0f} MB)",
                   flush=True)  # fmt: skip
             if r["rounds_with_all_peers"] < r["rounds"]:
                 print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all the peers "
@@ -291,7 +311,8 @@ def main() -> int:
             print(f"{n} peers over {args.runs} runs: {json.dumps(summary)}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "summaries": summaries,
+        "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "as_7b": args.as_7b,
+        "summaries": summaries,
         "results": results, "wan": args.wan, "late_joiner": args.late_joiner, "straggler": args.straggler,
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
     }, indent=2))  # fmt: skip
