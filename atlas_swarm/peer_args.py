@@ -21,7 +21,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", default="auto", help="samples per step, or 'auto' (largest micro-batch that fits)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", default="auto", help="auto (bf16 if the GPU has it, else fp16; fp32 on CPU), fp32, "
-                   "bf16 or fp16")  # fmt: skip
+                   "bf16 (on a CPU too: torch's CPU autocast) or fp16 (GPU)")  # fmt: skip
     p.add_argument("--quantize", default="none", help="none, nf4 or int8: load the base quantized (bitsandbytes, CUDA; "
                    "QLoRA's NF4 with double quantization). The adapter stays fp32, so it averages with full-precision "
                    "peers")  # fmt: skip

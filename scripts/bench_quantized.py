@@ -4,7 +4,10 @@ Each trains the demo spec (MiniLM, LoRA, 20 topics) on the same two non-IID shar
 adapters are scored on the held-out dialogs with the full-precision base. Figures: held-out loss and accuracy of
 each, the ratio B/A (goal: loss within 2 %), and each peer's samples/s. JSON on stdout and in --out.
 
-    .venv/bin/python scripts/bench_quantized.py [--epochs 6] [--repeats 1]
+    .venv/bin/python scripts/bench_quantized.py [--epochs 6] [--repeats 1] [--precision fp32|bf16]
+
+``--precision bf16`` runs every peer under bf16 autocast (on a CPU: torch's CPU autocast): A is then an all-bf16
+swarm and B a bf16 peer beside an NF4 one, the issue's "4-bit peer and bf16 peer" case.
 
 On a CPU, NF4 runs on bitsandbytes' plain-torch CPU backend (the peer is told `--device cpu` explicitly); on a GPU
 pass `--device cuda` to run both swarms there (the NF4 peer then uses bitsandbytes' CUDA kernels).
@@ -34,11 +37,12 @@ SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def run_swarm(out: Path, shards: list[Path], epochs: int, device: str, quantize: list[str]) -> dict:
+def run_swarm(out: Path, shards: list[Path], epochs: int, device: str, quantize: list[str],
+              precision: str = "fp32") -> dict:  # fmt: skip
     """Two peers, the second with ``quantize[1]``; returns its final adapter folder and each peer's figures."""
     shutil.rmtree(out, ignore_errors=True)
     common = ["--max-epochs", str(epochs), "--wait-for-peers", "2", "--join-timeout", "120", "--batch-size", "8",
-              "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", device]  # fmt: skip
+              "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", device, "--precision", precision]  # fmt: skip
     peers = []
     try:
         peers.append(PeerProcess(out / "peer0", ["--run-spec", str(SPEC), "--data", str(shards[0]), "--seed", "0",
@@ -70,6 +74,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=1, help="run both swarms this many times (figures per repeat)")
     ap.add_argument("--device", default="cpu", help="cpu (bitsandbytes' CPU backend) or cuda")
+    ap.add_argument("--precision", default="fp32", help="every peer's --precision: fp32 or bf16")
     ap.add_argument("--out", default="bench-out/quantized")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -89,7 +94,7 @@ def main() -> int:
         row = {}
         for name, quantize in (("full", ["none", "none"]), ("mixed_nf4", ["none", "nf4"])):
             t0 = time.monotonic()
-            result = run_swarm(out / f"{name}{r}", shards, args.epochs, args.device, quantize)
+            result = run_swarm(out / f"{name}{r}", shards, args.epochs, args.device, quantize, args.precision)
             model, _ = load_model(spec)
             load_adapter_weights(model, result["adapter"])
             scores = evaluate(model, heldout, "cpu", spec.model.task)
@@ -101,7 +106,8 @@ def main() -> int:
     ratios = [r["loss_ratio_mixed_over_full"] for r in repeats]
     report = {
         "bench": "quantized", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(), "device": args.device, "torch": torch.__version__,
+        "cpus": __import__("os").cpu_count(), "device": args.device, "precision": args.precision,
+        "torch": torch.__version__,
         "bitsandbytes": __import__("bitsandbytes").__version__, "epochs": args.epochs,
         "base_heldout": {k: round(v, 4) for k, v in base.items()}, "repeats": repeats,
         "loss_ratio_median": statistics.median(ratios), "goal": "mixed swarm's held-out loss within 2 % of full's",

@@ -36,7 +36,8 @@ def pick_device(requested: str) -> str:
 
 @dataclass(frozen=True)
 class Precision:
-    """Autocast settings: bf16 where the GPU supports it, else fp16 (which needs loss scaling), fp32 off-GPU."""
+    """Autocast settings: bf16 where the GPU supports it, else fp16 (which needs loss scaling), fp32 off-GPU unless
+    bf16 is asked for (torch's CPU autocast: a bf16 peer on a CPU, as in a mixed-precision swarm's test)."""
 
     dtype: Optional[torch.dtype]
     device_type: str
@@ -47,6 +48,8 @@ class Precision:
         on_gpu = device.startswith("cuda")
         if requested == "fp32" or (requested == "auto" and not on_gpu):
             return cls(None, device)
+        if requested == "bf16" and device == "cpu":
+            return cls(torch.bfloat16, "cpu")
         if not on_gpu:
             raise ConfigError(f"--precision {requested} needs --device cuda; on {device} use fp32 or auto.")
         if requested == "bf16" and not torch.cuda.is_bf16_supported():

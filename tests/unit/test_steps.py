@@ -20,6 +20,10 @@ def test_precision_choices_off_gpu():
     assert str(Precision.for_device("cpu")) == "fp32" and str(Precision.for_device("cpu", "fp32")) == "fp32"
     with pytest.raises(ConfigError, match="needs --device cuda"):
         Precision.for_device("cpu", "fp16")
+    bf16 = Precision.for_device("cpu", "bf16")  # torch's CPU autocast
+    assert str(bf16) == "bf16" and not bf16.needs_loss_scaling
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 class _Out:
