@@ -287,7 +287,8 @@ def main() -> int:
                   flush=True)  # fmt: skip
             if r["rounds_with_all_peers"] < r["rounds"]:
                 print(f"  WARNING: only {r['rounds_with_all_peers']} of {r['rounds']} rounds averaged all the peers "
-                      f"(group sizes per peer: {r['group_sizes']}); the share above is not that of a healthy swarm")
+                      f"(group sizes per peer: {r['group_sizes']}); the share and the bytes above are not a healthy "
+                      f"swarm's (a smaller group sends fewer copies, a missed round none)")
             if "heldout" in r:
                 print(f"  held-out {json.dumps(r['heldout'])}, loss ratio to {args.compression[0]}: "
                       f"{r['heldout_loss_ratio_to_first']}", flush=True)
