@@ -75,10 +75,13 @@ HIVEMIND_OVERRIDES = {
     "reference: a garbage collection destroyed calls waiting on p2pd, and their callers hung)",
     # tensors on the wire (swarm/codec.py)
     "codec.Uniform8Bit.extract": "numpy 2 refuses hivemind's int() of a 1-element array (every 8-bit round failed)",
+    "codec.Blockwise4Bit.compress": "our 4-bit codec (hivemind's stop at 8 bits): absmax blocks of 64, NF4 levels",
+    "codec.Blockwise4Bit.extract": "its decoder: the exact length checked first, a tensor or ValueError",
+    "codec.Blockwise4Bit.estimate_compression_ratio": "what hivemind's adaptive codecs would read (0.5625 / 4)",
     # the rounds (swarm/gather.py)
     "gather.GatherAverage._aggregate_with_group": "all-gather of signed updates + robust aggregate, not all-reduce",
     "gather.GatherAverage._step": "the round knows its StepControl (a refused pair is not retried); a round "
-    "cancelled as it ends is not a traceback",
+    "cancelled as it ends, or past its allreduce timeout, is not a traceback",
     "optimizer.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
     # record validation (swarm/node.py, swarm/audit.py)
     "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",
