@@ -72,7 +72,8 @@ HIVEMIND_OVERRIDES = {
     "averagers.EpochKeys.declare_averager": "a search's withdrawal runs on its own, not under the matchmaking lock",
     # every process of hivemind's (swarm/tasks.py)
     "tasks.PinsTasks.run": "the DHT's and averagers' event loops keep each task until it ends (hivemind keeps no "
-    "reference: a garbage collection destroyed calls waiting on p2pd, and their callers hung)",
+    "reference: a garbage collection destroyed calls waiting on p2pd, and their callers hung), and a call whose "
+    "asker has exited is a ConnectionResetError, not an EOFError that ended the process (tasks.CallPipe)",
     # tensors on the wire (swarm/codec.py)
     "codec.Uniform8Bit.extract": "numpy 2 refuses hivemind's int() of a 1-element array (every 8-bit round failed)",
     "codec.Blockwise4Bit.compress": "our 4-bit codec (hivemind's stop at 8 bits): absmax blocks of 64, NF4 levels",

@@ -91,3 +91,33 @@ def test_an_averager_process_keeps_calls_that_wait_on_p2pd(tmp_path):
         if averager is not None:
             averager.shutdown()
         swarm.shutdown()
+
+
+def _reply_pipe_gone():
+    raise EOFError  # what unpickling a call raised when its asker's process had exited as the call was read
+
+
+class _CallFromAGoneProcess:
+    def __reduce__(self):
+        return _reply_pipe_gone, ()
+
+
+def test_a_call_whose_asker_is_gone_does_not_end_the_process(tmp_path, capfd):
+    """The DHT process of a peer that was leaving died with an EOFError traceback from inside the unpickling of a call
+    (hivemind's loop catches only the ConnectionError such a call usually raises); that one call is now all it costs."""
+    swarm = Swarm.join(Identity.load_or_create(tmp_path / "node"), [], ["/ip4/127.0.0.1/tcp/0"])
+    averager = None
+    try:
+        averager = ProbedAverager([torch.nn.Parameter(torch.zeros(3))], dht=swarm.dht, prefix="probe", start=True,
+                                  gather_settings=Settings(rule="mean", signer=swarm.private_key))  # fmt: skip
+        swarm.dht._outer_pipe.send(("_get", [], dict(key=_CallFromAGoneProcess())))
+        averager._outer_pipe.send(("_probe", [], dict(future=_CallFromAGoneProcess())))
+        time.sleep(1.0)  # each process has read the call (its loop wakes on the pipe)
+        assert swarm.dht.is_alive() and averager.is_alive(), capfd.readouterr().err
+        assert swarm.dht.get("nothing-stored-here") is None  # both still answer calls
+        assert averager.call("_probe").result(timeout=10) == 0
+        assert "EOFError" not in capfd.readouterr().err.replace("from EOFError", "")
+    finally:
+        if averager is not None:
+            averager.shutdown()
+        swarm.shutdown()
