@@ -330,6 +330,18 @@ class SwarmOptimizer(hivemind.Optimizer):
             except BaseException:
                 pass  # a failed round is hivemind's to report, a timeout is the next check
 
+    # A peer out of sync (the swarm moved past the epoch its round was for) downloads state, and hivemind first has its
+    # pre-scheduled gradient round "tag along with zero weight", waiting up to averaging_timeout for it. A round still
+    # looking for its group then has nobody to find: its groupmates-to-be averaged that epoch already. The peer stood
+    # still for the whole timeout (15 s in the tests) and fell further behind: a full suite's samples-liar and receipt
+    # tests (2 of 4 full runs, CI stop 43). Such a round is cancelled; one whose group formed still tags along.
+    def _tag_along_with_zero_weight(self, control) -> None:
+        if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            log.log(self.status_loglevel, "Out of sync with a round still looking for its group: cancelled")
+            cancel_round(control)
+            return
+        super()._tag_along_with_zero_weight(control)
+
     def load_state_from_peers(self, catch_up: bool = True, **kwargs):
         super().load_state_from_peers(**kwargs)
         if catch_up:  # the peer's startup sync waits --join-timeout for a verified state instead
