@@ -83,6 +83,8 @@ HIVEMIND_OVERRIDES = {
     "gather.GatherAverage._aggregate_with_group": "all-gather of signed updates + robust aggregate, not all-reduce",
     "gather.GatherAverage._step": "the round knows its StepControl (a refused pair is not retried); a round "
     "cancelled as it ends, or past its allreduce timeout, is not a traceback",
+    "optimizer.SwarmOptimizer._tag_along_with_zero_weight": "a round still looking for its group is cancelled, not "
+    "waited on for averaging_timeout: a peer out of sync has nobody left to find for it",
     "optimizer.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
     # record validation (swarm/node.py, swarm/audit.py)
     "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",
