@@ -92,14 +92,19 @@ def test_the_loop_ends_cleanly_when_stopped_between_ticks_and_mid_dial(tmp_path)
     initial = [f"/ip4/10.0.0.9/tcp/1/p2p/{a.to_base58()}"]
 
     async def stopped_after(node, seconds: float):
+        """Stop the loop ``seconds`` after its first dial (waited for, up to 10 s: a fixed 0.3 s from the start was
+        once too short in a loaded run, the dial not yet made)."""
         task = asyncio.create_task(heal.heal_forever(None, node, initial, tick=0.05))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not node.dialled and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         await asyncio.sleep(seconds)
         began = asyncio.get_running_loop().time()
         await heal.stop_healing(None, node)
         return task, asyncio.get_running_loop().time() - began
 
     idle = FakeNode(me)  # between ticks (each tick's dial fails at once)
-    task, took = asyncio.run(stopped_after(idle, 0.3))
+    task, took = asyncio.run(stopped_after(idle, 0.12))
     assert task.done() and not task.cancelled() and task.exception() is None and took < 0.2
     assert a in idle.dialled, "the loop was running"
 
@@ -110,6 +115,6 @@ def test_the_loop_ends_cleanly_when_stopped_between_ticks_and_mid_dial(tmp_path)
         await asyncio.sleep(3600)
 
     hanging.p2p._client.connect = never
-    task, took = asyncio.run(stopped_after(hanging, 0.3))
+    task, took = asyncio.run(stopped_after(hanging, 0.12))
     assert task.done() and not task.cancelled() and task.exception() is None and took < 1.5
     assert hanging.dialled == [a]
