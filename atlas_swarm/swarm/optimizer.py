@@ -337,7 +337,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     # tests (2 of 4 full runs, CI stop 43). Such a round is cancelled; one whose group formed still tags along.
     def _tag_along_with_zero_weight(self, control) -> None:
         if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
-            log.log(self.status_loglevel, "Out of sync with a round still looking for its group: cancelled")
+            log.log(self.status_loglevel, "Not tagging along: the round is still looking for a group, cancelled")
             cancel_round(control)
             return
         super()._tag_along_with_zero_weight(control)
