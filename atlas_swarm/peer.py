@@ -296,7 +296,8 @@ def sync(p: Progress) -> None:
     seen = {} if verified else {pid: [c[:14] for c in states] for pid, states in state_claims(p).items()}
     p.reporter.event("synced", f"Synced to epoch {p.opt.local_epoch}" if verified else "No state that a majority "
                      f"of the run's peers hold could be downloaded; training from epoch {p.opt.local_epoch}",
-                     epoch=p.opt.local_epoch, verified=verified, tries=tries, moved=moved, claims=seen)  # fmt: skip
+                     epoch=p.opt.local_epoch, verified=verified, tries=tries, moved=moved, claims=seen,
+                     refused_states=p.opt.trust_counts().get("refused_states", 0))  # fmt: skip
 
 
 def announce(p: Progress) -> None:

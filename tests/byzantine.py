@@ -61,13 +61,19 @@ def lying_weight():
 
 @attack
 def poison_state():
-    """Serve parameters of 100.0 to whoever downloads state, and declare the highest donor priority."""
+    """Serve whoever downloads state, by turns, the honest parameters with every Adam statistic flattened (the digest
+    does not cover statistics: a downloader that loads them fails its next optimizer step) and parameters of 100.0
+    (what a majority's digest refuses); and declare the highest donor priority."""
     honest = TrainingStateAverager.get_current_state
+    served = [0]
 
     def get_current_state(self):
         metadata, tensors, infos = honest(self)
         count = sum(len(g["params"]) for g in self.optimizer.param_groups)
-        return metadata, [torch.full_like(t, 100.0) if i < count else t for i, t in enumerate(tensors)], infos
+        served[0] += 1
+        if served[0] % 2 == 0:
+            return metadata, [torch.full_like(t, 100.0) if i < count else t for i, t in enumerate(tensors)], infos
+        return metadata, [t if i < count else t.reshape(-1) for i, t in enumerate(tensors)], infos
 
     TrainingStateAverager.get_current_state = get_current_state
     prop = DecentralizedAverager.state_sharing_priority

@@ -40,6 +40,7 @@ from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 
+from atlas_swarm.swarm import loaded_state
 from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.gather import GatherAverage, Settings
 from atlas_swarm.swarm.tasks import PinsTasks
@@ -172,7 +173,8 @@ def state_digest(serializer, metadata: dict, tensors: Sequence[torch.Tensor], pa
     but a peer that once missed a round keeps moments that differ in the last bits for the rest of the run (state
     rounds average parameters only: moments would triple their bytes). With moments in the digest, honest peers'
     claims stopped agreeing after one missed round, and a newcomer found no state a majority holds (seen in the
-    adversarial test of a late joiner). A downloader takes the donor's moments unchecked: README, "Still open"."""
+    adversarial test of a late joiner). A downloader checks the moments it takes by their layout and bounds
+    (swarm/loaded_state.py)."""
     h = hashlib.sha256(serializer.dumps([metadata.get("epoch"), metadata.get("optimizer_metadata")]))
     for t in tensors[:parameters]:
         t = t.detach().cpu().contiguous()
@@ -420,6 +422,12 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
                     held = sorted({e for e, _ in expect})
                     why = "its parameters differ" if claim[0] in held else f"epoch {claim[0]}, they hold {held}"
                     logger.info(f"State from {peer} is not the one the run's peers hold ({why}); trying the next donor")
+                    continue
+                why = loaded_state.problem(self.optimizer, self.extra_tensors, metadata, tensors)
+                if why is not None:  # (its parameters may be the majority's: its moments are checked here)
+                    if gate is not None:
+                        gate.count("refused_states")
+                    logger.info(f"State from {peer} cannot be loaded ({why}); trying the next donor")
                     continue
                 future.set_result((metadata, tensors))
                 return

@@ -149,6 +149,67 @@ def test_a_state_download_takes_only_an_expected_state(three_dhts):
             averager.shutdown()
 
 
+TAMPERED_MOMENTS = {  # what a donor with the majority's parameters can still send as the optimizer's statistics
+    "truncated": lambda stats: stats[:-2],
+    "reshaped": lambda stats: [stats[0].reshape(-1)] + stats[1:],
+    "unreachable": lambda stats: [stats[0] * 1000] + stats[1:],  # |exp_avg| beyond what Adam's own updates give
+}
+
+
+class Tampered(StateAverager):
+    """Serves ``source``'s state (epoch, settings, parameters) with ``tamper`` applied to its optimizer statistics."""
+
+    source: StateAverager
+    tamper = staticmethod(lambda stats: stats)
+
+    def get_current_state(self):
+        metadata, tensors, infos = self.source.get_current_state()
+        count = len(SHAPES)
+        stats = self.tamper(list(tensors[count:]))
+        return metadata, list(tensors[:count]) + stats, list(infos[:count]) + list(infos[count:count + len(stats)])
+
+
+Tampered.__name__ = StateAverager.__name__  # hivemind names a class's RPC handlers after it
+
+
+@pytest.mark.parametrize("tamper", TAMPERED_MOMENTS)
+def test_a_state_download_refuses_a_donors_tampered_moments(three_dhts, tamper):
+    # Prepare: an honest donor at epoch 5 after 3 AdamW steps; a donor declaring priority 1e9 that serves the honest
+    # donor's epoch, settings and parameters (so the state the majority names) with its Adam statistics tampered
+    honest_dht, bad_dht, joiner_dht = three_dhts
+    gate = Gate(open_run=True)
+    averagers = []
+    try:
+        for dht, priority in ((honest_dht, 1.0), (bad_dht, 1e9), (joiner_dht, 0.0)):
+            params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+            averager = (Tampered if priority > 1 else StateAverager)(dht=dht, prefix="donors", params=params, start=True,
+                                     optimizer=functools.partial(torch.optim.AdamW, lr=0.1),
+                                     gather_settings=Settings(signer=dht.settings.signer, gate=gate))  # fmt: skip
+            averager.local_epoch = 5 if priority else 0
+            averager.state_sharing_priority = priority
+            averager.allow_state_sharing = priority > 0
+            averagers.append(averager)
+        honest, bad, joiner = averagers
+        for g in (1.0, -0.5, 2.0):
+            for i, p in enumerate(honest.main_parameters):
+                p.grad = torch.full_like(p, g * (i + 1))
+            honest.step(optimizer_step=True)
+        bad.source, bad.tamper = honest, TAMPERED_MOMENTS[tamper]
+        expected = {(5, honest.parameters_digest())}
+        wait_until(lambda: len(joiner_dht.get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        # Execute: the tampered donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
+        joiner.load_state_from_peers(expect=expected, timeout=30)
+        # Assert: the newcomer holds the honest state, moments included; the tampered one was refused and counted
+        assert joiner.local_epoch == 5
+        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
+        mine, theirs = joiner.optimizer.state_dict()["state"], honest.optimizer.state_dict()["state"]
+        assert all(torch.equal(mine[k][key], theirs[k][key]) for k in theirs for key in theirs[k])
+        assert gate.counts()["refused_states"] == 1
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
 def test_a_groupmate_triggered_late_is_waited_for(two_dhts):
     # Prepare: a pre-scheduled round between two gradient averagers
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]

@@ -105,7 +105,8 @@ def test_a_sign_flipped_x1e6_gradient_with_a_lying_weight_is_clipped(tmp_path, t
 
 
 def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_model, text_data):
-    # the attacker declares the highest donor priority and serves parameters of 100.0; a newcomer joins later
+    # the attacker declares the highest donor priority and serves parameters of 100.0 or Adam statistics of the wrong
+    # shape (poison_state); a newcomer joins later
     # (epochs of 2-3 s: the swarm must outlive the newcomer's start and leave it time to find a state the majority
     # holds: after a round some missed, honest states differ until the next state round, and a download waits for
     # one. Launched at epoch 2, the newcomer began its download at epochs 8-15 in 5 local runs (20-30 s of start-up
@@ -127,6 +128,10 @@ def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_mode
         # epoch, so which donor it asked first is chance; test_averagers checks that a poisoned one is refused)
         hashes = {p.name: [e["adapter_hash"][:6] for e in p.events("epoch")] for p in peers[:2]}  # who missed rounds
         assert synced["epoch"] >= 2 and synced["verified"], (synced, hashes)
+        # the attacker serves by turns poisoned parameters and honest ones with Adam statistics of the wrong shape:
+        # whichever the newcomer got was refused (synced's refused_states says whether it asked the attacker); on
+        # the code before the statistics check, the second made the newcomer's next optimizer step fail
+        assert "Traceback" not in late.err_path.read_text(), late.tail()
 
 
 def test_progress_a_million_epochs_ahead_is_not_followed(tmp_path, tiny_model, text_data):

@@ -1,0 +1,91 @@
+"""Whether a downloaded state can be loaded into this peer's optimizer: the check a state download's tensors pass
+before hivemind loads them (``StateAverager._load_state_from_peers``).
+
+A download's epoch, optimizer settings and parameters are checked against what a majority of the run's peers claim
+(``state_digest``); its optimizer statistics (Adam's moments) cannot be, because honest peers' moments differ in the
+last bits after a missed round. What a donor sends there was loaded unchecked: a short list made hivemind's
+``load_optimizer_state`` raise ``IndexError`` on the downloader (a traceback, then another download), a moment of
+another shape would fail its next optimizer step, and NaN, a negative second moment or a huge first moment would
+ruin its adapter at that step. Here a state is refused unless its layout is this peer's own (the same tensors, in
+the same order, of the same shapes and dtypes), every tensor is finite, and Adam's moments are ones Adam can reach:
+``exp_avg_sq >= 0`` and ``|exp_avg| <= C sqrt(exp_avg_sq)`` (below), so a donor can at most scale the downloader's
+next Adam steps within what some gradient sequence would give, not blow them up.
+
+Adam's bound: ``m = (1 - b1) sum_k b1^k g_k`` and ``v = (1 - b2) sum_k b2^k g_k^2`` for any gradients ``g``, so by
+Cauchy-Schwarz ``|m| <= (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2)) * sqrt(v)``: 7.27 for betas (0.9, 0.999). It holds
+for any gradient sequence (averaged ones included) and for AdamW (its weight decay does not touch the moments).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from hivemind.optim.state_averager import dump_optimizer_state
+
+SLACK = 1.05  # rounding of the moments' updates in float32 and bfloat16
+
+
+def adam_bound(betas) -> Optional[float]:
+    """``C`` above, or None where it does not apply (b1^2 >= b2)."""
+    try:
+        b1, b2 = float(betas[0]), float(betas[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0) or b1 * b1 >= b2:
+        return None
+    return (1.0 - b1) / math.sqrt((1.0 - b2) * (1.0 - b1 * b1 / b2))
+
+
+def problem(optimizer: torch.optim.Optimizer, extras: Sequence[torch.Tensor], metadata, tensors) -> Optional[str]:
+    """Why ``(metadata, tensors)``, a state as hivemind's ``get_current_state`` sends it (the optimizer's parameters,
+    then ``extras``, then the optimizer's statistics), cannot be loaded into ``optimizer``; None if it can."""
+    own = [p for group in optimizer.param_groups for p in group["params"]] + list(extras)
+    own_layout, own_stats = dump_optimizer_state(optimizer)
+    if not isinstance(metadata, dict) or not isinstance(tensors, (list, tuple)):
+        return "not a state"
+    if len(tensors) != len(own) + len(own_stats):
+        return f"{len(tensors)} tensors, this peer's state has {len(own)} parameters and {len(own_stats)} statistics"
+    layout = metadata.get("optimizer_metadata")
+    kinds = [(e.get("type"), e.get("index")) if isinstance(e, dict) else None for e in layout or ()] \
+        if isinstance(layout, (list, tuple)) else None  # fmt: skip
+    if kinds != [(e["type"], e.get("index")) for e in own_layout]:
+        return "its optimizer's layout is not this peer's"
+    for i, (got, mine) in enumerate(zip(tensors, own + list(own_stats))):
+        if not isinstance(got, torch.Tensor) or got.dtype != mine.dtype or got.shape != mine.shape:
+            return f"tensor {i} is not a {mine.dtype} tensor of shape {tuple(mine.shape)}"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"tensor {i} holds NaN or inf"
+    stats = tensors[len(own):]
+    flat = [stats[e["index"]] if e["type"] == "tensor" else e.get("value") for e in own_layout]
+    return _adam_problem(optimizer, flat, own_layout)
+
+
+def _adam_problem(optimizer, flat: list, own_layout: list) -> Optional[str]:
+    """The moments' bounds, per parameter, read from the state's own structure (that of ``optimizer.state_dict()``,
+    flattened in hivemind's order: sorted dict keys)."""
+    from hivemind.utils.nested import nested_pack
+
+    state = nested_pack(flat, structure=optimizer.state_dict())
+    for group in state.get("param_groups", ()):
+        bound = adam_bound(group.get("betas")) if isinstance(group, dict) else None
+        for pid in group.get("params", ()) if isinstance(group, dict) else ():
+            s = state.get("state", {}).get(pid, {})
+            step = s.get("step")
+            if isinstance(step, torch.Tensor) and step.numel() == 1 and float(step) < 0:
+                return f"parameter {pid}: a negative step count"
+            m, v = s.get("exp_avg"), s.get("exp_avg_sq")
+            if not isinstance(v, torch.Tensor):
+                continue
+            for key in ("exp_avg_sq", "max_exp_avg_sq"):
+                if isinstance(s.get(key), torch.Tensor) and bool((s[key] < 0).any()):
+                    return f"parameter {pid}: a negative {key}"
+            if bound is None or not isinstance(m, torch.Tensor):
+                continue
+            # what float arithmetic can leave of v where g^2 underflows: m up to C sqrt(tiny / (1 - b2))
+            floor = bound * math.sqrt(torch.finfo(v.dtype).tiny / (1.0 - float(group["betas"][1])))
+            limit = SLACK * bound * v.double().sqrt() + floor
+            if bool((m.double().abs() > limit).any()):
+                return f"parameter {pid}: a first moment Adam cannot reach (|exp_avg| > {bound:.2f} sqrt(exp_avg_sq))"
+    return None
