@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing as mp
+import time
 from typing import Iterable, Optional
 
 MAX_SET_BYTES = 1 << 18  # 256 KiB: about 5,000 PeerIDs
@@ -51,7 +52,11 @@ class Gate:
     def __init__(self, open_run: bool, admitted: Iterable[str] = ()):
         self.open = open_run
         self._admitted = SharedSet(MAX_SET_BYTES, admitted)
-        self._followed = SharedSet(MAX_SET_BYTES // 4)  # peers whose progress this peer follows (itself included)
+        # peers whose progress this peer follows (itself included), each as "PeerID new", ``new`` when it arrived
+        # (wall clock) if it was a newcomer, else 0 (see set_followed)
+        self._followed = SharedSet(MAX_SET_BYTES // 4)
+        self._first_seen: dict[str, float] = {}  # the main process's: when each peer's progress was first followed
+        self._began: Optional[float] = None  # the main process's: when it first followed anyone
         self._counts = mp.Array(ctypes.c_long, len(COUNTS), lock=True)
 
     def set_admitted(self, peers: Iterable[str]) -> None:
@@ -65,12 +70,27 @@ class Gate:
         peers = self.admitted()
         return peers is None or peer_id in peers
 
-    def set_followed(self, peers: Iterable[str]) -> None:
-        self._followed.set(peers)
+    # A newcomer is a peer first followed SETTLE seconds or more after this peer first followed anyone: peers that
+    # start a run together appear within a few seconds of each other (their first samples), and are never new.
+    SETTLE = 10.0
+    MAX_REMEMBERED = 4096  # peers whose first sighting is kept (a forgotten one that returns is a newcomer again)
 
-    def followed(self) -> frozenset:
-        """The peers whose progress this peer follows (itself included), as last fetched."""
-        return self._followed.get()
+    def set_followed(self, peers: Iterable[str]) -> None:
+        now, peers = time.time(), set(peers)
+        self._began = now if self._began is None else self._began
+        for p in peers:
+            self._first_seen.setdefault(p, now)
+        if len(self._first_seen) > self.MAX_REMEMBERED:
+            for p in sorted(set(self._first_seen) - peers, key=self._first_seen.get)[:len(self._first_seen) // 2]:
+                del self._first_seen[p]
+        new = {p: t if t >= self._began + self.SETTLE else 0.0 for p, t in self._first_seen.items() if p in peers}
+        self._followed.set(f"{p} {t:.3f}" for p, t in new.items())
+
+    def followed(self, since: Optional[float] = None) -> frozenset:
+        """The peers whose progress this peer follows (itself included), as last fetched; with ``since`` (a wall
+        clock time), not the newcomers that arrived after it."""
+        entries = (e.rpartition(" ") for e in self._followed.get())
+        return frozenset(p for p, _, t in entries if since is None or float(t) <= since)
 
     def count(self, what: str, n: int = 1) -> None:
         with self._counts.get_lock():

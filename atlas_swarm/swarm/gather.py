@@ -68,6 +68,7 @@ WAIT = 5.0  # seconds to wait for a groupmate's update before going on without i
 # different adapters (a full-suite run of the NAT test): hence also the quorum of at least 3
 GRACE = 2.0
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
+BEGAN: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_began", default=None)  # when it began (time.time)
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
 UNSEEN = ("sent nothing", "exchange failed")  # drops that say nothing about whose fault they were
 # A call whose answer was lost is made again (at most TRIES in all, PAUSE apart), and a member keeps each round it
@@ -211,6 +212,7 @@ class GatherAverage:
     async def _step(self, *, step, **kwargs):
         # hivemind's matchmaking forgets the step once it has a group: the round below learns it from its context
         STEP.set(step)
+        BEGAN.set(time.time())
         try:
             return await super()._step(step=step, **kwargs)
         except concurrent.futures.InvalidStateError:
@@ -255,13 +257,15 @@ class GatherAverage:
             modes[pid] = mode
             members.append(pid)
         members = tuple(sorted(members))
-        if _pair_refused(self.gather_settings, members):
+        if _pair_refused(self.gather_settings, members, since=BEGAN.get()):
             # A pair has no majority: a robust rule gives the mean of two, so an attacker paired with an honest peer
             # (matchmaking left a third peer out) would own that round, and then the final vote (seen in full test
             # runs). While this peer follows a third peer's progress, such a round is not averaged: local gradients.
             # Any third peer counts, whatever its epoch: counting only peers near ours let an attacker pair with one
             # honest peer while the other lagged an epoch behind (seen in the sign-flip test). A newcomer still
-            # syncing stops pairs too, for as long as it syncs.
+            # syncing stops pairs too, for as long as it syncs, but not a round that began before this peer first
+            # saw it: no matchmaking of that round could have grouped it, and a pair refused for it lost the epoch's
+            # round to every newcomer that arrived mid-epoch (bench_averaging --late-joiner: once in every run).
             gate.count("refused_pairs")
             if STEP.get() is not None:
                 STEP.get()._allow_retries = False  # a retry would wait out the round's deadline
@@ -426,10 +430,12 @@ def _forget_ended(rounds: dict) -> None:
         del rounds[group_id]
 
 
-def _pair_refused(settings: Settings, members) -> bool:
-    """A robust rule's group of two while this peer follows a third peer (_aggregate_with_group says why)."""
+def _pair_refused(settings: Settings, members, since: Optional[float] = None) -> bool:
+    """A robust rule's group of two while this peer follows a third peer (_aggregate_with_group says why); with
+    ``since``, a third peer followed without a break from then on."""
     gate = settings.gate
-    return settings.rule != "mean" and len(members) == 2 and gate is not None and bool(gate.followed() - set(members))
+    return settings.rule != "mean" and len(members) == 2 and gate is not None \
+        and bool(gate.followed(since) - set(members))
 
 
 @functools.cache

@@ -337,6 +337,20 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followe
         # Assert
         assert all(len(g) == 2 for g in groups)
         assert_all_hold_the_mean(averagers, grads)
+        # Execute: a newcomer's progress appears while the pair's round is looking for its group (no matchmaking of
+        # that round could have grouped it): the round is averaged; the next round, begun after, is refused
+        controls = round_()
+        wait_until(lambda: all(c.stage != AveragingStage.IDLE for c in controls), 10, "both rounds looking")
+        for gate in gates:
+            gate.SETTLE = 0.0  # (a newcomer is one that arrives SETTLE s after the first peers: 10 s)
+            gate.set_followed([*ids, "QmNewcomer"])
+        groups = [c.result(40) for c in controls]
+        assert all(len(g) == 2 for g in groups)
+        assert_all_hold_the_mean(averagers, grads)
+        for control in round_():
+            with pytest.raises(Exception, match="a pair has no majority"):
+                control.result(20)
+        assert [g.counts()["refused_pairs"] for g in gates] == [2, 2]
     finally:
         for averager in averagers:
             averager.shutdown()

@@ -135,3 +135,32 @@ def test_the_straggler_gets_twice_what_the_quorum_took():
     # Prepare: a quorum of a group of 5 (3 updates) is in after 0.3 s; the fourth comes 0.2 s later, within 2 x 0.3 s
     settled, _ = finished_round(5, {1: 0.3, 2: 0.3, 3: 0.5}, wait=60.0, grace=0.01)
     assert settled == {"m0", "m1", "m2", "m3"}
+
+
+def test_a_pair_does_not_count_a_newcomer_that_arrived_after_its_round_began(monkeypatch):
+    from atlas_swarm.swarm import gate as gate_module
+    from atlas_swarm.swarm.gate import Gate
+    from atlas_swarm.swarm.gather import Settings, _pair_refused
+
+    clock = [100.0]
+    monkeypatch.setattr(gate_module.time, "time", lambda: clock[0])
+    gate = Gate(open_run=True)
+    settings = Settings(rule="centered_clip", gate=gate)
+    gate.set_followed(["QmA", "QmB"])
+    clock[0] = 105.0
+    gate.set_followed(["QmA", "QmB", "QmC"])  # 5 s after the first sighting: started with the others, not new
+    assert gate.followed(since=101.0) == {"QmA", "QmB", "QmC"}
+    assert _pair_refused(settings, ["QmA", "QmB"], since=101.0)
+    clock[0] = 130.0
+    gate.set_followed(["QmA", "QmB", "QmC", "QmNew"])  # a newcomer, first seen at 130
+    assert gate.followed() == {"QmA", "QmB", "QmC", "QmNew"}
+    assert gate.followed(since=129.0) == {"QmA", "QmB", "QmC"}
+    assert _pair_refused(settings, ["QmA", "QmB"], since=129.0)  # QmC, an old peer, still counts
+    gate.set_followed(["QmA", "QmB", "QmNew"])  # QmC's record lapsed
+    assert not _pair_refused(settings, ["QmA", "QmB"], since=129.0)  # a round begun before the newcomer came
+    assert _pair_refused(settings, ["QmA", "QmB"], since=130.0)  # one begun after
+    assert _pair_refused(settings, ["QmA", "QmB"])  # no round time: any third peer counts
+    clock[0] = 140.0
+    gate.set_followed(["QmA", "QmB", "QmC"])  # a lapsed record that returns is not new
+    assert _pair_refused(settings, ["QmA", "QmB"], since=139.0)
+    assert not _pair_refused(Settings(rule="mean", gate=gate), ["QmA", "QmB"])  # the mean has no pair rule
