@@ -85,7 +85,7 @@ def _adam_problem(optimizer, flat: list, own_layout: list) -> Optional[str]:
                 continue
             # what float arithmetic can leave of v where g^2 underflows: m up to C sqrt(tiny / (1 - b2))
             floor = bound * math.sqrt(torch.finfo(v.dtype).tiny / (1.0 - float(group["betas"][1])))
-            limit = SLACK * bound * v.double().sqrt() + floor
-            if bool((m.double().abs() > limit).any()):
+            limit = v.float().sqrt().mul_(SLACK * bound).add_(floor)  # (float32 is exact enough beside SLACK)
+            if bool((m.float().abs() > limit).any()):
                 return f"parameter {pid}: a first moment Adam cannot reach (|exp_avg| > {bound:.2f} sqrt(exp_avg_sq))"
     return None
