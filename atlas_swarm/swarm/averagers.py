@@ -83,6 +83,9 @@ class CancelOnShutdown:
                 future.cancel()
 
 
+JOIN_LINGER = 5.0  # seconds a leader keeps a follower's join stream open after the group's message (see Admitted)
+
+
 class Admitted:
     """Matchmaking only with admitted peers (swarm/gate.py): a join request from anyone else is refused, and no
     non-admitted leader is followed. Non-admitted members a leader puts in a group anyway are left out of the round
@@ -95,8 +98,19 @@ class Admitted:
             gate.count("refused_joins")
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
+        last = None
         async for message in super().rpc_join_group(request, context):
             yield message
+            last = message.code
+        if last == averaging_pb2.BEGIN_ALLREDUCE:
+            # Keep our end open until the follower closes its own (it does once it has read this message: hivemind
+            # then cancels this handler), for at most JOIN_LINGER. Closing at once lost the message now and then:
+            # our p2pd closed the stream and then reset it, and a follower whose p2pd had not yet passed the message
+            # on got the reset instead. The leader counted it in the group, the follower went on looking alone: a
+            # round with one member "sent nothing in time" and that member in no group (bench_averaging, 4 peers on
+            # loopback: 2 of 11 runs; with hivemind's debug log, the follower's stream ended 63 ms after the leader
+            # assembled, with no message and "stream reset" on both sides).
+            await asyncio.sleep(JOIN_LINGER)
 
 
 class EpochGroups:

@@ -62,6 +62,23 @@ class LosesItsFirstAnswer(Member):
                 yield message
 
 
+class TruncatesItsFirstAnswer(LosesItsFirstAnswer):
+    """Answers the first call with only the first half of its update's bytes, as when the tail of a stream is lost."""
+
+    calls: list = []
+    _rpc_handlers = _stub_type = None
+
+    async def rpc_gather_update(self, stream: AsyncIterator[averaging_pb2.DownloadData],
+                                context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        self.calls.append(time.monotonic())
+        first = len(self.calls) == 1
+        async for message in Member.rpc_gather_update(self, stream, context):
+            if first:
+                part = message.tensor_part
+                part.buffer = part.buffer[: len(part.buffer) // 2]
+            yield message
+
+
 async def pair(tmp_path, cls=Member) -> tuple[Member, Member]:
     """(caller, callee): the smaller PeerID calls (gather._caller)."""
     members = []
@@ -121,6 +138,20 @@ def test_every_exchange_of_many_delivers_both_updates(tmp_path):
 def test_a_call_whose_answer_was_lost_is_made_again_and_answered_from_the_ended_round(tmp_path):
     async def main():
         caller, callee = await pair(tmp_path, LosesItsFirstAnswer)
+        try:
+            ours, theirs = await exchange(caller, callee, 0)
+            return ours, theirs, callee.calls, caller.name, callee.name
+        finally:
+            await shut([caller, callee])
+
+    ours, theirs, calls, caller, callee = asyncio.run(main())
+    assert len(calls) == 2 and calls[1] - calls[0] < 1.0, calls
+    assert callee in ours.updates and caller in theirs.updates, (ours.dropped, theirs.dropped)
+
+
+def test_a_call_whose_answer_lost_its_tail_is_made_again(tmp_path):
+    async def main():
+        caller, callee = await pair(tmp_path, TruncatesItsFirstAnswer)
         try:
             ours, theirs = await exchange(caller, callee, 0)
             return ours, theirs, callee.calls, caller.name, callee.name

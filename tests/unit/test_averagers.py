@@ -121,3 +121,37 @@ def test_a_peer_asked_to_stop_leaves_its_state_round_at_once():
     with pytest.raises(CancelledError):
         GivesUp(control, 4, averager(stop=True)).result(timeout=15)
     assert control.cancelled()
+
+
+def test_a_leader_keeps_a_followers_join_stream_open_after_the_groups_message_until_it_is_closed(monkeypatch):
+    import asyncio
+
+    from hivemind.proto import averaging_pb2
+
+    from atlas_swarm.swarm import averagers
+
+    class Base:
+        codes = ()
+
+        async def rpc_join_group(self, request, context):
+            for code in self.codes:
+                yield averaging_pb2.MessageFromLeader(code=code)
+
+    class Leader(averagers.Admitted, Base):
+        gather_settings = SimpleNamespace(gate=None)
+
+    monkeypatch.setattr(averagers, "JOIN_LINGER", 0.3)
+
+    async def serve(codes):
+        leader, got = Leader(), []
+        leader.codes = codes
+        began = time.monotonic()
+        async for message in leader.rpc_join_group(None, None):
+            got.append(message.code)
+        return got, time.monotonic() - began
+
+    begin = (averaging_pb2.ACCEPTED, averaging_pb2.BEGIN_ALLREDUCE)
+    got, took = asyncio.run(serve(begin))
+    assert got == list(begin) and took >= 0.3  # open until the follower closes (here: nobody does)
+    got, took = asyncio.run(serve((averaging_pb2.ACCEPTED, averaging_pb2.GROUP_DISBANDED)))
+    assert took < 0.3  # other answers end the stream at once
