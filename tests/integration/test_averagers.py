@@ -119,25 +119,30 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
         averager.shutdown()
 
 
+def donors_and_joiner(dhts, gate, averagers: list, optimizer, values, bad_type=StateAverager):
+    """An honest donor at epoch 5 (priority 1), a bad one (``bad_type``, priority 1e9) and a newcomer at epoch 0, their
+    parameters filled with ``values``; each is appended to ``averagers`` as it starts (the caller shuts them down)."""
+    for dht, value, priority, kind in zip(dhts, values, (1.0, 1e9, 0.0), (StateAverager, bad_type, StateAverager)):
+        params = [torch.nn.Parameter(torch.full(s, value)) for s in SHAPES]
+        averager = kind(dht=dht, prefix="donors", params=params, start=True,
+                        optimizer=functools.partial(optimizer, lr=0.1),
+                        gather_settings=Settings(signer=dht.settings.signer, gate=gate))  # fmt: skip
+        averager.local_epoch = 5 if priority else 0
+        averager.state_sharing_priority = priority
+        averager.allow_state_sharing = priority > 0
+        averagers.append(averager)
+    return averagers
+
+
 def test_a_state_download_takes_only_an_expected_state(three_dhts):
     # Prepare: an honest donor at epoch 5, a poisoned one declaring priority 1e9, and a newcomer that expects the
     # state a majority of the run's statuses name (the honest one's digest)
-    honest_dht, poison_dht, joiner_dht = three_dhts
     gate = Gate(open_run=True)
     averagers = []
     try:
-        for dht, value, priority in ((honest_dht, 1.0, 1.0), (poison_dht, 100.0, 1e9), (joiner_dht, 0.0, 0.0)):
-            params = [torch.nn.Parameter(torch.full(s, value)) for s in SHAPES]
-            averager = StateAverager(dht=dht, prefix="donors", params=params, start=True,
-                                     optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-                                     gather_settings=Settings(signer=dht.settings.signer, gate=gate))  # fmt: skip
-            averager.local_epoch = 5 if priority else 0
-            averager.state_sharing_priority = priority
-            averager.allow_state_sharing = priority > 0
-            averagers.append(averager)
-        honest, poisoned, joiner = averagers
+        honest, poisoned, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.SGD, (1.0, 100.0, 0.0))
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(joiner_dht.get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
         # Execute: the poisoned donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: the newcomer holds the honest state; the poisoned one was refused and counted
@@ -176,27 +181,18 @@ Tampered.__name__ = StateAverager.__name__  # hivemind names a class's RPC handl
 def test_a_state_download_refuses_a_donors_tampered_moments(three_dhts, tamper):
     # Prepare: an honest donor at epoch 5 after 3 AdamW steps; a donor declaring priority 1e9 that serves the honest
     # donor's epoch, settings and parameters (so the state the majority names) with its Adam statistics tampered
-    honest_dht, bad_dht, joiner_dht = three_dhts
     gate = Gate(open_run=True)
     averagers = []
     try:
-        for dht, priority in ((honest_dht, 1.0), (bad_dht, 1e9), (joiner_dht, 0.0)):
-            params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-            averager = (Tampered if priority > 1 else StateAverager)(dht=dht, prefix="donors", params=params, start=True,
-                                     optimizer=functools.partial(torch.optim.AdamW, lr=0.1),
-                                     gather_settings=Settings(signer=dht.settings.signer, gate=gate))  # fmt: skip
-            averager.local_epoch = 5 if priority else 0
-            averager.state_sharing_priority = priority
-            averager.allow_state_sharing = priority > 0
-            averagers.append(averager)
-        honest, bad, joiner = averagers
+        honest, bad, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.AdamW, (0.0, 0.0, 0.0),
+                                                bad_type=Tampered)  # fmt: skip
         for g in (1.0, -0.5, 2.0):
             for i, p in enumerate(honest.main_parameters):
                 p.grad = torch.full_like(p, g * (i + 1))
             honest.step(optimizer_step=True)
         bad.source, bad.tamper = honest, TAMPERED_MOMENTS[tamper]
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(joiner_dht.get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
         # Execute: the tampered donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: the newcomer holds the honest state, moments included; the tampered one was refused and counted

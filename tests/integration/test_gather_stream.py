@@ -135,23 +135,11 @@ def test_every_exchange_of_many_delivers_both_updates(tmp_path):
     assert asyncio.run(main()) == []
 
 
-def test_a_call_whose_answer_was_lost_is_made_again_and_answered_from_the_ended_round(tmp_path):
+@pytest.mark.parametrize("callee_type", [LosesItsFirstAnswer, TruncatesItsFirstAnswer])
+def test_a_call_whose_answer_was_lost_or_cut_short_is_made_again_and_answered_from_the_ended_round(tmp_path,
+                                                                                                 callee_type):
     async def main():
-        caller, callee = await pair(tmp_path, LosesItsFirstAnswer)
-        try:
-            ours, theirs = await exchange(caller, callee, 0)
-            return ours, theirs, callee.calls, caller.name, callee.name
-        finally:
-            await shut([caller, callee])
-
-    ours, theirs, calls, caller, callee = asyncio.run(main())
-    assert len(calls) == 2 and calls[1] - calls[0] < 1.0, calls
-    assert callee in ours.updates and caller in theirs.updates, (ours.dropped, theirs.dropped)
-
-
-def test_a_call_whose_answer_lost_its_tail_is_made_again(tmp_path):
-    async def main():
-        caller, callee = await pair(tmp_path, TruncatesItsFirstAnswer)
+        caller, callee = await pair(tmp_path, callee_type)
         try:
             ours, theirs = await exchange(caller, callee, 0)
             return ours, theirs, callee.calls, caller.name, callee.name
