@@ -89,7 +89,8 @@ JOIN_LINGER = 5.0  # seconds a leader keeps a follower's join stream open after 
 class Admitted:
     """Matchmaking only with admitted peers (swarm/gate.py): a join request from anyone else is refused, and no
     non-admitted leader is followed. Non-admitted members a leader puts in a group anyway are left out of the round
-    (gather.GatherAverage)."""
+    (gather.GatherAverage). As a leader, each follower's join stream stays open after the group's message until the
+    follower closes it (JOIN_LINGER, below)."""
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:  # fmt: skip

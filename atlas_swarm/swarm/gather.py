@@ -267,8 +267,8 @@ class GatherAverage:
             # runs). While this peer follows a third peer's progress, such a round is not averaged: local gradients.
             # Any third peer counts, whatever its epoch: counting only peers near ours let an attacker pair with one
             # honest peer while the other lagged an epoch behind (seen in the sign-flip test). A newcomer still
-            # syncing stops pairs too, for as long as it syncs, but not a round that began before this peer first
-            # saw it: no matchmaking of that round could have grouped it, and a pair refused for it lost the epoch's
+            # syncing stops pairs too, for as long as it syncs, but not a round that began before the newcomer
+            # arrived: no matchmaking of that round could have grouped it, and a pair refused for it lost the epoch's
             # round to every newcomer that arrived mid-epoch (bench_averaging --late-joiner: once in every run).
             gate.count("refused_pairs")
             if STEP.get() is not None:
@@ -437,7 +437,7 @@ def _forget_ended(rounds: dict) -> None:
 
 def _pair_refused(settings: Settings, members, since: Optional[float] = None) -> bool:
     """A robust rule's group of two while this peer follows a third peer (_aggregate_with_group says why); with
-    ``since``, a third peer followed without a break from then on."""
+    ``since`` (when the round began), not counting a newcomer that arrived after it (Gate.followed)."""
     gate = settings.gate
     return settings.rule != "mean" and len(members) == 2 and gate is not None \
         and bool(gate.followed(since) - set(members))

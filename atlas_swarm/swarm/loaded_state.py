@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 from hivemind.optim.state_averager import dump_optimizer_state
+from hivemind.utils.nested import nested_pack
 
 SLACK = 1.05  # rounding of the moments' updates in float32 and bfloat16
 
@@ -48,9 +49,7 @@ def problem(optimizer: torch.optim.Optimizer, extras: Sequence[torch.Tensor], me
     if len(tensors) != len(own) + len(own_stats):
         return f"{len(tensors)} tensors, this peer's state has {len(own)} parameters and {len(own_stats)} statistics"
     layout = metadata.get("optimizer_metadata")
-    kinds = [(e.get("type"), e.get("index")) if isinstance(e, dict) else None for e in layout or ()] \
-        if isinstance(layout, (list, tuple)) else None  # fmt: skip
-    if kinds != [(e["type"], e.get("index")) for e in own_layout]:
+    if not isinstance(layout, (list, tuple)) or [_kind(e) for e in layout] != [_kind(e) for e in own_layout]:
         return "its optimizer's layout is not this peer's"
     for i, (got, mine) in enumerate(zip(tensors, own + list(own_stats))):
         if not isinstance(got, torch.Tensor) or got.dtype != mine.dtype or got.shape != mine.shape:
@@ -59,19 +58,21 @@ def problem(optimizer: torch.optim.Optimizer, extras: Sequence[torch.Tensor], me
             return f"tensor {i} holds NaN or inf"
     stats = tensors[len(own):]
     flat = [stats[e["index"]] if e["type"] == "tensor" else e.get("value") for e in own_layout]
-    return _adam_problem(optimizer, flat, own_layout)
+    return _adam_problem(nested_pack(flat, structure=optimizer.state_dict()))
 
 
-def _adam_problem(optimizer, flat: list, own_layout: list) -> Optional[str]:
-    """The moments' bounds, per parameter, read from the state's own structure (that of ``optimizer.state_dict()``,
-    flattened in hivemind's order: sorted dict keys)."""
-    from hivemind.utils.nested import nested_pack
+def _kind(entry) -> Optional[tuple]:
+    """What an entry of hivemind's flattened optimizer state is: ("tensor", its index) or ("value", None)."""
+    return (entry.get("type"), entry.get("index")) if isinstance(entry, dict) else None
 
-    state = nested_pack(flat, structure=optimizer.state_dict())
-    for group in state.get("param_groups", ()):
-        bound = adam_bound(group.get("betas")) if isinstance(group, dict) else None
-        for pid in group.get("params", ()) if isinstance(group, dict) else ():
-            s = state.get("state", {}).get(pid, {})
+
+def _adam_problem(state: dict) -> Optional[str]:
+    """The moments' bounds, per parameter, in a state dict of this peer's optimizer's structure (the statistics the
+    donor sent, the settings this peer's own)."""
+    for group in state["param_groups"]:
+        bound = adam_bound(group.get("betas"))
+        for pid in group["params"]:
+            s = state["state"].get(pid, {})
             step = s.get("step")
             if isinstance(step, torch.Tensor) and step.numel() == 1 and float(step) < 0:
                 return f"parameter {pid}: a negative step count"
