@@ -1,6 +1,7 @@
 """The buffer layout behind OneBufferAllReduce (averaged tensors as consecutive views of one shared buffer), and the
 epoch a round's group key carries (EpochGroups), and when a state round stops waiting (GivesUp)."""
 
+import asyncio
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -11,10 +12,12 @@ import torch
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.key_manager import is_valid_group
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.serializer import MSGPackSerializer
 
+from atlas_swarm.swarm import averagers
 from atlas_swarm.swarm.averagers import EpochKeys, GivesUp, StateAverager, flat_buffer, round_epoch
 from atlas_swarm.swarm.gather import spanned_buffer
 
@@ -124,12 +127,6 @@ def test_a_peer_asked_to_stop_leaves_its_state_round_at_once():
 
 
 def test_a_leader_keeps_a_followers_join_stream_open_after_the_groups_message_until_it_is_closed(monkeypatch):
-    import asyncio
-
-    from hivemind.proto import averaging_pb2
-
-    from atlas_swarm.swarm import averagers
-
     class Base:
         codes = ()
 

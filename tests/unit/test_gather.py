@@ -14,7 +14,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atlas_swarm.swarm.gather import Round, check_update, sign_update
+from atlas_swarm.swarm import gate as gate_module
+from atlas_swarm.swarm.gate import Gate
+from atlas_swarm.swarm.gather import Round, Settings, _pair_refused, check_update, sign_update
 from atlas_swarm.swarm.node import peer_id_of_key
 
 KEY = RSAPrivateKey()
@@ -138,10 +140,6 @@ def test_the_straggler_gets_twice_what_the_quorum_took():
 
 
 def test_a_pair_does_not_count_a_newcomer_that_arrived_after_its_round_began(monkeypatch):
-    from atlas_swarm.swarm import gate as gate_module
-    from atlas_swarm.swarm.gate import Gate
-    from atlas_swarm.swarm.gather import Settings, _pair_refused
-
     clock = [100.0]
     monkeypatch.setattr(gate_module.time, "time", lambda: clock[0])
     gate = Gate(open_run=True)
