@@ -219,22 +219,20 @@ class GatherAverage:
         BEGAN.set(time.time())
         try:
             return await super()._step(step=step, **kwargs)
-        except concurrent.futures.InvalidStateError:
-            # The round ended just as its owner cancelled it (Ctrl-C, a round given up): hivemind's set_result on the
-            # cancelled StepControl raises concurrent.futures' InvalidStateError, which its _step does not catch (it
-            # catches asyncio's), and the task's traceback reached the peer's terminal. Nothing is lost: the owner
-            # already moved on without the result.
-            if not step.cancelled():
-                raise
-            return None
-        except asyncio.TimeoutError:
-            # The round outlived its allreduce_timeout (a 7B-sized adapter's aggregate on a busy CPU: 22 s against
-            # 20). hivemind's _step gives the step that TimeoutError, then re-raises it (it is not one it catches),
-            # and the task's exception was "never retrieved": a traceback on the peer's terminal for a round the
-            # peer already counts as failed. The step's own exception is the answer; only an unset step raises.
+        except Exception as e:
+            # hivemind's _step hands the step every exception it does not catch itself, then re-raises it from a task
+            # nobody awaits, and asyncio printed "Task exception was never retrieved" with a traceback on the peer's
+            # terminal for a round the peer already counts as failed (its epoch event: group 0). Seen with a round
+            # that outlived its allreduce_timeout (TimeoutError: a 7B-sized adapter's aggregate on a busy CPU), a
+            # leader SIGKILLed while a follower waited for its answer (ConnectionResetError), a round that ended just
+            # as its owner cancelled it (concurrent.futures' InvalidStateError from set_result on the cancelled
+            # step), and an exception raised in the aggregate (tests/faults.py rounds_fail). The step carries the
+            # outcome; only a step left unset raises. What the network does is routine (--verbose shows it); anything
+            # else is one line, no traceback.
             if not step.done():
                 raise
-            logger.debug("a round outlived its allreduce timeout; the step ends with that TimeoutError")
+            routine = isinstance(e, (asyncio.TimeoutError, ConnectionError, concurrent.futures.InvalidStateError))
+            logger.log(logging.DEBUG if routine else logging.ERROR, f"An averaging round failed: {e!r}")
             return None
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):

@@ -118,6 +118,9 @@ def test_sigkill_of_one_peer_mid_round_leaves_the_others_averaging_with_each_oth
             losses = [e["loss"] for e in p.events("progress")]
             assert all(loss == loss and loss < 1e4 for loss in losses), "NaN or blown-up loss"  # NaN != NaN
             assert all(torch.isfinite(t).all() for t in adapter(p).values())
+            # a groupmate gone mid-join (ConnectionResetError in hivemind's matchmaking) is a failed round, not a
+            # "Task exception was never retrieved" traceback (full run, 2026-12-05)
+            assert "Traceback" not in p.err_path.read_text(), p.tail()
 
 
 def test_a_failed_round_steps_on_the_peers_own_gradients_not_zeros(tmp_path, tiny_model, text_data):
@@ -146,6 +149,9 @@ def test_a_failed_round_steps_on_the_peers_own_gradients_not_zeros(tmp_path, tin
             diff = float(line.split("max diff ")[1].rstrip(")"))
             assert norm > 0 and diff == 0.0, line
         assert all(torch.isfinite(t).all() for t in adapter(peers[1]).values())
+        # each broken round is one line on the terminal, not asyncio's "Task exception was never retrieved" traceback
+        err = peers[1].err_path.read_text()
+        assert "Traceback" not in err and err.count("An averaging round failed: RuntimeError('fault:") == 2, err
 
 
 def test_ctrl_c_during_a_round_saves_the_adapter_exits_0_and_leaves_no_processes(tmp_path, tiny_model, text_data):

@@ -34,14 +34,18 @@ def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are(name)
         logger.removeHandler(handler)
 
 
-@pytest.mark.parametrize("gone", [ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "x"),
-                                  ConnectionRefusedError(111, "x"), EOFError(), FileNotFoundError(2, "x")])
-def test_the_dht_process_does_not_show_a_call_whose_asker_is_gone_other_errors_it_does(gone):
-    # Prepare: what hivemind's DHT process logs when it cannot read a call (its dht.py, `_run`)
+@pytest.mark.parametrize("name, gone", [
+    *(("hivemind.dht.dht", e) for e in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "x"),
+                                        ConnectionRefusedError(111, "x"), EOFError(), FileNotFoundError(2, "x"))),
+    ("hivemind.utils.asyncio", ConnectionResetError("Connection lost")),  # a leader gone mid-join (await_cancelled)
+])  # fmt: skip
+def test_a_call_whose_other_end_is_gone_is_not_shown_other_errors_are(name, gone):
+    # Prepare: what hivemind's DHT process logs when it cannot read a call (its dht.py, `_run`), and what its
+    # matchmaking logs when it cancels a join request that had failed (utils/asyncio.py, `await_cancelled`)
     seen = []
     handler = logging.Handler()
     handler.emit = seen.append
-    logger = logging.getLogger("hivemind.dht.dht")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     try:
         quiet_hivemind()
