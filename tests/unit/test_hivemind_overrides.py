@@ -1,8 +1,11 @@
 """Every hivemind method we override is listed in swarm/__init__.py, still exists on its hivemind base class, and
 takes what hivemind passes it: a hivemind upgrade that renames or re-signs one fails here, not in a swarm."""
 
+import asyncio
+import concurrent.futures
 import importlib
 import inspect
+import logging
 
 import pytest
 
@@ -85,30 +88,37 @@ def test_the_internals_we_touch_are_still_there(qualname):
     assert not missing, f"{qualname} no longer has {missing}"
 
 
-def test_a_round_cancelled_as_it_ends_is_not_a_traceback():
-    """hivemind's _step sets the result of a StepControl its owner may have just cancelled (Ctrl-C): the
-    concurrent.futures InvalidStateError it then raises (it catches only asyncio's) ended the averager's task with a
-    traceback on the peer's terminal (test_ctrl_c_during_a_round..., 1 full-suite run). Ours ends the round quietly;
-    a step that was not cancelled still raises."""
-    import asyncio
-    import concurrent.futures
-
+@pytest.mark.parametrize("error, shown", [
+    (concurrent.futures.InvalidStateError("Can't set_result to a future that is CANCELLED"), False),  # Ctrl-C
+    (asyncio.TimeoutError(), False),  # a round that outlived its allreduce_timeout
+    (ConnectionResetError("Connection lost"), False),  # a leader SIGKILLed while we asked to join it
+    (RuntimeError("fault: this round breaks after its group formed"), True),  # anything else: one line, shown
+])  # fmt: skip
+def test_a_round_that_failed_after_its_step_has_the_outcome_is_not_a_traceback(error, shown, caplog):
+    """hivemind's _step gives the StepControl every exception it does not catch, then re-raises it from a task nobody
+    awaits: asyncio printed "Task exception was never retrieved" and a traceback on the peer's terminal (Ctrl-C as a
+    round ends, a leader killed mid-join: full-suite runs). Ours ends such a round with at most one log line; an
+    exception the step does not hold still raises."""
     from atlas_swarm.swarm.gather import GatherAverage
 
     class Hivemind:
         async def _step(self, *, step, **kwargs):
-            raise concurrent.futures.InvalidStateError("Can't set_result to a future that is CANCELLED")
+            raise error
 
     class Averager(GatherAverage, Hivemind):
         pass
 
     class Step:
-        def __init__(self, cancelled):
-            self._cancelled = cancelled
+        def __init__(self, done):
+            self._done = done
 
-        def cancelled(self):
-            return self._cancelled
+        def done(self):
+            return self._done
 
-    assert asyncio.run(Averager()._step(step=Step(True))) is None
-    with pytest.raises(concurrent.futures.InvalidStateError):
+    with caplog.at_level(logging.DEBUG, logger="hivemind.averaging.averager"):
+        assert asyncio.run(Averager()._step(step=Step(True))) is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ([f"An averaging round failed: {error!r}"] if shown else [])
+    assert not any(r.exc_info for r in caplog.records)
+    with pytest.raises(type(error)):
         asyncio.run(Averager()._step(step=Step(False)))
