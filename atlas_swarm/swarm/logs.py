@@ -12,8 +12,8 @@ def quiet_hivemind() -> None:
     adversarial tests). Averager processes, forked later, inherit this."""
     logging.getLogger("hivemind").setLevel(logging.ERROR)
     for name, noise in (("hivemind.averaging.averager", _no_group_is_no_error),
-                        ("hivemind.optim.optimizer", _no_group_is_no_error), ("hivemind.dht.dht", _asker_gone),
-                        ("hivemind.utils.asyncio", _leader_gone)):
+                        ("hivemind.optim.optimizer", _no_group_is_no_error), ("hivemind.dht.dht", _other_end_gone),
+                        ("hivemind.utils.asyncio", _other_end_gone)):
         logger = logging.getLogger(name)
         if noise not in logger.filters:  # main() runs more than once in the tests' process
             logger.addFilter(noise)
@@ -24,19 +24,15 @@ def _no_group_is_no_error(record: logging.LogRecord) -> bool:
     return "could not find a group" not in message and "a pair has no majority" not in message
 
 
-def _asker_gone(record: logging.LogRecord) -> bool:
-    """The DHT process logs a traceback when a request's reply channel is gone: the asking process exited (or shut
-    the DHT down) while a call was in flight, as when a peer is stopped in the middle of an averaging round. A call
-    carries its reply pipe, which the DHT process fetches from the asker's process as it reads the call: when that
-    process has just exited (most likely an averager process, as the peer leaves), the fetch fails with ECONNRESET (seen on 16
-    peers' stderr in a day's test runs, and it failed test_compression's "no traceback" once)."""
+def _other_end_gone(record: logging.LogRecord) -> bool:
+    """A traceback for a call whose other end is gone, an expected outcome. The DHT process logs one when a request's
+    reply channel is gone: the asking process exited (or shut the DHT down) while a call was in flight, as when a peer
+    is stopped in the middle of an averaging round. A call carries its reply pipe, which the DHT process fetches from
+    the asker's process as it reads the call: when that process has just exited (most likely an averager process, as
+    the peer leaves), the fetch fails with ECONNRESET (seen on 16 peers' stderr in a day's test runs, and it failed
+    test_compression's "no traceback" once). hivemind's matchmaking logs one (utils/asyncio.py, await_cancelled) when
+    it cancels a join request that had already failed: a leader SIGKILLed while we asked to join it
+    (ConnectionResetError; a survivor's stderr in a full run). The round fails as it should; its epoch event says so."""
     error = record.exc_info[1] if record.exc_info else None
     return not isinstance(error, (FileNotFoundError, ConnectionError, EOFError))
 
-
-def _leader_gone(record: logging.LogRecord) -> bool:
-    """hivemind's matchmaking cancels its join requests when it stops looking, and logs a traceback for a request that
-    had already failed: a leader that died while we asked to join it (SIGKILLed mid-round) is ConnectionResetError
-    there. The round fails as it should and its epoch event says so (seen on a survivor's stderr in a full run)."""
-    error = record.exc_info[1] if record.exc_info else None
-    return not isinstance(error, ConnectionError)
