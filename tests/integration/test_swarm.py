@@ -229,7 +229,10 @@ def test_ctrl_c_in_a_terminal_stops_the_peer_and_its_p2pd_together_without_a_tra
         # Assert
         assert code == 0, peer.tail()
         assert peer.wait_event("stopped", 1)["adapter_dir"]
-        assert "Traceback" not in peer.err_path.read_text(), peer.tail()
+        # no traceback, and no error line: p2pd logged "error accepting connection: ... use of closed network
+        # connection" as it stopped, an [ERROR] on the user's terminal in 11 of 13 runs of this test
+        err = peer.err_path.read_text()
+        assert "Traceback" not in err and "[ERROR]" not in err, peer.tail()
         gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
     finally:

@@ -9,9 +9,8 @@ from hivemind.averaging.partition import AllreduceException
 from atlas_swarm.swarm.logs import quiet_hivemind
 
 
-@pytest.mark.parametrize("name", ["hivemind.averaging.averager", "hivemind.optim.optimizer"])
-def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are(name):
-    # Prepare (the optimizer logs it when a peer that reloads state tags along in its scheduled round)
+def shown(name: str, log) -> list[str]:
+    """The messages that ``log(logger)`` gets past quiet_hivemind's filters on the logger ``name``."""
     seen = []
     handler = logging.Handler()
     handler.emit = seen.append
@@ -20,18 +19,26 @@ def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are(name)
     try:
         quiet_hivemind()
         quiet_hivemind()  # idempotent
-        # Execute: what hivemind's averager logs
+        log(logger)
+        assert logger.filters.count(logger.filters[0]) == 1
+        return [r.getMessage() for r in seen]
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("name", ["hivemind.averaging.averager", "hivemind.optim.optimizer"])
+def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are(name):
+    # Prepare (the optimizer logs it when a peer that reloads state tags along in its scheduled round)
+    def log(logger):  # what hivemind's averager logs
         try:
             raise AllreduceException("Averaging step failed: could not find a group")
         except AllreduceException as e:
             logger.exception(e)
         logger.error("Averaging step failed: the all-reduce runner crashed")
         logger.warning("GradAverager caught MatchmakingException(...), retrying")
-        # Assert
-        assert [r.getMessage() for r in seen] == ["Averaging step failed: the all-reduce runner crashed"]
-        assert logger.filters.count(logger.filters[0]) == 1
-    finally:
-        logger.removeHandler(handler)
+
+    # Execute, Assert
+    assert shown(name, log) == ["Averaging step failed: the all-reduce runner crashed"]
 
 
 @pytest.mark.parametrize("name, gone", [
@@ -42,23 +49,26 @@ def test_a_round_without_a_group_is_not_shown_as_an_error_other_errors_are(name)
 def test_a_call_whose_other_end_is_gone_is_not_shown_other_errors_are(name, gone):
     # Prepare: what hivemind's DHT process logs when it cannot read a call (its dht.py, `_run`), and what its
     # matchmaking logs when it cancels a join request that had failed (utils/asyncio.py, `await_cancelled`)
-    seen = []
-    handler = logging.Handler()
-    handler.emit = seen.append
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
-    try:
-        quiet_hivemind()
-        # Execute
+    def log(logger):
         for error in (gone, RuntimeError("a real fault")):
             try:
                 raise error
             except Exception as e:
                 logger.exception(e)
-        # Assert
-        assert [r.getMessage() for r in seen] == ["a real fault"]
-    finally:
-        logger.removeHandler(handler)
+
+    # Execute, Assert
+    assert shown(name, log) == ["a real fault"]
+
+
+def test_p2pd_closing_its_own_listener_as_it_stops_is_not_shown_its_other_errors_are():
+    # Prepare: what hivemind relays from p2pd's log when the daemon stops (Ctrl-C in a terminal signals both)
+    def log(logger):
+        logger.error("error accepting connection: accept unix /tmp/hivemind-p2pd-x.sock: use of closed network "
+                     "connection")  # fmt: skip
+        logger.error("failed to listen: address already in use")
+
+    # Execute, Assert
+    assert shown("hivemind.p2p.p2p_daemon", log) == ["failed to listen: address already in use"]
 
 
 def test_the_progress_trackers_thread_leaves_no_pending_task_behind():
