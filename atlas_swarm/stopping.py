@@ -51,7 +51,9 @@ class GracefulStop:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if self.requested:
+        if self.requested or self.failure:  # a second signal, or fail()'s own: interrupt here
+            if not self.requested:
+                self._request("failure")
             raise KeyboardInterrupt
         self._request(signal.Signals(signum).name)
 
@@ -85,10 +87,13 @@ class GracefulStop:
         if self.failure or self._leaving:
             return
         self.failure = why
-        if not self.requested:
+        if signal.getsignal(signal.SIGTERM) == self._handle:
+            # our handler requests the stop and raises in the main thread. Requested here first, the training loop
+            # could see `requested`, end and begin to leave before the signal arrived, and the KeyboardInterrupt
+            # then cut the shutdown short: exit 130, no "stopped", no error line (1 full-suite run, 2026-12-05)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        elif not self.requested:  # no handler of ours (not the main thread): the loop sees `requested` after its step
             self._request("failure")
-        if signal.getsignal(signal.SIGTERM) == self._handle:  # (else the loop sees `requested` after its step)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # our handler raises there
 
     def _force(self) -> None:
         where = f" while {self.step}" if self.step else ""

@@ -158,3 +158,34 @@ def test_a_killed_process_that_held_a_lock_does_not_leave_the_peer_waiting_for_i
     # Assert
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("interrupted: this peer's state averager process died (killed by SIGKILL"), done.stdout
+
+
+def test_a_failure_is_requested_by_the_interrupt_itself_so_the_loop_cannot_leave_before_it():
+    """fail() (a process of the peer's died) used to mark the stop requested and then signal the main thread: the
+    training loop could see `requested`, end and begin to leave before the signal arrived, and the KeyboardInterrupt
+    then cut the shutdown short (exit 130, no "stopped", no error line; 1 full-suite run). The stop is now requested
+    by the signal's handler, in the main thread, as it raises."""
+    import threading
+
+    # Prepare: the main thread does not take SIGTERM yet, as one that is between two checks of `requested`
+    stop = GracefulStop.install()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    interrupted = False
+    try:
+        # Execute: the watchdog thread's fail(), then the main thread takes the signal
+        worker = threading.Thread(target=stop.fail, args=("this peer's state averager process died",))
+        worker.start()
+        worker.join()
+        requested_before = stop.requested
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # delivered here
+            for _ in range(100):  # (the handler runs at the next bytecode boundary)
+                pass
+        except KeyboardInterrupt:
+            interrupted = True
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        stop.uninstall()
+    # Assert: not requested before the interrupt was delivered, and requested by it, where it raised
+    assert stop.failure and not requested_before
+    assert interrupted and stop.requested and stop.signal_name == "failure"
