@@ -37,7 +37,6 @@ def _other_end_gone(record: logging.LogRecord) -> bool:
     return not isinstance(error, (FileNotFoundError, ConnectionError, EOFError))
 
 
-
 def _p2pd_stopping(record: logging.LogRecord) -> bool:
     """p2pd's accept loop reports its own listener closing as an error when the daemon stops ("error accepting
     connection: accept unix ...sock: use of closed network connection"), and hivemind relays p2pd's errors: an
