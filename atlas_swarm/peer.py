@@ -345,7 +345,8 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
                      adapter_hash=record.adapter_hash, averaging_s=round(done.seconds, 3),
                      rule=r.rule if r else None, weights=dict(zip(r.group, r.weights)) if r else {},
                      kept=dict(zip(r.group, r.kept)) if r else {}, outliers=list(flagged),
-                     dropped=dict(r.dropped) if r else {},
+                     dropped=dict(r.dropped) if r else {}, relayed=dict(r.relayed) if r else {},
+                     aggregate_hash=r.result_hash if r else "",
                      round_s=[round(x, 4) for x in r.seconds] if r else [])  # fmt: skip
     if not finite_adapter(tensors):
         p.reporter.event("nonfinite", f"Epoch {done.epoch}: the adapter holds NaN or infinite values; not proved, "

@@ -40,6 +40,7 @@ class RunResult:
     adapter_dir: Optional[str]
     refused: int = 0  # requests and records refused or ignored (refused, below)
     outliers: int = 0  # groupmates' updates clipped or trimmed hard
+    refusals: dict = field(default_factory=dict)  # ``refused`` by kind (swarm/gate.py's counts), the nonzero ones
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Progress:
     def result(self) -> RunResult:
         return RunResult(self.spec.run_id if self.spec else None, self.swarm.peer_id if self.swarm else None,
                          self.epoch, self.samples_total, self.steps, self.loss, str(self.saved) if self.saved else None,
-                         refused(self) if self.opt is not None else 0, self.outliers)  # fmt: skip
+                         refused(self) if self.opt is not None else 0, self.outliers,
+                         {k: n for k, n in self.opt.trust_counts().items() if n} if self.opt is not None else {})
 
     def next_batch(self, n: int) -> dict:
         return self.batches.next(n)

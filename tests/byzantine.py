@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
 
 import torch
 from hivemind.averaging.averager import DecentralizedAverager
@@ -130,6 +131,29 @@ def freeload():
         yield averaging_pb2.DownloadData(metadata=blob, tensor_part=runtime_pb2.Tensor())
 
     gather._messages = _messages
+
+
+@attack
+def tamper_relays():
+    """As a reachable groupmate, forward the client-mode members' updates to one another (swarm/gather.py's relay)
+    with their weight claims multiplied by 1e6, the senders' signatures kept (so not for commits before relays)."""
+    import msgpack
+
+    from atlas_swarm.swarm.gather import GatherAverage
+
+    honest = GatherAverage.rpc_gather_relay
+
+    async def rpc_gather_relay(self, request, context):
+        async for message in honest(self, request, context):
+            if message.metadata:
+                header, signature = msgpack.unpackb(message.metadata, raw=True)
+                fields = msgpack.unpackb(header, raw=True)
+                fields[4] = fields[4] * 1e6
+                message.metadata = msgpack.packb([msgpack.packb(fields), signature])
+            yield message
+
+    rpc_gather_relay.__annotations__ = typing.get_type_hints(honest)  # hivemind registers handlers by these
+    GatherAverage.rpc_gather_relay = rpc_gather_relay
 
 
 def _drift_moments(factor: float):

@@ -5,10 +5,13 @@ for its slice, different to each victim, and each sender's weight is whatever it
 
 1. each member signs its update: (protocol, averager prefix, group id, PeerID, weight, size, sha256 of the bytes);
 2. every pair of members exchanges updates in one stream (the caller sends its own, the callee answers with its own;
-   a client-mode member always calls, since nobody can call it);
-3. each member checks every update it got: sent by the member it names (the libp2p connection authenticates it),
-   admitted (swarm/gate.py), a member of this group, signed by that PeerID's key, finite non-negative weight, the
-   right size and compression, finite values. A bad update drops its sender from this round only, and is counted;
+   a client-mode member always calls, since nobody can call it). Two client-mode members (both behind NAT) cannot
+   call each other: each asks a reachable groupmate for the other's update, which that groupmate forwards as it got
+   it, signed (rpc_gather_relay). A relay can withhold an update, not forge or alter one;
+3. each member checks every update it got (swarm/updates.py): sent by the member it names (the libp2p connection
+   authenticates it; a relayed one, signed by it), admitted (swarm/gate.py), a member of this group, signed by that
+   PeerID's key, finite non-negative weight, the right size and compression, finite values. A bad update drops its
+   sender from this round only, and is counted (a bad relayed one: refused_relays, and the next relay is asked);
 4. every member aggregates the same updates in the same order (sorted PeerIDs) with the run's rule, on CPU in
    float64 numpy: honest members that received the same updates end with bit-identical tensors.
 
@@ -50,17 +53,21 @@ from hivemind.p2p import P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import enter_asynchronously
-from hivemind.utils.crypto import RSAPublicKey
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from atlas_swarm.swarm.codec import deserialize
-from atlas_swarm.swarm.node import peer_id_of_key
+from atlas_swarm.swarm.updates import (
+    MAX_HEADER,
+    TRUNCATED,
+    check_update,
+    parse_relay_request,
+    relay_request,
+    sign_update,
+)
 from atlas_swarm.train.aggregate import aggregate
 
 logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
 
-PROTOCOL = b"atlas-gather-v1"
-MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 WAIT = 5.0  # seconds to wait for a groupmate's update before going on without it
 # ... and once a quorum's updates are in, for the rest (at least; see wait_for_updates). Not less: peers' training
 # processes reach an epoch's end up to ~1 s apart on a loaded 2-core machine. With 1 s, and in groups of 3, an honest
@@ -70,16 +77,14 @@ GRACE = 2.0
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 BEGAN: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_began", default=None)  # when it began (time.time)
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
-UNSEEN = ("sent nothing", "exchange failed")  # drops that say nothing about whose fault they were
+UNSEEN = ("sent nothing", "exchange failed", "relayed")  # drops that say nothing about whose fault they were
 # A call whose answer was lost is made again (at most TRIES in all, PAUSE apart), and a member keeps each round it
 # ended for KEPT seconds to answer such calls: a groupmate's stream now and then ended empty 12 ms after the call
 # although the callee had sent its update (its round had ended just then; 1 run in 5 of the 4-peer chain test). In a
 # 3-peer state round that left two members each with a pair (refused), and three adapters left the run.
 TRIES, PAUSE, KEPT = 3, 0.05, WAIT
-# The same loss can take only the tail of an answer (the callee's stream ends as it returns; the caller's p2pd now and
-# then got the reset before the last part): its digest then does not match, and the call is made again too. A
-# groupmate that sends a bad digest on purpose costs the caller TRIES calls, no more.
-TRUNCATED = "wrong size, compression or digest"
+# The same loss can take only the tail of an answer (updates.TRUNCATED): that call is made again too. A groupmate that
+# sends a bad digest on purpose costs the caller TRIES calls, no more.
 
 
 @dataclass
@@ -107,6 +112,7 @@ class RoundReport:
     dropped: dict  # PeerID -> why its update was not used
     seconds: tuple[float, float] = (0.0, 0.0)  # waiting for the groupmates' updates, then aggregating them
     result_hash: str = ""  # hex sha256 of the aggregate (float32): what the group's receipt names (proofs/receipt.py)
+    relayed: dict = field(default_factory=dict)  # PeerID -> the groupmate that relayed its update (client-mode pairs)
 
 
 class RoundResult(dict):
@@ -127,6 +133,10 @@ class Round:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     quorum: asyncio.Event = field(default_factory=asyncio.Event)  # updates of more than half, and of 3, are in
     ended: Optional[float] = None  # time.monotonic() when this member's round ended (then kept KEPT s)
+    forward: frozenset = frozenset()  # the client-mode members whose updates this member relays to one another
+    raw: dict = field(default_factory=dict)  # PeerID in forward -> [header+signature, serialized]: as it came
+    asked: dict = field(default_factory=dict)  # (asker, wanted) -> relay requests served: at most TRIES
+    via: dict = field(default_factory=dict)  # PeerID -> the groupmate that relayed its update to us
 
     def settle(self, peer: str, result) -> None:
         if peer in self.updates or peer in self.dropped:
@@ -157,41 +167,6 @@ class Round:
             await asyncio.wait_for(self.arrived.wait(), timeout=max(rest, 0.0))
         except asyncio.TimeoutError:
             pass
-
-
-def sign_update(signer, prefix: str, group_id: bytes, peer_id: str, weight: float, serialized) -> bytes:
-    digest = hashlib.sha256(serialized.buffer).digest()
-    header = msgpack.packb([PROTOCOL, prefix, group_id, peer_id, float(weight), int(serialized.size[0]) if
-                            serialized.size else 0, digest, signer.get_public_key().to_bytes()])  # fmt: skip
-    return msgpack.packb([header, signer.sign(header)])
-
-
-def check_update(blob: bytes, serialized, prefix: str, group_id: bytes, sender: str, numel: int,
-                 compression: int) -> tuple[float, torch.Tensor] | str:  # fmt: skip
-    """The sender's weight and tensor, or why the update is refused (a few words, for the counts)."""
-    try:
-        header, signature = msgpack.unpackb(blob, raw=True)
-        proto, pre, gid, pid, weight, size, digest, key = msgpack.unpackb(header, raw=True)
-        public = RSAPublicKey.from_bytes(key)
-    except Exception:
-        return "malformed header"
-    if (proto, pre, gid, pid) != (PROTOCOL, prefix.encode(), group_id, sender.encode()):
-        return "header for another round or sender"
-    if peer_id_of_key(public) != sender or not public.verify(header, signature):
-        return "bad signature"
-    if not isinstance(weight, float) or not math.isfinite(weight) or weight < 0:
-        return "weight not finite or negative"
-    if serialized.compression != compression or size != numel or hashlib.sha256(serialized.buffer).digest() != digest:
-        return TRUNCATED
-    try:
-        tensor = deserialize(serialized).detach().reshape(-1).float()
-    except Exception:
-        return "undecodable tensor"
-    if tensor.numel() != numel:
-        return "wrong size"
-    if not bool(torch.isfinite(tensor).all()):
-        return "non-finite values"
-    return weight, tensor
 
 
 def spanned_buffer(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -291,7 +266,9 @@ class GatherAverage:
         serialized = compression.compress(local, CompressionInfo.from_tensor(local), allow_inplace=False)
         own_tensor = deserialize(serialized).reshape(-1).float()  # what the others will hold of ours
         blob = sign_update(settings.signer, self.prefix, group_id, own_id, weight, serialized)
-        round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized])
+        clients = {p for p in members if modes.get(p) == AveragingMode.CLIENT}
+        round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized],
+                       forward=frozenset(clients) if own_id not in clients and len(clients) > 1 else frozenset())
         finite = math.isfinite(weight) and weight >= 0 and bool(torch.isfinite(own_tensor).all())
         round_.settle(own_id, (float(weight), own_tensor) if finite else "non-finite values (this peer's own)")
         _forget_ended(self._gather_rounds)
@@ -300,6 +277,9 @@ class GatherAverage:
         began = time.monotonic()
         try:
             calls = [self._exchange(round_, p) for p in members if p != own_id and _caller(own_id, p, modes)]
+            if own_id in clients:  # the other client-mode members' updates, through the reachable ones
+                relays = [p for p in members if p not in clients]
+                calls += [self._relayed(round_, p, relays) for p in sorted(clients - {own_id})]
             tasks = [asyncio.create_task(c) for c in calls]
             await round_.wait_for_updates()
             for task in tasks:
@@ -331,7 +311,7 @@ class GatherAverage:
             # are) and its report says whom it dropped. Not a failed round: hivemind would retry it until the round's
             # deadline with the same groupmates (a NaN sender's partner stalled 15 s per epoch), then step alone.
             return RoundReport((own_id,), settings.rule, (round_.updates[own_id][0],), (1.0,), (), dict(round_.dropped),
-                               (gathered - began, 0.0))  # fmt: skip
+                               (gathered - began, 0.0), relayed=dict(round_.via))  # fmt: skip
         updates = [round_.updates[p][1].numpy() for p in peers]
         claims = [round_.updates[p][0] for p in peers]
         result = await asyncio.get_event_loop().run_in_executor(
@@ -352,7 +332,8 @@ class GatherAverage:
         result_hash = hashlib.sha256(value.float().numpy().tobytes()).hexdigest()  # equal on every honest member
         return RoundReport(tuple(peers), settings.rule, result.weights, result.kept,
                            tuple(peers[i] for i in result.flagged), dict(round_.dropped),
-                           (gathered - began, time.monotonic() - gathered), result_hash)  # fmt: skip
+                           (gathered - began, time.monotonic() - gathered), result_hash,
+                           {p: r for p, r in round_.via.items() if p in peers})  # fmt: skip
 
     async def _exchange(self, round_: Round, peer: str) -> None:
         """Send our update to ``peer``; its answer is its own. A call that got no answer is made again (TRIES)."""
@@ -371,6 +352,33 @@ class GatherAverage:
             await asyncio.sleep(PAUSE)
         round_.settle(peer, got)
 
+    async def _relayed(self, round_: Round, wanted: str, relays: Sequence[str]) -> None:
+        """``wanted``'s update (a client-mode groupmate: we cannot call each other) as a reachable groupmate got it,
+        asking the next one when a relay answers nothing valid; checked as if ``wanted`` had sent it."""
+        got = "relayed: nobody (no groupmate can reach both of us)"
+        request = averaging_pb2.DownloadData(metadata=relay_request(round_.group_id, wanted))
+        for relay in relays:
+            for _attempt in range(TRIES):  # an answer lost or cut short on the way is asked for again, as in _exchange
+                try:
+                    stub = self.get_stub(self._p2p, PeerID.from_base58(relay), namespace=self.prefix)
+                    got = await self._read_update(await stub.rpc_gather_relay(request), round_, wanted)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    got = f"exchange failed: {type(e).__name__}"
+                if not isinstance(got, str) or round_.ended or not (got.startswith(UNSEEN) or got == TRUNCATED):
+                    break
+                await asyncio.sleep(PAUSE)
+            if not isinstance(got, str):
+                round_.via[wanted] = relay
+                break
+            if not (got.startswith(UNSEEN) or got == TRUNCATED) and self.gather_settings.gate is not None:
+                self.gather_settings.gate.count("refused_relays")  # it forwarded what ``wanted`` did not send
+            got = f"relayed: {got}"
+            if round_.ended:
+                break
+        round_.settle(wanted, got)
+
     async def _read_update(self, stream: AsyncIterator, round_: Round, sender: str):
         limit = round_.numel * 4 + 4096  # float32 is the widest compression we accept
         blob, parts, size = None, [], 0
@@ -385,8 +393,20 @@ class GatherAverage:
             parts.append(message.tensor_part)
         if blob is None or not parts:
             return "sent nothing"
-        return check_update(blob, combine_from_streaming(parts), self.prefix, round_.group_id, sender, round_.numel,
-                            round_.compression)  # fmt: skip
+        serialized = combine_from_streaming(parts)
+        got = check_update(blob, serialized, self.prefix, round_.group_id, sender, round_.numel, round_.compression)
+        if sender in round_.forward and not isinstance(got, str):
+            round_.raw[sender] = [blob, serialized]  # for the other client-mode members (rpc_gather_relay)
+        return got
+
+    async def _round(self, group_id) -> Optional[Round]:
+        """The round of ``group_id``, waiting up to WAIT for it: the sender may have learned of the group before us."""
+        deadline = time.monotonic() + WAIT
+        round_ = self._gather_rounds.get(group_id) if isinstance(group_id, bytes) else None
+        while round_ is None and time.monotonic() < deadline and isinstance(group_id, bytes):
+            await asyncio.sleep(0.005)
+            round_ = self._gather_rounds.get(group_id)
+        return round_
 
     async def rpc_gather_update(
         self, stream: AsyncIterator[averaging_pb2.DownloadData], context: P2PContext
@@ -404,11 +424,7 @@ class GatherAverage:
             group_id = msgpack.unpackb(msgpack.unpackb(first.metadata, raw=True)[0], raw=True)[2]
         except Exception:
             return
-        deadline = time.monotonic() + WAIT
-        round_ = self._gather_rounds.get(group_id) if isinstance(group_id, bytes) else None
-        while round_ is None and time.monotonic() < deadline and isinstance(group_id, bytes):
-            await asyncio.sleep(0.005)  # the sender may have learned of the group before us
-            round_ = self._gather_rounds.get(group_id)
+        round_ = await self._round(group_id)
         if round_ is None or sender not in round_.members:
             return
         # both ways at once: our update goes out while theirs comes in (one after the other, each pair's exchange took
@@ -424,6 +440,33 @@ class GatherAverage:
             round_.settle(sender, "sent nothing in time")
         finally:
             reading.cancel()
+
+    async def rpc_gather_relay(
+        self, request: averaging_pb2.DownloadData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """A client-mode groupmate's request for another one's update (they cannot call each other): the update as it
+        reached us, once it has (up to WAIT), header and signature included. Each asker gets each update TRIES times
+        at most; nothing for a peer that is not a client-mode member of the round, or for an update we do not hold."""
+        asker = context.remote_id.to_base58()
+        gate = self.gather_settings.gate
+        if gate is not None and not gate.admits(asker):
+            gate.count("refused_updates")
+            return
+        asked = parse_relay_request(request.metadata)
+        round_ = None if asked is None else await self._round(asked[0])
+        if round_ is None or asker not in round_.forward or asked[1] not in round_.forward or asker == asked[1]:
+            return
+        key = (asker, asked[1])
+        round_.asked[key] = round_.asked.get(key, 0) + 1
+        if round_.asked[key] > TRIES:
+            return
+        deadline = time.monotonic() + WAIT
+        while asked[1] not in round_.raw and asked[1] not in round_.dropped and round_.ended is None \
+                and time.monotonic() < deadline:  # fmt: skip
+            await asyncio.sleep(0.01)
+        if asked[1] in round_.raw:
+            async for message in _messages(round_.raw[asked[1]], round_.group_id):
+                yield message
 
 
 def _forget_ended(rounds: dict) -> None:

@@ -19,8 +19,9 @@ from hivemind.proto import averaging_pb2
 
 from atlas_swarm.identity import Identity
 from atlas_swarm.swarm import gather
-from atlas_swarm.swarm.gather import GatherAverage, Round, Settings, sign_update
+from atlas_swarm.swarm.gather import GatherAverage, Round, Settings
 from atlas_swarm.swarm.node import hivemind_key
+from atlas_swarm.swarm.updates import relay_request, sign_update
 
 pytestmark = pytest.mark.integration
 NUMEL = 8000  # a tiny Llama's LoRA adapter is about this size: one streamed part
@@ -38,11 +39,11 @@ class Member(GatherAverage, ServicerBase):
     def name(self) -> str:
         return self.peer_id.to_base58()
 
-    def round(self, group_id: bytes, members: tuple) -> Round:
+    def round(self, group_id: bytes, members: tuple, forward: frozenset = frozenset()) -> Round:
         t = torch.randn(NUMEL)
         serialized = NoCompression().compress(t, CompressionInfo.from_tensor(t))
         blob = sign_update(self.gather_settings.signer, self.prefix, group_id, self.name, 1.0, serialized)
-        round_ = Round(group_id, members, NUMEL, serialized.compression, [blob, serialized])
+        round_ = Round(group_id, members, NUMEL, serialized.compression, [blob, serialized], forward=forward)
         self._gather_rounds[group_id] = round_
         return round_
 
@@ -79,11 +80,28 @@ class TruncatesItsFirstAnswer(LosesItsFirstAnswer):
             yield message
 
 
-async def pair(tmp_path, cls=Member) -> tuple[Member, Member]:
-    """(caller, callee): the smaller PeerID calls (gather._caller)."""
+class Withholds(Member):
+    """A relay that answers every relay request with nothing."""
+
+    asked: list = []
+    _rpc_handlers = _stub_type = None
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        return Member._get_handle_name(namespace, method_name)  # hivemind names handlers by class: answer Member's
+
+    async def rpc_gather_relay(self, request: averaging_pb2.DownloadData,
+                               context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        self.asked.append(request.metadata)
+        return
+        yield
+
+
+async def nodes(tmp_path, classes) -> list[Member]:
+    """A member of each class, each on its own p2pd, all knowing the first."""
     members = []
     try:
-        for i in range(2):
+        for i, cls in enumerate(classes):
             identity = Identity.load_or_create(tmp_path / f"id{i}.key")
             initial = [str(a) for a in await members[0]._p2p.get_visible_maddrs()] if members else []
             p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(identity.path),
@@ -93,7 +111,12 @@ async def pair(tmp_path, cls=Member) -> tuple[Member, Member]:
     except BaseException:
         await shut(members)
         raise
-    return tuple(sorted(members, key=lambda m: m.name))
+    return members
+
+
+async def pair(tmp_path, cls=Member) -> tuple[Member, Member]:
+    """(caller, callee): the smaller PeerID calls (gather._caller)."""
+    return tuple(sorted(await nodes(tmp_path, [cls, cls]), key=lambda m: m.name))
 
 
 async def shut(members) -> None:
@@ -181,3 +204,56 @@ def test_a_caller_that_never_ends_its_update_holds_the_callee_at_most_wait(tmp_p
     answer, took, dropped, caller = asyncio.run(main())
     assert answer.metadata and len(answer.tensor_part.buffer) > 0
     assert dropped == {caller: "sent nothing in time"} and took < 1.5 + 1.0, (dropped, took)
+
+
+def test_two_client_mode_members_get_each_others_updates_through_a_relay_passing_over_one_that_withholds(tmp_path):
+    """Two members that cannot call each other (both in client mode) each call the two reachable ones, and ask them
+    for the other's update: the first relay answers nothing, the second forwards it as it was signed."""
+
+    async def main():
+        withholder, relay, a, b = await nodes(tmp_path, [Withholds, Member, Member, Member])
+        try:
+            gid, clients = b"relay-1", frozenset([a.name, b.name])
+            names = tuple(sorted(m.name for m in (withholder, relay, a, b)))
+            relays = [withholder.name, relay.name]
+            rounds = {m.name: m.round(gid, names, forward=clients if m in (withholder, relay) else frozenset())
+                      for m in (withholder, relay, a, b)}  # fmt: skip
+            began = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(
+                *[m._exchange(rounds[m.name], r) for m in (a, b) for r in relays],
+                a._relayed(rounds[a.name], b.name, relays), b._relayed(rounds[b.name], a.name, relays)), 10)
+            return rounds, time.monotonic() - began, a.name, b.name, relay.name
+        finally:
+            await shut([withholder, relay, a, b])
+
+    rounds, took, a, b, relay = asyncio.run(main())
+    for me, other in ((a, b), (b, a)):
+        assert rounds[me].via == {other: relay}, rounds[me].dropped
+        sent = gather.deserialize(rounds[other].own[1]).reshape(-1).float()
+        assert torch.equal(rounds[me].updates[other][1], sent)
+    assert len(Withholds.asked) == 2 * gather.TRIES and took < 3.0, (len(Withholds.asked), took)
+
+
+def test_a_relay_forwards_only_to_client_mode_members_of_the_round_and_only_tries_times_each(tmp_path):
+    async def main():
+        relay, a, b, outsider = await nodes(tmp_path, [Member, Member, Member, Member])
+        try:
+            gid = b"relay-2"
+            names = tuple(sorted(m.name for m in (relay, a, b, outsider)))
+            relay_round = relay.round(gid, names, forward=frozenset([a.name, b.name]))
+            a_round = a.round(gid, names)
+            await a._exchange(a_round, relay.name)  # a's update reaches the relay, which keeps it for b
+
+            async def ask(asker: Member, wanted: str) -> int:
+                stub = asker.get_stub(asker._p2p, relay.peer_id, namespace=asker.prefix)
+                request = averaging_pb2.DownloadData(metadata=relay_request(gid, wanted))
+                return len([m async for m in await stub.rpc_gather_relay(request)])
+
+            return ([await ask(b, a.name) for _ in range(gather.TRIES + 1)], await ask(outsider, a.name),
+                    await ask(b, b.name), relay_round.asked)  # fmt: skip
+        finally:
+            await shut([relay, a, b, outsider])
+
+    to_b, to_outsider, own, asked = asyncio.run(main())
+    assert to_b[: gather.TRIES] == [1] * gather.TRIES and to_b[-1] == 0, to_b  # NUMEL fits one streamed part
+    assert to_outsider == 0 and own == 0, asked

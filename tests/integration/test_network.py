@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -80,9 +81,11 @@ def test_the_lab_wan_has_the_delay_loss_and_rate_it_was_given(tmp_path):
     assert "Network is unreachable" in out.stderr, out.stderr
 
 
-def lab_peer(tmp_path, host, name: str, args: list[str], port: int = 0) -> PeerProcess:
+def lab_peer(tmp_path, host, name: str, args: list[str], port: int = 0, attack: str = "") -> PeerProcess:
+    """A peer on ``host``; with ``attack``, our own peer with that attack patched in (tests/byzantine.py)."""
     return PeerProcess(tmp_path / name, ["--host-maddrs", host.maddr(port), *args], threads=1, name=name,
-                       netns=host.ns, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})  # fmt: skip
+                       netns=host.ns, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ATLAS_ATTACK": attack},
+                       module="tests.byzantine" if attack else "atlas_swarm.peer")  # fmt: skip
 
 
 FIRST_PORT = 31337  # the first peer's, on its own host (a namespace of its own: nothing else listens there)
@@ -174,28 +177,56 @@ def assert_settled_exactly_once(chain, peer, address: str) -> int:
     return len(posted)
 
 
-def test_a_peer_behind_a_nat_trains_and_averages_in_client_mode(tmp_path, tiny_model, text_data):
-    """Two peers on public hosts and one behind a home router (masquerade out, nothing in): the NATed peer joins with
-    --client-mode, averages in groups with the others (it opens every exchange itself), and all three finishers
-    agree on one adapter. Nobody can dial it: the others' connections to it are the ones it opened."""
+def test_peers_behind_nats_average_with_each_other_through_relays_and_a_tampering_relay_is_passed_over(
+        tmp_path, tiny_model, text_data):  # fmt: skip
+    """Two peers on public hosts and two behind home routers of their own (masquerade out, nothing in): the NATed
+    peers join with --client-mode and average in groups with the others (they open every exchange themselves). Nobody
+    can dial them, not even each other: each gets the other's signed update relayed by a public groupmate
+    (swarm/gather.py), so all four aggregate the same updates, and all four finishers agree on one adapter.
+    The public peer asked first (the smaller PeerID) is an attacker (tests/byzantine.py tamper_relays: it trains
+    honestly and forwards the NATed peers' updates with their weights x1e6, their signatures kept): its forwards are
+    refused and counted, and the honest public peer's are used. On the code before relays, each NATed peer dropped
+    the other's update in every round ("sent nothing in time", after waiting out the grace)."""
     spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1440)
+    keys = sorted((Identity.load_or_create(tmp_path / f"key{i}.key") for i in range(2)), key=lambda k: k.peer_id)
+    (tmp_path / "a").mkdir()
+    shutil.copy(keys[1].path, tmp_path / "a" / "identity.key")  # the attacker b gets the smaller PeerID
     with Lab("nat") as lab, killed_at_exit([]) as peers:
-        a, b, home = lab.host("a"), lab.host("b"), lab.natted("c")
+        a, b, home_c, home_d = lab.host("a"), lab.host("b"), lab.natted("c"), lab.natted("d")
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "6", "--join-timeout", "90",
-                 "--wait-for-peers", "3"]  # fmt: skip
+                 "--wait-for-peers", "4"]  # fmt: skip
         first = planned_lab_first(tmp_path, a, "a")
         peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *extra], port=FIRST_PORT))
         join = ["--initial-peers", first, "--run", RunSpec.from_toml(spec).run_id]
-        peers.append(lab_peer(tmp_path, b, "b", [*join, "--seed", "1", *extra]))
-        peers.append(lab_peer(tmp_path, home, "c", [*join, "--seed", "2", "--client-mode", *extra]))
-        natted = peers[2].wait_event("started", 90)["peer_id"]
+        peers.append(lab_peer(tmp_path, b, "b", [*join, "--seed", "1", "--identity", str(keys[0].path), *extra],
+                              attack="tamper_relays"))  # fmt: skip
+        peers.append(lab_peer(tmp_path, home_c, "c", [*join, "--seed", "2", "--client-mode", *extra]))
+        peers.append(lab_peer(tmp_path, home_d, "d", [*join, "--seed", "3", "--client-mode", *extra]))
+        honest, attacker = (p.wait_event("started", 90)["peer_id"] for p in peers[:2])
+        natted = [p.wait_event("started", 90)["peer_id"] for p in peers[2:]]
 
         codes = [p.wait_exit(300) for p in peers]
-        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers)
-        rounds = [e for e in peers[2].events("epoch") if len(e["group"]) >= 2]
-        assert rounds and all(natted in e["group"] for e in rounds), peers[2].tail()
-        seen = [e for p in peers[:2] for e in p.events("epoch") if natted in e["group"]]
-        assert seen, "the public peers never averaged with the NATed one"
+        assert codes == [0, 0, 0, 0], "\n\n".join(p.tail() for p in peers)
+        for me, other, peer in ((natted[0], natted[1], peers[2]), (natted[1], natted[0], peers[3])):
+            rounds = [e for e in peer.events("epoch") if len(e["group"]) >= 2]
+            assert rounds and all(me in e["group"] for e in rounds), peer.tail()
+            assert not [e["dropped"] for e in rounds if other in e["dropped"]], peer.tail()  # never lost to the NAT
+            together = [e["relayed"] for e in rounds if other in e["group"]]
+            assert together and all(r == {other: honest} for r in together), (together, peer.tail())
+            asked_first = [e for e in rounds if other in e["group"] and attacker in e["group"]]
+            assert asked_first, f"the attacker was never a relay of {me}'s: {peer.tail()}"
+            assert peer.wait_event("stopped", 1)["refusals"].get("refused_relays", 0) >= len(asked_first)
+        seen = [e for p in peers[:2] for e in p.events("epoch") if set(natted) <= set(e["group"])]
+        assert seen, "the public peers never averaged with the NATed ones"
+        # a round in which all four aggregated all four updates has one aggregate (before: each epoch ended with 3 or
+        # 4 adapters). Not one adapter: a peer that missed an earlier round holds other Adam moments until the next
+        # state round (seen: 1 run in 6)
+        full = {}
+        for p in peers:
+            for e in p.events("epoch"):
+                full.setdefault(e["epoch"], []).append(e["aggregate_hash"] if len(e["group"]) == 4 else None)
+        whole = {epoch: set(hashes) for epoch, hashes in full.items() if len(hashes) == 4 and None not in hashes}
+        assert whole and all(len(h) == 1 for h in whole.values()), full
         finals = [p.wait_event("final", 1) for p in peers]
         assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
 

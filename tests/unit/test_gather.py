@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from atlas_swarm.swarm import gate as gate_module
 from atlas_swarm.swarm.gate import Gate
-from atlas_swarm.swarm.gather import Round, Settings, _pair_refused, check_update, sign_update
+from atlas_swarm.swarm.gather import Round, Settings, _pair_refused
 from atlas_swarm.swarm.node import peer_id_of_key
+from atlas_swarm.swarm.updates import check_update, parse_relay_request, relay_request, sign_update
 
 KEY = RSAPrivateKey()
 PEER = peer_id_of_key(KEY.get_public_key())
@@ -85,6 +86,19 @@ def test_no_bytes_from_a_groupmate_raise(blob, buffer, compression, size):
 def test_no_well_formed_msgpack_of_the_wrong_shape_raises(fields):
     s = serialized(torch.zeros(NUMEL))
     assert isinstance(check(msgpack.packb([msgpack.packb(fields), b"sig"]), s), str)
+
+
+def test_a_relay_request_names_its_round_and_the_wanted_member():
+    assert parse_relay_request(relay_request(GROUP, PEER)) == (GROUP, PEER)
+
+
+FIELDS = st.one_of(st.binary(max_size=64), st.integers(), st.text(max_size=8), st.none())
+
+
+@given(st.one_of(st.binary(max_size=5000), st.lists(FIELDS, max_size=4).map(msgpack.packb)))
+def test_no_bytes_asking_for_a_relay_raise(blob):
+    got = parse_relay_request(blob)
+    assert got is None or (isinstance(got[0], bytes) and isinstance(got[1], str)), got
 
 
 def finished_round(members: int, arrivals: dict, wait: float, grace: float) -> tuple[set, float]:
