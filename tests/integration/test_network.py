@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -177,69 +176,25 @@ def assert_settled_exactly_once(chain, peer, address: str) -> int:
     return len(posted)
 
 
-def test_peers_behind_nats_average_with_each_other_through_relays_and_a_tampering_relay_is_passed_over(
+def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_a_keeper_copies_their_adapters(
         tmp_path, tiny_model, text_data):  # fmt: skip
-    """Two peers on public hosts and two behind home routers of their own (masquerade out, nothing in): the NATed
-    peers join with --client-mode and average in groups with the others (they open every exchange themselves). Nobody
-    can dial them, not even each other: each gets the other's signed update relayed by a public groupmate
-    (swarm/gather.py), so all four aggregate the same updates, and all four finishers agree on one adapter.
-    The public peer asked first (the smaller PeerID) is an attacker (tests/byzantine.py tamper_relays: it trains
-    honestly and forwards the NATed peers' updates with their weights x1e6, their signatures kept): its forwards are
-    refused and counted, and the honest public peer's are used. On the code before relays, each NATed peer dropped
-    the other's update in every round ("sent nothing in time", after waiting out the grace)."""
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1440)
-    keys = sorted((Identity.load_or_create(tmp_path / f"key{i}.key") for i in range(2)), key=lambda k: k.peer_id)
-    (tmp_path / "a").mkdir()
-    shutil.copy(keys[1].path, tmp_path / "a" / "identity.key")  # the attacker b gets the smaller PeerID
-    with Lab("nat") as lab, killed_at_exit([]) as peers:
-        a, b, home_c, home_d = lab.host("a"), lab.host("b"), lab.natted("c"), lab.natted("d")
-        extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "6", "--join-timeout", "90",
-                 "--wait-for-peers", "4"]  # fmt: skip
-        first = planned_lab_first(tmp_path, a, "a")
-        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *extra], port=FIRST_PORT))
-        join = ["--initial-peers", first, "--run", RunSpec.from_toml(spec).run_id]
-        peers.append(lab_peer(tmp_path, b, "b", [*join, "--seed", "1", "--identity", str(keys[0].path), *extra],
-                              attack="tamper_relays"))  # fmt: skip
-        peers.append(lab_peer(tmp_path, home_c, "c", [*join, "--seed", "2", "--client-mode", *extra]))
-        peers.append(lab_peer(tmp_path, home_d, "d", [*join, "--seed", "3", "--client-mode", *extra]))
-        honest, attacker = (p.wait_event("started", 90)["peer_id"] for p in peers[:2])
-        natted = [p.wait_event("started", 90)["peer_id"] for p in peers[2:]]
-
-        codes = [p.wait_exit(300) for p in peers]
-        assert codes == [0, 0, 0, 0], "\n\n".join(p.tail() for p in peers)
-        for me, other, peer in ((natted[0], natted[1], peers[2]), (natted[1], natted[0], peers[3])):
-            rounds = [e for e in peer.events("epoch") if len(e["group"]) >= 2]
-            assert rounds and all(me in e["group"] for e in rounds), peer.tail()
-            assert not [e["dropped"] for e in rounds if other in e["dropped"]], peer.tail()  # never lost to the NAT
-            together = [e["relayed"] for e in rounds if other in e["group"]]
-            assert together and all(r == {other: honest} for r in together), (together, peer.tail())
-            asked_first = [e for e in rounds if other in e["group"] and attacker in e["group"]]
-            assert asked_first, f"the attacker was never a relay of {me}'s: {peer.tail()}"
-            assert peer.wait_event("stopped", 1)["refusals"].get("refused_relays", 0) >= len(asked_first)
-        seen = [e for p in peers[:2] for e in p.events("epoch") if set(natted) <= set(e["group"])]
-        assert seen, "the public peers never averaged with the NATed ones"
-        # a round in which all four aggregated all four updates has one aggregate (before: each epoch ended with 3 or
-        # 4 adapters). Not one adapter: a peer that missed an earlier round holds other Adam moments until the next
-        # state round (seen: 1 run in 6)
-        full = {}
-        for p in peers:
-            for e in p.events("epoch"):
-                full.setdefault(e["epoch"], []).append(e["aggregate_hash"] if len(e["group"]) == 4 else None)
-        whole = {epoch: set(hashes) for epoch, hashes in full.items() if len(hashes) == 4 and None not in hashes}
-        assert whole and all(len(h) == 1 for h in whole.values()), full
-        finals = [p.wait_event("final", 1) for p in peers]
-        assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
-
-
-def test_a_natted_peer_publishes_and_a_keeper_fetches_the_adapter_from_it(tmp_path, tiny_model, text_data):
     """A keeper (a bootstrap node with --keep-adapters) on a public host is everyone's initial peer; two peers on
-    public hosts, one behind a home router in --client-mode. The NATed peer holds the smallest PeerID, so it is the
-    one its groups elect to publish every 2 epochs. Nobody can dial it, yet the keeper copies what it published,
-    every block verified: the keeper's requests travel over the connection the NATed peer opened to it."""
+    public hosts, and two behind home routers of their own (masquerade out, nothing in) in --client-mode, which open
+    every exchange themselves.
+    - Relays. Nobody can dial the NATed peers, not even each other: each gets the other's signed update relayed by a
+      public groupmate (swarm/gather.py), so all four aggregate the same updates, and the four finishers agree on one
+      adapter. The public peer asked first (the smaller PeerID) is an attacker (tests/byzantine.py tamper_relays: it
+      trains honestly and forwards the NATed peers' updates with their weights x1e6, their signatures kept): its
+      forwards are refused and counted, and the honest public peer's are used. On the code before relays, each NATed
+      peer dropped the other's update in every round ("sent nothing in time", after waiting out the grace), and each
+      epoch ended with 3 or 4 adapters among the four.
+    - Publications. A NATed peer holds the smallest PeerID, so its groups elect it to publish every 2 epochs: the
+      keeper copies what it published, every block verified, over the connection the NATed peer opened to it."""
     spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1440)
-    keys = sorted((Identity.load_or_create(tmp_path / f"key{i}.key") for i in range(3)), key=lambda k: k.peer_id)
-    with Lab("pub") as lab, killed_at_exit([]) as peers:
-        k, a, b, home = lab.host("k"), lab.host("a"), lab.host("b"), lab.natted("c")
+    keys = sorted((Identity.load_or_create(tmp_path / f"key{i}.key") for i in range(4)), key=lambda k: k.peer_id)
+    identity = {name: ["--identity", str(keys[i].path)] for i, name in enumerate("cbad")}  # c publishes, b relays first
+    with Lab("nat") as lab, killed_at_exit([]) as peers:
+        k, a, b, home_c, home_d = lab.host("k"), lab.host("a"), lab.host("b"), lab.natted("c"), lab.natted("d")
         kept, log = tmp_path / "kept", tmp_path / "keeper.log"
         keeper = LabProcess(["ip", "netns", "exec", k.ns, sys.executable, "-m", "atlas_swarm.bootstrap", "--identity",
                              str(tmp_path / "keeper.key"), "--host-maddrs", k.maddr(), "--poll-interval", "1",
@@ -248,23 +203,45 @@ def test_a_natted_peer_publishes_and_a_keeper_fetches_the_adapter_from_it(tmp_pa
         boot = wait_until(lambda: next((line for line in log.read_text().splitlines()
                                         if line.startswith(f"/ip4/{k.addr}/tcp/")), None), 90, "the keeper's address")
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "6", "--join-timeout", "90",
-                 "--wait-for-peers", "3", "--publish-every", "2", "--initial-peers", boot]  # fmt: skip
-        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), "--identity", str(keys[1].path), *extra]))
-        run_id = peers[-1].wait_event("started", 90)["run_id"]
-        peers.append(lab_peer(tmp_path, b, "b", ["--run", run_id, "--seed", "1", "--identity", str(keys[2].path),
-                                                 *extra]))  # fmt: skip
-        natted = lab_peer(tmp_path, home, "c", ["--run", run_id, "--seed", "2", "--client-mode", "--identity",
-                                                 str(keys[0].path), *extra])  # fmt: skip
-        peers.append(natted)
+                 "--wait-for-peers", "4", "--publish-every", "2", "--initial-peers", boot]  # fmt: skip
+        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *identity["a"], *extra]))
+        run = ["--run", RunSpec.from_toml(spec).run_id]
+        peers.append(lab_peer(tmp_path, b, "b", [*run, "--seed", "1", *identity["b"], *extra], attack="tamper_relays"))
+        peers.append(lab_peer(tmp_path, home_c, "c", [*run, "--seed", "2", "--client-mode", *identity["c"], *extra]))
+        peers.append(lab_peer(tmp_path, home_d, "d", [*run, "--seed", "3", "--client-mode", *identity["d"], *extra]))
+        trainers = peers[1:]
+        honest, attacker, *natted = (p.wait_event("started", 90)["peer_id"] for p in trainers)
 
-        codes = [p.wait_exit(300) for p in peers[1:]]
-        assert codes == [0, 0, 0], "\n\n".join(p.tail() for p in peers[1:])
-        # what only the NATed peer published, at epochs nobody else published (the final adapter every finisher
+        codes = [p.wait_exit(300) for p in trainers]
+        assert codes == [0, 0, 0, 0], "\n\n".join(p.tail() for p in trainers)
+        for me, other, peer in ((natted[0], natted[1], trainers[2]), (natted[1], natted[0], trainers[3])):
+            rounds = [e for e in peer.events("epoch") if len(e["group"]) >= 2]
+            assert rounds and all(me in e["group"] for e in rounds), peer.tail()
+            assert not [e["dropped"] for e in rounds if other in e["dropped"]], peer.tail()  # never lost to the NAT
+            together = [e["relayed"] for e in rounds if other in e["group"]]
+            assert together and all(r == {other: honest} for r in together), (together, peer.tail())
+            asked_first = [e for e in rounds if other in e["group"] and attacker in e["group"]]
+            assert asked_first, f"the attacker was never a relay of {me}'s: {peer.tail()}"
+            assert peer.wait_event("stopped", 1)["refusals"].get("refused_relays", 0) >= len(asked_first)
+        seen = [e for p in trainers[:2] for e in p.events("epoch") if set(natted) <= set(e["group"])]
+        assert seen, "the public peers never averaged with the NATed ones"
+        # a round in which all four aggregated all four updates has one aggregate (before: each epoch ended with 3 or
+        # 4 adapters). Not one adapter: a peer that missed an earlier round holds other Adam moments until the next
+        # state round (seen: 1 run in 11)
+        full = {}
+        for p in trainers:
+            for e in p.events("epoch"):
+                full.setdefault(e["epoch"], []).append(e["aggregate_hash"] if len(e["group"]) == 4 else None)
+        whole = {epoch: set(hashes) for epoch, hashes in full.items() if len(hashes) == 4 and None not in hashes}
+        assert whole and all(len(h) == 1 for h in whole.values()), full
+        finals = [p.wait_event("final", 1) for p in trainers]
+        assert len({f["adapter_hash"] for f in finals}) == 1 and all(f["agreed"] for f in finals), finals
+        # what only the NATed publisher published, at epochs nobody else published (the final adapter every finisher
         # publishes: left out; so is an epoch whose round failed, at which every peer published its own adapter and
-        # the keeper keeps the one the run vouches for: seen once, c's not being it)
-        by_others = {e["epoch"] for p in peers[1:3] for e in p.events("published")}
-        only_there = {e["cid"] for e in natted.events("published") if e["epoch"] not in by_others}
-        assert only_there, f"the NATed peer published nothing of its own:\n{natted.tail()}"
+        # the keeper keeps the one the run vouches for)
+        by_others = {e["epoch"] for p in (trainers[0], trainers[1], trainers[3]) for e in p.events("published")}
+        only_there = {e["cid"] for e in trainers[2].events("published") if e["epoch"] not in by_others}
+        assert only_there, f"the NATed peer published nothing of its own:\n{trainers[2].tail()}"
         wait_until(lambda: all((kept / "blocks" / cid).exists() for cid in only_there), 60,
                    f"the keeper to copy {sorted(only_there)} from the NATed peer")  # fmt: skip
 
