@@ -189,11 +189,15 @@ def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_
       peer dropped the other's update in every round ("sent nothing in time", after waiting out the grace), and each
       epoch ended with 3 or 4 adapters among the four.
     - Publications. A NATed peer holds the smallest PeerID, so its groups elect it to publish every 2 epochs: the
-      keeper copies what it published, every block verified, over the connection the NATed peer opened to it."""
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=1440)
+      keeper copies what it published, every block verified, over the connection the NATed peer opened to it.
+    - Pay. Each peer has a staked wallet and settles its co-signed receipts on anvil (on the lab's gateway): the NATed
+      peers are paid for their work like the public ones. Before relays, their receipts named other aggregates than
+      the public peers' and no receipt of a round with both NATed peers had a majority of its members' signatures."""
     keys = sorted((Identity.load_or_create(tmp_path / f"key{i}.key") for i in range(4)), key=lambda k: k.peer_id)
     identity = {name: ["--identity", str(keys[i].path)] for i, name in enumerate("cbad")}  # c publishes, b relays first
-    with Lab("nat") as lab, killed_at_exit([]) as peers:
+    with Lab("nat") as lab, killed_at_exit([]) as peers, \
+            deployed_run(tmp_path, tiny_model, stakes=(2, 2, 2, 2), host=lab.gateway, target_batch_size=1440) as chain:
+        spec = chain["spec"]
         k, a, b, home_c, home_d = lab.host("k"), lab.host("a"), lab.host("b"), lab.natted("c"), lab.natted("d")
         kept, log = tmp_path / "kept", tmp_path / "keeper.log"
         keeper = LabProcess(["ip", "netns", "exec", k.ns, sys.executable, "-m", "atlas_swarm.bootstrap", "--identity",
@@ -204,11 +208,14 @@ def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_
                                         if line.startswith(f"/ip4/{k.addr}/tcp/")), None), 90, "the keeper's address")
         extra = ["--data", str(text_data), "--batch-size", "8", "--max-epochs", "6", "--join-timeout", "90",
                  "--wait-for-peers", "4", "--publish-every", "2", "--initial-peers", boot]  # fmt: skip
-        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *identity["a"], *extra]))
+        pay = [chain_flags(chain, i) for i in range(4)]
+        peers.append(lab_peer(tmp_path, a, "a", ["--run-spec", str(spec), *identity["a"], *extra, *pay[0]]))
         run = ["--run", RunSpec.from_toml(spec).run_id]
-        peers.append(lab_peer(tmp_path, b, "b", [*run, "--seed", "1", *identity["b"], *extra], attack="tamper_relays"))
-        peers.append(lab_peer(tmp_path, home_c, "c", [*run, "--seed", "2", "--client-mode", *identity["c"], *extra]))
-        peers.append(lab_peer(tmp_path, home_d, "d", [*run, "--seed", "3", "--client-mode", *identity["d"], *extra]))
+        peers.append(lab_peer(tmp_path, b, "b", [*run, "--seed", "1", *identity["b"], *extra, *pay[1]],
+                              attack="tamper_relays"))  # fmt: skip
+        nat = ["--client-mode", *extra]
+        peers.append(lab_peer(tmp_path, home_c, "c", [*run, "--seed", "2", *identity["c"], *nat, *pay[2]]))
+        peers.append(lab_peer(tmp_path, home_d, "d", [*run, "--seed", "3", *identity["d"], *nat, *pay[3]]))
         trainers = peers[1:]
         honest, attacker, *natted = (p.wait_event("started", 90)["peer_id"] for p in trainers)
 
@@ -244,6 +251,11 @@ def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_
         assert only_there, f"the NATed peer published nothing of its own:\n{trainers[2].tail()}"
         wait_until(lambda: all((kept / "blocks" / cid).exists() for cid in only_there), 60,
                    f"the keeper to copy {sorted(only_there)} from the NATed peer")  # fmt: skip
+        settled = [assert_settled_exactly_once(chain, p, account.address) for p, (_, account) in
+                   zip(trainers, chain["wallets"])]  # fmt: skip
+        print(f"receipts settled per peer: {settled}")
+        for p, (_, account) in zip(trainers[2:], chain["wallets"][2:]):  # the NATed peers: paid for most epochs
+            assert len([n for n in paid_epochs(chain["trainer"], account.address).values() if n > 0]) >= 4, p.tail()
 
 
 class LabProcess:
