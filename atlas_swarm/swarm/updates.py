@@ -1,6 +1,6 @@
 """A groupmate's update on the wire (swarm/gather.py's rounds): signed by its sender, checked by whoever receives it,
-directly or through a relay, and the request a client-mode member sends a relay for another one's update. Every
-function here takes bytes from the network and returns a value or a reason, never raises."""
+directly or through a relay, and the request a client-mode member sends a relay for another one's update. The two
+parsers of network bytes (check_update, parse_relay_request) return a value, or a reason or None; they never raise."""
 
 from __future__ import annotations
 
