@@ -92,7 +92,8 @@ def test_a_relay_request_names_its_round_and_the_wanted_member():
     assert parse_relay_request(relay_request(GROUP, PEER)) == (GROUP, PEER)
 
 
-FIELDS = st.one_of(st.binary(max_size=64), st.integers(), st.text(max_size=8), st.none())
+# what msgpack packs (it refuses integers beyond 64 bits: an unbounded strategy failed 1 full-suite run)
+FIELDS = st.one_of(st.binary(max_size=64), st.integers(-2**63, 2**64 - 1), st.text(max_size=8), st.none())
 
 
 @given(st.one_of(st.binary(max_size=5000), st.lists(FIELDS, max_size=4).map(msgpack.packb)))
