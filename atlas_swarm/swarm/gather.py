@@ -336,21 +336,9 @@ class GatherAverage:
                            {p: r for p, r in round_.via.items() if p in peers})  # fmt: skip
 
     async def _exchange(self, round_: Round, peer: str) -> None:
-        """Send our update to ``peer``; its answer is its own. A call that got no answer is made again (TRIES)."""
-        for attempt in range(TRIES):
-            try:
-                stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
-                stream = await stub.rpc_gather_update(_messages(round_.own, round_.group_id))
-                got = await self._read_update(stream, round_, peer)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                got = f"exchange failed: {type(e).__name__}"
-            again = isinstance(got, str) and (got.startswith(UNSEEN) or got == TRUNCATED)
-            if not again or attempt == TRIES - 1 or round_.ended:
-                break
-            await asyncio.sleep(PAUSE)
-        round_.settle(peer, got)
+        """Send our update to ``peer``; its answer is its own."""
+        round_.settle(peer, await self._ask(round_, peer, peer, lambda stub: stub.rpc_gather_update(
+            _messages(round_.own, round_.group_id))))
 
     async def _relayed(self, round_: Round, wanted: str, relays: Sequence[str]) -> None:
         """``wanted``'s update (a client-mode groupmate: we cannot call each other) as a reachable groupmate got it,
@@ -358,26 +346,32 @@ class GatherAverage:
         got = "relayed: nobody (no groupmate can reach both of us)"
         request = averaging_pb2.DownloadData(metadata=relay_request(round_.group_id, wanted))
         for relay in relays:
-            for _attempt in range(TRIES):  # an answer lost or cut short on the way is asked for again, as in _exchange
-                try:
-                    stub = self.get_stub(self._p2p, PeerID.from_base58(relay), namespace=self.prefix)
-                    got = await self._read_update(await stub.rpc_gather_relay(request), round_, wanted)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    got = f"exchange failed: {type(e).__name__}"
-                if not isinstance(got, str) or round_.ended or not (got.startswith(UNSEEN) or got == TRUNCATED):
-                    break
-                await asyncio.sleep(PAUSE)
+            got = await self._ask(round_, relay, wanted, lambda stub: stub.rpc_gather_relay(request))
             if not isinstance(got, str):
                 round_.via[wanted] = relay
                 break
-            if not (got.startswith(UNSEEN) or got == TRUNCATED) and self.gather_settings.gate is not None:
+            if not _unseen(got) and self.gather_settings.gate is not None:
                 self.gather_settings.gate.count("refused_relays")  # it forwarded what ``wanted`` did not send
             got = f"relayed: {got}"
             if round_.ended:
                 break
         round_.settle(wanted, got)
+
+    async def _ask(self, round_: Round, peer: str, sender: str, call):
+        """``sender``'s update from ``peer`` through ``call(stub)``, or why there is none. A call whose answer was lost
+        or cut short on the way is made again (TRIES in all)."""
+        for attempt in range(TRIES):
+            try:
+                stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+                got = await self._read_update(await call(stub), round_, sender)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                got = f"exchange failed: {type(e).__name__}"
+            if not (isinstance(got, str) and _unseen(got)) or attempt == TRIES - 1 or round_.ended:
+                break
+            await asyncio.sleep(PAUSE)
+        return got
 
     async def _read_update(self, stream: AsyncIterator, round_: Round, sender: str):
         limit = round_.numel * 4 + 4096  # float32 is the widest compression we accept
@@ -467,6 +461,11 @@ class GatherAverage:
         if asked[1] in round_.raw:
             async for message in _messages(round_.raw[asked[1]], round_.group_id):
                 yield message
+
+
+def _unseen(why: str) -> bool:
+    """A drop that says nothing about whose fault it was: nothing came, or what came was cut short on the way."""
+    return why.startswith(UNSEEN) or why == TRUNCATED
 
 
 def _forget_ended(rounds: dict) -> None:
