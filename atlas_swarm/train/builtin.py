@@ -38,9 +38,10 @@ def _dialogs(split: str) -> list[tuple[str, list[str]]]:
     except ImportError:
         raise DataError("builtin:chatterbot-topics needs `pip install chatterbot-corpus pyyaml`.") from None
     root = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: the same documents, 0.3 s less start-up
     rows = []
     for topic in CHATTERBOT_TOPICS:
-        doc = yaml.safe_load((root / f"{topic}.yml").read_text())
+        doc = yaml.load((root / f"{topic}.yml").read_text(), Loader=loader)
         for dialog in doc.get("conversations", []):
             turns = [str(turn) for turn in dialog]
             heldout = int(hashlib.sha256(" ".join(turns).encode()).hexdigest(), 16) % 5 == 0
