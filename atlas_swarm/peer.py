@@ -329,7 +329,7 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
     record = EpochRecord(p.spec.run_id, p.swarm.peer_id, done.ended, done.epoch, done.samples, done.group,
                          tensors_hash(tensors), tensors,
                          weights=tuple(r.weights) if r else (), flagged=tuple(r.flagged) if r else (),
-                         result_hash=r.result_hash if r else "")  # fmt: skip
+                         result_hash=r.result_hash if r else "", clients=tuple(r.clients) if r else ())  # fmt: skip
     flagged = done.round.flagged if done.round is not None else ()
     p.outliers, p.last_outliers = p.outliers + len(flagged), flagged
     note_state(p)

@@ -1,6 +1,8 @@
 """Publishing the swarm's adapter: every K epochs one peer of the averaging group (the smallest PeerID, so the
 group publishes once) writes the adapter as a stock PEFT folder, puts it in its store, lists its CID in its signed
 DHT record of the run, and serves the blocks to anyone who asks. Fetchers verify every block (storage/dag.py).
+When that peer is in client mode (behind NAT: only nodes it connected to can ask it), the group's smallest reachable
+member publishes the same adapter too, so that every fetcher has a publisher it can dial.
 
 The published folder holds nothing peer-specific (run id, epoch, adapter hash, base model), so equal adapters get
 equal CIDs whoever publishes them.
@@ -32,16 +34,20 @@ class AdapterPublisher:
         self.on_checkpoint = None  # (epoch, cid) -> None: the CID this peer holds at a publishing epoch (its vote)
         swarm.serve_blocks(self.store.get_blocks)
 
-    def elected(self, group: tuple[str, ...]) -> bool:
-        """The group's smallest PeerID publishes; a peer that averaged alone publishes its own adapter."""
-        return not group or self.swarm.peer_id == min(group)
+    def elected(self, group: tuple[str, ...], clients: tuple[str, ...] = ()) -> bool:
+        """The group's smallest PeerID publishes; a peer that averaged alone publishes its own adapter. If the
+        smallest is one of the ``clients`` (client-mode members), the smallest other member publishes as well."""
+        if not group or self.swarm.peer_id == min(group):
+            return True
+        reachable = [p for p in group if p not in clients]
+        return min(group) in clients and bool(reachable) and self.swarm.peer_id == min(reachable)
 
     def on_epoch(self, model, report, reporter) -> Optional[str]:
         """The peer's epoch hook (report: proofs.EpochRecord) every K epochs: the elected peer publishes; the other
         members only compute the CID of the adapter they hold, for their checkpoint vote."""
         if report.epoch % self.every:
             return None
-        if not self.elected(report.group):
+        if not self.elected(report.group, report.clients):
             if self.on_checkpoint is not None:
                 try:
                     self.on_checkpoint(report.epoch, self.cid_of(model, report.epoch, report.adapter_hash))

@@ -20,3 +20,4 @@ class EpochRecord:
     weights: tuple[float, ...] = ()  # each ``group`` member's weight in the round, after clamping
     flagged: tuple[str, ...] = ()  # members the robust rule clipped or trimmed hard
     result_hash: str = ""  # hex sha256 of the round's aggregate (swarm/gather.py): the receipt's resultHash
+    clients: tuple[str, ...] = ()  # ``group`` members in client mode: nobody can dial them (behind NAT)

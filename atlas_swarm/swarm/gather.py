@@ -113,6 +113,7 @@ class RoundReport:
     seconds: tuple[float, float] = (0.0, 0.0)  # waiting for the groupmates' updates, then aggregating them
     result_hash: str = ""  # hex sha256 of the aggregate (float32): what the group's receipt names (proofs/receipt.py)
     relayed: dict = field(default_factory=dict)  # PeerID -> the groupmate that relayed its update (client-mode pairs)
+    clients: tuple[str, ...] = ()  # the members in client mode (nobody can dial them), sorted
 
 
 class RoundResult(dict):
@@ -333,7 +334,8 @@ class GatherAverage:
         return RoundReport(tuple(peers), settings.rule, result.weights, result.kept,
                            tuple(peers[i] for i in result.flagged), dict(round_.dropped),
                            (gathered - began, time.monotonic() - gathered), result_hash,
-                           {p: r for p, r in round_.via.items() if p in peers})  # fmt: skip
+                           {p: r for p, r in round_.via.items() if p in peers},
+                           tuple(sorted(clients & set(peers))))  # fmt: skip
 
     async def _exchange(self, round_: Round, peer: str) -> None:
         """Send our update to ``peer``; its answer is its own."""

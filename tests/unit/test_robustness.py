@@ -46,7 +46,7 @@ def test_a_full_disk_costs_one_publication_not_the_training(tmp_path, monkeypatc
     monkeypatch.setattr(publish, "save_adapter", disk_full)
     publisher = publish.AdapterPublisher(FakeSwarm(), "run-0123456789abcdef", "base", tmp_path / "store", None, 1)
     events = Events()
-    report = type("R", (), {"epoch": 2, "group": (), "adapter_hash": "ab" * 32})()
+    report = type("R", (), {"epoch": 2, "group": (), "clients": (), "adapter_hash": "ab" * 32})()
     assert publisher.on_epoch(object(), report, events) is None
     assert publisher.on_epoch(object(), type(report)(), events) is None
     (kind, fields), _ = events.seen

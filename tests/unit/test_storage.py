@@ -190,6 +190,27 @@ def test_saved_adapter_configs_are_canonical_so_equal_adapters_get_equal_cids(tm
     assert json.loads((tmp_path / "0" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
 
 
+def test_a_group_whose_elected_publisher_is_behind_nat_has_a_reachable_member_publish_too(tmp_path):
+    """The smallest PeerID publishes; when it is in client mode (nobody can dial it), so does the smallest reachable
+    member: both hold the group's adapter, so both list the same CID and a fetcher has a publisher it can reach."""
+    from atlas_swarm.checkpoints.publish import AdapterPublisher
+
+    def publishers(group, clients):
+        chosen = []
+        for me in group:
+            swarm = FakeSwarm()
+            swarm.peer_id = me
+            if AdapterPublisher(swarm, "run-0123456789abcdef", "base", tmp_path / me, None, 2).elected(group, clients):
+                chosen.append(me)
+        return chosen
+
+    assert publishers(("A", "B", "C", "D"), ()) == ["A"]
+    assert publishers(("A", "B", "C", "D"), ("A", "C")) == ["A", "B"]
+    assert publishers(("A", "B", "C", "D"), ("A", "B")) == ["A", "C"]
+    assert publishers(("A", "B", "C", "D"), ("B", "C")) == ["A"]  # the elected one is reachable: it alone
+    assert publishers(("A", "B"), ("A", "B")) == ["A"]  # nobody reachable (cannot average anyway): as before
+
+
 def test_keeper_keeps_and_lists_only_what_the_run_vouches_for(tmp_path):
     from atlas_swarm.checkpoints.keeper import Keeper
     from atlas_swarm.swarm.records import PublishedAdapter
