@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from atlas_swarm.checkpoints.vouch import vouched
+from atlas_swarm.checkpoints.vouch import reachable_first, vouched
 from atlas_swarm.errors import StorageError
 from atlas_swarm.majority import ranked
 from atlas_swarm.storage.dag import MAX_ADAPTER_BYTES, first_good
@@ -73,7 +73,8 @@ class Keeper:
         first_sight = run_id not in self.kept
         kept = self.kept.setdefault(run_id, {})
         published = [(pid, a) for pid, a in swarm.published_adapters(run_id) if pid != swarm.peer_id]
-        good = vouched(published, {pid: s.epoch for pid, s in swarm.peer_statuses(run_id).items()})
+        statuses = swarm.peer_statuses(run_id)
+        good = vouched(published, {pid: s.epoch for pid, s in statuses.items()})
         now = time.monotonic()
         for epoch in sorted(good, reverse=True):  # newest first: a full quota keeps the newest
             cid = good[epoch]
@@ -83,7 +84,7 @@ class Keeper:
             if room <= 0:
                 self.errors[cid] = f"not kept: run {run_id}'s quota of {self.run_quota} bytes is used up"
                 continue
-            publishers = sorted({pid for pid, a in published if a.cid == cid})
+            publishers = reachable_first({pid for pid, a in published if a.cid == cid}, statuses)
             sources = [("this keeper's store", self.store.get_blocks)]
             sources += [(f"peer {pid}", swarm.blocks_from(pid)) for pid in publishers]
             try:

@@ -37,6 +37,19 @@ def vouched(published: Iterable[tuple[str, object]], reached: Mapping[str, int])
     return out
 
 
+def reachable_first(publishers: Iterable[str], statuses: Mapping[str, object]) -> list[str]:
+    """The order to ask ``publishers`` in: those whose live status says they accept connections first, then those
+    without a status, then the ones in client mode (behind NAT: a fetcher not connected to one waits for a failed
+    dial, about 2 s per request); PeerID order within each. A status that lies about it costs the fetcher one source
+    (blocks are verified), as any publisher can."""
+    def rank(pid: str) -> int:
+        status = statuses.get(pid)
+        mode = getattr(status, "client_mode", None)
+        return 1 if mode is None else 2 if mode else 0
+
+    return sorted(set(publishers), key=lambda pid: (rank(pid), pid))
+
+
 def choose(published: Sequence[tuple[str, object]], reached: Mapping[str, int],
            epoch: Optional[int] = None) -> tuple[int, str, list[str]]:  # fmt: skip
     """(epoch, CID, its publishers) of the newest vouched epoch (or of ``epoch``, if vouched)."""

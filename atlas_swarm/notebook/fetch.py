@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from atlas_swarm.checkpoints.vouch import choose
+from atlas_swarm.checkpoints.vouch import choose, reachable_first
 from atlas_swarm.errors import AtlasError, StorageError
 from atlas_swarm.model.lora import load_adapter_weights, load_base, load_model
 from atlas_swarm.storage import CorruptBlock, IpfsStore, LocalStore, cid_of_folder
@@ -37,7 +37,8 @@ def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
     deadline = time.monotonic() + timeout
     while True:
         published = run.swarm.published_adapters(run.run_id)
-        reached = {pid: s.epoch for pid, s in run.swarm.peer_statuses(run.run_id).items()}
+        statuses = run.swarm.peer_statuses(run.run_id)
+        reached = {pid: s.epoch for pid, s in statuses.items()}
         try:
             if run._chain is not None:
                 recorded = on_chain(run._chain, run._chain_run(), published, epoch)
@@ -50,6 +51,7 @@ def fetch_adapter(run, epoch: Optional[int], timeout: float) -> Path:
                 publishers = sorted({pid for pid, a in published if a.cid == cid})
             else:
                 epoch_, cid, publishers = choose(published, reached, epoch)
+            publishers = reachable_first(publishers, statuses)
             break
         except StorageError:
             if time.monotonic() >= deadline:

@@ -211,6 +211,15 @@ def test_a_group_whose_elected_publisher_is_behind_nat_has_a_reachable_member_pu
     assert publishers(("A", "B"), ("A", "B")) == ["A"]  # nobody reachable (cannot average anyway): as before
 
 
+def test_publishers_that_accept_connections_are_asked_before_those_behind_nat():
+    from atlas_swarm.checkpoints.vouch import reachable_first
+
+    statuses = {"A": SimpleNamespace(client_mode=True), "B": SimpleNamespace(client_mode=False),
+                "D": SimpleNamespace(client_mode=False), "E": object()}  # fmt: skip
+    assert reachable_first(["A", "B", "C", "D", "E", "B"], statuses) == ["B", "D", "C", "E", "A"]
+    assert reachable_first([], statuses) == []
+
+
 def test_keeper_keeps_and_lists_only_what_the_run_vouches_for(tmp_path):
     from atlas_swarm.checkpoints.keeper import Keeper
     from atlas_swarm.swarm.records import PublishedAdapter
