@@ -83,6 +83,7 @@ UNSEEN = ("sent nothing", "exchange failed", "relayed")  # drops that say nothin
 # although the callee had sent its update (its round had ended just then; 1 run in 5 of the 4-peer chain test). In a
 # 3-peer state round that left two members each with a pair (refused), and three adapters left the run.
 TRIES, PAUSE, KEPT = 3, 0.05, WAIT
+HEDGE = 0.3  # seconds a relay may take before the next one is asked too (it may wait for the update, or hold it)
 # The same loss can take only the tail of an answer (updates.TRUNCATED): that call is made again too. A groupmate that
 # sends a bad digest on purpose costs the caller TRIES calls, no more.
 
@@ -344,19 +345,35 @@ class GatherAverage:
 
     async def _relayed(self, round_: Round, wanted: str, relays: Sequence[str]) -> None:
         """``wanted``'s update (a client-mode groupmate: we cannot call each other) as a reachable groupmate got it,
-        asking the next one when a relay answers nothing valid; checked as if ``wanted`` had sent it."""
+        checked as if ``wanted`` had sent it. Relays are asked in order, the next one as soon as one answers nothing
+        valid or has taken HEDGE s without answering (a relay holding its answer open costs HEDGE, not the update);
+        the first valid forward is taken, and the requests still open are dropped."""
         got = "relayed: nobody (no groupmate can reach both of us)"
         request = averaging_pb2.DownloadData(metadata=relay_request(round_.group_id, wanted))
-        for relay in relays:
-            got = await self._ask(round_, relay, wanted, lambda stub: stub.rpc_gather_relay(request))
-            if not isinstance(got, str):
-                round_.via[wanted] = relay
-                break
-            if not _unseen(got) and self.gather_settings.gate is not None:
-                self.gather_settings.gate.count("refused_relays")  # it forwarded what ``wanted`` did not send
-            got = f"relayed: {got}"
-            if round_.ended:
-                break
+        left, asking, ask_next = list(relays), {}, True
+        try:
+            while left or asking:
+                if left and ask_next:
+                    relay = left.pop(0)
+                    asking[asyncio.create_task(self._ask(round_, relay, wanted,
+                                                         lambda stub: stub.rpc_gather_relay(request)))] = relay
+                done, _ = await asyncio.wait(asking, timeout=HEDGE if left else None,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                ask_next = True  # an answer that was not valid, or the hedge
+                for task in done:
+                    relay, answer = asking.pop(task), task.result()
+                    if not isinstance(answer, str):
+                        round_.via[wanted] = relay
+                        round_.settle(wanted, answer)
+                        return
+                    if not _unseen(answer) and self.gather_settings.gate is not None:
+                        self.gather_settings.gate.count("refused_relays")  # it forwarded what ``wanted`` did not send
+                    got = f"relayed: {answer}"
+                if round_.ended:
+                    break
+        finally:
+            for task in asking:
+                task.cancel()
         round_.settle(wanted, got)
 
     async def _ask(self, round_: Round, peer: str, sender: str, call):

@@ -97,6 +97,20 @@ class Withholds(Member):
         yield
 
 
+class HoldsOpen(Withholds):
+    """A relay that answers no relay request and never ends one: the asker waits for it, unless it asks the next."""
+
+    asked: list = []
+    _rpc_handlers = _stub_type = None
+
+    async def rpc_gather_relay(self, request: averaging_pb2.DownloadData,
+                               context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        self.asked.append(request.metadata)
+        await asyncio.sleep(60)
+        return
+        yield
+
+
 async def nodes(tmp_path, classes) -> list[Member]:
     """A member of each class, each on its own p2pd, all knowing the first."""
     members = []
@@ -232,6 +246,35 @@ def test_two_client_mode_members_get_each_others_updates_through_a_relay_passing
         sent = gather.deserialize(rounds[other].own[1]).reshape(-1).float()
         assert torch.equal(rounds[me].updates[other][1], sent)
     assert len(Withholds.asked) == 2 * gather.TRIES and took < 3.0, (len(Withholds.asked), took)
+
+
+def test_a_relay_that_holds_its_answer_open_costs_the_asker_one_hedge_not_the_update(tmp_path):
+    """The first relay takes every request and never answers (it could wait out the asker's round that way): the
+    asker also asks the next relay after gather.HEDGE s, and takes its forward. Before the hedge, the asker waited for
+    the first relay until its round ended, and each client-mode member went without the other's update."""
+
+    async def main():
+        holder, relay, a, b = await nodes(tmp_path, [HoldsOpen, Member, Member, Member])
+        try:
+            gid, clients = b"relay-3", frozenset([a.name, b.name])
+            names = tuple(sorted(m.name for m in (holder, relay, a, b)))
+            relays = [holder.name, relay.name]
+            rounds = {m.name: m.round(gid, names, forward=clients if m in (holder, relay) else frozenset())
+                      for m in (holder, relay, a, b)}  # fmt: skip
+            await asyncio.gather(*[m._exchange(rounds[m.name], r) for m in (a, b) for r in relays])
+            began = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(a._relayed(rounds[a.name], b.name, relays),
+                                                  b._relayed(rounds[b.name], a.name, relays)), 10)
+            return rounds, time.monotonic() - began, a.name, b.name, relay.name
+        finally:
+            await shut([holder, relay, a, b])
+
+    rounds, took, a, b, relay = asyncio.run(main())
+    for me, other in ((a, b), (b, a)):
+        assert rounds[me].via == {other: relay}, rounds[me].dropped
+        sent = gather.deserialize(rounds[other].own[1]).reshape(-1).float()
+        assert torch.equal(rounds[me].updates[other][1], sent)
+    assert len(HoldsOpen.asked) == 2 and took < gather.HEDGE + 1.5, (len(HoldsOpen.asked), took)
 
 
 def test_a_relay_forwards_only_to_client_mode_members_of_the_round_and_only_tries_times_each(tmp_path):
