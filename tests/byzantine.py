@@ -135,26 +135,17 @@ def freeload():
 
 @attack
 def tamper_relays():
-    """As a reachable groupmate, relay the client-mode members' updates to one another (swarm/gather.py) badly: hold
-    every request of the round's smallest client-mode member open, answering nothing, and forward the others' updates
+    """As a reachable groupmate, forward the client-mode members' updates to one another (swarm/gather.py's relay)
     with their weight claims multiplied by 1e6, the senders' signatures kept (so not for commits before relays)."""
-    import asyncio
-
     import msgpack
 
-    from atlas_swarm.swarm.gather import WAIT, GatherAverage
-    from atlas_swarm.swarm.updates import parse_relay_request
+    from atlas_swarm.swarm.gather import GatherAverage
 
     honest = getattr(GatherAverage, "rpc_gather_relay", None)
     if honest is None:  # a commit before relays: nothing to tamper with
         return
 
     async def rpc_gather_relay(self, request, context):
-        asked = parse_relay_request(request.metadata)
-        round_ = self._gather_rounds.get(asked[0]) if asked else None
-        if round_ is not None and round_.forward and context.remote_id.to_base58() == min(round_.forward):
-            await asyncio.sleep(2 * WAIT)  # past the asker's round: it waits for this relay, or asks the next
-            return
         async for message in honest(self, request, context):
             if message.metadata:
                 header, signature = msgpack.unpackb(message.metadata, raw=True)

@@ -184,13 +184,10 @@ def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_
     - Relays. Nobody can dial the NATed peers, not even each other: each gets the other's signed update relayed by a
       public groupmate (swarm/gather.py), so all four aggregate the same updates, and the four finishers agree on one
       adapter. The public peer asked first (the smaller PeerID) is an attacker (tests/byzantine.py tamper_relays: it
-      trains honestly, holds every relay request of one NATed peer open without answering, and forwards the other's
-      updates with their weights x1e6, their signatures kept): the held requests cost a hedge (gather.HEDGE) before
-      the honest public peer is asked too, the tampered forwards are refused and counted, and the honest relay's
-      forwards are used. Before the hedge, the held NATed peer waited for the attacker until its round ended and went
-      without the other's update in every round (1 run). On the code before relays, each NATed peer dropped the
-      other's update in every round ("sent nothing in time", after waiting out the grace), and each epoch ended with
-      3 or 4 adapters among the four.
+      trains honestly and forwards the NATed peers' updates with their weights x1e6, their signatures kept): its
+      forwards are refused and counted, and the honest public peer's are used. On the code before relays, each NATed
+      peer dropped the other's update in every round ("sent nothing in time", after waiting out the grace), and each
+      epoch ended with 3 or 4 adapters among the four. (A relay that holds its answer open: test_gather_stream.py.)
     - Publications. A NATed peer holds the smallest PeerID, so its groups elect it to publish every 2 epochs; the
       group's smallest reachable member publishes the same adapter too (checkpoints/publish.py), so a fetcher that
       cannot dial the NATed peer can fetch it. The keeper copies it, every block verified. On the code before, the
@@ -234,8 +231,7 @@ def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_
             assert together and all(r == {other: honest} for r in together), (together, peer.tail())
             asked_first = [e for e in rounds if other in e["group"] and attacker in e["group"]]
             assert asked_first, f"the attacker was never a relay of {me}'s: {peer.tail()}"
-            if me == natted[1]:  # the attacker held natted[0]'s requests open, and tampered with natted[1]'s forwards
-                assert peer.wait_event("stopped", 1)["refusals"].get("refused_relays", 0) >= len(asked_first)
+            assert peer.wait_event("stopped", 1)["refusals"].get("refused_relays", 0) >= len(asked_first)
         seen = [e for p in trainers[:2] for e in p.events("epoch") if set(natted) <= set(e["group"])]
         assert seen, "the public peers never averaged with the NATed ones"
         # a round in which all four aggregated all four updates has one aggregate (before: each epoch ended with 3 or
@@ -260,7 +256,8 @@ def test_peers_behind_nats_average_through_relays_pass_over_a_tampering_one_and_
             public = {(i, e["cid"]) for i in (0, 1) for e in trainers[i].events("published") if e["epoch"] == epoch}
             assert public, f"no public peer published epoch {epoch} beside the NATed one: {trainers[1].tail()}"
             assert all(c == cid for i, c in public if held[i].get(epoch) == held[2][epoch]), (epoch, cid, public)
-            common |= {c for _, c in public} & {cid}
+            if cid in {c for _, c in public}:
+                common.add(cid)
         assert common, (natted_pub, held)
         wait_until(lambda: all((kept / "blocks" / cid).exists() for cid in common), 60,
                    f"the keeper to copy {sorted(common)}")  # fmt: skip
