@@ -347,7 +347,9 @@ def finish_epoch(p: Progress, done: EpochDone) -> None:
                      kept=dict(zip(r.group, r.kept)) if r else {}, outliers=list(flagged),
                      dropped=dict(r.dropped) if r else {}, relayed=dict(r.relayed) if r else {},
                      aggregate_hash=r.result_hash if r else "",
-                     round_s=[round(x, 4) for x in r.seconds] if r else [])  # fmt: skip
+                     round_s=[round(x, 4) for x in r.seconds] if r else [],
+                     state_s=round(done.state[0], 3) if done.state else None,
+                     state_group=list(done.state[1]) if done.state else None)  # fmt: skip
     if not finite_adapter(tensors):
         p.reporter.event("nonfinite", f"Epoch {done.epoch}: the adapter holds NaN or infinite values; not proved, "
                          f"published or saved (the swarm's state is downloaded when there is one)", epoch=done.epoch)

@@ -226,6 +226,16 @@ def round_epoch(data_for_gather: bytes, serializer) -> Optional[int]:
     return epoch if type(epoch) is int else None
 
 
+def round_group(control) -> tuple[str, ...]:
+    """The PeerIDs a finished round aggregated (sorted, this peer's included); () if it failed, was cancelled, had no
+    group or has not ended."""
+    try:
+        report = getattr(control.result(timeout=0), "report", None)
+    except Exception:  # why it has none: hivemind's caller logged it
+        return ()
+    return tuple(report.group) if report is not None else ()
+
+
 class GivesUp:
     """A state round's StepControl whose ``result`` stops waiting (the round cancelled) once the round has missed its
     group (StateAverager._do) or the peer is asked to stop."""
@@ -310,6 +320,7 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
     hivemind would look on until averaging_timeout."""
 
     skip_round = False
+    last_round = None  # (seconds, group) of the state round _do ran last (group () when it had none): the epoch event's
     should_stop = staticmethod(lambda: False)  # the optimizer's: a peer asked to stop skips its state round
     swarm_epoch = staticmethod(lambda: -1)  # the optimizer's: the highest epoch of the peers it follows, read now
 
@@ -338,8 +349,13 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
                 averaging_control = DecentralizedAverager.step(self, gather=self.local_epoch, require_trigger=True,
                                                                timeout=timeout, wait=False, **kwargs)  # fmt: skip
             averaging_control = GivesUp(averaging_control, self.local_epoch, self)
-        return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
-                           timeout=timeout, **kwargs)  # fmt: skip
+        began = time.perf_counter()
+        try:
+            return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
+                               timeout=timeout, **kwargs)  # fmt: skip
+        finally:
+            if averaging_round:
+                self.last_round = (time.perf_counter() - began, round_group(averaging_control))
 
     def average_once(self, timeout: float, should_stop=lambda: False) -> tuple[str, ...]:
         """One state round at this peer's epoch outside the schedule, its result applied at once (hivemind applies a

@@ -43,6 +43,7 @@ class EpochDone:
     group: tuple[str, ...]  # PeerIDs whose gradients were aggregated, this peer's too (empty: local gradients)
     seconds: float  # wall time of the transition: the round, optimizer step, state averaging when due
     round: Optional[RoundReport] = None  # the gradient round: weights, what was kept, outliers, dropped members
+    state: Optional[tuple[float, tuple[str, ...]]] = None  # the state round: its seconds and group (() if none formed)
 
 
 class ThrottledTracker(ProgressTracker):
@@ -201,7 +202,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         samples = self.grad_averager.local_samples_accumulated if self.grad_averager is not None else 0
         ended = self.local_epoch
         self._group, self._round = (), None
-        self.state_averager.skip_round = False
+        self.state_averager.skip_round, self.state_averager.last_round = False, None
         t0 = time.perf_counter()
         # The transition into a peer's final epoch averages the state too, whatever average_state_every says: the
         # peers stopping there then hold bit-identical parameters, so their final vote counts real agreement. After
@@ -219,7 +220,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.local_mean = None  # the fallback's gradient, for this transition only
         self.tracker.began = (self.local_epoch, get_dht_time())  # the others' records at this epoch count from here
         self.completed.append(EpochDone(ended, self.local_epoch, samples, self._group, time.perf_counter() - t0,
-                                        self._round))  # fmt: skip
+                                        self._round, self.state_averager.last_round))  # fmt: skip
         now = time.monotonic()
         if self._epoch_began is not None:
             self._epoch_seconds = now - self._epoch_began

@@ -79,6 +79,12 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
             # what a peer is credited with never exceeds what it trained on (an epoch's last step may be shorter
             # than the batch, see SwarmOptimizer.next_step, so totals need not be multiples of it)
             assert 0 < sum(e["samples"] for e in epochs) <= stopped["samples_total"]
+            # a state round runs at the transitions into even epochs (average_state_every = 2) and the last; the event
+            # says how long it took and whom it averaged
+            me = p.wait_event("started", 1)["peer_id"]
+            assert all(e["state_s"] is None and e["state_group"] is None for e in epochs if e["epoch"] % 2), epochs
+            assert all(e["state_s"] > 0 and me in e["state_group"] for e in epochs if e["state_group"]), epochs
+        assert any(len(e["state_group"] or ()) >= 2 for p in peers for e in p.events("epoch")), "no state round averaged"
         # the loss fell: the shared adapter vs the initial one, on the same 200 texts (minibatch losses are too noisy)
         before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")
         assert after < before, f"loss did not fall: {before} -> {after}"

@@ -18,8 +18,8 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.serializer import MSGPackSerializer
 
 from atlas_swarm.swarm import averagers
-from atlas_swarm.swarm.averagers import EpochKeys, GivesUp, StateAverager, flat_buffer, round_epoch
-from atlas_swarm.swarm.gather import spanned_buffer
+from atlas_swarm.swarm.averagers import EpochKeys, GivesUp, StateAverager, flat_buffer, round_epoch, round_group
+from atlas_swarm.swarm.gather import RoundResult, spanned_buffer
 
 
 def test_flat_buffer_views_tile_one_shared_buffer_in_order():
@@ -117,6 +117,16 @@ def test_a_state_round_that_has_its_group_is_not_given_up_and_its_result_comes_t
     control.stage = AveragingStage.RUNNING_ALLREDUCE  # the group is averaging: its round ends by itself (gather.WAIT)
     threading.Timer(0.4, lambda: control.set_result({"peer": 4})).start()
     assert GivesUp(control, 4, averager(swarm_epoch=9)).result(timeout=5) == {"peer": 4}
+
+
+def test_a_rounds_group_is_what_its_report_names_and_empty_unless_it_ended_with_one():
+    ended, looking, cancelled, bare = looking_control(), looking_control(), looking_control(), looking_control()
+    ended.set_result(RoundResult(peer=4))
+    ended.result().report = SimpleNamespace(group=("a", "b"))
+    cancelled.cancel()
+    bare.set_result({"peer": 4})  # a result without our report (no round of ours ran)
+    wrapped = GivesUp(ended, 4, averager())
+    assert [round_group(c) for c in (ended, wrapped, looking, cancelled, bare)] == [("a", "b"), ("a", "b"), (), (), ()]
 
 
 def test_a_peer_asked_to_stop_leaves_its_state_round_at_once():
