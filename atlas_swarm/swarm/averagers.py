@@ -317,7 +317,12 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
     ``skip_round``: the optimizer sets it when the swarm averaged this epoch without this peer (see
     SwarmOptimizer._give_up_without_a_group), or the peer is stopping. The state round due at that transition is then
     skipped, its pre-scheduled search cancelled: the groupmates it would look for have had that round already, and
-    hivemind would look on until averaging_timeout."""
+    hivemind would look on until averaging_timeout. Not a search that has its group already (the state round was
+    pre-scheduled with the gradient round and can find a group the gradient round did not): its groupmates are
+    waiting for this peer's state. Skipped, it cost them gather.WAIT (5 s, where a refused member's update kept them
+    under the quorum), then the pair rule refused what was left; two peers so began the next epoch 3 s late, and
+    nobody found a group in it (a receipt test run, 2026-12-05). So that round runs, and it averages this peer's
+    parameters, stepped on local gradients, back with the others'."""
 
     skip_round = False
     last_round = None  # (seconds, group) of the state round _do ran last (group () when it had none): the epoch event's
@@ -330,7 +335,9 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
         super().__init__(**kwargs)
 
     def step(self, *, averaging_round: bool = False, averaging_control=None, **kwargs):
-        if averaging_round and (self.skip_round or self.should_stop()):
+        grouped = getattr(averaging_control, "stage", None) in (AveragingStage.AWAITING_TRIGGER,
+                                                                AveragingStage.RUNNING_ALLREDUCE)  # fmt: skip
+        if averaging_round and ((self.skip_round and not grouped) or self.should_stop()):
             if averaging_control is not None and not averaging_control.done():
                 cancel_round(averaging_control)
             averaging_round, averaging_control = False, None

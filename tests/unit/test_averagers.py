@@ -63,20 +63,31 @@ def test_only_an_integer_gathered_is_an_epoch():
     assert round_epoch(b"\xc1 not msgpack", MSGPackSerializer) is None
 
 
-def test_a_state_round_the_swarm_already_had_is_skipped_and_its_search_cancelled(monkeypatch):
+def test_a_state_round_the_swarm_already_had_is_skipped_and_its_search_cancelled_unless_it_has_its_group(monkeypatch):
     calls = []
     monkeypatch.setattr(TrainingStateAverager, "step", lambda self, **kw: calls.append(kw))
     averager = object.__new__(StateAverager)  # no processes: only the step's arguments matter here
     averager._parent_pid = -1  # hivemind's __del__ then leaves the (never started) averager alone
-    searching = SimpleNamespace(done=lambda: False, cancel=lambda: calls.append("cancelled"))
+    searching = SimpleNamespace(done=lambda: False, cancel=lambda: calls.append("cancelled"),
+                                stage=AveragingStage.LOOKING_FOR_GROUP)  # fmt: skip
     averager.step(averaging_round=True, averaging_control=searching, increment_epoch=True)
     averager.skip_round = True
     averager.step(averaging_round=True, averaging_control=searching, increment_epoch=True)
     averager.step(averaging_round=False, increment_epoch=True)  # nothing to skip
+    # a search that has its group already: its groupmates wait for this peer's state, so the round runs (unless the
+    # peer is stopping)
+    grouped = SimpleNamespace(done=lambda: False, cancel=lambda: calls.append("cancelled"),
+                              stage=AveragingStage.AWAITING_TRIGGER)  # fmt: skip
+    averager.step(averaging_round=True, averaging_control=grouped, increment_epoch=True)
+    averager.should_stop = lambda: True
+    averager.step(averaging_round=True, averaging_control=grouped, increment_epoch=True)
     assert calls == [
         {"averaging_round": True, "averaging_control": searching, "increment_epoch": True},
         "cancelled",
         {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
+        {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
+        {"averaging_round": True, "averaging_control": grouped, "increment_epoch": True},
+        "cancelled",
         {"averaging_round": False, "averaging_control": None, "increment_epoch": True},
     ]
 
