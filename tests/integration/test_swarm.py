@@ -84,7 +84,7 @@ def test_three_peers_with_different_batch_sizes_end_with_the_same_adapter(tmp_pa
             me = p.wait_event("started", 1)["peer_id"]
             assert all(e["state_s"] is None and e["state_group"] is None for e in epochs if e["epoch"] % 2), epochs
             assert all(e["state_s"] > 0 and me in e["state_group"] for e in epochs if e["state_group"]), epochs
-        assert any(len(e["state_group"] or ()) >= 2 for p in peers for e in p.events("epoch")), "no state round averaged"
+        assert any(len(e["state_group"] or ()) >= 2 for p in peers for e in p.events("epoch")), "no state averaged"
         # the loss fell: the shared adapter vs the initial one, on the same 200 texts (minibatch losses are too noisy)
         before, after = eval_loss(spec, text_data, None), eval_loss(spec, text_data, peers[0].out / "adapter")
         assert after < before, f"loss did not fall: {before} -> {after}"
