@@ -6,6 +6,7 @@
     gather                  a round: all-gather of signed updates, each member aggregating them (train/aggregate.py)
     gate                    the admitted set and refusal counts, shared with the averager processes
     schedule                when to look for a group, how long the last step is (pure functions, no hivemind)
+    hold                    a leader holds its group open for the peers it follows (in the averager processes)
     consensus               finishing peers agree on one final adapter
     records                 the DHT record types (bounded pydantic schemas)
     blocks / audit / logs   block serving over p2p; rejected-record counts; hivemind's log lines
@@ -54,7 +55,8 @@ HIVEMIND_OVERRIDES = {
     # the averagers (swarm/averagers.py)
     "averagers.CancelOnShutdown._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
     "averagers.Admitted.rpc_join_group": "refuse join requests from non-admitted peers (counted)",
-    "averagers.EpochGroups._step": "group keys carry the round's epoch (rounds of different epochs never meet)",
+    "averagers.EpochGroups._step": "group keys carry the round's epoch (rounds of different epochs never meet); a "
+    "leader holds its group open for the peers it follows (hold.py)",
     "averagers.EpochKeys.__init__": "knows the matchmaking whose round's epoch goes into the key",
     "averagers.EpochKeys.current_key": "prefix_epochN.0b... instead of prefix.0b...",
     "averagers.GradAverager.__init__": "one shared buffer for the averaged gradients; no state donor",

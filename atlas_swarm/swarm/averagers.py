@@ -43,6 +43,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from atlas_swarm.swarm import loaded_state
 from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.gather import GatherAverage, Settings
+from atlas_swarm.swarm.hold import hold_open
 from atlas_swarm.swarm.tasks import PinsTasks
 
 logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
@@ -123,7 +124,8 @@ class EpochGroups:
     for the next epoch, which was not triggered for seconds: the retried round timed out on the groupmate's part, and
     the groupmate's next round then timed out on a peer that had left it. Each spoiled round spoiled the next one, for
     the whole run (bench_averaging, 2 peers: every round 4 or 8 s, hivemind's part timeouts, 58.8 % of epoch time).
-    Rounds without an epoch keep hivemind's key."""
+    Rounds without an epoch keep hivemind's key. Beside each round, a leader holds its group open for the peers it
+    follows (swarm/hold.py)."""
 
     async def _step(self, *, step, **kwargs):  # runs in the averager's process, where the matchmaking lives
         matchmaking = self._matchmaking
@@ -132,7 +134,12 @@ class EpochGroups:
             matchmaking.group_key_manager = EpochKeys(plain.dht, plain.prefix, plain.group_bits,
                                                       plain.target_group_size, matchmaking, self.serializer,
                                                       self.gather_settings.gate)  # fmt: skip
-        return await super()._step(step=step, **kwargs)
+        gate = self.gather_settings.gate
+        holding = asyncio.create_task(hold_open(matchmaking, step, gate.followed if gate is not None else frozenset))
+        try:
+            return await super()._step(step=step, **kwargs)
+        finally:
+            holding.cancel()
 
 
 class EpochKeys(GroupKeyManager):

@@ -99,6 +99,7 @@ class ThrottledTracker(ProgressTracker):
         median = lower_median(r["samples_per_second"] for r in kept.values()
                               if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
         self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
+        self.swarm_rate = sum(r["samples_per_second"] for r in kept.values() if math.isfinite(r["samples_per_second"]))
         return progress
 
     def run(self):
@@ -120,6 +121,7 @@ class ThrottledTracker(ProgressTracker):
 
     _others = 0  # at the last fetch: the samples the other followed records count toward the swarm's epoch
     _own_rate_cap = math.inf
+    swarm_rate = 0.0  # at the last fetch: the followed records' summed samples/s (this peer's own included)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         # Between fetches hivemind adds this peer's new samples to its view of the swarm's, uncapped, while the others
@@ -264,16 +266,30 @@ class SwarmOptimizer(hivemind.Optimizer):
     # The state override also drops hivemind's wait for a first timing of a pre-scheduled state round: it only
     # timed pre-scheduled rounds, so it never pre-scheduled one.
     # Right after a transition the tracker knows nothing until its next fetch: the last epoch's length stands in,
-    # and at this peer's first transition (a newcomer's too) the time every peer at this peer's rate would take.
-    # Without that, a newcomer looked for its first group mid-epoch, after the others' group had assembled at the
-    # transition, and missed it (late-joiner test: in no group at all). The maths: swarm/schedule.py.
-    def _time_to_look(self, delay: float = 0.0) -> bool:
+    # and at this peer's first transition (a newcomer's too) the time the swarm takes at the peers' summed rate as
+    # last fetched. Without that, a newcomer looked for its first group mid-epoch, after the others' group had
+    # assembled at the transition, and missed it (late-joiner test: in no group at all); estimated from this peer's
+    # own rate times the peers (as it was until 2026-12-05), a peer still slow from its start-up (28.6-31.7
+    # samples/s against the others' 150-460) expected a 15-s epoch at its first transition, past the horizon, and
+    # began looking 2.7 s after the others (receipt test, 1 run: left out of their group).
+    # A round's search declares the epoch's estimated end (plus a margin) as its end, not the look plus
+    # matchmaking_time: hivemind's leader assembles its group then, and a peer that looked later was left out
+    # (swarm/hold.py: the leader's own rule assembles it earlier). The maths: swarm/schedule.py.
+    def _to_epoch_end(self) -> float:
         since = None if self._epoch_began is None else time.monotonic() - self._epoch_began
-        to_end = schedule.seconds_to_epoch_end(
+        return schedule.seconds_to_epoch_end(
             self.tracker.estimated_next_update_time - get_dht_time(), since, self._epoch_seconds, self._peers(),
-            self.tracker.performance_ema.samples_per_second, self.tracker.target_batch_size)  # fmt: skip
-        return schedule.time_to_look(self._peers(), to_end, delay,
+            self.tracker.performance_ema.samples_per_second, self.tracker.target_batch_size,
+            self.tracker.swarm_rate)  # fmt: skip
+
+    def _time_to_look(self, delay: float = 0.0) -> bool:
+        return schedule.time_to_look(self._peers(), self._to_epoch_end(), delay,
                                      schedule.horizon(self.averaging_timeout, self.matchmaking_time))  # fmt: skip
+
+    def _search_end(self, delay: float = 0.0) -> float:
+        """The DHT time a round's search declares as its end (schedule.search_ends_in; see swarm/hold.py)."""
+        return get_dht_time() + schedule.search_ends_in(self._to_epoch_end() + delay, self.matchmaking_time,
+                                                        self.averaging_timeout)  # fmt: skip
 
     @staticmethod
     def _free(control) -> bool:  # no pending pre-scheduled round
@@ -292,7 +308,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         return super()._begin_averaging_gradients(grad_scaler)
 
     def _schedule_gradient_round(self):
-        return self.grad_averager.schedule_step(timeout=self.averaging_timeout, gather=self.local_epoch + 1)
+        return self.grad_averager.schedule_step(self._search_end(), timeout=self.averaging_timeout,
+                                                gather=self.local_epoch + 1)  # fmt: skip
 
     # A round that has no group when its epoch ends may still get one (hivemind assembles a group some time after
     # its leader's declared time), but once the swarm has moved to the next epoch it cannot: its groupmates-to-be
@@ -411,7 +428,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it
         if self._time_to_look(delay) and self._free(self.scheduled_state):
             log.log(self.status_loglevel, "Pre-scheduling state averaging round")
-            self.scheduled_state = self.state_averager.schedule_step(gather=next_epoch, timeout=self.averaging_timeout)
+            self.scheduled_state = self.state_averager.schedule_step(self._search_end(delay), gather=next_epoch,
+                                                                     timeout=self.averaging_timeout)  # fmt: skip
 
     def next_step(self, batch_size: int) -> tuple[int, bool]:
         """The next step's samples, and whether it runs in fine micro-batches that end it as soon as the swarm's

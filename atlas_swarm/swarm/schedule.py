@@ -14,18 +14,42 @@ def horizon(averaging_timeout: float, matchmaking_time: float) -> float:
 
 
 def seconds_to_epoch_end(eta: float, since_transition: Optional[float], last_epoch_seconds: float, peers: int,
-                         rate: float, target: int) -> float:  # fmt: skip
+                         rate: float, target: int, swarm_rate: float = 0.0) -> float:  # fmt: skip
     """Seconds until the swarm's epoch ends. ``eta``: the tracker's estimate (inf when it knows nothing, as between
     a transition and its next fetch); then the last epoch's length stands in, and before any (a first transition, a
-    newcomer) the time ``peers`` peers at this peer's ``rate`` take for ``target`` samples, both counted from the
-    transition ``since_transition`` seconds ago (None: no transition yet, nothing better than ``eta``)."""
+    newcomer) the time the swarm takes for ``target`` samples at ``swarm_rate`` (the peers' summed samples/s at the
+    last fetch; 0: unknown), else at ``peers`` times this peer's ``rate``, both counted from the transition
+    ``since_transition`` seconds ago (None: no transition yet, nothing better than ``eta``)."""
     if not math.isinf(eta) or since_transition is None:
         return eta
     length = last_epoch_seconds
     if math.isinf(length):
-        total = rate * max(1, peers)
+        total = swarm_rate if swarm_rate > 0 else rate * max(1, peers)
         length = target / total if total > 0 else math.inf
     return length - since_transition
+
+
+HOLD = 0.5  # seconds a leader holds its group open for a missing peer after its own epoch ended (assemble_now)
+
+
+def search_ends_in(to_epoch_end: float, matchmaking_time: float, averaging_timeout: float) -> float:
+    """Seconds from now that a round's search declares as its end (hivemind's expiration: the searcher with the
+    earliest is the leader, and hivemind assembles its group then): the epoch's estimated end plus 2 x HOLD, so that
+    a leader's own rule (assemble_now) decides first; at least ``matchmaking_time`` (hivemind's, and what an unknown
+    end gets), and a second before the round's timeout."""
+    if not math.isfinite(to_epoch_end):
+        return matchmaking_time
+    return max(matchmaking_time, min(to_epoch_end + 2 * HOLD, averaging_timeout - 1.0))
+
+
+def assemble_now(now: float, looking_since: float, triggered_at: Optional[float], matchmaking_time: float,
+                 members: set, expected: set, hold: float = HOLD) -> bool:  # fmt: skip
+    """Does a leader with followers assemble its group now? Not before it has looked ``matchmaking_time`` (hivemind's
+    window, as before); then once ``members`` (its followers and itself) hold every peer it follows (``expected``),
+    else ``hold`` seconds after its own epoch ended (its round was triggered at ``triggered_at``; None: not yet)."""
+    if now < looking_since + matchmaking_time:
+        return False
+    return expected <= members or (triggered_at is not None and now >= triggered_at + hold)
 
 
 def time_to_look(peers: int, to_epoch_end: float, delay: float, horizon_s: float) -> bool:

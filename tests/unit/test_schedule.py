@@ -4,10 +4,13 @@ functions, with numbers (the rounds themselves run in the multi-peer tests)."""
 import math
 
 from atlas_swarm.swarm.schedule import (
+    HOLD,
+    assemble_now,
     fine_step,
     highest_epoch,
     horizon,
     last_step_samples,
+    search_ends_in,
     seconds_to_epoch_end,
     state_round_epoch,  # fmt: skip
     time_to_look,
@@ -47,6 +50,40 @@ def test_at_its_first_transition_a_peer_estimates_the_epoch_from_its_own_rate():
     assert seconds_to_epoch_end(math.inf, 0.0, math.inf, peers=2, rate=8.0, target=100) == 6.25
     assert seconds_to_epoch_end(math.inf, 0.0, math.inf, peers=2, rate=8.0, target=960) == 60.0
     assert seconds_to_epoch_end(math.inf, 0.0, math.inf, peers=2, rate=0.0, target=100) == math.inf  # no rate yet
+
+
+def test_at_its_first_transition_a_peer_slower_than_the_rest_estimates_the_epoch_from_the_swarms_rate():
+    # a peer still slow from its start-up (30 samples/s) among three at 170-460: four times its own rate says the
+    # 480-sample epoch takes 4 s, the peers' summed rate as last fetched (30 + 170 + 300 + 460 = 960) says 0.5 s
+    assert seconds_to_epoch_end(math.inf, 0.0, math.inf, peers=4, rate=30.0, target=480) == 4.0
+    assert seconds_to_epoch_end(math.inf, 0.25, math.inf, 4, 30.0, 480, swarm_rate=960.0) == 0.25
+    assert seconds_to_epoch_end(math.inf, 0.0, math.inf, 4, 0.0, 480, swarm_rate=960.0) == 0.5  # own rate unknown
+    assert seconds_to_epoch_end(math.inf, 0.5, 7.5, 4, 30.0, 480, swarm_rate=960.0) == 7.0  # a whole epoch seen wins
+
+
+def test_a_search_declares_the_epochs_estimated_end_past_its_hold_as_its_end():
+    # looking at the transition into a 5-s epoch (matchmaking 2 s, timeout 15 s): the end plus 2 x HOLD
+    assert search_ends_in(5.0, matchmaking_time=2.0, averaging_timeout=15.0) == 5.0 + 2 * HOLD
+    assert search_ends_in(0.3, 2.0, 15.0) == 2.0  # a late look (or the epoch is over): hivemind's matchmaking_time
+    assert search_ends_in(-1.0, 2.0, 15.0) == 2.0
+    assert search_ends_in(math.inf, 2.0, 15.0) == 2.0  # no estimate
+    assert search_ends_in(30.0, 2.0, 15.0) == 14.0  # a second before the round's timeout
+
+
+def test_a_leader_assembles_once_everyone_it_follows_joined_or_its_hold_is_over():
+    everyone, three = {"a", "b", "c", "d"}, {"a", "b", "c"}
+    # not before hivemind's own window of matchmaking_time (2 s from the look at 10.0), even with everyone in
+    assert not assemble_now(11.9, 10.0, None, 2.0, everyone, everyone)
+    assert assemble_now(12.0, 10.0, None, 2.0, everyone, everyone)
+    assert assemble_now(12.0, 10.0, None, 2.0, everyone | {"newcomer"}, everyone)  # one it does not follow yet
+    # one it follows has not joined: held, until HOLD after its own epoch ended (triggered at 14.0)
+    assert not assemble_now(13.0, 10.0, None, 2.0, three, everyone)
+    assert not assemble_now(14.0 + HOLD - 0.01, 10.0, 14.0, 2.0, three, everyone)
+    assert assemble_now(14.0 + HOLD, 10.0, 14.0, 2.0, three, everyone)
+    # a look at the epoch's end (a round scheduled there): hivemind's window first
+    assert not assemble_now(14.6, 14.0, 14.0, 2.0, three, everyone)
+    assert assemble_now(16.0, 14.0, 14.0, 2.0, three, everyone)
+    assert assemble_now(12.0, 10.0, None, 2.0, {"a", "b"}, set())  # nobody followed (no gate): as hivemind did
 
 
 def test_state_rounds_only_on_their_epochs():

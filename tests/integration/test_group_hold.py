@@ -1,0 +1,117 @@
+"""A round's search declares the epoch's estimated end, and its leader holds the group open for the peers it follows
+(swarm/hold.py, schedule.search_ends_in and assemble_now): three gradient averagers over real DHTs and averager
+processes, each following the three (and in one case a fourth that never looks)."""
+
+import time
+
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from atlas_swarm.swarm.averagers import GradAverager
+from atlas_swarm.swarm.gate import Gate
+from atlas_swarm.swarm.gather import Settings
+from atlas_swarm.swarm.schedule import search_ends_in
+from tests.integration.test_averagers import SHAPES, dhts
+
+MM, TIMEOUT = 1.0, 15.0  # matchmaking_time and averaging_timeout
+
+
+@pytest.fixture
+def three(tmp_path):
+    yield from dhts(tmp_path, 3)
+
+
+def following(all_dhts, prefix: str, absent: tuple = ()) -> list[GradAverager]:
+    ids = [dht.peer_id.to_base58() for dht in all_dhts]
+    averagers = []
+    for dht in all_dhts:
+        gate = Gate(open_run=True)
+        gate.set_followed([*ids, *absent])
+        own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+        averagers.append(GradAverager(own, dht=dht, prefix=prefix, min_group_size=2, min_matchmaking_time=MM,
+                                      request_timeout=MM / 2, start=True,
+                                      gather_settings=Settings(rule="mean", signer=dht.settings.signer, gate=gate)))
+        for param in own:
+            param.grad = torch.ones_like(param)
+    return averagers
+
+
+def trigger(averagers, controls) -> None:
+    """Each peer's epoch ends: the transition triggers its round (with one sample accumulated)."""
+    for averager, control in zip(averagers, controls):
+        averager.accumulate_grads_(batch_size=1)
+        averager.step(control=control, wait=False)
+
+
+def sizes(controls, timeout: float = 30.0) -> list[int]:
+    """Each round's group size (0: it failed, as a round with no group does)."""
+    out = []
+    for c in controls:
+        try:
+            out.append(len(c.result(timeout)))
+        except Exception:
+            out.append(0)
+    return out
+
+
+def test_a_peer_that_looks_after_hiveminds_window_but_before_the_epoch_ends_is_grouped(three):
+    averagers = following(three, "late")
+    try:
+        # Execute, as the swarm did before: A and B look at their transition, for an epoch that ends 1.8 s later,
+        # with hivemind's expiration (the look plus matchmaking_time); C looks 1.5 s after them (a peer whose
+        # estimate of the epoch's end came late)
+        early = [a.schedule_step(timeout=TIMEOUT, gather=1) for a in averagers[:2]]
+        time.sleep(1.5)
+        late = averagers[2].schedule_step(timeout=4.0, gather=1)
+        time.sleep(0.3)
+        trigger(averagers, [*early, late])
+        before = sizes([*early, late])
+        # Execute: the same, each search declaring the epoch's estimated end past the leader's hold
+        now = get_dht_time()
+        early = [a.schedule_step(now + search_ends_in(1.8, MM, TIMEOUT), timeout=TIMEOUT, gather=2)
+                 for a in averagers[:2]]  # fmt: skip
+        time.sleep(1.5)
+        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(0.5, MM, TIMEOUT), timeout=TIMEOUT,
+                                          gather=2)  # fmt: skip
+        time.sleep(0.3)
+        trigger(averagers, [*early, late])
+        after = sizes([*early, late])
+        # Assert: C was left out (its round found nobody), and now all three are grouped
+        assert before == [2, 2, 0], before
+        assert after == [3, 3, 3], after
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not_at_the_declared_end(three):
+    complete = following(three, "complete")
+    missing = []
+    try:
+        # Execute: all three look at once for an epoch estimated to end 8 s later, and are triggered 0.2 s later
+        began = get_dht_time()
+        controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
+                    for a in complete]  # fmt: skip
+        time.sleep(0.2)
+        trigger(complete, controls)
+        assert sizes(controls) == [3, 3, 3]
+        # Assert: assembled after matchmaking_time (about 1 s), not at the declared end (9 s)
+        assert get_dht_time() - began < 6.0, get_dht_time() - began
+        while complete:
+            complete.pop().shutdown()
+
+        # Prepare: the three follow a fourth peer that never looks (gone, its progress record not yet expired)
+        missing = following(three, "missing", absent=("QmGoneButFollowed",))
+        # Execute: all three look at once for the same epoch; it ends 1.5 s later
+        began = get_dht_time()
+        controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
+                    for a in missing]  # fmt: skip
+        time.sleep(1.5)
+        trigger(missing, controls)
+        assert sizes(controls) == [3, 3, 3]
+        # Assert: held for the fourth until HOLD after the epoch's end (2 s), then assembled without it
+        assert get_dht_time() - began < 6.0, get_dht_time() - began
+    finally:
+        for averager in complete + missing:
+            averager.shutdown()
