@@ -289,7 +289,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _search_end(self, delay: float = 0.0) -> float:
         """The DHT time a round's search declares as its end (schedule.search_ends_in; see swarm/hold.py)."""
         return get_dht_time() + schedule.search_ends_in(self._to_epoch_end() + delay, self.matchmaking_time,
-                                                        self.averaging_timeout)  # fmt: skip
+                                                        self.averaging_timeout, self.client_mode)  # fmt: skip
 
     @staticmethod
     def _free(control) -> bool:  # no pending pre-scheduled round

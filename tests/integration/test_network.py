@@ -82,7 +82,8 @@ def test_the_lab_wan_has_the_delay_loss_and_rate_it_was_given(tmp_path):
 
 def lab_peer(tmp_path, host, name: str, args: list[str], port: int = 0, attack: str = "") -> PeerProcess:
     """A peer on ``host``; with ``attack``, our own peer with that attack patched in (tests/byzantine.py)."""
-    return PeerProcess(tmp_path / name, ["--host-maddrs", host.maddr(port), *args], threads=1, name=name,
+    verbose = ["--verbose"] if os.environ.get("ATLAS_TEST_VERBOSE") else []  # hivemind's logs on its stderr
+    return PeerProcess(tmp_path / name, ["--host-maddrs", host.maddr(port), *args, *verbose], threads=1, name=name,
                        netns=host.ns, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ATLAS_ATTACK": attack},
                        module="tests.byzantine" if attack else "atlas_swarm.peer")  # fmt: skip
 
