@@ -4,6 +4,7 @@
     optimizer.SwarmOptimizer  hivemind.Optimizer over the adapter, queuing an EpochDone per epoch transition
     averagers               the gradient and state averagers: admitted peers only, groups per epoch, verified state
     gather                  a round: all-gather of signed updates, each member aggregating them (train/aggregate.py)
+    stragglers              groupmates cut off for lateness: not waited for past the quorum in the next rounds
     gate                    the admitted set and refusal counts, shared with the averager processes
     schedule                when to look for a group, how long the last step is (pure functions, no hivemind)
     hold                    a leader holds its group open for the peers it follows (in the averager processes)

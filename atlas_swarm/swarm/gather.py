@@ -18,7 +18,8 @@ for its slice, different to each victim, and each sender's weight is whatever it
 A member that sends nothing within WAIT seconds is dropped too. In a group of 4 or more, once a quorum's updates are
 in (more than half, and at least 3), the rest get GRACE seconds (or twice what the quorum took, if longer): one late
 groupmate (a slow uplink, a frozen machine) holds the others about 2 s past the quorum, not up to WAIT (README, "A
-straggler"). A group of 3 or 2 waits for everyone: what a cut-off would leave is a pair, which the robust rule does not average.
+straggler"), and a member cut off so is not waited for past the quorum in its next round (swarm/stragglers.py). A
+group of 3 or 2 waits for everyone: what a cut-off would leave is a pair, which the robust rule does not average.
 
 If a member sends different updates to different members, or sends to some only, honest members' results differ
 for that round (they no longer hold equal hashes); the next state round and the final agreement reconcile them.
@@ -56,6 +57,7 @@ from hivemind.utils.asyncio import enter_asynchronously
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from atlas_swarm.swarm.codec import deserialize
+from atlas_swarm.swarm.stragglers import Stragglers
 from atlas_swarm.swarm.updates import (
     MAX_HEADER,
     TRUNCATED,
@@ -73,7 +75,7 @@ WAIT = 5.0  # seconds to wait for a groupmate's update before going on without i
 # processes reach an epoch's end up to ~1 s apart on a loaded 2-core machine. With 1 s, and in groups of 3, an honest
 # peer that late was cut off at a run's last epoch, the pair left refused to average, and the run ended with three
 # different adapters (a full-suite run of the NAT test): hence also the quorum of at least 3
-GRACE = 2.0
+GRACE = 2.0  # a member cut off is then not waited for past the quorum in its next round(s): swarm/stragglers.py
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 BEGAN: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_began", default=None)  # when it began (time.time)
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
@@ -132,7 +134,8 @@ class Round:
     own: list  # [header+signature bytes, serialized tensor]: what we send
     updates: dict = field(default_factory=dict)  # PeerID -> (weight, float32 tensor)
     dropped: dict = field(default_factory=dict)  # PeerID -> why
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    waived: frozenset = frozenset()  # members not waited for past the quorum (swarm/stragglers.py)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # every member's update not waived is settled
     quorum: asyncio.Event = field(default_factory=asyncio.Event)  # updates of more than half, and of 3, are in
     ended: Optional[float] = None  # time.monotonic() when this member's round ended (then kept KEPT s)
     forward: frozenset = frozenset()  # the client-mode members whose updates this member relays to one another
@@ -151,6 +154,7 @@ class Round:
             self.quorum.set()
         if len(self.updates) + len(self.dropped) >= len(self.members):
             self.quorum.set()  # nothing left to wait for (a pair has no quorum: it must not wait out WAIT for it)
+        if all(m in self.updates or m in self.dropped for m in self.members if m not in self.waived):
             self.arrived.set()
 
     def finalize(self, cancel: bool = False, exception=None) -> None:  # what hivemind's _shutdown calls on a round
@@ -160,7 +164,8 @@ class Round:
     async def wait_for_updates(self, wait: float = WAIT, grace: float = GRACE) -> None:
         """Until every member's update is settled, or ``wait`` s pass, or a quorum's updates are in (module
         docstring) and then ``max(grace, 2 x the time that took)`` s pass. A straggler gets at least twice what the
-        quorum needed (a slow link's round is slow for everyone), never more than ``wait`` in all."""
+        quorum needed (a slow link's round is slow for everyone), never more than ``wait`` in all; a waived one
+        (``waived``) nothing past the quorum."""
         began = time.monotonic()
         deadline = began + wait
         try:
@@ -269,7 +274,9 @@ class GatherAverage:
         own_tensor = deserialize(serialized).reshape(-1).float()  # what the others will hold of ours
         blob = sign_update(settings.signer, self.prefix, group_id, own_id, weight, serialized)
         clients = {p for p in members if modes.get(p) == AveragingMode.CLIENT}
-        round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized],
+        stragglers = self.__dict__.setdefault("_stragglers", Stragglers())  # in the averager's process
+        waived = stragglers.waive(m for m in members if m != own_id)
+        round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized], waived=waived,
                        forward=frozenset(clients) if own_id not in clients and len(clients) > 1 else frozenset())
         finite = math.isfinite(weight) and weight >= 0 and bool(torch.isfinite(own_tensor).all())
         round_.settle(own_id, (float(weight), own_tensor) if finite else "non-finite values (this peer's own)")
@@ -287,9 +294,10 @@ class GatherAverage:
             for task in tasks:
                 task.cancel()
             for p in members:
-                round_.settle(p, "sent nothing in time")
+                round_.settle(p, "sent nothing in time" + (" (late before: not waited for)" if p in waived else ""))
         finally:
             round_.ended = time.monotonic()  # kept a while: a groupmate whose answer was lost asks again
+        stragglers.record((m for m in members if m != own_id), waived, round_.dropped)
         if gate is not None and round_.dropped:
             gate.count("dropped_updates", len(round_.dropped))
         peers, gathered = sorted(round_.updates), time.monotonic()

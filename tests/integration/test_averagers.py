@@ -33,6 +33,11 @@ def three_dhts(tmp_path):
     yield from dhts(tmp_path, 3)
 
 
+@pytest.fixture
+def four_dhts(tmp_path):
+    yield from dhts(tmp_path, 4)
+
+
 def dhts(tmp_path, n):
     """``n`` DHTs, each with an identity; ``dht.settings``: what its averagers sign with (mean, as hivemind)."""
     dhts = []
@@ -421,3 +426,47 @@ def test_a_round_past_its_allreduce_timeout_fails_quietly(two_dhts, monkeypatch,
         logging.getLogger("asyncio").removeHandler(to_stderr)
     err = capfd.readouterr().err
     assert "never retrieved" not in err and "Traceback" not in err, err[-3000:]
+def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_next_round(four_dhts):
+    # Prepare: four gradient averagers; in each round the fourth one's training reaches the round late (a frozen or
+    # slow machine), by more than the grace and less than gather.WAIT
+    averagers, params = [], []
+    try:
+        for dht in four_dhts:
+            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+            averagers.append(GradAverager(own, dht=dht, prefix="slow", target_group_size=4, min_group_size=4,
+                                          min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=1.0,
+                                          start=True, gather_settings=dht.settings))  # fmt: skip
+            params.append(own)
+        late = four_dhts[3].peer_id.to_base58()
+
+        def round_(epoch):
+            for i, (averager, own) in enumerate(zip(averagers, params)):
+                averager.reset_accumulated_grads_()
+                for param, shape in zip(own, SHAPES):
+                    param.grad = torch.full(shape, float(i + 1))
+                averager.accumulate_grads_(batch_size=1)
+            controls = [a.schedule_step(gather=epoch, timeout=30) for a in averagers]
+            wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group of 4")
+            on_time = [a.step(control=c, wait=False) for a, c in zip(averagers[:3], controls)]
+            time.sleep(3.5)  # the lateness under test: past the quorum's grace (2 s), within WAIT (5 s)
+            averagers[3].step(control=controls[3], wait=False)
+            reports = [c.result(40).report for c in on_time]
+            try:
+                controls[3].result(40)  # the late one's own round: not under test
+            except Exception:
+                pass
+            return reports
+
+        # Execute: the first round waits the grace for it and cuts it off; the second does not wait for it
+        first, second = round_(1), round_(2)
+        # Assert
+        for report in first:
+            assert late not in report.group and report.dropped[late] == "sent nothing in time", report.dropped
+            assert report.seconds[0] >= 1.9, "the first cut-off came before the grace"
+        for report, before in zip(second, first):
+            assert late not in report.group and len(report.group) == 3
+            assert report.dropped[late].startswith("sent nothing in time (late before"), report.dropped
+            assert report.seconds[0] < before.seconds[0] - 1.0, (report.seconds, before.seconds)
+    finally:
+        for averager in averagers:
+            averager.shutdown()

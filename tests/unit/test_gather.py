@@ -102,13 +102,14 @@ def test_no_bytes_asking_for_a_relay_raise(blob):
     assert got is None or (isinstance(got[0], bytes) and isinstance(got[1], str)), got
 
 
-def finished_round(members: int, arrivals: dict, wait: float, grace: float) -> tuple[set, float]:
+def finished_round(members: int, arrivals: dict, wait: float, grace: float, waived=()) -> tuple[set, float]:
     """Who had settled when Round.wait_for_updates returned, and after how long: member i settles after
-    ``arrivals[i]`` s (members absent from ``arrivals`` never do; member 0 is this peer, settled at once)."""
+    ``arrivals[i]`` s (members absent from ``arrivals`` never do; member 0 is this peer, settled at once); the
+    members numbered in ``waived`` are not waited for past the quorum (swarm/stragglers.py)."""
     names = [f"m{i}" for i in range(members)]
 
     async def scenario():
-        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [])
+        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [], waived=frozenset(names[i] for i in waived))
         round_.settle("m0", (1.0, torch.zeros(NUMEL)))
         loop = asyncio.get_running_loop()
         for i, delay in arrivals.items():
@@ -177,3 +178,19 @@ def test_a_pair_does_not_count_a_newcomer_that_arrived_after_its_round_began(mon
     gate.set_followed(["QmA", "QmB", "QmC"])  # a lapsed record that returns is not new
     assert _pair_refused(settings, ["QmA", "QmB"], since=139.0)
     assert not _pair_refused(Settings(rule="mean", gate=gate), ["QmA", "QmB"])  # the mean has no pair rule
+
+
+def test_a_waived_straggler_is_not_waited_for_past_the_quorum():
+    # Prepare: member 3 was cut off in its last round (waived); it would arrive 0.5 s after the quorum, within the grace
+    settled, took = finished_round(4, {1: 0.01, 2: 0.02, 3: 0.5}, wait=60.0, grace=30.0, waived=[3])
+    assert settled == {"m0", "m1", "m2"}
+    assert took < 0.4, "waited past the quorum for a waived member"
+
+
+def test_a_waived_member_is_still_waited_for_when_the_quorum_needs_it():
+    # a group of 4 with one update missing and one waived: without the waived one's update there is no quorum
+    settled, _ = finished_round(4, {1: 0.01, 3: 0.3}, wait=60.0, grace=0.01, waived=[3])
+    assert settled == {"m0", "m1", "m3"}
+    # a group of 3: the quorum is everyone, so waiving changes nothing
+    settled, _ = finished_round(3, {1: 0.01, 2: 0.3}, wait=60.0, grace=0.01, waived=[2])
+    assert settled == {"m0", "m1", "m2"}
