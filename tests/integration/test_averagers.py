@@ -55,6 +55,15 @@ def dhts(tmp_path, n):
             dht.shutdown()
 
 
+def grad_averagers(dhts, prefix: str, averagers: list, params: list, **kwargs) -> None:
+    """One GradAverager per DHT over zero parameters of SHAPES, signing as its DHT's identity, appended to
+    ``averagers`` as each starts (the caller shuts them down) and its parameters to ``params``."""
+    for dht in dhts:
+        own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+        averagers.append(GradAverager(own, dht=dht, prefix=prefix, start=True, gather_settings=dht.settings, **kwargs))
+        params.append(own)
+
+
 def test_gradients_are_gathered_and_averaged_weighted_by_signed_samples(two_dhts):
     # Prepare: two gradient averagers with different gradients, weights 1 and 3
     grads = [[torch.full(s, float(i + 1)) * (k + 1) for k, s in enumerate(SHAPES)] for i in range(2)]
@@ -247,12 +256,8 @@ def test_a_retried_round_does_not_join_a_group_formed_for_the_next_epoch(two_dht
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
     averagers, params = [], []
     try:
-        for dht in two_dhts:
-            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-            averagers.append(GradAverager(own, dht=dht, prefix="epochs", target_group_size=2, min_group_size=2,
-                                          min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5,
-                                          start=True, gather_settings=dht.settings))  # fmt: skip
-            params.append(own)
+        grad_averagers(two_dhts, "epochs", averagers, params, target_group_size=2, min_group_size=2,
+                       min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=0.5)  # fmt: skip
 
         def accumulate(i):
             for param, grad in zip(params[i], grads[i]):
@@ -426,17 +431,15 @@ def test_a_round_past_its_allreduce_timeout_fails_quietly(two_dhts, monkeypatch,
         logging.getLogger("asyncio").removeHandler(to_stderr)
     err = capfd.readouterr().err
     assert "never retrieved" not in err and "Traceback" not in err, err[-3000:]
+
+
 def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_next_round(four_dhts):
     # Prepare: four gradient averagers; in each round the fourth one's training reaches the round late (a frozen or
     # slow machine), by more than the grace and less than gather.WAIT
     averagers, params = [], []
     try:
-        for dht in four_dhts:
-            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-            averagers.append(GradAverager(own, dht=dht, prefix="slow", target_group_size=4, min_group_size=4,
-                                          min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=1.0,
-                                          start=True, gather_settings=dht.settings))  # fmt: skip
-            params.append(own)
+        grad_averagers(four_dhts, "slow", averagers, params, target_group_size=4, min_group_size=4,
+                       min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=1.0)  # fmt: skip
         late = four_dhts[3].peer_id.to_base58()
 
         def round_(epoch):

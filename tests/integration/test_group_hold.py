@@ -44,6 +44,19 @@ def trigger(averagers, controls) -> None:
         averager.step(control=control, wait=False)
 
 
+def all_look_then_trigger(averagers, epoch_ends_in: float) -> float:
+    """All look at once for an epoch estimated to end 8 s later (their searches declare 9 s); it ends
+    ``epoch_ends_in`` s later (each is triggered then). Each is in a group of all; the seconds until every round
+    is done."""
+    began = get_dht_time()
+    controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
+                for a in averagers]  # fmt: skip
+    time.sleep(epoch_ends_in)
+    trigger(averagers, controls)
+    assert sizes(controls) == [len(averagers)] * len(averagers)
+    return get_dht_time() - began
+
+
 def sizes(controls, timeout: float = 30.0) -> list[int]:
     """Each round's group size (0: it failed, as a round with no group does)."""
     out = []
@@ -89,29 +102,19 @@ def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not
     complete = following(three, "complete")
     missing = []
     try:
-        # Execute: all three look at once for an epoch estimated to end 8 s later, and are triggered 0.2 s later
-        began = get_dht_time()
-        controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
-                    for a in complete]  # fmt: skip
-        time.sleep(0.2)
-        trigger(complete, controls)
-        assert sizes(controls) == [3, 3, 3]
+        # Execute: all three look at once, and their epoch ends 0.2 s later
+        took = all_look_then_trigger(complete, 0.2)
         # Assert: assembled after matchmaking_time (about 1 s), not at the declared end (9 s)
-        assert get_dht_time() - began < 6.0, get_dht_time() - began
+        assert took < 6.0, took
         while complete:
             complete.pop().shutdown()
 
         # Prepare: the three follow a fourth peer that never looks (gone, its progress record not yet expired)
         missing = following(three, "missing", absent=("QmGoneButFollowed",))
-        # Execute: all three look at once for the same epoch; it ends 1.5 s later
-        began = get_dht_time()
-        controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
-                    for a in missing]  # fmt: skip
-        time.sleep(1.5)
-        trigger(missing, controls)
-        assert sizes(controls) == [3, 3, 3]
+        # Execute: all three look at once; their epoch ends 1.5 s later
+        took = all_look_then_trigger(missing, 1.5)
         # Assert: held for the fourth until HOLD after the epoch's end (2 s), then assembled without it
-        assert get_dht_time() - began < 6.0, get_dht_time() - began
+        assert took < 6.0, took
     finally:
         for averager in complete + missing:
             averager.shutdown()
