@@ -8,11 +8,17 @@ epochs of 2.5-5 s; 10 runs with hivemind's debug log, 2026-12-05) 11 of 40 epoch
 join 0.03-0.6 s after the leader assembled (its expiration was its look's start plus matchmaking_time, before the
 epoch's end).
 
-So a round's search declares the epoch's estimated end plus a margin as its expiration (schedule.search_ends_in) and
-the leader assembles by its own rule (schedule.assemble_now): after matchmaking_time, as hivemind did, when every peer
-it follows has joined; otherwise it waits for the missing ones until schedule.HOLD seconds after its own epoch ended.
-hivemind's assembly at the expiration stays as the fallback. With both, the same 10 runs: 1 epoch of 40 split (the
-first epoch of one run: two pairs, each leader's group held to the end and never merged), no run failed.
+So a round's search declares an end past the epoch's as its expiration (schedule.search_ends_in) and the leader
+assembles by its own rule (schedule.assemble_now): after matchmaking_time, as hivemind did, when every peer it follows
+has joined; otherwise it waits for the missing ones until schedule.HOLD seconds after its own epoch ended. hivemind's
+assembly at the expiration stays as the fallback. With both, the same 10 runs: 1 epoch of 40 split (the first epoch
+of one run: two pairs, each leader's group held to the end and never merged), no run failed.
+
+That split: the declared end was first the epoch's end as each peer estimated it, and estimates differ by seconds
+(a first epoch, a newcomer). A searcher fetches the others' ends again only for ends it may not have seen (later
+than the latest it fetched, less 3 s): it assumes that a later look declares a later end. A peer that looked later
+but declared the earliest end was then never found by a leader that had fetched before it (test_group_hold.py: 3+1).
+Every search now declares its look plus the same offset (the horizon plus 2 x HOLD), which keeps that order.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""A round's search declares the epoch's estimated end, and its leader holds the group open for the peers it follows
-(swarm/hold.py, schedule.search_ends_in and assemble_now): three gradient averagers over real DHTs and averager
-processes, each following the three (and in one case a fourth that never looks)."""
+"""A round's search declares an end past the epoch's (its look plus a constant), and its leader holds the group open
+for the peers it follows (swarm/hold.py, schedule.search_ends_in and assemble_now): three or four gradient averagers
+over real DHTs and averager processes, each following all (and in one case a fourth that never looks)."""
 
 import time
 
@@ -20,6 +20,11 @@ MM, TIMEOUT = 1.0, 15.0  # matchmaking_time and averaging_timeout
 @pytest.fixture
 def three(tmp_path):
     yield from dhts(tmp_path, 3)
+
+
+@pytest.fixture
+def four(tmp_path):
+    yield from dhts(tmp_path, 4)
 
 
 def following(all_dhts, prefix: str, absent: tuple = ()) -> list[GradAverager]:
@@ -45,11 +50,11 @@ def trigger(averagers, controls) -> None:
 
 
 def all_look_then_trigger(averagers, epoch_ends_in: float) -> float:
-    """All look at once for an epoch estimated to end 8 s later (their searches declare 9 s); it ends
+    """All look at once (their searches declare 8.5 s: the horizon of 7.5 s plus 2 x HOLD); their epoch ends
     ``epoch_ends_in`` s later (each is triggered then). Each is in a group of all; the seconds until every round
     is done."""
     began = get_dht_time()
-    controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
+    controls = [a.schedule_step(began + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=1)
                 for a in averagers]  # fmt: skip
     time.sleep(epoch_ends_in)
     trigger(averagers, controls)
@@ -80,12 +85,12 @@ def test_a_peer_that_looks_after_hiveminds_window_but_before_the_epoch_ends_is_g
         time.sleep(0.3)
         trigger(averagers, [*early, late])
         before = sizes([*early, late])
-        # Execute: the same, each search declaring the epoch's estimated end past the leader's hold
+        # Execute: the same, each search declaring an end past the epoch's and the leader's hold
         now = get_dht_time()
-        early = [a.schedule_step(now + search_ends_in(1.8, MM, TIMEOUT), timeout=TIMEOUT, gather=2)
+        early = [a.schedule_step(now + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=2)
                  for a in averagers[:2]]  # fmt: skip
         time.sleep(1.5)
-        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(0.5, MM, TIMEOUT), timeout=TIMEOUT,
+        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT,
                                           gather=2)  # fmt: skip
         time.sleep(0.3)
         trigger(averagers, [*early, late])
@@ -104,7 +109,7 @@ def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not
     try:
         # Execute: all three look at once, and their epoch ends 0.2 s later
         took = all_look_then_trigger(complete, 0.2)
-        # Assert: assembled after matchmaking_time (about 1 s), not at the declared end (9 s)
+        # Assert: assembled after matchmaking_time (about 1 s), not at the declared end (8.5 s)
         assert took < 6.0, took
         while complete:
             complete.pop().shutdown()
@@ -117,4 +122,34 @@ def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not
         assert took < 6.0, took
     finally:
         for averager in complete + missing:
+            averager.shutdown()
+
+
+def test_a_peer_that_looks_last_but_expects_the_epoch_to_end_first_is_grouped(four):
+    averagers = following(four, "order")
+    try:
+        # Execute, as the swarm did before: X, Y and Z look at once, estimating that the epoch ends in 4, 4.5 and 8 s
+        # (each search declared its estimate plus 1 s); W looks 1 s later estimating 1 s (a peer whose estimate came
+        # from a faster rate): W's declared end is the earliest, but X has fetched the others' ends and does not
+        # fetch again (hivemind assumes that a later look declares a later end). All four epochs end at 2.5 s
+        began = get_dht_time()
+        first = [a.schedule_step(began + s, timeout=10.0, gather=1) for a, s in zip(averagers, (5.0, 5.5, 9.0))]
+        time.sleep(1.0)
+        last = averagers[3].schedule_step(get_dht_time() + 2.0, timeout=6.0, gather=1)
+        time.sleep(1.5)
+        trigger(averagers, [*first, last])
+        before = sizes([*first, last])
+        # Execute: the same looks, each search declaring its look plus a constant (schedule.search_ends_in)
+        first = [a.schedule_step(get_dht_time() + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=2)
+                 for a in averagers[:3]]  # fmt: skip
+        time.sleep(1.0)
+        last = averagers[3].schedule_step(get_dht_time() + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=2)
+        time.sleep(1.5)
+        trigger(averagers, [*first, last])
+        after = sizes([*first, last])
+        # Assert: W was left out, and now all four are grouped
+        assert before == [3, 3, 3, 0], before
+        assert after == [4, 4, 4, 4], after
+    finally:
+        for averager in averagers:
             averager.shutdown()
