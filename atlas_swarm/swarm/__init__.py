@@ -109,7 +109,9 @@ HIVEMIND_INTERNALS = {
     "hivemind.averaging.averager.DecentralizedAverager": ("_matchmaking", "_running_groups", "_state_updated",
                                                           "switch_to_uvloop"),  # swarm/tasks.py
     "hivemind.dht.dht.DHT": ("switch_to_uvloop",),  # swarm/tasks.py: the loop of the DHT's process
-    "hivemind.averaging.matchmaking.Matchmaking": ("step_control", "group_key_manager"),  # the round's epoch
+    "hivemind.averaging.matchmaking.Matchmaking": ("step_control", "group_key_manager",  # the round's epoch
+                                                   "potential_leaders"),  # hold.FetchingLeaders
+    "hivemind.averaging.matchmaking.PotentialLeaders": ("max_assured_time",),  # hold.FetchingLeaders
     # a refused pair round is not retried; cancel_round sets the state before cancel()'s message to the averager
     "hivemind.averaging.control.StepControl": ("_allow_retries", "_cancel"),
     "hivemind.averaging.allreduce.AllReduceRunner": ("tensor_part_container", "banned_senders", "sender_peer_ids"),

@@ -31,6 +31,7 @@ import torch
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.averaging.matchmaking import PotentialLeaders
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, P2PDaemonError, PeerID
@@ -43,7 +44,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from atlas_swarm.swarm import loaded_state
 from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.gather import GatherAverage, Settings
-from atlas_swarm.swarm.hold import hold_open
+from atlas_swarm.swarm.hold import FetchingLeaders, hold_open
 from atlas_swarm.swarm.tasks import PinsTasks
 
 logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose
@@ -125,7 +126,10 @@ class EpochGroups:
     the groupmate's next round then timed out on a peer that had left it. Each spoiled round spoiled the next one, for
     the whole run (bench_averaging, 2 peers: every round 4 or 8 s, hivemind's part timeouts, 58.8 % of epoch time).
     Rounds without an epoch keep hivemind's key. Beside each round, a leader holds its group open for the peers it
-    follows (swarm/hold.py)."""
+    follows, and a searcher fetches the others' declared ends again whenever it may have missed one (swarm/hold.py;
+    ``fetch_leaders = False``: hivemind's search, for the test that shows the difference)."""
+
+    fetch_leaders = True
 
     async def _step(self, *, step, **kwargs):  # runs in the averager's process, where the matchmaking lives
         matchmaking = self._matchmaking
@@ -134,6 +138,8 @@ class EpochGroups:
             matchmaking.group_key_manager = EpochKeys(plain.dht, plain.prefix, plain.group_bits,
                                                       plain.target_group_size, matchmaking, self.serializer,
                                                       self.gather_settings.gate)  # fmt: skip
+        if self.fetch_leaders and type(matchmaking.potential_leaders) is PotentialLeaders:
+            matchmaking.potential_leaders.__class__ = FetchingLeaders
         gate = self.gather_settings.gate
         holding = asyncio.create_task(hold_open(matchmaking, step, gate.followed if gate is not None else frozenset))
         try:

@@ -8,23 +8,29 @@ epochs of 2.5-5 s; 10 runs with hivemind's debug log, 2026-12-05) 11 of 40 epoch
 join 0.03-0.6 s after the leader assembled (its expiration was its look's start plus matchmaking_time, before the
 epoch's end).
 
-So a round's search declares an end past the epoch's as its expiration (schedule.search_ends_in) and the leader
-assembles by its own rule (schedule.assemble_now): after matchmaking_time, as hivemind did, when every peer it follows
-has joined; otherwise it waits for the missing ones until schedule.HOLD seconds after its own epoch ended. hivemind's
-assembly at the expiration stays as the fallback. With both, the same 10 runs: 1 epoch of 40 split (the first epoch
-of one run: two pairs, each leader's group held to the end and never merged), no run failed.
+So a round's search declares the epoch's estimated end plus a margin as its expiration (schedule.search_ends_in) and
+the leader assembles by its own rule (schedule.assemble_now): after matchmaking_time, as hivemind did, when every peer
+it follows has joined; otherwise it waits for the missing ones until schedule.HOLD seconds after its own epoch ended.
+hivemind's assembly at the expiration stays as the fallback. With both, the same 10 runs: 1 epoch of 40 split (the
+first epoch of one run: two pairs, each leader's group held to the end and never merged), no run failed.
 
-That split: the declared end was first the epoch's end as each peer estimated it, and estimates differ by seconds
-(a first epoch, a newcomer). A searcher fetches the others' ends again only for ends it may not have seen (later
-than the latest it fetched, less 3 s): it assumes that a later look declares a later end. A peer that looked later
-but declared the earliest end was then never found by a leader that had fetched before it (test_group_hold.py: 3+1).
-Every search now declares its look plus the same offset (the horizon plus 2 x HOLD), which keeps that order.
+That split (session 34): a searcher fetches the others' declared ends again only while the earliest it holds may be
+new to it: hivemind's PotentialLeaders assumes every end more than 3 s before the latest it fetched is known
+(max_assured_time), which holds when a later look declares a later end (its look plus matchmaking_time). Estimated
+ends differ by seconds (a first epoch, a newcomer), so a peer that looked after the others but expected the epoch to
+end first declared the earliest end, and a leader that had fetched before it never looked again: 3+1
+(test_group_hold.py). FetchingLeaders fetches whenever its earliest end is not earlier than its own, as hivemind's
+leader already does while those ends lie within 3 s of each other. Declaring the look plus a constant instead (the
+order hivemind assumes) was tried and dropped: rounds that are cancelled or never triggered then hold their
+followers until the far end (the finishers' extra state round failed in 3 of 3 runs of the drifted-moments test).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 
+from hivemind.averaging.matchmaking import PotentialLeaders
 from hivemind.utils import get_dht_time
 
 from atlas_swarm.swarm import schedule
@@ -60,3 +66,10 @@ async def hold_open(matchmaking, step, followed=frozenset) -> None:
             async with matchmaking.lock_request_join_group:
                 if _leading(matchmaking, step):
                     await matchmaking.leader_assemble_group()
+
+
+class FetchingLeaders(PotentialLeaders):
+    """hivemind's search for a leader, with nothing assumed known: the DHT is fetched again whenever the earliest end
+    held is not earlier than this peer's own (EpochGroups puts it in place in the averager's process)."""
+
+    max_assured_time = property(lambda self: -math.inf, lambda self, value: None)

@@ -272,11 +272,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     # own rate times the peers (as it was until 2026-12-05), a peer still slow from its start-up (28.6-31.7
     # samples/s against the others' 150-460) expected a 15-s epoch at its first transition, past the horizon, and
     # began looking 2.7 s after the others (receipt test, 1 run: left out of their group).
-    # A round's search declares its look plus the horizon (and a margin) as its end, past the epoch's end, not the
-    # look plus matchmaking_time: hivemind's leader assembles its group then, and a peer that looked later was left
-    # out (swarm/hold.py: the leader's own rule assembles it earlier). The same offset for every look, not the
-    # epoch's end as each peer estimates it: hivemind's search assumes that a later look declares a later end
-    # (schedule.search_ends_in). The maths: swarm/schedule.py.
+    # A round's search declares the epoch's estimated end (plus a margin) as its end, not the look plus
+    # matchmaking_time: hivemind's leader assembles its group then, and a peer that looked later was left out
+    # (swarm/hold.py: the leader's own rule assembles it earlier). The maths: swarm/schedule.py.
     def _to_epoch_end(self) -> float:
         since = None if self._epoch_began is None else time.monotonic() - self._epoch_began
         return schedule.seconds_to_epoch_end(
@@ -288,9 +286,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         return schedule.time_to_look(self._peers(), self._to_epoch_end(), delay,
                                      schedule.horizon(self.averaging_timeout, self.matchmaking_time))  # fmt: skip
 
-    def _search_end(self) -> float:
+    def _search_end(self, delay: float = 0.0) -> float:
         """The DHT time a round's search declares as its end (schedule.search_ends_in; see swarm/hold.py)."""
-        return get_dht_time() + schedule.search_ends_in(self.matchmaking_time, self.averaging_timeout, self.client_mode)
+        return get_dht_time() + schedule.search_ends_in(self._to_epoch_end() + delay, self.matchmaking_time,
+                                                        self.averaging_timeout, self.client_mode)  # fmt: skip
 
     @staticmethod
     def _free(control) -> bool:  # no pending pre-scheduled round
@@ -429,7 +428,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it
         if self._time_to_look(delay) and self._free(self.scheduled_state):
             log.log(self.status_loglevel, "Pre-scheduling state averaging round")
-            self.scheduled_state = self.state_averager.schedule_step(self._search_end(), gather=next_epoch,
+            self.scheduled_state = self.state_averager.schedule_step(self._search_end(delay), gather=next_epoch,
                                                                      timeout=self.averaging_timeout)  # fmt: skip
 
     def next_step(self, batch_size: int) -> tuple[int, bool]:

@@ -32,18 +32,19 @@ def seconds_to_epoch_end(eta: float, since_transition: Optional[float], last_epo
 HOLD = 0.5  # seconds a leader holds its group open for a missing peer after its own epoch ended (assemble_now)
 
 
-def search_ends_in(matchmaking_time: float, averaging_timeout: float, client: bool = False) -> float:
-    """Seconds from its look that a round's search declares as its end (hivemind's expiration: the searcher with the
-    earliest is the leader, and hivemind assembles its group then): the horizon plus 2 x HOLD, so that a leader's own
-    rule (assemble_now) decides first (a peer looks once the epoch ends within the horizon), and a second before the
-    round's timeout. The same for every look: a later look declares a later end, as hivemind's search assumes (it
-    fetches the others' ends again only for ends it may not have seen; ends estimated per peer left a peer out, see
-    swarm/hold.py). A ``client`` (client mode) never leads and declares nothing, but its join requests carry this
-    end, and a leader whose own end is later refuses them (BAD_EXPIRATION_TIME): it asks with the latest end the
-    round allows."""
+def search_ends_in(to_epoch_end: float, matchmaking_time: float, averaging_timeout: float,
+                   client: bool = False) -> float:  # fmt: skip
+    """Seconds from now that a round's search declares as its end (hivemind's expiration: the searcher with the
+    earliest is the leader, and hivemind assembles its group then): the epoch's estimated end plus 2 x HOLD, so that
+    a leader's own rule (assemble_now) decides first; at least ``matchmaking_time`` (hivemind's, and what an unknown
+    end gets), and a second before the round's timeout. A ``client`` (client mode) never leads and declares nothing,
+    but its join requests carry this end, and a leader whose own end is later refuses them (BAD_EXPIRATION_TIME):
+    it asks with the latest end the round allows."""
     if client:
         return max(matchmaking_time, averaging_timeout - 1.0)
-    return max(matchmaking_time, min(horizon(averaging_timeout, matchmaking_time) + 2 * HOLD, averaging_timeout - 1.0))
+    if not math.isfinite(to_epoch_end):
+        return matchmaking_time
+    return max(matchmaking_time, min(to_epoch_end + 2 * HOLD, averaging_timeout - 1.0))
 
 
 def assemble_now(now: float, looking_since: float, triggered_at: Optional[float], matchmaking_time: float,

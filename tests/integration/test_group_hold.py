@@ -1,6 +1,7 @@
-"""A round's search declares an end past the epoch's (its look plus a constant), and its leader holds the group open
-for the peers it follows (swarm/hold.py, schedule.search_ends_in and assemble_now): three or four gradient averagers
-over real DHTs and averager processes, each following all (and in one case a fourth that never looks)."""
+"""A round's search declares the epoch's estimated end, its leader holds the group open for the peers it follows, and
+a searcher fetches the others' declared ends again when it may have missed one (swarm/hold.py,
+schedule.search_ends_in and assemble_now): three or four gradient averagers over real DHTs and averager processes,
+each following all (and in one case a fourth that never looks)."""
 
 import time
 
@@ -27,16 +28,16 @@ def four(tmp_path):
     yield from dhts(tmp_path, 4)
 
 
-def following(all_dhts, prefix: str, absent: tuple = ()) -> list[GradAverager]:
+def following(all_dhts, prefix: str, absent: tuple = (), cls=GradAverager) -> list[GradAverager]:
     ids = [dht.peer_id.to_base58() for dht in all_dhts]
     averagers = []
     for dht in all_dhts:
         gate = Gate(open_run=True)
         gate.set_followed([*ids, *absent])
         own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-        averagers.append(GradAverager(own, dht=dht, prefix=prefix, min_group_size=2, min_matchmaking_time=MM,
-                                      request_timeout=MM / 2, start=True,
-                                      gather_settings=Settings(rule="mean", signer=dht.settings.signer, gate=gate)))
+        averagers.append(cls(own, dht=dht, prefix=prefix, min_group_size=2, min_matchmaking_time=MM,
+                             request_timeout=MM / 2, start=True,
+                             gather_settings=Settings(rule="mean", signer=dht.settings.signer, gate=gate)))
         for param in own:
             param.grad = torch.ones_like(param)
     return averagers
@@ -50,11 +51,11 @@ def trigger(averagers, controls) -> None:
 
 
 def all_look_then_trigger(averagers, epoch_ends_in: float) -> float:
-    """All look at once (their searches declare 8.5 s: the horizon of 7.5 s plus 2 x HOLD); their epoch ends
+    """All look at once for an epoch estimated to end 8 s later (their searches declare 9 s); it ends
     ``epoch_ends_in`` s later (each is triggered then). Each is in a group of all; the seconds until every round
     is done."""
     began = get_dht_time()
-    controls = [a.schedule_step(began + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=1)
+    controls = [a.schedule_step(began + search_ends_in(8.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
                 for a in averagers]  # fmt: skip
     time.sleep(epoch_ends_in)
     trigger(averagers, controls)
@@ -85,12 +86,12 @@ def test_a_peer_that_looks_after_hiveminds_window_but_before_the_epoch_ends_is_g
         time.sleep(0.3)
         trigger(averagers, [*early, late])
         before = sizes([*early, late])
-        # Execute: the same, each search declaring an end past the epoch's and the leader's hold
+        # Execute: the same, each search declaring the epoch's estimated end past the leader's hold
         now = get_dht_time()
-        early = [a.schedule_step(now + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=2)
+        early = [a.schedule_step(now + search_ends_in(1.8, MM, TIMEOUT), timeout=TIMEOUT, gather=2)
                  for a in averagers[:2]]  # fmt: skip
         time.sleep(1.5)
-        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT,
+        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(0.5, MM, TIMEOUT), timeout=TIMEOUT,
                                           gather=2)  # fmt: skip
         time.sleep(0.3)
         trigger(averagers, [*early, late])
@@ -109,7 +110,7 @@ def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not
     try:
         # Execute: all three look at once, and their epoch ends 0.2 s later
         took = all_look_then_trigger(complete, 0.2)
-        # Assert: assembled after matchmaking_time (about 1 s), not at the declared end (8.5 s)
+        # Assert: assembled after matchmaking_time (about 1 s), not at the declared end (9 s)
         assert took < 6.0, took
         while complete:
             complete.pop().shutdown()
@@ -125,31 +126,36 @@ def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not
             averager.shutdown()
 
 
-def test_a_peer_that_looks_last_but_expects_the_epoch_to_end_first_is_grouped(four):
-    averagers = following(four, "order")
+class HivemindSearch(GradAverager):
+    fetch_leaders = False  # hivemind's PotentialLeaders: ends more than 3 s before the latest fetched assumed known
+
+
+def three_look_then_one_with_the_earliest_end(averagers) -> list[int]:
+    """X, Y and Z look at once, estimating that the epoch ends in 4, 4.5 and 8 s (each search declares its estimate
+    plus 1 s); W looks 1 s later estimating 1 s (a peer whose estimate came from a faster rate): its end is the
+    earliest. All four epochs end 2.5 s after the first look. Each round's group size."""
+    began = get_dht_time()
+    first = [a.schedule_step(began + s, timeout=10.0, gather=1) for a, s in zip(averagers, (5.0, 5.5, 9.0))]
+    time.sleep(1.0)
+    last = averagers[3].schedule_step(get_dht_time() + 2.0, timeout=6.0, gather=1)
+    time.sleep(1.5)
+    trigger(averagers, [*first, last])
+    return sizes([*first, last])
+
+
+def test_a_peer_that_looks_last_but_declares_the_earliest_end_is_grouped(four):
+    plain, fetching = following(four, "plain", cls=HivemindSearch), []
     try:
-        # Execute, as the swarm did before: X, Y and Z look at once, estimating that the epoch ends in 4, 4.5 and 8 s
-        # (each search declared its estimate plus 1 s); W looks 1 s later estimating 1 s (a peer whose estimate came
-        # from a faster rate): W's declared end is the earliest, but X has fetched the others' ends and does not
-        # fetch again (hivemind assumes that a later look declares a later end). All four epochs end at 2.5 s
-        began = get_dht_time()
-        first = [a.schedule_step(began + s, timeout=10.0, gather=1) for a, s in zip(averagers, (5.0, 5.5, 9.0))]
-        time.sleep(1.0)
-        last = averagers[3].schedule_step(get_dht_time() + 2.0, timeout=6.0, gather=1)
-        time.sleep(1.5)
-        trigger(averagers, [*first, last])
-        before = sizes([*first, last])
-        # Execute: the same looks, each search declaring its look plus a constant (schedule.search_ends_in)
-        first = [a.schedule_step(get_dht_time() + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=2)
-                 for a in averagers[:3]]  # fmt: skip
-        time.sleep(1.0)
-        last = averagers[3].schedule_step(get_dht_time() + search_ends_in(MM, TIMEOUT), timeout=TIMEOUT, gather=2)
-        time.sleep(1.5)
-        trigger(averagers, [*first, last])
-        after = sizes([*first, last])
-        # Assert: W was left out, and now all four are grouped
+        # Execute: with hivemind's search (X has fetched Y's and Z's ends, and fetches again only for ends within
+        # 3 s of Z's), then with FetchingLeaders (swarm/hold.py)
+        before = three_look_then_one_with_the_earliest_end(plain)
+        while plain:
+            plain.pop().shutdown()
+        fetching = following(four, "fetching")
+        after = three_look_then_one_with_the_earliest_end(fetching)
+        # Assert: W was left out (X led the others and never found W's declaration), and now all four are grouped
         assert before == [3, 3, 3, 0], before
         assert after == [4, 4, 4, 4], after
     finally:
-        for averager in averagers:
+        for averager in plain + fetching:
             averager.shutdown()

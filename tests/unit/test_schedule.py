@@ -61,18 +61,17 @@ def test_at_its_first_transition_a_peer_slower_than_the_rest_estimates_the_epoch
     assert seconds_to_epoch_end(math.inf, 0.5, 7.5, 4, 30.0, 480, swarm_rate=960.0) == 7.0  # a whole epoch seen wins
 
 
-def test_a_search_declares_its_look_plus_the_horizon_past_its_hold_as_its_end():
-    # matchmaking 2 s, timeout 15 s: a peer looks once its epoch ends within the horizon (7.5 s), so the look plus
-    # the horizon and 2 x HOLD is past the epoch's end and the leader's hold; every look the same, whatever its
-    # estimate of the epoch's end (a later look declares a later end, as hivemind's search assumes)
-    assert horizon(15.0, 2.0) == 7.5
-    assert search_ends_in(matchmaking_time=2.0, averaging_timeout=15.0) == 7.5 + 2 * HOLD
-    assert search_ends_in(2.0, 30.0) == 15.0 + 2 * HOLD
-    assert search_ends_in(2.0, 4.0) == 3.0  # a second before the round's timeout
-    assert search_ends_in(2.0, 2.5) == 2.0  # but never under hivemind's matchmaking_time
+def test_a_search_declares_the_epochs_estimated_end_past_its_hold_as_its_end():
+    # looking at the transition into a 5-s epoch (matchmaking 2 s, timeout 15 s): the end plus 2 x HOLD
+    assert search_ends_in(5.0, matchmaking_time=2.0, averaging_timeout=15.0) == 5.0 + 2 * HOLD
+    assert search_ends_in(0.3, 2.0, 15.0) == 2.0  # a late look (or the epoch is over): hivemind's matchmaking_time
+    assert search_ends_in(-1.0, 2.0, 15.0) == 2.0
+    assert search_ends_in(math.inf, 2.0, 15.0) == 2.0  # no estimate
+    assert search_ends_in(30.0, 2.0, 15.0) == 14.0  # a second before the round's timeout
     # a client-mode peer only joins: a leader refuses a request whose end is earlier than its own (in the NAT test
     # every round of one NATed peer in two was refused so), so it asks with the latest end the round allows
-    assert search_ends_in(2.0, 15.0, client=True) == 14.0
+    assert search_ends_in(5.0, 2.0, 15.0, client=True) == 14.0
+    assert search_ends_in(math.inf, 2.0, 15.0, client=True) == 14.0
 
 
 def test_a_leader_assembles_once_everyone_it_follows_joined_or_its_hold_is_over():
