@@ -19,8 +19,8 @@ new to it: hivemind's PotentialLeaders assumes every end more than 3 s before th
 (max_assured_time), which holds when a later look declares a later end (its look plus matchmaking_time). Estimated
 ends differ by seconds (a first epoch, a newcomer), so a peer that looked after the others but expected the epoch to
 end first declared the earliest end, and a leader that had fetched before it never looked again: 3+1
-(test_group_hold.py). FetchingLeaders fetches whenever its earliest end is not earlier than its own, as hivemind's
-leader already does while those ends lie within 3 s of each other. Declaring the look plus a constant instead (the
+(test_group_hold.py). FetchingLeaders fetches each time it picks a leader, as hivemind's search already does while the
+ends it holds lie within 3 s of each other. Declaring the look plus a constant instead (the
 order hivemind assumes) was tried and dropped: rounds that are cancelled or never triggered then hold their
 followers until the far end (the finishers' extra state round failed in 3 of 3 runs of the drifted-moments test).
 """
@@ -69,7 +69,8 @@ async def hold_open(matchmaking, step, followed=frozenset) -> None:
 
 
 class FetchingLeaders(PotentialLeaders):
-    """hivemind's search for a leader, with nothing assumed known: the DHT is fetched again whenever the earliest end
-    held is not earlier than this peer's own (EpochGroups puts it in place in the averager's process)."""
+    """hivemind's search for a leader, with nothing assumed known: each time it picks its next leader it has the DHT
+    fetched again (hivemind skips that for an end it assumes known), and while no end it holds is earlier than its
+    own it waits for that fetch. EpochGroups puts it in place in the averager's process."""
 
     max_assured_time = property(lambda self: -math.inf, lambda self, value: None)
