@@ -19,10 +19,10 @@ new to it: hivemind's PotentialLeaders assumes every end more than 3 s before th
 (max_assured_time), which holds when a later look declares a later end (its look plus matchmaking_time). Estimated
 ends differ by seconds (a first epoch, a newcomer), so a peer that looked after the others but expected the epoch to
 end first declared the earliest end, and a leader that had fetched before it never looked again: 3+1
-(test_group_hold.py). FetchingLeaders fetches each time it picks a leader, as hivemind's search already does while the
-ends it holds lie within 3 s of each other. Declaring the look plus a constant instead (the
-order hivemind assumes) was tried and dropped: rounds that are cancelled or never triggered then hold their
-followers until the far end (the finishers' extra state round failed in 3 of 3 runs of the drifted-moments test).
+(test_group_hold.py). FetchingLeaders fetches each time it picks a leader, as hivemind's search already does while
+the ends it holds lie within 3 s of each other. Declaring the look plus a constant instead (the order hivemind
+assumes) was tried and dropped: rounds that are cancelled or never triggered then hold their followers until the far
+end (the finishers' extra state round failed in 3 of 3 runs of the drifted-moments test).
 """
 
 from __future__ import annotations
