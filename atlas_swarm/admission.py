@@ -82,7 +82,9 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     stale copy of them went on adding its rate: three peers on two cores, one doing nine tenths of the work, ended an
     epoch 5.6 s apart (the fast one last: it read its own records fresh), missed each other's rounds and left the run
     with three adapters. Without ``began``, that constant cap is what there is: samples at twice what a majority at
-    the record's epoch reports (floor: target / 2n), rates at 4x."""
+    the record's epoch reports (floor: target / 2n), rates at 4x; such a record is kept with its cap (``cap``) and a
+    time late enough that its samples plus its rate times its age stop at the cap, so that a stale copy counts no more
+    than a fresh one (in a first epoch, a NATed peer doing 1,432 of 1,440 samples ended it 1.3 s after the others)."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
@@ -99,9 +101,11 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
                            samples_per_second=rate)  # fmt: skip
             continue
         peers_at_epoch = [q["samples_accumulated"] for q in followed.values() if q["epoch"] == r["epoch"]]
-        sample_cap = min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * len(followed))))
-        kept[p] = dict(r, samples_accumulated=min(r["samples_accumulated"], int(sample_cap)),
-                       samples_per_second=min(r["samples_per_second"], 4 * median_rate))  # fmt: skip
+        sample_cap = int(min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * len(followed)))))
+        samples, rate = min(r["samples_accumulated"], sample_cap), min(r["samples_per_second"], 4 * median_rate)
+        kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, cap=sample_cap)
+        if rate > 0 and math.isfinite(now) and _time(r, now) < now - (sample_cap - samples) / rate:
+            kept[p]["time"] = float(now - (sample_cap - samples) / rate)  # its rate x age stops at the cap
     return kept, len(records) - len(kept)
 
 

@@ -90,7 +90,8 @@ class ThrottledTracker(ProgressTracker):
         kept = {}
         if isinstance(metadata, dict) and metadata:  # none followed: hivemind's own "no active peers" view
             kept = self.followed_records(metadata)
-            metadata = {pid: SimpleNamespace(value=v) for pid, v in kept.items()}
+            # hivemind's record model forbids fields it does not know: sane_progress's "cap" stays with us
+            metadata = {pid: SimpleNamespace(value={k: x for k, x in v.items() if k != "cap"}) for pid, v in kept.items()}
         progress = super()._parse_swarm_progress_data(metadata)
         own = kept.get(self.own_peer_id)
         counted_own = own["samples_accumulated"] if own and own["epoch"] == progress.epoch else 0
@@ -99,6 +100,7 @@ class ThrottledTracker(ProgressTracker):
         median = lower_median(r["samples_per_second"] for r in kept.values()
                               if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
         self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
+        self._own_sample_cap = own.get("cap", math.inf) if own and own["epoch"] == progress.epoch else math.inf
         self.swarm_rate = sum(r["samples_per_second"] for r in kept.values() if math.isfinite(r["samples_per_second"]))
         return progress
 
@@ -121,6 +123,7 @@ class ThrottledTracker(ProgressTracker):
 
     _others = 0  # at the last fetch: the samples the other followed records count toward the swarm's epoch
     _own_rate_cap = math.inf
+    _own_sample_cap = math.inf  # at the last fetch: the constant cap on this peer's record (an epoch not transitioned to)
     swarm_rate = 0.0  # at the last fetch: the followed records' summed samples/s (this peer's own included)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
@@ -128,9 +131,10 @@ class ThrottledTracker(ProgressTracker):
         # count them capped (admission.sane_progress): a peer doing most of the work ended epochs seconds before the
         # others (3 peers on 2 cores, one at 5x the others' rate: 4.5 s early). In an epoch it entered in a
         # transition, its own samples count in its view as they do in the others': at most twice the median rate
-        # since the transition (alone, never less than it did).
-        counted = update_global_samples and self.began is not None \
-            and self.began[0] == local_epoch == self.local_progress.epoch == self.global_progress.epoch  # fmt: skip
+        # since the transition (alone, never less than it did); in another (the first), at most the constant cap.
+        transitioned = self.began is not None and self.began[0] == local_epoch
+        counted = update_global_samples and (transitioned or math.isfinite(self._own_sample_cap)) \
+            and local_epoch == self.local_progress.epoch == self.global_progress.epoch  # fmt: skip
         extra = samples_accumulated - self.local_progress.samples_accumulated
         now = time.monotonic()
         due = (
@@ -149,7 +153,9 @@ class ThrottledTracker(ProgressTracker):
                 self.global_progress.samples_accumulated += extra
             self.performance_ema.update(task_size=extra)
             self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
-        if counted:
+        if counted and not transitioned:
+            self.global_progress.samples_accumulated = self._others + min(samples_accumulated, self._own_sample_cap)
+        elif counted:
             seconds = max(0.0, get_dht_time() - self.began[1])
             own = samples_accumulated if math.isinf(self._own_rate_cap) else \
                 min(samples_accumulated, int(self._own_rate_cap * seconds))  # fmt: skip

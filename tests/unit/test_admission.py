@@ -93,3 +93,22 @@ def test_a_capped_record_gives_the_same_epoch_end_fresh_or_stale():
     kept, _ = sane_progress({"me": future, A: record(5, 10, 10.0)}, "me", lambda p: True, 10**9, 96,
                             began=(5, 100.0), now=104.0)  # fmt: skip
     assert kept["me"]["samples_accumulated"] == 80  # 2 x 10/s x 4 s
+
+
+def test_in_a_first_epoch_a_capped_record_counts_no_more_stale_than_fresh():
+    """Without a transition (a first epoch) a record is capped at a constant, and its rate x age stops at that cap:
+    a stale copy of a fast peer's record counts what its fresh copy does. Before, a NATed peer doing 1,432 of the
+    first epoch's 1,440 samples read itself fresh (capped) while the others added its rate to a stale copy, and it
+    ended the epoch 1.3 s after them."""
+    def estimate(now, fast_age):
+        records = {"me": dict(record(0, int(450 * (now - fast_age)), 450.0), time=now - fast_age),
+                   A: dict(record(0, int(56 * 2.3), 56.0), time=2.3), B: dict(record(0, int(60 * 2.3), 60.0), time=2.3)}
+        kept, _ = sane_progress(records, "me", lambda p: True, 10**6, 1440, now=now)
+        return sum(r["samples_accumulated"] + max(0.0, now - r["time"]) * r["samples_per_second"]
+                   for r in kept.values())  # fmt: skip
+
+    for now in (3.0, 5.0, 8.0):
+        fresh = estimate(now, 0.0)
+        assert estimate(now, 1.0) == fresh == estimate(now, 2.0), now
+    kept, _ = sane_progress({"me": record(0, 10, 10.0), A: record(0, 8, 10.0)}, "me", lambda p: True, 96, 96, now=1.0)
+    assert kept["me"]["cap"] == 24 and kept["me"]["time"] == 0.0  # under its cap: extrapolated as it was

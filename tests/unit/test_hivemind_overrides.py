@@ -122,3 +122,50 @@ def test_a_round_that_failed_after_its_step_has_the_outcome_is_not_a_traceback(e
     assert not any(r.exc_info for r in caplog.records)
     with pytest.raises(type(error)):
         asyncio.run(Averager()._step(step=Step(False)))
+
+
+def test_the_tracker_hands_hivemind_records_its_model_accepts_with_a_fast_peer_capped():
+    """ThrottledTracker's records go through hivemind's own parser (its pydantic model forbids unknown fields: a
+    field of ours left in a record once stopped every peer's progress fetcher, and each trained alone), and a fast
+    peer in a first epoch counts its constant cap however stale the reader's copy."""
+    import threading
+    from types import SimpleNamespace
+
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
+    from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker, TrainingProgressSchema
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.performance_ema import PerformanceEMA
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from atlas_swarm.swarm.node import peer_id_of_owner
+    from atlas_swarm.swarm.optimizer import ThrottledTracker
+
+    SchemaValidator(TrainingProgressSchema, prefix="t")  # as each peer's tracker does: it sets extra=forbid
+    keys = [RSASignatureValidator(RSAPrivateKey()).local_public_key for _ in range(3)]
+    fast, *slow = keys
+    tracker = ThrottledTracker.__new__(ThrottledTracker)  # no DHT: only the parsing is under test
+    threading.Thread.__init__(tracker, daemon=True)
+    defaults = {k: v.default for k, v in inspect.signature(ProgressTracker.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}  # fmt: skip
+    vars(tracker).update(gate=None, own_peer_id=peer_id_of_owner(fast), sample_cap=float("inf"), target_batch_size=1440,
+                         ignored_writers=set(), prefix="t", status_loglevel=logging.DEBUG,
+                         performance_ema=PerformanceEMA(alpha=0.1), **{k: defaults[k] for k in (
+                             "min_refresh_period", "max_refresh_period", "default_refresh_period",
+                             "expected_drift_peers", "expected_drift_rate")})  # fmt: skip
+    tracker.local_progress = LocalTrainingProgress(peer_id=b"x", epoch=0, samples_accumulated=0, samples_per_second=1.0,
+                                                   time=0.0, client_mode=False)  # fmt: skip
+
+    def record(key, samples, rate, t):
+        return SimpleNamespace(value=dict(peer_id=b"x", epoch=0, samples_accumulated=samples, samples_per_second=rate,
+                                          time=t, client_mode=False))  # fmt: skip
+
+    def estimate(fast_age):  # the fast peer (this one) has trained 8 s, the others' copies are from 2.3 s
+        now = get_dht_time()
+        metadata = {fast: record(fast, int(450 * (8 - fast_age)), 450.0, now - fast_age),
+                    slow[0]: record(slow[0], 128, 56.0, now - 5.7), slow[1]: record(slow[1], 138, 60.0, now - 5.7)}
+        progress = tracker._parse_swarm_progress_data(metadata)
+        assert progress.num_peers == 3 and progress.samples_accumulated == 2 * 138 + 128 + 138
+        return progress.eta_next_epoch - now
+
+    assert estimate(0.0) == pytest.approx(estimate(2.0), abs=1e-3)
