@@ -218,6 +218,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         # gradients) step the same averaged gradient to different parameters, and three such peers left the run
         # with three adapters (test_consensus, drifted moments). hivemind decides on next_epoch % every == 0.
         every, next_epoch = self.average_state_every, max(self.local_epoch + 1, self.tracker.global_epoch)
+        self._drop_stale_state_round(next_epoch)
         if next_epoch == self.final_epoch:
             self.average_state_every = next_epoch
         try:
@@ -424,11 +425,25 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.scheduled_state = None
         return self.state_averager.average_once(timeout, should_stop)
 
+    _state_epoch: Optional[int] = None  # the epoch the pre-scheduled state round (scheduled_state) gathers
+
+    def _drop_stale_state_round(self, epoch: Optional[int]) -> None:
+        """Cancel a pre-scheduled state round that gathers another epoch than ``epoch``, the one this peer's next
+        transition enters. It gathers the epoch it was scheduled for; a peer that moved on outside a transition (a
+        download: hivemind drops its gradient round then, not its state round) took it into a later transition,
+        where it looked for its group under a key nobody else used until its timeout: 28 s of the Ctrl-C test's
+        pair, in 2 of 4 runs (and in 2 of 6 full-suite runs)."""
+        if self.scheduled_state is not None and self._state_epoch != epoch:
+            if not self.scheduled_state.done():
+                cancel_round(self.scheduled_state)
+            self.scheduled_state = None
+
     def _maybe_schedule_state_averaging(self) -> None:
         if self.final_epoch is not None and self.local_epoch >= self.final_epoch:
             return  # no epoch follows the last (the finishers' extra round, if any, is average_final_state)
         next_epoch = schedule.state_round_epoch(self.local_epoch, self.tracker.global_epoch, self.average_state_every,
                                                 self.final_epoch)  # fmt: skip
+        self._drop_stale_state_round(next_epoch)
         if next_epoch is None or self.state_averager.averaging_in_progress:
             return
         delay = self.delay_before_state_averaging.ema_seconds_per_sample  # the gradient round before it
@@ -436,6 +451,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             log.log(self.status_loglevel, "Pre-scheduling state averaging round")
             self.scheduled_state = self.state_averager.schedule_step(self._search_end(delay), gather=next_epoch,
                                                                      timeout=self.averaging_timeout)  # fmt: skip
+            self._state_epoch = next_epoch
 
     def next_step(self, batch_size: int) -> tuple[int, bool]:
         """The next step's samples, and whether it runs in fine micro-batches that end it as soon as the swarm's
