@@ -9,9 +9,11 @@ join 0.03-0.6 s after the leader assembled (its expiration was its look's start 
 epoch's end).
 
 So a round's search declares the epoch's estimated end plus a margin as its expiration (schedule.search_ends_in) and
-the leader assembles by its own rule (schedule.assemble_now): after matchmaking_time, as hivemind did, when every peer
-it follows has joined; otherwise it waits for the missing ones until schedule.HOLD seconds after its own epoch ended.
-hivemind's assembly at the expiration stays as the fallback. With both, the same 10 runs: 1 epoch of 40 split (the
+the leader assembles by its own rule (schedule.assemble_now): once its own epoch ended (and after matchmaking_time),
+when every peer it follows has joined; otherwise it waits for the missing ones until schedule.HOLD seconds after its
+own epoch ended. hivemind's assembly at the expiration stays as the fallback. (Until 2026-12-06 it assembled as soon
+as everyone it followed had joined, so a newcomer it did not follow yet, looking seconds before the epoch's end,
+found the group closed.) With both, the same 10 runs: 1 epoch of 40 split (the
 first epoch of one run: two pairs, each leader's group held to the end and never merged), no run failed.
 
 That split (session 34): a searcher fetches the others' declared ends again only while the earliest it holds may be
@@ -50,22 +52,37 @@ async def hold_open(matchmaking, step, followed=frozenset) -> None:
     PeerIDs (base58) of the peers this peer follows, itself included."""
     own = matchmaking.peer_id.to_base58()
     looking_since = triggered_at = None
-    while not step.done():
-        await asyncio.sleep(POLL)
-        if matchmaking.step_control is not step:
-            continue
-        now = get_dht_time()
-        looking_since = now if looking_since is None else looking_since
-        if triggered_at is None and step.triggered:
-            triggered_at = now
-        if not _leading(matchmaking, step):
-            continue
-        members = {p.to_base58() for p in matchmaking.current_followers} | {own}
-        if schedule.assemble_now(now, looking_since, triggered_at, matchmaking.min_matchmaking_time, members,
-                                 set(followed())):  # fmt: skip
-            async with matchmaking.lock_request_join_group:
-                if _leading(matchmaking, step):
-                    await matchmaking.leader_assemble_group()
+    trigger = asyncio.ensure_future(_wait_for_trigger(step))  # wakes a leader at its trigger, not up to POLL later
+    try:
+        while not step.done():
+            if trigger.done():
+                await asyncio.sleep(POLL)
+            else:
+                await asyncio.wait([trigger], timeout=POLL)
+            if matchmaking.step_control is not step:
+                continue
+            now = get_dht_time()
+            looking_since = now if looking_since is None else looking_since
+            if triggered_at is None and step.triggered:
+                triggered_at = now
+            if not _leading(matchmaking, step):
+                continue
+            members = {p.to_base58() for p in matchmaking.current_followers} | {own}
+            if schedule.assemble_now(now, looking_since, triggered_at, matchmaking.min_matchmaking_time, members,
+                                     set(followed())):  # fmt: skip
+                async with matchmaking.lock_request_join_group:
+                    if _leading(matchmaking, step):
+                        await matchmaking.leader_assemble_group()
+    finally:
+        trigger.cancel()
+
+
+async def _wait_for_trigger(step) -> None:
+    """Until ``step`` is triggered (or cancelled: then at once); polling alone where it cannot be awaited."""
+    try:
+        await step.wait_for_trigger()
+    except (asyncio.CancelledError, RuntimeError, AssertionError):
+        pass
 
 
 class FetchingLeaders(PotentialLeaders):

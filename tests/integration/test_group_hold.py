@@ -28,12 +28,14 @@ def four(tmp_path):
     yield from dhts(tmp_path, 4)
 
 
-def following(all_dhts, prefix: str, absent: tuple = (), cls=GradAverager) -> list[GradAverager]:
+def following(all_dhts, prefix: str, absent: tuple = (), cls=GradAverager, newcomer: bool = False) -> list[GradAverager]:
+    """One averager per DHT, each following all (and ``absent``); with ``newcomer``, the others do not follow the
+    last one yet (its progress record has not reached them)."""
     ids = [dht.peer_id.to_base58() for dht in all_dhts]
     averagers = []
     for dht in all_dhts:
         gate = Gate(open_run=True)
-        gate.set_followed([*ids, *absent])
+        gate.set_followed([*(ids[:-1] if newcomer and dht is not all_dhts[-1] else ids), *absent])
         own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
         averagers.append(cls(own, dht=dht, prefix=prefix, min_group_size=2, min_matchmaking_time=MM,
                              request_timeout=MM / 2, start=True,
@@ -123,6 +125,28 @@ def test_a_leader_assembles_when_everyone_it_follows_joined_or_its_hold_ends_not
         assert took < 6.0, took
     finally:
         for averager in complete + missing:
+            averager.shutdown()
+
+
+def test_a_newcomer_that_looks_before_the_epoch_ends_is_grouped_though_not_followed_yet(three):
+    averagers = following(three, "newcomer", newcomer=True)
+    try:
+        # Execute: A and B (who do not follow C yet) look for an epoch estimated to end 2 s later; C, a newcomer
+        # whose first epoch began late, looks 1.5 s later (after hivemind's window: A and B were both in by then),
+        # estimating 1 s; the epoch ends 2 s after the first look
+        began = get_dht_time()
+        first = [a.schedule_step(began + search_ends_in(2.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
+                 for a in averagers[:2]]  # fmt: skip
+        time.sleep(1.5)
+        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(1.0, MM, TIMEOUT), timeout=TIMEOUT,
+                                          gather=1)  # fmt: skip
+        time.sleep(0.5)
+        trigger(averagers, [*first, late])
+        # Assert: the leader held its group open until its epoch ended, and C was in it (it was left out when the
+        # leader assembled once everyone it followed had joined: [2, 2, 0])
+        assert sizes([*first, late]) == [3, 3, 3]
+    finally:
+        for averager in averagers:
             averager.shutdown()
 
 

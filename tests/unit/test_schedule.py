@@ -74,12 +74,15 @@ def test_a_search_declares_the_epochs_estimated_end_past_its_hold_as_its_end():
     assert search_ends_in(math.inf, 2.0, 15.0, client=True) == 14.0
 
 
-def test_a_leader_assembles_once_everyone_it_follows_joined_or_its_hold_is_over():
+def test_a_leader_assembles_at_its_epochs_end_once_everyone_it_follows_joined_or_its_hold_is_over():
     everyone, three = {"a", "b", "c", "d"}, {"a", "b", "c"}
     # not before hivemind's own window of matchmaking_time (2 s from the look at 10.0), even with everyone in
-    assert not assemble_now(11.9, 10.0, None, 2.0, everyone, everyone)
-    assert assemble_now(12.0, 10.0, None, 2.0, everyone, everyone)
-    assert assemble_now(12.0, 10.0, None, 2.0, everyone | {"newcomer"}, everyone)  # one it does not follow yet
+    assert not assemble_now(11.9, 10.0, 11.0, 2.0, everyone, everyone)
+    assert assemble_now(12.0, 10.0, 11.0, 2.0, everyone, everyone)
+    assert assemble_now(12.0, 10.0, 11.0, 2.0, everyone | {"newcomer"}, everyone)  # one it does not follow yet
+    # nor before its own epoch ended (its round not triggered yet): a newcomer may still join
+    assert not assemble_now(13.0, 10.0, None, 2.0, everyone, everyone)
+    assert assemble_now(14.0, 10.0, 14.0, 2.0, everyone, everyone)
     # one it follows has not joined: held, until HOLD after its own epoch ended (triggered at 14.0)
     assert not assemble_now(13.0, 10.0, None, 2.0, three, everyone)
     assert not assemble_now(14.0 + HOLD - 0.01, 10.0, 14.0, 2.0, three, everyone)
@@ -87,7 +90,7 @@ def test_a_leader_assembles_once_everyone_it_follows_joined_or_its_hold_is_over(
     # a look at the epoch's end (a round scheduled there): hivemind's window first
     assert not assemble_now(14.6, 14.0, 14.0, 2.0, three, everyone)
     assert assemble_now(16.0, 14.0, 14.0, 2.0, three, everyone)
-    assert assemble_now(12.0, 10.0, None, 2.0, {"a", "b"}, set())  # nobody followed (no gate): as hivemind did
+    assert assemble_now(12.0, 10.0, 11.0, 2.0, {"a", "b"}, set())  # nobody followed (no gate)
 
 
 def test_state_rounds_only_on_their_epochs():
