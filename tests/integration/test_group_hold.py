@@ -65,6 +65,20 @@ def all_look_then_trigger(averagers, epoch_ends_in: float) -> float:
     return get_dht_time() - began
 
 
+def two_look_then_a_third(averagers, first_ends_in: float, third_ends_in: float, gather: int = 1) -> list[int]:
+    """A and B look for an epoch they estimate ends ``first_ends_in`` s later, C 1.5 s after them estimating
+    ``third_ends_in``; all three epochs end ``first_ends_in`` s after the first look. Each round's group size."""
+    began = get_dht_time()
+    first = [a.schedule_step(began + search_ends_in(first_ends_in, MM, TIMEOUT), timeout=TIMEOUT, gather=gather)
+             for a in averagers[:2]]  # fmt: skip
+    time.sleep(1.5)
+    late = averagers[2].schedule_step(get_dht_time() + search_ends_in(third_ends_in, MM, TIMEOUT), timeout=TIMEOUT,
+                                      gather=gather)  # fmt: skip
+    time.sleep(first_ends_in - 1.5)
+    trigger(averagers, [*first, late])
+    return sizes([*first, late])
+
+
 def sizes(controls, timeout: float = 30.0) -> list[int]:
     """Each round's group size (0: it failed, as a round with no group does)."""
     out = []
@@ -89,15 +103,7 @@ def test_a_peer_that_looks_after_hiveminds_window_but_before_the_epoch_ends_is_g
         trigger(averagers, [*early, late])
         before = sizes([*early, late])
         # Execute: the same, each search declaring the epoch's estimated end past the leader's hold
-        now = get_dht_time()
-        early = [a.schedule_step(now + search_ends_in(1.8, MM, TIMEOUT), timeout=TIMEOUT, gather=2)
-                 for a in averagers[:2]]  # fmt: skip
-        time.sleep(1.5)
-        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(0.5, MM, TIMEOUT), timeout=TIMEOUT,
-                                          gather=2)  # fmt: skip
-        time.sleep(0.3)
-        trigger(averagers, [*early, late])
-        after = sizes([*early, late])
+        after = two_look_then_a_third(averagers, 1.8, 0.5, gather=2)
         # Assert: C was left out (its round found nobody), and now all three are grouped
         assert before == [2, 2, 0], before
         assert after == [3, 3, 3], after
@@ -134,17 +140,10 @@ def test_a_newcomer_that_looks_before_the_epoch_ends_is_grouped_though_not_follo
         # Execute: A and B (who do not follow C yet) look for an epoch estimated to end 2 s later; C, a newcomer
         # whose first epoch began late, looks 1.5 s later (after hivemind's window: A and B were both in by then),
         # estimating 1 s; the epoch ends 2 s after the first look
-        began = get_dht_time()
-        first = [a.schedule_step(began + search_ends_in(2.0, MM, TIMEOUT), timeout=TIMEOUT, gather=1)
-                 for a in averagers[:2]]  # fmt: skip
-        time.sleep(1.5)
-        late = averagers[2].schedule_step(get_dht_time() + search_ends_in(1.0, MM, TIMEOUT), timeout=TIMEOUT,
-                                          gather=1)  # fmt: skip
-        time.sleep(0.5)
-        trigger(averagers, [*first, late])
+        grouped = two_look_then_a_third(averagers, 2.0, 1.0)
         # Assert: the leader held its group open until its epoch ended, and C was in it (it was left out when the
         # leader assembled once everyone it followed had joined: [2, 2, 0])
-        assert sizes([*first, late]) == [3, 3, 3]
+        assert grouped == [3, 3, 3], grouped
     finally:
         for averager in averagers:
             averager.shutdown()
