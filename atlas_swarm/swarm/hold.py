@@ -52,37 +52,22 @@ async def hold_open(matchmaking, step, followed=frozenset) -> None:
     PeerIDs (base58) of the peers this peer follows, itself included."""
     own = matchmaking.peer_id.to_base58()
     looking_since = triggered_at = None
-    trigger = asyncio.ensure_future(_wait_for_trigger(step))  # wakes a leader at its trigger, not up to POLL later
-    try:
-        while not step.done():
-            if trigger.done():
-                await asyncio.sleep(POLL)
-            else:
-                await asyncio.wait([trigger], timeout=POLL)
-            if matchmaking.step_control is not step:
-                continue
-            now = get_dht_time()
-            looking_since = now if looking_since is None else looking_since
-            if triggered_at is None and step.triggered:
-                triggered_at = now
-            if not _leading(matchmaking, step):
-                continue
-            members = {p.to_base58() for p in matchmaking.current_followers} | {own}
-            if schedule.assemble_now(now, looking_since, triggered_at, matchmaking.min_matchmaking_time, members,
-                                     set(followed())):  # fmt: skip
-                async with matchmaking.lock_request_join_group:
-                    if _leading(matchmaking, step):
-                        await matchmaking.leader_assemble_group()
-    finally:
-        trigger.cancel()
-
-
-async def _wait_for_trigger(step) -> None:
-    """Until ``step`` is triggered (or cancelled: then at once); polling alone where it cannot be awaited."""
-    try:
-        await step.wait_for_trigger()
-    except (asyncio.CancelledError, RuntimeError, AssertionError):
-        pass
+    while not step.done():
+        await asyncio.sleep(POLL)
+        if matchmaking.step_control is not step:
+            continue
+        now = get_dht_time()
+        looking_since = now if looking_since is None else looking_since
+        if triggered_at is None and step.triggered:
+            triggered_at = now
+        if not _leading(matchmaking, step):
+            continue
+        members = {p.to_base58() for p in matchmaking.current_followers} | {own}
+        if schedule.assemble_now(now, looking_since, triggered_at, matchmaking.min_matchmaking_time, members,
+                                 set(followed())):  # fmt: skip
+            async with matchmaking.lock_request_join_group:
+                if _leading(matchmaking, step):
+                    await matchmaking.leader_assemble_group()
 
 
 class FetchingLeaders(PotentialLeaders):
