@@ -38,8 +38,11 @@ def following(all_dhts, prefix: str, absent: tuple = (), cls=GradAverager, newco
         gate.set_followed([*(ids[:-1] if newcomer and dht is not all_dhts[-1] else ids), *absent])
         own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
         averagers.append(cls(own, dht=dht, prefix=prefix, min_group_size=2, min_matchmaking_time=MM,
-                             request_timeout=MM / 2, start=True,
+                             request_timeout=MM / 2, start=False,
                              gather_settings=Settings(rule="mean", signer=dht.settings.signer, gate=gate)))
+        # bounded: hivemind waits for an averager's start without a limit, and one start hung a full-suite run here
+        # (the averager's process waiting in replicate_p2p, 10 min)
+        averagers[-1].run_in_background(await_ready=True, timeout=60)
         for param in own:
             param.grad = torch.ones_like(param)
     return averagers
