@@ -431,8 +431,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         """Cancel a pre-scheduled state round that gathers another epoch than ``epoch``, the one this peer's next
         transition enters. It gathers the epoch it was scheduled for; a peer that moved on outside a transition (a
         download: hivemind drops its gradient round then, not its state round) took it into a later transition,
-        where it looked for its group under a key nobody else used until its timeout: 28 s of the Ctrl-C test's
-        pair, in 2 of 4 runs (and in 2 of 6 full-suite runs)."""
+        where it looked for its group under a key nobody else used until its timeout: 28-30 s of the Ctrl-C test's
+        pair, in 3 of 6 runs with the debug log and in 2 full-suite runs."""
         if self.scheduled_state is not None and self._state_epoch != epoch:
             if not self.scheduled_state.done():
                 cancel_round(self.scheduled_state)
