@@ -91,7 +91,8 @@ class ThrottledTracker(ProgressTracker):
         if isinstance(metadata, dict) and metadata:  # none followed: hivemind's own "no active peers" view
             kept = self.followed_records(metadata)
             # hivemind's record model forbids fields it does not know: sane_progress's "cap" stays with us
-            metadata = {pid: SimpleNamespace(value={k: x for k, x in v.items() if k != "cap"}) for pid, v in kept.items()}
+            metadata = {pid: SimpleNamespace(value={k: x for k, x in v.items() if k != "cap"})
+                        for pid, v in kept.items()}  # fmt: skip
         progress = super()._parse_swarm_progress_data(metadata)
         own = kept.get(self.own_peer_id)
         counted_own = own["samples_accumulated"] if own and own["epoch"] == progress.epoch else 0
@@ -123,7 +124,7 @@ class ThrottledTracker(ProgressTracker):
 
     _others = 0  # at the last fetch: the samples the other followed records count toward the swarm's epoch
     _own_rate_cap = math.inf
-    _own_sample_cap = math.inf  # at the last fetch: the constant cap on this peer's record (an epoch not transitioned to)
+    _own_sample_cap = math.inf  # at the last fetch: the constant cap on its own record (an epoch not transitioned to)
     swarm_rate = 0.0  # at the last fetch: the followed records' summed samples/s (this peer's own included)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):

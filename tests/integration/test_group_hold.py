@@ -28,7 +28,8 @@ def four(tmp_path):
     yield from dhts(tmp_path, 4)
 
 
-def following(all_dhts, prefix: str, absent: tuple = (), cls=GradAverager, newcomer: bool = False) -> list[GradAverager]:
+def following(all_dhts, prefix: str, absent: tuple = (), cls=GradAverager,
+              newcomer: bool = False) -> list[GradAverager]:  # fmt: skip
     """One averager per DHT, each following all (and ``absent``); with ``newcomer``, the others do not follow the
     last one yet (its progress record has not reached them)."""
     ids = [dht.peer_id.to_base58() for dht in all_dhts]
