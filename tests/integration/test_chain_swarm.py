@@ -201,9 +201,14 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
         front_wei = EPOCH_SAMPLES * RATE
         assert chain["trainer"].get_run(chain["run"])["budget"] == 5 * ETHER - total * RATE - front_wei
         # the honest members of epoch 3 were paid 0 samples (the pair took them all), yet settled: its witnesses
-        three = next(r["receipt"]["members"] for r in receipts(peers[0]) if r["receipt"]["epoch"] == 3)
-        witnesses = [m["wallet"] for m in three if m["flagged"] or m["weight"] > 0]
-        assert len(witnesses) == 3 and all(paid_epochs(chain["trainer"], w)[3] == 0 for w in witnesses), three
+        # (all three: with one out of the round, two honest votes would tie the pair's two and the checkpoint below
+        # would not be replaced, as designed; in 1 CI run of 2026-12-05 peer0 had no epoch-3 receipt, why not known)
+        three = [r["receipt"]["members"] for p in peers for r in receipts(p) if r["receipt"]["epoch"] == 3]
+        witnesses = {m["wallet"] for members in three for m in members if m["flagged"] or m["weight"] > 0}
+        rounds = [(p.name, [(e["epoch"], len(e["group"]), e["samples"], e["time"]) for e in p.events("epoch")])
+                  for p in [*peers, freeloader]]  # fmt: skip
+        assert len(witnesses) == 3, (three, rounds, [p.tail() for p in peers])
+        assert all(paid_epochs(chain["trainer"], w)[3] == 0 for w in witnesses), three
         assert chain["trainer"].epoch_tally(chain["run"], 3) == {"samples": EPOCH_SAMPLES, "payees": 2 + len(witnesses)}
         # one transaction per group and epoch: the receipts were settled by one member each (its tx), not by three
         txs: dict[int, set] = {}
@@ -269,20 +274,23 @@ def test_three_peers_are_paid_their_co_signed_receipt_weights_and_record_the_fin
 
 
 def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(tmp_path, chain, text_data):
-    victim_address = chain["wallets"][2][1].address
-    victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, chain["wallets"][2][1])
+    # the victim has the smallest wallet, so it posts its groups' receipts itself, at once (a larger one, a backup
+    # poster, would meet its InsufficientStake only 30-60 s after each quorum)
+    survivors, (_, victim_account) = [chain["wallets"][0], chain["wallets"][2]], chain["wallets"][1]
+    assert all(int(victim_account.address, 16) < int(a.address, 16) for _, a in survivors)
+    victim_address = victim_account.address
+    victim_client = StakingClient(chain["trainer"].w3, chain["trainer"].address, victim_account)
     with killed_at_exit([]) as peers:
         # --receipt-batch 1 --receipt-max-wait 0: settle each receipt at once (the default batches 4 to save gas, and
-        # a backup signer waits out the poster's batching window). 40 epochs of 3-4 s: the swarm must outlive the
-        # victim's unpaid receipt (up to 2 x BACKUP_DELAY after its quorum: it is the third signer) and its restart
-        # (killed at epochs 20-31 in 6 runs of 2026-11; at 15 and 16, back at epochs 17 and 21, in 2 full runs of
-        # 2026-12-03; its waiting receipts were posted 5-10 s after its restart). 48 epochs spent ~110 s after that
-        extra = ["--max-epochs", "40", "--wait-for-peers", "3", "--join-timeout", "90", "--receipt-batch", "1",
+        # a backup signer waits out the poster's batching window). 32 epochs of 2.5-3.5 s: the swarm must outlive the
+        # victim's restart (killed at epochs 14-15 once the download-only peer left, back at epochs 20-22, its waiting
+        # receipts settled before its first epoch: 4 runs of 2026-12-06; as the third signer, killed at epochs 15-31)
+        extra = ["--max-epochs", "32", "--wait-for-peers", "3", "--join-timeout", "90", "--receipt-batch", "1",
                  "--receipt-max-wait", "0"]
         first, join = start_first_peer(peers, tmp_path, chain, text_data, extra)
         peers.append(start_peer(tmp_path, "peer1", [*join, "--batch-size", "4", "--seed", "1", *extra,
-                                                     *chain_flags(chain, 1)]))  # fmt: skip
-        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 2)]
+                                                     *chain_flags(chain, 2)]))  # fmt: skip
+        victim_args = [*join, "--batch-size", "8", "--seed", "2", *extra, *chain_flags(chain, 1)]
         victim = start_peer(tmp_path, "victim", victim_args)
         peers.append(victim)
 
@@ -322,7 +330,7 @@ def test_sigkilled_peer_settles_its_unpaid_receipts_exactly_once_after_restart(t
         assert_paid_exactly(chain, restarted, victim_address, earlier=before)
         # (the groupmates may hold a receipt of the round the victim died in that only one of them signed: one saw
         # the victim's update and the other did not, so their aggregates and receipts differ; seen in 1 full run)
-        for p, (_, account) in zip((first, peers[1]), chain["wallets"]):
+        for p, (_, account) in zip((first, peers[1]), survivors):
             assert_paid_exactly(chain, p, account.address, minority_ok=True)
 
         # the download-only peer: a verified state, no step, no round, no receipt, nothing paid
