@@ -84,7 +84,9 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     with three adapters. Without ``began``, that constant cap is what there is: samples at twice what a majority at
     the record's epoch reports (floor: target / 2n), rates at 4x; such a record is kept with its cap (``cap``) and a
     time late enough that its samples plus its rate times its age stop at the cap, so that a stale copy counts no more
-    than a fresh one (in a first epoch, a NATed peer doing 1,432 of 1,440 samples ended it 1.3 s after the others)."""
+    than a fresh one (in a first epoch, a NATed peer doing 1,432 of 1,440 samples ended it 1.3 s after the others).
+    In either case a kept record's time is no earlier than its samples at its rate allow, and a time that is no number
+    counts as the oldest: a reader adds rate x age, and a record dated 10^4 s back ended every epoch at once."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
@@ -96,16 +98,23 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     for p, r in followed.items():
         if began is not None and r["epoch"] == began[0] and median_rate > 0:
             rate = min(r["samples_per_second"], 2 * median_rate)
-            seconds = max(0.0, min(_time(r, now), now) - began[1])
-            kept[p] = dict(r, samples_accumulated=min(r["samples_accumulated"], int(min(cap, rate * seconds))),
-                           samples_per_second=rate)  # fmt: skip
+            written = _time(r, began[1])  # a time that is no number: as if written as the epoch began
+            samples = min(r["samples_accumulated"], int(min(cap, rate * max(0.0, min(written, now) - began[1]))))
+            # dated no earlier than its samples at its rate allow: a reader adds rate x age, and a record dated
+            # 10^4 s back ended every epoch at once (test_a_samples_liar...); one written since the transition at the
+            # rate it gives is not moved (one written before it counts from the transition on, as its samples do)
+            written = max(written, began[1] + samples / rate) if rate > 0 else min(written, now)
+            kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, time=float(written))
             continue
         peers_at_epoch = [q["samples_accumulated"] for q in followed.values() if q["epoch"] == r["epoch"]]
         sample_cap = int(min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * len(followed)))))
         samples, rate = min(r["samples_accumulated"], sample_cap), min(r["samples_per_second"], 4 * median_rate)
         kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, cap=sample_cap)
-        if rate > 0 and math.isfinite(now) and _time(r, now) < now - (sample_cap - samples) / rate:
+        written = _time(r, -math.inf)  # a time that is no number: as old as can be
+        if rate > 0 and math.isfinite(now) and written < now - (sample_cap - samples) / rate:
             kept[p]["time"] = float(now - (sample_cap - samples) / rate)  # its rate x age stops at the cap
+        elif not math.isfinite(written) and math.isfinite(now):
+            kept[p]["time"] = float(now)  # (rate 0: an infinite age x 0 is NaN)
     return kept, len(records) - len(kept)
 
 

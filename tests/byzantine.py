@@ -94,13 +94,15 @@ def fake_progress():
 
 @attack
 def inflate_progress():
-    """Progress records at the peer's own epoch that claim 10^6 samples more than it did, at 10^6 times its rate: each
-    would end every epoch the moment it is read, if counted as written."""
+    """Progress records at the peer's own epoch that claim 10^6 samples more than it did, at 10^6 times its rate, and
+    written 10^4 s before they were (a reader adds the rate times the record's age): each would end every epoch the
+    moment it is read, if counted as written."""
     honest = ProgressTracker._get_local_progress
 
     def _get_local_progress(self, local_epoch, samples_accumulated):
         real = honest(self, local_epoch, samples_accumulated + 10**6)
-        return real.copy(update={"samples_per_second": real.samples_per_second * 10**6 + 10**6})
+        return real.copy(update={"samples_per_second": real.samples_per_second * 10**6 + 10**6,
+                                 "time": real.time - 10**4})
 
     ProgressTracker._get_local_progress = _get_local_progress
 

@@ -148,14 +148,16 @@ def test_progress_a_million_epochs_ahead_is_not_followed(tmp_path, tiny_model, t
 def test_a_samples_liar_at_its_own_epoch_does_not_end_every_epoch(tmp_path, tiny_model, text_data):
     spec, peers, _ = attacked_run(tmp_path, tiny_model, text_data, "inflate_progress")
     target = RunSpec.from_toml(spec).averaging.target_batch_size
-    # The liar's records count as at most twice the median rate since the epoch began (admission.sane_progress), so
-    # the two honest peers still do a bounded share of each epoch: half at equal speeds, less the seconds of averaging
-    # in which the liar's allowance grows and nobody trains (median 565 and 638 of 1920 in 2 runs; target / 8
-    # asserted). With those caps removed, the first record read ended each epoch: medians of 2 samples ([5, 2, 2, 2])
+    # The liar's records count as at most twice the median rate since the epoch began, and are dated no earlier than
+    # those samples allow (admission.sane_progress), so the two honest peers still do a bounded share of each epoch:
+    # half at equal speeds, less the seconds of averaging in which the liar's allowance grows and nobody trains (means
+    # of 568-871 of 1920 samples per epoch in 6 runs, 2026-12-06; target / 4 asserted). With its records also dated
+    # 10^4 s back, the rate and sample caps alone gave means of 122-268 in 3 runs (one: [2, 2, 2, 2, 601]); with
+    # those caps removed as well, the first record read ended each epoch: medians of 2 samples ([5, 2, 2, 2])
     per_peer = [{e["epoch"]: e["samples"] for e in p.events("epoch")} for p in peers[:2]]
     both = sorted(set(per_peer[0]) & set(per_peer[1]))
     honest = [per_peer[0][e] + per_peer[1][e] for e in both]
-    assert len(honest) >= 4 and sorted(honest)[len(honest) // 2] >= target / 8, (target, honest)
+    assert len(honest) >= 4 and sum(honest) / len(honest) >= target / 4, (target, honest)
 
 
 def test_a_progress_liar_that_came_first_does_not_hold_newcomers_in_sync(tmp_path, tiny_model, text_data):

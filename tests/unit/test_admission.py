@@ -1,5 +1,7 @@
 """Who is admitted and which progress claims are followed (admission.py): tables in, sets out."""
 
+import math
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -112,3 +114,21 @@ def test_in_a_first_epoch_a_capped_record_counts_no_more_stale_than_fresh():
         assert estimate(now, 1.0) == fresh == estimate(now, 2.0), now
     kept, _ = sane_progress({"me": record(0, 10, 10.0), A: record(0, 8, 10.0)}, "me", lambda p: True, 96, 96, now=1.0)
     assert kept["me"]["cap"] == 24 and kept["me"]["time"] == 0.0  # under its cap: extrapolated as it was
+
+
+@given(time=st.floats(), samples=st.integers(0, 10**12), rate=st.floats(0.0), transitioned=st.booleans())
+def test_whatever_one_writer_claims_a_reader_adds_a_bounded_finite_count(time, samples, rate, transitioned):
+    """A reader counts each kept record as its samples plus its rate times its age (hivemind's tracker). Whatever one
+    writer claims (samples, rate, and the time its record was written, a NaN or an infinity included), that is finite
+    and at most twice the median rate times the seconds since the transition, or in a first epoch its cap. Before,
+    a record dated 10^4 s back (or -inf) ended every epoch the moment it was read, caps or not."""
+    now = 1000.0
+    records = {"me": dict(record(5, 200, 100.0), time=now - 1), A: dict(record(5, 200, 100.0), time=now - 2),
+               B: dict(record(5, samples, rate), time=time)}  # fmt: skip
+    kept, _ = sane_progress(records, "me", lambda p: True, 10**9, 1920, began=(5, now - 4) if transitioned else None,
+                            now=now)  # fmt: skip
+    liar = kept[B]
+    added = liar["samples_accumulated"] + max(0.0, now - liar["time"]) * liar["samples_per_second"]
+    assert math.isfinite(added) and added <= (2 * 100.0 * 4 if transitioned else liar["cap"]) + 1e-6, (liar, added)
+    for p in ("me", A):  # the honest records are counted as written
+        assert kept[p]["time"] == records[p]["time"] and kept[p]["samples_accumulated"] == 200
