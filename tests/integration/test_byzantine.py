@@ -152,7 +152,7 @@ def test_a_samples_liar_at_its_own_epoch_does_not_end_every_epoch(tmp_path, tiny
     # those samples allow (admission.sane_progress), so the two honest peers still do a bounded share of each epoch:
     # half at equal speeds, less the seconds of averaging in which the liar's allowance grows and nobody trains (means
     # of 568-871 of 1920 samples per epoch in 6 runs, 2026-12-06; target / 4 asserted). With its records also dated
-    # 10^4 s back, the rate and sample caps alone gave means of 122-268 in 3 runs (one: [2, 2, 2, 2, 601]); with
+    # 10^4 s back, the rate and sample caps alone gave means of 122-437 in 5 runs (one: [2, 2, 2, 2, 601]); with
     # those caps removed as well, the first record read ended each epoch: medians of 2 samples ([5, 2, 2, 2])
     per_peer = [{e["epoch"]: e["samples"] for e in p.events("epoch")} for p in peers[:2]]
     both = sorted(set(per_peer[0]) & set(per_peer[1]))
