@@ -487,11 +487,20 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
                 future.set_result(None)
 
     async def _download_state(self, peer, timeout):
+        stream = chunks = None
         try:
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            chunks = aiter_with_timeout(stream, timeout=timeout)
             parts, tensors, metadata = [], [], None
-            async for message in aiter_with_timeout(stream, timeout=timeout):
+            budget = loaded_state.Budget(loaded_state.layout(self.optimizer, self.extra_tensors))
+            async for message in chunks:
+                why = budget.take(len(message.metadata), message.tensor_part)
+                if why is not None:  # read no further: what this donor sends is not a state of ours
+                    if self.gather_settings.gate is not None:
+                        self.gather_settings.gate.count("refused_states")
+                    logger.info(f"State from {peer} refused while it came in ({why}); trying the next donor")
+                    return None
                 if message.metadata:
                     metadata = self.serializer.loads(message.metadata)
                 if message.tensor_part.dtype and parts:
@@ -504,6 +513,13 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
         except Exception as e:
             logger.info(f"Failed to download state from {peer}: {e!r}")
             return None
+        finally:  # a stream left early is closed now (p2pd's stream too), not whenever it is collected
+            for it in (chunks, stream):
+                if it is not None and hasattr(it, "aclose"):
+                    try:
+                        await it.aclose()
+                    except Exception:
+                        pass
 
     def _make_averaged_parameters(self, main_parameters):
         # hivemind copies the parameters to the host (as float32) unless it averages the parameters themselves

@@ -11,6 +11,12 @@ the same order, of the same shapes and dtypes), every tensor is finite, and Adam
 ``exp_avg_sq >= 0`` and ``|exp_avg| <= C sqrt(exp_avg_sq)`` (below), so a donor can at most scale the downloader's
 next Adam steps within what some gradient sequence would give, not blow them up.
 
+What a donor streams is also bounded while it comes in (``Budget``): the tensors this peer's own state has, each of
+its own shape, each in at most its own size in bytes (plus a codec's header), and 1 MB of metadata. hivemind read
+whatever a donor sent: 256 MB more than a state of a few kB held grew the downloader's averager process by 277 MB
+(extra tensors) to 1,094 MB (one statistic of 2^26 values: its parts, joined, then decoded), and a stream that never
+ends (read from the code, not run) by as much as the link carries until the download's timeout.
+
 Adam's bound: ``m = (1 - b1) sum_k b1^k g_k`` and ``v = (1 - b2) sum_k b2^k g_k^2`` for any gradients ``g``, so by
 Cauchy-Schwarz ``|m| <= (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2)) * sqrt(v)``: 7.27 for betas (0.9, 0.999). It holds
 for any gradient sequence (averaged ones included) and for AdamW (its weight decay does not touch the moments).
@@ -26,6 +32,9 @@ from hivemind.optim.state_averager import dump_optimizer_state
 from hivemind.utils.nested import nested_pack
 
 SLACK = 1.05  # rounding of the moments' updates in float32 and bfloat16
+MAX_METADATA = 1 << 20  # bytes: a state's metadata is the optimizer's settings and layout (kB)
+HEADER = 4096  # bytes a codec may add to a tensor (uniform8bit: a 1 kB codebook)
+PART_COST = 64  # bytes of budget any message costs, empty or not (an endless stream of empty parts is bounded too)
 
 
 def adam_bound(betas) -> Optional[float]:
@@ -59,6 +68,42 @@ def problem(optimizer: torch.optim.Optimizer, extras: Sequence[torch.Tensor], me
     stats = tensors[len(own):]
     flat = [stats[e["index"]] if e["type"] == "tensor" else e.get("value") for e in own_layout]
     return _adam_problem(nested_pack(flat, structure=optimizer.state_dict()))
+
+
+def layout(optimizer: torch.optim.Optimizer, extras: Sequence[torch.Tensor]) -> list:
+    """(shape, bytes) of each tensor of this peer's state, in the order hivemind sends a state: the optimizer's
+    parameters, ``extras``, its statistics."""
+    own = [p for group in optimizer.param_groups for p in group["params"]] + list(extras)
+    return [(tuple(t.shape), t.numel() * t.element_size()) for t in own + list(dump_optimizer_state(optimizer)[1])]
+
+
+class Budget:
+    """What a donor may stream of a state of ``layout`` (``layout()``): ``take`` each message's metadata length and
+    tensor part (hivemind's ``runtime_pb2.Tensor``; the first part of each tensor carries its dtype and shape) before
+    keeping it; it answers why the stream must stop, or None."""
+
+    def __init__(self, layout: Sequence[tuple]):
+        self.layout = list(layout)
+        self.index = -1  # the tensor being received
+        self.used = 0  # its bytes so far
+        self.metadata = 0
+
+    def take(self, metadata_bytes: int, part) -> Optional[str]:
+        self.metadata += metadata_bytes
+        if self.metadata > MAX_METADATA:
+            return f"over {MAX_METADATA} bytes of metadata"
+        if part.dtype:
+            self.index, self.used = self.index + 1, 0
+            if self.index >= len(self.layout):
+                return f"more than the {len(self.layout)} tensors of this peer's state"
+            shape = self.layout[self.index][0]
+            if tuple(part.size) != shape:
+                return f"tensor {self.index} of shape {tuple(part.size)}, this peer's is {shape}"
+        self.used += max(len(part.buffer), PART_COST)
+        limit = self.layout[self.index][1] + HEADER if self.index >= 0 else PART_COST
+        if self.used > limit:
+            return f"tensor {self.index} over {limit} bytes" if self.index >= 0 else "a tensor's part before its first"
+        return None
 
 
 def _kind(entry) -> Optional[tuple]:

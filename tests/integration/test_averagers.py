@@ -220,6 +220,58 @@ def test_a_state_download_refuses_a_donors_tampered_moments(three_dhts, tamper):
             averager.shutdown()
 
 
+OVERSIZED = {  # what a donor can stream instead of the state a downloader's own layout allows (2^28 bytes each)
+    "a huge statistic": lambda stats: [torch.zeros(2**26)] + stats[1:],
+    "extra tensors": lambda stats: stats + [torch.zeros(2**20) for _ in range(64)],
+}
+
+
+class Oversized(Tampered):
+    """Serves ``source``'s state with ``tamper`` applied to its statistics, described afresh (hivemind's CompressionInfo
+    per tensor: the tampered list may be longer)."""
+
+    def get_current_state(self):
+        metadata, tensors, _ = super().get_current_state()
+        return metadata, tensors, None
+
+
+Oversized.__name__ = StateAverager.__name__
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's resident-memory high-water mark (VmHWM), in MB."""
+    line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.parametrize("oversize", OVERSIZED)
+def test_a_state_download_stops_reading_a_donor_that_streams_more_than_the_state_holds(three_dhts, oversize):
+    # Prepare: an honest donor at epoch 5, a donor declaring priority 1e9 that serves the honest state with 256 MB
+    # more than the downloader's own layout holds (its own process and key); a newcomer expecting the honest digest
+    gate = Gate(open_run=True)
+    averagers = []
+    try:
+        honest, bad, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.AdamW, (1.0, 0.0, 0.0),
+                                                bad_type=Oversized)  # fmt: skip
+        bad.source, bad.tamper = honest, OVERSIZED[oversize]
+        expected = {(5, honest.parameters_digest())}
+        wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        before = peak_rss_mb(joiner.pid)
+        # Execute: the oversized donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
+        joiner.load_state_from_peers(expect=expected, timeout=60)
+        grown = peak_rss_mb(joiner.pid) - before
+        print(f"the downloader's averager process grew by {grown:.1f} MB")
+        # Assert: the newcomer holds the honest state; the oversized one was refused and counted, and the newcomer's
+        # averager process held little of it (on the code before, it read all 256 MB, and any more a donor sent)
+        assert joiner.local_epoch == 5
+        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
+        assert gate.counts()["refused_states"] == 1
+        assert grown < 32, f"the downloader's averager process grew by {grown:.0f} MB"
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
 def test_a_groupmate_triggered_late_is_waited_for(two_dhts):
     # Prepare: a pre-scheduled round between two gradient averagers
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]

@@ -1,7 +1,8 @@
 """The check a downloaded state passes before it is loaded (swarm/loaded_state.py): honest states of any gradient
 history pass; a donor's short list, wrong shapes, NaN and unreachable moments are refused with a reason; and for any
 state it lets through, hivemind's loader and the next Adam step give finite parameters that move at most lr x the
-bound (what some gradient sequence could also do)."""
+bound (what some gradient sequence could also do). While a state streams in, an honest one (any codec) fits its
+budget, and whatever a donor streams, what the budget lets through is bounded by the downloader's own state."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import copy
 
 import pytest
 import torch
+from hivemind.compression import serialize_torch_tensor
 from hivemind.optim.state_averager import dump_optimizer_state, load_optimizer_state
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlas_swarm.swarm.loaded_state import SLACK, adam_bound, problem
+from atlas_swarm.swarm.loaded_state import HEADER, MAX_METADATA, PART_COST, SLACK, Budget, adam_bound, layout, problem
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 SHAPES = [(3, 4), (5,)]
@@ -83,8 +87,8 @@ def test_a_donors_tampered_statistics_are_refused_with_a_reason(tamper, why):
 def test_a_layout_other_than_this_peers_is_refused():
     opt = trained([1.0])
     metadata, tensors = state(opt)
-    for layout in (None, "x", [], metadata["optimizer_metadata"][:-1], [{"type": "tensor", "index": 99}] * 40):
-        assert "layout" in problem(opt, [], {**metadata, "optimizer_metadata": layout}, tensors)
+    for entries in (None, "x", [], metadata["optimizer_metadata"][:-1], [{"type": "tensor", "index": 99}] * 40):
+        assert "layout" in problem(opt, [], {**metadata, "optimizer_metadata": entries}, tensors)
     assert problem(opt, [], "not a dict", tensors) == "not a state"
 
 
@@ -117,3 +121,60 @@ def test_whatever_passes_loads_and_steps_within_the_bound(grads, which, scale, o
         assert bool(torch.isfinite(p).all())
         moved = (p.detach() - b * (1 - LR * 0.01)).abs().max().item()  # AdamW's decay, then the Adam step
         assert moved <= LR * bound, (why, moved)
+
+
+def streamed(tensors, compression=runtime_pb2.CompressionType.NONE, chunk=2**16):
+    """(metadata length, part) of each message a donor's rpc_download_state sends (hivemind's own serializers)."""
+    out = []
+    for i, t in enumerate(tensors):
+        for j, part in enumerate(split_for_streaming(serialize_torch_tensor(t, compression), chunk)):
+            out.append((300 if i == j == 0 else 0, part))
+    return out
+
+
+@pytest.mark.parametrize("compression", [runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16,
+                                         runtime_pb2.CompressionType.UNIFORM_8BIT])  # fmt: skip
+def test_an_honest_state_streams_within_its_budget(compression):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 300), (5,), ()]]  # 360 kB: 6 parts of 64 kB
+    opt = torch.optim.AdamW(params, lr=LR)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tensors = params + list(dump_optimizer_state(opt)[1])
+    budget = Budget(layout(opt, []))
+    messages = streamed(tensors, compression)
+    assert len(messages) > len(tensors) and [budget.take(n, part) for n, part in messages] == [None] * len(messages)
+
+
+tensor_parts = st.builds(
+    lambda dtype, size, n: runtime_pb2.Tensor(dtype=dtype, size=size, buffer=b"\0" * n),
+    st.sampled_from(["", "float32", "int64"]), st.lists(st.integers(0, 2**20), max_size=3), st.integers(0, 2**17))
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 2**21), tensor_parts), max_size=60))
+def test_whatever_a_donor_streams_the_budget_lets_through_at_most_the_downloaders_state(messages):
+    opt = optimizer()
+    own = layout(opt, [])
+    budget = Budget(own)
+    kept, metadata = 0, 0
+    for n, part in messages:
+        if budget.take(n, part) is not None:
+            break
+        kept, metadata = kept + max(len(part.buffer), PART_COST), metadata + n
+    assert metadata <= MAX_METADATA
+    assert kept <= PART_COST + sum(size + HEADER for _, size in own)
+
+
+def test_a_stream_is_stopped_at_the_first_part_past_the_state_with_a_reason():
+    opt = optimizer()
+    tensors = [p for p in opt.param_groups[0]["params"]] + list(dump_optimizer_state(opt)[1])
+    for extra, why in [([torch.zeros(1)], "more than the"), ([], "of shape")]:
+        budget = Budget(layout(opt, []))
+        sent = tensors + extra if extra else [torch.zeros(13)] + tensors[1:]
+        answers = [budget.take(n, part) for n, part in streamed(sent)]
+        assert why in next(a for a in answers if a is not None), answers
+    budget = Budget(layout(opt, []))
+    assert "metadata" in budget.take(MAX_METADATA + 1, runtime_pb2.Tensor())
+    budget = Budget(layout(opt, []))
+    assert "before its first" in budget.take(0, runtime_pb2.Tensor(buffer=b"\0" * 100))
