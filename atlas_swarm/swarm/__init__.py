@@ -69,8 +69,9 @@ HIVEMIND_OVERRIDES = {
     "averagers.StateAverager._make_averaged_parameters": "parameters copied into one flat buffer",
     "averagers.StateAverager._declare_for_download_periodically": "store the donor record only when it changes",
     "averagers.StateAverager.__init__": "the gathering settings (admission gate, rule, signer) before the fork",
-    "averagers.StateAverager.load_state_from_peers": "tell the averager process which states it may accept",
-    "averagers.StateAverager._load_state_from_peers": "admitted donors, capped priority, verified (epoch, digest)",
+    "downloads.StateDownloads.load_state_from_peers": "tell the averager process which states it may accept",
+    "downloads.StateDownloads._load_state_from_peers": "admitted donors, capped priority, striped, verified "
+    "(epoch, digest), bounded as it streams",
     "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
     "averagers.EpochKeys.declare_averager": "a search's withdrawal runs on its own, not under the matchmaking lock",
     # every process of hivemind's (swarm/tasks.py)

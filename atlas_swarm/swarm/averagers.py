@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 import time
 from typing import AsyncIterator, Optional, Sequence
 
@@ -34,15 +33,12 @@ from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.averaging.matchmaking import PotentialLeaders
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import P2PContext, P2PDaemonError, PeerID
+from hivemind.p2p import P2PContext, P2PDaemonError
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.streaming import combine_from_streaming
 
-from atlas_swarm.swarm import loaded_state
-from atlas_swarm.swarm.codec import deserialize
+from atlas_swarm.swarm.downloads import StateDownloads
 from atlas_swarm.swarm.gather import GatherAverage, Settings
 from atlas_swarm.swarm.hold import FetchingLeaders, hold_open
 from atlas_swarm.swarm.tasks import PinsTasks
@@ -322,7 +318,8 @@ class GradAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShut
         return None
 
 
-class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShutdown, TrainingStateAverager):
+class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShutdown, StateDownloads,
+                    TrainingStateAverager):
     """hivemind's TrainingStateAverager over one buffer, declaring itself as a state donor only when that
     declaration changes: when sharing is switched on or off, when the priority (the epoch) changes, and before the
     record expires, as hivemind's docstring says (it re-stored it after every tensor of every round).
@@ -337,6 +334,7 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
     nobody found a group in it (a receipt test run, 2026-12-05). So that round runs, and it averages this peer's
     parameters, stepped on local gradients, back with the others'."""
 
+    digest = staticmethod(state_digest)  # what a downloaded state's claim is computed with (StateDownloads)
     skip_round = False
     last_round = None  # (seconds, group) of the state round _do ran last (group () when it had none): the epoch event's
     should_stop = staticmethod(lambda: False)  # the optimizer's: a peer asked to stop skips its state round
@@ -404,122 +402,6 @@ class StateAverager(PinsTasks, EpochGroups, Admitted, GatherAverage, CancelOnShu
             if self.offload_optimizer:
                 self._apply_optimizer_parameters_()
         return tuple(report.group)
-
-    # -- verified state downloads (README "Threat model"): hivemind copies the first donor's tensors and epoch, donors
-    # ranked by the priority they declare themselves (a float, inf allowed). Here only admitted donors are asked, a
-    # priority is capped at the epoch the download expects, and a state is taken only if its (epoch, digest of the
-    # parameters) is one the caller expects (a strict majority of admitted peers' statuses); else the next donor.
-    expected_states = staticmethod(lambda: None)  # the peer's: set of acceptable (epoch, digest); None: take any
-
-    def parameters_digest(self) -> str:
-        """What this peer's statuses claim for its state (parameters and optimizer settings: state_digest), as a
-        downloader computes it of what it got: a donor could otherwise serve honest parameters with a learning rate
-        of 1e9."""
-        metadata, tensors, _ = self.get_current_state()
-        return state_digest(self.serializer, metadata, tensors, self._parameter_count())
-
-    def _parameter_count(self) -> int:
-        return sum(len(group["params"]) for group in self.optimizer.param_groups)
-
-    def load_state_from_peers(self, expect=None, **kwargs):
-        expect = self.expected_states() if expect is None else expect
-        if expect is not None and not expect:  # no state may be taken: downloading every donor's would be wasted
-            return None
-        self._outer_pipe.send(("_expect_states", [None if expect is None else sorted(expect)], {}))
-        try:
-            return super().load_state_from_peers(**kwargs)
-        except TimeoutError:  # hivemind's optimizer would retry this forever; its callers go on without a state
-            logger.info("No state could be downloaded in time")
-            return None
-
-    async def _expect_states(self, expect) -> None:  # in the averager process, before the download
-        self._expected = None if expect is None else {tuple(e) for e in expect}
-
-    async def _load_state_from_peers(self, future, timeout: Optional[float] = None):
-        """hivemind 1.1.12's, with donors filtered and ranked as above and each download verified."""
-        expect = getattr(self, "_expected", None)
-        gate = self.gather_settings.gate
-        if timeout is not None:
-            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
-        try:
-            key_manager = self._matchmaking.group_key_manager
-            found = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
-            declared = found[0] if isinstance(found[0], dict) else {}
-            top = max((e for e, _ in expect), default=None) if expect else None
-            donors = []
-            for peer_bytes, info in declared.items():
-                try:
-                    peer = PeerID(peer_bytes)
-                except Exception:
-                    continue
-                priority = getattr(info, "value", None)
-                if peer == self.peer_id or not isinstance(priority, (int, float)) or not math.isfinite(priority):
-                    continue
-                if gate is not None and not gate.admits(peer.to_base58()):
-                    gate.count("refused_donors")
-                    continue
-                donors.append((min(float(priority), top) if top is not None else float(priority), random.random(),
-                               peer))  # fmt: skip
-            for _, _, peer in sorted(donors, reverse=True):
-                got = await self._download_state(peer, timeout)
-                if got is None:
-                    continue
-                metadata, tensors = got
-                claim = (metadata.get("epoch"),
-                         state_digest(self.serializer, metadata, tensors, self._parameter_count()))  # fmt: skip
-                if expect is not None and claim not in expect:
-                    if gate is not None:
-                        gate.count("refused_states")
-                    held = sorted({e for e, _ in expect})
-                    why = "its parameters differ" if claim[0] in held else f"epoch {claim[0]}, they hold {held}"
-                    logger.info(f"State from {peer} is not the one the run's peers hold ({why}); trying the next donor")
-                    continue
-                why = loaded_state.problem(self.optimizer, self.extra_tensors, metadata, tensors)
-                if why is not None:  # (its parameters may be the majority's: its moments are checked here)
-                    if gate is not None:
-                        gate.count("refused_states")
-                    logger.info(f"State from {peer} cannot be loaded ({why}); trying the next donor")
-                    continue
-                future.set_result((metadata, tensors))
-                return
-        finally:
-            if not future.done():
-                future.set_result(None)
-
-    async def _download_state(self, peer, timeout):
-        stream = chunks = None
-        try:
-            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-            chunks = aiter_with_timeout(stream, timeout=timeout)
-            parts, tensors, metadata = [], [], None
-            budget = loaded_state.Budget(loaded_state.layout(self.optimizer, self.extra_tensors))
-            async for message in chunks:
-                why = budget.take(len(message.metadata), message.tensor_part)
-                if why is not None:  # read no further: what this donor sends is not a state of ours
-                    if self.gather_settings.gate is not None:
-                        self.gather_settings.gate.count("refused_states")
-                    logger.info(f"State from {peer} refused while it came in ({why}); trying the next donor")
-                    return None
-                if message.metadata:
-                    metadata = self.serializer.loads(message.metadata)
-                if message.tensor_part.dtype and parts:
-                    tensors.append(deserialize(combine_from_streaming(parts)))
-                    parts = []
-                parts.append(message.tensor_part)
-            if parts:
-                tensors.append(deserialize(combine_from_streaming(parts)))
-            return (metadata, tensors) if isinstance(metadata, dict) else None
-        except Exception as e:
-            logger.info(f"Failed to download state from {peer}: {e!r}")
-            return None
-        finally:  # a stream left early is closed now (p2pd's stream too), not whenever it is collected
-            for it in (chunks, stream):
-                if it is not None and hasattr(it, "aclose"):
-                    try:
-                        await it.aclose()
-                    except Exception:
-                        pass
 
     def _make_averaged_parameters(self, main_parameters):
         # hivemind copies the parameters to the host (as float32) unless it averages the parameters themselves

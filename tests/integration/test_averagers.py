@@ -7,11 +7,15 @@ import functools
 import logging
 import sys
 import time
+from typing import AsyncIterator
 
 import hivemind
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
+from hivemind.compression import serialize_torch_tensor
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 
 from atlas_swarm.identity import Identity
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
@@ -133,10 +137,18 @@ def test_the_state_donor_record_is_stored_again_only_when_it_changes(two_dhts):
         averager.shutdown()
 
 
-def donors_and_joiner(dhts, gate, averagers: list, optimizer, values, bad_type=StateAverager):
+def donors_and_joiner(dhts, gate, averagers: list, optimizer, values, bad_type=StateAverager,
+                      joiner_type=StateAverager):  # fmt: skip
     """An honest donor at epoch 5 (priority 1), a bad one (``bad_type``, priority 1e9) and a newcomer at epoch 0, their
     parameters filled with ``values``; each is appended to ``averagers`` as it starts (the caller shuts them down)."""
-    for dht, value, priority, kind in zip(dhts, values, (1.0, 1e9, 0.0), (StateAverager, bad_type, StateAverager)):
+    return state_averagers(dhts, gate, averagers, optimizer,
+                           list(zip((StateAverager, bad_type, joiner_type), values, (1.0, 1e9, 0.0))))  # fmt: skip
+
+
+def state_averagers(dhts, gate, averagers: list, optimizer, specs):
+    """A state averager per DHT of (kind, value of its parameters, donor priority) each: a donor (priority > 0) at
+    epoch 5, else a newcomer at epoch 0; each is appended to ``averagers`` as it starts (the caller shuts them down)."""
+    for dht, (kind, value, priority) in zip(dhts, specs):
         params = [torch.nn.Parameter(torch.full(s, value)) for s in SHAPES]
         averager = kind(dht=dht, prefix="donors", params=params, start=True,
                         optimizer=functools.partial(optimizer, lr=0.1),
@@ -146,6 +158,15 @@ def donors_and_joiner(dhts, gate, averagers: list, optimizer, values, bad_type=S
         averager.allow_state_sharing = priority > 0
         averagers.append(averager)
     return averagers
+
+
+class OneDonorAtATime(StateAverager):
+    """A downloader that asks one donor at a time (no stripes): what these tests check is each donor's state."""
+
+    stripes = 1
+
+
+OneDonorAtATime.__name__ = StateAverager.__name__  # hivemind names a class's RPC handlers after it
 
 
 def test_a_state_download_takes_only_an_expected_state(three_dhts):
@@ -199,7 +220,7 @@ def test_a_state_download_refuses_a_donors_tampered_moments(three_dhts, tamper):
     averagers = []
     try:
         honest, bad, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.AdamW, (0.0, 0.0, 0.0),
-                                                bad_type=Tampered)  # fmt: skip
+                                                bad_type=Tampered, joiner_type=OneDonorAtATime)  # fmt: skip
         for g in (1.0, -0.5, 2.0):
             for i, p in enumerate(honest.main_parameters):
                 p.grad = torch.full_like(p, g * (i + 1))
@@ -252,7 +273,7 @@ def test_a_state_download_stops_reading_a_donor_that_streams_more_than_the_state
     averagers = []
     try:
         honest, bad, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.AdamW, (1.0, 0.0, 0.0),
-                                                bad_type=Oversized)  # fmt: skip
+                                                bad_type=Oversized, joiner_type=OneDonorAtATime)  # fmt: skip
         bad.source, bad.tamper = honest, OVERSIZED[oversize]
         expected = {(5, honest.parameters_digest())}
         wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
@@ -267,6 +288,117 @@ def test_a_state_download_stops_reading_a_donor_that_streams_more_than_the_state
         assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
         assert gate.counts()["refused_states"] == 1
         assert grown < 32, f"the downloader's averager process grew by {grown:.0f} MB"
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+class PartsOnly(StateAverager):
+    """A donor that serves stripes of its state and nothing to hivemind's whole-state download."""
+
+    async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest,
+                                 _context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        return
+        yield
+
+
+PartsOnly.__name__ = StateAverager.__name__
+
+
+class Overlong(StateAverager):
+    """Serves its state, whole or in stripes, followed by 64 tensors more."""
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        async for message in super().rpc_download_state(request, context):
+            yield message
+        for _ in range(64):
+            yield averaging_pb2.DownloadData(tensor_part=serialize_torch_tensor(torch.zeros(2**14)))
+
+    async def rpc_download_state_part(self, request: averaging_pb2.DownloadData,
+                                      context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        async for message in super().rpc_download_state_part(request, context):
+            yield message
+        for _ in range(64):
+            yield averaging_pb2.DownloadData(tensor_part=serialize_torch_tensor(torch.zeros(2**14)))
+
+
+Overlong.__name__ = StateAverager.__name__
+
+
+def adam_stepped(averager, grads=(1.0, -0.5, 2.0)) -> None:
+    for g in grads:
+        for i, p in enumerate(averager.main_parameters):
+            p.grad = torch.full_like(p, g * (i + 1))
+        averager.step(optimizer_step=True)
+
+
+def test_a_state_held_by_three_donors_is_downloaded_in_stripes_from_all_three(four_dhts):
+    # Prepare: three donors at epoch 5 with the same parameters and Adam statistics, serving stripes only (hivemind's
+    # whole-state download answers nothing), and a newcomer that expects their digest
+    gate = Gate(open_run=True)
+    averagers = []
+    try:
+        *donors, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW,
+                                          [(PartsOnly, 1.0, 1.0)] * 3 + [(StateAverager, 0.0, 0.0)])  # fmt: skip
+        for donor in donors:
+            adam_stepped(donor)
+        expected = {(5, donors[0].parameters_digest())}
+        assert {(5, d.parameters_digest()) for d in donors} == expected
+        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 3, 30, "donors")
+        # Execute
+        joiner.load_state_from_peers(expect=expected, timeout=30)
+        # Assert: the whole state, statistics included, came in stripes (nothing else was served)
+        assert joiner.local_epoch == 5
+        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, donors[0].main_parameters))
+        mine, theirs = joiner.optimizer.state_dict()["state"], donors[0].optimizer.state_dict()["state"]
+        assert all(torch.equal(mine[k][key], theirs[k][key]) for k in theirs for key in theirs[k])
+        assert gate.counts().get("refused_states", 0) == 0
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_a_donor_whose_stripe_breaks_the_budget_is_counted_once_and_not_asked_again(four_dhts):
+    # Prepare: two honest donors and one (priority 1e9, so always in the stripes, and asked first after) that follows
+    # whatever it serves, a stripe or its whole state, with 64 tensors more; a newcomer
+    gate = Gate(open_run=True)
+    averagers = []
+    try:
+        kinds = [(StateAverager, 1.0, 1.0), (StateAverager, 1.0, 1.0), (Overlong, 1.0, 1e9), (StateAverager, 0.0, 0.0)]
+        honest, other, bad, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW, kinds)
+        expected = {(5, honest.parameters_digest())}
+        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 3, 30, "donors")
+        # Execute
+        joiner.load_state_from_peers(expect=expected, timeout=30)
+        # Assert: the stripes were given up for one donor at a time, without the donor that broke the budget (asked
+        # again, it would have been refused and counted again)
+        assert joiner.local_epoch == 5
+        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
+        assert gate.counts()["refused_states"] == 1
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_when_every_donor_asked_has_moved_past_the_expected_epoch_the_download_ends_at_once(four_dhts):
+    # Prepare: three donors whose statuses (the newcomer's expectation) said epoch 5, and which have all moved on to
+    # epoch 6 by the time it asks: the swarm's transition came during its download
+    gate = Gate(open_run=True)
+    averagers = []
+    try:
+        *donors, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW,
+                                          [(StateAverager, 1.0, 1.0)] * 3 + [(StateAverager, 0.0, 0.0)])  # fmt: skip
+        expected = {(5, donors[0].parameters_digest())}
+        for donor in donors:
+            donor.local_epoch = 6
+        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 3, 30, "donors")
+        # Execute
+        joiner.load_state_from_peers(expect=expected, timeout=30)
+        # Assert: nothing taken, and no donor asked again one by one for the same newer state (each would have been
+        # downloaded whole and refused: 3 refusals counted)
+        assert joiner.local_epoch == 0
+        assert gate.counts().get("refused_states", 0) == 0
     finally:
         for averager in averagers:
             averager.shutdown()

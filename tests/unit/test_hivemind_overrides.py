@@ -11,7 +11,7 @@ import pytest
 
 from atlas_swarm.swarm import HIVEMIND_INTERNALS, HIVEMIND_OVERRIDES
 
-MODULES = ["optimizer", "averagers", "gather", "codec", "node", "audit", "records", "blocks", "tasks"]
+MODULES = ["optimizer", "averagers", "downloads", "gather", "codec", "node", "audit", "records", "blocks", "tasks"]
 
 
 def _hivemind_bases(cls):
