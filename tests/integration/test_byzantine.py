@@ -124,8 +124,9 @@ def test_a_poisoned_state_is_not_downloaded_by_a_late_joiner(tmp_path, tiny_mode
         synced = late.wait_event("synced", 120)
         adapters = finish_honest(peers, honest=3)
         assert_honest_agree_and_are_sane(adapters, peers[:3])
-        # the newcomer took a state the honest majority holds (the attacker's priority is capped at the expected
-        # epoch, so which donor it asked first is chance; test_averagers checks that a poisoned one is refused)
+        # the newcomer took a state the honest majority holds (its download asks the three others for a stripe each
+        # first, so the attacker's part is always in it; one donor at a time after, the attacker's priority is capped
+        # at the expected epoch, so which donor it asks first is chance; test_averagers checks each refusal)
         hashes = {p.name: [e["adapter_hash"][:6] for e in p.events("epoch")] for p in peers[:2]}  # who missed rounds
         assert synced["epoch"] >= 2 and synced["verified"], (synced, hashes)
         # the attacker serves by turns poisoned parameters and honest ones with Adam statistics of the wrong shape:
