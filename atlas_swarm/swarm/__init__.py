@@ -72,6 +72,7 @@ HIVEMIND_OVERRIDES = {
     "downloads.StateDownloads.load_state_from_peers": "tell the averager process which states it may accept",
     "downloads.StateDownloads._load_state_from_peers": "admitted donors, capped priority, striped, verified "
     "(epoch, digest), bounded as it streams",
+    "downloads.StateDownloads.rpc_download_state": "our state for admitted askers only",
     "averagers.EpochKeys.get_averagers": "only admitted peers are found as leaders (counted)",
     "averagers.EpochKeys.declare_averager": "a search's withdrawal runs on its own, not under the matchmaking lock",
     # every process of hivemind's (swarm/tasks.py)

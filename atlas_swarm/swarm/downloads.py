@@ -4,7 +4,8 @@ hivemind copies the first donor's tensors and epoch, donors ranked by the priori
 inf allowed), one donor at a time. Here only admitted donors are asked, a priority is capped at the epoch the download
 expects, a state is taken only if its (epoch, digest of the parameters and settings) is one the caller expects (a
 strict majority of admitted peers' statuses) and its statistics pass ``loaded_state.problem``, and what a donor
-streams is bounded as it comes in (``loaded_state.Budget``); else the next donor.
+streams is bounded as it comes in (``loaded_state.Budget``); else the next donor. A donor serves its state, whole or
+a stripe, to admitted askers only (hivemind served anyone who could reach it).
 
 **Stripes.** A state expected to be held by several donors is first asked of up to ``stripes`` of them at once, each
 for every ``stripes``-th tensor (``rpc_download_state_part``), and checked whole as above: a download is no longer
@@ -116,7 +117,8 @@ class StateDownloads:
                 if why is None:
                     future.set_result(got)
                     return
-                if all(type(e) is int for e in epochs) and len(set(epochs)) == 1 and epochs[0] > max(e for e, _ in expect):
+                top = max(e for e, _ in expect)
+                if all(type(e) is int for e in epochs) and len(set(epochs)) == 1 and epochs[0] > top:
                     # every donor asked has moved on past the epochs expected (the swarm's transition came during
                     # the download): each would serve that newer state again. The caller reads the statuses again.
                     # (One liar claiming a newer epoch cannot end a download so: the honest donors asked disagree.)
@@ -232,6 +234,18 @@ class StateDownloads:
                     except Exception:
                         pass
 
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """hivemind's, for an admitted asker only: it served our whole state to anyone who could reach us, a
+        stranger in an allowlist or staked run included."""
+        gate = self.gather_settings.gate
+        if gate is not None and not gate.admits(context.remote_id.to_base58()):
+            gate.count("refused_downloads")
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
     async def rpc_download_state_part(
         self, request: averaging_pb2.DownloadData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
@@ -239,7 +253,7 @@ class StateDownloads:
         metadata with the first message: a stripe of rpc_download_state, for an admitted asker."""
         gate = self.gather_settings.gate
         if gate is not None and not gate.admits(context.remote_id.to_base58()):
-            gate.count("refused_donors")
+            gate.count("refused_downloads")
             return
         asked = parse_part_request(request.metadata)
         if asked is None or not self.allow_state_sharing:

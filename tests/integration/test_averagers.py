@@ -404,6 +404,33 @@ def test_when_every_donor_asked_has_moved_past_the_expected_epoch_the_download_e
             averager.shutdown()
 
 
+def test_in_a_private_run_a_stranger_gets_no_state_whole_or_in_stripes(four_dhts):
+    # Prepare: an allowlist run of two donors and a newcomer (their gate admits the three); a stranger with its own key
+    # and process, which admits everyone (what anyone can run), expecting the donors' state
+    gate = Gate(open_run=False, admitted=[dht.peer_id.to_base58() for dht in four_dhts[:3]])
+    averagers = []
+    try:
+        specs = [(StateAverager, 1.0, 1.0), (StateAverager, 1.0, 1.0), (StateAverager, 0.0, 0.0)]
+        honest, _, member = state_averagers(four_dhts[:3], gate, averagers, torch.optim.AdamW, specs)
+        stranger = state_averagers(four_dhts[3:], Gate(open_run=True), averagers, torch.optim.AdamW,
+                                   [(StateAverager, 0.0, 0.0)])[-1]  # fmt: skip
+        expected = {(5, honest.parameters_digest())}
+        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        # Execute: the stranger asks both donors for a stripe each, then each for its whole state (hivemind's way)
+        stranger.load_state_from_peers(expect=expected, timeout=30)
+        member.load_state_from_peers(expect=expected, timeout=30)
+        # Assert: the stranger got nothing, each of its 4 requests refused and counted (on the code before, the first
+        # donor served it the whole state); a member of the run downloads it as before
+        assert stranger.local_epoch == 0
+        assert all(torch.equal(p, torch.zeros(s)) for p, s in zip(stranger.main_parameters, SHAPES))
+        assert gate.counts()["refused_downloads"] == 4
+        assert member.local_epoch == 5
+        assert all(torch.equal(a, b) for a, b in zip(member.main_parameters, honest.main_parameters))
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
 def test_a_groupmate_triggered_late_is_waited_for(two_dhts):
     # Prepare: a pre-scheduled round between two gradient averagers
     grads = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
