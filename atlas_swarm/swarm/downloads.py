@@ -235,15 +235,15 @@ class StateDownloads:
                         pass
 
     async def rpc_download_state(
-        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+        self, _request: averaging_pb2.DownloadRequest, _context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """hivemind's, for an admitted asker only: it served our whole state to anyone who could reach us, a
         stranger in an allowlist or staked run included."""
         gate = self.gather_settings.gate
-        if gate is not None and not gate.admits(context.remote_id.to_base58()):
+        if gate is not None and not gate.admits(_context.remote_id.to_base58()):
             gate.count("refused_downloads")
             return
-        async for message in super().rpc_download_state(request, context):
+        async for message in super().rpc_download_state(_request, _context):
             yield message
 
     async def rpc_download_state_part(
