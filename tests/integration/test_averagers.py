@@ -3,6 +3,7 @@
 Each DHT has its own identity, whose key also signs the averager's updates (as a peer's does: swarm/node.py).
 """
 
+import contextlib
 import functools
 import logging
 import sys
@@ -169,24 +170,49 @@ class OneDonorAtATime(StateAverager):
 OneDonorAtATime.__name__ = StateAverager.__name__  # hivemind names a class's RPC handlers after it
 
 
+@contextlib.contextmanager
+def running():
+    """A list for the averagers a test starts: each is shut down at the end, whatever happens."""
+    averagers = []
+    try:
+        yield averagers
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def wait_for_donors(dht, n: int) -> None:
+    wait_until(lambda: len(dht.get("donors.all_averagers", latest=True).value or {}) >= n, 30, "donors")
+
+
+def adam_stepped(averager, grads=(1.0, -0.5, 2.0)) -> None:
+    for g in grads:
+        for i, p in enumerate(averager.main_parameters):
+            p.grad = torch.full_like(p, g * (i + 1))
+        averager.step(optimizer_step=True)
+
+
+def holds_the_state_of(averager, donor) -> bool:
+    """Whether ``averager`` holds ``donor``'s parameters and optimizer statistics, bit for bit."""
+    mine, theirs = averager.optimizer.state_dict()["state"], donor.optimizer.state_dict()["state"]
+    return all(torch.equal(a, b) for a, b in zip(averager.main_parameters, donor.main_parameters)) \
+        and all(torch.equal(mine[k][key], theirs[k][key]) for k in theirs for key in theirs[k])
+
+
 def test_a_state_download_takes_only_an_expected_state(three_dhts):
     # Prepare: an honest donor at epoch 5, a poisoned one declaring priority 1e9, and a newcomer that expects the
     # state a majority of the run's statuses name (the honest one's digest)
     gate = Gate(open_run=True)
-    averagers = []
-    try:
+    with running() as averagers:
         honest, poisoned, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.SGD, (1.0, 100.0, 0.0))
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        wait_for_donors(three_dhts[2], 2)
         # Execute: the poisoned donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: the newcomer holds the honest state; the poisoned one was refused and counted
         assert all(torch.equal(p, torch.ones(s)) for p, s in zip(joiner.main_parameters, SHAPES))
         assert joiner.local_epoch == 5
         assert gate.counts()["refused_states"] == 1
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 TAMPERED_MOMENTS = {  # what a donor with the majority's parameters can still send as the optimizer's statistics
@@ -217,28 +243,19 @@ def test_a_state_download_refuses_a_donors_tampered_moments(three_dhts, tamper):
     # Prepare: an honest donor at epoch 5 after 3 AdamW steps; a donor declaring priority 1e9 that serves the honest
     # donor's epoch, settings and parameters (so the state the majority names) with its Adam statistics tampered
     gate = Gate(open_run=True)
-    averagers = []
-    try:
+    with running() as averagers:
         honest, bad, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.AdamW, (0.0, 0.0, 0.0),
                                                 bad_type=Tampered, joiner_type=OneDonorAtATime)  # fmt: skip
-        for g in (1.0, -0.5, 2.0):
-            for i, p in enumerate(honest.main_parameters):
-                p.grad = torch.full_like(p, g * (i + 1))
-            honest.step(optimizer_step=True)
+        adam_stepped(honest)
         bad.source, bad.tamper = honest, TAMPERED_MOMENTS[tamper]
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        wait_for_donors(three_dhts[2], 2)
         # Execute: the tampered donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: the newcomer holds the honest state, moments included; the tampered one was refused and counted
         assert joiner.local_epoch == 5
-        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
-        mine, theirs = joiner.optimizer.state_dict()["state"], honest.optimizer.state_dict()["state"]
-        assert all(torch.equal(mine[k][key], theirs[k][key]) for k in theirs for key in theirs[k])
+        assert holds_the_state_of(joiner, honest)
         assert gate.counts()["refused_states"] == 1
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 OVERSIZED = {  # what a donor can stream instead of the state a downloader's own layout allows (2^28 bytes each)
@@ -270,13 +287,12 @@ def test_a_state_download_stops_reading_a_donor_that_streams_more_than_the_state
     # Prepare: an honest donor at epoch 5, a donor declaring priority 1e9 that serves the honest state with 256 MB
     # more than the downloader's own layout holds (its own process and key); a newcomer expecting the honest digest
     gate = Gate(open_run=True)
-    averagers = []
-    try:
+    with running() as averagers:
         honest, bad, joiner = donors_and_joiner(three_dhts, gate, averagers, torch.optim.AdamW, (1.0, 0.0, 0.0),
                                                 bad_type=Oversized, joiner_type=OneDonorAtATime)  # fmt: skip
         bad.source, bad.tamper = honest, OVERSIZED[oversize]
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(three_dhts[2].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        wait_for_donors(three_dhts[2], 2)
         before = peak_rss_mb(joiner.pid)
         # Execute: the oversized donor is asked first (its priority is capped at the expected epoch, 5, above 1.0)
         joiner.load_state_from_peers(expect=expected, timeout=60)
@@ -288,9 +304,6 @@ def test_a_state_download_stops_reading_a_donor_that_streams_more_than_the_state
         assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
         assert gate.counts()["refused_states"] == 1
         assert grown < 32, f"the downloader's averager process grew by {grown:.0f} MB"
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 class PartsOnly(StateAverager):
@@ -326,49 +339,35 @@ class Overlong(StateAverager):
 Overlong.__name__ = StateAverager.__name__
 
 
-def adam_stepped(averager, grads=(1.0, -0.5, 2.0)) -> None:
-    for g in grads:
-        for i, p in enumerate(averager.main_parameters):
-            p.grad = torch.full_like(p, g * (i + 1))
-        averager.step(optimizer_step=True)
-
-
 def test_a_state_held_by_three_donors_is_downloaded_in_stripes_from_all_three(four_dhts):
     # Prepare: three donors at epoch 5 with the same parameters and Adam statistics, serving stripes only (hivemind's
     # whole-state download answers nothing), and a newcomer that expects their digest
     gate = Gate(open_run=True)
-    averagers = []
-    try:
+    with running() as averagers:
         *donors, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW,
                                           [(PartsOnly, 1.0, 1.0)] * 3 + [(StateAverager, 0.0, 0.0)])  # fmt: skip
         for donor in donors:
             adam_stepped(donor)
         expected = {(5, donors[0].parameters_digest())}
         assert {(5, d.parameters_digest()) for d in donors} == expected
-        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 3, 30, "donors")
+        wait_for_donors(four_dhts[3], 3)
         # Execute
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: the whole state, statistics included, came in stripes (nothing else was served)
         assert joiner.local_epoch == 5
-        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, donors[0].main_parameters))
-        mine, theirs = joiner.optimizer.state_dict()["state"], donors[0].optimizer.state_dict()["state"]
-        assert all(torch.equal(mine[k][key], theirs[k][key]) for k in theirs for key in theirs[k])
+        assert holds_the_state_of(joiner, donors[0])
         assert gate.counts().get("refused_states", 0) == 0
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 def test_a_donor_whose_stripe_breaks_the_budget_is_counted_once_and_not_asked_again(four_dhts):
     # Prepare: two honest donors and one (priority 1e9, so always in the stripes, and asked first after) that follows
     # whatever it serves, a stripe or its whole state, with 64 tensors more; a newcomer
     gate = Gate(open_run=True)
-    averagers = []
-    try:
+    with running() as averagers:
         kinds = [(StateAverager, 1.0, 1.0), (StateAverager, 1.0, 1.0), (Overlong, 1.0, 1e9), (StateAverager, 0.0, 0.0)]
         honest, other, bad, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW, kinds)
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 3, 30, "donors")
+        wait_for_donors(four_dhts[3], 3)
         # Execute
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: the stripes were given up for one donor at a time, without the donor that broke the budget (asked
@@ -376,46 +375,38 @@ def test_a_donor_whose_stripe_breaks_the_budget_is_counted_once_and_not_asked_ag
         assert joiner.local_epoch == 5
         assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
         assert gate.counts()["refused_states"] == 1
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 def test_when_every_donor_asked_has_moved_past_the_expected_epoch_the_download_ends_at_once(four_dhts):
     # Prepare: three donors whose statuses (the newcomer's expectation) said epoch 5, and which have all moved on to
     # epoch 6 by the time it asks: the swarm's transition came during its download
     gate = Gate(open_run=True)
-    averagers = []
-    try:
+    with running() as averagers:
         *donors, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW,
                                           [(StateAverager, 1.0, 1.0)] * 3 + [(StateAverager, 0.0, 0.0)])  # fmt: skip
         expected = {(5, donors[0].parameters_digest())}
         for donor in donors:
             donor.local_epoch = 6
-        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 3, 30, "donors")
+        wait_for_donors(four_dhts[3], 3)
         # Execute
         joiner.load_state_from_peers(expect=expected, timeout=30)
         # Assert: nothing taken, and no donor asked again one by one for the same newer state (each would have been
         # downloaded whole and refused: 3 refusals counted)
         assert joiner.local_epoch == 0
         assert gate.counts().get("refused_states", 0) == 0
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 def test_in_a_private_run_a_stranger_gets_no_state_whole_or_in_stripes(four_dhts):
     # Prepare: an allowlist run of two donors and a newcomer (their gate admits the three); a stranger with its own key
     # and process, which admits everyone (what anyone can run), expecting the donors' state
     gate = Gate(open_run=False, admitted=[dht.peer_id.to_base58() for dht in four_dhts[:3]])
-    averagers = []
-    try:
+    with running() as averagers:
         specs = [(StateAverager, 1.0, 1.0), (StateAverager, 1.0, 1.0), (StateAverager, 0.0, 0.0)]
         honest, _, member = state_averagers(four_dhts[:3], gate, averagers, torch.optim.AdamW, specs)
         stranger = state_averagers(four_dhts[3:], Gate(open_run=True), averagers, torch.optim.AdamW,
                                    [(StateAverager, 0.0, 0.0)])[-1]  # fmt: skip
         expected = {(5, honest.parameters_digest())}
-        wait_until(lambda: len(four_dhts[3].get("donors.all_averagers", latest=True).value or {}) >= 2, 30, "donors")
+        wait_for_donors(four_dhts[3], 2)
         # Execute: the stranger asks both donors for a stripe each, then each for its whole state (hivemind's way)
         stranger.load_state_from_peers(expect=expected, timeout=30)
         member.load_state_from_peers(expect=expected, timeout=30)
@@ -426,9 +417,6 @@ def test_in_a_private_run_a_stranger_gets_no_state_whole_or_in_stripes(four_dhts
         assert gate.counts()["refused_downloads"] == 4
         assert member.local_epoch == 5
         assert all(torch.equal(a, b) for a, b in zip(member.main_parameters, honest.main_parameters))
-    finally:
-        for averager in averagers:
-            averager.shutdown()
 
 
 def test_a_groupmate_triggered_late_is_waited_for(two_dhts):
