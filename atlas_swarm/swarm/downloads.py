@@ -234,14 +234,20 @@ class StateDownloads:
                     except Exception:
                         pass
 
+    def _serves(self, context: P2PContext) -> bool:
+        """Whether the asker may download our state (admitted); a refusal is counted."""
+        gate = self.gather_settings.gate
+        if gate is not None and not gate.admits(context.remote_id.to_base58()):
+            gate.count("refused_downloads")
+            return False
+        return True
+
     async def rpc_download_state(
         self, _request: averaging_pb2.DownloadRequest, _context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """hivemind's, for an admitted asker only: it served our whole state to anyone who could reach us, a
         stranger in an allowlist or staked run included."""
-        gate = self.gather_settings.gate
-        if gate is not None and not gate.admits(_context.remote_id.to_base58()):
-            gate.count("refused_downloads")
+        if not self._serves(_context):
             return
         async for message in super().rpc_download_state(_request, _context):
             yield message
@@ -251,9 +257,7 @@ class StateDownloads:
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """Every ``of``-th tensor of our state from the ``part``-th (request.metadata: ``part_request``), the state's
         metadata with the first message: a stripe of rpc_download_state, for an admitted asker."""
-        gate = self.gather_settings.gate
-        if gate is not None and not gate.admits(context.remote_id.to_base58()):
-            gate.count("refused_downloads")
+        if not self._serves(context):
             return
         asked = parse_part_request(request.metadata)
         if asked is None or not self.allow_state_sharing:
