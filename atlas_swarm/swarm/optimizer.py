@@ -328,10 +328,13 @@ class SwarmOptimizer(hivemind.Optimizer):
     # moves on; the peer would then be behind, download state mid-epoch and miss the next group too. Give up then,
     # step on local gradients (and skip a state round due now), and look for the next groups with the others. The
     # tracker's view of the swarm is frozen during a transition (hivemind holds its lock), so this reads the peers'
-    # progress records itself.
+    # progress records itself. IDLE counts as looking: hivemind's step() returns a moment before the averager process
+    # sets LOOKING_FOR_GROUP, and a round scheduled at the transition was read then and waited for until
+    # averaging_timeout (a WAN late joiner that synced as the swarm's round began: 20.0 s alone, 1 of 3 runs).
     def _give_up_without_a_group(self, control) -> None:
         next_check = 0.0
-        while control.stage == AveragingStage.LOOKING_FOR_GROUP and not control.done():
+        while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done() \
+                and get_dht_time() < control.deadline:  # (an averager that never takes the round: until its deadline)
             if self.should_stop():
                 return  # _abandon_if_stopping cancels it
             if time.monotonic() >= next_check:

@@ -4,11 +4,15 @@ The averager's round wakes on the cancel message and reads the round's shared st
 sends the message first and sets the state last, so an averager that read in between looked for a group on until the
 round's deadline (swarm/averagers.py, cancel_round)."""
 
-from hivemind.averaging.control import StepControl
+import logging
+from types import SimpleNamespace
+
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
 
 from atlas_swarm.swarm.averagers import GivesUp, cancel_round
+from atlas_swarm.swarm.optimizer import SwarmOptimizer
 
 
 class Message:
@@ -56,3 +60,28 @@ def test_cancel_round_cancels_the_round_a_state_round_wraps_and_a_done_round_sta
     done, _ = a_round()
     done.set_result("group")
     assert not cancel_round(done) and done.result() == "group"
+
+
+def a_peer_whose_swarm_moved_on(local_epoch: int = 1) -> SimpleNamespace:
+    """What SwarmOptimizer._give_up_without_a_group reads of its optimizer: the swarm is one epoch ahead."""
+    return SimpleNamespace(local_epoch=local_epoch, status_loglevel=logging.INFO, should_stop=lambda: False,
+                           _swarm_epoch=lambda: local_epoch + 1, state_averager=SimpleNamespace(skip_round=False))
+
+
+def test_a_round_the_swarm_moved_past_is_given_up_before_its_averager_begins_the_search():
+    # hivemind's step() returns once its averager has the round, a moment before that process sets the stage to
+    # LOOKING_FOR_GROUP: read then, the stage is still IDLE. The check used to end there, and the peer waited for the
+    # round until averaging_timeout (a WAN late joiner, 1 run: 20.0 s alone at its first transition)
+    control, message = a_round()
+    assert control.stage == AveragingStage.IDLE
+    peer = a_peer_whose_swarm_moved_on()
+    SwarmOptimizer._give_up_without_a_group(peer, control)
+    assert control.cancelled() and message.seen is True and peer.state_averager.skip_round
+
+
+def test_a_round_that_found_its_group_is_not_given_up():
+    control, message = a_round()
+    control.stage = AveragingStage.AWAITING_TRIGGER
+    peer = a_peer_whose_swarm_moved_on()
+    SwarmOptimizer._give_up_without_a_group(peer, control)
+    assert not control.done() and message.seen is None and not peer.state_averager.skip_round
