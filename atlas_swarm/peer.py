@@ -37,7 +37,14 @@ from atlas_swarm.errors import CheckpointError, DataError, ModelError, SwarmErro
 from atlas_swarm.gatekeeper import Gatekeeper
 from atlas_swarm.identity import Identity
 from atlas_swarm.model.hashing import shapes_hash, tensors_hash
-from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_adapter_weights, load_model, save_adapter
+from atlas_swarm.model.lora import (
+    adapter_parameters,
+    adapter_state,
+    import_model_libraries,
+    load_adapter_weights,
+    load_model,
+    save_adapter,
+)
 from atlas_swarm.peer_args import config_from_args, parse_args
 from atlas_swarm.peer_state import (
     EpochHook,
@@ -87,7 +94,7 @@ def run(cfg: PeerConfig, reporter: Reporter, hooks: Sequence[EpochHook] = ()) ->
     p.phase("imports")  # interpreter, imports, arguments, local data
     try:
         join(p, local_spec)
-        p.phase("join")  # DHT node, bootstrap, the run spec
+        p.phase("join")  # DHT node, bootstrap (peft and transformers imported meanwhile), the run spec
         open_services(p)
         p.phase("services")
         load(p, examples if examples is not None else load_examples(cfg.data, p.spec), hooks)  # phases model, sync
@@ -173,7 +180,7 @@ def join(p: Progress, local_spec: Optional[RunSpec]) -> None:
     cfg = p.cfg
     identity = Identity.load_or_create(cfg.identity_path)
     p.swarm = Swarm.join(identity, cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode,
-                         startup_timeout=cfg.join_timeout)
+                         startup_timeout=cfg.join_timeout, while_joining=import_model_libraries)
     if cfg.run_id is not None and (local_spec is None or local_spec.run_id != cfg.run_id):
         p.spec = p.swarm.fetch_spec(cfg.run_id, timeout=cfg.join_timeout)
         if local_spec is not None:

@@ -52,6 +52,7 @@ POLL_EVERY = 0.5
 BOOTSTRAP_PAUSE = 3.0  # at most this long between two tries to reach the initial peers (Swarm.join)
 STOP_HEALING_TIMEOUT = 2.0  # swarm/heal.py's stop_healing takes at most 1 s in the DHT process
 STORE_TIMEOUT = 30.0  # a blocking store that no node answers in this long fails (hivemind's future can hang)
+JOIN_ABANDON_TIMEOUT = 3.0  # seconds to stop a DHT process (and its p2pd) whose join failed or was interrupted
 READ_TIMEOUT = 30.0  # a read the DHT process does not answer in this long fails (its lookups end in a few seconds)
 
 
@@ -108,10 +109,13 @@ class Swarm:
         client_mode: bool = False,
         startup_timeout: float = 30.0,
         audit: bool = False,
+        while_joining: Optional[Callable[[], None]] = None,
         **p2p_options,
     ) -> "Swarm":
         """Start a DHT node with ``identity``; with no initial peers it starts a new swarm. ``audit``: count the
-        records the node rejects (monitors; see swarm/audit.py). ``p2p_options`` go to hivemind.P2P (relay, NAT)."""
+        records the node rejects (monitors; see swarm/audit.py). ``p2p_options`` go to hivemind.P2P (relay, NAT).
+        ``while_joining`` runs once in this thread while the DHT process (forked first) bootstraps: work that would
+        otherwise wait for the join (a peer's model imports)."""
         for flag, addrs in (("--initial-peers", initial_peers), ("--host-maddrs", host_maddrs),
                             ("--announce-maddrs", announce_maddrs)):  # fmt: skip
             for addr in addrs:
@@ -141,8 +145,17 @@ class Swarm:
                     record_validators=validators,
                     startup_timeout=max(1.0, deadline - time.monotonic()),
                     start=True,
+                    await_ready=False,
                     **p2p_options,
                 )
+                try:
+                    if while_joining is not None:  # no thread: nothing else runs here when a process is forked
+                        while_joining, work = None, while_joining
+                        work()
+                    dht.wait_until_ready()  # the daemon's error, if any, is raised here
+                except BaseException:  # a failed or interrupted join leaves no process (nor its p2pd) running
+                    cls(dht, identity, private_key).shutdown(timeout=JOIN_ABANDON_TIMEOUT)
+                    raise
                 break
             except P2PDaemonError as e:
                 text = str(e)
