@@ -154,6 +154,10 @@ class Swarm:
                         work()
                     dht.wait_until_ready()  # the daemon's error, if any, is raised here
                 except BaseException:  # a failed or interrupted join leaves no process (nor its p2pd) running
+                    try:  # a process stopped before its p2pd has started (or failed) could orphan that p2pd
+                        dht.wait_until_ready(JOIN_ABANDON_TIMEOUT)
+                    except BaseException:
+                        pass
                     cls(dht, identity, private_key).shutdown(timeout=JOIN_ABANDON_TIMEOUT)
                     raise
                 break

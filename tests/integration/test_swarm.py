@@ -222,6 +222,32 @@ def test_ctrl_c_while_fetching_the_spec_stops_cleanly(tmp_path, text_data):
         swarm.shutdown()
 
 
+def test_work_done_while_joining_that_fails_leaves_no_dht_process_or_p2pd(tmp_path):
+    """Swarm.join runs ``while_joining`` (a peer's model imports) after forking the DHT process, before waiting for
+    it: when that work fails (or Ctrl-C interrupts it), the DHT process and its p2pd are stopped, not left behind."""
+    from atlas_swarm.identity import Identity
+    from atlas_swarm.swarm import Swarm
+
+    def ours() -> list[psutil.Process]:  # (torch's shared-memory manager, started once per process, is not)
+        return [c for c in psutil.Process().children(recursive=True) if c.name() != "torch_shm_manager"]
+
+    before = {c.pid for c in ours()}
+    started = []
+
+    def fails() -> None:
+        started.extend(c for c in ours() if c.pid not in before)
+        raise KeyboardInterrupt  # what the stop watchdog raises in the main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        Swarm.join(Identity.load_or_create(tmp_path / "node.key"), host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                   while_joining=fails)  # fmt: skip
+    assert started, "no DHT process was running while the work ran"
+    gone, alive = psutil.wait_procs(started + [c for c in ours() if c.pid not in before], timeout=5)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    key = str(tmp_path / "node.key")  # p2pd is started with it: none left anywhere (an orphan is not our child)
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if any(key in a for a in p.info["cmdline"] or ())]
+
+
 def test_ctrl_c_in_a_terminal_stops_the_peer_and_its_p2pd_together_without_a_traceback(tmp_path, tiny_spec, text_data):
     """Ctrl-C in a terminal signals the whole foreground process group: the peer and its p2pd at once (found on a
     GPU, where bench_peer stops peers by group). p2pd could then be gone before the averagers removed their handlers
