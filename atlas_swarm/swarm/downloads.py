@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 STRIPES = 3  # donors one download asks at once
 MAX_STRIPES = 8  # what a donor serves a part of
 MAX_REQUEST = 64  # bytes of a part request
+STREAM_GRACE = 10.0  # seconds a donor's stream may take beyond its bytes at MIN_STREAM_RATE (connecting, serializing)
+MIN_STREAM_RATE = 125_000  # bytes/s (1 Mbit/s): a donor slower than that on average is left for the next
+
+
+def stream_limit(layout: list) -> float:
+    """Seconds a download of a state of ``layout`` (``loaded_state.layout``: (shape, bytes) per tensor) may take."""
+    return STREAM_GRACE + sum(size for _, size in layout) / MIN_STREAM_RATE
 
 
 def part_request(part: int, of: int) -> bytes:
@@ -182,7 +189,7 @@ class StateDownloads:
         donors whose part broke the budget, and the epoch each part came with (None: no part)."""
         of = len(peers)
         parts = await asyncio.gather(*(self._download(peer, (i, of), timeout) for i, peer in enumerate(peers)))
-        broke = {peer for peer, part in zip(peers, parts) if part == "over budget"}
+        broke = {peer for peer, part in zip(peers, parts) if part in ("over budget", "too slow")}
         epochs = [part[0].get("epoch") if isinstance(part, tuple) else None for part in parts]
         if any(not isinstance(part, tuple) for part in parts):
             return None, broke, epochs
@@ -193,46 +200,61 @@ class StateDownloads:
 
     async def _download(self, peer, part: Optional[tuple[int, int]], timeout):
         """(metadata, tensors) from ``peer``: its whole state (hivemind's rpc_download_state) or ``part`` (part, of)
-        of it (ours); None if it failed, "over budget" if it sent more than that part of our own state holds."""
+        of it (ours); None if it failed, "over budget" if it sent more than that part of our own state holds, "too
+        slow" if it did not arrive by ``stream_limit`` (a donor can keep each message within ``timeout`` of the last)."""
         layout = loaded_state.layout(self.optimizer, self.extra_tensors)
-        stream = chunks = None
+        layout = layout if part is None else layout[part[0]::part[1]]
+        gate, streams = self.gather_settings.gate, []
+        reading = asyncio.ensure_future(self._read(peer, part, layout, timeout, streams))
         try:
-            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-            if part is None:
-                stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-            else:
-                layout = layout[part[0]::part[1]]
-                stream = await stub.rpc_download_state_part(averaging_pb2.DownloadData(metadata=part_request(*part)))
-            chunks = aiter_with_timeout(stream, timeout=timeout)
-            pieces, tensors, metadata = [], [], None
-            budget = loaded_state.Budget(layout)
-            async for message in chunks:
-                why = budget.take(len(message.metadata), message.tensor_part)
-                if why is not None:  # read no further: what this donor sends is not a state of ours
-                    if self.gather_settings.gate is not None:
-                        self.gather_settings.gate.count("refused_states")
-                    logger.info(f"State from {peer} refused while it came in ({why}); trying the next donor")
-                    return "over budget"
-                if message.metadata:
-                    metadata = self.serializer.loads(message.metadata)
-                if message.tensor_part.dtype and pieces:
-                    tensors.append(deserialize(combine_from_streaming(pieces)))
-                    pieces = []
-                if message.tensor_part.dtype or pieces:
-                    pieces.append(message.tensor_part)
-            if pieces:
-                tensors.append(deserialize(combine_from_streaming(pieces)))
-            return (metadata, tensors) if isinstance(metadata, dict) else None
+            done, _ = await asyncio.wait({reading}, timeout=stream_limit(layout))
+            if not done:  # (not a wait for one message past ``timeout``: that fails the read itself, below)
+                reading.cancel()
+                await asyncio.wait({reading})
+                if gate is not None:
+                    gate.count("slow_donors")
+                logger.info(f"State from {peer} incomplete after {stream_limit(layout):.0f} s; trying the next donor")
+                return "too slow"
+            return reading.result()
         except Exception as e:
             logger.info(f"Failed to download state from {peer}: {e!r}")
             return None
         finally:  # a stream left early is closed now (p2pd's stream too), not whenever it is collected
-            for it in (chunks, stream):
-                if it is not None and hasattr(it, "aclose"):
+            for it in reversed(streams):
+                if hasattr(it, "aclose"):
                     try:
                         await it.aclose()
                     except Exception:
                         pass
+
+    async def _read(self, peer, part: Optional[tuple[int, int]], layout: list, timeout, streams: list):
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        if part is None:
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        else:
+            stream = await stub.rpc_download_state_part(averaging_pb2.DownloadData(metadata=part_request(*part)))
+        streams.append(stream)
+        chunks = aiter_with_timeout(stream, timeout=timeout)
+        streams.append(chunks)
+        pieces, tensors, metadata = [], [], None
+        budget = loaded_state.Budget(layout)
+        async for message in chunks:
+            why = budget.take(len(message.metadata), message.tensor_part)
+            if why is not None:  # read no further: what this donor sends is not a state of ours
+                if self.gather_settings.gate is not None:
+                    self.gather_settings.gate.count("refused_states")
+                logger.info(f"State from {peer} refused while it came in ({why}); trying the next donor")
+                return "over budget"
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and pieces:
+                tensors.append(deserialize(combine_from_streaming(pieces)))
+                pieces = []
+            if message.tensor_part.dtype or pieces:
+                pieces.append(message.tensor_part)
+        if pieces:
+            tensors.append(deserialize(combine_from_streaming(pieces)))
+        return (metadata, tensors) if isinstance(metadata, dict) else None
 
     def _serves(self, context: P2PContext) -> bool:
         """Whether the asker may download our state (admitted); a refusal is counted."""

@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 MAX_SET_BYTES = 1 << 18  # 256 KiB: about 5,000 PeerIDs
 COUNTS = ("refused_joins", "refused_leaders", "refused_members", "refused_updates", "dropped_updates",
           "refused_records", "refused_donors", "refused_states", "refused_pairs", "refused_relays",
-          "refused_downloads")  # fmt: skip
+          "refused_downloads", "slow_donors")  # fmt: skip
 
 
 class SharedSet:

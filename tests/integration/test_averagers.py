@@ -3,6 +3,7 @@
 Each DHT has its own identity, whose key also signs the averager's updates (as a peer's does: swarm/node.py).
 """
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -19,6 +20,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from atlas_swarm.identity import Identity
+from atlas_swarm.swarm import downloads
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import Settings, spanned_buffer
@@ -337,6 +339,63 @@ class Overlong(StateAverager):
 
 
 Overlong.__name__ = StateAverager.__name__
+
+
+class Trickle(StateAverager):
+    """Serves its (honest) state, whole or in stripes, one message a second, just within the downloader's wait for
+    the next (request_timeout, 3 s), with 32 empty parts after each tensor's first (within its budget): minutes."""
+
+    DRIP = 1.0
+
+    async def _trickled(self, messages: AsyncIterator[averaging_pb2.DownloadData]):
+        async for message in messages:
+            yield message
+            await asyncio.sleep(self.DRIP)
+            for _ in range(32 if message.tensor_part.dtype else 0):
+                yield averaging_pb2.DownloadData()
+                await asyncio.sleep(self.DRIP)
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        async for message in self._trickled(super().rpc_download_state(request, context)):
+            yield message
+
+    async def rpc_download_state_part(self, request: averaging_pb2.DownloadData,
+                                      context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:  # fmt: skip
+        async for message in self._trickled(super().rpc_download_state_part(request, context)):
+            yield message
+
+
+Trickle.__name__ = StateAverager.__name__
+
+
+@pytest.mark.parametrize("stripes", [False, True])
+def test_a_state_download_leaves_a_donor_that_trickles_and_takes_the_state_from_the_others(four_dhts, stripes,
+                                                                                          monkeypatch):
+    # Prepare: two honest donors at epoch 5, a donor declaring priority 1e9 that serves the same state at a trickle
+    # (its own process and key), and a newcomer expecting that state: asking one donor at a time, or in stripes. A
+    # stream's grace is 3 s instead of 10 (the averagers' processes, forked below, inherit it): a shorter test
+    monkeypatch.setattr(downloads, "STREAM_GRACE", 3.0)
+    gate = Gate(open_run=True)
+    with running() as averagers:
+        specs = [(StateAverager, 1.0, 1.0), (StateAverager, 1.0, 1.0), (Trickle, 1.0, 1e9),
+                 (StateAverager if stripes else OneDonorAtATime, 0.0, 0.0)]  # fmt: skip
+        honest, _, slow, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW, specs)
+        expected = {(5, honest.parameters_digest())}
+        assert slow.parameters_digest() == honest.parameters_digest()  # the same state, only slow
+        wait_for_donors(four_dhts[3], 3)
+        # Execute: the trickling donor is asked first (its priority is capped at the expected epoch, 5, above 1.0), or
+        # for a stripe
+        began = time.monotonic()
+        joiner.load_state_from_peers(expect=expected, timeout=90)
+        took = time.monotonic() - began
+        # Assert: the newcomer left the trickle at its limit (downloads.stream_limit: STREAM_GRACE for a state this
+        # small) and took the honest donors' state; the slow donor was counted once, not asked again (on the code
+        # before, it held the download until the caller's timeout, 90 s here, and the newcomer got nothing)
+        assert joiner.local_epoch == 5, f"no state after {took:.1f} s"
+        assert all(torch.equal(a, b) for a, b in zip(joiner.main_parameters, honest.main_parameters))
+        assert took < 15, f"the download took {took:.1f} s"
+        assert gate.counts()["slow_donors"] == 1
 
 
 def test_a_state_held_by_three_donors_is_downloaded_in_stripes_from_all_three(four_dhts):
