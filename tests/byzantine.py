@@ -118,6 +118,48 @@ def skip_admission():
 
 
 @attack
+def steal_state():
+    """Train nothing: once started, watch the run's statuses, and whenever its peers claim a state of a newer epoch
+    than the last tried (epoch 1 on; at most 3 tries, for at most 120 s), download it from whoever declares it: a
+    stripe from each declared donor, then each one's whole state (hivemind's rpc_download_state), as a newcomer does.
+    What came back goes to ``<--out>/stolen.jsonl``, a line per try. In a private run, the listed peers' state (the
+    trained adapter and Adam's moments) is what a stranger should not get."""
+    import json
+    import time
+    from pathlib import Path
+
+    from hivemind.averaging.averager import DecentralizedAverager
+
+    import atlas_swarm.peer as peer
+    from atlas_swarm.peer_state import expected_states
+
+    out = Path(sys.argv[sys.argv.index("--out") + 1]) / "stolen.jsonl"
+    honest = peer.announce
+
+    def announce(p):
+        honest(p)
+        tried, deadline = [0], time.monotonic() + 120
+        while len(tried) <= 3 and time.monotonic() < deadline:
+            claims = expected_states(p)  # what the run's peers say they hold (read from their statuses)
+            top = max((epoch for epoch, _ in claims), default=0)
+            if top > tried[-1]:
+                tried.append(top)
+                averager = p.opt.state_averager
+                averager._outer_pipe.send(("_expect_states", [sorted(claims)], {}))
+                try:
+                    got = DecentralizedAverager.load_state_from_peers(averager, timeout=30)
+                except Exception:  # (no answer in time)
+                    got = None
+                line = {"claimed_epoch": top, "got": got is not None,
+                        "state_epoch": got[0].get("epoch") if got is not None else None}
+                with out.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+            time.sleep(0.5)
+
+    peer.announce = announce
+
+
+@attack
 def freeload():
     """Take the groupmates' updates and give none (the issue's "downloads state without contributing"): each exchange
     of our gather protocol (atlas_swarm/swarm/gather.py, so not for commits before it) carries this peer's signed

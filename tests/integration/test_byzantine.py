@@ -6,6 +6,8 @@ attack shows in what they report. On the code before the Byzantine-averaging wor
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -202,20 +204,30 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
         started = first.wait_event("started", 90)
         join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data),
                 "--batch-size", "4", *EPOCHS, "--join-timeout", "90"]  # fmt: skip
-        # Execute: an honest stranger, and one that skips its own check and sends a poisoned gradient, both in the
-        # swarm before the second listed peer (training starts with it): with the attacker started last, the listed
-        # peers once finished their 6 short epochs before reading any of its records (once in a full suite: refused 0)
+        # Execute: an honest stranger, one that skips its own check and sends a poisoned gradient, and a thief that
+        # skips its check and downloads the listed peers' state as soon as they claim a trained one, all in the swarm
+        # before the second listed peer (training starts with it): with the attacker started last, the listed peers
+        # once finished their 6 short epochs before reading any of its records (once in a full suite: refused 0)
         stranger = start_peer(tmp_path, "stranger", join)
         peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9"],
                                 attack="skip_admission,flip_x1e6_gradient,lying_weight"))  # fmt: skip
-        peers[-1].wait_event("started", 90)
+        thief = start_peer(tmp_path, "thief", [*join, "--seed", "8"], attack="skip_admission,steal_state")
+        peers.append(thief)  # (killed at the end)
+        peers[-2].wait_event("started", 90)
+        thief.wait_event("started", 90)
         peers.insert(1, start_peer(tmp_path, "honest1", [*join, "--identity", str(ids[1].path), "--seed", "1"]))
         # Assert: the honest stranger is told why, and exits 2
         assert stranger.wait_exit(120) == 2, stranger.tail()
         assert "not in its allowlist" in stranger.wait_event("error", 1)["error"]
-        bad = attacker_id(peers)
+        bad = peers[2].wait_event("started", 1)["peer_id"]  # the attacker (the thief is last)
         adapters = finish_honest(peers)
         assert_honest_agree_and_are_sane(adapters)
         for p in peers[:2]:
             assert all(bad not in e["group"] for e in p.events("epoch")), "the stranger averaged with a listed peer"
             assert p.wait_event("stopped", 1)["refused"] >= 1  # its join requests, records, progress: counted
+        # the thief's downloads of the listed peers' trained state came back empty (without the check, it got that
+        # state in each of its 3 tries), and the listed peers counted them
+        tries = [json.loads(line) for line in (thief.out / "stolen.jsonl").read_text().splitlines()]
+        assert tries, "the thief never saw a trained state claimed"
+        assert not any(t["got"] for t in tries), tries
+        assert sum(p.wait_event("stopped", 1)["refusals"].get("refused_downloads", 0) for p in peers[:2]) >= 1
