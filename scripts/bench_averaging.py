@@ -17,7 +17,8 @@ emulated WAN (devnet/wan.py; needs root): bytes are then what the hosts' uplinks
 groupmates' updates were cut off. ``--late-joiner`` starts the last peer after the others' first averaged epoch and
 reports, for it, the time from its process start to its first epoch averaged with others, its start-up phases, and
 the epoch transitions it made alone before that one (the shares are then those of the others); with ``--own-core``
-the joiner runs on CPU 1 alone and the others share CPU 0 (a joiner on a machine of its own). Each run's peers
+the joiner runs on CPU 1 alone and the others share CPU 0 (a joiner on a machine of its own); ``--joiner-after S``
+starts it S seconds later (one value per run, cycling: where in an epoch its start-up ends). Each run's peers
 (events, adapters, stderr: hivemind's log with ``--verbose``) stay in ``averaging-N-runK/`` beside the JSON.
 ``--compression none float16 uniform8bit blockwise4bit`` runs each swarm once per compression (the spec's
 ``averaging.compression``; one run id each), side by side, and adds the held-out loss and accuracy of peer 0's final
@@ -28,7 +29,8 @@ what a peer of a 7B run sends per epoch, measured with the real protocol (a Mini
 rounds get 90 s).
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20 [--straggler 2]]
-                                      [--late-joiner [--own-core]] [--compression none ...] [--as-7b] [--verbose]
+                                      [--late-joiner [--own-core] [--joiner-after S ...]] [--compression none ...]
+                                      [--as-7b] [--verbose]
                                       [--out bench-out/bench_averaging.json]
 """
 
@@ -57,7 +59,7 @@ SPEC = Path(__file__).resolve().parent.parent / "atlas_swarm" / "specs" / "demo-
 
 def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, late: bool = False,
                 straggler: float | None = None, spec_path: Path = SPEC, verbose: bool = False,
-                own_core: bool = False, starved: int | None = None) -> dict:  # fmt: skip
+                own_core: bool = False, starved: int | None = None, late_after: float = 0.0) -> dict:  # fmt: skip
     shutil.rmtree(workdir, ignore_errors=True)  # fresh peers (an old --out would be resumed)
     workdir.mkdir(parents=True)
     early = n - 1 if late else n
@@ -92,6 +94,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
             wait(procs, "epoch", 300)
             joined_at = None
             if late:
+                time.sleep(late_after)  # where in an epoch its start-up ends decides how long it then waits
                 joined_at = time.time()
                 procs.append(launch(n - 1, join))
             lo0 = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
@@ -151,7 +154,7 @@ def swarm_round(n: int, epochs: int, workdir: Path, wan: list | None = None, lat
         result["straggler"] = {"peer": slow, "uplink_mbit": straggler, "share_of_the_others": round(
             sum(on_time) / len(on_time), 4), "share_of_the_straggler": round(shares[slow], 4)}
     if late:
-        result["late_joiner"] = joiner_figures(procs[-1], joined_at)
+        result["late_joiner"] = dict(joiner_figures(procs[-1], joined_at), started_after_s=late_after)
     return result
 
 
@@ -233,6 +236,9 @@ def main() -> int:
                     help="with --wan: one peer's uplink is this slow (a straggler in every round)")
     ap.add_argument("--compression", nargs="+", default=[], help="one swarm per compression (none, float16, "
                     "scaled-float16, uniform8bit, blockwise4bit), with held-out scores")  # fmt: skip
+    ap.add_argument("--joiner-after", type=float, nargs="+", default=[0.0], metavar="S",
+                    help="with --late-joiner: start it S seconds after the others' first averaged epoch (run k takes "
+                         "the k-th value, cycling): its start-up then ends at another point of an epoch")
     ap.add_argument("--own-core", action="store_true", help="with --late-joiner: the joiner runs on CPU 1 alone "
                     "and the others share CPU 0 (a joiner on a machine of its own; the others' epochs get longer)")
     ap.add_argument("--starved", type=int, metavar="NICE", help="every peer on CPU 0, all but the first in an "
@@ -265,7 +271,7 @@ def main() -> int:
             # each run's peers (events, adapters, stderr) stay there until the next bench
             workdir = out.parent / (f"averaging-{n}" + (f"-{compression}" if args.compression else "") + f"-run{run}")
             r = swarm_round(n, args.epochs, workdir, args.wan, args.late_joiner, args.straggler, spec_path,
-                            args.verbose, args.own_core, args.starved)
+                            args.verbose, args.own_core, args.starved, args.joiner_after[run % len(args.joiner_after)])
             full_allreduce = 2 * (n - 1) / n * 4 * full_params
             r["run"], r["compression"] = run, compression
             if args.compression:
