@@ -4,8 +4,9 @@ hivemind copies the first donor's tensors and epoch, donors ranked by the priori
 inf allowed), one donor at a time. Here only admitted donors are asked, a priority is capped at the epoch the download
 expects, a state is taken only if its (epoch, digest of the parameters and settings) is one the caller expects (a
 strict majority of admitted peers' statuses) and its statistics pass ``loaded_state.problem``, and what a donor
-streams is bounded as it comes in (``loaded_state.Budget``); else the next donor. A donor serves its state, whole or
-a stripe, to admitted askers only (hivemind served anyone who could reach it).
+streams is bounded as it comes in (``loaded_state.Budget``), and in time (``stream_limit``: a donor can keep each
+message within the wait for the next and trickle for minutes); else the next donor. A donor serves its state, whole
+or a stripe, to admitted askers only (hivemind served anyone who could reach it).
 
 **Stripes.** A state expected to be held by several donors is first asked of up to ``stripes`` of them at once, each
 for every ``stripes``-th tensor (``rpc_download_state_part``), and checked whole as above: a download is no longer
