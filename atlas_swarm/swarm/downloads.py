@@ -221,6 +221,8 @@ class StateDownloads:
             logger.info(f"Failed to download state from {peer}: {e!r}")
             return None
         finally:  # a stream left early is closed now (p2pd's stream too), not whenever it is collected
+            if not reading.done():  # (this download was itself cancelled)
+                reading.cancel()
             for it in reversed(streams):
                 if hasattr(it, "aclose"):
                     try:

@@ -330,7 +330,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     # tracker's view of the swarm is frozen during a transition (hivemind holds its lock), so this reads the peers'
     # progress records itself. IDLE counts as looking: hivemind's step() returns a moment before the averager process
     # sets LOOKING_FOR_GROUP, and a round scheduled at the transition was read then and waited for until
-    # averaging_timeout (a WAN late joiner that synced as the swarm's round began: 20.0 s alone, 1 of 3 runs).
+    # averaging_timeout (a WAN late joiner that synced as the swarm's round began: 20.0 s alone, 1 of 2 runs).
     def _give_up_without_a_group(self, control) -> None:
         next_check = 0.0
         while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done() \
