@@ -45,6 +45,8 @@ MAX_STRIPES = 8  # what a donor serves a part of
 MAX_REQUEST = 64  # bytes of a part request
 STREAM_GRACE = 10.0  # seconds a donor's stream may take beyond its bytes at MIN_STREAM_RATE (connecting, serializing)
 MIN_STREAM_RATE = 125_000  # bytes/s (1 Mbit/s): a donor slower than that on average is left for the next
+SLOWER_STRIPE = 4.0  # once one stripe is in, the others may take this many times as long per byte...
+STRIPE_GRACE = 3.0  # ...or this many seconds from the start, if more (small states: latency, not bytes)
 
 
 def stream_limit(layout: list) -> float:
@@ -187,14 +189,38 @@ class StateDownloads:
 
     async def _download_striped(self, peers: list, timeout) -> tuple[Optional[tuple], set, list]:
         """The state from ``peers`` at once, part i of len(peers) from the i-th: (metadata, tensors) or None, the
-        donors whose part broke the budget, and the epoch each part came with (None: no part)."""
-        of = len(peers)
-        parts = await asyncio.gather(*(self._download(peer, (i, of), timeout) for i, peer in enumerate(peers)))
+        donors whose part broke the budget or came too slowly, and the epoch each part came with (None: no part). Once
+        one part is in, the others get SLOWER_STRIPE times as long per byte (at least STRIPE_GRACE s), not each
+        its own ``stream_limit``: one slow donor no longer holds the others' finished parts for minutes."""
+        of, loop = len(peers), asyncio.get_running_loop()
+        layout = loaded_state.layout(self.optimizer, self.extra_tensors)
+        largest = max(sum(size for _, size in layout[i::of]) for i in range(of))
+        began, per_byte = loop.time(), None  # seconds per byte of the first part that came in whole
+        tasks = [asyncio.ensure_future(self._download(peer, (i, of), timeout)) for i, peer in enumerate(peers)]
+        pending = set(tasks)
+        while pending:
+            wait = None if per_byte is None else \
+                max(0.0, began + max(STRIPE_GRACE, SLOWER_STRIPE * per_byte * largest) - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            for task in done:
+                if per_byte is None and isinstance(task.result(), tuple):
+                    i = tasks.index(task)
+                    per_byte = (loop.time() - began) / max(1, sum(size for _, size in layout[i::of]))
+        for task in pending:
+            task.cancel()
+            if self.gather_settings.gate is not None:
+                self.gather_settings.gate.count("slow_donors")
+            logger.info(f"A stripe from {peers[tasks.index(task)]} still incomplete long after the others'; left")
+        if pending:
+            await asyncio.wait(pending)
+        parts = ["too slow" if task.cancelled() else task.result() for task in tasks]
         broke = {peer for peer, part in zip(peers, parts) if part in ("over budget", "too slow")}
         epochs = [part[0].get("epoch") if isinstance(part, tuple) else None for part in parts]
         if any(not isinstance(part, tuple) for part in parts):
             return None, broke, epochs
-        tensors = interleave([t for _, t in parts], len(loaded_state.layout(self.optimizer, self.extra_tensors)))
+        tensors = interleave([t for _, t in parts], len(layout))
         if tensors is None or any(e != epochs[0] for e in epochs):
             return None, broke, epochs  # a donor sent less than its stripe, or donors at different epochs
         return (parts[0][0], tensors), broke, epochs
@@ -202,7 +228,8 @@ class StateDownloads:
     async def _download(self, peer, part: Optional[tuple[int, int]], timeout):
         """(metadata, tensors) from ``peer``: its whole state (hivemind's rpc_download_state) or ``part`` (part, of)
         of it (ours); None if it failed, "over budget" if it sent more than that part of our own state holds, "too
-        slow" if it did not arrive by ``stream_limit`` (a donor can keep each message within ``timeout`` of the last)."""
+        slow" if it did not arrive by ``stream_limit`` (a donor can keep each message within ``timeout`` of the
+        last)."""
         layout = loaded_state.layout(self.optimizer, self.extra_tensors)
         layout = layout if part is None else layout[part[0]::part[1]]
         gate, streams = self.gather_settings.gate, []

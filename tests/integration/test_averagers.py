@@ -369,13 +369,14 @@ class Trickle(StateAverager):
 Trickle.__name__ = StateAverager.__name__
 
 
-@pytest.mark.parametrize("stripes", [False, True])
-def test_a_state_download_leaves_a_donor_that_trickles_and_takes_the_state_from_the_others(four_dhts, stripes,
+@pytest.mark.parametrize("stripes, grace", [(False, 3.0), (True, 3.0), (True, 60.0)])
+def test_a_state_download_leaves_a_donor_that_trickles_and_takes_the_state_from_the_others(four_dhts, stripes, grace,
                                                                                           monkeypatch):
     # Prepare: two honest donors at epoch 5, a donor declaring priority 1e9 that serves the same state at a trickle
     # (its own process and key), and a newcomer expecting that state: asking one donor at a time, or in stripes. A
-    # stream's grace is 3 s instead of 10 (the averagers' processes, forked below, inherit it): a shorter test
-    monkeypatch.setattr(downloads, "STREAM_GRACE", 3.0)
+    # stream's grace is 3 s instead of 10 (the averagers' processes, forked below, inherit it): a shorter test; or 60
+    # s, so that only a stripe's bound relative to the others' (downloads.SLOWER_STRIPE, STRIPE_GRACE 3 s) ends it
+    monkeypatch.setattr(downloads, "STREAM_GRACE", grace)
     gate = Gate(open_run=True)
     with running() as averagers:
         specs = [(StateAverager, 1.0, 1.0), (StateAverager, 1.0, 1.0), (Trickle, 1.0, 1e9),
