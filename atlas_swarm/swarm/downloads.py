@@ -194,20 +194,19 @@ class StateDownloads:
         its own ``stream_limit``: one slow donor no longer holds the others' finished parts for minutes."""
         of, loop = len(peers), asyncio.get_running_loop()
         layout = loaded_state.layout(self.optimizer, self.extra_tensors)
-        largest = max(sum(size for _, size in layout[i::of]) for i in range(of))
+        sizes = [max(1, sum(size for _, size in layout[i::of])) for i in range(of)]  # bytes of each part
         began, per_byte = loop.time(), None  # seconds per byte of the first part that came in whole
         tasks = [asyncio.ensure_future(self._download(peer, (i, of), timeout)) for i, peer in enumerate(peers)]
         pending = set(tasks)
         while pending:
             wait = None if per_byte is None else \
-                max(0.0, began + max(STRIPE_GRACE, SLOWER_STRIPE * per_byte * largest) - loop.time())
+                max(0.0, began + max(STRIPE_GRACE, SLOWER_STRIPE * per_byte * max(sizes)) - loop.time())
             done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 break
             for task in done:
                 if per_byte is None and isinstance(task.result(), tuple):
-                    i = tasks.index(task)
-                    per_byte = (loop.time() - began) / max(1, sum(size for _, size in layout[i::of]))
+                    per_byte = (loop.time() - began) / sizes[tasks.index(task)]
         for task in pending:
             task.cancel()
             if self.gather_settings.gate is not None:
