@@ -198,15 +198,20 @@ class StateDownloads:
         began, per_byte = loop.time(), None  # seconds per byte of the first part that came in whole
         tasks = [asyncio.ensure_future(self._download(peer, (i, of), timeout)) for i, peer in enumerate(peers)]
         pending = set(tasks)
-        while pending:
-            wait = None if per_byte is None else \
-                max(0.0, began + max(STRIPE_GRACE, SLOWER_STRIPE * per_byte * max(sizes)) - loop.time())
-            done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                break
-            for task in done:
-                if per_byte is None and isinstance(task.result(), tuple):
-                    per_byte = (loop.time() - began) / sizes[tasks.index(task)]
+        try:
+            while pending:
+                wait = None if per_byte is None else \
+                    max(0.0, began + max(STRIPE_GRACE, SLOWER_STRIPE * per_byte * max(sizes)) - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for task in done:
+                    if per_byte is None and isinstance(task.result(), tuple):
+                        per_byte = (loop.time() - began) / sizes[tasks.index(task)]
+        except BaseException:  # this download was itself cancelled: so are its parts
+            for task in tasks:
+                task.cancel()
+            raise
         for task in pending:
             task.cancel()
             if self.gather_settings.gate is not None:
