@@ -64,7 +64,8 @@ def lower_median(values: Iterable[float]) -> Optional[float]:
 
 def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str], bool], cap: float,
                   target: int, others_epochs: Mapping[str, int] = {}, began: Optional[tuple[int, float]] = None,
-                  now: float = math.inf) -> tuple[dict[str, dict], int]:  # fmt: skip
+                  now: float = math.inf, held: Optional[tuple[int, Mapping[str, int]]] = None
+                  ) -> tuple[dict[str, dict], int]:  # fmt: skip
     """The progress records to follow (PeerID -> record, clamped) and how many were refused.
 
     A record counts only if its writer is admitted and its epoch is under the ceiling of the *other* admitted peers
@@ -86,7 +87,10 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     time late enough that its samples plus its rate times its age stop at the cap, so that a stale copy counts no more
     than a fresh one (in a first epoch, a NATed peer doing 1,432 of 1,440 samples ended it 1.3 s after the others).
     In either case a kept record's time is no earlier than its samples at its rate allow, and a time that is no number
-    counts as the oldest: a reader adds rate x age, and a record dated 10^4 s back ended every epoch at once."""
+    counts as the oldest: a reader adds rate x age, and a record dated 10^4 s back ended every epoch at once.
+
+    ``held``: (this peer's epoch, PeerID -> the samples its record last counted at that epoch): records ahead of
+    that epoch are held there while their writers are no strict majority of the electorate (hold_lone_leaders)."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
@@ -115,7 +119,27 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
             kept[p]["time"] = float(now - (sample_cap - samples) / rate)  # its rate x age stops at the cap
         elif not math.isfinite(written) and math.isfinite(now):
             kept[p]["time"] = float(now)  # (rate 0: an infinite age x 0 is NaN)
+    if held is not None:
+        hold_lone_leaders(kept, electorate, *held)
     return kept, len(records) - len(kept)
+
+
+def hold_lone_leaders(kept: dict[str, dict], electorate: Mapping[str, int], epoch: int,
+                      last_counted: Mapping[str, int]) -> None:
+    """In place: unless a strict majority of the other peers is ahead of ``epoch``, records ahead of it count as at
+    it, with the samples their writer's record last counted there (``last_counted``; 0 if none) and no rate.
+
+    hivemind ends a peer's epoch at once when any followed record is one epoch ahead (a peer that missed its group's
+    round catches up), and EPOCH_SLACK lets one record be: a liar publishing its epoch + 1 ended every honest epoch
+    as it began, and no honest round formed (test_a_liar_one_epoch_ahead...). Held, it ends none: its samples count
+    for nothing. An honest peer ahead alone (the others missed its round) still counts what it did in the epoch, so
+    the others end it about when they would have with it."""
+    ahead = [p for p, e in electorate.items() if e > epoch]
+    if not ahead or 2 * len(ahead) > len(electorate):
+        return
+    for p, r in kept.items():
+        if r["epoch"] > epoch:
+            kept[p] = dict(r, epoch=epoch, samples_accumulated=int(last_counted.get(p, 0)), samples_per_second=0.0)
 
 
 def _time(record: dict, default: float) -> float:

@@ -327,6 +327,7 @@ def announce(p: Progress) -> None:
     if cfg.wait_for_peers > 1:  # our status records appear at once (hivemind lists a peer after its first samples)
         _wait_for_peers(lambda: len(swarm.peer_statuses(spec.run_id)), cfg.wait_for_peers, cfg.join_timeout,
                         p.stop, p.reporter)  # fmt: skip
+        note_statuses(p)  # the peers waited for: a lone progress record ahead is no majority beside them
 
 
 def finish_epoch(p: Progress, done: EpochDone) -> None:

@@ -93,6 +93,31 @@ def fake_progress():
 
 
 @attack
+def one_epoch_ahead():
+    """Progress records one epoch ahead of the peer's own, with its true samples and rate, while it trains in step
+    with the others: honest peers are one epoch apart for a moment after a transition (admission.EPOCH_SLACK), and a
+    reader one epoch behind hivemind's global epoch ends its own at once."""
+    from hivemind import DHT
+
+    from atlas_swarm.swarm import optimizer
+
+    store = DHT.store
+
+    def published(self, key, value, *args, **kwargs):
+        if str(key).endswith("_progress") and isinstance(value, dict) and type(value.get("epoch")) is int:
+            value = dict(value, epoch=value["epoch"] + 1)
+        return store(self, key, value, *args, **kwargs)
+
+    read = optimizer.sane_progress
+
+    def sane_progress(records, own, *args, **kwargs):  # its own record as it is, so that it does not race itself
+        records = {p: dict(r, epoch=r["epoch"] - 1) if p == own else r for p, r in records.items()}
+        return read(records, own, *args, **kwargs)
+
+    DHT.store, optimizer.sane_progress = published, sane_progress
+
+
+@attack
 def inflate_progress():
     """Progress records at the peer's own epoch that claim 10^6 samples more than it did, at 10^6 times its rate, and
     written 10^4 s before they were (a reader adds the rate times the record's age): each would end every epoch the

@@ -62,6 +62,7 @@ class ThrottledTracker(ProgressTracker):
 
     status_epochs: dict = {}  # set by the peer as it reads them: PeerID -> epoch, of admitted peers' statuses
     began = None  # (epoch, get_dht_time()) of this peer's last transition (SwarmOptimizer): admission.sane_progress
+    _counted = (-1, {})  # (this peer's epoch, PeerID -> the samples its record last counted there): hold_lone_leaders
 
     def __init__(self, *args, gate=None, own_peer_id: str = "", sample_cap: float = math.inf, **kwargs):
         self._last_report = 0.0
@@ -79,8 +80,12 @@ class ThrottledTracker(ProgressTracker):
                     and type(value.get("samples_accumulated")) is int:  # fmt: skip
                 records[pid] = value
         admits = self.gate.admits if self.gate is not None else (lambda _: True)
+        epoch = self.local_progress.epoch
+        if self._counted[0] != epoch:
+            self._counted = (epoch, {})
         kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap, self.target_batch_size,
-                                self.status_epochs, self.began, get_dht_time())  # fmt: skip
+                                self.status_epochs, self.began, get_dht_time(), self._counted)  # fmt: skip
+        self._counted[1].update((p, r["samples_accumulated"]) for p, r in kept.items() if r["epoch"] == epoch)
         if self.gate is not None:
             self.gate.set_followed(kept)
         self.ignored_writers.update(set(records) - set(kept))

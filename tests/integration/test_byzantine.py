@@ -154,7 +154,10 @@ def test_a_samples_liar_at_its_own_epoch_does_not_end_every_epoch(tmp_path, tiny
     # The liar's records count as at most twice the median rate since the epoch began, and are dated no earlier than
     # those samples allow (admission.sane_progress), so the two honest peers still do a bounded share of each epoch:
     # half at equal speeds, less the seconds of averaging in which the liar's allowance grows and nobody trains (means
-    # of 568-871 of 1920 samples per epoch in 6 runs, 2026-12-06; target / 4 asserted). With its records also dated
+    # of 568-871 of 1920 samples per epoch in 6 runs, 2026-12-06; target / 4 asserted). In CI the liar, starting last,
+    # once ended its first epoch alone at once and was one epoch ahead: the pair's first two epochs ended on reading
+    # it ([140, 8, 729, 772, 801, 309], mean 460); such a record is held now (admission.hold_lone_leaders; means of
+    # 659-1544 in 5 runs, 2026-12-06, no epoch under 188). With its records also dated
     # 10^4 s back, the rate and sample caps alone gave means of 122-437 in 5 runs (one: [2, 2, 2, 2, 601]); with
     # those caps removed as well, the first record read ended each epoch: medians of 2 samples ([5, 2, 2, 2])
     per_peer = [{e["epoch"]: e["samples"] for e in p.events("epoch")} for p in peers[:2]]
@@ -231,3 +234,21 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
         assert tries, "the thief never saw a trained state claimed"
         assert not any(t["got"] for t in tries), tries
         assert sum(p.wait_event("stopped", 1)["refusals"].get("refused_downloads", 0) for p in peers[:2]) >= 1
+
+
+
+def test_a_liar_one_epoch_ahead_ends_no_epoch_and_the_honest_pair_keeps_averaging(tmp_path, tiny_model, text_data):
+    # The liar trains in step and publishes its epoch + 1 (one_epoch_ahead). Before admission.hold_lone_leaders each
+    # honest peer ended its epoch as soon as it read that record, alone, and jumped two epochs at a time: in 1 run the
+    # pair recorded 3 of 6 epochs, [220, 692, 696] samples of 1920, none in a group. Held, its record counts nothing:
+    # the pair did means of 1941-2334 per epoch in 5 runs, every epoch in a group of 3 (without an attacker, three
+    # honest peers did 1930-2000 together: an epoch's end is estimated, and single epochs ranged 963-2584)
+    spec, peers, _ = attacked_run(tmp_path, tiny_model, text_data, "one_epoch_ahead")
+    target = RunSpec.from_toml(spec).averaging.target_batch_size
+    epochs = [{e["epoch"]: e for e in p.events("epoch")} for p in peers[:2]]
+    both = sorted(set(epochs[0]) & set(epochs[1]))
+    honest = [epochs[0][e]["samples"] + epochs[1][e]["samples"] for e in both]
+    assert len(both) >= 5 and sum(honest) / len(honest) >= target * 3 / 4, (target, honest)
+    pair = {p.wait_event("started", 1)["peer_id"] for p in peers[:2]}
+    paired = [e for e in both if pair <= set(epochs[0][e]["group"])]
+    assert len(paired) >= len(both) - 1, [epochs[0][e]["group"] for e in both]

@@ -57,6 +57,27 @@ def test_a_newcomer_follows_a_swarm_ahead_of_it():
     assert set(kept) == {"me", A, B}
 
 
+
+def test_a_lone_record_one_epoch_ahead_is_held_at_this_epoch_with_what_it_last_counted_there():
+    C = "Qm" + "c" * 44
+    # a liar one ahead beside an honest peer at this epoch: held, with nothing (it never counted here)
+    kept, _ = sane_progress({"me": record(5), A: record(5), B: record(6, 500)}, "me", lambda p: True, 96, 96,
+                            held=(5, {}))  # fmt: skip
+    assert {p: r["epoch"] for p, r in kept.items()} == {"me": 5, A: 5, B: 5}
+    assert kept[B]["samples_accumulated"] == 0 and kept[B]["samples_per_second"] == 0.0
+    # an honest peer that moved on alone still counts the samples its record last counted here
+    kept, _ = sane_progress({"me": record(5), A: record(5), B: record(6, 500)}, "me", lambda p: True, 96, 96,
+                            held=(5, {B: 40}))  # fmt: skip
+    assert kept[B]["samples_accumulated"] == 40 and kept[B]["epoch"] == 5
+    # a strict majority of the others ahead (this peer missed their round): followed at once, as hivemind does
+    for records in ({"me": record(5), A: record(6), B: record(6), C: record(5)}, {"me": record(5), B: record(6)}):
+        kept, _ = sane_progress(records, "me", lambda p: True, 96, 96, held=(5, {}))
+        assert kept[B]["epoch"] == 6
+    # a status counts in the electorate: a waiting peer at this epoch and a lone record ahead
+    kept, _ = sane_progress({"me": record(5), B: record(6)}, "me", lambda p: True, 96, 96, others_epochs={A: 5},
+                            held=(5, {}))  # fmt: skip
+    assert kept[B]["epoch"] == 5
+
 def test_non_admitted_writers_are_not_followed():
     kept, refused = sane_progress({"me": record(1), A: record(1)}, "me", lambda p: p != A, 96, 96)
     assert set(kept) == {"me"} and refused == 1
