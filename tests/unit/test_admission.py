@@ -153,3 +153,21 @@ def test_whatever_one_writer_claims_a_reader_adds_a_bounded_finite_count(time, s
     assert math.isfinite(added) and added <= (2 * 100.0 * 4 if transitioned else liar["cap"]) + 1e-6, (liar, added)
     for p in ("me", A):  # the honest records are counted as written
         assert kept[p]["time"] == records[p]["time"] and kept[p]["samples_accumulated"] == 200
+
+
+@given(epoch=st.integers(-1, 12) | st.integers(-1, 2**63), time=st.floats(), samples=st.integers(0, 10**12),
+       rate=st.floats(0.0))
+def test_whatever_epoch_one_writer_claims_beside_an_honest_peer_the_reader_stays_in_its_epoch(epoch, time, samples,
+                                                                                             rate):  # fmt: skip
+    """hivemind moves a reader to the highest epoch among the records it follows, and ends its epoch on the samples
+    counted there. One writer beside an honest peer at the reader's epoch: whatever epoch it claims, it moves no
+    reader (above the ceiling it is not followed, one ahead it is held), and what it adds is bounded as above."""
+    now = 1000.0
+    records = {"me": dict(record(5, 200, 100.0), time=now - 1), A: dict(record(5, 200, 100.0), time=now - 2),
+               B: dict(record(epoch, samples, rate), time=time)}  # fmt: skip
+    kept, _ = sane_progress(records, "me", lambda p: True, 10**9, 1920, began=(5, now - 4), now=now, held=(5, {}))
+    assert max(r["epoch"] for r in kept.values()) == 5
+    liar = kept.get(B)
+    if liar is not None and liar["epoch"] == 5:
+        added = liar["samples_accumulated"] + max(0.0, now - liar["time"]) * liar["samples_per_second"]
+        assert math.isfinite(added) and added <= 2 * 100.0 * 4 + 1e-6, (liar, added)
