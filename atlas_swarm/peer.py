@@ -254,7 +254,8 @@ def load(p: Progress, examples, hooks: Sequence[EpochHook]) -> None:
     p.opt.state_averager.expected_states = lambda: expected_states(p)
     p.stop.arm()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start (and never restore it)
     watch(p.stop, {name: process for name, process in (("DHT", swarm.dht), ("gradient averager", p.opt.grad_averager),
-                                                       ("state averager", p.opt.state_averager)) if process})
+                                                       ("state averager", p.opt.state_averager),
+                                                       ("progress tracker", p.opt.tracker)) if process})
     if adapter_dir.exists() and (p.out / "optimizer.pt").exists():
         p.opt.load_state_dict(_load_optimizer_state(p.out / "optimizer.pt"))
     p.opt.resume(p.epoch)

@@ -127,14 +127,17 @@ class GracefulStop:
 
 def watch(stop: GracefulStop, processes: dict, every: float = 0.5) -> threading.Thread:
     """A daemon thread that calls ``stop.fail`` when one of ``processes`` (what each is -> a multiprocessing
-    Process of this one) is no longer alive before the peer began to leave; it ends when the peer leaves."""
+    Process of this one, or a thread with a ``failure``) is no longer alive before the peer began to leave; it ends
+    when the peer leaves."""
 
     def run() -> None:
         while not stop._leaving and not stop.failure:
             for name, process in processes.items():
                 if not process.is_alive() and not stop._leaving:
-                    stop.fail(f"this peer's {name} process died ({how_it_ended(process.exitcode)}), so the peer "
-                              f"stopped; start it again to rejoin the run (it resumes from its saved adapter)")
+                    kind = "thread" if isinstance(process, threading.Thread) else "process"
+                    how = getattr(process, "failure", None) or how_it_ended(getattr(process, "exitcode", None))
+                    stop.fail(f"this peer's {name} {kind} died ({how}), so the peer stopped; start it again to "
+                              f"rejoin the run (it resumes from its saved adapter)")
                     return
             time.sleep(every)
 

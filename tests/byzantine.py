@@ -118,6 +118,23 @@ def one_epoch_ahead():
 
 
 @attack
+def tracker_bug():
+    """Not an attack: a bug of ours that ends the progress tracker's thread (its parse raises there)."""
+    import threading
+
+    from atlas_swarm.swarm import optimizer
+
+    honest = optimizer.sane_progress
+
+    def sane_progress(*args, **kwargs):
+        if isinstance(threading.current_thread(), optimizer.ThrottledTracker):
+            raise RuntimeError("a bug in the progress rule")
+        return honest(*args, **kwargs)
+
+    optimizer.sane_progress = sane_progress
+
+
+@attack
 def inflate_progress():
     """Progress records at the peer's own epoch that claim 10^6 samples more than it did, at 10^6 times its rate, and
     written 10^4 s before they were (a reader adds the rate times the record's age): each would end every epoch the

@@ -119,6 +119,10 @@ class ThrottledTracker(ProgressTracker):
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
+        except Exception as e:  # the peer's watch stops the peer with it (stopping.watch): a peer whose tracker
+            # thread died (a bug of ours in sane_progress, 2026-12-06) trained on alone, each epoch on its own samples,
+            # with a traceback in its stderr and nothing else to say so
+            self.failure = f"{type(e).__name__}: {e}"
         finally:
             left = asyncio.all_tasks(loop)
             for task in left:
@@ -131,6 +135,7 @@ class ThrottledTracker(ProgressTracker):
     _own_rate_cap = math.inf
     _own_sample_cap = math.inf  # at the last fetch: the constant cap on its own record (an epoch not transitioned to)
     swarm_rate = 0.0  # at the last fetch: the followed records' summed samples/s (this peer's own included)
+    failure = None  # why the thread ended, if an error ended it (run)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         # Between fetches hivemind adds this peer's new samples to its view of the swarm's, uncapped, while the others

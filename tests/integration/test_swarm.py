@@ -303,6 +303,21 @@ def test_a_peer_whose_averager_process_is_killed_stops_with_a_clear_error(tmp_pa
         peer.kill()
 
 
+
+def test_a_peer_whose_progress_tracker_thread_dies_stops_with_a_clear_error(tmp_path, tiny_spec, text_data):
+    """A bug of ours ended the progress tracker's thread (a name missing in admission.py, 2026-12-06): the peer
+    printed a traceback and trained on alone for the rest of the run, each epoch on its own samples, and exited 0.
+    It now stops as when an averager process dies: one error line, the adapter saved, exit 2."""
+    peer = start_peer(tmp_path, "peer", ["--run-spec", str(tiny_spec), "--data", str(text_data)], attack="tracker_bug")
+    try:
+        assert peer.wait_exit(90) == 2, peer.tail()
+        error = peer.wait_event("error", 1)["error"]
+        assert "progress tracker thread died (RuntimeError: a bug in the progress rule)" in error, error
+        assert "Traceback" not in peer.err_path.read_text(), peer.tail()
+        assert (peer.out / "adapter").exists(), peer.tail()
+    finally:
+        peer.kill()
+
 def test_saved_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_path, tiny_spec, text_data):
     # Prepare
     from peft import PeftModel
