@@ -55,6 +55,8 @@ HIVEMIND_OVERRIDES = {
     "destroyed but it is pending!\" at exit)",
     # the averagers (swarm/averagers.py)
     "averagers.CancelOnShutdown._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
+    "averagers.CancelsStateFirst.schedule_step": "the round's cancel() sets its cancelled state before telling the "
+    "averager (cancel_round), hivemind's own calls included",
     "averagers.Admitted.rpc_join_group": "refuse join requests from non-admitted peers (counted)",
     "averagers.EpochGroups._step": "group keys carry the round's epoch (rounds of different epochs never meet); a "
     "leader holds its group open for the peers it follows (hold.py)",

@@ -621,9 +621,12 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followe
             averager.shutdown()
 
 
-def test_a_cancelled_round_stops_looking_at_once_and_the_next_round_finds_its_group(two_dhts):
+@pytest.mark.parametrize("cancel", ["cancel_round", "hivemind"])
+def test_a_cancelled_round_stops_looking_at_once_and_the_next_round_finds_its_group(two_dhts, cancel):
     # Prepare: peer A's round for epoch 2 looks for a group alone (a newcomer's first round: the others averaged that
-    # epoch already), triggered, and is cancelled (the optimizer's give-up), as A moves to epoch 3 with B
+    # epoch already), triggered, and is cancelled (the optimizer's give-up; or hivemind's optimizer, calling the
+    # round's cancel(): a lone peer's round at its epoch's end), as A moves to epoch 3 with B. With hivemind's own
+    # cancel() the second case failed in 2 of 10 runs (no group in 25 s): averagers.CancelsStateFirst
     averagers = []
     try:
         for dht in two_dhts:
@@ -635,7 +638,7 @@ def test_a_cancelled_round_stops_looking_at_once_and_the_next_round_finds_its_gr
         time.sleep(0.5)
         averagers[0].step(control=alone, wait=False)  # the transition triggers it
         time.sleep(0.5)
-        cancel_round(alone)  # as the optimizer gives a round up
+        cancel_round(alone) if cancel == "cancel_round" else alone.cancel()
         began = time.monotonic()
         # Execute: both schedule their epoch-3 rounds at once
         rounds = [a.schedule_step(gather=3, timeout=30) for a in averagers]

@@ -11,7 +11,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
 
-from atlas_swarm.swarm.averagers import GivesUp, cancel_round
+from atlas_swarm.swarm.averagers import CancelsStateFirst, GivesUp, cancel_round
 from atlas_swarm.swarm.optimizer import SwarmOptimizer
 
 
@@ -52,6 +52,19 @@ def test_cancel_round_cancels_before_the_averager_hears_of_it():
     control, message = a_round()
     assert cancel_round(control)
     assert message.seen is True and control.cancelled()
+
+
+def test_a_round_our_averagers_schedule_cancels_first_whoever_calls_its_cancel():
+    # hivemind's optimizer calls the round's own cancel() where we do not override it (a lone peer's pre-scheduled
+    # round at its epoch's end, a failed tag-along, a shutdown while the round still looks for a group)
+    class Scheduler:
+        def schedule_step(self, **kwargs):
+            self.control, self.message = a_round()
+            return self.control
+
+    averager = type("Averager", (CancelsStateFirst, Scheduler), {})()
+    control = averager.schedule_step(gather=3)
+    assert control.cancel() and averager.message.seen is True and control.cancelled()
 
 
 def test_cancel_round_cancels_the_round_a_state_round_wraps_and_a_done_round_stays_done():
