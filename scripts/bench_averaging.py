@@ -26,11 +26,12 @@ adapter (512 dialogs) and its ratio to the first compression's. ``--as-7b`` give
 7B one (LoRA r=397 on every linear layer of MiniLM: 16,776,980 values; Llama-2-7B with LoRA r=16 on q/k/v/o has
 16,777,216) and compares each peer's bytes with a full-model all-reduce of Llama-2-7B's 6,738,415,616 parameters:
 what a peer of a 7B run sends per epoch, measured with the real protocol (a MiniLM base trains in its place;
-rounds get 90 s).
+rounds get 90 s). ``--aggregation RULE`` sets the spec's ``trust.aggregation`` (``mean``, an allowlist run's default,
+averages a pair, so a group of 3 cuts a straggler off after the grace: gather.py).
 
     python scripts/bench_averaging.py [--peers 2 4] [--epochs 6] [--runs 1] [--wan 40 0.01 20 [--straggler 2]]
                                       [--late-joiner [--own-core] [--joiner-after S ...]] [--compression none ...]
-                                      [--as-7b] [--verbose]
+                                      [--as-7b] [--aggregation mean] [--verbose]
                                       [--out bench-out/bench_averaging.json]
 """
 
@@ -180,14 +181,16 @@ AS_7B = (("r = 8\n", "r = 397\n"), ('["query", "value"]', '["query", "key", "val
          ("averaging_timeout = 20.0", "averaging_timeout = 90.0"))
 
 
-def compression_spec(compression: str, folder: Path, as_7b: bool = False) -> Path:
-    """The demo spec with ``averaging.compression`` set (a run of its own: the run id commits to it), and with
-    ``as_7b`` an adapter of a 7B one's size (--as-7b)."""
+def compression_spec(compression: str, folder: Path, as_7b: bool = False, aggregation: str = "") -> Path:
+    """The demo spec with ``averaging.compression`` set (a run of its own: the run id commits to it), with ``as_7b``
+    an adapter of a 7B one's size (--as-7b), and with ``aggregation`` that rule (--aggregation)."""
     text = SPEC.read_text()
     for old, new in (('compression = "none"', f'compression = "{compression}"'),) + (AS_7B if as_7b else ()):
         assert text.count(old) == 1, old
         text = text.replace(old, new)
-    path = folder / f"spec-{compression}{'-as-7b' if as_7b else ''}.toml"
+    if aggregation:
+        text += f'\n[trust]\naggregation = "{aggregation}"\n'
+    path = folder / f"spec-{compression}{'-as-7b' if as_7b else ''}{f'-{aggregation}' if aggregation else ''}.toml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     RunSpec.from_toml(path)  # a name the spec does not know fails here, not in four peers
@@ -245,6 +248,8 @@ def main() -> int:
                     "autogroup of this nice (10: the first does about 9x the others' samples): unequal peers")
     ap.add_argument("--as-7b", action="store_true", help="an adapter of a 7B one's size (16.8M values), bytes "
                     "compared with a full-model all-reduce of Llama-2-7B")  # fmt: skip
+    ap.add_argument("--aggregation", default="", choices=["", "mean", "centered_clip", "trimmed_mean"],
+                    help="the spec's trust.aggregation (default: the spec's, centered_clip in an open run)")
     ap.add_argument("--verbose", action="store_true", help="hivemind's logs on each peer's stderr (in its folder)")
     ap.add_argument("--out", default="bench-out/bench_averaging.json")
     args = ap.parse_args()
@@ -255,15 +260,16 @@ def main() -> int:
     if args.straggler and not args.wan:
         ap.error("--straggler needs --wan (a slow uplink is the WAN's)")
     out = Path(args.out)
-    spec = RunSpec.from_toml(compression_spec("none", out.parent, True) if args.as_7b else SPEC)
+    custom = args.as_7b or args.aggregation
+    spec = RunSpec.from_toml(compression_spec("none", out.parent, args.as_7b, args.aggregation) if custom else SPEC)
     model, _ = load_model(spec)
     full_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.parameters() if p.requires_grad)
     full_params = LLAMA2_7B_PARAMS if args.as_7b else full_params
     adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     results, summaries = [], []
-    variants = ([(c, compression_spec(c, out.parent, args.as_7b)) for c in args.compression]
-                or [(spec.averaging.compression, compression_spec(spec.averaging.compression, out.parent, True)
-                     if args.as_7b else SPEC)])
+    variants = ([(c, compression_spec(c, out.parent, args.as_7b, args.aggregation)) for c in args.compression]
+                or [(spec.averaging.compression, compression_spec(spec.averaging.compression, out.parent, args.as_7b,
+                                                                  args.aggregation) if custom else SPEC)])
     heldout = None
     for n, (compression, spec_path) in [(n, v) for n in args.peers for v in variants]:
         shares = []
@@ -321,6 +327,7 @@ def main() -> int:
         "spec": spec.run_id, "adapter_params": adapter_params, "base_params": full_params, "as_7b": args.as_7b,
         "summaries": summaries,
         "results": results, "wan": args.wan, "late_joiner": args.late_joiner, "straggler": args.straggler,
+        "aggregation": spec.trust.rule,
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
     }, indent=2))  # fmt: skip
     print(f"wrote {out}")

@@ -15,11 +15,13 @@ for its slice, different to each victim, and each sender's weight is whatever it
 4. every member aggregates the same updates in the same order (sorted PeerIDs) with the run's rule, on CPU in
    float64 numpy: honest members that received the same updates end with bit-identical tensors.
 
-A member that sends nothing within WAIT seconds is dropped too. In a group of 4 or more, once a quorum's updates are
-in (more than half, and at least 3), the rest get GRACE seconds (or twice what the quorum took, if longer): one late
-groupmate (a slow uplink, a frozen machine) holds the others about 2 s past the quorum, not up to WAIT (README, "A
-straggler"), and a member cut off so is not waited for past the quorum in its next round (swarm/stragglers.py). A
-group of 3 or 2 waits for everyone: what a cut-off would leave is a pair, which the robust rule does not average.
+A member that sends nothing within WAIT seconds is dropped too. Once a quorum's updates are in (more than half, and
+at least 3 under a robust rule, 2 under the mean), the rest get GRACE seconds (or twice what the quorum took, if
+longer): one late groupmate (a slow uplink, a frozen machine) holds the others about 2 s past the quorum, not up to
+WAIT (README, "A straggler"), and a member cut off so is not waited for past the quorum in its next round
+(swarm/stragglers.py). Under a robust rule a group of 3 or 2 waits for everyone: what a cut-off would leave is a
+pair, which the robust rule does not average; the mean (allowlist runs) averages a pair, so there a group of 3 has a
+quorum of 2.
 
 If a member sends different updates to different members, or sends to some only, honest members' results differ
 for that round (they no longer hold equal hashes); the next state round and the final agreement reconcile them.
@@ -136,7 +138,8 @@ class Round:
     dropped: dict = field(default_factory=dict)  # PeerID -> why
     waived: frozenset = frozenset()  # members not waited for past the quorum (swarm/stragglers.py)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # every member's update not waived is settled
-    quorum: asyncio.Event = field(default_factory=asyncio.Event)  # updates of more than half, and of 3, are in
+    quorum: asyncio.Event = field(default_factory=asyncio.Event)  # updates of more than half, and of ``least``, are in
+    least: int = 3  # updates a quorum needs at least: 3 under a robust rule (a cut-off must not leave a pair), 2 mean
     ended: Optional[float] = None  # time.monotonic() when this member's round ended (then kept KEPT s)
     forward: frozenset = frozenset()  # the client-mode members whose updates this member relays to one another
     raw: dict = field(default_factory=dict)  # PeerID in forward -> [header+signature, serialized]: as it came
@@ -150,7 +153,7 @@ class Round:
             self.dropped[peer] = result
         else:
             self.updates[peer] = result
-        if len(self.updates) >= 3 and 2 * len(self.updates) > len(self.members):
+        if len(self.updates) >= self.least and 2 * len(self.updates) > len(self.members):
             self.quorum.set()
         if len(self.updates) + len(self.dropped) >= len(self.members):
             self.quorum.set()  # nothing left to wait for (a pair has no quorum: it must not wait out WAIT for it)
@@ -277,6 +280,7 @@ class GatherAverage:
         stragglers = self.__dict__.setdefault("_stragglers", Stragglers())  # in the averager's process
         waived = stragglers.waive(m for m in members if m != own_id)
         round_ = Round(group_id, members, local.numel(), serialized.compression, [blob, serialized], waived=waived,
+                       least=2 if settings.rule == "mean" else 3,
                        forward=frozenset(clients) if own_id not in clients and len(clients) > 1 else frozenset())
         finite = math.isfinite(weight) and weight >= 0 and bool(torch.isfinite(own_tensor).all())
         round_.settle(own_id, (float(weight), own_tensor) if finite else "non-finite values (this peer's own)")

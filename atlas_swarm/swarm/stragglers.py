@@ -7,9 +7,10 @@ next round with it: once a quorum's updates are in, the round ends without waiti
 came by then). The round after that waits for it again (a probe); cut off again, it is waived for twice as many
 rounds as before, up to MAX_WAIVED. Its update arriving in time (waived or not) clears it.
 
-Waiving changes nothing a member could abuse: the quorum still counts only updates that passed the checks, a group of
-3 or 2 has no grace to waive (the quorum needs everyone), and what a member can make another member record is its own
-lateness. Each averager process keeps its own record (the gradient and the state rounds learn separately).
+Waiving changes nothing a member could abuse: the quorum still counts only updates that passed the checks, under a
+robust rule a group of 3 or 2 has no grace to waive (the quorum needs everyone; under the mean, a pair's does), and
+what a member can make another member record is its own lateness. Each averager process keeps its own record (the
+gradient and the state rounds learn separately).
 
 Tried first on 2026-12-04 and reverted: the on-time peers, ending their rounds seconds before the straggler, began
 the next matchmaking out of step with it, and hivemind's leader assembled without one of them (20 of 216 on-time

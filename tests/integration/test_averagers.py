@@ -695,14 +695,17 @@ def test_a_round_past_its_allreduce_timeout_fails_quietly(two_dhts, monkeypatch,
     assert "never retrieved" not in err and "Traceback" not in err, err[-3000:]
 
 
-def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_next_round(four_dhts):
-    # Prepare: four gradient averagers; in each round the fourth one's training reaches the round late (a frozen or
-    # slow machine), by more than the grace and less than gather.WAIT
+@pytest.mark.parametrize("size", [4, 3])
+def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_next_round(request, size):
+    # Prepare: ``size`` gradient averagers (the mean: a group of 3 has a quorum of 2, since the mean averages a pair;
+    # before, it waited gather.WAIT for everyone); in each round the last one's training reaches the round late (a
+    # frozen or slow machine), by more than the grace and less than gather.WAIT
     averagers, params = [], []
+    group = request.getfixturevalue({3: "three_dhts", 4: "four_dhts"}[size])
     try:
-        grad_averagers(four_dhts, "slow", averagers, params, target_group_size=4, min_group_size=4,
+        grad_averagers(group, "slow", averagers, params, target_group_size=size, min_group_size=size,
                        min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=1.0)  # fmt: skip
-        late = four_dhts[3].peer_id.to_base58()
+        late = group[-1].peer_id.to_base58()
 
         def round_(epoch):
             for i, (averager, own) in enumerate(zip(averagers, params)):
@@ -711,13 +714,13 @@ def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_ne
                     param.grad = torch.full(shape, float(i + 1))
                 averager.accumulate_grads_(batch_size=1)
             controls = [a.schedule_step(gather=epoch, timeout=30) for a in averagers]
-            wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group of 4")
-            on_time = [a.step(control=c, wait=False) for a, c in zip(averagers[:3], controls)]
+            wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group")
+            on_time = [a.step(control=c, wait=False) for a, c in zip(averagers[:-1], controls)]
             time.sleep(3.5)  # the lateness under test: past the quorum's grace (2 s), within WAIT (5 s)
-            averagers[3].step(control=controls[3], wait=False)
+            averagers[-1].step(control=controls[-1], wait=False)
             reports = [c.result(40).report for c in on_time]
             try:
-                controls[3].result(40)  # the late one's own round: not under test
+                controls[-1].result(40)  # the late one's own round: not under test
             except Exception:
                 pass
             return reports
@@ -729,7 +732,7 @@ def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_ne
             assert late not in report.group and report.dropped[late] == "sent nothing in time", report.dropped
             assert report.seconds[0] >= 1.9, "the first cut-off came before the grace"
         for report, before in zip(second, first):
-            assert late not in report.group and len(report.group) == 3
+            assert late not in report.group and len(report.group) == size - 1
             assert report.dropped[late].startswith("sent nothing in time (late before"), report.dropped
             assert report.seconds[0] < before.seconds[0] - 1.0, (report.seconds, before.seconds)
     finally:

@@ -102,14 +102,15 @@ def test_no_bytes_asking_for_a_relay_raise(blob):
     assert got is None or (isinstance(got[0], bytes) and isinstance(got[1], str)), got
 
 
-def finished_round(members: int, arrivals: dict, wait: float, grace: float, waived=()) -> tuple[set, float]:
+def finished_round(members: int, arrivals: dict, wait: float, grace: float, waived=(), least=3) -> tuple[set, float]:
     """Who had settled when Round.wait_for_updates returned, and after how long: member i settles after
     ``arrivals[i]`` s (members absent from ``arrivals`` never do; member 0 is this peer, settled at once); the
-    members numbered in ``waived`` are not waited for past the quorum (swarm/stragglers.py)."""
+    members numbered in ``waived`` are not waited for past the quorum (swarm/stragglers.py); ``least``: the updates
+    a quorum needs at least (3 under a robust rule, 2 under the mean)."""
     names = [f"m{i}" for i in range(members)]
 
     async def scenario():
-        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [], waived=frozenset(names[i] for i in waived))
+        round_ = Round(GROUP, tuple(names), NUMEL, NONE, [], waived=frozenset(names[i] for i in waived), least=least)
         round_.settle("m0", (1.0, torch.zeros(NUMEL)))
         loop = asyncio.get_running_loop()
         for i, delay in arrivals.items():
@@ -147,6 +148,14 @@ def test_a_pair_or_a_group_of_three_waits_for_everyone(members):
                                    wait=60.0, grace=0.01)  # fmt: skip
     assert settled == {f"m{i}" for i in range(members)}
     assert took < 30.0, "waited out the whole wait with every update in"
+
+
+def test_under_the_mean_a_group_of_three_waits_the_grace_for_a_straggler_and_a_pair_for_its_partner():
+    # the mean averages a pair (allowlist runs), so what a cut-off leaves of a group of 3 still averages
+    settled, took = finished_round(3, {1: 0.01}, wait=60.0, grace=0.3, least=2)
+    assert settled == {"m0", "m1"} and took < 30.0, "waited out the whole wait for a straggler"
+    settled, took = finished_round(2, {1: 0.5}, wait=60.0, grace=0.01, least=2)
+    assert settled == {"m0", "m1"}, "a pair cut its partner off"
 
 
 def test_the_straggler_gets_twice_what_the_quorum_took():
