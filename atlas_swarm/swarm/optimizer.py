@@ -32,6 +32,7 @@ from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import RoundReport, Settings
 from atlas_swarm.swarm.node import Swarm, peer_id_of_owner
 from atlas_swarm.swarm.records import STATUS_EVERY
+from atlas_swarm.swarm.stragglers import CUT_OFF
 
 log = logging.getLogger("hivemind.optim.optimizer")  # our status lines beside hivemind's (--verbose)
 
@@ -264,6 +265,8 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self._round = getattr(result, "report", None)
             except BaseException:
                 self._group, self._round = (), None
+        dropped = getattr(self._round, "dropped", None) or {}
+        self.state_averager.note_late(p for p, why in dropped.items() if why.startswith(CUT_OFF))
 
     # hivemind pre-schedules an averaging round (matchmaking in the averager and DHT processes) before every epoch's
     # end, even when the tracker sees no other peer, and cancels it at the boundary. A lone peer pays for that in CPU

@@ -695,38 +695,39 @@ def test_a_round_past_its_allreduce_timeout_fails_quietly(two_dhts, monkeypatch,
     assert "never retrieved" not in err and "Traceback" not in err, err[-3000:]
 
 
+def late_round(averagers, params, epoch: int) -> list:
+    """A gradient round of ``averagers`` for ``epoch`` whose last member's training reaches it 3.5 s late (a frozen
+    or slow machine): past the quorum's grace (2 s), within gather.WAIT (5 s). The on-time members' round reports."""
+    for i, (averager, own) in enumerate(zip(averagers, params)):
+        averager.reset_accumulated_grads_()
+        for param, shape in zip(own, SHAPES):
+            param.grad = torch.full(shape, float(i + 1))
+        averager.accumulate_grads_(batch_size=1)
+    controls = [a.schedule_step(gather=epoch, timeout=30) for a in averagers]
+    wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group")
+    on_time = [a.step(control=c, wait=False) for a, c in zip(averagers[:-1], controls)]
+    time.sleep(3.5)  # the lateness under test
+    averagers[-1].step(control=controls[-1], wait=False)
+    reports = [c.result(40).report for c in on_time]
+    try:
+        controls[-1].result(40)  # the late one's own round: not under test
+    except Exception:
+        pass
+    return reports
+
+
 @pytest.mark.parametrize("size", [4, 3])
 def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_next_round(request, size):
     # Prepare: ``size`` gradient averagers (the mean: a group of 3 has a quorum of 2, since the mean averages a pair;
-    # before, it waited gather.WAIT for everyone); in each round the last one's training reaches the round late (a
-    # frozen or slow machine), by more than the grace and less than gather.WAIT
+    # before, it waited gather.WAIT for everyone); in each round the last one is late (late_round)
     averagers, params = [], []
     group = request.getfixturevalue({3: "three_dhts", 4: "four_dhts"}[size])
     try:
         grad_averagers(group, "slow", averagers, params, target_group_size=size, min_group_size=size,
                        min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=1.0)  # fmt: skip
         late = group[-1].peer_id.to_base58()
-
-        def round_(epoch):
-            for i, (averager, own) in enumerate(zip(averagers, params)):
-                averager.reset_accumulated_grads_()
-                for param, shape in zip(own, SHAPES):
-                    param.grad = torch.full(shape, float(i + 1))
-                averager.accumulate_grads_(batch_size=1)
-            controls = [a.schedule_step(gather=epoch, timeout=30) for a in averagers]
-            wait_until(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), 30, "a group")
-            on_time = [a.step(control=c, wait=False) for a, c in zip(averagers[:-1], controls)]
-            time.sleep(3.5)  # the lateness under test: past the quorum's grace (2 s), within WAIT (5 s)
-            averagers[-1].step(control=controls[-1], wait=False)
-            reports = [c.result(40).report for c in on_time]
-            try:
-                controls[-1].result(40)  # the late one's own round: not under test
-            except Exception:
-                pass
-            return reports
-
         # Execute: the first round waits the grace for it and cuts it off; the second does not wait for it
-        first, second = round_(1), round_(2)
+        first, second = late_round(averagers, params, 1), late_round(averagers, params, 2)
         # Assert
         for report in first:
             assert late not in report.group and report.dropped[late] == "sent nothing in time", report.dropped
@@ -735,6 +736,28 @@ def test_a_groupmate_cut_off_as_a_straggler_is_not_waited_for_past_the_quorum_ne
             assert late not in report.group and len(report.group) == size - 1
             assert report.dropped[late].startswith("sent nothing in time (late before"), report.dropped
             assert report.seconds[0] < before.seconds[0] - 1.0, (report.seconds, before.seconds)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_a_groupmate_another_averager_cut_off_is_not_waited_for_past_the_quorum(three_dhts):
+    # Prepare: the optimizer told the on-time averagers that the gradient round cut the third member off
+    # (note_late), as it tells the state averager before the state round of the same transition
+    averagers, params = [], []
+    try:
+        grad_averagers(three_dhts, "noted", averagers, params, target_group_size=3, min_group_size=3,
+                       min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=1.0)  # fmt: skip
+        late = three_dhts[-1].peer_id.to_base58()
+        for averager in averagers[:-1]:
+            averager.note_late([late])
+        # Execute: its first round with these averagers, the third member late
+        reports = late_round(averagers, params, 1)
+        # Assert: not waited for past the quorum (the grace is 2 s)
+        for report in reports:
+            assert late not in report.group and len(report.group) == 2
+            assert report.dropped[late].startswith("sent nothing in time (late before"), report.dropped
+            assert report.seconds[0] < 1.5, report.seconds
     finally:
         for averager in averagers:
             averager.shutdown()
