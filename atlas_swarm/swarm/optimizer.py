@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -45,6 +46,26 @@ class EpochDone:
     seconds: float  # wall time of the transition: the round, optimizer step, state averaging when due
     round: Optional[RoundReport] = None  # the gradient round: weights, what was kept, outliers, dropped members
     state: Optional[tuple[float, tuple[str, ...]]] = None  # the state round: its seconds and group (() if none formed)
+
+
+class OwnedLoop(asyncio.SelectorEventLoop):
+    """An event loop that only the thread that made it runs. hivemind's MPFuture (a DHT call's future) remembers the
+    loop current where it was made, and when its result comes while that loop is not running, its background thread
+    runs the loop itself to set the future's event (``MPFuture._set_event_threadsafe``). Our tracker thread closes its
+    loop once both its tasks end: a DHT store answered just then ran the loop in that other thread while the tracker
+    closed it ("Cannot close a running event loop", a traceback on the peer's stderr: 1 full-suite run,
+    2026-12-06). Here such a call from another thread does nothing: nobody waits on this loop once it has stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owner = threading.get_ident()
+
+    def run_until_complete(self, future):
+        if threading.get_ident() != self._owner:
+            if asyncio.iscoroutine(future):
+                future.close()  # never run: no "coroutine was never awaited" warning
+            return None
+        return super().run_until_complete(future)
 
 
 class ThrottledTracker(ProgressTracker):
@@ -116,7 +137,7 @@ class ThrottledTracker(ProgressTracker):
         watcher (a task waiting on an executor) is often still pending when both loops return, and the loop is never
         run again: at exit Python printed "Task was destroyed but it is pending!" on about one peer in six (14 of 77
         stderr files of a full test run; source found with PYTHONASYNCIODEBUG=1)."""
-        loop = asyncio.new_event_loop()
+        loop = OwnedLoop()
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
