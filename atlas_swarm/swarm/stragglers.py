@@ -9,8 +9,8 @@ rounds as before, up to MAX_WAIVED. Its update arriving in time (waived or not) 
 
 Waiving changes nothing a member could abuse: the quorum still counts only updates that passed the checks, under a
 robust rule a group of 3 or 2 has no grace to waive (the quorum needs everyone; under the mean, a pair's does), and
-what a member can make another member record is its own lateness. Each averager process keeps its own record (the
-gradient and the state rounds learn separately).
+what a member can make another member record is its own lateness. Each averager process keeps its own record; the
+state averager's is also told whom the transition's gradient round cut off (gather.GatherAverage.note_late).
 
 Tried first on 2026-12-04 and reverted: the on-time peers, ending their rounds seconds before the straggler, began
 the next matchmaking out of step with it, and hivemind's leader assembled without one of them (20 of 216 on-time
