@@ -326,9 +326,9 @@ def announce(p: Progress) -> None:
     )  # fmt: skip
     publish_status(p)
     if cfg.wait_for_peers > 1:  # our status records appear at once (hivemind lists a peer after its first samples)
-        _wait_for_peers(lambda: len(swarm.peer_statuses(spec.run_id)), cfg.wait_for_peers, cfg.join_timeout,
-                        p.stop, p.reporter)  # fmt: skip
-        note_statuses(p)  # the peers waited for: a lone progress record ahead is no majority beside them
+        # each read noted at once: a liar's progress record one epoch ahead, read as our wait ends, was followed
+        # as a majority of one before the statuses of the peers waited for with us were noted (README, Known limits)
+        _wait_for_peers(lambda: note_statuses(p), cfg.wait_for_peers, cfg.join_timeout, p.stop, p.reporter)
 
 
 def finish_epoch(p: Progress, done: EpochDone) -> None:

@@ -129,9 +129,12 @@ def publish_status(p: Progress, leaving: bool = False, final: Optional[str] = No
         note_statuses(p)
 
 
-def note_statuses(p: Progress) -> None:
-    """The other peers' status epochs, for the progress rule's electorate (SwarmOptimizer.note_statuses)."""
-    p.opt.note_statuses({pid: s.epoch for pid, s in p.swarm.peer_statuses(p.spec.run_id).items() if not s.leaving})
+def note_statuses(p: Progress) -> int:
+    """The peers' status epochs, for the progress rule's electorate (SwarmOptimizer.note_statuses); returns how
+    many peers (this one included) have a status and are not leaving."""
+    epochs = {pid: s.epoch for pid, s in p.swarm.peer_statuses(p.spec.run_id).items() if not s.leaving}
+    p.opt.note_statuses(epochs)
+    return len(epochs)
 
 
 def refused(p: Progress) -> int:

@@ -82,7 +82,7 @@ class ThrottledTracker(ProgressTracker):
 
     report_every = 1.0
 
-    status_epochs: dict = {}  # set by the peer as it reads them: PeerID -> epoch, of admitted peers' statuses
+    status_epochs: dict = {}  # PeerID -> epoch, of admitted peers' statuses, as the peer last read them (note_statuses)
     began = None  # (epoch, get_dht_time()) of this peer's last transition (SwarmOptimizer): admission.sane_progress
     _counted = (-1, {})  # (this peer's epoch, PeerID -> the samples its record last counted there): hold_lone_leaders
 
@@ -115,6 +115,7 @@ class ThrottledTracker(ProgressTracker):
 
     def _parse_swarm_progress_data(self, metadata):
         kept = {}
+        read = {peer_id_of_owner(k) for k in metadata} if isinstance(metadata, dict) else set()
         if isinstance(metadata, dict) and metadata:  # none followed: hivemind's own "no active peers" view
             kept = self.followed_records(metadata)
             # hivemind's record model forbids fields it does not know: sane_progress's "cap" stays with us
@@ -130,7 +131,34 @@ class ThrottledTracker(ProgressTracker):
         self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
         self._own_sample_cap = own.get("cap", math.inf) if own and own["epoch"] == progress.epoch else math.inf
         self.swarm_rate = sum(r["samples_per_second"] for r in kept.values() if math.isfinite(r["samples_per_second"]))
+        self._read = frozenset(read)
+        if self.unread(read, progress.epoch):
+            progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + self.refetch_unread)
         return progress
+
+    _read = frozenset()  # the PeerIDs of the records the last fetch brought
+
+    def note_statuses(self, epochs: dict) -> None:
+        """The admitted peers' status epochs (PeerID -> epoch), read by the peer. If they list a peer at this epoch or
+        later whose record the last fetch did not bring, the next fetch is moved up to ``refetch_unread`` from now: a
+        tracker that had read one record before the peer's wait for company ended slept 2 s before its next fetch."""
+        self.status_epochs = dict(epochs)
+        progress, soon = self.global_progress, get_dht_time() + self.refetch_unread
+        if progress.next_fetch_time > soon and self.unread(self._read, progress.epoch):
+            progress.next_fetch_time = soon
+            self.global_state_updated.set()  # hivemind's fetcher then waits again, to the new time
+
+    refetch_unread = 0.5  # s: the next fetch while a peer's status is at this epoch or later, its record unread
+
+    def unread(self, read: set, epoch: int) -> set[str]:
+        """Admitted peers (this one included) whose statuses say they are at ``epoch`` or later and whose progress
+        records the last fetch did not bring (``read``: the PeerIDs of the records it brought, followed or not).
+        hivemind sets the next fetch from the records it read, up to max_refresh_period (2 s) away when it read few:
+        a tracker that read only its own record at the start of a run counted the epoch as a lone peer's for 2-4 s
+        while the others ended it together, and then synced into theirs (README, Known limits)."""
+        admits = self.gate.admits if self.gate is not None else (lambda _: True)
+        return {p for p, e in self.status_epochs.items()
+                if e >= epoch and p not in read and (p == self.own_peer_id or admits(p))}  # fmt: skip
 
     def run(self):
         """hivemind's, and then the loop's leftover tasks are ended before the thread does. Its fetcher's shutdown
@@ -585,7 +613,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def note_statuses(self, epochs: dict) -> None:
         """The admitted peers' status epochs (PeerID -> epoch): peers that have not stepped yet count in the
         electorate that bounds which progress epochs are followed (admission.sane_progress)."""
-        self.tracker.status_epochs = dict(epochs)
+        self.tracker.note_statuses(epochs)
 
     def trust_counts(self) -> dict[str, int]:
         """What this peer refused or dropped so far (swarm/gate.py's counts), and the progress writers it ignored."""

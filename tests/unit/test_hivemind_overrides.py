@@ -6,6 +6,7 @@ import concurrent.futures
 import importlib
 import inspect
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -124,48 +125,102 @@ def test_a_round_that_failed_after_its_step_has_the_outcome_is_not_a_traceback(e
         asyncio.run(Averager()._step(step=Step(False)))
 
 
-def test_the_tracker_hands_hivemind_records_its_model_accepts_with_a_fast_peer_capped():
-    """ThrottledTracker's records go through hivemind's own parser (its pydantic model forbids unknown fields: a
-    field of ours left in a record once stopped every peer's progress fetcher, and each trained alone), and a fast
-    peer in a first epoch counts its constant cap however stale the reader's copy."""
+def _parsing_tracker(own_key, **refresh):
+    """A ThrottledTracker without a DHT or a thread: only its parsing of fetched records is under test."""
     import threading
-    from types import SimpleNamespace
 
-    from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.dht.schema import SchemaValidator
     from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker, TrainingProgressSchema
-    from hivemind.utils.crypto import RSAPrivateKey
     from hivemind.utils.performance_ema import PerformanceEMA
-    from hivemind.utils.timed_storage import get_dht_time
 
     from atlas_swarm.swarm.node import peer_id_of_owner
     from atlas_swarm.swarm.optimizer import ThrottledTracker
 
     SchemaValidator(TrainingProgressSchema, prefix="t")  # as each peer's tracker does: it sets extra=forbid
-    keys = [RSASignatureValidator(RSAPrivateKey()).local_public_key for _ in range(3)]
-    fast, *slow = keys
-    tracker = ThrottledTracker.__new__(ThrottledTracker)  # no DHT: only the parsing is under test
+    tracker = ThrottledTracker.__new__(ThrottledTracker)
     threading.Thread.__init__(tracker, daemon=True)
     defaults = {k: v.default for k, v in inspect.signature(ProgressTracker.__init__).parameters.items()
                 if v.default is not inspect.Parameter.empty}  # fmt: skip
-    vars(tracker).update(gate=None, own_peer_id=peer_id_of_owner(fast), sample_cap=float("inf"), target_batch_size=1440,
-                         ignored_writers=set(), prefix="t", status_loglevel=logging.DEBUG,
+    vars(tracker).update(gate=None, own_peer_id=peer_id_of_owner(own_key), sample_cap=float("inf"),
+                         target_batch_size=1440, ignored_writers=set(), prefix="t", status_loglevel=logging.DEBUG,
                          performance_ema=PerformanceEMA(alpha=0.1), **{k: defaults[k] for k in (
                              "min_refresh_period", "max_refresh_period", "default_refresh_period",
                              "expected_drift_peers", "expected_drift_rate")})  # fmt: skip
+    vars(tracker).update(refresh)
     tracker.local_progress = LocalTrainingProgress(peer_id=b"x", epoch=0, samples_accumulated=0, samples_per_second=1.0,
                                                    time=0.0, client_mode=False)  # fmt: skip
+    return tracker
 
-    def record(key, samples, rate, t):
-        return SimpleNamespace(value=dict(peer_id=b"x", epoch=0, samples_accumulated=samples, samples_per_second=rate,
-                                          time=t, client_mode=False))  # fmt: skip
+
+def _record(samples, rate, t, epoch=0):
+    return SimpleNamespace(value=dict(peer_id=b"x", epoch=epoch, samples_accumulated=samples, samples_per_second=rate,
+                                      time=t, client_mode=False))  # fmt: skip
+
+
+def test_the_tracker_hands_hivemind_records_its_model_accepts_with_a_fast_peer_capped():
+    """ThrottledTracker's records go through hivemind's own parser (its pydantic model forbids unknown fields: a
+    field of ours left in a record once stopped every peer's progress fetcher, and each trained alone), and a fast
+    peer in a first epoch counts its constant cap however stale the reader's copy."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.timed_storage import get_dht_time
+
+    keys = [RSASignatureValidator(RSAPrivateKey()).local_public_key for _ in range(3)]
+    fast, *slow = keys
+    tracker = _parsing_tracker(fast)
 
     def estimate(fast_age):  # the fast peer (this one) has trained 8 s, the others' copies are from 2.3 s
         now = get_dht_time()
-        metadata = {fast: record(fast, int(450 * (8 - fast_age)), 450.0, now - fast_age),
-                    slow[0]: record(slow[0], 128, 56.0, now - 5.7), slow[1]: record(slow[1], 138, 60.0, now - 5.7)}
+        metadata = {fast: _record(int(450 * (8 - fast_age)), 450.0, now - fast_age),
+                    slow[0]: _record(128, 56.0, now - 5.7), slow[1]: _record(138, 60.0, now - 5.7)}
         progress = tracker._parse_swarm_progress_data(metadata)
         assert progress.num_peers == 3 and progress.samples_accumulated == 2 * 138 + 128 + 138
         return progress.eta_next_epoch - now
 
     assert estimate(0.0) == pytest.approx(estimate(2.0), abs=1e-3)
+
+
+def test_the_tracker_fetches_again_soon_while_a_peer_whose_status_it_read_has_no_record_read():
+    """A tracker that read only its own record (the others' not yet stored, or not found) while the statuses list
+    peers at its epoch (or read the others' and not its own) fetches again in refetch_unread (0.5 s), not in the up
+    to 2 s hivemind sets from the records it read: at the start of a run one tracker read only its own record for
+    2-4 s, counted the epoch as a lone peer's and fell out of step with the others (README, Known limits)."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from atlas_swarm.swarm.node import peer_id_of_owner
+
+    own, other, old = [RSASignatureValidator(RSAPrivateKey()).local_public_key for _ in range(3)]
+    tracker = _parsing_tracker(own, max_refresh_period=2.0, min_refresh_period=0.2, default_refresh_period=1.0)
+    tracker.local_progress = tracker.local_progress.copy(update={"epoch": 3})
+
+    def next_fetch(metadata, statuses):
+        tracker.status_epochs = {peer_id_of_owner(k): e for k, e in statuses.items()}
+        now = get_dht_time()
+        return tracker._parse_swarm_progress_data(metadata).next_fetch_time - now
+
+    alone = {own: _record(40, 100.0, get_dht_time(), epoch=3)}  # 1,400 samples to go at 100/s: hivemind waits 2 s
+    assert next_fetch(alone, {}) == pytest.approx(2.0, abs=0.05)
+    assert next_fetch(alone, {own: 3, old: 1}) == pytest.approx(2.0, abs=0.05)  # a status behind: a syncing newcomer
+    assert next_fetch(alone, {own: 3, other: 3}) == pytest.approx(tracker.refetch_unread, abs=0.05)
+    assert next_fetch(alone, {other: 4}) == pytest.approx(tracker.refetch_unread, abs=0.05)
+    assert next_fetch(None, {other: 3}) == pytest.approx(tracker.refetch_unread, abs=0.05)  # no record read at all
+    both = {**alone, other: _record(40, 100.0, get_dht_time(), epoch=3)}
+    assert next_fetch(both, {own: 3, other: 3}) > 1.0  # both read: hivemind's own schedule
+    assert next_fetch({other: both[other]}, {own: 3, other: 3}) == pytest.approx(tracker.refetch_unread, abs=0.05)
+    tracker.gate = SimpleNamespace(admits=lambda pid: pid != peer_id_of_owner(other), set_followed=lambda _: None)
+    assert next_fetch(alone, {other: 3}) == pytest.approx(2.0, abs=0.05)  # a stranger's status: no faster fetches
+    tracker.gate = None
+
+    # statuses read while the fetcher sleeps (the peer's wait for company ends) wake it to fetch sooner
+    import threading
+
+    tracker.status_epochs, tracker.global_state_updated = {}, threading.Event()
+    tracker.global_progress = tracker._parse_swarm_progress_data(alone)
+    tracker.note_statuses({peer_id_of_owner(own): 3})
+    assert not tracker.global_state_updated.is_set()
+    assert tracker.global_progress.next_fetch_time - get_dht_time() == pytest.approx(2.0, abs=0.05)
+    tracker.note_statuses({peer_id_of_owner(own): 3, peer_id_of_owner(other): 3})
+    assert tracker.global_state_updated.is_set()
+    assert tracker.global_progress.next_fetch_time - get_dht_time() == pytest.approx(tracker.refetch_unread, abs=0.05)
