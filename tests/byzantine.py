@@ -99,7 +99,7 @@ def one_epoch_ahead():
     reader one epoch behind hivemind's global epoch ends its own at once."""
     from hivemind import DHT
 
-    from atlas_swarm.swarm import optimizer
+    from atlas_swarm.swarm import tracker
 
     store = DHT.store
 
@@ -108,13 +108,13 @@ def one_epoch_ahead():
             value = dict(value, epoch=value["epoch"] + 1)
         return store(self, key, value, *args, **kwargs)
 
-    read = optimizer.sane_progress
+    read = tracker.sane_progress
 
     def sane_progress(records, own, *args, **kwargs):  # its own record as it is, so that it does not race itself
         records = {p: dict(r, epoch=r["epoch"] - 1) if p == own else r for p, r in records.items()}
         return read(records, own, *args, **kwargs)
 
-    DHT.store, optimizer.sane_progress = published, sane_progress
+    DHT.store, tracker.sane_progress = published, sane_progress
 
 
 @attack
@@ -122,16 +122,16 @@ def tracker_bug():
     """Not an attack: a bug of ours that ends the progress tracker's thread (its parse raises there)."""
     import threading
 
-    from atlas_swarm.swarm import optimizer
+    from atlas_swarm.swarm import tracker
 
-    honest = optimizer.sane_progress
+    honest = tracker.sane_progress
 
     def sane_progress(*args, **kwargs):
-        if isinstance(threading.current_thread(), optimizer.ThrottledTracker):
+        if isinstance(threading.current_thread(), tracker.ThrottledTracker):
             raise RuntimeError("a bug in the progress rule")
         return honest(*args, **kwargs)
 
-    optimizer.sane_progress = sane_progress
+    tracker.sane_progress = sane_progress
 
 
 @attack

@@ -49,9 +49,9 @@ HIVEMIND_OVERRIDES = {
     "optimizer.SwarmOptimizer._make_gradient_averager": "our GradAverager",
     "optimizer.SwarmOptimizer._make_progress_tracker": "our ThrottledTracker",
     "optimizer.SwarmOptimizer.shutdown": "a stopping peer cancels a round in flight instead of waiting it out",
-    "optimizer.ThrottledTracker.__init__": "the time of the last progress report",
-    "optimizer.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
-    "optimizer.ThrottledTracker.run": "end the loop's leftover tasks (a pending shutdown watcher printed \"Task was "
+    "tracker.ThrottledTracker.__init__": "the time of the last progress report",
+    "tracker.ThrottledTracker.report_local_progress": "store progress at most every second (CPU of 2-core peers)",
+    "tracker.ThrottledTracker.run": "end the loop's leftover tasks (a pending shutdown watcher printed \"Task was "
     "destroyed but it is pending!\" at exit)",
     # the averagers (swarm/averagers.py)
     "averagers.CancelOnShutdown._shutdown": "hivemind's crashes (AttributeError) when a round is in flight",
@@ -92,7 +92,7 @@ HIVEMIND_OVERRIDES = {
     "cancelled as it ends, or past its allreduce timeout, is not a traceback",
     "optimizer.SwarmOptimizer._tag_along_with_zero_weight": "a round still looking for its group is cancelled, not "
     "waited on for averaging_timeout: a peer out of sync has nobody left to find for it",
-    "optimizer.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
+    "tracker.ThrottledTracker._parse_swarm_progress_data": "follow only admitted, sane progress records",
     # record validation (swarm/node.py, swarm/audit.py)
     "node.RunSchemaValidator.merge_with": "one schema copy per record type, not one per run (monitors)",
     "audit.AuditingValidator.merge_with": "validators added later join the audited set",
@@ -119,7 +119,9 @@ HIVEMIND_INTERNALS = {
     # a refused pair round is not retried; cancel_round sets the state before cancel()'s message to the averager
     "hivemind.averaging.control.StepControl": ("_allow_retries", "_cancel"),
     "hivemind.averaging.allreduce.AllReduceRunner": ("tensor_part_container", "banned_senders", "sender_peer_ids"),
-    "hivemind.optim.progress_tracker.ProgressTracker": ("_get_local_progress", "performance_ema"),
+    # tracker.ThrottledTracker.note_statuses moves the next fetch up and wakes the fetcher that waits on the event
+    "hivemind.optim.progress_tracker.ProgressTracker": ("_get_local_progress", "performance_ema",
+                                                        "global_state_updated", "next_fetch_time"),
     "hivemind.optim.state_averager.TrainingStateAverager": ("step_executor", "reuse_tensors", "offload_optimizer"),
 }
 

@@ -452,7 +452,7 @@ class Swarm:
             psutil.wait_procs(alive, timeout=0.2)
 
 
-@lru_cache(maxsize=1024)  # each progress fetch reads every record's subkey twice (optimizer.ThrottledTracker)
+@lru_cache(maxsize=1024)  # each progress fetch reads every record's subkey twice (tracker.ThrottledTracker)
 def peer_id_of_owner(subkey: bytes) -> Optional[str]:
     """The libp2p PeerID (base58) of the RSA key in an ``[owner:<ssh-rsa key>]`` record subkey, or None."""
     m = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey) if isinstance(subkey, bytes) else None

@@ -12,7 +12,8 @@ import pytest
 
 from atlas_swarm.swarm import HIVEMIND_INTERNALS, HIVEMIND_OVERRIDES
 
-MODULES = ["optimizer", "averagers", "downloads", "gather", "codec", "node", "audit", "records", "blocks", "tasks"]
+MODULES = ["optimizer", "tracker", "averagers", "downloads", "gather", "codec", "node", "audit", "records", "blocks",
+           "tasks"]
 
 
 def _hivemind_bases(cls):
@@ -134,7 +135,7 @@ def _parsing_tracker(own_key, **refresh):
     from hivemind.utils.performance_ema import PerformanceEMA
 
     from atlas_swarm.swarm.node import peer_id_of_owner
-    from atlas_swarm.swarm.optimizer import ThrottledTracker
+    from atlas_swarm.swarm.tracker import ThrottledTracker
 
     SchemaValidator(TrainingProgressSchema, prefix="t")  # as each peer's tracker does: it sets extra=forbid
     tracker = ThrottledTracker.__new__(ThrottledTracker)

@@ -1,4 +1,4 @@
-"""The tracker thread's event loop (swarm/optimizer.OwnedLoop): hivemind's MPFuture runs the loop its future was made
+"""The tracker thread's event loop (swarm/tracker.OwnedLoop): hivemind's MPFuture runs the loop its future was made
 on from its own background thread when the future's result comes while that loop is stopped; the tracker closing its
 loop just then raised "Cannot close a running event loop" (a traceback on a peer's stderr, 1 full-suite run)."""
 
@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from atlas_swarm.swarm.optimizer import OwnedLoop
+from atlas_swarm.swarm.tracker import OwnedLoop
 
 
 def run_in_another_thread(loop, coro) -> threading.Thread:

@@ -78,7 +78,7 @@ def test_the_progress_trackers_thread_leaves_no_pending_task_behind():
     import asyncio
     import threading
 
-    from atlas_swarm.swarm.optimizer import ThrottledTracker
+    from atlas_swarm.swarm.tracker import ThrottledTracker
 
     # Prepare: a tracker whose fetcher leaves a watcher pending, as hivemind's does when it stops first
     release, left = threading.Event(), []
