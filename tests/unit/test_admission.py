@@ -78,6 +78,21 @@ def test_a_lone_record_one_epoch_ahead_is_held_at_this_epoch_with_what_it_last_c
                             held=(5, {}))  # fmt: skip
     assert kept[B]["epoch"] == 5
 
+
+def test_a_record_ahead_of_the_majority_that_moved_on_is_held_at_the_majoritys_epoch():
+    """The honest peer A ended epoch 5 a moment before this one; the liar B publishes its epoch + 1. Followed, B's
+    record made this peer two epochs behind (hivemind downloads the state then, instead of joining A's round)."""
+    C = "Qm" + "c" * 44
+    kept, _ = sane_progress({"me": record(5), A: record(6, 300), B: record(7, 500)}, "me", lambda p: True, 96, 96,
+                            held=(5, {B: 40}))  # fmt: skip
+    assert {p: r["epoch"] for p, r in kept.items()} == {"me": 5, A: 6, B: 6}
+    assert kept[B]["samples_accumulated"] == 0 and kept[B]["samples_per_second"] == 0.0
+    # two honest peers ahead by two (this peer really is behind): followed, as hivemind does
+    kept, _ = sane_progress({"me": record(5), A: record(7), C: record(7), B: record(8)}, "me", lambda p: True, 96, 96,
+                            held=(5, {}))  # fmt: skip
+    assert {p: r["epoch"] for p, r in kept.items()} == {"me": 5, A: 7, C: 7, B: 7}
+
+
 def test_non_admitted_writers_are_not_followed():
     kept, refused = sane_progress({"me": record(1), A: record(1)}, "me", lambda p: p != A, 96, 96)
     assert set(kept) == {"me"} and refused == 1
