@@ -8,10 +8,10 @@ spin-waiting in every pool, which cost a lone peer about 10 % of its samples/s (
 import threading
 import time
 
-import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
 
+from atlas_swarm.swarm.node import PinnedDHT
 from atlas_swarm.swarm.optimizer import SwarmOptimizer
 
 
@@ -26,7 +26,7 @@ class RecordingSGD(torch.optim.SGD):
 def test_the_optimizer_step_runs_in_the_callers_thread():
     RecordingSGD.threads = []
     param = torch.nn.Parameter(torch.ones(4))
-    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = PinnedDHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)  # the peer's DHT class
     opt = None
     try:
         opt = SwarmOptimizer(dht=dht, run_id="inline-step", target_batch_size=4, batch_size_per_step=2,
@@ -51,7 +51,7 @@ def test_a_peer_out_of_sync_does_not_wait_for_a_round_still_looking_for_its_grou
     along" for up to averaging_timeout, though a round still looking for a group has nobody left to find (the others
     averaged that epoch): the peer stood still 15 s and fell further behind (a full suite's liar and receipt tests)."""
     param = torch.nn.Parameter(torch.ones(4))
-    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = PinnedDHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)  # the peer's DHT class
     opt = None
     try:
         opt = SwarmOptimizer(dht=dht, run_id="out-of-sync", target_batch_size=4, batch_size_per_step=2,
