@@ -70,11 +70,10 @@ class ThrottledTracker(ProgressTracker):
                     and isinstance(value.get("samples_per_second"), float) \
                     and type(value.get("samples_accumulated")) is int:  # fmt: skip
                 records[pid] = value
-        admits = self.gate.admits if self.gate is not None else (lambda _: True)
         epoch = self.local_progress.epoch
         if self._counted[0] != epoch:
             self._counted = (epoch, {})
-        kept, _ = sane_progress(records, self.own_peer_id, admits, self.sample_cap, self.target_batch_size,
+        kept, _ = sane_progress(records, self.own_peer_id, self.admits, self.sample_cap, self.target_batch_size,
                                 self.status_epochs, self.began, get_dht_time(), self._counted)  # fmt: skip
         self._counted[1].update((p, r["samples_accumulated"]) for p, r in kept.items() if r["epoch"] == epoch)
         if self.gate is not None:
@@ -125,9 +124,12 @@ class ThrottledTracker(ProgressTracker):
         hivemind sets the next fetch from the records it read, up to max_refresh_period (2 s) away when it read few:
         a tracker that read only its own record at the start of a run counted the epoch as a lone peer's for 2-4 s
         while the others ended it together, and then synced into theirs (README, Known limits)."""
-        admits = self.gate.admits if self.gate is not None else (lambda _: True)
         return {p for p, e in self.status_epochs.items()
-                if e >= epoch and p not in read and (p == self.own_peer_id or admits(p))}  # fmt: skip
+                if e >= epoch and p not in read and (p == self.own_peer_id or self.admits(p))}  # fmt: skip
+
+    def admits(self, peer_id: str) -> bool:
+        """Whether the run admits ``peer_id`` (everyone without a gate)."""
+        return self.gate is None or self.gate.admits(peer_id)
 
     def run(self):
         """hivemind's, and then the loop's leftover tasks are ended before the thread does. Its fetcher's shutdown
