@@ -64,8 +64,8 @@ def lower_median(values: Iterable[float]) -> Optional[float]:
 
 def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str], bool], cap: float,
                   target: int, others_epochs: Mapping[str, int] = {}, began: Optional[tuple[int, float]] = None,
-                  now: float = math.inf, held: Optional[tuple[int, Mapping[str, int]]] = None
-                  ) -> tuple[dict[str, dict], int]:  # fmt: skip
+                  now: float = math.inf, held: Optional[tuple[int, Mapping[str, int]]] = None,
+                  own_progress: Optional[Mapping] = None) -> tuple[dict[str, dict], int]:  # fmt: skip
     """The progress records to follow (PeerID -> record, clamped) and how many were refused.
 
     A record counts only if its writer is admitted and its epoch is under the ceiling of the *other* admitted peers
@@ -90,14 +90,23 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     counts as the oldest: a reader adds rate x age, and a record dated 10^4 s back ended every epoch at once.
 
     ``held``: (this peer's epoch, PeerID -> the samples its record last counted at that epoch): records ahead of
-    that epoch are held there while their writers are no strict majority of the electorate (hold_lone_leaders)."""
+    that epoch are held there while their writers are no strict majority of the electorate (hold_lone_leaders).
+
+    ``own_progress``: this peer's progress as it is now (epoch, samples, rate), which the medians use in place of its
+    stored record, and the floor counts every peer of the electorate. A peer's record is stored after its first
+    step, so as a run starts a reader may have read a liar's record (the liar, waiting least, steps first) and
+    neither its own nor the others': the liar was then its own median, counted the whole target, and ended the
+    epoch at once; and the reader's own record, still at the epoch before, left a liar alone at a new epoch
+    (test_a_samples_liar...: the first two epochs of an honest peer ended after one batch each, in every run)."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
     ceiling = epoch_ceiling(electorate.values())
     followed = {p: r for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling}
-    median_rate = lower_median(r["samples_per_second"] for r in followed.values()
-                                if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
+    basis = dict(followed) if own_progress is None else {**followed, own: own_progress}  # what the caps are of
+    median_rate = lower_median(r["samples_per_second"] for r in basis.values()
+                               if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
+    peers = max(len(basis), len(electorate) + 1)
     kept = {}
     for p, r in followed.items():
         if began is not None and r["epoch"] == began[0] and median_rate > 0:
@@ -110,8 +119,8 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
             written = max(written, began[1] + samples / rate) if rate > 0 else min(written, now)
             kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, time=float(written))
             continue
-        peers_at_epoch = [q["samples_accumulated"] for q in followed.values() if q["epoch"] == r["epoch"]]
-        sample_cap = int(min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * len(followed)))))
+        peers_at_epoch = [q["samples_accumulated"] for q in basis.values() if q["epoch"] == r["epoch"]] or [0]
+        sample_cap = int(min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * peers))))
         samples, rate = min(r["samples_accumulated"], sample_cap), min(r["samples_per_second"], 4 * median_rate)
         kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, cap=sample_cap)
         written = _time(r, -math.inf)  # a time that is no number: as old as can be

@@ -70,11 +70,14 @@ class ThrottledTracker(ProgressTracker):
                     and isinstance(value.get("samples_per_second"), float) \
                     and type(value.get("samples_accumulated")) is int:  # fmt: skip
                 records[pid] = value
-        epoch = self.local_progress.epoch
+        local = self.local_progress
+        epoch = local.epoch
         if self._counted[0] != epoch:
             self._counted = (epoch, {})
+        own = {"epoch": epoch, "samples_accumulated": local.samples_accumulated,
+               "samples_per_second": local.samples_per_second, "time": local.time}  # fmt: skip
         kept, _ = sane_progress(records, self.own_peer_id, self.admits, self.sample_cap, self.target_batch_size,
-                                self.status_epochs, self.began, get_dht_time(), self._counted)  # fmt: skip
+                                self.status_epochs, self.began, get_dht_time(), self._counted, own)  # fmt: skip
         self._counted[1].update((p, r["samples_accumulated"]) for p, r in kept.items() if r["epoch"] == epoch)
         if self.gate is not None:
             self.gate.set_followed(kept)
@@ -93,8 +96,11 @@ class ThrottledTracker(ProgressTracker):
         own = kept.get(self.own_peer_id)
         counted_own = own["samples_accumulated"] if own and own["epoch"] == progress.epoch else 0
         self._others = progress.samples_accumulated - counted_own if kept else 0
-        # capping at 2x the median leaves the (lower) median where it was: the one sane_progress capped with
-        median = lower_median(r["samples_per_second"] for r in kept.values()
+        # capping at 2x the median leaves the (lower) median where it was: the one sane_progress capped with (of
+        # this peer's progress now in place of its record)
+        rates = {**kept, self.own_peer_id: {"samples_per_second": self.local_progress.samples_per_second}} if kept \
+            else {}  # fmt: skip
+        median = lower_median(r["samples_per_second"] for r in rates.values()
                               if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
         self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
         self._own_sample_cap = own.get("cap", math.inf) if own and own["epoch"] == progress.epoch else math.inf

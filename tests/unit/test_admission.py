@@ -93,6 +93,27 @@ def test_a_record_ahead_of_the_majority_that_moved_on_is_held_at_the_majoritys_e
     assert {p: r["epoch"] for p, r in kept.items()} == {"me": 5, A: 7, C: 7, B: 7}
 
 
+def test_a_liars_record_read_before_this_peers_own_counts_what_it_would_beside_it():
+    """As a run starts, the liar (waiting least) steps and stores its record first: a reader that has read it and
+    neither its own record nor A's (A's status says A is there) made the liar its own median, and counted the whole
+    target: the epoch ended at once. The caps are now of this peer's progress as it is (``own_progress``), and their
+    floor counts the electorate. Then, in the next epoch, its own record still one epoch back left the liar alone."""
+    now = 1000.0
+    liar = dict(record(0, 10**6 + 4, 1e12), time=now - 1e4)
+    me = dict(record(0, 4, 50.0), time=now)
+
+    def added(records, **kw):
+        kept, _ = sane_progress(records, "me", lambda p: True, 1920, 1920, others_epochs={A: 0, B: 0}, now=now,
+                                own_progress=me, **kw)  # fmt: skip
+        r = kept[B]
+        return r["samples_accumulated"] + max(0.0, now - r["time"]) * r["samples_per_second"]
+
+    alone = added({B: liar})
+    assert alone <= 1920 / 6 and alone == added({B: liar, "me": me})  # the floor of 3 peers; as if its own were read
+    me = dict(record(1, 4, 50.0), time=now)  # its record still at epoch 0, with no rate yet
+    assert added({B: dict(liar, epoch=1), "me": record(0, 4, 0.0)}, began=(1, now - 0.1)) <= 2 * 50.0 * 0.1 + 1e-6
+
+
 def test_non_admitted_writers_are_not_followed():
     kept, refused = sane_progress({"me": record(1), A: record(1)}, "me", lambda p: p != A, 96, 96)
     assert set(kept) == {"me"} and refused == 1
