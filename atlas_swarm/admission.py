@@ -97,7 +97,8 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     step, so as a run starts a reader may have read a liar's record (the liar, waiting least, steps first) and
     neither its own nor the others': the liar was then its own median, counted the whole target, and ended the
     epoch at once; and the reader's own record, still at the epoch before, left a liar alone at a new epoch
-    (test_a_samples_liar...: the first two epochs of an honest peer ended after one batch each, in every run)."""
+    (test_a_samples_liar...: an honest peer's first epoch ended under target / 8, mostly after one batch, in 14 of
+    18 runs)."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
