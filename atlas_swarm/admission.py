@@ -65,7 +65,7 @@ def lower_median(values: Iterable[float]) -> Optional[float]:
 def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str], bool], cap: float,
                   target: int, others_epochs: Mapping[str, int] = {}, began: Optional[tuple[int, float]] = None,
                   now: float = math.inf, held: Optional[tuple[int, Mapping[str, int]]] = None,
-                  own_progress: Optional[Mapping] = None) -> tuple[dict[str, dict], int]:  # fmt: skip
+                  own_epoch: Optional[int] = None) -> tuple[dict[str, dict], int]:  # fmt: skip
     """The progress records to follow (PeerID -> record, clamped) and how many were refused.
 
     A record counts only if its writer is admitted and its epoch is under the ceiling of the *other* admitted peers
@@ -92,19 +92,23 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     ``held``: (this peer's epoch, PeerID -> the samples its record last counted at that epoch): records ahead of
     that epoch are held there while their writers are no strict majority of the electorate (hold_lone_leaders).
 
-    ``own_progress``: this peer's progress as it is now (epoch, samples, rate), which the medians use in place of its
-    stored record, and the floor counts every peer of the electorate. A peer's record is stored after its first
-    step, so as a run starts a reader may have read a liar's record (the liar, waiting least, steps first) and
-    neither its own nor the others': the liar was then its own median, counted the whole target, and ended the
-    epoch at once; and the reader's own record, still at the epoch before, left a liar alone at a new epoch
-    (test_a_samples_liar...: an honest peer's first epoch ended under target / 8, mostly after one batch, in 14 of
-    18 runs)."""
+    The medians and the floor are of every peer the reader knows of: a peer known only by its status (before its
+    first record is stored, this one included at ``own_epoch``) counts as one that has done nothing yet, so that every
+    reader caps a record alike from what all can read. A peer's record is stored after its first step, so as a run
+    starts a reader may have read a liar's record (the liar, waiting least, steps first) and neither its own nor the
+    others': the liar was its own median, counted the whole target and ended the epoch at once (test_a_samples_liar:
+    an honest peer's first epoch ended under target / 8, mostly after one batch, in 14 of 18 runs). Each kept record
+    carries the median rate used (``median_rate``; like ``cap``, not hivemind's)."""
     admitted = {p: r for p, r in records.items() if p == own or admits(p)}
     electorate = {p: e for p, e in others_epochs.items() if p != own and admits(p)}
     electorate.update({p: r["epoch"] for p, r in admitted.items() if p != own})
     ceiling = epoch_ceiling(electorate.values())
     followed = {p: r for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling}
-    basis = dict(followed) if own_progress is None else {**followed, own: own_progress}  # what the caps are of
+    basis = dict(followed)  # what the caps are of: these, and the peers known only by their statuses
+    unseen = {p: e for p, e in others_epochs.items() if p != own and admits(p) and p not in admitted}
+    if own_epoch is not None and own not in admitted:
+        unseen[own] = own_epoch
+    basis.update({p: {"epoch": e, "samples_accumulated": 0, "samples_per_second": 0.0} for p, e in unseen.items()})
     median_rate = lower_median(r["samples_per_second"] for r in basis.values()
                                if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
     peers = max(len(basis), len(electorate) + 1)
@@ -118,12 +122,15 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
             # 10^4 s back ended every epoch at once (test_a_samples_liar...); one written since the transition at the
             # rate it gives is not moved (one written before it counts from the transition on, as its samples do)
             written = max(written, began[1] + samples / rate) if rate > 0 else min(written, now)
-            kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, time=float(written))
+            kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, time=float(written),
+                           median_rate=median_rate)  # fmt: skip
             continue
-        peers_at_epoch = [q["samples_accumulated"] for q in basis.values() if q["epoch"] == r["epoch"]] or [0]
+        # (a peer behind has done nothing at this epoch yet: a lone record at an epoch is no median of its own)
+        peers_at_epoch = [q["samples_accumulated"] if q["epoch"] == r["epoch"] else 0
+                          for q in basis.values() if q["epoch"] <= r["epoch"]]  # fmt: skip
         sample_cap = int(min(cap, max(2 * lower_median(peers_at_epoch), target / (2 * peers))))
         samples, rate = min(r["samples_accumulated"], sample_cap), min(r["samples_per_second"], 4 * median_rate)
-        kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, cap=sample_cap)
+        kept[p] = dict(r, samples_accumulated=samples, samples_per_second=rate, cap=sample_cap, median_rate=median_rate)
         written = _time(r, -math.inf)  # a time that is no number: as old as can be
         if rate > 0 and math.isfinite(now) and written < now - (sample_cap - samples) / rate:
             kept[p]["time"] = float(now - (sample_cap - samples) / rate)  # its rate x age stops at the cap

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
-from atlas_swarm.admission import lower_median, sane_progress
+from atlas_swarm.admission import sane_progress
 from atlas_swarm.swarm.node import peer_id_of_owner
 
 
@@ -70,14 +70,11 @@ class ThrottledTracker(ProgressTracker):
                     and isinstance(value.get("samples_per_second"), float) \
                     and type(value.get("samples_accumulated")) is int:  # fmt: skip
                 records[pid] = value
-        local = self.local_progress
-        epoch = local.epoch
+        epoch = self.local_progress.epoch
         if self._counted[0] != epoch:
             self._counted = (epoch, {})
-        own = {"epoch": epoch, "samples_accumulated": local.samples_accumulated,
-               "samples_per_second": local.samples_per_second, "time": local.time}  # fmt: skip
         kept, _ = sane_progress(records, self.own_peer_id, self.admits, self.sample_cap, self.target_batch_size,
-                                self.status_epochs, self.began, get_dht_time(), self._counted, own)  # fmt: skip
+                                self.status_epochs, self.began, get_dht_time(), self._counted, epoch)  # fmt: skip
         self._counted[1].update((p, r["samples_accumulated"]) for p, r in kept.items() if r["epoch"] == epoch)
         if self.gate is not None:
             self.gate.set_followed(kept)
@@ -89,19 +86,14 @@ class ThrottledTracker(ProgressTracker):
         read = {peer_id_of_owner(k) for k in metadata} if isinstance(metadata, dict) else set()
         if isinstance(metadata, dict) and metadata:  # none followed: hivemind's own "no active peers" view
             kept = self.followed_records(metadata)
-            # hivemind's record model forbids fields it does not know: sane_progress's "cap" stays with us
-            metadata = {pid: SimpleNamespace(value={k: x for k, x in v.items() if k != "cap"})
+            # hivemind's record model forbids fields it does not know: sane_progress's "cap" and "median_rate" stay
+            metadata = {pid: SimpleNamespace(value={k: x for k, x in v.items() if k not in ("cap", "median_rate")})
                         for pid, v in kept.items()}  # fmt: skip
         progress = super()._parse_swarm_progress_data(metadata)
         own = kept.get(self.own_peer_id)
         counted_own = own["samples_accumulated"] if own and own["epoch"] == progress.epoch else 0
         self._others = progress.samples_accumulated - counted_own if kept else 0
-        # capping at 2x the median leaves the (lower) median where it was: the one sane_progress capped with (of
-        # this peer's progress now in place of its record)
-        rates = {**kept, self.own_peer_id: {"samples_per_second": self.local_progress.samples_per_second}} if kept \
-            else {}  # fmt: skip
-        median = lower_median(r["samples_per_second"] for r in rates.values()
-                              if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
+        median = next(iter(kept.values()))["median_rate"] if kept else 0.0  # the one sane_progress capped with
         self._own_rate_cap = 2 * median if median > 0 else math.inf  # as sane_progress counts this peer's record
         self._own_sample_cap = own.get("cap", math.inf) if own and own["epoch"] == progress.epoch else math.inf
         self.swarm_rate = sum(r["samples_per_second"] for r in kept.values() if math.isfinite(r["samples_per_second"]))

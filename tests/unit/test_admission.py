@@ -93,25 +93,30 @@ def test_a_record_ahead_of_the_majority_that_moved_on_is_held_at_the_majoritys_e
     assert {p: r["epoch"] for p, r in kept.items()} == {"me": 5, A: 7, C: 7, B: 7}
 
 
-def test_a_liars_record_read_before_this_peers_own_counts_what_it_would_beside_it():
-    """As a run starts, the liar (waiting least) steps and stores its record first: a reader that has read it and
-    neither its own record nor A's (A's status says A is there) made the liar its own median, and counted the whole
-    target: the epoch ended at once. The caps are now of this peer's progress as it is (``own_progress``), and their
-    floor counts the electorate. Then, in the next epoch, its own record still one epoch back left the liar alone."""
+def test_a_liars_record_read_before_this_peers_own_counts_no_more_than_a_median_peer_could():
+    """As a run starts, the liar (waiting least) steps and stores its record first: a reader that had read it and
+    neither its own record nor A's (A's status says A is there) made the liar its own median and counted the whole
+    target: the epoch ended at once. Peers known only by their statuses (this one too, at ``own_epoch``) now count
+    in the caps as peers that have done nothing yet, and so do peers behind the record's epoch."""
     now = 1000.0
     liar = dict(record(0, 10**6 + 4, 1e12), time=now - 1e4)
-    me = dict(record(0, 4, 50.0), time=now)
 
     def added(records, **kw):
         kept, _ = sane_progress(records, "me", lambda p: True, 1920, 1920, others_epochs={A: 0, B: 0}, now=now,
-                                own_progress=me, **kw)  # fmt: skip
+                                own_epoch=0, **kw)  # fmt: skip
         r = kept[B]
         return r["samples_accumulated"] + max(0.0, now - r["time"]) * r["samples_per_second"]
 
-    alone = added({B: liar})
-    assert alone <= 1920 / 6 and alone == added({B: liar, "me": me})  # the floor of 3 peers; as if its own were read
-    me = dict(record(1, 4, 50.0), time=now)  # its record still at epoch 0, with no rate yet
-    assert added({B: dict(liar, epoch=1), "me": record(0, 4, 0.0)}, began=(1, now - 0.1)) <= 2 * 50.0 * 0.1 + 1e-6
+    assert added({B: liar}) <= 1920 / 6  # the floor of 3 peers
+    assert added({B: liar, "me": dict(record(0, 4, 50.0), time=now)}) <= 1920 / 6
+    # its own record still at epoch 0 with no rate, the liar alone at epoch 1
+    assert added({B: dict(liar, epoch=1), "me": record(0, 4, 0.0)}, began=(1, now - 0.1)) <= 1920 / 6
+    # every reader caps alike from what all can read: the first to step, before the other's record is stored
+    first = {A: dict(record(0, 120, 400.0), time=now)}
+    for reader in (A, "me"):
+        kept, _ = sane_progress(first, reader, lambda p: True, 240, 240, others_epochs={A: 0, "me": 0}, now=now,
+                                own_epoch=0)  # fmt: skip
+        assert kept[A]["cap"] == 60 and kept[A]["samples_accumulated"] == 60, (reader, kept)
 
 
 def test_non_admitted_writers_are_not_followed():

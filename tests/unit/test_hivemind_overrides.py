@@ -172,8 +172,6 @@ def test_the_tracker_hands_hivemind_records_its_model_accepts_with_a_fast_peer_c
 
     def estimate(fast_age):  # the fast peer (this one) has trained 8 s, the others' copies are from 2.3 s
         now = get_dht_time()
-        tracker.local_progress = tracker.local_progress.copy(update={"samples_accumulated": 450 * 8,
-                                                                     "samples_per_second": 450.0, "time": now})
         metadata = {fast: _record(int(450 * (8 - fast_age)), 450.0, now - fast_age),
                     slow[0]: _record(128, 56.0, now - 5.7), slow[1]: _record(138, 60.0, now - 5.7)}
         progress = tracker._parse_swarm_progress_data(metadata)
