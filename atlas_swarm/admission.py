@@ -105,7 +105,7 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     ceiling = epoch_ceiling(electorate.values())
     followed = {p: r for p, r in admitted.items() if p == own or ceiling is None or r["epoch"] <= ceiling}
     basis = dict(followed)  # what the caps are of: these, and the peers known only by their statuses
-    unseen = {p: e for p, e in others_epochs.items() if p != own and admits(p) and p not in admitted}
+    unseen = {p: e for p, e in electorate.items() if p not in admitted}  # a status, no record
     if own_epoch is not None and own not in admitted:
         unseen[own] = own_epoch
     basis.update({p: {"epoch": e, "samples_accumulated": 0, "samples_per_second": 0.0} for p, e in unseen.items()})
