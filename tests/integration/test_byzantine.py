@@ -165,7 +165,7 @@ def test_a_samples_liar_at_its_own_epoch_does_not_end_every_epoch(tmp_path, tiny
     # [{3: 1, 4: 224}, {1: 4, 2: 4, 3: 4, ...}]. The liar, waiting least, stores its record first, and a reader that
     # had read neither its own record nor the other's made the liar its own median: an honest peer's first epoch ended
     # under target / 8 (mostly after one batch) in 14 of 18 runs of that code. A peer known only by its status (the
-    # reader too, before its first record) now counts in the caps as one that has done nothing: per run 866-1612 in 9
+    # reader too, before its first record) now counts in the caps as one that has done nothing: per run 830-1612 in 11
     # runs, first epochs 765-1420 (the code before: 451-1123 in 5 runs, one under target / 4)
     done = sum(p.wait_event("stopped", 1)["samples_total"] for p in peers[:2])
     epochs = max(e["epoch"] for p in peers[:2] for e in p.events("epoch"))
