@@ -111,7 +111,7 @@ def sane_progress(records: Mapping[str, dict], own: str, admits: Callable[[str],
     basis.update({p: {"epoch": e, "samples_accumulated": 0, "samples_per_second": 0.0} for p, e in unseen.items()})
     median_rate = lower_median(r["samples_per_second"] for r in basis.values()
                                if math.isfinite(r["samples_per_second"])) or 0.0  # fmt: skip
-    peers = max(len(basis), len(electorate) + 1)
+    peers = len(electorate) + 1  # every other peer the reader knows of, and itself (basis holds no others)
     kept = {}
     for p, r in followed.items():
         if began is not None and r["epoch"] == began[0] and median_rate > 0:
