@@ -104,6 +104,26 @@ def test_three_finishers_with_three_adapters_average_once_more_and_agree(tmp_pat
     assert all(torch.equal(p, params[0]) for p in params) and 1.0 < params[0].mean().item() < 3.0, params
 
 
+def test_three_finishers_whose_first_extra_round_formed_no_group_try_again_and_agree(tmp_path, monkeypatch):
+    # Prepare: three adapters (a 1-1-1 tie), and each finisher's first extra state round forms no group (as hivemind
+    # reports a round nobody joined). Tried once, the three left with three adapters (the samples-liar test in CI)
+    tried, real = [], StateAverager.average_once
+
+    def first_fails(self, timeout, should_stop):
+        if self not in tried:
+            tried.append(self)
+            return ()
+        return real(self, timeout, should_stop)
+
+    monkeypatch.setattr(StateAverager, "average_once", first_fails)
+    # Execute
+    results, params = _finish_together(tmp_path, [1.0, 2.0, 3.0], {}, timeout=30.0)
+    # Assert: each tried again; the three held one adapter, the robust average of the three
+    assert len(tried) == 3
+    assert [(r.agreed, r.peers, r.reaveraged, r.downloaded) for r in results] == [(True, 3, 3, False)] * 3, results
+    assert all(torch.equal(p, params[0]) for p in params) and 1.0 < params[0].mean().item() < 3.0, params
+
+
 def test_a_lone_smallest_hash_does_not_win_a_three_way_tie(tmp_path):
     # Prepare: two honest peers whose adapters differ (one missed a round) and a third that claims the smallest hash
     # there is for its poisoned adapter (100.0): a 1-1-1 tie, which the smallest hash breaks
