@@ -64,7 +64,9 @@ from atlas_swarm.swarm.updates import (
     MAX_HEADER,
     TRUNCATED,
     check_update,
+    parse_refusal,
     parse_relay_request,
+    refusal,
     relay_request,
     sign_update,
 )
@@ -81,6 +83,7 @@ GRACE = 2.0  # a member cut off is then not waited for past the quorum in its ne
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 BEGAN: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_began", default=None)  # when it began (time.time)
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
+REFUSED = "refused the pair"  # a partner's notice (updates.refusal): what it means, not lateness (stragglers.py)
 UNSEEN = ("sent nothing", "exchange failed", "relayed")  # drops that say nothing about whose fault they were
 # A call whose answer was lost is made again (at most TRIES in all, PAUSE apart), and a member keeps each round it
 # ended for KEPT seconds to answer such calls: a groupmate's stream now and then ended empty 12 ms after the call
@@ -269,6 +272,7 @@ class GatherAverage:
             gate.count("refused_pairs")
             if STEP.get() is not None:
                 STEP.get()._allow_retries = False  # a retry would wait out the round's deadline
+            self._refuse(group_info.group_id, [p for p in members if p != own_id], modes)
             raise MatchmakingException(PAIR_REFUSED)
         async with enter_asynchronously(self.get_tensors()) as tensors:
             report = await self._gather_round(tensors, group_info.group_id, members, modes, kwargs.get("weight", 1.0),
@@ -364,6 +368,34 @@ class GatherAverage:
                            {p: r for p, r in round_.via.items() if p in peers},
                            tuple(sorted(clients & set(peers))))  # fmt: skip
 
+    def _refuse(self, group_id: bytes, others, modes) -> None:
+        """Tell the pair's other member that this one refused (its views of the run can differ from ours: it may not
+        follow the third peer yet). Without the notice it waited WAIT for our update, gradients and state alike, 5 s
+        per round (a full-suite run of the samples-liar test: every honest transition with such a pair). Its calls to
+        us are answered with the notice (rpc_gather_update); we call it if we open the pair's exchange."""
+        refused = self.__dict__.setdefault("_refused", {})  # group id -> when (in the averager's process)
+        for gid in [g for g, t in refused.items() if time.monotonic() - t > KEPT]:
+            del refused[gid]
+        refused[group_id] = time.monotonic()
+        own = self.peer_id.to_base58()
+        for peer in others:
+            if _caller(own, peer, modes):
+                asyncio.create_task(self._notify_refusal(group_id, peer))
+
+    def _refused_group(self, group_id) -> bool:
+        return group_id in self.__dict__.get("_refused", {})
+
+    async def _notify_refusal(self, group_id: bytes, peer: str) -> None:
+        async def notice():
+            yield averaging_pb2.DownloadData(metadata=refusal(group_id))
+
+        try:
+            stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+            async for _ in await asyncio.wait_for(stub.rpc_gather_update(notice()), timeout=WAIT):
+                break  # it answers nothing (or its own notice): nothing to read
+        except Exception as e:  # it goes on without our update after WAIT, as before
+            logger.debug(f"A pair's refusal did not reach {peer}: {e!r}")
+
     async def _exchange(self, round_: Round, peer: str) -> None:
         """Send our update to ``peer``; its answer is its own."""
         round_.settle(peer, await self._ask(round_, peer, peer, lambda stub: stub.rpc_gather_update(
@@ -424,6 +456,8 @@ class GatherAverage:
         async for message in stream:
             if blob is None:
                 blob = message.metadata
+                if parse_refusal(blob) == round_.group_id:
+                    return REFUSED
                 if not blob or len(blob) > MAX_HEADER:
                     return "malformed header"
             size += len(message.tensor_part.buffer)
@@ -439,10 +473,12 @@ class GatherAverage:
         return got
 
     async def _round(self, group_id) -> Optional[Round]:
-        """The round of ``group_id``, waiting up to WAIT for it: the sender may have learned of the group before us."""
+        """The round of ``group_id``, waiting up to WAIT for it: the sender may have learned of the group before us.
+        None at once for a group this member refused (_refuse)."""
         deadline = time.monotonic() + WAIT
         round_ = self._gather_rounds.get(group_id) if isinstance(group_id, bytes) else None
-        while round_ is None and time.monotonic() < deadline and isinstance(group_id, bytes):
+        while round_ is None and time.monotonic() < deadline and isinstance(group_id, bytes) \
+                and not self._refused_group(group_id):  # fmt: skip
             await asyncio.sleep(0.005)
             round_ = self._gather_rounds.get(group_id)
         return round_
@@ -459,11 +495,20 @@ class GatherAverage:
         first = await _next(stream)
         if first is None or not first.metadata or len(first.metadata) > MAX_HEADER:
             return
+        notice = parse_refusal(first.metadata)
+        if notice is not None:  # the sender refused our pair: the round ends without it
+            round_ = await self._round(notice)
+            if round_ is not None and sender in round_.members:
+                round_.settle(sender, REFUSED)
+            return
         try:
             group_id = msgpack.unpackb(msgpack.unpackb(first.metadata, raw=True)[0], raw=True)[2]
         except Exception:
             return
         round_ = await self._round(group_id)
+        if round_ is None and self._refused_group(group_id):
+            yield averaging_pb2.DownloadData(metadata=refusal(group_id))  # we refused it: the caller ends at once
+            return
         if round_ is None or sender not in round_.members:
             return
         # both ways at once: our update goes out while theirs comes in (one after the other, each pair's exchange took

@@ -1,6 +1,7 @@
 """A groupmate's update on the wire (swarm/gather.py's rounds): signed by its sender, checked by whoever receives it,
-directly or through a relay, and the request a client-mode member sends a relay for another one's update. The two
-parsers of network bytes (check_update, parse_relay_request) return a value, or a reason or None; they never raise."""
+directly or through a relay, the request a client-mode member sends a relay for another one's update, and the notice
+of a member that refused its pair. The parsers of network bytes (check_update, parse_relay_request, parse_refusal)
+return a value, or a reason or None; they never raise."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from atlas_swarm.swarm.codec import deserialize
 from atlas_swarm.swarm.node import peer_id_of_key
 
 PROTOCOL = b"atlas-gather-v1"
+REFUSAL = b"atlas-refused-pair-v1"
 MAX_HEADER = 4096  # header + signature: ~700 bytes with a 2048-bit RSA key
 # A stream's tail can be lost on the way (the callee's stream ends as it returns; the caller's p2pd now and then got
 # the reset before the last part): the update's digest then does not match, and gather.py asks again.
@@ -69,6 +71,26 @@ def parse_relay_request(blob) -> Optional[tuple[bytes, str]]:
         group_id, wanted = msgpack.unpackb(blob, raw=True)
         if isinstance(group_id, bytes) and isinstance(wanted, bytes):
             return group_id, wanted.decode("ascii")
+    except Exception:
+        pass
+    return None
+
+
+def refusal(group_id: bytes) -> bytes:
+    """What a member that refused its pair (gather.PAIR_REFUSED) sends instead of an update: its partner ends the round
+    at once instead of waiting WAIT for an update that will not come. Unsigned: only the member itself, over its own
+    authenticated connection, can refuse for itself, and a refusal costs nobody more than sending nothing."""
+    return msgpack.packb([REFUSAL, group_id])
+
+
+def parse_refusal(blob) -> Optional[bytes]:
+    """The group id of a refusal's bytes; None for anything else."""
+    if not isinstance(blob, bytes) or len(blob) > MAX_HEADER:
+        return None
+    try:
+        kind, group_id = msgpack.unpackb(blob, raw=True)
+        if kind == REFUSAL and isinstance(group_id, bytes):
+            return group_id
     except Exception:
         pass
     return None

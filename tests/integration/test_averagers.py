@@ -622,6 +622,46 @@ def test_a_pair_is_not_averaged_with_a_robust_rule_while_a_third_peer_is_followe
             averager.shutdown()
 
 
+@pytest.mark.parametrize("refuser", ["caller", "callee"])
+def test_a_partner_that_refuses_the_pair_does_not_hold_the_other_for_the_wait(two_dhts, refuser):
+    # Prepare: two centered_clip gradient averagers of which only one follows a third peer (their views of the run
+    # differ: one has not read that peer's record yet, or holds it back as an epoch ahead), so only that one refuses
+    # the pair. It sent nothing, and the other waited WAIT (5 s) for its update: in a full-suite run of the
+    # samples-liar test every honest transition with such a pair took 5 s more per round, gradients and state, and
+    # the peers drifted out of step. ``refuser``: the member that opens the exchange (the smaller PeerID) or not
+    ids = [dht.peer_id.to_base58() for dht in two_dhts]
+    refusing = ids.index(min(ids)) if refuser == "caller" else ids.index(max(ids))
+    gates = [Gate(open_run=True) for _ in two_dhts]
+    averagers, grads = [], [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(2)]
+    try:
+        for i, (dht, gate) in enumerate(zip(two_dhts, gates)):
+            gate.set_followed([*ids, "QmThirdPeerInTheRun"] if i == refusing else ids)
+            settings = Settings(rule="centered_clip", signer=dht.settings.signer, gate=gate)
+            own = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+            averagers.append(GradAverager(own, dht=dht, prefix="pair", target_group_size=3, min_group_size=2,
+                                          min_matchmaking_time=1.0, request_timeout=0.5, start=True,
+                                          gather_settings=settings))  # fmt: skip
+            for param, grad in zip(own, grads[i]):
+                param.grad = grad.clone()
+            averagers[i].accumulate_grads_(batch_size=1)
+        # Execute
+        began = time.monotonic()
+        controls = [a.step(wait=False, timeout=10) for a in averagers]
+        with pytest.raises(Exception, match="a pair has no majority"):
+            controls[refusing].result(20)
+        other = controls[1 - refusing].result(20)
+        took = time.monotonic() - began
+        # Assert: the other ended its round at once, on its own gradients, the refusal counted on the refuser only
+        assert list(other) == [two_dhts[1 - refusing].peer_id], other
+        assert took < 3.5, f"the partner of a refused pair waited {took:.1f} s"
+        with averagers[1 - refusing].get_tensors() as tensors:
+            assert all(torch.equal(t, g) for t, g in zip(tensors, grads[1 - refusing]))
+        assert [g.counts()["refused_pairs"] for g in gates] == [int(i == refusing) for i in range(2)]
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
 @pytest.mark.parametrize("cancel", ["cancel_round", "hivemind"])
 def test_a_cancelled_round_stops_looking_at_once_and_the_next_round_finds_its_group(two_dhts, cancel):
     # Prepare: peer A's round for epoch 2 looks for a group alone (a newcomer's first round: the others averaged that

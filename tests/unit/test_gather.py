@@ -18,7 +18,14 @@ from atlas_swarm.swarm import gate as gate_module
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import Round, Settings, _pair_refused
 from atlas_swarm.swarm.node import peer_id_of_key
-from atlas_swarm.swarm.updates import check_update, parse_relay_request, relay_request, sign_update
+from atlas_swarm.swarm.updates import (
+    check_update,
+    parse_refusal,
+    parse_relay_request,
+    refusal,
+    relay_request,
+    sign_update,
+)
 
 KEY = RSAPrivateKey()
 PEER = peer_id_of_key(KEY.get_public_key())
@@ -100,6 +107,18 @@ FIELDS = st.one_of(st.binary(max_size=64), st.integers(-2**63, 2**64 - 1), st.te
 def test_no_bytes_asking_for_a_relay_raise(blob):
     got = parse_relay_request(blob)
     assert got is None or (isinstance(got[0], bytes) and isinstance(got[1], str)), got
+
+
+def test_a_refusal_names_its_round_and_no_relay_request_or_update_is_one():
+    assert parse_refusal(refusal(GROUP)) == GROUP
+    assert parse_refusal(relay_request(GROUP, PEER)) is None
+    assert parse_refusal(update()[0]) is None
+
+
+@given(st.one_of(st.binary(max_size=5000), st.lists(FIELDS, max_size=4).map(msgpack.packb)))
+def test_no_bytes_refusing_a_pair_raise(blob):
+    got = parse_refusal(blob)
+    assert got is None or isinstance(got, bytes), got
 
 
 def finished_round(members: int, arrivals: dict, wait: float, grace: float, waived=(), least=3) -> tuple[set, float]:
