@@ -15,17 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atlas_swarm.swarm import gate as gate_module
+from atlas_swarm.swarm import updates
 from atlas_swarm.swarm.gate import Gate
 from atlas_swarm.swarm.gather import Round, Settings, _pair_refused
 from atlas_swarm.swarm.node import peer_id_of_key
-from atlas_swarm.swarm.updates import (
-    check_update,
-    parse_refusal,
-    parse_relay_request,
-    refusal,
-    relay_request,
-    sign_update,
-)
+from atlas_swarm.swarm.updates import check_update, parse_relay_request, relay_request, sign_update
 
 KEY = RSAPrivateKey()
 PEER = peer_id_of_key(KEY.get_public_key())
@@ -110,14 +104,14 @@ def test_no_bytes_asking_for_a_relay_raise(blob):
 
 
 def test_a_refusal_names_its_round_and_no_relay_request_or_update_is_one():
-    assert parse_refusal(refusal(GROUP)) == GROUP
-    assert parse_refusal(relay_request(GROUP, PEER)) is None
-    assert parse_refusal(update()[0]) is None
+    assert updates.parse_refusal(updates.refusal(GROUP)) == GROUP
+    assert updates.parse_refusal(relay_request(GROUP, PEER)) is None
+    assert updates.parse_refusal(update()[0]) is None
 
 
 @given(st.one_of(st.binary(max_size=5000), st.lists(FIELDS, max_size=4).map(msgpack.packb)))
 def test_no_bytes_refusing_a_pair_raise(blob):
-    got = parse_refusal(blob)
+    got = updates.parse_refusal(blob)
     assert got is None or isinstance(got, bytes), got
 
 
