@@ -83,7 +83,7 @@ GRACE = 2.0  # a member cut off is then not waited for past the quorum in its ne
 STEP: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_step", default=None)  # the round's StepControl
 BEGAN: contextvars.ContextVar = contextvars.ContextVar("atlas_gather_began", default=None)  # when it began (time.time)
 PAIR_REFUSED = "a pair has no majority: not averaged while a third peer is in the run"
-REFUSED = "refused the pair"  # a partner's notice (updates.refusal): what it means, not lateness (stragglers.py)
+PARTNER_REFUSED = "refused the pair"  # a partner's notice (updates.refusal): not lateness (stragglers.py)
 UNSEEN = ("sent nothing", "exchange failed", "relayed")  # drops that say nothing about whose fault they were
 # A call whose answer was lost is made again (at most TRIES in all, PAUSE apart), and a member keeps each round it
 # ended for KEPT seconds to answer such calls: a groupmate's stream now and then ended empty 12 ms after the call
@@ -463,7 +463,7 @@ class GatherAverage:
             if blob is None:
                 blob = message.metadata
                 if parse_refusal(blob) == round_.group_id:
-                    return REFUSED
+                    return PARTNER_REFUSED
                 if not blob or len(blob) > MAX_HEADER:
                     return "malformed header"
             size += len(message.tensor_part.buffer)
@@ -505,7 +505,7 @@ class GatherAverage:
         if notice is not None:  # the sender refused our pair: the round ends without it
             round_ = await self._round(notice)
             if round_ is not None and sender in round_.members:
-                round_.settle(sender, REFUSED)
+                round_.settle(sender, PARTNER_REFUSED)
             return
         try:
             group_id = msgpack.unpackb(msgpack.unpackb(first.metadata, raw=True)[0], raw=True)[2]
