@@ -22,7 +22,7 @@ may be downloaded (see _vouched), and the run used to end with as many adapters 
 split, README "Known limits"). Once the tally is complete the finishers then run one more state round together (the
 robust rule of every round: one liar among three or more moves it a bounded amount), publish the hash they hold after
 it, and vote again: those that were in its group hold one adapter. Tried again, a poll apart, until a group forms or
-the timeout: tried once, in CI the three finishers of the samples-liar test (whose honest pair had averaged in no round)
+the timeout: tried once, in CI the three finishers of the samples-liar test (whose honest pair held two adapters)
 formed no group, and the run ended with three adapters (CI keeps no peer's log, so why is not known: each finisher
 enters when it sees the tally complete, and they see it up to a poll and a DHT read apart).
 
