@@ -2,7 +2,7 @@
 groupmates' signatures are gathered from their DHT records, and the group settles it on chain once.
 
     OUT/receipts/<run-hash>-<epoch>.json   {receipt, digest, signatures: {wallet: sig}, state, signed_at, quorum_at,
-                                            attempts, next_try, tx, error}
+                                            attempts, next_try, tx, error, gathered_at (last signature added)}
     OUT/receipts/votes/<run-hash>-<epoch>.json   {epoch, cid, digest, signature}: this peer's checkpoint vote
 
     state   collecting   signed; waiting for signatures, or for its turn to post
@@ -139,6 +139,7 @@ class ReceiptBox:
                 if signer in r["signatures"]:
                     continue
                 r["signatures"][signer] = "0x" + bytes(signature).hex()
+                r["gathered_at"] = now
                 if r["quorum_at"] is None and 2 * len(r["signatures"]) > len(members):
                     r["quorum_at"] = now
                 _write_atomic(self.folder / r["_file"], r)

@@ -36,6 +36,8 @@ Emit = Callable[..., None]  # (kind, message, **fields): the peer's Reporter.eve
 BINDINGS_EVERY = 10.0  # seconds between re-reads of the run's wallet bindings when a groupmate's is missing
 VOTES_KEPT = 4  # checkpoint votes this peer keeps publishing
 QUIET = 8.0  # seconds a leaving peer waits on receipts without a majority and on votes while nothing changes
+# (counted from the last signature a collecting receipt got, or its own, when no vote is pending: a receipt of a split
+# round, 2 of 4 signatures for a minute, held each leaving peer of the partition test QUIET s for nothing)
 
 
 @dataclass
@@ -276,7 +278,10 @@ class ChainSession:
                 break
             now = time.monotonic()
             state += (len(records), sum(len(r["signatures"]) for r in records), self.box.counts().posted)
-            if state != seen:
+            if seen is None and not self.checkpoints:  # quiet since before we began to leave?
+                last = max((r.get("gathered_at", r["signed_at"]) for r in records), default=time.time())
+                seen, changed = state, now - min(QUIET, max(0.0, time.time() - last))
+            elif state != seen:
                 seen, changed = state, now
             elif now - changed >= QUIET and not state[0] and not any(r["quorum_at"] for r in records):
                 break  # nothing moved, and nothing this peer holds can be posted: a longer wait would not help

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from atlas_swarm.config import RunSpec
 from tests.conftest import write_spec
 from tests.peers import http_get, kill_session, killed_at_exit, scrape, start_peer, wait_until
 
@@ -104,10 +105,11 @@ def test_two_node_mesh_metrics_health_and_dashboard(tmp_path, tiny_model, text_d
                                                  str(text_data), "--batch-size", "4", "--max-epochs", "10",
                                                  "--wait-for-peers", "2", "--join-timeout", "90"])  # fmt: skip
             peers.append(first)
-            run_id = first.wait_event("started", 90)["run_id"]
+            run_id = RunSpec.from_toml(tiny_spec).run_id  # the second starts at once: it finds the spec when p0 is up
             peers.append(start_peer(tmp_path, "p1", ["--initial-peers", a.maddr, "--run", run_id, "--data",
                                                       str(text_data), "--batch-size", "8", "--seed", "1",
-                                                      "--max-epochs", "10", "--wait-for-peers", "2"]))  # fmt: skip
+                                                      "--max-epochs", "10", "--wait-for-peers", "2",
+                                                      "--join-timeout", "90"]))  # fmt: skip
 
             def two_peers_at_epoch_2():
                 m = scrape(b.url)

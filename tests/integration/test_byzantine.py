@@ -1,6 +1,6 @@
-"""Byzantine peers against honest CLI peers: each test starts honest `python -m atlas_swarm.peer` processes, then one
-attacker (our own peer with one attack patched in, tests/byzantine.py: its own key, the run id and a multiaddr the
-first peer printed) that does one thing. Each passes only if the honest peers finish, hold equal adapters, and the
+"""Byzantine peers against honest CLI peers: each test starts honest `python -m atlas_swarm.peer` processes and one
+attacker (our own peer with one attack patched in, tests/byzantine.py: its own key, the run id and the first peer's
+multiaddr) that does one thing. Each passes only if the honest peers finish, hold equal adapters, and the
 attack shows in what they report. On the code before the Byzantine-averaging work each of these fails (README,
 "Threat model"), for the reason its first assertion names."""
 
@@ -22,10 +22,15 @@ EPOCHS = ["--max-epochs", "6"]
 SHORT = ["--max-epochs", "3"]  # what a test of joining needs
 
 
+# attacks on progress records start once the honest peers have started: what they do depends on who is there first
+# (an attacker that is: test_a_progress_liar_that_came_first…); any other starts with them (7 s less a test)
+JOINS_LAST = ("fake_progress", "inflate_progress", "one_epoch_ahead")
+
+
 def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, extra=()):
-    """``honest`` honest peers, started at once (the first peer's address is planned), then one attacker once they
-    have started (it knows what anyone would: the run id and that address), all with batch 4; returns the first's
-    started event. An attacker that is there first: test_a_progress_liar_that_came_first…"""
+    """``honest`` honest peers and one attacker (it knows what anyone would: the run id and the first peer's address,
+    planned), all with batch 4, started at once, or the attacker once the others have started (JOINS_LAST); returns
+    the first's started event."""
     listen, address = planned_first(tmp_path, "honest0")
     first = start_peer(tmp_path, "honest0", [*listen, "--run-spec", str(spec), "--data", str(data), "--batch-size",
                                              "4", *EPOCHS, "--wait-for-peers", str(honest + 1), "--join-timeout", "90",
@@ -35,11 +40,14 @@ def start_honest_and_attacker(peers, tmp_path, spec, data, attack, honest=2, ext
             "--batch-size", "4", *EPOCHS, "--join-timeout", "90", "--wait-for-peers", str(honest + 1)]  # fmt: skip
     for i in range(1, honest):
         peers.append(start_peer(tmp_path, f"honest{i}", [*join, "--seed", str(i), *extra]))
-    started = [p.wait_event("started", 90) for p in peers[peers.index(first):]][0]
-    # (an attacker that fakes its progress believes itself behind and tries to sync: 10 s, not 90)
-    peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9", *extra, "--join-timeout", "10"],
+    last = any(a in attack.split(",") for a in JOINS_LAST)
+    for p in peers[peers.index(first):] if last else ():
+        p.wait_event("started", 90)
+    # (one that fakes its progress believes itself behind and tries to sync: 10 s, not 90; it joins a swarm already up)
+    timeout = "10" if last else "90"
+    peers.append(start_peer(tmp_path, "attacker", [*join, "--seed", "9", *extra, "--join-timeout", timeout],
                             attack=attack))  # fmt: skip
-    return started
+    return first.wait_event("started", 90)
 
 
 def finish_honest(peers, honest=2):
@@ -208,12 +216,12 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
     spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=96,
                       trust={"admission": "allowlist", "allowlist": [i.peer_id for i in ids]})  # fmt: skip
     with killed_at_exit([]) as peers:
-        first = start_peer(tmp_path, "honest0", ["--run-spec", str(spec), "--data", str(text_data), "--batch-size",
-                                                 "4", *EPOCHS, "--wait-for-peers", "2", "--join-timeout", "90",
-                                                 "--identity", str(ids[0].path)])  # fmt: skip
+        listen, address = planned_first(tmp_path, "honest0", key=ids[0].path)
+        first = start_peer(tmp_path, "honest0", [*listen, "--run-spec", str(spec), "--data", str(text_data),
+                                                 "--batch-size", "4", *EPOCHS, "--wait-for-peers", "2",
+                                                 "--join-timeout", "90", "--identity", str(ids[0].path)])  # fmt: skip
         peers.append(first)
-        started = first.wait_event("started", 90)
-        join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data),
+        join = ["--initial-peers", address, "--run", RunSpec.from_toml(spec).run_id, "--data", str(text_data),
                 "--batch-size", "4", *EPOCHS, "--join-timeout", "90"]  # fmt: skip
         # Execute: an honest stranger, one that skips its own check and sends a poisoned gradient, and a thief that
         # skips its check and downloads the listed peers' state as soon as they claim a trained one, all in the swarm

@@ -19,7 +19,7 @@ from atlas_swarm.swarm.consensus import agree_on_final_adapter
 from atlas_swarm.swarm.records import state_claim
 from tests.conftest import write_spec
 from tests.integration.test_swarm import adapter, max_abs_diff
-from tests.peers import first_maddr, killed_at_exit, start_peer, wait_until
+from tests.peers import killed_at_exit, planned_first, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 SPEC = RunSpec.from_dict({"name": "consensus", "model": {"base": "m", "task": "causal-lm"},
@@ -170,9 +170,9 @@ def test_peers_whose_moments_drifted_apart_end_bit_identical(tmp_path, tiny_mode
               "--join-timeout", "90"]  # fmt: skip
     with killed_at_exit([]) as peers:
         extra = ["no_final_state_round"] if last_round == "no_state_round" else []
-        peers.append(start_peer(tmp_path, "peer0", ["--run-spec", str(spec), *common], attack=",".join(extra)))
-        started = peers[0].wait_event("started", 90)
-        join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], *common]
+        listen, address = planned_first(tmp_path, "peer0")
+        peers.append(start_peer(tmp_path, "peer0", [*listen, "--run-spec", str(spec), *common], attack=",".join(extra)))
+        join = ["--initial-peers", address, "--run", RunSpec.from_toml(spec).run_id, *common]
         for i, drift in ((1, "drifted_moments_x4"), (2, "drifted_moments_x9")):
             peers.append(start_peer(tmp_path, f"peer{i}", [*join, "--seed", str(i)], attack=",".join([drift, *extra])))
         codes = [p.wait_exit(240) for p in peers]

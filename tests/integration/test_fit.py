@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from atlas_swarm.config import RunSpec
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
-from tests.integration.test_swarm import adapter, eval_loss, max_abs_diff, start_swarm
-from tests.peers import killed_at_exit
+from tests.integration.test_swarm import adapter, eval_loss, max_abs_diff
+from tests.peers import killed_at_exit, planned_first, start_peer
 
 pytestmark = pytest.mark.integration
 
@@ -18,13 +19,13 @@ def test_a_4bit_peer_and_a_full_precision_peer_average_one_adapter(tmp_path, tin
     tiny_spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=480)
     with killed_at_exit([]) as peers:
         extra = ["--max-epochs", "4", "--wait-for-peers", "2", "--join-timeout", "90"]
-        start_swarm(peers, tmp_path, tiny_spec, text_data, [8], extra=extra)
-        first = peers[0].wait_event("started", 1)
-        from tests.peers import first_maddr, start_peer
-
-        peers.append(start_peer(tmp_path, "nf4", ["--initial-peers", first_maddr(first), "--run", first["run_id"],
-                                                  "--data", str(text_data), "--batch-size", "8", "--seed", "1",
-                                                  "--device", "cpu", "--quantize", "nf4", *extra]))  # fmt: skip
+        listen, address = planned_first(tmp_path, "peer0")
+        peers.append(start_peer(tmp_path, "peer0", [*listen, "--run-spec", str(tiny_spec), "--data", str(text_data),
+                                                    "--batch-size", "8", *extra]))  # fmt: skip
+        peers.append(start_peer(tmp_path, "nf4", ["--initial-peers", address, "--run",
+                                                  RunSpec.from_toml(tiny_spec).run_id, "--data", str(text_data),
+                                                  "--batch-size", "8", "--seed", "1", "--device", "cpu", "--quantize",
+                                                  "nf4", *extra]))  # fmt: skip
         # Execute
         codes = [p.wait_exit(240) for p in peers]
         # Assert: one adapter, averaged together, and it learned

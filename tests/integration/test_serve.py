@@ -353,10 +353,18 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, chat_run):
              (["--run-spec", str(spec_path), "--adapter", "bafy-not-a-cid"], "error: "),
              (["--run-spec", str(spec_path), "--adapter", str(a1), "--http", "nonsense"], "--http"),
              (["--run-spec", str(spec_path), "--adapter", str(a1), "--quantize", "int8"], "CUDA GPU")]  # fmt: skip
-    for args, expect in cases:
-        done = subprocess.run([sys.executable, "-m", "atlas_swarm.serve", "--workdir", str(tmp_path / "w"), *args],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert done.returncode == 2 and expect in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    # at once, each in its own --workdir (each is imports: 3-5 s of a core)
+    runs = [subprocess.Popen([sys.executable, "-m", "atlas_swarm.serve", "--workdir", str(tmp_path / f"w{i}"), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i, (args, _) in enumerate(cases)]  # fmt: skip
+    try:
+        for (args, expect), run in zip(cases, runs):
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == 2 and expect in err and "Traceback" not in err, (args, err)
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
 
 
 def test_serving_a_live_run_follows_its_vouched_adapters_and_refuses_tampered_blocks(tmp_path, tiny_model):

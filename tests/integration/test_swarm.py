@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from atlas_swarm.config import RunSpec
 from atlas_swarm.launch import PeerProcess
 from tests.conftest import write_spec
-from tests.peers import first_maddr, killed_at_exit, planned_first, start_peer, wait_until
+from tests.peers import killed_at_exit, planned_first, start_peer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -137,10 +137,10 @@ def test_a_failed_round_steps_on_the_peers_own_gradients_not_zeros(tmp_path, tin
     common = ["--data", str(text_data), "--batch-size", "4", "--max-epochs", "5", "--wait-for-peers", "2",
               "--join-timeout", "90"]  # fmt: skip
     with killed_at_exit([]) as peers:
-        peers.append(start_peer(tmp_path, "peer0", ["--run-spec", str(spec), *common]))
-        started = peers[0].wait_event("started", 90)
+        listen, address = planned_first(tmp_path, "peer0")
+        peers.append(start_peer(tmp_path, "peer0", [*listen, "--run-spec", str(spec), *common]))
         peers.append(PeerProcess(tmp_path / "faulty", ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers",
-                                                       first_maddr(started), "--run", started["run_id"], "--seed", "1",
+                                                       address, "--run", RunSpec.from_toml(spec).run_id, "--seed", "1",
                                                        *common],
                                  threads=1, env={"ATLAS_FAULT": "rounds_fail:2", "HF_HUB_OFFLINE": "1"},
                                  module="tests.faults"))  # fmt: skip

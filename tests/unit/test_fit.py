@@ -165,15 +165,26 @@ def test_the_micro_batch_probe_stops_at_what_fits_and_at_the_batch_size(monkeypa
     assert sizes == tried
 
 
-@pytest.mark.parametrize("argv, hidden", [(["--data", "x"], True), (["--quantize", "none"], True),
-                                          (["--quantize=nf4"], False), (["--device", "cpu", "--quantize", "nf4"], False)])
-def test_a_peer_imports_bitsandbytes_only_when_its_command_line_quantizes(argv, hidden):
-    # a fresh interpreter: what `python -m atlas_swarm.peer ARGV` does before peft is imported
-    code = ("import sys\nfrom atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing as skip\n"
-            f"print(skip({argv!r}))\nimport peft\nprint(sys.modules.get('bitsandbytes') is not None)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(hidden), str(not hidden)]
+def test_a_peer_imports_bitsandbytes_only_when_its_command_line_quantizes():
+    # fresh interpreters, at once (each is imports: 3-7 s of a core): what `python -m atlas_swarm.peer ARGV` does
+    # before peft is imported
+    cases = [(["--data", "x"], True), (["--quantize", "none"], True), (["--quantize=nf4"], False),
+             (["--device", "cpu", "--quantize", "nf4"], False)]  # fmt: skip
+    runs = []
+    for argv, _ in cases:
+        code = ("import sys\nfrom atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing as skip\n"
+                f"print(skip({argv!r}))\nimport peft\nprint(sys.modules.get('bitsandbytes') is not None)\n")
+        runs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True))  # fmt: skip
+    try:
+        for (argv, hidden), run in zip(cases, runs):
+            out, err = run.communicate(timeout=120)
+            assert run.returncode == 0, (argv, err)
+            assert out.split() == [str(hidden), str(not hidden)], argv
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
 
 
 def test_a_4bit_classifier_run_keeps_its_trained_head_in_full_precision():

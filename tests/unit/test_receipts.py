@@ -376,6 +376,28 @@ def test_a_leaving_peer_waits_for_receipts_it_can_post_not_for_ones_nobody_will_
     assert time.monotonic() - t0 >= 3
 
 
+def test_a_leaving_peer_does_not_wait_again_for_a_receipt_quiet_since_long_before(chain, peer_ids, tmp_path):
+    """A receipt of a split round (2 of 4 signatures since the partition test's cut) held each leaving peer QUIET s
+    more (8 s), though nothing had come for it in a minute; the quiet is counted from its last signature."""
+    from atlas_swarm.chain import session as s
+
+    # Prepare: 1 of 3 signatures, signed a minute ago, the other signature got 30 s ago
+    w3, client, peers = chain
+    (box, _), _ = boxes(tmp_path, client, peers, peer_ids, n=2)
+    box.sign(group_receipt(peers, peer_ids, 3, [8.0, 8.0, 8.0]), now=time.time() - 60)
+    session = s.ChainSession(client, box, _Poster(box), RUN, RUN_KEY, None, lambda *a, **k: None)
+    # Execute
+    t0 = time.monotonic()
+    assert session.close(timeout=20).collecting == 1
+    # Assert: one turn (a poke and 0.5 s), not QUIET s
+    assert time.monotonic() - t0 < s.QUIET / 4
+    # one that got a signature just now is waited for as before
+    box.records()[0]["gathered_at"] = time.time()
+    t0 = time.monotonic()
+    s.ChainSession(client, box, _Poster(box), RUN, RUN_KEY, None, lambda *a, **k: None).close(timeout=20)
+    assert s.QUIET <= time.monotonic() - t0 < s.QUIET + 3
+
+
 def test_a_leaving_peer_does_not_wait_for_votes_older_than_a_recorded_checkpoint(chain, peer_ids, tmp_path):
     """Votes at epochs where the peers held different adapters never gather a quorum; once a newer checkpoint is
     recorded (the one a notebook takes), a leaving peer stops waiting for them at once, not after QUIET s."""
