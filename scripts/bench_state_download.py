@@ -39,7 +39,7 @@ def averager(values: int, donor: bool, initial_peers: list[str], host_maddrs: li
     from atlas_swarm.swarm import Swarm
     from atlas_swarm.swarm.averagers import StateAverager
     from atlas_swarm.swarm.gate import Gate
-    from atlas_swarm.swarm.gather import Settings
+    from atlas_swarm.swarm.rounds import Settings
 
     class Bench(StateAverager):
         async def _set_stripes(self, stripes: int) -> None:  # in the averager process

@@ -40,8 +40,9 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
 
 from atlas_swarm.swarm.downloads import StateDownloads
-from atlas_swarm.swarm.gather import GatherAverage, Settings
+from atlas_swarm.swarm.gather import GatherAverage
 from atlas_swarm.swarm.hold import FetchingLeaders, hold_open
+from atlas_swarm.swarm.rounds import Settings
 from atlas_swarm.swarm.tasks import PinsTasks
 
 logger = logging.getLogger("hivemind.averaging.averager")  # hivemind's logger: shown with --verbose

@@ -27,9 +27,9 @@ from atlas_swarm.swarm import schedule
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
 from atlas_swarm.swarm.codec import COMPRESSION
 from atlas_swarm.swarm.gate import Gate
-from atlas_swarm.swarm.gather import RoundReport, Settings
 from atlas_swarm.swarm.node import Swarm
 from atlas_swarm.swarm.records import STATUS_EVERY
+from atlas_swarm.swarm.rounds import RoundReport, Settings
 from atlas_swarm.swarm.stragglers import CUT_OFF
 from atlas_swarm.swarm.tracker import ThrottledTracker
 

@@ -1,6 +1,6 @@
 """Groupmates whose updates came too late: the next rounds with them do not wait the grace for them.
 
-A member cut off for sending nothing in time (gather.Round.wait_for_updates: not in by the grace after a quorum's
+A member cut off for sending nothing in time (rounds.Round.wait_for_updates: not in by the grace after a quorum's
 updates, or by WAIT) is, when the cause is its uplink or its machine, late again in the next round, and each such
 round cost the on-time members the grace (2 s or more: README, "A straggler"). So a member cut off is *waived* in the
 next round with it: once a quorum's updates are in, the round ends without waiting for it (its update is used if it
@@ -43,7 +43,7 @@ class Stragglers:
         return frozenset(waived)
 
     def record(self, members: Iterable[str], waived: frozenset, dropped: dict) -> None:
-        """After a round: ``dropped`` is PeerID -> why its update was not used (gather.Round.dropped)."""
+        """After a round: ``dropped`` is PeerID -> why its update was not used (rounds.Round.dropped)."""
         for member in members:
             if not dropped.get(member, "").startswith(CUT_OFF):
                 self._late.pop(member, None)  # in time (or refused for what it sent: not lateness)

@@ -51,7 +51,7 @@ def bounded_weights(claims: Sequence[float], cap: float, robust: bool) -> np.nda
 
 def _stack(updates: Sequence) -> np.ndarray:
     """The updates as the rows of one float64 array, allocated once (np.stack of float64 copies allocated n + 1
-    arrays of a few MB, each mapped and page-faulted anew unless the process keeps its heap: gather.roomy_heap)."""
+    arrays of a few MB, each mapped and page-faulted anew unless the process keeps its heap: rounds.roomy_heap)."""
     rows = [np.asarray(u).reshape(-1) for u in updates]
     if not rows:
         raise ValueError("nothing to aggregate")

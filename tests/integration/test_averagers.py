@@ -22,8 +22,8 @@ from atlas_swarm.identity import Identity
 from atlas_swarm.swarm import downloads
 from atlas_swarm.swarm.averagers import GradAverager, StateAverager, cancel_round
 from atlas_swarm.swarm.gate import Gate
-from atlas_swarm.swarm.gather import Settings, spanned_buffer
 from atlas_swarm.swarm.node import PinnedDHT, hivemind_key
+from atlas_swarm.swarm.rounds import Settings, spanned_buffer
 from tests.peers import wait_until
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]

@@ -20,8 +20,8 @@ from hivemind.utils import MPFuture
 from atlas_swarm.identity import Identity
 from atlas_swarm.swarm import Swarm
 from atlas_swarm.swarm.averagers import GradAverager
-from atlas_swarm.swarm.gather import Settings
 from atlas_swarm.swarm.node import _connections
+from atlas_swarm.swarm.rounds import Settings
 
 pytestmark = pytest.mark.integration
 

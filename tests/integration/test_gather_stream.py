@@ -19,8 +19,9 @@ from hivemind.proto import averaging_pb2
 
 from atlas_swarm.identity import Identity
 from atlas_swarm.swarm import gather
-from atlas_swarm.swarm.gather import GatherAverage, Round, Settings
+from atlas_swarm.swarm.gather import GatherAverage
 from atlas_swarm.swarm.node import hivemind_key
+from atlas_swarm.swarm.rounds import Round, Settings
 from atlas_swarm.swarm.updates import relay_request, sign_update
 
 pytestmark = pytest.mark.integration
@@ -129,7 +130,7 @@ async def nodes(tmp_path, classes) -> list[Member]:
 
 
 async def pair(tmp_path, cls=Member) -> tuple[Member, Member]:
-    """(caller, callee): the smaller PeerID calls (gather._caller)."""
+    """(caller, callee): the smaller PeerID calls (rounds.caller)."""
     return tuple(sorted(await nodes(tmp_path, [cls, cls]), key=lambda m: m.name))
 
 

@@ -11,7 +11,7 @@ from hivemind.utils import get_dht_time
 
 from atlas_swarm.swarm.averagers import GradAverager
 from atlas_swarm.swarm.gate import Gate
-from atlas_swarm.swarm.gather import Settings
+from atlas_swarm.swarm.rounds import Settings
 from atlas_swarm.swarm.schedule import search_ends_in
 from tests.integration.test_averagers import SHAPES, dhts
 

@@ -19,7 +19,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from atlas_swarm.swarm import averagers
 from atlas_swarm.swarm.averagers import EpochKeys, GivesUp, StateAverager, flat_buffer, round_epoch, round_group
-from atlas_swarm.swarm.gather import RoundResult, spanned_buffer
+from atlas_swarm.swarm.rounds import RoundResult, spanned_buffer
 
 
 def test_flat_buffer_views_tile_one_shared_buffer_in_order():

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from atlas_swarm.swarm import gate as gate_module
 from atlas_swarm.swarm import updates
 from atlas_swarm.swarm.gate import Gate
-from atlas_swarm.swarm.gather import Round, Settings, _pair_refused
 from atlas_swarm.swarm.node import peer_id_of_key
+from atlas_swarm.swarm.rounds import Round, Settings, pair_refused
 from atlas_swarm.swarm.updates import check_update, parse_relay_request, relay_request, sign_update
 
 KEY = RSAPrivateKey()
@@ -186,20 +186,20 @@ def test_a_pair_does_not_count_a_newcomer_that_arrived_after_its_round_began(mon
     clock[0] = 105.0
     gate.set_followed(["QmA", "QmB", "QmC"])  # 5 s after the first sighting: started with the others, not new
     assert gate.followed(since=101.0) == {"QmA", "QmB", "QmC"}
-    assert _pair_refused(settings, ["QmA", "QmB"], since=101.0)
+    assert pair_refused(settings, ["QmA", "QmB"], since=101.0)
     clock[0] = 130.0
     gate.set_followed(["QmA", "QmB", "QmC", "QmNew"])  # a newcomer, first seen at 130
     assert gate.followed() == {"QmA", "QmB", "QmC", "QmNew"}
     assert gate.followed(since=129.0) == {"QmA", "QmB", "QmC"}
-    assert _pair_refused(settings, ["QmA", "QmB"], since=129.0)  # QmC, an old peer, still counts
+    assert pair_refused(settings, ["QmA", "QmB"], since=129.0)  # QmC, an old peer, still counts
     gate.set_followed(["QmA", "QmB", "QmNew"])  # QmC's record lapsed
-    assert not _pair_refused(settings, ["QmA", "QmB"], since=129.0)  # a round begun before the newcomer came
-    assert _pair_refused(settings, ["QmA", "QmB"], since=130.0)  # one begun after
-    assert _pair_refused(settings, ["QmA", "QmB"])  # no round time: any third peer counts
+    assert not pair_refused(settings, ["QmA", "QmB"], since=129.0)  # a round begun before the newcomer came
+    assert pair_refused(settings, ["QmA", "QmB"], since=130.0)  # one begun after
+    assert pair_refused(settings, ["QmA", "QmB"])  # no round time: any third peer counts
     clock[0] = 140.0
     gate.set_followed(["QmA", "QmB", "QmC"])  # a lapsed record that returns is not new
-    assert _pair_refused(settings, ["QmA", "QmB"], since=139.0)
-    assert not _pair_refused(Settings(rule="mean", gate=gate), ["QmA", "QmB"])  # the mean has no pair rule
+    assert pair_refused(settings, ["QmA", "QmB"], since=139.0)
+    assert not pair_refused(Settings(rule="mean", gate=gate), ["QmA", "QmB"])  # the mean has no pair rule
 
 
 def test_a_waived_straggler_is_not_waited_for_past_the_quorum():
