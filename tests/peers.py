@@ -15,14 +15,13 @@ from atlas_swarm.launch import PeerProcess, first_loopback
 first_maddr = first_loopback  # a peer's loopback multiaddr from its started event
 
 
-def planned_first(workdir: Path, name: str, host: str = "127.0.0.1", key: Path | None = None) -> tuple[list[str], str]:
-    """The first peer's address, fixed before it runs (its identity made here in ``workdir/name``, or the --identity
-    ``key`` it will be given; a free port), so the others start with it at once instead of after its start-up
-    (imports alone take 8-15 s on 2 cores); they try its address until --join-timeout. Returns the first peer's
-    --host-maddrs flags and its /p2p/ multiaddr."""
+def planned_first(workdir: Path, name: str, host: str = "127.0.0.1") -> tuple[list[str], str]:
+    """The first peer's address, fixed before it runs (its identity made here in ``workdir/name``, a free port), so
+    the others start with it at once instead of after its start-up (imports alone take 8-15 s on 2 cores); they try
+    its address until --join-timeout. Returns the first peer's --host-maddrs flags and its /p2p/ multiaddr."""
     from atlas_swarm.identity import Identity
 
-    identity = Identity.load_or_create(key or workdir / name / "identity.key")
+    identity = Identity.load_or_create(workdir / name / "identity.key")
     with socket.socket() as s:
         s.bind((host, 0))  # in a lab host's own namespace any port is free; on loopback, one nobody holds now
         port = s.getsockname()[1]

@@ -216,12 +216,12 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
     spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=96,
                       trust={"admission": "allowlist", "allowlist": [i.peer_id for i in ids]})  # fmt: skip
     with killed_at_exit([]) as peers:
-        listen, address = planned_first(tmp_path, "honest0", key=ids[0].path)
-        first = start_peer(tmp_path, "honest0", [*listen, "--run-spec", str(spec), "--data", str(text_data),
-                                                 "--batch-size", "4", *EPOCHS, "--wait-for-peers", "2",
-                                                 "--join-timeout", "90", "--identity", str(ids[0].path)])  # fmt: skip
+        first = start_peer(tmp_path, "honest0", ["--run-spec", str(spec), "--data", str(text_data), "--batch-size",
+                                                 "4", *EPOCHS, "--wait-for-peers", "2", "--join-timeout", "90",
+                                                 "--identity", str(ids[0].path)])  # fmt: skip
         peers.append(first)
-        join = ["--initial-peers", address, "--run", RunSpec.from_toml(spec).run_id, "--data", str(text_data),
+        started = first.wait_event("started", 90)
+        join = ["--initial-peers", first_maddr(started), "--run", started["run_id"], "--data", str(text_data),
                 "--batch-size", "4", *EPOCHS, "--join-timeout", "90"]  # fmt: skip
         # Execute: an honest stranger, one that skips its own check and sends a poisoned gradient, and a thief that
         # skips its check and downloads the listed peers' state as soon as they claim a trained one, all in the swarm
