@@ -213,7 +213,7 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
     # Prepare: an allowlist run of two listed peers (their keys made beforehand), mean aggregation (the allowlist
     # default: listed peers are trusted, so one stranger's update in a round would move the mean anywhere)
     ids = [Identity.load_or_create(tmp_path / f"listed{i}.key") for i in range(2)]
-    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=96,
+    spec = write_spec(tmp_path / "spec.toml", str(tiny_model), target_batch_size=480,
                       trust={"admission": "allowlist", "allowlist": [i.peer_id for i in ids]})  # fmt: skip
     with killed_at_exit([]) as peers:
         first = start_peer(tmp_path, "honest0", ["--run-spec", str(spec), "--data", str(text_data), "--batch-size",
@@ -234,7 +234,12 @@ def test_a_private_run_refuses_strangers(tmp_path, tiny_model, text_data):
         peers.append(thief)  # (killed at the end)
         peers[-2].wait_event("started", 90)
         thief.wait_event("started", 90)
-        peers.insert(1, start_peer(tmp_path, "honest1", [*join, "--identity", str(ids[1].path), "--seed", "1"]))
+        # (--wait-for-peers 2 too, and epochs of 480 samples: with 96 and without the wait, the second listed peer,
+        # the first's status not yet read, trained its 6 epochs alone in 1.5 s, before the thief saw a trained state
+        # claimed: 1 of 3 runs of a922bb9's test, 2026-12-07; with the wait alone, the pair's 6 epochs took 6 s and
+        # the thief again saw none claimed, 1 of 5 runs)
+        peers.insert(1, start_peer(tmp_path, "honest1", [*join, "--identity", str(ids[1].path), "--seed", "1",
+                                                         "--wait-for-peers", "2"]))  # fmt: skip
         # Assert: the honest stranger is told why, and exits 2
         assert stranger.wait_exit(120) == 2, stranger.tail()
         assert "not in its allowlist" in stranger.wait_event("error", 1)["error"]
