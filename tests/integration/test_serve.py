@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from atlas_swarm.config import RunSpec
 from atlas_swarm.model.lora import load_base, load_model, save_adapter
 from tests.conftest import write_spec
-from tests.peers import wait_until
+from tests.peers import run_together, wait_until
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["hello there", "what is your favourite", "tell me a joke about computers and", "hi"]
@@ -353,18 +353,11 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, chat_run):
              (["--run-spec", str(spec_path), "--adapter", "bafy-not-a-cid"], "error: "),
              (["--run-spec", str(spec_path), "--adapter", str(a1), "--http", "nonsense"], "--http"),
              (["--run-spec", str(spec_path), "--adapter", str(a1), "--quantize", "int8"], "CUDA GPU")]  # fmt: skip
-    # at once, each in its own --workdir (each is imports: 3-5 s of a core)
-    runs = [subprocess.Popen([sys.executable, "-m", "atlas_swarm.serve", "--workdir", str(tmp_path / f"w{i}"), *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i, (args, _) in enumerate(cases)]  # fmt: skip
-    try:
-        for (args, expect), run in zip(cases, runs):
-            _, err = run.communicate(timeout=120)
-            assert run.returncode == 2 and expect in err and "Traceback" not in err, (args, err)
-    finally:
-        for run in runs:
-            run.kill()
-            run.wait()
+    # at once, each in its own --workdir
+    done = run_together([[sys.executable, "-m", "atlas_swarm.serve", "--workdir", str(tmp_path / f"w{i}"), *args]
+                         for i, (args, _) in enumerate(cases)])  # fmt: skip
+    for (args, expect), out in zip(cases, done):
+        assert out.returncode == 2 and expect in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
 def test_serving_a_live_run_follows_its_vouched_adapters_and_refuses_tampered_blocks(tmp_path, tiny_model):

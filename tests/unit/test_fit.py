@@ -3,7 +3,6 @@ checkpointing, the memory cap, and recovery from running out of memory mid-step.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from atlas_swarm.model.hashing import shapes_hash
 from atlas_swarm.model.lora import adapter_parameters, adapter_state, load_model
 from atlas_swarm.train.data import Batches, load_examples
 from atlas_swarm.train.steps import Precision, accumulate_gradients, shrink_on_oom
+from tests.peers import run_together
 
 
 def _spec(base) -> RunSpec:
@@ -170,21 +170,12 @@ def test_a_peer_imports_bitsandbytes_only_when_its_command_line_quantizes():
     # before peft is imported
     cases = [(["--data", "x"], True), (["--quantize", "none"], True), (["--quantize=nf4"], False),
              (["--device", "cpu", "--quantize", "nf4"], False)]  # fmt: skip
-    runs = []
-    for argv, _ in cases:
-        code = ("import sys\nfrom atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing as skip\n"
-                f"print(skip({argv!r}))\nimport peft\nprint(sys.modules.get('bitsandbytes') is not None)\n")
-        runs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True))  # fmt: skip
-    try:
-        for (argv, hidden), run in zip(cases, runs):
-            out, err = run.communicate(timeout=120)
-            assert run.returncode == 0, (argv, err)
-            assert out.split() == [str(hidden), str(not hidden)], argv
-    finally:
-        for run in runs:
-            run.kill()
-            run.wait()
+    code = ("import sys\nfrom atlas_swarm.model.fit import skip_bitsandbytes_unless_quantizing as skip\n"
+            "print(skip({!r}))\nimport peft\nprint(sys.modules.get('bitsandbytes') is not None)\n")
+    done = run_together([[sys.executable, "-c", code.format(argv)] for argv, _ in cases])
+    for (argv, hidden), out in zip(cases, done):
+        assert out.returncode == 0, (argv, out.stderr)
+        assert out.stdout.split() == [str(hidden), str(not hidden)], argv
 
 
 def test_a_4bit_classifier_run_keeps_its_trained_head_in_full_precision():
