@@ -8,7 +8,7 @@ state ``--runs`` times each way, alternating, each download verified against the
 Reports the seconds per download, their medians and the ratio, and the state's size.
 
     python scripts/bench_state_download.py [--donors 3] [--values 262144] [--runs 3] [--wan 40 0.01 20]
-                                           [--out bench-out/bench_state_download.json]
+                                           [--slow-donor 2] [--out bench-out/bench_state_download.json]
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def bench(args) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     donors, rows = [], []
     with Lab("sdl") if args.wan else contextlib.nullcontext() as lab:
-        hosts = lab.wan(names, args.wan[0] / 2, args.wan[1], args.wan[2]) if args.wan else None
+        slow = {"d0": args.slow_donor} if args.slow_donor else None
+        hosts = lab.wan(names, args.wan[0] / 2, args.wan[1], args.wan[2], uplinks=slow) if args.wan else None
         where = (lambda i: hosts[i].exec()) if hosts else (lambda i: [])
         maddr = (lambda i: hosts[i].maddr()) if hosts else (lambda i: "/ip4/127.0.0.1/tcp/0")
         try:
@@ -143,6 +144,7 @@ def bench(args) -> int:
     state_mb = args.values * 3 * 4 / 1e6  # parameters, exp_avg, exp_avg_sq in float32
     result = {
         "donors": args.donors, "values": args.values, "state_mb": round(state_mb, 2), "wan": args.wan,
+        "slow_donor_mbit": args.slow_donor,
         "downloads": rows, "all_verified": all(r["verified"] for r in rows),
         "one_donor_s": one, "stripes_s": many,
         "one_donor_median_s": statistics.median(one), "stripes_median_s": statistics.median(many),
@@ -166,6 +168,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="downloads each way")
     ap.add_argument("--wan", nargs=3, type=float, metavar=("RTT_MS", "LOSS", "MBIT"),
                     help="each process on its own host of an emulated WAN (root)")
+    ap.add_argument("--slow-donor", type=float, metavar="MBIT",
+                    help="with --wan: one donor's uplink is this slow (its stripe is left and asked of another)")
     ap.add_argument("--out", default="bench-out/bench_state_download.json")
     ap.add_argument("--role", choices=["donor", "newcomer"], help=argparse.SUPPRESS)
     ap.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], help=argparse.SUPPRESS)
@@ -174,6 +178,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.donors < 2:
         ap.error("--donors must be 2 or more (stripes need several donors)")
+    if args.slow_donor and not args.wan:
+        ap.error("--slow-donor needs --wan")
     return {"donor": donor, "newcomer": newcomer, None: bench}[args.role](args)
 
 

@@ -9,15 +9,16 @@ message within the wait for the next and trickle for minutes); else the next don
 or a stripe, to admitted askers only (hivemind served anyone who could reach it).
 
 **Stripes.** A state expected to be held by several donors is first asked of up to ``stripes`` of them at once, each
-for every ``stripes``-th tensor (``rpc_download_state_part``), and checked whole as above: a download is no longer
+for a stripe of about equal bytes (``stripes_of``; ``rpc_download_state_part``), and checked whole as above: a download is no longer
 bound by one donor's uplink (``scripts/bench_state_download.py``, 3 donors across the test WAN, 40 ms RTT, 1 % loss,
-20 Mbit/s uplinks: a 15.7 MB state in 3.4 s instead of 7.1 s, 1 MB in 0.44 s instead of 0.64 s). If any part fails (a
-donor without this RPC, a part that breaks the budget, a whole that does not match), the download falls back to one
-donor at a time; a donor whose part broke the budget is counted and not asked again in that download. If every donor
-asked has moved on past the epochs expected (the swarm's transition came during the download), the download ends
-there: each would serve that newer state again, and the caller reads the statuses anew. The moments then come from
-several donors, each checked against Adam's bound as before; a donor among them chooses its share of them (one asked
-alone chose them all).
+20 Mbit/s uplinks: a 15.7 MB state in 3.4 s instead of 7.1 s, 1 MB in 0.44 s instead of 0.64 s). A part that fails
+(a donor without this RPC, a part that breaks the budget or comes too slowly) is asked once more, of a donor whose
+own part came in (else of one not asked yet); if that fails too, or the whole does not match, the download falls
+back to one donor at a time, and a donor whose part broke the budget is counted and not asked again in that
+download. If every donor asked has moved on past the epochs expected (the swarm's transition came during the
+download), the download ends there: each would serve that newer state again, and the caller reads the statuses anew.
+The moments then come from several donors, each checked against Adam's bound as before; a donor among them chooses
+its share of them (one asked alone chose them all).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncio
 import logging
 import math
 import random
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Sequence
 
 import msgpack
 from hivemind.compression import CompressionInfo
@@ -45,8 +46,10 @@ MAX_STRIPES = 8  # what a donor serves a part of
 MAX_REQUEST = 64  # bytes of a part request
 STREAM_GRACE = 10.0  # seconds a donor's stream may take beyond its bytes at MIN_STREAM_RATE (connecting, serializing)
 MIN_STREAM_RATE = 125_000  # bytes/s (1 Mbit/s): a donor slower than that on average is left for the next
-SLOWER_STRIPE = 4.0  # once one stripe is in, the others may take this many times as long per byte...
-STRIPE_GRACE = 3.0  # ...or this many seconds from the start, if more (small states: latency, not bytes)
+# Once one stripe is in, the others may take SLOWER_STRIPE times as long per byte, or STRIPE_GRACE seconds from the
+# start if more (small states: latency, not bytes); a stripe left then is asked of a donor whose stripe came in, so
+# leaving an honest stripe that was merely slower costs about one stripe's time more
+SLOWER_STRIPE, STRIPE_GRACE = 2.0, 1.5
 
 
 def stream_limit(layout: list) -> float:
@@ -71,13 +74,31 @@ def parse_part_request(blob) -> Optional[tuple[int, int]]:
     return part, of
 
 
-def interleave(stripes: list, total: int) -> Optional[list]:
-    """The ``total`` tensors of a state from its stripes (stripe i: tensors i, i + n, i + 2n, ... of n stripes), or
-    None unless each stripe holds exactly those."""
-    n = len(stripes)
-    if n == 0 or any(len(stripe) != len(range(i, total, n)) for i, stripe in enumerate(stripes)):
+def stripes_of(sizes: Sequence[int], of: int) -> list[list[int]]:
+    """Which tensors each of ``of`` stripes of a state holds, given each tensor's bytes (``sizes``, in the state's
+    order): each tensor in turn goes to the stripe with the fewest bytes so far (the first such), so no stripe holds
+    more than a third of the bytes plus one tensor. Donor and downloader compute it from their own layouts, which
+    match for any state the downloader can take. (Every ``of``-th tensor, as until 2026-12-07, gave an Adam state
+    stripes of 13, 43 and 43 % of its bytes: hivemind sends each parameter's statistics as exp_avg, exp_avg_sq and a
+    one-value step, so all the steps fell into one stripe and a 3-stripe download waited for 43 %.)"""
+    loads, stripes = [0] * of, [[] for _ in range(of)]
+    for i, size in enumerate(sizes):
+        k = loads.index(min(loads))
+        stripes[k].append(i)
+        loads[k] += size
+    return stripes
+
+
+def interleave(parts: list, stripes: list[list[int]]) -> Optional[list]:
+    """The tensors of a state from its parts (part k: the tensors ``stripes[k]`` names, in that order), or None
+    unless each part holds exactly as many as its stripe names."""
+    if not parts or len(parts) != len(stripes) or any(len(p) != len(s) for p, s in zip(parts, stripes)):
         return None
-    return [stripes[j % n][j // n] for j in range(total)]
+    tensors: list = [None] * sum(len(s) for s in stripes)
+    for part, indices in zip(parts, stripes):
+        for tensor, i in zip(part, indices):
+            tensors[i] = tensor
+    return tensors
 
 
 class StateDownloads:
@@ -122,7 +143,8 @@ class StateDownloads:
             donors = self._ranked_donors(expect)
             if expect is not None and self.stripes > 1 and len(donors) > 1:
                 asked = donors[: self.stripes]
-                got, broke, epochs = await self._download_striped(asked, timeout)
+                got, broke, epochs = await self._download_striped(asked, donors[self.stripes:], timeout,
+                                                                  {e for e, _ in expect})  # fmt: skip
                 why = "a part failed" if got is None else self._refusal(got, expect)
                 if why is None:
                     future.set_result(got)
@@ -187,14 +209,48 @@ class StateDownloads:
         why = loaded_state.problem(self.optimizer, self.extra_tensors, metadata, tensors)
         return None if why is None else f"cannot be loaded ({why})"  # (its moments are checked here)
 
-    async def _download_striped(self, peers: list, timeout) -> tuple[Optional[tuple], set, list]:
+    async def _download_striped(self, peers: list, spares: list, timeout,
+                                wanted: set) -> tuple[Optional[tuple], set, list]:  # fmt: skip
         """The state from ``peers`` at once, part i of len(peers) from the i-th: (metadata, tensors) or None, the
         donors whose part broke the budget or came too slowly, and the epoch each part came with (None: no part). Once
         one part is in, the others get SLOWER_STRIPE times as long per byte (at least STRIPE_GRACE s), not each
-        its own ``stream_limit``: one slow donor no longer holds the others' finished parts for minutes."""
+        its own ``stream_limit``: one slow donor no longer holds the others' finished parts for minutes. A part that
+        failed so is asked once more, of a donor whose own part came in at an epoch in ``wanted`` (then of one of
+        ``spares``, not asked yet), not the whole state of each donor in turn."""
+        parts, broke = await self._parts(peers, timeout)
+        failed = [i for i, part in enumerate(parts) if not isinstance(part, tuple)]
+        proven = [p for p, part in zip(peers, parts) if isinstance(part, tuple) and part[0].get("epoch") in wanted]
+        helpers = [peer for peer in proven + spares if peer not in broke]
+        if failed and proven and helpers:
+            of, who = len(peers), [helpers[k % len(helpers)] for k in range(len(failed))]
+            again = [asyncio.ensure_future(self._download(helper, (i, of), timeout)) for i, helper in zip(failed, who)]
+            try:
+                await asyncio.wait(again)
+            except BaseException:  # this download was itself cancelled
+                for task in again:
+                    task.cancel()
+                raise
+            for i, helper, task in zip(failed, who, again):
+                parts[i] = task.result()
+                logger.info(f"The stripe {peers[i]} did not send was asked of {helper}: "
+                            f"{'came in' if isinstance(parts[i], tuple) else parts[i]}")  # fmt: skip
+                if parts[i] in ("over budget", "too slow"):
+                    broke.add(helper)
+        epochs = [part[0].get("epoch") if isinstance(part, tuple) else None for part in parts]
+        if any(not isinstance(part, tuple) for part in parts):
+            return None, broke, epochs
+        layout = loaded_state.layout(self.optimizer, self.extra_tensors)
+        tensors = interleave([t for _, t in parts], stripes_of([size for _, size in layout], len(peers)))
+        if tensors is None or any(e != epochs[0] for e in epochs):
+            return None, broke, epochs  # a donor sent less than its stripe, or donors at different epochs
+        return (parts[0][0], tensors), broke, epochs
+
+    async def _parts(self, peers: list, timeout) -> tuple[list, set]:
+        """Part i of len(peers) from the i-th of ``peers``, at once (``_download_striped``): each part as
+        ``_download`` returns it ("too slow" if it was left), and the donors whose part broke the budget or was left."""
         of, loop = len(peers), asyncio.get_running_loop()
         layout = loaded_state.layout(self.optimizer, self.extra_tensors)
-        sizes = [max(1, sum(size for _, size in layout[i::of])) for i in range(of)]  # bytes of each part
+        sizes = [max(1, sum(layout[j][1] for j in stripe)) for stripe in stripes_of([size for _, size in layout], of)]
         began, per_byte = loop.time(), None  # seconds per byte of the first part that came in whole
         tasks = [asyncio.ensure_future(self._download(peer, (i, of), timeout)) for i, peer in enumerate(peers)]
         pending = set(tasks)
@@ -220,14 +276,7 @@ class StateDownloads:
         if pending:
             await asyncio.wait(pending)
         parts = ["too slow" if task.cancelled() else task.result() for task in tasks]
-        broke = {peer for peer, part in zip(peers, parts) if part in ("over budget", "too slow")}
-        epochs = [part[0].get("epoch") if isinstance(part, tuple) else None for part in parts]
-        if any(not isinstance(part, tuple) for part in parts):
-            return None, broke, epochs
-        tensors = interleave([t for _, t in parts], len(layout))
-        if tensors is None or any(e != epochs[0] for e in epochs):
-            return None, broke, epochs  # a donor sent less than its stripe, or donors at different epochs
-        return (parts[0][0], tensors), broke, epochs
+        return parts, {peer for peer, part in zip(peers, parts) if part in ("over budget", "too slow")}
 
     async def _download(self, peer, part: Optional[tuple[int, int]], timeout):
         """(metadata, tensors) from ``peer``: its whole state (hivemind's rpc_download_state) or ``part`` (part, of)
@@ -235,7 +284,7 @@ class StateDownloads:
         slow" if it did not arrive by ``stream_limit`` (a donor can keep each message within ``timeout`` of the
         last)."""
         layout = loaded_state.layout(self.optimizer, self.extra_tensors)
-        layout = layout if part is None else layout[part[0]::part[1]]
+        layout = layout if part is None else [layout[j] for j in stripes_of([s for _, s in layout], part[1])[part[0]]]
         gate, streams = self.gather_settings.gate, []
         reading = asyncio.ensure_future(self._read(peer, part, layout, timeout, streams))
         try:
@@ -311,8 +360,8 @@ class StateDownloads:
     async def rpc_download_state_part(
         self, request: averaging_pb2.DownloadData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        """Every ``of``-th tensor of our state from the ``part``-th (request.metadata: ``part_request``), the state's
-        metadata with the first message: a stripe of rpc_download_state, for an admitted asker."""
+        """The ``part``-th of ``of`` stripes of our state (``stripes_of``; request.metadata: ``part_request``), the
+        state's metadata with the first message: a stripe of rpc_download_state, for an admitted asker."""
         if not self._serves(context):
             return
         asked = parse_part_request(request.metadata)
@@ -322,7 +371,7 @@ class StateDownloads:
         metadata, tensors, infos = await self._get_current_state_from_host_process()
         if infos is None:
             infos = [CompressionInfo.from_tensor(tensor, key=i) for i, tensor in enumerate(tensors)]
-        for i in range(part, len(tensors), of):
+        for i in stripes_of([t.numel() * t.element_size() for t in tensors], of)[part]:
             serialized = self.state_compression.compress(tensors[i], infos[i], allow_inplace=False)
             for piece in split_for_streaming(serialized):
                 yield averaging_pb2.DownloadData(tensor_part=piece, metadata=metadata or b"")

@@ -376,7 +376,7 @@ def test_a_state_download_leaves_a_donor_that_trickles_and_takes_the_state_from_
     # Prepare: two honest donors at epoch 5, a donor declaring priority 1e9 that serves the same state at a trickle
     # (its own process and key), and a newcomer expecting that state: asking one donor at a time, or in stripes. A
     # stream's grace is 3 s instead of 10 (the averagers' processes, forked below, inherit it): a shorter test; or 60
-    # s, so that only a stripe's bound relative to the others' (downloads.SLOWER_STRIPE, STRIPE_GRACE 3 s) ends it
+    # s, so that only a stripe's bound relative to the others' (downloads.SLOWER_STRIPE, STRIPE_GRACE) ends it
     monkeypatch.setattr(downloads, "STREAM_GRACE", grace)
     gate = Gate(open_run=True)
     with running() as averagers:
@@ -418,6 +418,34 @@ def test_a_state_held_by_three_donors_is_downloaded_in_stripes_from_all_three(fo
         assert joiner.local_epoch == 5
         assert holds_the_state_of(joiner, donors[0])
         assert gate.counts().get("refused_states", 0) == 0
+
+
+def test_a_stripe_left_as_too_slow_is_asked_of_a_donor_whose_stripe_came_in(four_dhts, monkeypatch):
+    # Prepare: two honest donors that serve stripes only (hivemind's whole-state download answers nothing), a donor
+    # declaring priority 1e9 (always asked for a stripe) that serves the same state at a trickle, and a newcomer. A
+    # stream's own limit is 60 s, so only the bound relative to the other stripes (SLOWER_STRIPE, STRIPE_GRACE) ends
+    # the trickle
+    monkeypatch.setattr(downloads, "STREAM_GRACE", 60.0)
+    gate = Gate(open_run=True)
+    with running() as averagers:
+        specs = [(PartsOnly, 1.0, 1.0), (PartsOnly, 1.0, 1.0), (Trickle, 1.0, 1e9), (StateAverager, 0.0, 0.0)]
+        honest, other, slow, joiner = state_averagers(four_dhts, gate, averagers, torch.optim.AdamW, specs)
+        for donor in (honest, other, slow):
+            adam_stepped(donor)
+        expected = {(5, honest.parameters_digest())}
+        assert slow.parameters_digest() == honest.parameters_digest()
+        wait_for_donors(four_dhts[3], 3)
+        # Execute
+        began = time.monotonic()
+        joiner.load_state_from_peers(expect=expected, timeout=60)
+        took = time.monotonic() - began
+        # Assert: the trickle's stripe was left once and asked of an honest donor, and the state is whole (on the
+        # code before, the download fell back to whole states one donor at a time: these donors serve none, and the
+        # newcomer got nothing)
+        assert joiner.local_epoch == 5, f"no state after {took:.1f} s"
+        assert holds_the_state_of(joiner, honest)
+        assert took < 10, f"the download took {took:.1f} s"
+        assert gate.counts()["slow_donors"] == 1
 
 
 def test_a_donor_whose_stripe_breaks_the_budget_is_counted_once_and_not_asked_again(four_dhts):
